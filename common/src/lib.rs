@@ -1,0 +1,12 @@
+//! Plumbing shared by tollgate's binaries (not a contract crate: contracts live in
+//! `tollgate-schemas`):
+//!
+//! - [`config`]: TOML files with environment overrides, errors that name the key;
+//! - [`logging`]: `tracing` subscriber set-up;
+//! - [`shutdown`]: SIGTERM/SIGINT as a future;
+//! - [`backoff`]: capped exponential backoff for retries.
+
+pub mod backoff;
+pub mod config;
+pub mod logging;
+pub mod shutdown;

@@ -1,0 +1,112 @@
+//! The `ApiCall` event: one per HTTP call seen by the edge.
+
+use uuid::Uuid;
+
+/// What the edge did with a call. The Avro enum `Outcome` carries the same symbols in the same
+/// order; the ClickHouse `Enum8` uses `index + 1` as its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    /// The upstream answered; `status` is the upstream's status.
+    Forwarded,
+    /// No valid credential: 401.
+    Unauthenticated,
+    /// The credential is valid but not allowed on this route: 403.
+    Forbidden,
+    /// Per-second rate limit hit: 429.
+    RateLimited,
+    /// Monthly quota exhausted: 429.
+    QuotaExceeded,
+    /// The upstream could not be reached or broke the protocol: 502.
+    UpstreamError,
+    /// The upstream did not answer in time: 504.
+    UpstreamTimeout,
+    /// The request was malformed or too large: 400, 413, 431.
+    BadRequest,
+    /// No route matched: 404.
+    NoRoute,
+    /// The client went away before the response completed.
+    ClientAborted,
+}
+
+impl Outcome {
+    /// All outcomes, in Avro symbol order.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Forwarded,
+        Outcome::Unauthenticated,
+        Outcome::Forbidden,
+        Outcome::RateLimited,
+        Outcome::QuotaExceeded,
+        Outcome::UpstreamError,
+        Outcome::UpstreamTimeout,
+        Outcome::BadRequest,
+        Outcome::NoRoute,
+        Outcome::ClientAborted,
+    ];
+
+    /// The Avro symbol, also the ClickHouse enum name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::Unauthenticated => "unauthenticated",
+            Outcome::Forbidden => "forbidden",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::BadRequest => "bad_request",
+            Outcome::NoRoute => "no_route",
+            Outcome::ClientAborted => "client_aborted",
+        }
+    }
+
+    /// Parses an Avro symbol.
+    pub fn from_symbol(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Position in the Avro enum.
+    pub fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// Value of the ClickHouse `Enum8` column `outcome`.
+    pub fn clickhouse_value(self) -> i8 {
+        self as i8 + 1
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One call seen by an edge. Field meanings are documented in `schemas/avro/api_call.avsc`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    pub event_id: Uuid,
+    pub start_time_us: i64,
+    pub edge_id: String,
+    pub consumer_id: Option<String>,
+    pub credential_id: Option<String>,
+    pub route_id: Option<String>,
+    pub method: String,
+    pub host: String,
+    pub path: String,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub latency_us: u64,
+    pub upstream_latency_us: Option<u64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub client_ip: String,
+    pub user_agent: Option<String>,
+    pub trace_id: Option<String>,
+}
+
+impl ApiCall {
+    /// The Kafka message key: the consumer id, or empty for unauthenticated calls.
+    pub fn kafka_key(&self) -> &str {
+        self.consumer_id.as_deref().unwrap_or("")
+    }
+}

@@ -1,0 +1,34 @@
+//! tollgate's shared contracts. Every component depends on this crate and nothing else defines
+//! these things twice:
+//!
+//! - [`ApiCall`], the event the edge emits for every call, and [`Outcome`];
+//! - its Avro **single-object encoding** ([`avro`]): `C3 01`, the 8-byte little-endian
+//!   CRC-64-AVRO fingerprint of the writer schema, then the Avro body. Readers resolve the
+//!   writer schema from the fingerprint among the schema versions compiled into this crate, so
+//!   no registry is needed;
+//! - the topic names ([`topics`]);
+//! - the ClickHouse migrations (`migrations/*.sql`) and, with the `migrate` feature, the code
+//!   that applies them idempotently ([`migrate`]).
+
+pub mod avro;
+mod event;
+#[cfg(feature = "migrate")]
+pub mod migrate;
+
+pub use avro::{DecodeError, Decoder, EncodeError, Encoder};
+pub use event::{ApiCall, Outcome};
+
+/// Kafka topic names shared by the components.
+pub mod topics {
+    /// Every call seen by an edge, one [`crate::ApiCall`] per message, key = consumer id.
+    pub const API_CALLS: &str = "api-calls";
+    /// Messages from `api-calls` that could not be decoded, with the error in a header.
+    pub const API_CALLS_DLQ: &str = "api-calls.dlq";
+}
+
+/// SQL migrations, in the order they apply: (version, name, SQL text).
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "0001_api_calls.sql",
+    include_str!("../migrations/0001_api_calls.sql"),
+)];
