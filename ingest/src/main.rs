@@ -1,1 +1,62 @@
-fn main(){}
+//! `tollgate-ingest`: Kafka `api-calls` → ClickHouse `api_calls`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tollgate_ingest::Config;
+
+#[derive(Parser)]
+#[command(version, about = "tollgate ingest: writes raw API-call events from Kafka to ClickHouse")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume and ingest until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Create the database and apply pending ClickHouse migrations, then exit.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tollgate_common::logging::init();
+    let cli = Cli::parse();
+    let config_path = match &cli.command {
+        Command::Run { config } | Command::Migrate { config } => config,
+    };
+    let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate-ingest: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tollgate-ingest: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run { .. } => tollgate_ingest::run(cfg, tollgate_common::shutdown::signal()).await,
+            Command::Migrate { .. } => tollgate_ingest::sink::prepare(&cfg.clickhouse).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate-ingest: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
