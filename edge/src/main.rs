@@ -1,1 +1,78 @@
-fn main(){}
+//! `tollgate-edge`: the gateway binary.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tollgate_edge::Config;
+
+#[derive(Parser)]
+#[command(version, about = "tollgate edge: authenticating, rate-limiting, metering HTTP gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the bound addresses as JSON to this file once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate a config file and exit (0 when valid).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the SHA-256 of an API key, as `consumers[].keys[].sha256` wants it.
+    HashKey { key: String },
+}
+
+fn main() -> ExitCode {
+    tollgate_common::logging::init();
+    let cli = Cli::parse();
+    let env = tollgate_common::config::process_env();
+    match cli.command {
+        Command::HashKey { key } => {
+            println!("{}", tollgate_edge::auth::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { config } => match Config::load(&config, &env) {
+            Ok(c) => {
+                println!("{}: ok ({} routes, {} consumers)", config.display(), c.routes.len(), c.consumers.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tollgate-edge: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config, ready_file } => {
+            let cfg = match Config::load(&config, &env) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tollgate-edge: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("tollgate-edge: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(tollgate_edge::serve(cfg, tollgate_common::shutdown::signal(), ready_file.as_deref())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate-edge: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! API-key authentication. Consumers in the config carry the SHA-256 of each key, never the
+//! key; a request's key is hashed and looked up. The key is read from
+//! `Authorization: Bearer <key>` or `x-api-key: <key>`; sending both (or either twice) is
+//! ambiguous and refused. On success a typed [`Identity`] goes into the request extensions
+//! for the later layers, and the credential headers are removed before forwarding.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+
+use crate::config::{AuthMode, Config, Route};
+use crate::limit::Limiter;
+use crate::problem::Problem;
+use crate::{CallInfo, Gateway};
+
+/// Header carrying an API key, as an alternative to `Authorization: Bearer`.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// Who is calling: set by this layer, read by the limiter, the proxy and metering.
+#[derive(Debug)]
+pub struct Identity {
+    pub consumer_id: Arc<str>,
+    pub credential_id: Arc<str>,
+    pub limiter: Arc<Limiter>,
+}
+
+/// Key hash → identity.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_hash: HashMap<[u8; 32], Arc<Identity>>,
+}
+
+impl KeyStore {
+    pub fn new(cfg: &Config) -> Self {
+        let mut by_hash = HashMap::new();
+        for c in &cfg.consumers {
+            let consumer_id: Arc<str> = Arc::from(c.id.as_str());
+            let Some(plan) = cfg.plans.get(&c.plan) else { continue };
+            let limiter = Arc::new(Limiter::new(plan));
+            for k in &c.keys {
+                by_hash.insert(
+                    k.sha256,
+                    Arc::new(Identity {
+                        consumer_id: Arc::clone(&consumer_id),
+                        credential_id: Arc::from(k.id.as_str()),
+                        limiter: Arc::clone(&limiter),
+                    }),
+                );
+            }
+        }
+        Self { by_hash }
+    }
+
+    pub fn lookup(&self, key: &str) -> Option<Arc<Identity>> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.by_hash.get(&digest).cloned()
+    }
+}
+
+/// Hex SHA-256 of a key, as the config wants it.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Why a credential was refused. The messages go to clients: they never echo the credential.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing credential: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    Missing,
+    #[error("more than one credential in the request")]
+    Ambiguous,
+    #[error("unsupported Authorization scheme; use Bearer")]
+    UnsupportedScheme,
+    #[error("invalid credential")]
+    Invalid,
+}
+
+/// The single credential a request carries, if any.
+pub fn extract(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+    let mut found = Vec::new();
+    for v in headers.get_all(http::header::AUTHORIZATION) {
+        let v = v.to_str().map_err(|_| AuthError::Invalid)?;
+        let (scheme, token) = v.trim().split_once(' ').ok_or(AuthError::UnsupportedScheme)?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(AuthError::UnsupportedScheme);
+        }
+        found.push(token.trim().to_owned());
+    }
+    for v in headers.get_all(API_KEY_HEADER) {
+        found.push(v.to_str().map_err(|_| AuthError::Invalid)?.trim().to_owned());
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(AuthError::Ambiguous),
+    }
+}
+
+/// Authenticates against `store`; `Ok(None)` for a public route without credential.
+pub fn authenticate(store: &KeyStore, route: &Route, headers: &HeaderMap) -> Result<Option<Arc<Identity>>, AuthError> {
+    match (extract(headers)?, route.auth) {
+        (None, AuthMode::None) => Ok(None),
+        (None, AuthMode::ApiKey) => Err(AuthError::Missing),
+        (Some(key), _) if key.is_empty() => Err(AuthError::Invalid),
+        (Some(key), _) => store.lookup(&key).map(Some).ok_or(AuthError::Invalid),
+    }
+}
+
+/// Layer: authenticates, strips the credential headers, stores the [`Identity`].
+pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
+        return Problem::no_route(req.uri().path()).into_response();
+    };
+    match authenticate(&gw.keys, &route, req.headers()) {
+        Err(e) => Problem::unauthenticated(e.to_string()).into_response(),
+        Ok(identity) => {
+            req.headers_mut().remove(http::header::AUTHORIZATION);
+            req.headers_mut().remove(API_KEY_HEADER);
+            let ids = identity.as_ref().map(|i| (Arc::clone(&i.consumer_id), Arc::clone(&i.credential_id)));
+            if let Some(identity) = identity {
+                req.extensions_mut().insert(identity);
+            }
+            let mut resp = next.run(req).await;
+            if let Some((consumer, credential)) = ids {
+                let info = CallInfo::of(&mut resp);
+                info.consumer_id = Some(consumer);
+                info.credential_id = Some(credential);
+            }
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn extraction_table() {
+        let cases: &[(&[(&'static str, &str)], Result<Option<&str>, AuthError>)] = &[
+            (&[], Ok(None)),
+            (&[("authorization", "Bearer abc")], Ok(Some("abc"))),
+            (&[("authorization", "bearer  abc ")], Ok(Some("abc"))),
+            (&[("x-api-key", "abc")], Ok(Some("abc"))),
+            (&[("authorization", "Bearer abc"), ("x-api-key", "abc")], Err(AuthError::Ambiguous)),
+            (&[("x-api-key", "a"), ("x-api-key", "b")], Err(AuthError::Ambiguous)),
+            (&[("authorization", "Basic dXNlcjpwYXNz")], Err(AuthError::UnsupportedScheme)),
+            (&[("authorization", "Bearer")], Err(AuthError::UnsupportedScheme)),
+        ];
+        for (h, want) in cases {
+            let got = extract(&headers(h));
+            assert_eq!(got, want.clone().map(|o| o.map(str::to_owned)), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn errors_never_echo_the_credential() {
+        for e in [AuthError::Missing, AuthError::Ambiguous, AuthError::UnsupportedScheme, AuthError::Invalid] {
+            assert!(!e.to_string().contains("abc"));
+        }
+        assert_eq!(hash_key("foo"), "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae");
+    }
+}

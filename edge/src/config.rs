@@ -1,0 +1,397 @@
+//! Edge configuration: a TOML file, overridable with `TOLLGATE_EDGE_<SECTION>__<KEY>`.
+//! Deserialized into raw structs (unknown keys are errors), then validated into [`Config`].
+//! The reference of every key is `docs/config.md`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Uri};
+use serde::Deserialize;
+use tollgate_common::config::{self, ConfigError};
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE_EDGE_";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    edge: RawEdge,
+    kafka: RawKafka,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
+    plans: BTreeMap<String, RawPlan>,
+    #[serde(default)]
+    consumers: Vec<RawConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEdge {
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
+    #[serde(default = "default_shutdown_grace_ms")]
+    shutdown_grace_ms: u64,
+    #[serde(default = "default_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+}
+
+impl Default for RawEdge {
+    fn default() -> Self {
+        Self {
+            instance_id: None,
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    #[serde(default = "default_true")]
+    enabled: bool,
+    #[serde(default)]
+    brokers: String,
+    #[serde(default = "default_topic")]
+    topic: String,
+    #[serde(default = "default_queue_capacity")]
+    queue_capacity: usize,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    id: String,
+    #[serde(default)]
+    host: Option<String>,
+    path_prefix: String,
+    #[serde(default)]
+    methods: Vec<String>,
+    upstream: String,
+    #[serde(default)]
+    strip_prefix: bool,
+    #[serde(default = "default_auth")]
+    auth: String,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    rate_per_second: u32,
+    #[serde(default)]
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    id: String,
+    plan: String,
+    #[serde(default)]
+    keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    id: String,
+    sha256: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".to_owned()
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    2_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_topic() -> String {
+    tollgate_schemas::topics::API_CALLS.to_owned()
+}
+fn default_queue_capacity() -> usize {
+    65_536
+}
+fn default_auth() -> String {
+    "api_key".to_owned()
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+/// Validated edge configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub instance_id: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub connect_timeout: Duration,
+    pub kafka: KafkaConfig,
+    pub routes: Vec<Arc<Route>>,
+    pub plans: HashMap<String, Plan>,
+    pub consumers: Vec<Consumer>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// False: metering is off (benchmarks only); no event is produced.
+    pub enabled: bool,
+    pub brokers: String,
+    pub topic: String,
+    /// Events buffered between the request path and the producer.
+    pub queue_capacity: usize,
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Whether a route needs a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A configured API key is required.
+    ApiKey,
+    /// Public route: no credential needed (any credential sent is still checked).
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub id: String,
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Starts with `/`; matches itself and anything below it at a segment boundary.
+    pub path_prefix: String,
+    /// Empty: any method.
+    pub methods: Vec<Method>,
+    /// `scheme://authority[/base]` without query.
+    pub upstream: Uri,
+    pub strip_prefix: bool,
+    pub auth: AuthMode,
+    /// Time allowed for the upstream's response head.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    pub rate_per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Consumer {
+    pub id: String,
+    pub plan: String,
+    pub keys: Vec<ApiKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub id: String,
+    /// SHA-256 of the key as the client sends it.
+    pub sha256: [u8; 32],
+}
+
+impl Config {
+    pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let raw: Raw = config::load(path, ENV_PREFIX, env)?;
+        validate(raw, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let raw: Raw = config::parse(text, "<inline>", ENV_PREFIX, env)?;
+        validate(raw, "<inline>")
+    }
+}
+
+fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
+    let err = |key: String, reason: String| ConfigError::invalid(origin, key, reason);
+    let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+        v.parse().map_err(|e| err(key.to_owned(), format!("`{v}` is not an ip:port address: {e}")))
+    };
+    let listen = addr("edge.listen", &raw.edge.listen)?;
+    let admin_listen = addr("edge.admin_listen", &raw.edge.admin_listen)?;
+    let instance_id = match raw.edge.instance_id {
+        Some(id) if id.trim().is_empty() => return Err(err("edge.instance_id".into(), "must not be empty".into())),
+        Some(id) => id,
+        None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "edge".to_owned()),
+    };
+    if raw.kafka.enabled && raw.kafka.brokers.trim().is_empty() {
+        return Err(err("kafka.brokers".into(), "must list at least one host:port (or set kafka.enabled = false)".into()));
+    }
+    if raw.kafka.topic.trim().is_empty() {
+        return Err(err("kafka.topic".into(), "must not be empty".into()));
+    }
+    if raw.kafka.queue_capacity == 0 {
+        return Err(err("kafka.queue_capacity".into(), "must be at least 1".into()));
+    }
+
+    let mut plans = HashMap::new();
+    for (name, p) in raw.plans {
+        let key = |k: &str| format!("plans.{name}.{k}");
+        let rate = NonZeroU32::new(p.rate_per_second).ok_or_else(|| err(key("rate_per_second"), "must be at least 1".into()))?;
+        let burst = match p.burst {
+            None => rate,
+            Some(b) => NonZeroU32::new(b).ok_or_else(|| err(key("burst"), "must be at least 1".into()))?,
+        };
+        plans.insert(name, Plan { rate_per_second: rate, burst });
+    }
+
+    let mut routes = Vec::new();
+    let mut route_ids = HashSet::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let key = |k: &str| format!("routes[{i}].{k}");
+        if r.id.trim().is_empty() {
+            return Err(err(key("id"), "must not be empty".into()));
+        }
+        if !route_ids.insert(r.id.clone()) {
+            return Err(err(key("id"), format!("duplicate route id `{}`", r.id)));
+        }
+        if !r.path_prefix.starts_with('/') {
+            return Err(err(key("path_prefix"), format!("`{}` must start with /", r.path_prefix)));
+        }
+        let path_prefix = if r.path_prefix.len() > 1 { r.path_prefix.trim_end_matches('/').to_owned() } else { r.path_prefix };
+        let upstream: Uri = r.upstream.parse().map_err(|e| err(key("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
+        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() || upstream.query().is_some() {
+            return Err(err(key("upstream"), format!("`{}` must be http://host:port[/base] without query (https upstreams are not supported yet)", r.upstream)));
+        }
+        let mut methods = Vec::new();
+        for m in &r.methods {
+            let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| err(key("methods"), format!("`{m}` is not an HTTP method")))?;
+            methods.push(method);
+        }
+        let auth = match r.auth.as_str() {
+            "api_key" => AuthMode::ApiKey,
+            "none" => AuthMode::None,
+            other => return Err(err(key("auth"), format!("`{other}` is not one of api_key, none"))),
+        };
+        if r.timeout_ms == 0 {
+            return Err(err(key("timeout_ms"), "must be at least 1".into()));
+        }
+        routes.push(Arc::new(Route {
+            id: r.id,
+            host: r.host.map(|h| h.to_ascii_lowercase()),
+            path_prefix,
+            methods,
+            upstream,
+            strip_prefix: r.strip_prefix,
+            auth,
+            timeout: Duration::from_millis(r.timeout_ms),
+        }));
+    }
+
+    let mut consumers = Vec::new();
+    let mut consumer_ids = HashSet::new();
+    let mut key_hashes = HashSet::new();
+    for (i, c) in raw.consumers.into_iter().enumerate() {
+        let key = |k: &str| format!("consumers[{i}].{k}");
+        if c.id.trim().is_empty() {
+            return Err(err(key("id"), "must not be empty".into()));
+        }
+        if !consumer_ids.insert(c.id.clone()) {
+            return Err(err(key("id"), format!("duplicate consumer id `{}`", c.id)));
+        }
+        if !plans.contains_key(&c.plan) {
+            return Err(err(key("plan"), format!("unknown plan `{}`", c.plan)));
+        }
+        let mut keys = Vec::new();
+        for (j, k) in c.keys.into_iter().enumerate() {
+            let kkey = format!("consumers[{i}].keys[{j}].sha256");
+            let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+                err(kkey.clone(), "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into())
+            })?;
+            if !key_hashes.insert(bytes) {
+                return Err(err(kkey, "this key hash is already used by another key".into()));
+            }
+            keys.push(ApiKey { id: k.id, sha256: bytes });
+        }
+        consumers.push(Consumer { id: c.id, plan: c.plan, keys });
+    }
+
+    Ok(Config {
+        instance_id,
+        listen,
+        admin_listen,
+        shutdown_grace: Duration::from_millis(raw.edge.shutdown_grace_ms),
+        connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
+        kafka: KafkaConfig {
+            enabled: raw.kafka.enabled,
+            brokers: raw.kafka.brokers,
+            topic: raw.kafka.topic,
+            queue_capacity: raw.kafka.queue_capacity,
+            properties: raw.kafka.properties,
+        },
+        routes,
+        plans,
+        consumers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BASE: &str = r#"
+[kafka]
+brokers = "127.0.0.1:9092"
+[plans.free]
+rate_per_second = 5
+[[routes]]
+id = "echo"
+path_prefix = "/echo/"
+upstream = "http://127.0.0.1:8081"
+[[consumers]]
+id = "acme"
+plan = "free"
+keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae" }]
+"#;
+
+    #[test]
+    fn valid_config_normalizes() {
+        let c = Config::parse(BASE, &BTreeMap::new()).unwrap();
+        assert_eq!(c.routes[0].path_prefix, "/echo");
+        assert_eq!(c.plans["free"].burst.get(), 5);
+        assert_eq!(c.consumers[0].keys[0].sha256[0], 0x2c);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_key() {
+        let cases = [
+            ("path_prefix = \"/echo/\"", "path_prefix = \"echo\"", "routes[0].path_prefix"),
+            ("upstream = \"http://127.0.0.1:8081\"", "upstream = \"ftp://x\"", "routes[0].upstream"),
+            ("plan = \"free\"", "plan = \"gold\"", "consumers[0].plan"),
+            ("rate_per_second = 5", "rate_per_second = 0", "plans.free.rate_per_second"),
+            ("sha256 = \"2c26", "sha256 = \"zz26", "consumers[0].keys[0].sha256"),
+            ("[kafka]", "[kafka]\nbrokerz = 1", "brokerz"),
+        ];
+        for (from, to, key) in cases {
+            let text = BASE.replace(from, to);
+            let msg = Config::parse(&text, &BTreeMap::new()).unwrap_err().to_string();
+            assert!(msg.contains(key), "{to}: {msg}");
+        }
+        let env = [("TOLLGATE_EDGE_EDGE__LISTEN".to_owned(), "nope".to_owned())].into();
+        assert!(Config::parse(BASE, &env).unwrap_err().to_string().contains("edge.listen"));
+    }
+}

@@ -1,0 +1,88 @@
+//! tollgate edge: a thin gateway that authenticates (API keys), rate-limits and forwards
+//! HTTP traffic, and emits every call — rejected ones included — as an Avro `ApiCall` event
+//! to Kafka without ever making a request wait for Kafka.
+//!
+//! The request path ([`app`]) is a stack of layers, outermost first:
+//! [`metering`] → [`routing`] → [`auth`] → [`limit`] → [`proxy::forward`].
+//! Refusals are RFC 9457 problem documents built in one place ([`problem`]). Each layer
+//! reports what it learned (route, consumer, outcome) to metering through [`CallInfo`] in the
+//! response extensions.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod limit;
+pub mod metering;
+pub mod metrics;
+pub mod problem;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::response::Response;
+use tollgate_schemas::Outcome;
+
+pub use config::Config;
+pub use server::serve;
+
+/// State shared by the request path.
+#[derive(Debug)]
+pub struct Gateway {
+    pub instance_id: String,
+    pub routes: routing::RouteTable,
+    pub keys: auth::KeyStore,
+    pub client: proxy::HttpClient,
+    pub events: metering::EventSink,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// The TCP peer of the connection, put in every request's extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// What inner layers learned about a call, carried to metering in the response extensions.
+#[derive(Debug, Clone, Default)]
+pub struct CallInfo {
+    pub route_id: Option<Arc<str>>,
+    pub consumer_id: Option<Arc<str>>,
+    pub credential_id: Option<Arc<str>>,
+    pub outcome: Option<Outcome>,
+    pub upstream_latency_us: Option<u64>,
+}
+
+impl CallInfo {
+    /// The response's `CallInfo`, inserted if absent.
+    pub fn of(resp: &mut Response) -> &mut CallInfo {
+        resp.extensions_mut().get_or_insert_default::<CallInfo>()
+    }
+}
+
+/// The host the client addressed: `Host` header, else the URI authority (HTTP/2).
+pub fn request_host(req: &Request) -> Option<String> {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+}
+
+/// The request path as an axum router. Layers run top to bottom of this list.
+pub fn app(gw: Arc<Gateway>) -> axum::Router {
+    use axum::middleware::from_fn_with_state;
+    axum::Router::new()
+        .fallback(proxy::forward)
+        // 4. Per-consumer rate limit: after auth, so unauthenticated floods create no state.
+        .layer(from_fn_with_state(Arc::clone(&gw), limit::layer))
+        // 3. Authentication: needs the route (public or not); strips credentials.
+        .layer(from_fn_with_state(Arc::clone(&gw), auth::layer))
+        // 2. Routing: first, so 404s are cheap and everything after knows the route.
+        .layer(from_fn_with_state(Arc::clone(&gw), routing::layer))
+        // 1. Metering: outermost, so every call — refused ones too — becomes an event
+        //    with the real latency and byte counts.
+        .layer(from_fn_with_state(Arc::clone(&gw), metering::layer))
+        .with_state(gw)
+}

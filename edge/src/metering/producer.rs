@@ -1,0 +1,112 @@
+//! The Kafka producer task: drains the event queue, encodes Avro single-object messages and
+//! hands them to librdkafka (acks=all, idempotent). librdkafka's own queue absorbs short
+//! broker outages (`message.timeout.ms`, default here 5 minutes); when it is full the task
+//! waits, so back-pressure lands on the bounded event queue, never on requests.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Message};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tollgate_schemas::{ApiCall, Encoder};
+
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+
+/// Counts delivery reports (runs on librdkafka's polling thread).
+pub struct DeliveryCounter {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.metrics.events_produced.fetch_add(1, Ordering::Relaxed);
+            }
+            Err((e, msg)) => {
+                self.metrics.events_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, partition = msg.partition(), "event delivery failed");
+            }
+        }
+    }
+}
+
+/// Starts the producer task. Returns the queue's sender and the task; the task ends, after
+/// flushing librdkafka, once every sender is dropped.
+pub fn start(
+    cfg: &KafkaConfig,
+    metrics: Arc<Metrics>,
+    flush_timeout: Duration,
+) -> Result<(mpsc::Sender<ApiCall>, JoinHandle<()>), KafkaError> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000")
+        .set("queue.buffering.max.messages", "200000");
+    for (k, v) in &cfg.properties {
+        cc.set(k, v);
+    }
+    let producer: ThreadedProducer<DeliveryCounter> =
+        cc.create_with_context(DeliveryCounter { metrics: Arc::clone(&metrics) })?;
+    let encoder = Encoder::new().map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
+    let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+    let topic = cfg.topic.clone();
+    let task = tokio::spawn(run(producer, encoder, topic, rx, metrics, flush_timeout));
+    Ok((tx, task))
+}
+
+async fn run(
+    producer: ThreadedProducer<DeliveryCounter>,
+    encoder: Encoder,
+    topic: String,
+    mut rx: mpsc::Receiver<ApiCall>,
+    metrics: Arc<Metrics>,
+    flush_timeout: Duration,
+) {
+    let mut buf = Vec::with_capacity(512);
+    while let Some(call) = rx.recv().await {
+        metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
+        buf.clear();
+        if let Err(e) = encoder.encode_into(&call, &mut buf) {
+            metrics.events_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot encode event");
+            continue;
+        }
+        let key = call.kafka_key();
+        loop {
+            let record = BaseRecord::to(&topic).key(key).payload(&buf);
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((e, _)) => {
+                    metrics.events_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "cannot enqueue event");
+                    break;
+                }
+            }
+        }
+    }
+    let flushed = tokio::task::spawn_blocking(move || {
+        let result = producer.flush(flush_timeout);
+        (result, producer.in_flight_count())
+    })
+    .await;
+    match flushed {
+        Ok((Ok(()), _)) => tracing::info!("event producer flushed"),
+        Ok((Err(e), left)) => tracing::error!(error = %e, in_flight = left, "event producer flush incomplete"),
+        Err(e) => tracing::error!(error = %e, "event producer flush task failed"),
+    }
+}

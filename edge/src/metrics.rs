@@ -1,0 +1,96 @@
+//! Prometheus metrics of the edge. Labels are bounded: route ids come from the config and
+//! status is a class (1xx..5xx). Per-consumer usage belongs in ClickHouse, not here.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Label used for requests that matched no route.
+pub const NO_ROUTE: &str = "(none)";
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    route_ids: Vec<String>,
+    index: HashMap<String, usize>,
+    /// Per route (last entry: no route) and status class 1xx..5xx.
+    requests: Vec<[AtomicU64; 5]>,
+    pub events_enqueued: AtomicU64,
+    pub events_dropped: AtomicU64,
+    pub events_produced: AtomicU64,
+    pub events_failed: AtomicU64,
+    pub events_queued_now: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new<'a>(route_ids: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut ids: Vec<String> = route_ids.into_iter().map(str::to_owned).collect();
+        ids.push(NO_ROUTE.to_owned());
+        let index = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
+        let requests = ids.iter().map(|_| Default::default()).collect();
+        Self { route_ids: ids, index, requests, ..Default::default() }
+    }
+
+    pub fn record_request(&self, route: Option<&str>, status: u16) {
+        let i = route.and_then(|r| self.index.get(r).copied()).unwrap_or(self.route_ids.len() - 1);
+        let class = usize::from((status / 100).clamp(1, 5) - 1);
+        if let Some(row) = self.requests.get(i) {
+            row[class].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests counted for a route (or [`NO_ROUTE`]) and status class (1..=5).
+    pub fn requests(&self, route: &str, class: usize) -> u64 {
+        self.index
+            .get(route)
+            .and_then(|&i| self.requests.get(i))
+            .and_then(|row| row.get(class.wrapping_sub(1)))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        out.push_str("# HELP tollgate_edge_requests_total Requests answered, by route and status class.\n");
+        out.push_str("# TYPE tollgate_edge_requests_total counter\n");
+        for (id, row) in self.route_ids.iter().zip(&self.requests) {
+            for (c, count) in row.iter().enumerate() {
+                let _ = writeln!(out, "tollgate_edge_requests_total{{route=\"{id}\",status_class=\"{}xx\"}} {}", c + 1, count.load(Ordering::Relaxed));
+            }
+        }
+        let counters = [
+            ("tollgate_edge_events_enqueued_total", "Events handed to the producer queue.", &self.events_enqueued),
+            ("tollgate_edge_events_dropped_total", "Events dropped because the producer queue was full.", &self.events_dropped),
+            ("tollgate_edge_events_produced_total", "Events acknowledged by Kafka (acks=all).", &self.events_produced),
+            ("tollgate_edge_events_failed_total", "Events that Kafka did not acknowledge or that could not be encoded.", &self.events_failed),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_events_queued Events waiting in the producer queue.\n# TYPE tollgate_edge_events_queued gauge\ntollgate_edge_events_queued {}",
+            self.events_queued_now.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_route_and_class() {
+        let m = Metrics::new(["echo"]);
+        m.record_request(Some("echo"), 200);
+        m.record_request(Some("echo"), 429);
+        m.record_request(None, 404);
+        m.record_request(Some("unknown"), 502);
+        assert_eq!(m.requests("echo", 2), 1);
+        assert_eq!(m.requests("echo", 4), 1);
+        assert_eq!(m.requests(NO_ROUTE, 4), 1);
+        assert_eq!(m.requests(NO_ROUTE, 5), 1);
+        let text = m.render();
+        assert!(text.contains("tollgate_edge_requests_total{route=\"echo\",status_class=\"2xx\"} 1"), "{text}");
+    }
+}

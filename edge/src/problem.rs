@@ -1,0 +1,90 @@
+//! The one place where the edge turns a refusal into an HTTP response: RFC 9457
+//! `application/problem+json`. Bodies never carry credentials or internal error text.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderName, HeaderValue, StatusCode};
+use tollgate_schemas::Outcome;
+
+use crate::CallInfo;
+
+/// Base of the `type` URIs; each problem appends its slug.
+pub const TYPE_BASE: &str = "https://tollgate.dev/problems/";
+
+/// A refusal by the edge.
+#[derive(Debug)]
+pub struct Problem {
+    pub status: StatusCode,
+    /// Short, stable id: the last segment of the `type` URI.
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub outcome: Outcome,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, slug: &'static str, title: &'static str, outcome: Outcome, detail: impl Into<String>) -> Self {
+        Self { status, slug, title, detail: detail.into(), outcome, headers: Vec::new() }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn unauthenticated(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "Unauthorized", Outcome::Unauthenticated, detail)
+            .with_header(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tollgate\""))
+    }
+
+    pub fn no_route(path: &str) -> Self {
+        Problem::new(StatusCode::NOT_FOUND, "no-route", "Not Found", Outcome::NoRoute, format!("no route matches {path}"))
+    }
+
+    pub fn method_not_allowed(allow: &str) -> Self {
+        let mut p = Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed", Outcome::NoRoute, "the route does not accept this method");
+        if let Ok(v) = HeaderValue::from_str(allow) {
+            p = p.with_header(http::header::ALLOW, v);
+        }
+        p
+    }
+
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too Many Requests", Outcome::RateLimited, format!("rate limit exceeded; retry in {retry_after_secs} s"))
+            .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
+    }
+
+    pub fn upstream_unreachable() -> Self {
+        Problem::new(StatusCode::BAD_GATEWAY, "upstream-error", "Bad Gateway", Outcome::UpstreamError, "the upstream could not be reached or answered invalidly")
+    }
+
+    pub fn upstream_timeout(timeout_ms: u128) -> Self {
+        Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Gateway Timeout", Outcome::UpstreamTimeout, format!("the upstream did not answer within {timeout_ms} ms"))
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::BAD_REQUEST, "bad-request", "Bad Request", Outcome::BadRequest, detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "type": format!("{TYPE_BASE}{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        let mut resp = Response::new(Body::from(body.to_string()));
+        *resp.status_mut() = self.status;
+        let headers = resp.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+        CallInfo::of(&mut resp).outcome = Some(self.outcome);
+        resp
+    }
+}

@@ -1,0 +1,145 @@
+//! Route matching. Precedence, highest first:
+//! 1. routes with a `host` that equals the request's host, before routes without `host`;
+//! 2. the longest `path_prefix` (prefixes match at `/` boundaries: `/v1` matches `/v1` and
+//!    `/v1/x`, never `/v1x`);
+//! 3. the order in the config file.
+//!
+//! Among routes matching host and path, the first whose `methods` allow the request's method
+//! wins; when none does, the answer is 405 with `Allow`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::Method;
+
+use crate::config::Route;
+use crate::problem::Problem;
+use crate::{CallInfo, Gateway};
+
+/// The route table, sorted by precedence.
+#[derive(Debug)]
+pub struct RouteTable {
+    routes: Vec<Arc<Route>>,
+}
+
+/// Why no route was chosen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoMatch {
+    NotFound,
+    /// Host and path matched but no route allows the method; the methods that would.
+    MethodNotAllowed(Vec<Method>),
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    prefix == "/"
+        || (path.starts_with(prefix) && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+}
+
+/// The request's host: lower case, without port.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let without_port = if host.starts_with('[') {
+        host.split_once(']').map(|(h, _)| format!("{h}]")).unwrap_or_else(|| host.to_owned())
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or_else(|| host.to_owned())
+    };
+    without_port.to_ascii_lowercase()
+}
+
+impl RouteTable {
+    pub fn new(routes: &[Arc<Route>]) -> Self {
+        let mut routes: Vec<Arc<Route>> = routes.to_vec();
+        // Stable sort keeps config order among equals.
+        routes.sort_by(|a, b| {
+            b.host.is_some().cmp(&a.host.is_some()).then(b.path_prefix.len().cmp(&a.path_prefix.len()))
+        });
+        Self { routes }
+    }
+
+    pub fn find(&self, host: &str, path: &str, method: &Method) -> Result<Arc<Route>, NoMatch> {
+        let mut allowed = Vec::new();
+        for route in &self.routes {
+            if route.host.as_deref().is_some_and(|h| h != host) || !prefix_matches(&route.path_prefix, path) {
+                continue;
+            }
+            if route.methods.is_empty() || route.methods.contains(method) {
+                return Ok(Arc::clone(route));
+            }
+            allowed.extend(route.methods.iter().cloned());
+        }
+        if allowed.is_empty() { Err(NoMatch::NotFound) } else { Err(NoMatch::MethodNotAllowed(allowed)) }
+    }
+}
+
+/// Layer: picks the route and puts it in the request extensions; 404/405 when none.
+pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    let host = crate::request_host(&req).map(|h| normalize_host(&h)).unwrap_or_default();
+    let found = gw.routes.find(&host, req.uri().path(), req.method());
+    match found {
+        Ok(route) => {
+            let id: Arc<str> = Arc::from(route.id.as_str());
+            req.extensions_mut().insert(route);
+            let mut resp = next.run(req).await;
+            CallInfo::of(&mut resp).route_id = Some(id);
+            resp
+        }
+        Err(NoMatch::NotFound) => Problem::no_route(req.uri().path()).into_response(),
+        Err(NoMatch::MethodNotAllowed(methods)) => {
+            let allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            Problem::method_not_allowed(&allow.join(", ")).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::AuthMode;
+    use std::time::Duration;
+
+    fn route(id: &str, host: Option<&str>, prefix: &str, methods: &[Method]) -> Arc<Route> {
+        Arc::new(Route {
+            id: id.into(),
+            host: host.map(Into::into),
+            path_prefix: prefix.into(),
+            methods: methods.to_vec(),
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            strip_prefix: false,
+            auth: AuthMode::ApiKey,
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn precedence_host_then_longest_prefix_then_order() {
+        let t = RouteTable::new(&[
+            route("root", None, "/", &[]),
+            route("v1", None, "/v1", &[]),
+            route("v1-items", None, "/v1/items", &[]),
+            route("v1-host", Some("api.example.com"), "/v1", &[]),
+            route("get-only", None, "/ro", &[Method::GET]),
+        ]);
+        let id = |host: &str, path: &str, m: Method| t.find(host, path, &m).map(|r| r.id.clone());
+        assert_eq!(id("x", "/v1/items/3", Method::GET).unwrap(), "v1-items");
+        assert_eq!(id("x", "/v1/other", Method::GET).unwrap(), "v1");
+        assert_eq!(id("api.example.com", "/v1/items", Method::GET).unwrap(), "v1-host");
+        assert_eq!(id("x", "/v1x", Method::GET).unwrap(), "root");
+        // A method mismatch falls through to less specific routes...
+        assert_eq!(id("x", "/ro", Method::POST).unwrap(), "root");
+        // ...and is a 405 only when no route takes the method.
+        let no_root = RouteTable::new(&[route("v1", None, "/v1", &[]), route("get-only", None, "/ro", &[Method::GET])]);
+        let find = |path: &str, m: Method| no_root.find("x", path, &m).map(|r| r.id.clone());
+        assert_eq!(find("/ro", Method::POST), Err(NoMatch::MethodNotAllowed(vec![Method::GET])));
+        assert_eq!(find("/v2", Method::GET), Err(NoMatch::NotFound));
+    }
+
+    #[test]
+    fn host_normalization() {
+        assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("localhost"), "localhost");
+    }
+}
