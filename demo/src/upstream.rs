@@ -1,0 +1,75 @@
+//! Echo upstream. For any request it answers 200 with a JSON echo of the method, path, query,
+//! headers and body size. Query parameters change the answer:
+//! `status=NNN` (status code), `delay_ms=N` (wait before answering), `bytes=N` (answer N bytes
+//! of `x` instead of the JSON echo).
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// Requests the echo server has received (tests compare it with what clients sent).
+#[derive(Debug, Default)]
+pub struct EchoStats {
+    pub requests: AtomicU64,
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| kv.split_once('=').filter(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
+async fn handle(req: Request<Incoming>, stats: Arc<EchoStats>) -> Result<Response<Full<Bytes>>, Infallible> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+        .collect();
+    let body_bytes = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(_) => 0,
+    };
+    if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let status = query_param(&query, "status").and_then(|v| v.parse().ok()).and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::OK);
+    let (body, content_type) = match query_param(&query, "bytes").and_then(|v| v.parse::<usize>().ok()) {
+        Some(n) => (Bytes::from(vec![b'x'; n.min(64 << 20)]), "application/octet-stream"),
+        None => {
+            let echo = serde_json::json!({ "method": method, "path": path, "query": query, "headers": headers, "body_bytes": body_bytes });
+            (Bytes::from(echo.to_string()), "application/json")
+        }
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    Ok(resp)
+}
+
+/// Serves the echo upstream on `listener` forever.
+pub async fn serve(listener: TcpListener, stats: Arc<EchoStats>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| handle(req, Arc::clone(&stats)));
+            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}
