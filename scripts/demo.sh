@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Starts the whole tollgate pipeline on this machine with demo traffic:
+# the local stack (Tansu + ClickHouse), ingest, the demo upstream and the edge; then sends
+# demo traffic (three consumers, bad keys, an over-limit burst) and prints usage from
+# ClickHouse. Everything keeps running afterwards.
+#
+#   scripts/demo.sh          start (or restart) and run the demo traffic
+#   scripts/demo.sh stop     stop the pipeline and the stack
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STACK="${TOLLGATE_STACK_DIR:-$ROOT/.stack}"
+RUN="$STACK/run"
+CH="http://127.0.0.1:${TOLLGATE_CH_HTTP_PORT:-8123}"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+log() { printf '[demo] %s\n' "$*" >&2; }
+
+stop_components() {
+    for name in edge ingest upstream; do
+        local pidf="$RUN/$name.pid"
+        if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+            kill -TERM "$(cat "$pidf")" 2>/dev/null || true
+            for _ in $(seq 1 100); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.1; done
+        fi
+        rm -f "$pidf"
+    done
+}
+
+if [ "${1:-}" = "stop" ]; then
+    stop_components
+    scripts/stack.sh down
+    exit 0
+fi
+
+scripts/stack.sh up
+log "building (first time: several minutes)"
+cargo build --quiet --bins
+BIN="$ROOT/target/debug"
+[ -n "${CARGO_TARGET_DIR:-}" ] && BIN="$CARGO_TARGET_DIR/debug"
+
+stop_components
+mkdir -p "$RUN"
+start() { # name, command...
+    local name=$1; shift
+    nohup "$@" >"$RUN/$name.log" 2>&1 &
+    echo $! > "$RUN/$name.pid"
+}
+start upstream "$BIN/tollgate-demo" upstream --listen 127.0.0.1:8081
+start ingest "$BIN/tollgate-ingest" run --config config/demo/ingest.toml
+rm -f "$RUN/edge.ready"
+start edge "$BIN/tollgate-edge" run --config config/demo/edge.toml --ready-file "$RUN/edge.ready"
+for _ in $(seq 1 100); do [ -s "$RUN/edge.ready" ] && break; sleep 0.1; done
+[ -s "$RUN/edge.ready" ] || { log "edge did not start; see $RUN/edge.log"; tail -5 "$RUN/edge.log" >&2; exit 1; }
+for _ in $(seq 1 100); do curl -sf "$CH/?query=EXISTS%20TABLE%20tollgate.api_calls" | grep -q 1 && break; sleep 0.2; done
+
+q() { curl -sf --data-binary "$1" "$CH/"; }
+before=$(q "SELECT count() FROM tollgate.api_calls FINAL" || echo 0)
+log "sending demo traffic through http://127.0.0.1:8080"
+"$BIN/tollgate-demo" traffic --edge http://127.0.0.1:8080 --scale 5 | tee "$RUN/traffic.txt"
+sent=$(sed -n 's/^sent \([0-9]*\) requests.*/\1/p' "$RUN/traffic.txt")
+want=$((before + sent))
+log "waiting for the $sent events to reach ClickHouse"
+for _ in $(seq 1 150); do
+    have=$(q "SELECT count() FROM tollgate.api_calls FINAL" || echo 0)
+    [ "$have" -ge "$want" ] && break
+    sleep 0.2
+done
+
+echo
+echo "== usage per consumer (all time, from ClickHouse: tollgate.api_calls FINAL) =="
+q "SELECT if(consumer_id = '', '(unauthenticated)', consumer_id) AS consumer, count() AS calls,
+          countIf(outcome = 'forwarded') AS forwarded, countIf(status >= 400 AND status < 500) AS errors_4xx,
+          countIf(status >= 500) AS errors_5xx, round(quantileExact(0.99)(latency_us) / 1000, 2) AS p99_ms
+   FROM tollgate.api_calls FINAL GROUP BY consumer ORDER BY consumer FORMAT PrettyCompactNoEscapes"
+echo "== calls per outcome and status =="
+q "SELECT outcome, status, count() AS calls FROM tollgate.api_calls FINAL GROUP BY outcome, status ORDER BY outcome, status FORMAT PrettyCompactNoEscapes"
+echo
+echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
+echo "ClickHouse $CH (database tollgate), Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
+echo "Stop everything with: scripts/demo.sh stop"
