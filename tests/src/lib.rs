@@ -1,1 +1,269 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: the real binaries, the real local broker and ClickHouse.
+//! Every test works in its own topic, consumer group and ClickHouse database, so tests run
+//! in parallel. The stack must be up (`scripts/test.sh` starts it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+/// Kafka bootstrap servers of the local stack.
+pub fn kafka() -> String {
+    std::env::var("TOLLGATE_TEST_KAFKA").unwrap_or_else(|_| format!("127.0.0.1:{}", std::env::var("TOLLGATE_KAFKA_PORT").unwrap_or_else(|_| "9092".into())))
+}
+
+/// ClickHouse HTTP URL of the local stack.
+pub fn clickhouse() -> String {
+    std::env::var("TOLLGATE_TEST_CLICKHOUSE").unwrap_or_else(|_| format!("http://127.0.0.1:{}", std::env::var("TOLLGATE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into())))
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// A name unique to this test run: `prefix_<random>`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:016x}", rand::random::<u64>())
+}
+
+/// Path of a workspace binary (built by `cargo build --bins`, which scripts/test.sh runs).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built; run `cargo build --workspace --bins` (scripts/test.sh does)", path.display());
+    path
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self { name: name.to_owned(), child, log }
+    }
+
+    /// SIGKILL, and wait.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait up to `timeout` (then SIGKILL). Returns true if it exited by itself.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill9();
+        false
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Creates a topic on the local broker.
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", kafka()).create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let res = admin.create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.unwrap();
+    for r in res {
+        r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
+    }
+}
+
+/// A producer to the local broker (acks=all).
+pub fn producer() -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", kafka()).set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").create().unwrap()
+}
+
+/// Produces `payloads` to `topic` with `key`, waiting for every acknowledgement.
+pub async fn produce_all(producer: &FutureProducer, topic: &str, items: &[(String, Vec<u8>)]) {
+    let futures: Vec<_> = items
+        .iter()
+        .map(|(key, payload)| producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(30)))
+        .collect();
+    for f in futures {
+        f.await.unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    }
+}
+
+/// Runs a ClickHouse query over HTTP and returns the body (use `FORMAT TSV`). Panics on error.
+pub async fn ch(url: &str, sql: &str) -> String {
+    try_ch(url, sql).await.unwrap_or_else(|e| panic!("ClickHouse query failed: {e}\n{sql}"))
+}
+
+/// Runs a ClickHouse query; `Err` with the server's message on failure.
+pub async fn try_ch(url: &str, sql: &str) -> Result<String, String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(url).body(Full::new(Bytes::from(sql.to_owned()))).map_err(|e| e.to_string())?;
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if status.is_success() { Ok(text) } else { Err(text) }
+}
+
+/// A single number from a query.
+pub async fn ch_u64(url: &str, sql: &str) -> u64 {
+    ch(url, sql).await.trim().parse().unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Polls `check` until it returns true or `timeout` passes; returns the last result.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Starts the demo echo upstream in-process; returns its address and request counter.
+pub async fn start_echo() -> (std::net::SocketAddr, Arc<tollgate_demo::upstream::EchoStats>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(tollgate_demo::upstream::EchoStats::default());
+    tokio::spawn(tollgate_demo::upstream::serve(listener, Arc::clone(&stats)));
+    (addr, stats)
+}
+
+/// An ingest process for `topic` writing to `database`.
+pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ndlq_topic = \"{topic}.dlq\"\ngroup_id = \"{group}\"\n\
+         [clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{database}\"\n\
+         [batch]\nmax_rows = 2000\nmax_wait_ms = 200\n\
+         [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
+        kafka()
+    )
+}
+
+/// Starts `tollgate-ingest run` with `config` (TOML text).
+pub fn start_ingest(dir: &Path, name: &str, config: &str) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    Proc::spawn(name, Command::new(bin("tollgate-ingest")).arg("run").arg("--config").arg(&cfg).env("RUST_LOG", "info"), dir.join(format!("{name}.log")))
+}
+
+/// Starts `tollgate-edge run` with `config`; waits until it listens. Returns the process and
+/// its request address.
+pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net::SocketAddr, std::net::SocketAddr) {
+    let cfg = dir.join(format!("{name}.toml"));
+    let ready = dir.join(format!("{name}.ready"));
+    std::fs::write(&cfg, config).unwrap();
+    let proc = Proc::spawn(
+        name,
+        Command::new(bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", "info"),
+        dir.join(format!("{name}.log")),
+    );
+    let ok = wait_until(Duration::from_secs(20), || async { std::fs::metadata(&ready).map(|m| m.len() > 0).unwrap_or(false) }).await;
+    assert!(ok, "edge did not start:\n{}", proc.log_tail());
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    let listen = v["listen"].as_str().unwrap().parse().unwrap();
+    let admin = v["admin"].as_str().unwrap().parse().unwrap();
+    (proc, listen, admin)
+}
+
+/// Fetches the edge's Prometheus metrics and returns the value of `name` (without labels).
+pub async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client.get(format!("http://{admin}/metrics").parse().unwrap()).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("metric {name} not found"))
+}
+
+/// A sample event for tests that produce directly.
+pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::ApiCall {
+    tollgate_schemas::ApiCall {
+        event_id: uuid::Uuid::now_v7(),
+        start_time_us,
+        edge_id: "test-edge".into(),
+        consumer_id: Some(consumer.to_owned()),
+        credential_id: Some(format!("{consumer}-key")),
+        route_id: Some("echo".into()),
+        method: "GET".into(),
+        host: "localhost".into(),
+        path: "/echo".into(),
+        status: 200,
+        outcome: tollgate_schemas::Outcome::Forwarded,
+        latency_us: 1500,
+        upstream_latency_us: Some(1000),
+        request_bytes: 0,
+        response_bytes: 100,
+        client_ip: "127.0.0.1".into(),
+        user_agent: None,
+        trace_id: None,
+    }
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}

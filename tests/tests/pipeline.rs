@@ -1,0 +1,144 @@
+//! End to end: client → edge → Kafka → ingest → ClickHouse, with the real binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tollgate_demo::traffic::{self, Caller};
+use tollgate_e2e::*;
+
+fn edge_config(topic: &str, upstream: std::net::SocketAddr) -> String {
+    let hash = |k: &str| tollgate_e2e_hash(k);
+    format!(
+        r#"
+[edge]
+instance_id = "edge-e2e"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[kafka]
+brokers = "{kafka}"
+topic = "{topic}"
+[[routes]]
+id = "echo"
+path_prefix = "/echo"
+upstream = "http://{upstream}"
+[plans.roomy]
+rate_per_second = 100000
+[plans.tight]
+rate_per_second = 1
+burst = 20
+[[consumers]]
+id = "acme"
+plan = "roomy"
+keys = [{{ id = "acme-1", sha256 = "{a}" }}]
+[[consumers]]
+id = "globex"
+plan = "roomy"
+keys = [{{ id = "globex-1", sha256 = "{g}" }}]
+[[consumers]]
+id = "initech"
+plan = "tight"
+keys = [{{ id = "initech-1", sha256 = "{i}" }}]
+"#,
+        kafka = kafka(),
+        a = hash("key-acme"),
+        g = hash("key-globex"),
+        i = hash("key-initech"),
+    )
+}
+
+fn tollgate_e2e_hash(k: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(k.as_bytes()))
+}
+
+/// 1,000 requests across three consumers, a bad key and an over-limit burst: ClickHouse holds
+/// exactly one row per request, and counts per consumer, outcome and status equal what the
+/// client saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_requests_one_row_each_counts_match_the_client() {
+    let dir = TempDir::new("e2e_pipeline");
+    let topic = unique("api_calls");
+    let db = unique("e2e");
+    let ch_url = clickhouse();
+    create_topic(&topic, 3).await;
+    let (upstream, echo) = start_echo().await;
+    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &unique("g"), &ch_url));
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &edge_config(&topic, upstream)).await;
+
+    let caller = |label: &str, key: Option<&str>, n: usize, conc: usize| Caller {
+        label: label.into(),
+        key: key.map(str::to_owned),
+        requests: n,
+        concurrency: conc,
+        pause: Duration::ZERO,
+        path: "/echo/things?x=1".into(),
+    };
+    let mix = vec![
+        caller("acme", Some("key-acme"), 400, 4),
+        caller("globex", Some("key-globex"), 300, 4),
+        // initech: burst 20 at 1/s, 200 requests at once: most are 429.
+        caller("initech", Some("key-initech"), 200, 8),
+        caller("bad-key", Some("key-wrong"), 60, 2),
+        caller("no-key", None, 40, 2),
+    ];
+    let tally = traffic::run(&format!("http://{addr}"), mix).await;
+    assert_eq!(tally.total(), 1000);
+    assert_eq!(tally.transport_errors, 0);
+
+    // What the client saw, as (consumer column, outcome, status) → count.
+    let mut want: BTreeMap<(String, String, u16), u64> = BTreeMap::new();
+    for ((label, status), n) in &tally.by_status {
+        let consumer = if label == "bad-key" || label == "no-key" { String::new() } else { label.clone() };
+        let outcome = match status {
+            200 => "forwarded",
+            401 => "unauthenticated",
+            429 => "rate_limited",
+            other => panic!("unexpected status {other} for {label}"),
+        };
+        *want.entry((consumer, outcome.to_owned(), *status)).or_default() += n;
+    }
+    assert!(want.keys().any(|(c, o, _)| c == "initech" && o == "rate_limited"), "the burst was not limited: {want:?}");
+    assert_eq!(echo.requests.load(std::sync::atomic::Ordering::Relaxed), tally.by_status.iter().filter(|((_, s), _)| *s == 200).map(|(_, n)| n).sum::<u64>());
+
+    let arrived = wait_until(Duration::from_secs(60), || async {
+        try_ch(&ch_url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.map(|s| s.trim() == "1000").unwrap_or(false)
+    })
+    .await;
+    assert!(arrived, "not all events arrived; ingest log:\n{}\nedge log:\n{}", ingest.log_tail(), edge.log_tail());
+
+    // Exactly one row per request: raw rows (without FINAL) too, and the ids are the ones the client got.
+    assert_eq!(ch_u64(&ch_url, &format!("SELECT count() FROM {db}.api_calls")).await, 1000);
+    let ids: BTreeSet<String> = ch(&ch_url, &format!("SELECT toString(event_id) FROM {db}.api_calls FORMAT TSV")).await.lines().map(str::to_owned).collect();
+    let client_ids: BTreeSet<String> = tally.request_ids.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 1000);
+    assert_eq!(ids, client_ids);
+
+    let rows = ch(&ch_url, &format!("SELECT consumer_id, toString(outcome), status, count() FROM {db}.api_calls FINAL GROUP BY consumer_id, outcome, status FORMAT TSV")).await;
+    let mut got: BTreeMap<(String, String, u16), u64> = BTreeMap::new();
+    for line in rows.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        got.insert((f[0].to_owned(), f[1].to_owned(), f[2].parse().unwrap()), f[3].parse().unwrap());
+    }
+    assert_eq!(got, want);
+
+    // Every row carries the metered facts.
+    let bad = ch_u64(
+        &ch_url,
+        &format!(
+            "SELECT count() FROM {db}.api_calls WHERE edge_id != 'edge-e2e' OR latency_us = 0 OR method != 'GET' \
+             OR path != '/echo/things' OR client_ip != '127.0.0.1' OR length(trace_id) != 32 OR response_bytes = 0 \
+             OR (outcome = 'forwarded') != isNotNull(upstream_latency_us) OR (consumer_id != '') != (credential_id != '')"
+        ),
+    )
+    .await;
+    assert_eq!(bad, 0);
+
+    assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert_eq!(metric(admin, "tollgate_edge_events_failed_total").await, 0);
+    assert_eq!(metric(admin, "tollgate_edge_events_produced_total").await, 1000);
+
+    assert!(edge.terminate(Duration::from_secs(15)), "edge did not stop on SIGTERM");
+    assert!(ingest.terminate(Duration::from_secs(15)), "ingest did not stop on SIGTERM");
+    let _ = ch(&ch_url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
