@@ -32,6 +32,8 @@ struct RawKafka {
     dlq_topic: String,
     #[serde(default = "default_group_id")]
     group_id: String,
+    #[serde(default)]
+    instance_id: Option<String>,
     /// Extra librdkafka properties, passed as they are.
     #[serde(default)]
     properties: BTreeMap<String, String>,
@@ -136,6 +138,9 @@ pub struct KafkaConfig {
     pub topic: String,
     pub dlq_topic: String,
     pub group_id: String,
+    /// Static group membership id (`group.instance.id`), unique per replica: a restarted
+    /// replica takes its partitions back at once instead of waiting out the dead session.
+    pub instance_id: String,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -198,6 +203,11 @@ impl Config {
         if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(invalid("clickhouse.database", "must be non-empty and only [A-Za-z0-9_]"));
         }
+        let instance_id = match raw.kafka.instance_id {
+            Some(id) if id.trim().is_empty() => return Err(invalid("kafka.instance_id", "must not be empty")),
+            Some(id) => id,
+            None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).map_or_else(|| "ingest-0".to_owned(), |h| format!("ingest-{h}")),
+        };
         let max_rows = NonZeroUsize::new(raw.batch.max_rows).ok_or_else(|| invalid("batch.max_rows", "must be at least 1"))?;
         if raw.batch.max_wait_ms == 0 {
             return Err(invalid("batch.max_wait_ms", "must be at least 1"));
@@ -211,6 +221,7 @@ impl Config {
                 topic: raw.kafka.topic,
                 dlq_topic: raw.kafka.dlq_topic,
                 group_id: raw.kafka.group_id,
+                instance_id,
                 properties: raw.kafka.properties,
             },
             clickhouse: ClickHouseConfig {

@@ -11,13 +11,15 @@ use tollgate_schemas::Decoder;
 use crate::config::KafkaConfig;
 use crate::sink::RawRow;
 
-/// Creates the group consumer and subscribes it. Offsets are stored by the pipeline after a
+/// Creates the group consumer (static membership, see [`KafkaConfig::instance_id`]) and
+/// subscribes it. Offsets are stored by the pipeline after a
 /// batch is written (`enable.auto.offset.store=false`) and committed by librdkafka's
 /// background auto-commit, and synchronously at shutdown.
 pub fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
+        .set("group.instance.id", &cfg.instance_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")

@@ -63,6 +63,11 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // TOLLGATE_TEST_KEEP=1 keeps logs and configs for debugging.
+        if std::env::var_os("TOLLGATE_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -134,12 +139,26 @@ pub fn producer() -> FutureProducer {
 
 /// Produces `payloads` to `topic` with `key`, waiting for every acknowledgement.
 pub async fn produce_all(producer: &FutureProducer, topic: &str, items: &[(String, Vec<u8>)]) {
-    let futures: Vec<_> = items
-        .iter()
-        .map(|(key, payload)| producer.send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(30)))
-        .collect();
-    for f in futures {
-        f.await.unwrap_or_else(|(e, _)| panic!("produce: {e}"));
+    // `send_result` enqueues at once (`send` would only enqueue when awaited, one by one).
+    let mut pending = Vec::with_capacity(items.len());
+    for (key, payload) in items {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((e, r)) => {
+                    assert!(matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)), "produce: {e}");
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery canceled").unwrap_or_else(|(e, _)| panic!("produce: {e}"));
     }
 }
 
@@ -194,7 +213,7 @@ pub async fn start_echo() -> (std::net::SocketAddr, Arc<tollgate_demo::upstream:
 /// An ingest process for `topic` writing to `database`.
 pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> String {
     format!(
-        "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ndlq_topic = \"{topic}.dlq\"\ngroup_id = \"{group}\"\n\
+        "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ndlq_topic = \"{topic}.dlq\"\ngroup_id = \"{group}\"\ninstance_id = \"{group}-0\"\n\
          [clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{database}\"\n\
          [batch]\nmax_rows = 2000\nmax_wait_ms = 200\n\
          [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
@@ -206,7 +225,7 @@ pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> 
 pub fn start_ingest(dir: &Path, name: &str, config: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
-    Proc::spawn(name, Command::new(bin("tollgate-ingest")).arg("run").arg("--config").arg(&cfg).env("RUST_LOG", "info"), dir.join(format!("{name}.log")))
+    Proc::spawn(name, Command::new(bin("tollgate-ingest")).arg("run").arg("--config").arg(&cfg).env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())), dir.join(format!("{name}.log")))
 }
 
 /// Starts `tollgate-edge run` with `config`; waits until it listens. Returns the process and
@@ -217,7 +236,7 @@ pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net
     std::fs::write(&cfg, config).unwrap();
     let proc = Proc::spawn(
         name,
-        Command::new(bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", "info"),
+        Command::new(bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())),
         dir.join(format!("{name}.log")),
     );
     let ok = wait_until(Duration::from_secs(20), || async { std::fs::metadata(&ready).map(|m| m.len() > 0).unwrap_or(false) }).await;
@@ -266,4 +285,76 @@ pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::Api
 /// Microseconds since the epoch, now.
 pub fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// A ClickHouse server of a test's own (for fault tests that stop it), from the project's
+/// config template, on free ports, with its data in a temporary directory.
+pub struct PrivateClickHouse {
+    pub dir: TempDir,
+    pub http_port: u16,
+    pub tcp_port: u16,
+    proc: Option<Proc>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl PrivateClickHouse {
+    pub async fn start() -> Self {
+        let dir = TempDir::new("ch");
+        let mut ch = Self { dir, http_port: free_port(), tcp_port: free_port(), proc: None };
+        let template = std::fs::read_to_string(repo_root().join("scripts/stack/clickhouse-config.xml")).unwrap();
+        let d = ch.dir.path().display().to_string();
+        let config = template.replace("@DIR@", &d).replace("@HTTP_PORT@", &ch.http_port.to_string()).replace("@TCP_PORT@", &ch.tcp_port.to_string());
+        std::fs::create_dir_all(ch.dir.path().join("log")).unwrap();
+        std::fs::write(ch.dir.path().join("config.xml"), config).unwrap();
+        std::fs::copy(repo_root().join("scripts/stack/clickhouse-users.xml"), ch.dir.path().join("users.xml")).unwrap();
+        ch.resume().await;
+        ch
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// (Re)starts the server on the same ports and data, and waits until it answers.
+    pub async fn resume(&mut self) {
+        let config = self.dir.path().join("config.xml");
+        let proc = Proc::spawn(
+            "clickhouse",
+            Command::new("clickhouse-server").arg(format!("--config-file={}", config.display())),
+            self.dir.path().join("log/stdout.log"),
+        );
+        self.proc = Some(proc);
+        let url = self.url();
+        let up = wait_until(Duration::from_secs(60), || async { try_ch(&url, "SELECT 1").await.is_ok() }).await;
+        assert!(up, "private ClickHouse did not start");
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 20 s).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(20));
+        }
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Encodes `n` sample events for `consumers` (round robin), as (key, payload) pairs.
+pub fn encoded_events(n: usize, consumers: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let enc = tollgate_schemas::Encoder::new().unwrap();
+    let base = now_us();
+    (0..n)
+        .map(|i| {
+            let c = consumers[i % consumers.len()];
+            let e = sample_event(c, base + i as i64);
+            (c.to_owned(), enc.encode(&e).unwrap())
+        })
+        .collect()
 }

@@ -1,0 +1,158 @@
+//! Ingest under faults: kill -9 mid-stream, poison messages, ClickHouse down.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tollgate_e2e::*;
+
+async fn count_final(url: &str, db: &str) -> u64 {
+    try_ch(url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// kill -9 in the middle of a stream, restart: no event lost, none counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_then_restart_loses_nothing_counts_nothing_twice() {
+    let dir = TempDir::new("e2e_kill9");
+    let (topic, db, group) = (unique("calls"), unique("kill9"), unique("g"));
+    let url = clickhouse();
+    create_topic(&topic, 2).await;
+    let producer = producer();
+    let first = encoded_events(20_000, &["a", "b", "c"]);
+    let t = std::time::Instant::now();
+    produce_all(&producer, &topic, &first).await;
+    eprintln!("produced 20000 in {:?}", t.elapsed());
+
+    let mut cfg = ingest_config(&topic, &db, &group, &url);
+    cfg = cfg.replace("max_rows = 2000", "max_rows = 500");
+    let mut ingest = start_ingest(dir.path(), "ingest1", &cfg);
+    let started = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 1000 }).await;
+    assert!(started, "ingest wrote nothing:\n{}", ingest.log_tail());
+    ingest.kill9();
+    let at_kill = ch_u64(&url, &format!("SELECT count() FROM {db}.api_calls")).await;
+    assert!(at_kill < 20_000, "killed too late to test anything ({at_kill} rows)");
+
+    // The stream goes on while ingest is dead.
+    let second = encoded_events(20_000, &["a", "b", "c"]);
+    produce_all(&producer, &topic, &second).await;
+    let mut ingest = start_ingest(dir.path(), "ingest2", &cfg);
+    let t = std::time::Instant::now();
+    let done = wait_until(Duration::from_secs(120), || async { count_final(&url, &db).await >= 40_000 }).await;
+    eprintln!("caught up in {:?}", t.elapsed());
+    assert!(done, "only {} of 40000 arrived:\n{}", count_final(&url, &db).await, ingest.log_tail());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The documented queries: FINAL and the view; each event exactly once.
+    assert_eq!(count_final(&url, &db).await, 40_000);
+    assert_eq!(ch_u64(&url, &format!("SELECT count() FROM {db}.api_calls_unique")).await, 40_000);
+    assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 40_000);
+    let per_consumer = ch(&url, &format!("SELECT consumer_id, count() FROM {db}.api_calls FINAL GROUP BY consumer_id ORDER BY consumer_id FORMAT TSV")).await;
+    let mut want = std::collections::BTreeMap::<&str, u64>::new();
+    for (key, _) in first.iter().chain(&second) {
+        *want.entry(key.as_str()).or_default() += 1;
+    }
+    let want: String = want.iter().map(|(k, n)| format!("{k}\t{n}\n")).collect();
+    assert_eq!(per_consumer, want);
+    let raw = ch_u64(&url, &format!("SELECT count() FROM {db}.api_calls")).await;
+    eprintln!("raw rows including redeliveries: {raw} (rows at kill: {at_kill})");
+    assert!(ingest.terminate(Duration::from_secs(15)));
+    let _ = ch(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
+
+/// A poison message lands in the DLQ with the error; later good messages are ingested and the
+/// partition's committed offset moves past the poison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dlq_and_the_partition_keeps_flowing() {
+    let dir = TempDir::new("e2e_poison");
+    let (topic, db, group) = (unique("calls"), unique("poison"), unique("g"));
+    let dlq = format!("{topic}.dlq");
+    let url = clickhouse();
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+
+    let good = encoded_events(10, &["acme"]);
+    let mut truncated = good[0].1.clone();
+    truncated.truncate(truncated.len() - 3);
+    let mut unknown_fp = good[1].1.clone();
+    unknown_fp[4] ^= 0x55;
+    let mut items = good[..5].to_vec();
+    items.push(("acme".into(), b"{\"not\": \"avro\"}".to_vec()));
+    items.push(("acme".into(), truncated.clone()));
+    items.push(("acme".into(), unknown_fp.clone()));
+    items.extend_from_slice(&good[5..]);
+    let p = producer();
+    produce_all(&p, &topic, &items).await;
+
+    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &group, &url));
+    let done = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 10 }).await;
+    assert!(done, "good messages not ingested:\n{}", ingest.log_tail());
+
+    // The DLQ holds the three poison messages, payload intact, with the error and source.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&dlq]).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("DLQ message").unwrap();
+        let headers = msg.headers().expect("DLQ headers");
+        let header = |name: &str| {
+            headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+        };
+        seen.push((msg.payload().unwrap().to_vec(), header("tollgate-error"), header("tollgate-source-offset"), header("tollgate-source-topic")));
+    }
+    assert_eq!(seen[0].0, b"{\"not\": \"avro\"}".to_vec());
+    assert!(seen[0].1.contains("bad magic"), "{}", seen[0].1);
+    assert_eq!(seen[0].2, "5");
+    assert_eq!(seen[0].3, topic);
+    assert_eq!(seen[1].0, truncated);
+    assert!(seen[1].1.contains("truncated") || seen[1].1.contains("invalid Avro"), "{}", seen[1].1);
+    assert_eq!(seen[2].0, unknown_fp);
+    assert!(seen[2].1.contains("unknown writer schema fingerprint"), "{}", seen[2].1);
+
+    assert!(ingest.terminate(Duration::from_secs(15)));
+    assert_eq!(count_final(&url, &db).await, 10);
+    // Everything, poison included, is committed.
+    let check: BaseConsumer = ClientConfig::new().set("bootstrap.servers", kafka()).set("group.id", &group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&topic, 0);
+    let committed = tokio::task::spawn_blocking(move || check.committed_offsets(tpl, Duration::from_secs(10))).await.unwrap().unwrap();
+    assert_eq!(committed.find_partition(&topic, 0).unwrap().offset(), Offset::Offset(13));
+    let _ = ch(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
+
+/// ClickHouse stopped while events flow, then started: all events arrive, none twice, and
+/// ingest never gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_then_up_all_events_arrive_once() {
+    let dir = TempDir::new("e2e_chdown");
+    let (topic, db, group) = (unique("calls"), unique("chdown"), unique("g"));
+    let mut private = PrivateClickHouse::start().await;
+    let url = private.url();
+    create_topic(&topic, 2).await;
+    let p = producer();
+    produce_all(&p, &topic, &encoded_events(5_000, &["a", "b"])).await;
+    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &group, &url));
+    let first = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 5_000 }).await;
+    assert!(first, "first half not ingested:\n{}", ingest.log_tail());
+
+    private.stop();
+    produce_all(&p, &topic, &encoded_events(5_000, &["a", "b"])).await;
+    // Let ingest fail and retry for a while.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(ingest.child.try_wait().unwrap().is_none(), "ingest exited while ClickHouse was down:\n{}", ingest.log_tail());
+    assert!(ingest.log_tail().contains("ClickHouse insert failed"), "no failed insert was logged:\n{}", ingest.log_tail());
+    private.resume().await;
+
+    let all = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 10_000 }).await;
+    assert!(all, "only {} of 10000:\n{}", count_final(&url, &db).await, ingest.log_tail());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count_final(&url, &db).await, 10_000);
+    assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 10_000);
+    assert!(ingest.terminate(Duration::from_secs(15)));
+}
