@@ -55,6 +55,8 @@ for _ in $(seq 1 100); do [ -s "$RUN/edge.ready" ] && break; sleep 0.1; done
 for _ in $(seq 1 100); do curl -sf "$CH/?query=EXISTS%20TABLE%20tollgate.api_calls" | grep -q 1 && break; sleep 0.2; done
 
 q() { curl -sf --data-binary "$1" "$CH/"; }
+# Runs a documented query file in database tollgate, as a table.
+qf() { grep -v '^--' "$1" | sed 's/;[[:space:]]*$//' | { cat; echo " FORMAT PrettyCompactNoEscapes"; } | curl -sf --data-binary @- "$CH/?database=tollgate"; }
 before=$(q "SELECT count() FROM tollgate.api_calls FINAL" || echo 0)
 log "sending demo traffic through http://127.0.0.1:8080"
 "$BIN/tollgate-demo" traffic --edge http://127.0.0.1:8080 --scale 5 | tee "$RUN/traffic.txt"
@@ -68,13 +70,10 @@ for _ in $(seq 1 150); do
 done
 
 echo
-echo "== usage per consumer (all time, from ClickHouse: tollgate.api_calls FINAL) =="
-q "SELECT if(consumer_id = '', '(unauthenticated)', consumer_id) AS consumer, count() AS calls,
-          countIf(outcome = 'forwarded') AS forwarded, countIf(status >= 400 AND status < 500) AS errors_4xx,
-          countIf(status >= 500) AS errors_5xx, round(quantileExact(0.99)(latency_us) / 1000, 2) AS p99_ms
-   FROM tollgate.api_calls FINAL GROUP BY consumer ORDER BY consumer FORMAT PrettyCompactNoEscapes"
-echo "== calls per outcome and status =="
-q "SELECT outcome, status, count() AS calls FROM tollgate.api_calls FINAL GROUP BY outcome, status ORDER BY outcome, status FORMAT PrettyCompactNoEscapes"
+echo "== usage per consumer (schemas/queries/usage_by_consumer.sql, database tollgate) =="
+qf schemas/queries/usage_by_consumer.sql
+echo "== calls per outcome and status (schemas/queries/calls_by_outcome.sql) =="
+qf schemas/queries/calls_by_outcome.sql
 echo
 echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
 echo "ClickHouse $CH (database tollgate), Kafka 127.0.0.1:9092. Logs: $RUN/*.log"

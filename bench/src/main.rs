@@ -1,1 +1,56 @@
-fn main(){}
+//! tollgate benchmarks. Each prints its figures, medians of several runs, and ratios against a
+//! baseline measured in the same run. Nothing here is a test: run them on a quiet machine.
+//!
+//! `tollgate-bench ingest`     ingest throughput into ClickHouse (Tansu on memory storage);
+//!                             baselines: Kafka consume-only and decode+insert-only rates.
+//! `tollgate-bench freshness`  time from the edge's response to the row being queryable,
+//!                             at a fixed request rate through the real edge.
+//!
+//! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
+//! `bench/run.sh` does all of it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod freshness;
+mod ingest;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tollgate benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// ClickHouse HTTP URL.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8123")]
+    clickhouse: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ingest throughput, events/s.
+    Ingest {
+        #[arg(long, default_value_t = 500_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Freshness: edge response → row queryable in ClickHouse.
+    Freshness {
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Ingest { events, runs } => ingest::run(&cli.clickhouse, events, runs).await,
+        Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
+    }
+}
