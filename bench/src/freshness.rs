@@ -47,7 +47,10 @@ async fn load(edge: std::net::SocketAddr, rate: u64, seconds: u64) -> Vec<(Strin
         for _ in 0..per_tick {
             let (client, done) = (client.clone(), Arc::clone(&done));
             tasks.push(tokio::spawn(async move {
-                let req = http::Request::get(format!("http://{edge}/echo/fresh")).header("x-api-key", "bench-key").body(Full::new(Bytes::new())).unwrap();
+                let req = http::Request::get(format!("http://{edge}/echo/fresh"))
+                    .header("x-api-key", "bench-key")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
                 if let Ok(resp) = client.request(req).await {
                     let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
                     let _ = resp.into_body().collect().await;
@@ -59,8 +62,8 @@ async fn load(edge: std::net::SocketAddr, rate: u64, seconds: u64) -> Vec<(Strin
     for t in tasks {
         let _ = t.await;
     }
-    let v = done.lock().unwrap().clone();
-    v
+
+    done.lock().unwrap().clone()
 }
 
 pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::Result<()> {
@@ -73,10 +76,23 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
     let db = format!("bench_fresh_{}", std::process::id());
     std::fs::write(dir.join("ingest.toml"), ingest_config(&broker.addr, "bench-fresh", &db, ch_url, &db))?;
     std::fs::write(dir.join("edge.toml"), edge_config(&broker.addr, upstream))?;
-    let _ingest = spawn(Command::new(release_bin("tollgate-ingest")).arg("run").arg("--config").arg(dir.join("ingest.toml")).env("RUST_LOG", "warn"), &dir.join("ingest.log"));
+    let _ingest = spawn(
+        Command::new(release_bin("tollgate-ingest"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("ingest.toml"))
+            .env("RUST_LOG", "warn"),
+        &dir.join("ingest.log"),
+    );
     let ready = dir.join("edge.ready");
     let _edge = spawn(
-        Command::new(release_bin("tollgate-edge")).arg("run").arg("--config").arg(dir.join("edge.toml")).arg("--ready-file").arg(&ready).env("RUST_LOG", "warn"),
+        Command::new(release_bin("tollgate-edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("edge.toml"))
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "warn"),
         &dir.join("edge.log"),
     );
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -101,7 +117,11 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
             let (seen, stop, ch_url, db) = (Arc::clone(&seen), Arc::clone(&stop), ch_url.to_owned(), db.clone());
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let text = ch(&ch_url, &format!("SELECT toString(event_id) FROM {db}.api_calls WHERE start_time_us >= {since}")).await;
+                    let text = ch(
+                        &ch_url,
+                        &format!("SELECT toString(event_id) FROM {db}.api_calls WHERE start_time_us >= {since}"),
+                    )
+                    .await;
                     let t = now_us();
                     {
                         let mut s = seen.lock().unwrap();
@@ -123,17 +143,30 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = poller.await;
         let seen = seen.lock().unwrap();
-        let mut lags: Vec<f64> = done.iter().filter_map(|(id, at)| seen.get(id).map(|s| (s.saturating_sub(*at)) as f64 / 1000.0)).collect();
+        let mut lags: Vec<f64> =
+            done.iter().filter_map(|(id, at)| seen.get(id).map(|s| (s.saturating_sub(*at)) as f64 / 1000.0)).collect();
         let missing = done.len() - lags.len();
         lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let (p50, p95, p99, max) = (percentile(&lags, 50.0), percentile(&lags, 95.0), percentile(&lags, 99.0), lags.last().copied().unwrap_or(f64::NAN));
-        println!("run {}: {} requests at {achieved:.0}/s; freshness P50 {p50:.0} ms, P95 {p95:.0} ms, P99 {p99:.0} ms, max {max:.0} ms; {missing} not seen within 30 s", run + 1, done.len());
+        let (p50, p95, p99, max) = (
+            percentile(&lags, 50.0),
+            percentile(&lags, 95.0),
+            percentile(&lags, 99.0),
+            lags.last().copied().unwrap_or(f64::NAN),
+        );
+        println!(
+            "run {}: {} requests at {achieved:.0}/s; freshness P50 {p50:.0} ms, P95 {p95:.0} ms, P99 {p99:.0} ms, max {max:.0} ms; {missing} not seen within 30 s",
+            run + 1,
+            done.len()
+        );
         p50s.push(p50);
         p99s.push(p99);
     }
     let (p50, p99) = (median(&mut p50s), median(&mut p99s));
     println!("\nmedian of {runs} runs at {rate} requests/s for {seconds} s (poll resolution {} ms):", POLL.as_millis());
-    println!("  freshness P50 {p50:.0} ms, P99 {p99:.0} ms; floor = batch.max_wait_ms 250 ms; ratio P99/floor {:.1}", p99 / 250.0);
+    println!(
+        "  freshness P50 {p50:.0} ms, P99 {p99:.0} ms; floor = batch.max_wait_ms 250 ms; ratio P99/floor {:.1}",
+        p99 / 250.0
+    );
     println!("  goal P99 < 2000 ms: {}", if p99 < 2000.0 { "met" } else { "NOT met" });
     ch(ch_url, &format!("DROP DATABASE {db}")).await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Ingest throughput, events/s.
     Ingest {
-        #[arg(long, default_value_t = 500_000)]
+        #[arg(long, default_value_t = 1_000_000)]
         events: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,

@@ -33,14 +33,9 @@ impl ConfigError {
 
 /// Reads `path`, applies the overrides among `env` that start with `prefix`, and deserializes
 /// into `T` (usually a raw struct with `deny_unknown_fields`).
-pub fn load<T: DeserializeOwned>(
-    path: &Path,
-    prefix: &str,
-    env: &BTreeMap<String, String>,
-) -> Result<T, ConfigError> {
+pub fn load<T: DeserializeOwned>(path: &Path, prefix: &str, env: &BTreeMap<String, String>) -> Result<T, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
     parse(&text, &shown, prefix, env)
 }
 
@@ -67,11 +62,7 @@ pub fn process_env() -> BTreeMap<String, String> {
     std::env::vars().collect()
 }
 
-fn apply_overrides(
-    table: &mut toml::Table,
-    prefix: &str,
-    env: &BTreeMap<String, String>,
-) -> Result<(), ConfigError> {
+fn apply_overrides(table: &mut toml::Table, prefix: &str, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     for (var, raw) in env.range(prefix.to_owned()..) {
         let Some(rest) = var.strip_prefix(prefix) else { break };
         let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -86,9 +77,7 @@ fn apply_overrides(
                 cursor.insert(segment.clone(), value.clone());
                 break;
             }
-            let entry = cursor
-                .entry(segment.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = cursor.entry(segment.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             cursor = match entry {
                 toml::Value::Table(t) => t,
                 _ => {
@@ -153,8 +142,7 @@ mod tests {
         let err = parse::<Raw>("[kafka]\nbrokers = 5\n", "edge.toml", "T_", &env(&[])).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("kafka.brokers") && msg.contains("edge.toml"), "{msg}");
-        let err = parse::<Raw>("[kafka]\nbrokers = \"a\"\nbrokerz = 1\n", "edge.toml", "T_", &env(&[]))
-            .unwrap_err();
+        let err = parse::<Raw>("[kafka]\nbrokers = \"a\"\nbrokerz = 1\n", "edge.toml", "T_", &env(&[])).unwrap_err();
         assert!(err.to_string().contains("brokerz"), "{err}");
         let err = parse::<Raw>("[kafka]\nbrokers = \"a\"\n", "edge.toml", "T_", &env(&[("T_KAFKA__BROKERS__X", "1")]))
             .unwrap_err();

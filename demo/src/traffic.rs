@@ -58,14 +58,42 @@ pub const DEMO_KEYS: [(&str, &str); 3] = [
 /// a burst from `initech` well above its plan's rate.
 pub fn demo_mix(scale: usize) -> Vec<Caller> {
     let key = |i: usize| Some(DEMO_KEYS[i].1.to_owned());
-    let steady = |label: &str, k, n| Caller { label: label.into(), key: k, requests: n, concurrency: 2, pause: Duration::from_millis(5), path: "/echo/items?page=1".into() };
+    let steady = |label: &str, k, n| Caller {
+        label: label.into(),
+        key: k,
+        requests: n,
+        concurrency: 2,
+        pause: Duration::from_millis(5),
+        path: "/echo/items?page=1".into(),
+    };
     vec![
         steady("acme", key(0), 40 * scale),
         steady("globex", key(1), 25 * scale),
         steady("initech", key(2), 10 * scale),
-        Caller { label: "bad-key".into(), key: Some("tg_wrong_0000000000".into()), requests: 5 * scale, concurrency: 1, pause: Duration::from_millis(10), path: "/echo/items".into() },
-        Caller { label: "no-key".into(), key: None, requests: 3 * scale, concurrency: 1, pause: Duration::from_millis(10), path: "/echo/items".into() },
-        Caller { label: "initech".into(), key: key(2), requests: 30 * scale, concurrency: 16, pause: Duration::ZERO, path: "/echo/burst".into() },
+        Caller {
+            label: "bad-key".into(),
+            key: Some("tg_wrong_0000000000".into()),
+            requests: 5 * scale,
+            concurrency: 1,
+            pause: Duration::from_millis(10),
+            path: "/echo/items".into(),
+        },
+        Caller {
+            label: "no-key".into(),
+            key: None,
+            requests: 3 * scale,
+            concurrency: 1,
+            pause: Duration::from_millis(10),
+            path: "/echo/items".into(),
+        },
+        Caller {
+            label: "initech".into(),
+            key: key(2),
+            requests: 30 * scale,
+            concurrency: 16,
+            pause: Duration::ZERO,
+            path: "/echo/burst".into(),
+        },
     ]
 }
 
@@ -80,10 +108,12 @@ pub async fn run(base: &str, callers: Vec<Caller>) -> Tally {
         let extra = caller.requests % caller.concurrency.max(1);
         for w in 0..caller.concurrency.max(1) {
             let n = per_worker + usize::from(w < extra);
-            let (client, tally, caller, base) = (client.clone(), Arc::clone(&tally), Arc::clone(&caller), base.to_owned());
+            let (client, tally, caller, base) =
+                (client.clone(), Arc::clone(&tally), Arc::clone(&caller), base.to_owned());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..n {
-                    let mut builder = Request::get(format!("{base}{}", caller.path)).header("user-agent", "tollgate-demo-traffic/1");
+                    let mut builder =
+                        Request::get(format!("{base}{}", caller.path)).header("user-agent", "tollgate-demo-traffic/1");
                     if let Some(k) = &caller.key {
                         builder = builder.header("authorization", format!("Bearer {k}"));
                     }
@@ -91,7 +121,12 @@ pub async fn run(base: &str, callers: Vec<Caller>) -> Tally {
                     match client.request(req).await {
                         Ok(resp) => {
                             let status = resp.status().as_u16();
-                            let id = resp.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                            let id = resp
+                                .headers()
+                                .get("x-request-id")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned();
                             let _ = resp.into_body().collect().await;
                             let mut t = tally.lock().await;
                             *t.by_status.entry((caller.label.clone(), status)).or_default() += 1;
@@ -109,6 +144,6 @@ pub async fn run(base: &str, callers: Vec<Caller>) -> Tally {
     for t in tasks {
         let _ = t.await;
     }
-    let t = tally.lock().await.clone();
-    t
+
+    tally.lock().await.clone()
 }

@@ -4,8 +4,8 @@
 //! of `x` instead of the JSON echo).
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,7 +35,9 @@ async fn handle(req: Request<Incoming>, stats: Arc<EchoStats>) -> Result<Respons
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+        .map(|(k, v)| {
+            (k.as_str().to_owned(), serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        })
         .collect();
     let body_bytes = match req.into_body().collect().await {
         Ok(b) => b.to_bytes().len(),
@@ -44,7 +46,10 @@ async fn handle(req: Request<Incoming>, stats: Arc<EchoStats>) -> Result<Respons
     if let Some(ms) = query_param(&query, "delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let status = query_param(&query, "status").and_then(|v| v.parse().ok()).and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::OK);
+    let status = query_param(&query, "status")
+        .and_then(|v| v.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
     let (body, content_type) = match query_param(&query, "bytes").and_then(|v| v.parse::<usize>().ok()) {
         Some(n) => (Bytes::from(vec![b'x'; n.min(64 << 20)]), "application/octet-stream"),
         None => {

@@ -10,10 +10,7 @@ use http::header::CONTENT_TYPE;
 use crate::metrics::Metrics;
 
 pub fn app(metrics: Arc<Metrics>) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(render))
-        .with_state(metrics)
+    axum::Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(render)).with_state(metrics)
 }
 
 async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -152,7 +152,8 @@ mod tests {
 
     #[test]
     fn extraction_table() {
-        let cases: &[(&[(&'static str, &str)], Result<Option<&str>, AuthError>)] = &[
+        type Case<'a> = (&'a [(&'static str, &'a str)], Result<Option<&'a str>, AuthError>);
+        let cases: &[Case<'_>] = &[
             (&[], Ok(None)),
             (&[("authorization", "Bearer abc")], Ok(Some("abc"))),
             (&[("authorization", "bearer  abc ")], Ok(Some("abc"))),

@@ -238,7 +238,10 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "edge".to_owned()),
     };
     if raw.kafka.enabled && raw.kafka.brokers.trim().is_empty() {
-        return Err(err("kafka.brokers".into(), "must list at least one host:port (or set kafka.enabled = false)".into()));
+        return Err(err(
+            "kafka.brokers".into(),
+            "must list at least one host:port (or set kafka.enabled = false)".into(),
+        ));
     }
     if raw.kafka.topic.trim().is_empty() {
         return Err(err("kafka.topic".into(), "must not be empty".into()));
@@ -250,7 +253,8 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
     let mut plans = HashMap::new();
     for (name, p) in raw.plans {
         let key = |k: &str| format!("plans.{name}.{k}");
-        let rate = NonZeroU32::new(p.rate_per_second).ok_or_else(|| err(key("rate_per_second"), "must be at least 1".into()))?;
+        let rate = NonZeroU32::new(p.rate_per_second)
+            .ok_or_else(|| err(key("rate_per_second"), "must be at least 1".into()))?;
         let burst = match p.burst {
             None => rate,
             Some(b) => NonZeroU32::new(b).ok_or_else(|| err(key("burst"), "must be at least 1".into()))?,
@@ -271,14 +275,23 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         if !r.path_prefix.starts_with('/') {
             return Err(err(key("path_prefix"), format!("`{}` must start with /", r.path_prefix)));
         }
-        let path_prefix = if r.path_prefix.len() > 1 { r.path_prefix.trim_end_matches('/').to_owned() } else { r.path_prefix };
-        let upstream: Uri = r.upstream.parse().map_err(|e| err(key("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
+        let path_prefix =
+            if r.path_prefix.len() > 1 { r.path_prefix.trim_end_matches('/').to_owned() } else { r.path_prefix };
+        let upstream: Uri =
+            r.upstream.parse().map_err(|e| err(key("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
         if upstream.scheme_str() != Some("http") || upstream.authority().is_none() || upstream.query().is_some() {
-            return Err(err(key("upstream"), format!("`{}` must be http://host:port[/base] without query (https upstreams are not supported yet)", r.upstream)));
+            return Err(err(
+                key("upstream"),
+                format!(
+                    "`{}` must be http://host:port[/base] without query (https upstreams are not supported yet)",
+                    r.upstream
+                ),
+            ));
         }
         let mut methods = Vec::new();
         for m in &r.methods {
-            let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes()).map_err(|_| err(key("methods"), format!("`{m}` is not an HTTP method")))?;
+            let method = Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                .map_err(|_| err(key("methods"), format!("`{m}` is not an HTTP method")))?;
             methods.push(method);
         }
         let auth = match r.auth.as_str() {
@@ -319,7 +332,10 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         for (j, k) in c.keys.into_iter().enumerate() {
             let kkey = format!("consumers[{i}].keys[{j}].sha256");
             let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
-                err(kkey.clone(), "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into())
+                err(
+                    kkey.clone(),
+                    "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into(),
+                )
             })?;
             if !key_hashes.insert(bytes) {
                 return Err(err(kkey, "this key hash is already used by another key".into()));

@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::{Quota, RateLimiter};
 
+use crate::Gateway;
 use crate::auth::Identity;
 use crate::config::Plan;
 use crate::problem::Problem;
-use crate::Gateway;
 
 /// One consumer's limiter.
 #[derive(Debug)]
@@ -43,10 +43,10 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
 
 /// Layer: 429 with `Retry-After` when the consumer is over its rate.
 pub async fn layer(State(_gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    if let Some(identity) = req.extensions().get::<Arc<Identity>>() {
-        if let Err(wait) = identity.limiter.check() {
-            return Problem::rate_limited(retry_after_secs(wait)).into_response();
-        }
+    if let Some(identity) = req.extensions().get::<Arc<Identity>>()
+        && let Err(wait) = identity.limiter.check()
+    {
+        return Problem::rate_limited(retry_after_secs(wait)).into_response();
     }
     next.run(req).await
 }

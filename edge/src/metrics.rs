@@ -54,17 +54,31 @@ impl Metrics {
         out.push_str("# TYPE tollgate_edge_requests_total counter\n");
         for (id, row) in self.route_ids.iter().zip(&self.requests) {
             for (c, count) in row.iter().enumerate() {
-                let _ = writeln!(out, "tollgate_edge_requests_total{{route=\"{id}\",status_class=\"{}xx\"}} {}", c + 1, count.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    out,
+                    "tollgate_edge_requests_total{{route=\"{id}\",status_class=\"{}xx\"}} {}",
+                    c + 1,
+                    count.load(Ordering::Relaxed)
+                );
             }
         }
         let counters = [
             ("tollgate_edge_events_enqueued_total", "Events handed to the producer queue.", &self.events_enqueued),
-            ("tollgate_edge_events_dropped_total", "Events dropped because the producer queue was full.", &self.events_dropped),
+            (
+                "tollgate_edge_events_dropped_total",
+                "Events dropped because the producer queue was full.",
+                &self.events_dropped,
+            ),
             ("tollgate_edge_events_produced_total", "Events acknowledged by Kafka (acks=all).", &self.events_produced),
-            ("tollgate_edge_events_failed_total", "Events that Kafka did not acknowledge or that could not be encoded.", &self.events_failed),
+            (
+                "tollgate_edge_events_failed_total",
+                "Events that Kafka did not acknowledge or that could not be encoded.",
+                &self.events_failed,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         }
         let _ = writeln!(
             out,

@@ -24,7 +24,13 @@ pub struct Problem {
 }
 
 impl Problem {
-    pub fn new(status: StatusCode, slug: &'static str, title: &'static str, outcome: Outcome, detail: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        outcome: Outcome,
+        detail: impl Into<String>,
+    ) -> Self {
         Self { status, slug, title, detail: detail.into(), outcome, headers: Vec::new() }
     }
 
@@ -39,11 +45,23 @@ impl Problem {
     }
 
     pub fn no_route(path: &str) -> Self {
-        Problem::new(StatusCode::NOT_FOUND, "no-route", "Not Found", Outcome::NoRoute, format!("no route matches {path}"))
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "no-route",
+            "Not Found",
+            Outcome::NoRoute,
+            format!("no route matches {path}"),
+        )
     }
 
     pub fn method_not_allowed(allow: &str) -> Self {
-        let mut p = Problem::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method Not Allowed", Outcome::NoRoute, "the route does not accept this method");
+        let mut p = Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method-not-allowed",
+            "Method Not Allowed",
+            Outcome::NoRoute,
+            "the route does not accept this method",
+        );
         if let Ok(v) = HeaderValue::from_str(allow) {
             p = p.with_header(http::header::ALLOW, v);
         }
@@ -51,16 +69,34 @@ impl Problem {
     }
 
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        Problem::new(StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too Many Requests", Outcome::RateLimited, format!("rate limit exceeded; retry in {retry_after_secs} s"))
-            .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too Many Requests",
+            Outcome::RateLimited,
+            format!("rate limit exceeded; retry in {retry_after_secs} s"),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
     pub fn upstream_unreachable() -> Self {
-        Problem::new(StatusCode::BAD_GATEWAY, "upstream-error", "Bad Gateway", Outcome::UpstreamError, "the upstream could not be reached or answered invalidly")
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream-error",
+            "Bad Gateway",
+            Outcome::UpstreamError,
+            "the upstream could not be reached or answered invalidly",
+        )
     }
 
     pub fn upstream_timeout(timeout_ms: u128) -> Self {
-        Problem::new(StatusCode::GATEWAY_TIMEOUT, "upstream-timeout", "Gateway Timeout", Outcome::UpstreamTimeout, format!("the upstream did not answer within {timeout_ms} ms"))
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "Gateway Timeout",
+            Outcome::UpstreamTimeout,
+            format!("the upstream did not answer within {timeout_ms} ms"),
+        )
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {

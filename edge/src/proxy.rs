@@ -105,10 +105,10 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     };
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    if let Some(authority) = route.upstream.authority() {
-        if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-            headers.insert(HOST, v);
-        }
+    if let Some(authority) = route.upstream.authority()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(HOST, v);
     }
     headers.remove(CONSUMER_ID);
     if let Some(c) = consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {

@@ -15,14 +15,15 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::Config;
-use crate::metering::{producer, EventSink};
+use crate::metering::{EventSink, producer};
 use crate::metrics::Metrics;
-use crate::{admin, app, auth, proxy, routing, Gateway, PeerAddr};
+use crate::{Gateway, PeerAddr, admin, app, auth, proxy, routing};
 
 /// Runs the edge until `shutdown` completes. When `ready_file` is given, writes
 /// `{"listen": "...", "admin": "..."}` there once both ports accept connections.
 pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: Option<&Path>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
     let admin_listener = TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("edge.admin_listen {}: {e}", cfg.admin_listen))?;
@@ -56,7 +57,8 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
 
     if let Some(path) = ready_file {
         let body = serde_json::json!({ "listen": listen.to_string(), "admin": admin_addr.to_string() });
-        std::fs::write(path, body.to_string()).map_err(|e| anyhow::anyhow!("cannot write ready file {}: {e}", path.display()))?;
+        std::fs::write(path, body.to_string())
+            .map_err(|e| anyhow::anyhow!("cannot write ready file {}: {e}", path.display()))?;
     }
     tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers = cfg.consumers.len(), "edge started");
 
@@ -101,7 +103,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
     drop(router);
     admin_task.abort();
     if let Some(task) = producer_task {
-        task.await?;
+        task.close().await?;
     }
     tracing::info!(
         produced = metrics.events_produced.load(std::sync::atomic::Ordering::Relaxed),

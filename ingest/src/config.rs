@@ -188,7 +188,11 @@ impl Config {
         if raw.kafka.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must list at least one host:port"));
         }
-        for (key, value) in [("kafka.topic", &raw.kafka.topic), ("kafka.dlq_topic", &raw.kafka.dlq_topic), ("kafka.group_id", &raw.kafka.group_id)] {
+        for (key, value) in [
+            ("kafka.topic", &raw.kafka.topic),
+            ("kafka.dlq_topic", &raw.kafka.dlq_topic),
+            ("kafka.group_id", &raw.kafka.group_id),
+        ] {
             if value.trim().is_empty() {
                 return Err(invalid(key, "must not be empty"));
             }
@@ -206,9 +210,13 @@ impl Config {
         let instance_id = match raw.kafka.instance_id {
             Some(id) if id.trim().is_empty() => return Err(invalid("kafka.instance_id", "must not be empty")),
             Some(id) => id,
-            None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).map_or_else(|| "ingest-0".to_owned(), |h| format!("ingest-{h}")),
+            None => std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map_or_else(|| "ingest-0".to_owned(), |h| format!("ingest-{h}")),
         };
-        let max_rows = NonZeroUsize::new(raw.batch.max_rows).ok_or_else(|| invalid("batch.max_rows", "must be at least 1"))?;
+        let max_rows =
+            NonZeroUsize::new(raw.batch.max_rows).ok_or_else(|| invalid("batch.max_rows", "must be at least 1"))?;
         if raw.batch.max_wait_ms == 0 {
             return Err(invalid("batch.max_wait_ms", "must be at least 1"));
         }

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
 
@@ -62,10 +62,6 @@ impl Dlq {
         if let Some(p) = payload {
             record = record.payload(p);
         }
-        self.producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e)
+        self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }

@@ -5,8 +5,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
 use tollgate_schemas::Decoder;
@@ -174,9 +174,13 @@ async fn write_batches(
                 }
                 Err(e) => {
                     if *stop.borrow() {
-                        let deadline = *stop_deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.retry.shutdown_grace);
+                        let deadline = *stop_deadline
+                            .get_or_insert_with(|| tokio::time::Instant::now() + cfg.retry.shutdown_grace);
                         if tokio::time::Instant::now() >= deadline {
-                            tracing::error!(rows = batch.rows.len(), "shutdown grace over; batch left uncommitted, it will be redelivered");
+                            tracing::error!(
+                                rows = batch.rows.len(),
+                                "shutdown grace over; batch left uncommitted, it will be redelivered"
+                            );
                             return Ok(());
                         }
                     }

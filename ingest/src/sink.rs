@@ -80,19 +80,12 @@ pub fn client(cfg: &ClickHouseConfig) -> Client {
 }
 
 fn base_client(cfg: &ClickHouseConfig) -> Client {
-    Client::default()
-        .with_url(&cfg.url)
-        .with_user(&cfg.user)
-        .with_password(&cfg.password)
-        .with_validation(false)
+    Client::default().with_url(&cfg.url).with_user(&cfg.user).with_password(&cfg.password).with_validation(false)
 }
 
 /// Creates the database if needed and applies pending migrations.
 pub async fn prepare(cfg: &ClickHouseConfig) -> anyhow::Result<()> {
-    base_client(cfg)
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database))
-        .execute()
-        .await?;
+    base_client(cfg).query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database)).execute().await?;
     let applied = tollgate_schemas::migrate::run(&client(cfg)).await?;
     tracing::info!(database = %cfg.database, applied = ?applied, "ClickHouse schema is up to date");
     Ok(())

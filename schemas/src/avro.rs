@@ -8,9 +8,9 @@
 
 use std::collections::HashMap;
 
+use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
-use apache_avro::Schema;
 use uuid::Uuid;
 
 use crate::{ApiCall, Outcome};
@@ -188,9 +188,8 @@ impl Decoder {
         }
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&bytes[2..HEADER_LEN]);
-        let writer = self.writers.get(&fp).ok_or_else(|| DecodeError::UnknownFingerprint {
-            fingerprint: hex_string(&fp),
-        })?;
+        let writer =
+            self.writers.get(&fp).ok_or_else(|| DecodeError::UnknownFingerprint { fingerprint: hex_string(&fp) })?;
         let mut body = EofWatch { rest: &bytes[HEADER_LEN..], hit_eof: false };
         let reader_schema = (fp != self.reader_fp).then_some(&self.reader);
         let value = apache_avro::from_avro_datum(writer, &mut body, reader_schema)
@@ -233,9 +232,7 @@ struct Fields(HashMap<String, Value>);
 
 impl Fields {
     fn take(&mut self, field: &'static str) -> Result<Value, DecodeError> {
-        self.0
-            .remove(field)
-            .ok_or(DecodeError::Field { field, reason: "missing".into() })
+        self.0.remove(field).ok_or(DecodeError::Field { field, reason: "missing".into() })
     }
 
     fn string(&mut self, field: &'static str) -> Result<String, DecodeError> {
@@ -297,10 +294,9 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
     let mut f = Fields(fields.into_iter().collect());
     let event_id = match f.take("event_id")? {
         Value::Uuid(u) => u,
-        Value::String(s) => Uuid::parse_str(&s).map_err(|e| DecodeError::Field {
-            field: "event_id",
-            reason: e.to_string(),
-        })?,
+        Value::String(s) => {
+            Uuid::parse_str(&s).map_err(|e| DecodeError::Field { field: "event_id", reason: e.to_string() })?
+        }
         other => return Err(wrong("event_id", "uuid", &other)),
     };
     let status = f.long("status")?;
@@ -309,10 +305,8 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
         .filter(|s| (100..=999).contains(s))
         .ok_or(DecodeError::Field { field: "status", reason: format!("{status} is not an HTTP status") })?;
     let outcome = match f.take("outcome")? {
-        Value::Enum(_, symbol) => Outcome::from_symbol(&symbol).ok_or(DecodeError::Field {
-            field: "outcome",
-            reason: format!("unknown symbol {symbol}"),
-        })?,
+        Value::Enum(_, symbol) => Outcome::from_symbol(&symbol)
+            .ok_or(DecodeError::Field { field: "outcome", reason: format!("unknown symbol {symbol}") })?,
         other => return Err(wrong("outcome", "enum", &other)),
     };
     Ok(ApiCall {
@@ -417,10 +411,7 @@ mod tests {
         let enc = Encoder::new().unwrap();
         let mut bytes = enc.encode(&sample()).unwrap();
         bytes[5] ^= 0xff;
-        assert!(matches!(
-            Decoder::new().unwrap().decode(&bytes),
-            Err(DecodeError::UnknownFingerprint { .. })
-        ));
+        assert!(matches!(Decoder::new().unwrap().decode(&bytes), Err(DecodeError::UnknownFingerprint { .. })));
     }
 
     #[test]

@@ -27,8 +27,5 @@ pub mod topics {
 }
 
 /// SQL migrations, in the order they apply: (version, name, SQL text).
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "0001_api_calls.sql",
-    include_str!("../migrations/0001_api_calls.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "0001_api_calls.sql", include_str!("../migrations/0001_api_calls.sql"))];

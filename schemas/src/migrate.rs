@@ -99,18 +99,19 @@ pub async fn run(client: &Client) -> Result<Vec<u32>, MigrateError> {
             continue;
         }
         for (i, stmt) in statements(sql).iter().enumerate() {
-            client
-                .query(stmt)
-                .execute()
-                .await
-                .map_err(|source| MigrateError::Statement { name, statement: i + 1, source })?;
+            client.query(stmt).execute().await.map_err(|source| MigrateError::Statement {
+                name,
+                statement: i + 1,
+                source,
+            })?;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or(0);
         let record = RecordRow { version, name, checksum: &current, applied_at: now };
-        let mut insert = client.insert::<RecordRow<'_>>("schema_migrations").await.map_err(MigrateError::Bookkeeping)?;
+        let mut insert =
+            client.insert::<RecordRow<'_>>("schema_migrations").await.map_err(MigrateError::Bookkeeping)?;
         insert.write(&record).await.map_err(MigrateError::Bookkeeping)?;
         insert.end().await.map_err(MigrateError::Bookkeeping)?;
         tracing::info!(version, name, "applied migration");

@@ -8,8 +8,9 @@ use clickhouse::Client;
 use tollgate_schemas::migrate::{self, MigrateError};
 
 fn url() -> String {
-    std::env::var("TOLLGATE_TEST_CLICKHOUSE")
-        .unwrap_or_else(|_| format!("http://127.0.0.1:{}", std::env::var("TOLLGATE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into())))
+    std::env::var("TOLLGATE_TEST_CLICKHOUSE").unwrap_or_else(|_| {
+        format!("http://127.0.0.1:{}", std::env::var("TOLLGATE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into()))
+    })
 }
 
 async fn fresh_db(name: &str) -> (Client, String) {

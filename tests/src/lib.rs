@@ -12,19 +12,23 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 
 /// Kafka bootstrap servers of the local stack.
 pub fn kafka() -> String {
-    std::env::var("TOLLGATE_TEST_KAFKA").unwrap_or_else(|_| format!("127.0.0.1:{}", std::env::var("TOLLGATE_KAFKA_PORT").unwrap_or_else(|_| "9092".into())))
+    std::env::var("TOLLGATE_TEST_KAFKA").unwrap_or_else(|_| {
+        format!("127.0.0.1:{}", std::env::var("TOLLGATE_KAFKA_PORT").unwrap_or_else(|_| "9092".into()))
+    })
 }
 
 /// ClickHouse HTTP URL of the local stack.
 pub fn clickhouse() -> String {
-    std::env::var("TOLLGATE_TEST_CLICKHOUSE").unwrap_or_else(|_| format!("http://127.0.0.1:{}", std::env::var("TOLLGATE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into())))
+    std::env::var("TOLLGATE_TEST_CLICKHOUSE").unwrap_or_else(|_| {
+        format!("http://127.0.0.1:{}", std::env::var("TOLLGATE_CH_HTTP_PORT").unwrap_or_else(|_| "8123".into()))
+    })
 }
 
 /// The repository root.
@@ -83,7 +87,11 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        let child = cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Self { name: name.to_owned(), child, log }
     }
 
@@ -124,9 +132,13 @@ impl Drop for Proc {
 
 /// Creates a topic on the local broker.
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", kafka()).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", kafka()).create().unwrap();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-    let res = admin.create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await.unwrap();
+    let res = admin
+        .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .unwrap();
     for r in res {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
@@ -134,7 +146,13 @@ pub async fn create_topic(name: &str, partitions: i32) {
 
 /// A producer to the local broker (acks=all).
 pub fn producer() -> FutureProducer {
-    ClientConfig::new().set("bootstrap.servers", kafka()).set("acks", "all").set("enable.idempotence", "true").set("linger.ms", "5").create().unwrap()
+    ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
 }
 
 /// Produces `payloads` to `topic` with `key`, waiting for every acknowledgement.
@@ -150,7 +168,13 @@ pub async fn produce_all(producer: &FutureProducer, topic: &str, items: &[(Strin
                     break;
                 }
                 Err((e, r)) => {
-                    assert!(matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)), "produce: {e}");
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)
+                        ),
+                        "produce: {e}"
+                    );
                     record = r;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -225,7 +249,15 @@ pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> 
 pub fn start_ingest(dir: &Path, name: &str, config: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
-    Proc::spawn(name, Command::new(bin("tollgate-ingest")).arg("run").arg("--config").arg(&cfg).env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())), dir.join(format!("{name}.log")))
+    Proc::spawn(
+        name,
+        Command::new(bin("tollgate-ingest"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())),
+        dir.join(format!("{name}.log")),
+    )
 }
 
 /// Starts `tollgate-edge run` with `config`; waits until it listens. Returns the process and
@@ -236,10 +268,19 @@ pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net
     std::fs::write(&cfg, config).unwrap();
     let proc = Proc::spawn(
         name,
-        Command::new(bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())),
+        Command::new(bin("tollgate-edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())),
         dir.join(format!("{name}.log")),
     );
-    let ok = wait_until(Duration::from_secs(20), || async { std::fs::metadata(&ready).map(|m| m.len() > 0).unwrap_or(false) }).await;
+    let ok = wait_until(Duration::from_secs(20), || async {
+        std::fs::metadata(&ready).map(|m| m.len() > 0).unwrap_or(false)
+    })
+    .await;
     assert!(ok, "edge did not start:\n{}", proc.log_tail());
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
     let listen = v["listen"].as_str().unwrap().parse().unwrap();
@@ -306,7 +347,10 @@ impl PrivateClickHouse {
         let mut ch = Self { dir, http_port: free_port(), tcp_port: free_port(), proc: None };
         let template = std::fs::read_to_string(repo_root().join("scripts/stack/clickhouse-config.xml")).unwrap();
         let d = ch.dir.path().display().to_string();
-        let config = template.replace("@DIR@", &d).replace("@HTTP_PORT@", &ch.http_port.to_string()).replace("@TCP_PORT@", &ch.tcp_port.to_string());
+        let config = template
+            .replace("@DIR@", &d)
+            .replace("@HTTP_PORT@", &ch.http_port.to_string())
+            .replace("@TCP_PORT@", &ch.tcp_port.to_string());
         std::fs::create_dir_all(ch.dir.path().join("log")).unwrap();
         std::fs::write(ch.dir.path().join("config.xml"), config).unwrap();
         std::fs::copy(repo_root().join("scripts/stack/clickhouse-users.xml"), ch.dir.path().join("users.xml")).unwrap();

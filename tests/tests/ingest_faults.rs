@@ -9,7 +9,11 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tollgate_e2e::*;
 
 async fn count_final(url: &str, db: &str) -> u64 {
-    try_ch(url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    try_ch(url, &format!("SELECT count() FROM {db}.api_calls FINAL"))
+        .await
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// kill -9 in the middle of a stream, restart: no event lost, none counted twice.
@@ -48,7 +52,13 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_counts_nothing_twice() {
     assert_eq!(count_final(&url, &db).await, 40_000);
     assert_eq!(ch_u64(&url, &format!("SELECT count() FROM {db}.api_calls_unique")).await, 40_000);
     assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 40_000);
-    let per_consumer = ch(&url, &format!("SELECT consumer_id, count() FROM {db}.api_calls FINAL GROUP BY consumer_id ORDER BY consumer_id FORMAT TSV")).await;
+    let per_consumer = ch(
+        &url,
+        &format!(
+            "SELECT consumer_id, count() FROM {db}.api_calls FINAL GROUP BY consumer_id ORDER BY consumer_id FORMAT TSV"
+        ),
+    )
+    .await;
     let mut want = std::collections::BTreeMap::<&str, u64>::new();
     for (key, _) in first.iter().chain(&second) {
         *want.entry(key.as_str()).or_default() += 1;
@@ -102,9 +112,19 @@ async fn poison_messages_go_to_the_dlq_and_the_partition_keeps_flowing() {
         let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("DLQ message").unwrap();
         let headers = msg.headers().expect("DLQ headers");
         let header = |name: &str| {
-            headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
         };
-        seen.push((msg.payload().unwrap().to_vec(), header("tollgate-error"), header("tollgate-source-offset"), header("tollgate-source-topic")));
+        seen.push((
+            msg.payload().unwrap().to_vec(),
+            header("tollgate-error"),
+            header("tollgate-source-offset"),
+            header("tollgate-source-topic"),
+        ));
     }
     assert_eq!(seen[0].0, b"{\"not\": \"avro\"}".to_vec());
     assert!(seen[0].1.contains("bad magic"), "{}", seen[0].1);
@@ -118,10 +138,14 @@ async fn poison_messages_go_to_the_dlq_and_the_partition_keeps_flowing() {
     assert!(ingest.terminate(Duration::from_secs(15)));
     assert_eq!(count_final(&url, &db).await, 10);
     // Everything, poison included, is committed.
-    let check: BaseConsumer = ClientConfig::new().set("bootstrap.servers", kafka()).set("group.id", &group).create().unwrap();
+    let check: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", kafka()).set("group.id", &group).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&topic, 0);
-    let committed = tokio::task::spawn_blocking(move || check.committed_offsets(tpl, Duration::from_secs(10))).await.unwrap().unwrap();
+    let committed = tokio::task::spawn_blocking(move || check.committed_offsets(tpl, Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(committed.find_partition(&topic, 0).unwrap().offset(), Offset::Offset(13));
     let _ = ch(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
@@ -145,8 +169,16 @@ async fn clickhouse_down_then_up_all_events_arrive_once() {
     produce_all(&p, &topic, &encoded_events(5_000, &["a", "b"])).await;
     // Let ingest fail and retry for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(ingest.child.try_wait().unwrap().is_none(), "ingest exited while ClickHouse was down:\n{}", ingest.log_tail());
-    assert!(ingest.log_tail().contains("ClickHouse insert failed"), "no failed insert was logged:\n{}", ingest.log_tail());
+    assert!(
+        ingest.child.try_wait().unwrap().is_none(),
+        "ingest exited while ClickHouse was down:\n{}",
+        ingest.log_tail()
+    );
+    assert!(
+        ingest.log_tail().contains("ClickHouse insert failed"),
+        "no failed insert was logged:\n{}",
+        ingest.log_tail()
+    );
     private.resume().await;
 
     let all = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 10_000 }).await;

@@ -99,17 +99,27 @@ async fn thousand_requests_one_row_each_counts_match_the_client() {
         *want.entry((consumer, outcome.to_owned(), *status)).or_default() += n;
     }
     assert!(want.keys().any(|(c, o, _)| c == "initech" && o == "rate_limited"), "the burst was not limited: {want:?}");
-    assert_eq!(echo.requests.load(std::sync::atomic::Ordering::Relaxed), tally.by_status.iter().filter(|((_, s), _)| *s == 200).map(|(_, n)| n).sum::<u64>());
+    assert_eq!(
+        echo.requests.load(std::sync::atomic::Ordering::Relaxed),
+        tally.by_status.iter().filter(|((_, s), _)| *s == 200).map(|(_, n)| n).sum::<u64>()
+    );
 
     let arrived = wait_until(Duration::from_secs(60), || async {
-        try_ch(&ch_url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.map(|s| s.trim() == "1000").unwrap_or(false)
+        try_ch(&ch_url, &format!("SELECT count() FROM {db}.api_calls FINAL"))
+            .await
+            .map(|s| s.trim() == "1000")
+            .unwrap_or(false)
     })
     .await;
     assert!(arrived, "not all events arrived; ingest log:\n{}\nedge log:\n{}", ingest.log_tail(), edge.log_tail());
 
     // Exactly one row per request: raw rows (without FINAL) too, and the ids are the ones the client got.
     assert_eq!(ch_u64(&ch_url, &format!("SELECT count() FROM {db}.api_calls")).await, 1000);
-    let ids: BTreeSet<String> = ch(&ch_url, &format!("SELECT toString(event_id) FROM {db}.api_calls FORMAT TSV")).await.lines().map(str::to_owned).collect();
+    let ids: BTreeSet<String> = ch(&ch_url, &format!("SELECT toString(event_id) FROM {db}.api_calls FORMAT TSV"))
+        .await
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let client_ids: BTreeSet<String> = tally.request_ids.iter().map(|(id, _, _)| id.clone()).collect();
     assert_eq!(ids.len(), 1000);
     assert_eq!(ids, client_ids);

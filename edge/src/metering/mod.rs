@@ -8,8 +8,8 @@
 pub mod producer;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -89,7 +89,8 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let start = Instant::now();
     let start_time_us = now_us();
     let event_id = Uuid::now_v7();
-    let traceparent = req.headers().get("traceparent").filter(|v| v.to_str().ok().and_then(parse_traceparent).is_some()).cloned();
+    let traceparent =
+        req.headers().get("traceparent").filter(|v| v.to_str().ok().and_then(parse_traceparent).is_some()).cloned();
     let trace_id = traceparent
         .as_ref()
         .and_then(|v| v.to_str().ok().and_then(parse_traceparent))
@@ -167,10 +168,10 @@ impl HttpBody for CountingBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -284,6 +285,6 @@ mod tests {
     fn user_agent_truncation_respects_char_boundaries() {
         let s = "é".repeat(200);
         let t = truncate(&s, MAX_USER_AGENT);
-        assert!(t.len() <= MAX_USER_AGENT && t.len() % 2 == 0);
+        assert!(t.len() <= MAX_USER_AGENT && t.len().is_multiple_of(2));
     }
 }

@@ -3,14 +3,14 @@
 //! broker outages (`message.timeout.ms`, default here 5 minutes); when it is full the task
 //! waits, so back-pressure lands on the bounded event queue, never on requests.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tollgate_schemas::{ApiCall, Encoder};
 
@@ -40,13 +40,29 @@ impl ProducerContext for DeliveryCounter {
     }
 }
 
+/// The running producer task.
+pub struct ProducerTask {
+    task: JoinHandle<()>,
+    close: oneshot::Sender<()>,
+}
+
+impl ProducerTask {
+    /// Stops taking new events (senders still alive, e.g. in connections that outlived the
+    /// shutdown grace, see their events dropped and counted), produces what is queued,
+    /// flushes librdkafka and waits for the task.
+    pub async fn close(self) -> Result<(), tokio::task::JoinError> {
+        let _ = self.close.send(());
+        self.task.await
+    }
+}
+
 /// Starts the producer task. Returns the queue's sender and the task; the task ends, after
-/// flushing librdkafka, once every sender is dropped.
+/// flushing librdkafka, when every sender is dropped or [`ProducerTask::close`] is called.
 pub fn start(
     cfg: &KafkaConfig,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
-) -> Result<(mpsc::Sender<ApiCall>, JoinHandle<()>), KafkaError> {
+) -> Result<(mpsc::Sender<ApiCall>, ProducerTask), KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("acks", "all")
@@ -62,8 +78,9 @@ pub fn start(
     let encoder = Encoder::new().map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let topic = cfg.topic.clone();
-    let task = tokio::spawn(run(producer, encoder, topic, rx, metrics, flush_timeout));
-    Ok((tx, task))
+    let (close, close_rx) = oneshot::channel();
+    let task = tokio::spawn(run(producer, encoder, topic, rx, close_rx, metrics, flush_timeout));
+    Ok((tx, ProducerTask { task, close }))
 }
 
 async fn run(
@@ -71,11 +88,24 @@ async fn run(
     encoder: Encoder,
     topic: String,
     mut rx: mpsc::Receiver<ApiCall>,
+    mut close: oneshot::Receiver<()>,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
 ) {
     let mut buf = Vec::with_capacity(512);
-    while let Some(call) = rx.recv().await {
+    loop {
+        let call = tokio::select! {
+            biased;
+            // After close, recv() still yields what is queued, then None.
+            _ = &mut close, if !close.is_terminated() => {
+                rx.close();
+                continue;
+            }
+            call = rx.recv() => match call {
+                Some(call) => call,
+                None => break,
+            },
+        };
         metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
         buf.clear();
         if let Err(e) = encoder.encode_into(&call, &mut buf) {
