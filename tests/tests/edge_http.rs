@@ -1,0 +1,220 @@
+//! The edge's HTTP behaviour against a real echo upstream, and the events it emits for each
+//! kind of answer (read back from Kafka and decoded with the shared schema).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message};
+use tollgate_e2e::*;
+use tollgate_schemas::{ApiCall, Decoder, Outcome};
+
+fn sha(k: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(k.as_bytes()))
+}
+
+fn config(topic: &str, upstream: std::net::SocketAddr, dead: u16) -> String {
+    format!(
+        r#"
+[edge]
+instance_id = "edge-http"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[kafka]
+brokers = "{kafka}"
+topic = "{topic}"
+[[routes]]
+id = "echo"
+path_prefix = "/echo"
+upstream = "http://{upstream}"
+timeout_ms = 300
+[[routes]]
+id = "readonly"
+path_prefix = "/ro"
+methods = ["GET"]
+upstream = "http://{upstream}"
+[[routes]]
+id = "public"
+path_prefix = "/public"
+upstream = "http://{upstream}/base"
+strip_prefix = true
+auth = "none"
+[[routes]]
+id = "dead"
+path_prefix = "/dead"
+upstream = "http://127.0.0.1:{dead}"
+[plans.one]
+rate_per_second = 1
+burst = 1
+[plans.big]
+rate_per_second = 10000
+[[consumers]]
+id = "acme"
+plan = "big"
+keys = [{{ id = "acme-1", sha256 = "{a}" }}, {{ id = "acme-2", sha256 = "{a2}" }}]
+[[consumers]]
+id = "tiny"
+plan = "one"
+keys = [{{ id = "tiny-1", sha256 = "{t}" }}]
+"#,
+        kafka = kafka(),
+        a = sha("key-acme"),
+        a2 = sha("key-acme-rotated"),
+        t = sha("key-tiny"),
+    )
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: serde_json::Value,
+}
+
+async fn call(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = http::Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client.request(b.body(Full::new(Bytes::from_static(b"hello"))).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    Answer { status, headers, body }
+}
+
+fn problem(a: &Answer, status: u16, slug: &str) {
+    assert_eq!(a.status, status, "{:?}", a.body);
+    assert_eq!(a.headers["content-type"], "application/problem+json");
+    assert_eq!(a.body["type"], format!("https://tollgate.dev/problems/{slug}"));
+    assert_eq!(a.body["status"], status);
+    assert!(a.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_problems_forwards_cleanly_and_meters_every_call() {
+    let dir = TempDir::new("e2e_edge_http");
+    let topic = unique("edge_http");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, dead)).await;
+    let mut expect: HashMap<String, (u16, Outcome, Option<&str>, Option<&str>)> = HashMap::new();
+    let mut note = |a: &Answer, outcome, consumer, route| {
+        let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
+        expect.insert(id, (a.status, outcome, consumer, route));
+    };
+
+    // Forwarded: credentials stripped, edge headers set, client's x-consumer-id overwritten.
+    let a = call(addr, "POST", "/echo/a?q=1", &[("x-api-key", "key-acme"), ("x-consumer-id", "spoofed")]).await;
+    assert_eq!(a.status, 200);
+    let h = &a.body["headers"];
+    assert_eq!(h["x-consumer-id"], "acme");
+    assert!(h.get("x-api-key").is_none() && h.get("authorization").is_none(), "{h}");
+    assert_eq!(h["x-request-id"].as_str().unwrap(), a.headers["x-request-id"].to_str().unwrap());
+    assert_eq!(a.body["path"], "/echo/a");
+    assert_eq!(a.body["query"], "q=1");
+    assert_eq!(a.body["body_bytes"], 5);
+    assert!(h["traceparent"].as_str().unwrap().starts_with("00-"));
+    note(&a, Outcome::Forwarded, Some("acme"), Some("echo"));
+
+    // A rotated second key works too; Bearer works.
+    let a = call(addr, "GET", "/echo/b", &[("authorization", "Bearer key-acme-rotated")]).await;
+    assert_eq!(a.status, 200);
+    note(&a, Outcome::Forwarded, Some("acme"), Some("echo"));
+
+    // 401: missing, wrong, two credentials; never echoing the credential.
+    for headers in
+        [vec![], vec![("x-api-key", "key-nope")], vec![("x-api-key", "key-acme"), ("authorization", "Bearer key-acme")]]
+    {
+        let a = call(addr, "GET", "/echo/c", &headers).await;
+        problem(&a, 401, "unauthenticated");
+        assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"tollgate\"");
+        assert!(!a.body.to_string().contains("key-"), "{}", a.body);
+        note(&a, Outcome::Unauthenticated, None, Some("echo"));
+    }
+
+    // 404 and 405.
+    let a = call(addr, "GET", "/nowhere", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 404, "no-route");
+    note(&a, Outcome::NoRoute, None, None);
+    let a = call(addr, "DELETE", "/ro/x", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 405, "method-not-allowed");
+    assert_eq!(a.headers["allow"], "GET");
+    note(&a, Outcome::NoRoute, None, None);
+
+    // 429 with Retry-After once the burst of 1 is used.
+    let a = call(addr, "GET", "/echo/d", &[("x-api-key", "key-tiny")]).await;
+    assert_eq!(a.status, 200);
+    note(&a, Outcome::Forwarded, Some("tiny"), Some("echo"));
+    let a = call(addr, "GET", "/echo/d", &[("x-api-key", "key-tiny")]).await;
+    problem(&a, 429, "rate-limited");
+    assert_eq!(a.headers["retry-after"], "1");
+    note(&a, Outcome::RateLimited, Some("tiny"), Some("echo"));
+
+    // 504 after the route's 300 ms; 502 when nothing listens.
+    let a = call(addr, "GET", "/echo/slow?delay_ms=2000", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 504, "upstream-timeout");
+    note(&a, Outcome::UpstreamTimeout, Some("acme"), Some("echo"));
+    let a = call(addr, "GET", "/dead/x", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 502, "upstream-error");
+    note(&a, Outcome::UpstreamError, Some("acme"), Some("dead"));
+
+    // Upstream statuses pass through as forwarded calls.
+    let a = call(addr, "GET", "/echo/e?status=503", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(a.status, 503);
+    note(&a, Outcome::Forwarded, Some("acme"), Some("echo"));
+
+    // Public route: no credential needed, prefix stripped onto the upstream base path.
+    let a = call(addr, "GET", "/public/f", &[]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["path"], "/base/f");
+    assert!(a.body["headers"].get("x-consumer-id").is_none());
+    note(&a, Outcome::Forwarded, None, Some("public"));
+
+    // Every call is one event with what the client saw.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let decoder = Decoder::new().unwrap();
+    let mut events: HashMap<String, ApiCall> = HashMap::new();
+    while events.len() < expect.len() {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("event").unwrap();
+        let e = decoder.decode(msg.payload().unwrap()).unwrap();
+        assert_eq!(msg.key().unwrap(), e.kafka_key().as_bytes());
+        events.insert(e.event_id.to_string(), e);
+    }
+    for (id, (status, outcome, consumer, route)) in &expect {
+        let e = events.get(id).unwrap_or_else(|| panic!("no event for {id}"));
+        assert_eq!(
+            (e.status, e.outcome, e.consumer_id.as_deref(), e.route_id.as_deref()),
+            (*status, *outcome, *consumer, *route),
+            "{e:?}"
+        );
+        assert_eq!(e.edge_id, "edge-http");
+        assert_eq!(e.client_ip, "127.0.0.1");
+        assert_eq!(e.upstream_latency_us.is_some(), *outcome == Outcome::Forwarded, "{e:?}");
+    }
+    let slow = events.values().find(|e| e.outcome == Outcome::UpstreamTimeout).unwrap();
+    assert!(slow.latency_us >= 300_000, "{slow:?}");
+    let posted = events.values().find(|e| e.method == "POST").unwrap();
+    assert_eq!(posted.request_bytes, 5);
+    assert!(posted.response_bytes > 0);
+
+    // Admin endpoints.
+    let health = call(admin, "GET", "/healthz", &[]).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
