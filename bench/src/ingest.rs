@@ -201,7 +201,7 @@ pub async fn run(ch_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
     }
     let (c, i, e, s) = (median(&mut consume), median(&mut insert), median(&mut startup), median(&mut sustained));
     println!("\nmedian of {runs} runs, {n} events:");
-    println!("  baseline consume-only (rdkafka, no work)   {c:>10.0} events/s");
+    println!("  baseline consume-only (same consumer)     {c:>10.0} events/s");
     println!("  baseline decode+insert-only (no Kafka)     {i:>10.0} events/s");
     println!("  tollgate-ingest, sustained (10 %..90 %)    {s:>10.0} events/s");
     println!("  tollgate-ingest, start to first rows       {e:>10.1} s (group join, migrations, first batch)");
