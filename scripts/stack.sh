@@ -51,13 +51,17 @@ cmd_install() { install_clickhouse; install_chdb; install_tansu; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-wait_for() { # name, seconds, command...
-    local name=$1 secs=$2; shift 2
+wait_for() { # name, pidfile, log, seconds, command...
+    local name=$1 pidf=$2 logf=$3 secs=$4; shift 4
     local deadline=$((SECONDS + secs))
     until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || die "$name not ready after ${secs}s (logs under $STACK)"
+        pid_alive "$pidf" || { tail -5 "$logf" >&2; die "$name exited during start-up (log: $logf)"; }
+        [ $SECONDS -lt $deadline ] || die "$name not ready after ${secs}s (log: $logf)"
         sleep 0.2
     done
+    # Something else may answer on the port while ours failed to bind: check ours still runs.
+    sleep 0.5
+    pid_alive "$pidf" || { tail -5 "$logf" >&2; die "$name exited during start-up; is the port taken by another process? (log: $logf)"; }
 }
 
 ch_ready() { curl -sf "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" | grep -q 1; }
@@ -73,7 +77,7 @@ start_clickhouse() {
     log "starting ClickHouse on 127.0.0.1:$CH_HTTP_PORT"
     nohup clickhouse-server --config-file="$dir/config.xml" >"$dir/log/stdout.log" 2>&1 &
     echo $! > "$dir/pid"
-    wait_for ClickHouse 60 ch_ready
+    wait_for ClickHouse "$dir/pid" "$dir/log/clickhouse-server.err.log" 60 ch_ready
 }
 
 start_tansu() {
@@ -86,7 +90,7 @@ start_tansu() {
         --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
         --storage-engine "$TANSU_STORAGE" >"$dir/tansu.log" 2>&1) &
     echo $! > "$dir/pid"
-    wait_for Tansu 60 kafka_ready
+    wait_for Tansu "$dir/pid" "$dir/tansu.log" 60 kafka_ready
 }
 
 create_topics() {
