@@ -28,6 +28,48 @@ struct Raw {
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
     consumers: Vec<RawConsumer>,
+    #[serde(default)]
+    spool: RawSpool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    #[serde(default = "default_spool_dir")]
+    dir: String,
+    #[serde(default = "default_spool_max_bytes")]
+    max_bytes: u64,
+    #[serde(default = "default_fsync")]
+    fsync: String,
+    #[serde(default = "default_fsync_interval_ms")]
+    fsync_interval_ms: u64,
+}
+
+impl Default for RawSpool {
+    fn default() -> Self {
+        Self {
+            dir: default_spool_dir(),
+            max_bytes: default_spool_max_bytes(),
+            fsync: default_fsync(),
+            fsync_interval_ms: default_fsync_interval_ms(),
+        }
+    }
+}
+
+fn default_spool_dir() -> String {
+    "tollgate-spool".to_owned()
+}
+fn default_spool_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_fsync() -> String {
+    "interval".to_owned()
+}
+fn default_fsync_interval_ms() -> u64 {
+    100
+}
+fn default_message_timeout_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +110,8 @@ struct RawKafka {
     topic: String,
     #[serde(default = "default_queue_capacity")]
     queue_capacity: usize,
+    #[serde(default = "default_message_timeout_ms")]
+    message_timeout_ms: u64,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -154,6 +198,7 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Plan>,
     pub consumers: Vec<Consumer>,
+    pub spool: crate::metering::spool::SpoolConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +209,8 @@ pub struct KafkaConfig {
     pub topic: String,
     /// Events buffered between the request path and the producer.
     pub queue_capacity: usize,
+    /// How long librdkafka keeps trying one message before it is spooled.
+    pub message_timeout: Duration,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -249,6 +296,27 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
     if raw.kafka.queue_capacity == 0 {
         return Err(err("kafka.queue_capacity".into(), "must be at least 1".into()));
     }
+
+    if raw.kafka.message_timeout_ms < 1_000 {
+        return Err(err("kafka.message_timeout_ms".into(), "must be at least 1000".into()));
+    }
+    let message_timeout = Duration::from_millis(raw.kafka.message_timeout_ms);
+    if raw.spool.dir.trim().is_empty() {
+        return Err(err("spool.dir".into(), "must not be empty".into()));
+    }
+    if raw.spool.max_bytes < 1 << 20 {
+        return Err(err("spool.max_bytes".into(), "must be at least 1048576 (1 MiB)".into()));
+    }
+    let fsync = match raw.spool.fsync.as_str() {
+        "always" => crate::metering::spool::FsyncPolicy::Always,
+        "interval" if raw.spool.fsync_interval_ms > 0 => {
+            crate::metering::spool::FsyncPolicy::Interval(Duration::from_millis(raw.spool.fsync_interval_ms))
+        }
+        "interval" => return Err(err("spool.fsync_interval_ms".into(), "must be at least 1".into())),
+        other => return Err(err("spool.fsync".into(), format!("`{other}` is not one of always, interval"))),
+    };
+    let spool =
+        crate::metering::spool::SpoolConfig { dir: raw.spool.dir.into(), max_bytes: raw.spool.max_bytes, fsync };
 
     let mut plans = HashMap::new();
     for (name, p) in raw.plans {
@@ -356,11 +424,13 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
             brokers: raw.kafka.brokers,
             topic: raw.kafka.topic,
             queue_capacity: raw.kafka.queue_capacity,
+            message_timeout,
             properties: raw.kafka.properties,
         },
         routes,
         plans,
         consumers,
+        spool,
     })
 }
 

@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::metering::spool::SpoolStats;
 
 /// Label used for requests that matched no route.
 pub const NO_ROUTE: &str = "(none)";
@@ -15,10 +18,15 @@ pub struct Metrics {
     /// Per route (last entry: no route) and status class 1xx..5xx.
     requests: Vec<[AtomicU64; 5]>,
     pub events_enqueued: AtomicU64,
+    /// Dropped because the edge's event queue was full (spool drops are in the spool stats).
     pub events_dropped: AtomicU64,
     pub events_produced: AtomicU64,
-    pub events_failed: AtomicU64,
+    pub events_delivery_failed: AtomicU64,
+    pub events_replayed: AtomicU64,
+    pub events_unencodable: AtomicU64,
     pub events_queued_now: AtomicU64,
+    pub spool_segments_replayed: AtomicU64,
+    pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
 
 impl Metrics {
@@ -62,24 +70,51 @@ impl Metrics {
                 );
             }
         }
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let spool = self.spool.get();
+        let spool_load = |f: fn(&SpoolStats) -> &AtomicU64| spool.map_or(0, |s| load(f(s)));
+        let dropped = load(&self.events_dropped) + spool_load(|s| &s.dropped) + load(&self.events_unencodable);
         let counters = [
-            ("tollgate_edge_events_enqueued_total", "Events handed to the producer queue.", &self.events_enqueued),
+            (
+                "tollgate_edge_events_enqueued_total",
+                "Events handed to the producer queue.",
+                load(&self.events_enqueued),
+            ),
             (
                 "tollgate_edge_events_dropped_total",
-                "Events dropped because the producer queue was full.",
-                &self.events_dropped,
+                "Events lost: edge queue full, spool full or failing, or unencodable. Must stay 0.",
+                dropped,
             ),
-            ("tollgate_edge_events_produced_total", "Events acknowledged by Kafka (acks=all).", &self.events_produced),
             (
-                "tollgate_edge_events_failed_total",
-                "Events that Kafka did not acknowledge or that could not be encoded.",
-                &self.events_failed,
+                "tollgate_edge_events_produced_total",
+                "Events acknowledged by Kafka (acks=all).",
+                load(&self.events_produced),
+            ),
+            (
+                "tollgate_edge_events_delivery_failed_total",
+                "Deliveries Kafka did not acknowledge in time; each was spooled.",
+                load(&self.events_delivery_failed),
+            ),
+            ("tollgate_edge_events_spooled_total", "Events written to the on-disk spool.", spool_load(|s| &s.spooled)),
+            (
+                "tollgate_edge_events_replayed_total",
+                "Spooled events acknowledged by Kafka on replay.",
+                load(&self.events_replayed),
+            ),
+            (
+                "tollgate_edge_spool_corrupt_total",
+                "Spool records lost to a torn segment tail.",
+                spool_load(|s| &s.corrupt),
             ),
         ];
         for (name, help, value) in counters {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_spool_bytes Bytes in the on-disk spool.\n# TYPE tollgate_edge_spool_bytes gauge\ntollgate_edge_spool_bytes {}",
+            spool_load(|s| &s.bytes)
+        );
         let _ = writeln!(
             out,
             "# HELP tollgate_edge_events_queued Events waiting in the producer queue.\n# TYPE tollgate_edge_events_queued gauge\ntollgate_edge_events_queued {}",

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
 use crate::metrics::Metrics;
 use crate::{Gateway, PeerAddr, admin, app, auth, proxy, routing};
@@ -31,7 +32,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
 
     let metrics = Arc::new(Metrics::new(cfg.routes.iter().map(|r| r.id.as_str())));
     let (events_tx, producer_task) = if cfg.kafka.enabled {
-        let (tx, task) = producer::start(&cfg.kafka, Arc::clone(&metrics), cfg.shutdown_grace)?;
+        let spool = Spool::open(&cfg.spool)?;
+        let _ = metrics.spool.set(Arc::clone(spool.stats()));
+        let (tx, task) = producer::start(&cfg.kafka, spool, Arc::clone(&metrics), cfg.shutdown_grace)?;
         (Some(tx), Some(task))
     } else {
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
@@ -108,7 +111,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
     tracing::info!(
         produced = metrics.events_produced.load(std::sync::atomic::Ordering::Relaxed),
         dropped = metrics.events_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        failed = metrics.events_failed.load(std::sync::atomic::Ordering::Relaxed),
+        delivery_failed = metrics.events_delivery_failed.load(std::sync::atomic::Ordering::Relaxed),
         "edge stopped"
     );
     Ok(())

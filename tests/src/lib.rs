@@ -132,8 +132,13 @@ impl Drop for Proc {
 
 /// Creates a topic on the local broker.
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&kafka(), name, partitions).await;
+}
+
+/// Creates a topic on the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", kafka()).create().unwrap();
+        ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let res = admin
         .create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
@@ -236,12 +241,17 @@ pub async fn start_echo() -> (std::net::SocketAddr, Arc<tollgate_demo::upstream:
 
 /// An ingest process for `topic` writing to `database`.
 pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> String {
+    ingest_config_on(&kafka(), topic, database, group, ch_url)
+}
+
+/// Like [`ingest_config`], for the broker at `brokers`.
+pub fn ingest_config_on(brokers: &str, topic: &str, database: &str, group: &str, ch_url: &str) -> String {
     format!(
         "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ndlq_topic = \"{topic}.dlq\"\ngroup_id = \"{group}\"\ninstance_id = \"{group}-0\"\n\
          [clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{database}\"\n\
          [batch]\nmax_rows = 2000\nmax_wait_ms = 200\n\
          [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n",
-        kafka()
+        brokers
     )
 }
 
@@ -265,6 +275,10 @@ pub fn start_ingest(dir: &Path, name: &str, config: &str) -> Proc {
 pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net::SocketAddr, std::net::SocketAddr) {
     let cfg = dir.join(format!("{name}.toml"));
     let ready = dir.join(format!("{name}.ready"));
+    let mut config = config.to_owned();
+    if !config.contains("[spool]") {
+        config.push_str(&format!("\n[spool]\ndir = \"{}\"\n", dir.join(format!("{name}-spool")).display()));
+    }
     std::fs::write(&cfg, config).unwrap();
     let proc = Proc::spawn(
         name,
@@ -401,4 +415,48 @@ pub fn encoded_events(n: usize, consumers: &[&str]) -> Vec<(String, Vec<u8>)> {
             (c.to_owned(), enc.encode(&e).unwrap())
         })
         .collect()
+}
+
+/// A Tansu broker of a test's own (for tests that stop it), SQLite storage in a temporary
+/// directory so that its data survives a restart.
+pub struct PrivateBroker {
+    pub dir: TempDir,
+    pub addr: String,
+    proc: Option<Proc>,
+}
+
+impl PrivateBroker {
+    pub async fn start() -> Self {
+        let mut b = Self { dir: TempDir::new("tansu"), addr: format!("127.0.0.1:{}", free_port()), proc: None };
+        b.resume().await;
+        b
+    }
+
+    /// (Re)starts the broker on the same port and data.
+    pub async fn resume(&mut self) {
+        let url = format!("tcp://{}", self.addr);
+        let mut cmd = Command::new("tansu");
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ])
+        .current_dir(self.dir.path());
+        self.proc =
+            Some(Proc::spawn("tansu", &mut cmd, self.dir.path().join(format!("tansu-{}.log", rand::random::<u16>()))));
+        let addr = self.addr.clone();
+        let up = wait_until(Duration::from_secs(30), || async { std::net::TcpStream::connect(&addr).is_ok() }).await;
+        assert!(up, "private Tansu did not start");
+    }
+
+    /// Stops the broker (SIGTERM, SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10));
+        }
+    }
 }

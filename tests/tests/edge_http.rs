@@ -106,7 +106,8 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     let (upstream, _) = start_echo().await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, dead)).await;
-    let mut expect: HashMap<String, (u16, Outcome, Option<&str>, Option<&str>)> = HashMap::new();
+    type Expected<'a> = (u16, Outcome, Option<&'a str>, Option<&'a str>);
+    let mut expect: HashMap<String, Expected<'_>> = HashMap::new();
     let mut note = |a: &Answer, outcome, consumer, route| {
         let id = a.headers["x-request-id"].to_str().unwrap().to_owned();
         expect.insert(id, (a.status, outcome, consumer, route));

@@ -145,7 +145,8 @@ async fn thousand_requests_one_row_each_counts_match_the_client() {
     assert_eq!(bad, 0);
 
     assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
-    assert_eq!(metric(admin, "tollgate_edge_events_failed_total").await, 0);
+    assert_eq!(metric(admin, "tollgate_edge_events_delivery_failed_total").await, 0);
+    assert_eq!(metric(admin, "tollgate_edge_events_spooled_total").await, 0);
     assert_eq!(metric(admin, "tollgate_edge_events_produced_total").await, 1000);
 
     assert!(edge.terminate(Duration::from_secs(15)), "edge did not stop on SIGTERM");

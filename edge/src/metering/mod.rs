@@ -6,6 +6,7 @@
 //! `tollgate_edge_events_dropped_total`.
 
 pub mod producer;
+pub mod spool;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,65 +1,89 @@
 //! The Kafka producer task: drains the event queue, encodes Avro single-object messages and
-//! hands them to librdkafka (acks=all, idempotent). librdkafka's own queue absorbs short
-//! broker outages (`message.timeout.ms`, default here 5 minutes); when it is full the task
-//! waits, so back-pressure lands on the bounded event queue, never on requests.
+//! hands them to librdkafka (acks=all, idempotent). Nothing here waits on Kafka:
+//! - librdkafka's queue full → the event goes to the on-disk [`Spool`];
+//! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
+//!   delivery callback puts the message in the spool;
+//! - a replay task sends closed spool segments back, oldest first, whenever the broker answers
+//!   a metadata request, and deletes a segment once every record in it was acknowledged or
+//!   spooled again.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Message};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tollgate_schemas::{ApiCall, Encoder};
 
+use super::spool::{self, Spool};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 
-/// Counts delivery reports (runs on librdkafka's polling thread).
-pub struct DeliveryCounter {
+/// Delivery opaque of a live event.
+const LIVE: usize = 0;
+/// Delivery opaque of a replayed spool record.
+const REPLAY: usize = 1;
+
+/// Counts delivery reports and spools failed messages (runs on librdkafka's polling thread).
+pub struct Delivery {
     metrics: Arc<Metrics>,
+    spool: Spool,
+    /// Replayed records whose delivery report has not arrived yet.
+    replay_pending: AtomicU64,
 }
 
-impl ClientContext for DeliveryCounter {}
+impl ClientContext for Delivery {}
 
-impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, origin: usize) {
         match result {
             Ok(_) => {
                 self.metrics.events_produced.fetch_add(1, Ordering::Relaxed);
+                if origin == REPLAY {
+                    self.metrics.events_replayed.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err((e, msg)) => {
-                self.metrics.events_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, partition = msg.partition(), "event delivery failed");
+                self.metrics.events_delivery_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "event delivery failed; spooling it");
+                self.spool.append(msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
             }
+        }
+        if origin == REPLAY {
+            self.replay_pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
-/// The running producer task.
+type KafkaProducer = ThreadedProducer<Delivery>;
+
+/// The running producer and replay tasks.
 pub struct ProducerTask {
     task: JoinHandle<()>,
+    replay: JoinHandle<()>,
     close: oneshot::Sender<()>,
 }
 
 impl ProducerTask {
     /// Stops taking new events (senders still alive, e.g. in connections that outlived the
     /// shutdown grace, see their events dropped and counted), produces what is queued,
-    /// flushes librdkafka and waits for the task.
+    /// flushes librdkafka; what Kafka did not take by then is spooled for the next start.
     pub async fn close(self) -> Result<(), tokio::task::JoinError> {
+        self.replay.abort();
         let _ = self.close.send(());
         self.task.await
     }
 }
 
-/// Starts the producer task. Returns the queue's sender and the task; the task ends, after
-/// flushing librdkafka, when every sender is dropped or [`ProducerTask::close`] is called.
+/// Starts the producer and replay tasks. Returns the queue's sender and the tasks.
 pub fn start(
     cfg: &KafkaConfig,
+    spool: Spool,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
 ) -> Result<(mpsc::Sender<ApiCall>, ProducerTask), KafkaError> {
@@ -68,27 +92,30 @@ pub fn start(
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "300000")
+        .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
         .set("queue.buffering.max.messages", "200000");
     for (k, v) in &cfg.properties {
         cc.set(k, v);
     }
-    let producer: ThreadedProducer<DeliveryCounter> =
-        cc.create_with_context(DeliveryCounter { metrics: Arc::clone(&metrics) })?;
+    let context = Delivery { metrics: Arc::clone(&metrics), spool: spool.clone(), replay_pending: AtomicU64::new(0) };
+    let producer: Arc<KafkaProducer> = Arc::new(cc.create_with_context(context)?);
     let encoder = Encoder::new().map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
-    let topic = cfg.topic.clone();
     let (close, close_rx) = oneshot::channel();
-    let task = tokio::spawn(run(producer, encoder, topic, rx, close_rx, metrics, flush_timeout));
-    Ok((tx, ProducerTask { task, close }))
+    let topic = cfg.topic.clone();
+    let replay = tokio::spawn(replay(Arc::clone(&producer), spool.clone(), topic.clone(), Arc::clone(&metrics)));
+    let task = tokio::spawn(run(producer, encoder, topic, rx, close_rx, spool, metrics, flush_timeout));
+    Ok((tx, ProducerTask { task, replay, close }))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
-    producer: ThreadedProducer<DeliveryCounter>,
+    producer: Arc<KafkaProducer>,
     encoder: Encoder,
     topic: String,
     mut rx: mpsc::Receiver<ApiCall>,
     mut close: oneshot::Receiver<()>,
+    spool: Spool,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
 ) {
@@ -109,34 +136,120 @@ async fn run(
         metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
         buf.clear();
         if let Err(e) = encoder.encode_into(&call, &mut buf) {
-            metrics.events_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.events_unencodable.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "cannot encode event");
             continue;
         }
         let key = call.kafka_key();
-        loop {
-            let record = BaseRecord::to(&topic).key(key).payload(&buf);
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err((e, _)) => {
-                    metrics.events_failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "cannot enqueue event");
-                    break;
-                }
+        let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&buf);
+        if let Err((e, _)) = producer.send(record) {
+            // Queue full (Kafka slow or down) or any other refusal: the disk takes it.
+            if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
+                tracing::warn!(error = %e, "producer refused an event; spooling it");
             }
+            spool.append(key.as_bytes(), &buf);
         }
     }
     let flushed = tokio::task::spawn_blocking(move || {
         let result = producer.flush(flush_timeout);
-        (result, producer.in_flight_count())
+        if result.is_err() {
+            // Fail what is still queued so the delivery callback spools it, then let the
+            // callbacks run.
+            producer.purge(PurgeConfig::default().queue().inflight());
+            let _ = producer.flush(Duration::from_secs(1));
+        }
+        result
     })
     .await;
     match flushed {
-        Ok((Ok(()), _)) => tracing::info!("event producer flushed"),
-        Ok((Err(e), left)) => tracing::error!(error = %e, in_flight = left, "event producer flush incomplete"),
+        Ok(Ok(())) => tracing::info!("event producer flushed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete; the rest was spooled"),
         Err(e) => tracing::error!(error = %e, "event producer flush task failed"),
+    }
+}
+
+/// Replays closed spool segments, oldest first, while the broker answers.
+async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metrics: Arc<Metrics>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let next = match tokio::task::spawn_blocking({
+            let spool = spool.clone();
+            move || spool.oldest_closed()
+        })
+        .await
+        {
+            Ok(Ok(Some(seg))) => seg,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot list spool segments");
+                continue;
+            }
+            Err(_) => return,
+        };
+        // Only replay when the broker answers: otherwise every record would wait out the
+        // message timeout and be spooled again.
+        let probe = Arc::clone(&producer);
+        let topic_probe = topic.clone();
+        let reachable = tokio::task::spawn_blocking(move || {
+            probe.client().fetch_metadata(Some(&topic_probe), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !reachable {
+            continue;
+        }
+        let (seq, path) = next;
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || spool::read_segment(&path)
+        })
+        .await;
+        let (records, lost) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, segment = seq, "cannot read spool segment");
+                continue;
+            }
+            Err(_) => return,
+        };
+        if lost > 0 {
+            spool.stats().corrupt.fetch_add(lost, Ordering::Relaxed);
+            tracing::error!(segment = seq, "spool segment has a torn tail; the record there is lost");
+        }
+        let context = producer.context();
+        for r in &records {
+            context.replay_pending.fetch_add(1, Ordering::Relaxed);
+            let mut record = BaseRecord::with_opaque_to(&topic, REPLAY).key(&r.key[..]).payload(&r.payload[..]);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((e, _)) => {
+                        // Not sent: keep it in the spool by writing it again.
+                        tracing::warn!(error = %e, "replay refused; spooling the record again");
+                        context.replay_pending.fetch_sub(1, Ordering::Relaxed);
+                        spool.append(&r.key, &r.payload);
+                        break;
+                    }
+                }
+            }
+        }
+        // Every record is now acknowledged or spooled again by the delivery callback.
+        while context.replay_pending.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(segment = seq, records = records.len(), "spool segment replayed");
+        metrics.spool_segments_replayed.fetch_add(1, Ordering::Relaxed);
+        let remove = tokio::task::spawn_blocking({
+            let spool = spool.clone();
+            move || spool.remove(&path)
+        })
+        .await;
+        if !matches!(remove, Ok(Ok(()))) {
+            tracing::error!(segment = seq, "cannot delete a replayed spool segment; it will be replayed again");
+        }
     }
 }

@@ -1,0 +1,415 @@
+//! The on-disk spool: where events go when Kafka cannot take them (librdkafka's queue is full,
+//! or a delivery failed after `message.timeout.ms`), so that no event is lost while Kafka is
+//! slow or down. A replay task sends them back, oldest first, once Kafka accepts messages.
+//!
+//! Layout: a directory of segment files `<seq>.spool`, each a sequence of records
+//! `[u32 LE body length][u32 LE CRC-32 of body][body = u16 LE key length, key, payload]`.
+//! One writer thread appends (so file I/O never runs on the async runtime), rotates the
+//! segment once it is non-empty and 1 s old (or 8 MiB), and fsyncs per [`FsyncPolicy`].
+//! Closed segments are replayed and deleted only after every record in them was acknowledged
+//! by Kafka or written to the spool again. The spool is bounded by `spool.max_bytes`; when
+//! full, new events are dropped and counted.
+//!
+//! What a `kill -9` can lose: with `fsync = "always"`, nothing that was spooled; with
+//! `"interval"` (default), spooled records of the last `fsync_interval_ms`. Events still in
+//! memory (the edge's queue, librdkafka's queue) are lost in both cases.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+/// When the writer calls fsync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every write batch (each wake-up of the writer thread).
+    Always,
+    /// At most this long after a write.
+    Interval(Duration),
+}
+
+/// Spool settings.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub fsync: FsyncPolicy,
+}
+
+const SEGMENT_MAX_BYTES: u64 = 8 << 20;
+const SEGMENT_MAX_AGE: Duration = Duration::from_secs(1);
+const HEADER: usize = 8;
+const MAX_RECORD: usize = 16 << 20;
+
+/// One spooled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+}
+
+/// Counters shared with metrics.
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// Records written to the spool.
+    pub spooled: AtomicU64,
+    /// Records dropped because the spool was full or its disk failed.
+    pub dropped: AtomicU64,
+    /// Bytes in segment files (closed and current).
+    pub bytes: AtomicU64,
+    /// Records found corrupt (torn tail after a crash) and skipped.
+    pub corrupt: AtomicU64,
+}
+
+/// The appending side, cheap to clone; usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Spool {
+    tx: mpsc::SyncSender<Record>,
+    stats: Arc<SpoolStats>,
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Held while the writer rotates, so the replayer never reads a segment being written.
+    closed: Arc<Mutex<()>>,
+}
+
+/// Why the spool cannot start.
+#[derive(Debug, thiserror::Error)]
+#[error("spool directory {dir}: {source}")]
+pub struct SpoolError {
+    pub dir: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:020}.spool"))
+}
+
+/// Sorted (seq, path) of the segment files in `dir`.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let seq = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".spool"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(seq) = seq {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn encode_record(key: &[u8], payload: &[u8], out: &mut Vec<u8>) {
+    let key_len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+    let key = &key[..usize::from(key_len)];
+    let body_len = 2 + key.len() + payload.len();
+    let start = out.len();
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Reads a segment's records. A torn or corrupt tail ends the segment; the count of records
+/// lost that way is returned (1 when the tail is unreadable).
+pub fn read_segment(path: &Path) -> std::io::Result<(Vec<Record>, u64)> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let mut records = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let Some(record) = decode_one(&mut rest) else {
+            return Ok((records, 1));
+        };
+        records.push(record);
+    }
+    Ok((records, 0))
+}
+
+fn decode_one(rest: &mut &[u8]) -> Option<Record> {
+    if rest.len() < HEADER {
+        return None;
+    }
+    let len = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().ok()?);
+    if !(2..=MAX_RECORD).contains(&len) || rest.len() < HEADER + len {
+        return None;
+    }
+    let body = &rest[HEADER..HEADER + len];
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let key_len = usize::from(u16::from_le_bytes([body[0], body[1]]));
+    if 2 + key_len > body.len() {
+        return None;
+    }
+    let record = Record { key: body[2..2 + key_len].to_vec(), payload: body[2 + key_len..].to_vec() };
+    *rest = &rest[HEADER + len..];
+    Some(record)
+}
+
+impl Spool {
+    /// Opens (creating) the directory and starts the writer thread. Segments left by a
+    /// previous run are kept for replay; the new run writes after them.
+    pub fn open(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
+        let err = |source| SpoolError { dir: cfg.dir.display().to_string(), source };
+        fs::create_dir_all(&cfg.dir).map_err(err)?;
+        let existing = segments(&cfg.dir).map_err(err)?;
+        let stats = Arc::new(SpoolStats::default());
+        let mut total = 0;
+        for (_, p) in &existing {
+            total += fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        }
+        stats.bytes.store(total, Ordering::Relaxed);
+        // Probe that the directory is writable now rather than at the first outage.
+        let probe = cfg.dir.join(".probe");
+        fs::write(&probe, b"ok").map_err(err)?;
+        let _ = fs::remove_file(&probe);
+        let next_seq = existing.last().map_or(0, |(s, _)| s + 1);
+        let (tx, rx) = mpsc::sync_channel(16_384);
+        let closed = Arc::new(Mutex::new(()));
+        let writer = Writer {
+            dir: cfg.dir.clone(),
+            fsync: cfg.fsync,
+            stats: Arc::clone(&stats),
+            next_seq,
+            current: None,
+            closed: Arc::clone(&closed),
+        };
+        std::thread::Builder::new().name("tollgate-spool".into()).spawn(move || writer.run(rx)).map_err(err)?;
+        Ok(Self { tx, stats, dir: cfg.dir.clone(), max_bytes: cfg.max_bytes, closed })
+    }
+
+    /// Hands a record to the writer thread without waiting. Returns false (and counts a
+    /// drop) when the spool is full.
+    pub fn append(&self, key: &[u8], payload: &[u8]) -> bool {
+        let size = (HEADER + 2 + key.len() + payload.len()) as u64;
+        if self.stats.bytes.load(Ordering::Relaxed) + size > self.max_bytes {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        match self.tx.try_send(Record { key: key.to_vec(), payload: payload.to_vec() }) {
+            Ok(()) => true,
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<SpoolStats> {
+        &self.stats
+    }
+
+    /// The oldest closed segment (not being written), if any.
+    pub fn oldest_closed(&self) -> std::io::Result<Option<(u64, PathBuf)>> {
+        let _guard = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        let segs = segments(&self.dir)?;
+        // The writer's current segment has a `.open` marker file beside it.
+        Ok(segs.into_iter().find(|(seq, _)| !self.dir.join(format!("{seq:020}.open")).exists()))
+    }
+
+    /// Deletes a replayed segment.
+    pub fn remove(&self, path: &Path) -> std::io::Result<()> {
+        let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        fs::remove_file(path)?;
+        self.stats.bytes.fetch_sub(len.min(self.stats.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// True when no record is on disk or waiting for the writer.
+    pub fn is_empty(&self) -> bool {
+        self.stats.bytes.load(Ordering::Relaxed) == 0
+    }
+}
+
+struct Current {
+    seq: u64,
+    file: BufWriter<File>,
+    opened: Instant,
+    bytes: u64,
+    dirty_since: Option<Instant>,
+}
+
+struct Writer {
+    dir: PathBuf,
+    fsync: FsyncPolicy,
+    stats: Arc<SpoolStats>,
+    next_seq: u64,
+    current: Option<Current>,
+    closed: Arc<Mutex<()>>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Record>) {
+        let mut buf = Vec::with_capacity(64 << 10);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(first) => {
+                    buf.clear();
+                    let mut n = 1;
+                    encode_record(&first.key, &first.payload, &mut buf);
+                    while let Ok(r) = rx.try_recv() {
+                        encode_record(&r.key, &r.payload, &mut buf);
+                        n += 1;
+                        if buf.len() > 1 << 20 {
+                            break;
+                        }
+                    }
+                    if let Err(e) = self.write(&buf) {
+                        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+                        tracing::error!(error = %e, records = n, "spool write failed; events dropped");
+                        self.current = None;
+                    } else {
+                        self.stats.spooled.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.close_current();
+                    return;
+                }
+            }
+            self.maintain();
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if self.current.is_none() {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            fs::write(self.dir.join(format!("{seq:020}.open")), b"")?;
+            let file = OpenOptions::new().create(true).append(true).open(segment_path(&self.dir, seq))?;
+            self.current =
+                Some(Current { seq, file: BufWriter::new(file), opened: Instant::now(), bytes: 0, dirty_since: None });
+        }
+        let Some(cur) = self.current.as_mut() else { return Ok(()) };
+        cur.file.write_all(bytes)?;
+        cur.file.flush()?;
+        cur.bytes += bytes.len() as u64;
+        cur.dirty_since.get_or_insert_with(Instant::now);
+        self.stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        if self.fsync == FsyncPolicy::Always {
+            cur.file.get_ref().sync_data()?;
+            cur.dirty_since = None;
+        }
+        Ok(())
+    }
+
+    fn maintain(&mut self) {
+        let Some(cur) = self.current.as_mut() else { return };
+        if let (FsyncPolicy::Interval(every), Some(since)) = (self.fsync, cur.dirty_since)
+            && since.elapsed() >= every
+        {
+            if let Err(e) = cur.file.get_ref().sync_data() {
+                tracing::error!(error = %e, "spool fsync failed");
+            }
+            cur.dirty_since = None;
+        }
+        if cur.bytes >= SEGMENT_MAX_BYTES || cur.opened.elapsed() >= SEGMENT_MAX_AGE {
+            self.close_current();
+        }
+    }
+
+    fn close_current(&mut self) {
+        if let Some(mut cur) = self.current.take() {
+            let _guard = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = cur.file.flush();
+            if let Err(e) = cur.file.get_ref().sync_data() {
+                tracing::error!(error = %e, "spool fsync failed");
+            }
+            let _ = fs::remove_file(self.dir.join(format!("{:020}.open", cur.seq)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn tmp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("spool-test-{}", uuid::Uuid::now_v7()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn records_round_trip_and_a_torn_tail_is_cut() {
+        let d = tmp();
+        let mut bytes = Vec::new();
+        encode_record(b"acme", b"payload-1", &mut bytes);
+        encode_record(b"", b"payload-2", &mut bytes);
+        let full = bytes.len();
+        encode_record(b"globex", b"payload-3", &mut bytes);
+        bytes.truncate(bytes.len() - 2);
+        let p = segment_path(&d, 0);
+        fs::write(&p, &bytes).unwrap();
+        let (records, lost) = read_segment(&p).unwrap();
+        assert_eq!(
+            records,
+            vec![
+                Record { key: b"acme".to_vec(), payload: b"payload-1".to_vec() },
+                Record { key: vec![], payload: b"payload-2".to_vec() },
+            ]
+        );
+        assert_eq!(lost, 1);
+        // A flipped byte fails the CRC.
+        bytes.truncate(full);
+        bytes[12] ^= 1;
+        fs::write(&p, &bytes).unwrap();
+        assert_eq!(read_segment(&p).unwrap().0.len(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn appended_records_become_closed_segments_in_order() {
+        let d = tmp();
+        let spool =
+            Spool::open(&SpoolConfig { dir: d.clone(), max_bytes: 1 << 20, fsync: FsyncPolicy::Always }).unwrap();
+        for i in 0..100u32 {
+            assert!(spool.append(b"k", &i.to_le_bytes()));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (seq, path) = loop {
+            if let Some(s) = spool.oldest_closed().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no segment closed");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(seq, 0);
+        let (records, lost) = read_segment(&path).unwrap();
+        assert_eq!(lost, 0);
+        let got: Vec<u32> = records.iter().map(|r| u32::from_le_bytes(r.payload[..4].try_into().unwrap())).collect();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        spool.remove(&path).unwrap();
+        assert!(spool.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_full_spool_drops_and_counts() {
+        let d = tmp();
+        let spool = Spool::open(&SpoolConfig {
+            dir: d.clone(),
+            max_bytes: 100,
+            fsync: FsyncPolicy::Interval(Duration::from_millis(10)),
+        })
+        .unwrap();
+        assert!(spool.append(b"k", &[0; 50]));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!spool.append(b"k", &[0; 50]));
+        assert_eq!(spool.stats().dropped.load(Ordering::Relaxed), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
