@@ -85,6 +85,16 @@ struct RawEdge {
     shutdown_grace_ms: u64,
     #[serde(default = "default_connect_timeout_ms")]
     connect_timeout_ms: u64,
+    #[serde(default = "default_header_read_timeout_ms")]
+    header_read_timeout_ms: u64,
+    #[serde(default = "default_max_headers")]
+    max_headers: usize,
+    #[serde(default = "default_max_header_bytes")]
+    max_header_bytes: usize,
+    #[serde(default = "default_max_body_bytes")]
+    max_body_bytes: u64,
+    #[serde(default)]
+    trusted_hops: usize,
 }
 
 impl Default for RawEdge {
@@ -95,6 +105,11 @@ impl Default for RawEdge {
             admin_listen: default_admin_listen(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            max_headers: default_max_headers(),
+            max_header_bytes: default_max_header_bytes(),
+            max_body_bytes: default_max_body_bytes(),
+            trusted_hops: 0,
         }
     }
 }
@@ -167,6 +182,18 @@ fn default_admin_listen() -> String {
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
 fn default_connect_timeout_ms() -> u64 {
     2_000
 }
@@ -194,6 +221,17 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
     pub connect_timeout: Duration,
+    /// A client must send the whole request head within this time, or is disconnected.
+    pub header_read_timeout: Duration,
+    /// More header fields than this: 431.
+    pub max_headers: usize,
+    /// A request head larger than this: 431.
+    pub max_header_bytes: usize,
+    /// A request body larger than this: 413.
+    pub max_body_bytes: u64,
+    /// Proxies in front of the edge whose `X-Forwarded-For` entries are trusted (0: use the
+    /// TCP peer).
+    pub trusted_hops: usize,
     pub kafka: KafkaConfig,
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Plan>,
@@ -297,6 +335,16 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         return Err(err("kafka.queue_capacity".into(), "must be at least 1".into()));
     }
 
+    if raw.edge.header_read_timeout_ms == 0 {
+        return Err(err("edge.header_read_timeout_ms".into(), "must be at least 1".into()));
+    }
+    let header_read_timeout = Duration::from_millis(raw.edge.header_read_timeout_ms);
+    if !(1..=1000).contains(&raw.edge.max_headers) {
+        return Err(err("edge.max_headers".into(), "must be between 1 and 1000".into()));
+    }
+    if raw.edge.max_header_bytes < 1024 {
+        return Err(err("edge.max_header_bytes".into(), "must be at least 1024".into()));
+    }
     if raw.kafka.message_timeout_ms < 1_000 {
         return Err(err("kafka.message_timeout_ms".into(), "must be at least 1000".into()));
     }
@@ -419,6 +467,11 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         admin_listen,
         shutdown_grace: Duration::from_millis(raw.edge.shutdown_grace_ms),
         connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
+        header_read_timeout,
+        max_headers: raw.edge.max_headers,
+        max_header_bytes: raw.edge.max_header_bytes,
+        max_body_bytes: raw.edge.max_body_bytes,
+        trusted_hops: raw.edge.trusted_hops,
         kafka: KafkaConfig {
             enabled: raw.kafka.enabled,
             brokers: raw.kafka.brokers,

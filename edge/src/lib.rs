@@ -3,7 +3,7 @@
 //! to Kafka without ever making a request wait for Kafka.
 //!
 //! The request path ([`app`]) is a stack of layers, outermost first:
-//! [`metering`] → [`routing`] → [`auth`] → [`limit`] → [`proxy::forward`].
+//! [`metering`] → [`hygiene`] → [`routing`] → [`auth`] → [`limit`] → [`proxy::forward`].
 //! Refusals are RFC 9457 problem documents built in one place ([`problem`]). Each layer
 //! reports what it learned (route, consumer, outcome) to metering through [`CallInfo`] in the
 //! response extensions.
@@ -11,6 +11,8 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod forwarded;
+pub mod hygiene;
 pub mod limit;
 pub mod metering;
 pub mod metrics;
@@ -38,6 +40,10 @@ pub struct Gateway {
     pub client: proxy::HttpClient,
     pub events: metering::EventSink,
     pub metrics: Arc<metrics::Metrics>,
+    /// See `edge.trusted_hops`.
+    pub trusted_hops: usize,
+    /// See `edge.max_body_bytes`.
+    pub max_body_bytes: u64,
 }
 
 /// The TCP peer of the connection, put in every request's extensions by the server.
@@ -75,12 +81,14 @@ pub fn app(gw: Arc<Gateway>) -> axum::Router {
     use axum::middleware::from_fn_with_state;
     axum::Router::new()
         .fallback(proxy::forward)
-        // 4. Per-consumer rate limit: after auth, so unauthenticated floods create no state.
+        // 5. Per-consumer rate limit: after auth, so unauthenticated floods create no state.
         .layer(from_fn_with_state(Arc::clone(&gw), limit::layer))
-        // 3. Authentication: needs the route (public or not); strips credentials.
+        // 4. Authentication: needs the route (public or not); strips credentials.
         .layer(from_fn_with_state(Arc::clone(&gw), auth::layer))
-        // 2. Routing: first, so 404s are cheap and everything after knows the route.
+        // 3. Routing: early, so 404s are cheap and everything after knows the route.
         .layer(from_fn_with_state(Arc::clone(&gw), routing::layer))
+        // 2. Framing checks: refuse smuggling-prone requests before anything acts on them.
+        .layer(from_fn_with_state(Arc::clone(&gw), hygiene::layer))
         // 1. Metering: outermost, so every call — refused ones too — becomes an event
         //    with the real latency and byte counts.
         .layer(from_fn_with_state(Arc::clone(&gw), metering::layer))

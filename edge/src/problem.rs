@@ -99,6 +99,16 @@ impl Problem {
         )
     }
 
+    pub fn payload_too_large(limit: u64) -> Self {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Content Too Large",
+            Outcome::BadRequest,
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::BAD_REQUEST, "bad-request", "Bad Request", Outcome::BadRequest, detail)
     }

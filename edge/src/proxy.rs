@@ -4,6 +4,7 @@
 //! authenticated consumer, never the client's), `x-forwarded-*` and `traceparent`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -97,7 +98,13 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let consumer = req.extensions().get::<Arc<Identity>>().map(|i| Arc::clone(&i.consumer_id));
     let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
     let original_host = crate::request_host(&req);
+    let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > gw.max_body_bytes) {
+        return Problem::payload_too_large(gw.max_body_bytes).into_response();
+    }
     let (mut parts, body) = req.into_parts();
+    let over_limit = Arc::new(AtomicBool::new(false));
+    let body = Body::new(LimitedBody { inner: body, left: gw.max_body_bytes, over: Arc::clone(&over_limit) });
 
     let uri = match upstream_uri(&route, parts.uri.path(), parts.uri.query()) {
         Ok(u) => u,
@@ -114,8 +121,18 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if let Some(c) = consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
         headers.insert(CONSUMER_ID, c);
     }
-    if let Some(ip) = peer.and_then(|ip| HeaderValue::from_str(&ip.to_string()).ok()) {
-        headers.insert("x-forwarded-for", ip);
+    // Behind trusted proxies the chain is kept and extended; otherwise whatever the client
+    // claimed is replaced by the address it connected from.
+    if let Some(peer) = peer {
+        let chain = if gw.trusted_hops > 0 {
+            let prior: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+            if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) }
+        } else {
+            peer.to_string()
+        };
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            headers.insert("x-forwarded-for", v);
+        }
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
@@ -144,6 +161,9 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             tracing::warn!(route = %route.id, timeout_ms = route.timeout.as_millis() as u64, "upstream timeout");
             Problem::upstream_timeout(route.timeout.as_millis()).into_response()
         }
+        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
+            Problem::payload_too_large(gw.max_body_bytes).into_response()
+        }
         Ok(Err(e)) => {
             tracing::warn!(route = %route.id, error = %e, connect = e.is_connect(), "upstream request failed");
             Problem::upstream_unreachable().into_response()
@@ -157,6 +177,45 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             info.upstream_latency_us = Some(upstream_latency_us);
             resp
         }
+    }
+}
+
+/// A request body that fails once more than `left` bytes went through (for bodies without
+/// a `Content-Length`, which is checked before forwarding).
+struct LimitedBody {
+    inner: Body,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl http_body::Body for LimitedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let n = data.len() as u64;
+            if n > self.left {
+                self.over.store(true, Ordering::Relaxed);
+                return std::task::Poll::Ready(Some(Err(axum::Error::new("request body over edge.max_body_bytes"))));
+            }
+            self.left -= n;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -47,6 +47,8 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
         client: proxy::client(cfg.connect_timeout),
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
+        trusted_hops: cfg.trusted_hops,
+        max_body_bytes: cfg.max_body_bytes,
     });
     let router = app(Arc::clone(&gw));
     drop(gw);
@@ -66,7 +68,12 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
     tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers = cfg.consumers.len(), "edge started");
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10)).max_headers(100);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_headers)
+        .max_buf_size(cfg.max_header_bytes.max(8192));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

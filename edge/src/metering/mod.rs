@@ -98,7 +98,14 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         .unwrap_or_else(|| format!("{:032x}", rand_u128()));
     req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent });
 
-    let client_ip = req.extensions().get::<PeerAddr>().map(|p| p.0.ip().to_string()).unwrap_or_default();
+    let client_ip = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|p| crate::forwarded::client_ip(p.0.ip(), req.headers(), gw.trusted_hops));
+    if let Some(ip) = client_ip {
+        req.extensions_mut().insert(crate::forwarded::ClientIp(ip));
+    }
+    let client_ip = client_ip.map(|ip| ip.to_string()).unwrap_or_default();
     let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
         let s = String::from_utf8_lossy(v.as_bytes());
         truncate(&s, MAX_USER_AGENT).to_owned()

@@ -1,0 +1,62 @@
+//! The client's address. The TCP peer is the client unless `edge.trusted_hops` proxies stand
+//! in front of the edge; then the address those proxies appended to `X-Forwarded-For` is used:
+//! with N trusted hops, the N-th entry from the right. Entries further left are written by
+//! the client and never trusted.
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+/// The client address decided for a request, in its extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+/// The client IP for a request from `peer` with `headers`.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_hops: usize) -> IpAddr {
+    if trusted_hops == 0 {
+        return peer;
+    }
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    // The peer is the nearest trusted proxy; each further trusted proxy appended the address
+    // it received from, so the client is `trusted_hops` entries from the right.
+    entries.len().checked_sub(trusted_hops).and_then(|i| entries.get(i)).and_then(|s| s.parse().ok()).unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(xff: &[&str]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for v in xff {
+            m.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn trusted_hops_table() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let cases: &[(&[&str], usize, &str)] = &[
+            (&["6.6.6.6"], 0, "10.0.0.1"),                   // not trusted: spoofing ignored
+            (&["6.6.6.6, 203.0.113.9"], 1, "203.0.113.9"),   // LB appended the real client
+            (&["6.6.6.6", "203.0.113.9"], 1, "203.0.113.9"), // same, as two header lines
+            (&["6.6.6.6, 203.0.113.9, 10.0.0.7"], 2, "203.0.113.9"),
+            (&[], 1, "10.0.0.1"),                    // proxy sent nothing: the peer
+            (&["garbage, nonsense"], 1, "10.0.0.1"), // unparsable: the peer
+            (&["203.0.113.9"], 3, "10.0.0.1"),       // fewer entries than hops
+        ];
+        for (xff, hops, want) in cases {
+            assert_eq!(client_ip(peer, &h(xff), *hops).to_string(), *want, "{xff:?} hops={hops}");
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! HTTP hygiene at the edge, over raw sockets: request smuggling, slow headers, header and
+//! body limits, hop-by-hop headers, spoofed X-Forwarded-For.
+//!
+//! Smuggling: every case hides a second request after the first one's body, framed so that a
+//! parser disagreeing with the edge's would see it. Passing means: the edge answers 400 or
+//! answers once and closes, the hidden request is never answered, and the upstream receives at
+//! most the one request the client sent.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate_e2e::*;
+
+const KEY: &str = "key-acme";
+
+fn config(topic: &str, upstream: std::net::SocketAddr) -> String {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+    format!(
+        "[edge]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nheader_read_timeout_ms = 500\n\
+         max_headers = 50\nmax_header_bytes = 8192\nmax_body_bytes = 1000\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\n\
+         [[routes]]\nid = \"echo\"\npath_prefix = \"/echo\"\nupstream = \"http://{upstream}\"\n\
+         [plans.big]\nrate_per_second = 100000\n\
+         [[consumers]]\nid = \"acme\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{hash}\" }}]\n",
+        kafka()
+    )
+}
+
+/// Sends raw bytes and reads until the edge closes or 3 s pass. Returns (status of the first
+/// response or None, the raw answer, whether the connection was closed by the edge).
+async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> (Option<u16>, String, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut closed = false;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) if !buf.is_empty() => break,
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| text.strip_prefix("HTTP/1.0 "))
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok());
+    (status, text, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_limits_and_header_hygiene() {
+    let dir = TempDir::new("e2e_hygiene");
+    let topic = unique("hygiene");
+    create_topic(&topic, 1).await;
+    let (upstream, echo) = start_echo().await;
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream)).await;
+
+    // Request smuggling: each case is one request from the client's point of view, possibly
+    // hiding a second one. The edge answers 400 or closes, and the upstream never receives
+    // more requests than the client sent.
+    let hidden = format!("GET /echo/smuggled HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n");
+    let cases = [
+        (
+            "CL+TE",
+            format!(
+                "POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"
+            ),
+        ),
+        (
+            "TE+CL",
+            format!(
+                "POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\nContent-Length: 60\r\n\r\n0\r\n\r\n{hidden}"
+            ),
+        ),
+        (
+            "duplicate CL",
+            format!(
+                "POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 0\r\nContent-Length: 60\r\n\r\n{hidden}"
+            ),
+        ),
+        (
+            "unknown TE",
+            format!("POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: gzip\r\n\r\n{hidden}"),
+        ),
+        (
+            "TE not last chunked",
+            format!(
+                "POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n{hidden}"
+            ),
+        ),
+        (
+            "HTTP/1.0 with TE",
+            format!(
+                "POST /echo/a HTTP/1.0\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"
+            ),
+        ),
+        (
+            "space before colon",
+            format!(
+                "POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding : chunked\r\nContent-Length: 0\r\n\r\n{hidden}"
+            ),
+        ),
+    ];
+    for (name, req) in &cases {
+        let before = echo.requests.load(Ordering::SeqCst);
+        let (status, answer, closed) = raw(addr, req.as_bytes()).await;
+        let reached = echo.requests.load(Ordering::SeqCst) - before;
+        let first_line = answer.lines().next().unwrap_or("");
+        // 400, or (hyper's RFC 9112 §6.3 handling of CL+TE: chunked wins, Content-Length is
+        // dropped) one answer and the connection closed right after it.
+        assert!(status == Some(400) || closed, "{name}: got `{first_line}` and the connection stayed open\n{answer}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 ").count().max(answer.matches("HTTP/1.0 ").count()),
+            usize::from(status.is_some()),
+            "{name}: more than one response\n{answer}"
+        );
+        assert!(reached <= 1, "{name}: the upstream received {reached} requests for one");
+        assert!(!answer.contains("/echo/smuggled"), "{name}: the hidden request was answered:\n{answer}");
+    }
+
+    // Slow headers: a client that never finishes its head is disconnected after 500 ms.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /echo/slow HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 1024];
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "slow client still connected after 5 s");
+    assert!(t.elapsed() >= Duration::from_millis(400) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+    // Header limits: 431.
+    let many: String = (0..60).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let (status, _, _) =
+        raw(addr, format!("GET /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n{many}\r\n").as_bytes()).await;
+    assert_eq!(status, Some(431), "too many headers");
+    let big = "a".repeat(10_000);
+    let (status, _, _) =
+        raw(addr, format!("GET /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nx-big: {big}\r\n\r\n").as_bytes())
+            .await;
+    assert_eq!(status, Some(431), "header too large");
+
+    // Body limit: 413, declared or streamed; nothing reaches the upstream.
+    let before = echo.requests.load(Ordering::SeqCst);
+    let body = "b".repeat(2000);
+    let (status, answer, _) = raw(addr, format!("POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nContent-Length: 2000\r\nConnection: close\r\n\r\n{body}").as_bytes()).await;
+    assert_eq!(status, Some(413), "{answer}");
+    assert!(answer.contains("application/problem+json"));
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let (status, answer, _) = raw(addr, format!("POST /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunked}").as_bytes()).await;
+    assert_eq!(status, Some(413), "{answer}");
+    let _ = before;
+
+    // Hop-by-hop and Connection-named headers never reach the upstream; a spoofed
+    // X-Forwarded-For changes neither the forwarded chain nor the metered client IP.
+    let req = format!(
+        "GET /echo/h HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close, x-secret-hop\r\nx-secret-hop: 1\r\n\
+         Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nUpgrade: h2c\r\n\
+         X-Forwarded-For: 6.6.6.6\r\nx-kept: yes\r\n\r\n"
+    );
+    let (status, answer, _) = raw(addr, req.as_bytes()).await;
+    assert_eq!(status, Some(200), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let echoed: serde_json::Value = serde_json::from_str(body).unwrap();
+    let h = echoed["headers"].as_object().unwrap();
+    for gone in ["x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade", "x-api-key"] {
+        assert!(!h.contains_key(gone), "{gone} reached the upstream: {h:?}");
+    }
+    assert_eq!(h["x-kept"], "yes");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    let request_id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let decoder = tollgate_schemas::Decoder::new().unwrap();
+    let event = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("event").unwrap();
+        let e = decoder.decode(msg.payload().unwrap()).unwrap();
+        if e.event_id.to_string() == request_id {
+            break e;
+        }
+    };
+    assert_eq!(event.client_ip, "127.0.0.1");
+    assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
