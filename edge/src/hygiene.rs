@@ -55,7 +55,8 @@ mod tests {
 
     #[test]
     fn framing_table() {
-        let cases: &[(Version, &[(&str, &str)], bool)] = &[
+        type Case<'a> = (Version, &'a [(&'a str, &'a str)], bool);
+        let cases: &[Case<'_>] = &[
             (Version::HTTP_11, &[("content-length", "4")], true),
             (Version::HTTP_11, &[("transfer-encoding", "chunked")], true),
             (Version::HTTP_11, &[("transfer-encoding", "Chunked ")], true),
