@@ -62,6 +62,24 @@ impl KeyStore {
     }
 }
 
+/// Characters of generated keys (base62).
+const KEY_ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random characters in a generated key: 32 × log2(62) ≈ 190 bits.
+pub const KEY_RANDOM_CHARS: usize = 32;
+
+/// A new API key, `tg_<env>_<32 base62 chars>`: recognizable (secret scanners can match the
+/// prefix), and random from a CSPRNG.
+pub fn generate_key(env: &str) -> String {
+    use rand::Rng;
+    // ThreadRng is a CSPRNG (ChaCha) seeded from the OS; random_range has no modulo bias.
+    let mut rng = rand::rng();
+    let mut key = format!("tg_{env}_");
+    for _ in 0..KEY_RANDOM_CHARS {
+        key.push(char::from(KEY_ALPHABET[rng.random_range(0..KEY_ALPHABET.len())]));
+    }
+    key
+}
+
 /// Hex SHA-256 of a key, as the config wants it.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -167,6 +185,16 @@ mod tests {
             let got = extract(&headers(h));
             assert_eq!(got, want.clone().map(|o| o.map(str::to_owned)), "{h:?}");
         }
+    }
+
+    #[test]
+    fn generated_keys_are_prefixed_random_base62() {
+        let a = generate_key("live");
+        let b = generate_key("live");
+        assert_ne!(a, b);
+        let body = a.strip_prefix("tg_live_").unwrap();
+        assert_eq!(body.len(), KEY_RANDOM_CHARS);
+        assert!(body.bytes().all(|c| c.is_ascii_alphanumeric()), "{a}");
     }
 
     #[test]

@@ -30,6 +30,18 @@ enum Command {
     },
     /// Print the SHA-256 of an API key, as `consumers[].keys[].sha256` wants it.
     HashKey { key: String },
+    /// Generate a new API key: prints the key once, and the config entry (its hash) to add.
+    GenKey {
+        /// The consumer the key is for (only printed in the instructions).
+        #[arg(long)]
+        consumer: String,
+        /// Credential id recorded in events (e.g. `acme-2026-11`).
+        #[arg(long)]
+        key_id: String,
+        /// Environment tag in the key's prefix: `tg_<env>_…`.
+        #[arg(long, default_value = "live", value_parser = ["live", "test"])]
+        env: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -39,6 +51,15 @@ fn main() -> ExitCode {
     match cli.command {
         Command::HashKey { key } => {
             println!("{}", tollgate_edge::auth::hash_key(&key));
+            ExitCode::SUCCESS
+        }
+        Command::GenKey { consumer, key_id, env } => {
+            let key = tollgate_edge::auth::generate_key(&env);
+            println!("API key for consumer `{consumer}` (shown once; give it to the consumer now):");
+            println!("  {key}");
+            println!("Add to that consumer's `keys` in the edge config, then restart the edge:");
+            println!("  {{ id = \"{key_id}\", sha256 = \"{}\" }}", tollgate_edge::auth::hash_key(&key));
+            println!("To revoke it later, remove that entry.");
             ExitCode::SUCCESS
         }
         Command::CheckConfig { config } => match Config::load(&config, &env) {

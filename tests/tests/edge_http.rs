@@ -138,6 +138,7 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
         let a = call(addr, "GET", "/echo/c", &headers).await;
         problem(&a, 401, "unauthenticated");
         assert_eq!(a.headers["www-authenticate"], "Bearer realm=\"tollgate\"");
+        assert!(!a.headers.contains_key("x-ratelimit-limit"), "unauthenticated calls have no limiter");
         assert!(!a.body.to_string().contains("key-"), "{}", a.body);
         note(&a, Outcome::Unauthenticated, None, Some("echo"));
     }
@@ -154,10 +155,16 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     // 429 with Retry-After once the burst of 1 is used.
     let a = call(addr, "GET", "/echo/d", &[("x-api-key", "key-tiny")]).await;
     assert_eq!(a.status, 200);
+    assert_eq!(a.headers["ratelimit-policy"], "\"default\";q=1;w=1");
+    assert_eq!(a.headers["ratelimit"], "\"default\";r=0;t=1");
+    assert_eq!(a.headers["x-ratelimit-limit"], "1");
+    assert_eq!(a.headers["x-ratelimit-remaining"], "0");
     note(&a, Outcome::Forwarded, Some("tiny"), Some("echo"));
     let a = call(addr, "GET", "/echo/d", &[("x-api-key", "key-tiny")]).await;
     problem(&a, 429, "rate-limited");
     assert_eq!(a.headers["retry-after"], "1");
+    assert_eq!(a.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(a.headers["x-ratelimit-reset"], "1");
     note(&a, Outcome::RateLimited, Some("tiny"), Some("echo"));
 
     // 504 after the route's 300 ms; 502 when nothing listens.
