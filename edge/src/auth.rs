@@ -134,7 +134,8 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
         return Problem::no_route(req.uri().path()).into_response();
     };
-    match authenticate(&gw.keys, &route, req.headers()) {
+    let runtime = req.extensions().get::<Arc<crate::Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    match authenticate(&runtime.keys, &route, req.headers()) {
         Err(e) => Problem::unauthenticated(e.to_string()).into_response(),
         Ok(identity) => {
             req.headers_mut().remove(http::header::AUTHORIZATION);

@@ -31,12 +31,26 @@ use tollgate_schemas::Outcome;
 pub use config::Config;
 pub use server::serve;
 
+/// The part of the state that a config reload replaces as a whole.
+#[derive(Debug)]
+pub struct Runtime {
+    pub routes: routing::RouteTable,
+    pub keys: auth::KeyStore,
+}
+
+impl Runtime {
+    pub fn new(cfg: &Config) -> Self {
+        Self { routes: routing::RouteTable::new(&cfg.routes), keys: auth::KeyStore::new(cfg) }
+    }
+}
+
 /// State shared by the request path.
 #[derive(Debug)]
 pub struct Gateway {
     pub instance_id: String,
-    pub routes: routing::RouteTable,
-    pub keys: auth::KeyStore,
+    /// Routes, keys and limiters; swapped on reload. A request takes one snapshot and keeps it,
+    /// so in-flight requests finish with the config they started with.
+    pub runtime: std::sync::RwLock<Arc<Runtime>>,
     pub client: proxy::HttpClient,
     pub events: metering::EventSink,
     pub metrics: Arc<metrics::Metrics>,
@@ -58,6 +72,18 @@ pub struct CallInfo {
     pub credential_id: Option<Arc<str>>,
     pub outcome: Option<Outcome>,
     pub upstream_latency_us: Option<u64>,
+}
+
+impl Gateway {
+    /// The current routes and keys.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        Arc::clone(&self.runtime.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Replaces routes and keys (config reload).
+    pub fn swap_runtime(&self, runtime: Runtime) {
+        *self.runtime.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(runtime);
+    }
 }
 
 impl CallInfo {

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
             let key = tollgate_edge::auth::generate_key(&env);
             println!("API key for consumer `{consumer}` (shown once; give it to the consumer now):");
             println!("  {key}");
-            println!("Add to that consumer's `keys` in the edge config, then restart the edge:");
+            println!("Add to that consumer's `keys` in the edge config, then reload the edge (SIGHUP or save):");
             println!("  {{ id = \"{key_id}\", sha256 = \"{}\" }}", tollgate_edge::auth::hash_key(&key));
             println!("To revoke it later, remove that entry.");
             ExitCode::SUCCESS
@@ -87,7 +87,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(tollgate_edge::serve(cfg, tollgate_common::shutdown::signal(), ready_file.as_deref())) {
+            let opts = tollgate_edge::server::ServeOptions { ready_file, config_path: Some(config), env };
+            match rt.block_on(tollgate_edge::serve(cfg, tollgate_common::shutdown::signal(), opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tollgate-edge: {e:#}");

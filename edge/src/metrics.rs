@@ -26,6 +26,10 @@ pub struct Metrics {
     pub events_unencodable: AtomicU64,
     pub events_queued_now: AtomicU64,
     pub spool_segments_replayed: AtomicU64,
+    /// 1 when the last metadata request to Kafka succeeded.
+    pub kafka_reachable: std::sync::atomic::AtomicBool,
+    pub config_reloads: AtomicU64,
+    pub config_reload_failures: AtomicU64,
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
 
@@ -106,10 +110,21 @@ impl Metrics {
                 "Spool records lost to a torn segment tail.",
                 spool_load(|s| &s.corrupt),
             ),
+            ("tollgate_edge_config_reloads_total", "Config reloads applied.", load(&self.config_reloads)),
+            (
+                "tollgate_edge_config_reload_failures_total",
+                "Config reloads rejected (the running config stayed).",
+                load(&self.config_reload_failures),
+            ),
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",
+            u8::from(self.kafka_reachable.load(Ordering::Relaxed))
+        );
         let _ = writeln!(
             out,
             "# HELP tollgate_edge_spool_bytes Bytes in the on-disk spool.\n# TYPE tollgate_edge_spool_bytes gauge\ntollgate_edge_spool_bytes {}",

@@ -75,11 +75,14 @@ impl RouteTable {
 /// Layer: picks the route and puts it in the request extensions; 404/405 when none.
 pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let host = crate::request_host(&req).map(|h| normalize_host(&h)).unwrap_or_default();
-    let found = gw.routes.find(&host, req.uri().path(), req.method());
+    // One snapshot of routes and keys for the whole request, even across a reload.
+    let runtime = gw.runtime();
+    let found = runtime.routes.find(&host, req.uri().path(), req.method());
     match found {
         Ok(route) => {
             let id: Arc<str> = Arc::from(route.id.as_str());
             req.extensions_mut().insert(route);
+            req.extensions_mut().insert(Arc::clone(&runtime));
             let mut resp = next.run(req).await;
             CallInfo::of(&mut resp).route_id = Some(id);
             resp

@@ -3,9 +3,11 @@
 //! Shutdown: stop accepting, let in-flight requests finish within `edge.shutdown_grace_ms`,
 //! then close the event queue and flush the Kafka producer.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -18,11 +20,22 @@ use crate::config::Config;
 use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
 use crate::metrics::Metrics;
-use crate::{Gateway, PeerAddr, admin, app, auth, proxy, routing};
+use crate::{Gateway, PeerAddr, Runtime, admin, app, proxy};
 
-/// Runs the edge until `shutdown` completes. When `ready_file` is given, writes
-/// `{"listen": "...", "admin": "..."}` there once both ports accept connections.
-pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: Option<&Path>) -> anyhow::Result<()> {
+/// How [`serve`] is run.
+#[derive(Debug, Default, Clone)]
+pub struct ServeOptions {
+    /// Write `{"listen": "...", "admin": "..."}` here once both ports accept connections.
+    pub ready_file: Option<PathBuf>,
+    /// Reload routes, plans and consumers from this file on SIGHUP and when it changes.
+    pub config_path: Option<PathBuf>,
+    /// Environment overrides applied on reload.
+    pub env: BTreeMap<String, String>,
+}
+
+/// Runs the edge until `shutdown` completes.
+pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeOptions) -> anyhow::Result<()> {
+    let ready_file = opts.ready_file.as_deref();
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
     let admin_listener = TcpListener::bind(cfg.admin_listen)
@@ -42,8 +55,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
     };
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
-        routes: routing::RouteTable::new(&cfg.routes),
-        keys: auth::KeyStore::new(&cfg),
+        runtime: std::sync::RwLock::new(Arc::new(Runtime::new(&cfg))),
         client: proxy::client(cfg.connect_timeout),
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
@@ -51,6 +63,8 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
         max_body_bytes: cfg.max_body_bytes,
     });
     let router = app(Arc::clone(&gw));
+    let reload_task =
+        opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
     drop(gw);
 
     let admin_router = admin::app(Arc::clone(&metrics));
@@ -111,6 +125,10 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
         () = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("shutdown grace over; closing remaining connections"),
     }
     drop(router);
+    if let Some(t) = reload_task {
+        t.abort();
+        let _ = t.await;
+    }
     admin_task.abort();
     if let Some(task) = producer_task {
         task.close().await?;
@@ -122,4 +140,72 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, ready_file: 
         "edge stopped"
     );
     Ok(())
+}
+
+/// Reloads routes, plans and consumers on SIGHUP and when the file's modification time
+/// changes (checked every second). An invalid file is rejected with a log line naming the key;
+/// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
+/// the HTTP parser) are reported and ignored.
+async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTreeMap<String, String>) {
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install SIGHUP handler; reloading on file change only");
+            None
+        }
+    };
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen: Option<SystemTime> = mtime(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let trigger = tokio::select! {
+            _ = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = tick.tick() => {
+                if mtime(&path) == seen { continue; }
+                "file change"
+            }
+        };
+        seen = mtime(&path);
+        let loaded = {
+            let (path, env) = (path.clone(), env.clone());
+            tokio::task::spawn_blocking(move || Config::load(&path, &env)).await
+        };
+        match loaded {
+            Ok(Ok(next)) => {
+                let restart_only = [
+                    ("edge.listen", next.listen != current.listen),
+                    ("edge.admin_listen", next.admin_listen != current.admin_listen),
+                    ("kafka", format!("{:?}", next.kafka) != format!("{:?}", current.kafka)),
+                    ("spool", format!("{:?}", next.spool) != format!("{:?}", current.spool)),
+                    (
+                        "edge (HTTP limits, timeouts, trusted_hops)",
+                        next.header_read_timeout != current.header_read_timeout
+                            || next.max_headers != current.max_headers
+                            || next.max_header_bytes != current.max_header_bytes
+                            || next.max_body_bytes != current.max_body_bytes
+                            || next.trusted_hops != current.trusted_hops,
+                    ),
+                ];
+                for (key, changed) in restart_only {
+                    if changed {
+                        tracing::warn!(key, "config change needs a restart; ignored until then");
+                    }
+                }
+                gw.swap_runtime(Runtime::new(&next));
+                gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    trigger,
+                    routes = next.routes.len(),
+                    consumers = next.consumers.len(),
+                    "config reloaded"
+                );
+                current = next;
+            }
+            Ok(Err(e)) => {
+                gw.metrics.config_reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(trigger, error = %e, "config reload rejected; the running config stays");
+            }
+            Err(e) => tracing::error!(error = %e, "config reload task failed"),
+        }
+    }
 }

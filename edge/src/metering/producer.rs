@@ -104,6 +104,7 @@ pub fn start(
     let (close, close_rx) = oneshot::channel();
     let topic = cfg.topic.clone();
     let replay = tokio::spawn(replay(Arc::clone(&producer), spool.clone(), topic.clone(), Arc::clone(&metrics)));
+    tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics)));
     let task = tokio::spawn(run(producer, encoder, topic, rx, close_rx, spool, metrics, flush_timeout));
     Ok((tx, ProducerTask { task, replay, close }))
 }
@@ -165,6 +166,24 @@ async fn run(
         Ok(Ok(())) => tracing::info!("event producer flushed"),
         Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete; the rest was spooled"),
         Err(e) => tracing::error!(error = %e, "event producer flush task failed"),
+    }
+}
+
+/// Asks Kafka for the topic's metadata every 2 s, for `/readyz` and the metrics.
+async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>) {
+    loop {
+        let (p, t) = (Arc::clone(&producer), topic.clone());
+        let ok = tokio::task::spawn_blocking(move || {
+            p.client().fetch_metadata(Some(&t), Duration::from_millis(1500)).is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        metrics.kafka_reachable.store(ok, Ordering::Relaxed);
+        // Ends with the producer: the last Arc holder besides this task is gone.
+        if Arc::strong_count(&producer) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
 

@@ -61,6 +61,8 @@ pub struct SpoolStats {
     pub bytes: AtomicU64,
     /// Records found corrupt (torn tail after a crash) and skipped.
     pub corrupt: AtomicU64,
+    /// True while the last write failed.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 /// The appending side, cheap to clone; usable from any thread.
@@ -265,7 +267,9 @@ impl Writer {
                             break;
                         }
                     }
-                    if let Err(e) = self.write(&buf) {
+                    let written = self.write(&buf);
+                    self.stats.failing.store(written.is_err(), Ordering::Relaxed);
+                    if let Err(e) = written {
                         self.stats.dropped.fetch_add(n, Ordering::Relaxed);
                         tracing::error!(error = %e, records = n, "spool write failed; events dropped");
                         self.current = None;
