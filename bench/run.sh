@@ -3,16 +3,22 @@
 #   bench/run.sh              both benchmarks
 #   bench/run.sh ingest       ingest throughput only
 #   bench/run.sh freshness    freshness only
+#   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on), RSS
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 scripts/stack.sh up
+for tool in wrk nginx; do
+    command -v "$tool" >/dev/null 2>&1 || { sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd=sudo;
+        $sudo_cmd apt-get install -y -q "$tool" >/dev/null; }
+done
 cargo build --release --bins --quiet
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate-bench"
 case "${1:-all}" in
     ingest) "$BIN" ingest ;;
     freshness) "$BIN" freshness ;;
-    all) "$BIN" ingest; echo; "$BIN" freshness ;;
-    *) echo "usage: bench/run.sh [ingest|freshness]" >&2; exit 2 ;;
+    gateway) "$BIN" gateway ;;
+    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway]" >&2; exit 2 ;;
 esac

@@ -70,6 +70,7 @@ kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; }
 start_clickhouse() {
     local dir="$STACK/clickhouse"
     if pid_alive "$dir/pid" && ch_ready; then log "ClickHouse already running (pid $(cat "$dir/pid"))"; return; fi
+    if ch_ready; then log "ClickHouse already answers on 127.0.0.1:$CH_HTTP_PORT (not started by this checkout); using it"; return; fi
     mkdir -p "$dir/log" "$dir/data" "$dir/tmp"
     sed -e "s#@DIR@#$dir#g; s#@HTTP_PORT@#$CH_HTTP_PORT#; s#@TCP_PORT@#$CH_TCP_PORT#" \
         "$ROOT/scripts/stack/clickhouse-config.xml" > "$dir/config.xml"
@@ -83,6 +84,7 @@ start_clickhouse() {
 start_tansu() {
     local dir="$STACK/tansu"
     if pid_alive "$dir/pid" && kafka_ready; then log "Tansu already running (pid $(cat "$dir/pid"))"; return; fi
+    if kafka_ready; then log "a broker already answers on 127.0.0.1:$KAFKA_PORT (not started by this checkout); using it"; return; fi
     mkdir -p "$dir"
     log "starting Tansu on 127.0.0.1:$KAFKA_PORT ($TANSU_STORAGE)"
     (cd "$dir" && exec nohup tansu broker \

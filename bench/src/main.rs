@@ -3,6 +3,8 @@
 //!
 //! `tollgate-bench ingest`     ingest throughput into ClickHouse (Tansu on memory storage);
 //!                             baselines: Kafka consume-only and decode+insert-only rates.
+//! `tollgate-bench gateway`    requests/s and latency with wrk: direct, nginx, the edge
+//!                             with metering off and on; edge RSS with 100,000 consumers.
 //! `tollgate-bench freshness`  time from the edge's response to the row being queryable,
 //!                             at a fixed request rate through the real edge.
 //!
@@ -12,6 +14,7 @@
 
 mod common;
 mod freshness;
+mod gateway;
 mod ingest;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Gateway throughput and latency with wrk: direct, nginx, edge (metering off/on); RSS.
+    Gateway {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
     /// Freshness: edge response → row queryable in ClickHouse.
     Freshness {
         #[arg(long, default_value_t = 2_000)]
@@ -51,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Ingest { events, runs } => ingest::run(&cli.clickhouse, events, runs).await,
+        Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }
 }

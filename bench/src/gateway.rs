@@ -1,0 +1,197 @@
+//! Gateway throughput and latency with wrk, in one run, against the same upstream:
+//! direct upstream, nginx as a plain reverse proxy (worker count = the edge's threads), the
+//! edge with metering off, and the edge with API key + limits + metering (Tansu on memory
+//! storage). Then the edge's RSS with 100,000 consumers configured.
+//!
+//! wrk and nginx come from Debian (`bench/run.sh` installs them). The machine has 2 cores
+//! shared by wrk, the upstream, the proxy and (for metering) Tansu: figures are comparable
+//! with each other, not with other machines.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use sha2::Digest;
+
+use crate::common::*;
+
+const KEY: &str = "tg_bench_0123456789abcdefghijklmnopqrstuv";
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_latency(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, mult) = if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * mult)
+}
+
+fn wrk(url: &str, with_key: bool, seconds: u64, connections: u32) -> Figures {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
+    if with_key {
+        cmd.args(["-H", &format!("x-api-key: {KEY}")]);
+    }
+    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+    let pct = |p: &str| {
+        text.lines().map(str::trim).find_map(|l| l.strip_prefix(p)).and_then(parse_latency).unwrap_or(f64::NAN)
+    };
+    let non2xx = text.lines().find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:")).map(|v| v.trim().to_owned());
+    if let Some(n) = non2xx {
+        eprintln!("warning: {url}: {n} non-2xx responses");
+    }
+    Figures { rps, p50_ms: pct("50%"), p99_ms: pct("99%") }
+}
+
+fn wait_port(addr: &str) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{addr} did not open");
+}
+
+fn nginx_conf(dir: &Path, port: u16, upstream: u16, workers: usize) -> String {
+    format!(
+        "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream u {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://u;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        d = dir.display()
+    )
+}
+
+fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool: &Path, consumers: usize) -> String {
+    let mut c = String::new();
+    let _ = write!(
+        c,
+        "[edge]\ninstance_id = \"edge-bench\"\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         [kafka]\nenabled = {}\nbrokers = \"{}\"\ntopic = \"bench-gw\"\n[spool]\ndir = \"{}\"\n\
+         [[routes]]\nid = \"up\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
+         [plans.big]\nrate_per_second = 10000000\n",
+        broker.is_some(),
+        broker.unwrap_or(""),
+        spool.display()
+    );
+    let _ = write!(c, "[[consumers]]\nid = \"bench\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{}\" }}]\n", hex::encode(sha2::Sha256::digest(KEY.as_bytes())));
+    for i in 1..consumers {
+        let key = format!("tg_bench_consumer_{i:08}");
+        let _ = write!(
+            c,
+            "[[consumers]]\nid = \"c{i}\"\nplan = \"big\"\nkeys = [{{ id = \"k{i}\", sha256 = \"{}\" }}]\n",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        );
+    }
+    c
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))))
+        .unwrap_or(0)
+}
+
+fn median_of(runs: &[Figures]) -> Figures {
+    let mut r: Vec<f64> = runs.iter().map(|f| f.rps).collect();
+    let mut a: Vec<f64> = runs.iter().map(|f| f.p50_ms).collect();
+    let mut b: Vec<f64> = runs.iter().map(|f| f.p99_ms).collect();
+    Figures { rps: median(&mut r), p50_ms: median(&mut a), p99_ms: median(&mut b) }
+}
+
+pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<()> {
+    let dir = workdir("gateway");
+    for sub in ["body", "proxy", "fcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    // Upstream: the demo upstream answering 64 bytes (`?bytes=64`), in its own process.
+    let up_port = free_port();
+    let _up = spawn(Command::new(release_bin("tollgate-demo")).args(["upstream", "--listen", &format!("127.0.0.1:{up_port}")]), &dir.join("upstream.log"));
+    wait_port(&format!("127.0.0.1:{up_port}"));
+    let ng_port = free_port();
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, ng_port, up_port, threads))?;
+    let _ng = spawn(Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir), &dir.join("nginx.out"));
+    wait_port(&format!("127.0.0.1:{ng_port}"));
+    let broker = Broker::start(&dir).await;
+    broker.create_topic("bench-gw", 4).await;
+
+    let mut start_edge = |name: &str, kafka: Option<&str>| {
+        let (port, admin) = (free_port(), free_port());
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, edge_config(port, admin, up_port, kafka, &dir.join(format!("{name}-spool")), 1)).unwrap();
+        let p = spawn(Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"), &dir.join(format!("{name}.log")));
+        wait_port(&format!("127.0.0.1:{port}"));
+        (p, port)
+    };
+    let (_e1, off_port) = start_edge("edge-off", None);
+    let (_e2, on_port) = start_edge("edge-on", Some(&broker.addr));
+
+    let path = "/bench?bytes=64";
+    let targets = [
+        ("direct upstream", format!("http://127.0.0.1:{up_port}{path}"), false),
+        ("nginx reverse proxy", format!("http://127.0.0.1:{ng_port}{path}"), false),
+        ("edge, key + limits, metering off", format!("http://127.0.0.1:{off_port}{path}"), true),
+        ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), true),
+    ];
+    // Warm-up: connection pools, page cache.
+    for (_, url, key) in &targets {
+        let _ = wrk(url, *key, 2, connections);
+    }
+    let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+    for run in 0..runs {
+        // Interleaved, so drift on the shared machine hits every target alike.
+        for (i, (name, url, key)) in targets.iter().enumerate() {
+            let f = wrk(url, *key, seconds, connections);
+            println!("run {}: {name:<34} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms", run + 1, f.rps, f.p50_ms, f.p99_ms);
+            results[i].push(f);
+        }
+    }
+    let med: Vec<Figures> = results.iter().map(|r| median_of(r)).collect();
+    let nginx = med[1];
+    println!("\nmedian of {runs} runs, wrk -t1 -c{connections} -d{seconds}s, {threads} edge threads = {threads} nginx workers:");
+    println!("{:<36} {:>10} {:>9} {:>9} {:>12} {:>14}", "", "req/s", "P50 ms", "P99 ms", "vs nginx", "P99 - nginx");
+    for ((name, _, _), f) in targets.iter().zip(&med) {
+        println!("{name:<36} {:>10.0} {:>9.2} {:>9.2} {:>11.2}x {:>11.2} ms", f.rps, f.p50_ms, f.p99_ms, f.rps / nginx.rps, f.p99_ms - nginx.p99_ms);
+    }
+    println!("metering cost: {:.1} % of throughput", (1.0 - med[3].rps / med[2].rps) * 100.0);
+    println!("edge with ES256 JWT: not measured (JWT is not implemented yet)");
+
+    // RSS with 100,000 consumers.
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.join("edge-100k.toml");
+    std::fs::write(&cfg, edge_config(port, admin, up_port, Some(&broker.addr), &dir.join("spool-100k"), 100_000))?;
+    let p = spawn(Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"), &dir.join("edge-100k.log"));
+    wait_port(&format!("127.0.0.1:{port}"));
+    let idle = rss_kib(p.0.id());
+    let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), true, seconds.min(5), connections);
+    let loaded = rss_kib(p.0.id());
+    println!(
+        "edge RSS with 100,000 consumers: {:.1} MiB after start, {:.1} MiB after load (goal <= 64 MiB)",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0
+    );
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
