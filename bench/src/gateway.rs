@@ -47,11 +47,16 @@ fn wrk(url: &str, with_key: bool, seconds: u64, connections: u32) -> Figures {
     }
     let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
     let pct = |p: &str| {
         text.lines().map(str::trim).find_map(|l| l.strip_prefix(p)).and_then(parse_latency).unwrap_or(f64::NAN)
     };
-    let non2xx = text.lines().find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:")).map(|v| v.trim().to_owned());
+    let non2xx =
+        text.lines().find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:")).map(|v| v.trim().to_owned());
     if let Some(n) = non2xx {
         eprintln!("warning: {url}: {n} non-2xx responses");
     }
@@ -93,7 +98,11 @@ fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool
         broker.unwrap_or(""),
         spool.display()
     );
-    let _ = write!(c, "[[consumers]]\nid = \"bench\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{}\" }}]\n", hex::encode(sha2::Sha256::digest(KEY.as_bytes())));
+    let _ = write!(
+        c,
+        "[[consumers]]\nid = \"bench\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{}\" }}]\n",
+        hex::encode(sha2::Sha256::digest(KEY.as_bytes()))
+    );
     for i in 1..consumers {
         let key = format!("tg_bench_consumer_{i:08}");
         let _ = write!(
@@ -108,7 +117,11 @@ fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
@@ -127,20 +140,27 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     // Upstream: the demo upstream answering 64 bytes (`?bytes=64`), in its own process.
     let up_port = free_port();
-    let _up = spawn(Command::new(release_bin("tollgate-demo")).args(["upstream", "--listen", &format!("127.0.0.1:{up_port}")]), &dir.join("upstream.log"));
+    let _up = spawn(
+        Command::new(release_bin("tollgate-demo")).args(["upstream", "--listen", &format!("127.0.0.1:{up_port}")]),
+        &dir.join("upstream.log"),
+    );
     wait_port(&format!("127.0.0.1:{up_port}"));
     let ng_port = free_port();
     std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, ng_port, up_port, threads))?;
-    let _ng = spawn(Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir), &dir.join("nginx.out"));
+    let _ng =
+        spawn(Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir), &dir.join("nginx.out"));
     wait_port(&format!("127.0.0.1:{ng_port}"));
     let broker = Broker::start(&dir).await;
     broker.create_topic("bench-gw", 4).await;
 
-    let mut start_edge = |name: &str, kafka: Option<&str>| {
+    let start_edge = |name: &str, kafka: Option<&str>| {
         let (port, admin) = (free_port(), free_port());
         let cfg = dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, edge_config(port, admin, up_port, kafka, &dir.join(format!("{name}-spool")), 1)).unwrap();
-        let p = spawn(Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"), &dir.join(format!("{name}.log")));
+        let p = spawn(
+            Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"),
+            &dir.join(format!("{name}.log")),
+        );
         wait_port(&format!("127.0.0.1:{port}"));
         (p, port)
     };
@@ -163,16 +183,31 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         // Interleaved, so drift on the shared machine hits every target alike.
         for (i, (name, url, key)) in targets.iter().enumerate() {
             let f = wrk(url, *key, seconds, connections);
-            println!("run {}: {name:<34} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms", run + 1, f.rps, f.p50_ms, f.p99_ms);
+            println!(
+                "run {}: {name:<34} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms",
+                run + 1,
+                f.rps,
+                f.p50_ms,
+                f.p99_ms
+            );
             results[i].push(f);
         }
     }
     let med: Vec<Figures> = results.iter().map(|r| median_of(r)).collect();
     let nginx = med[1];
-    println!("\nmedian of {runs} runs, wrk -t1 -c{connections} -d{seconds}s, {threads} edge threads = {threads} nginx workers:");
+    println!(
+        "\nmedian of {runs} runs, wrk -t1 -c{connections} -d{seconds}s, {threads} edge threads = {threads} nginx workers:"
+    );
     println!("{:<36} {:>10} {:>9} {:>9} {:>12} {:>14}", "", "req/s", "P50 ms", "P99 ms", "vs nginx", "P99 - nginx");
     for ((name, _, _), f) in targets.iter().zip(&med) {
-        println!("{name:<36} {:>10.0} {:>9.2} {:>9.2} {:>11.2}x {:>11.2} ms", f.rps, f.p50_ms, f.p99_ms, f.rps / nginx.rps, f.p99_ms - nginx.p99_ms);
+        println!(
+            "{name:<36} {:>10.0} {:>9.2} {:>9.2} {:>11.2}x {:>11.2} ms",
+            f.rps,
+            f.p50_ms,
+            f.p99_ms,
+            f.rps / nginx.rps,
+            f.p99_ms - nginx.p99_ms
+        );
     }
     println!("metering cost: {:.1} % of throughput", (1.0 - med[3].rps / med[2].rps) * 100.0);
     println!("edge with ES256 JWT: not measured (JWT is not implemented yet)");
@@ -181,7 +216,10 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     let (port, admin) = (free_port(), free_port());
     let cfg = dir.join("edge-100k.toml");
     std::fs::write(&cfg, edge_config(port, admin, up_port, Some(&broker.addr), &dir.join("spool-100k"), 100_000))?;
-    let p = spawn(Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"), &dir.join("edge-100k.log"));
+    let p = spawn(
+        Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"),
+        &dir.join("edge-100k.log"),
+    );
     wait_port(&format!("127.0.0.1:{port}"));
     let idle = rss_kib(p.0.id());
     let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), true, seconds.min(5), connections);

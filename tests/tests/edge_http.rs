@@ -180,6 +180,22 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert_eq!(a.status, 503);
     note(&a, Outcome::Forwarded, Some("acme"), Some("echo"));
 
+    // HTTP/2 with prior knowledge (h2c) is served and forwarded like HTTP/1.1.
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = http::Request::get(format!("http://{addr}/echo/h2"))
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let a = Answer { status, headers, body };
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["path"], "/echo/h2");
+    note(&a, Outcome::Forwarded, Some("acme"), Some("echo"));
+
     // Public route: no credential needed, prefix stripped onto the upstream base path.
     let a = call(addr, "GET", "/public/f", &[]).await;
     assert_eq!(a.status, 200);
