@@ -460,3 +460,38 @@ impl PrivateBroker {
         }
     }
 }
+
+/// Hex SHA-256, as `consumers[].keys[].sha256` wants a key.
+pub fn sha256_hex(key: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// Reads `topic` from the beginning and decodes `ApiCall`s until `done` says enough (each
+/// message waited for at most 30 s). Also checks every message's key is its consumer id.
+pub async fn read_events(
+    topic: &str,
+    mut done: impl FnMut(&[tollgate_schemas::ApiCall]) -> bool,
+) -> Vec<tollgate_schemas::ApiCall> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let decoder = tollgate_schemas::Decoder::new().unwrap();
+    let mut events = Vec::new();
+    while !done(&events) {
+        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("no event within 30 s")
+            .unwrap();
+        let e = decoder.decode(msg.payload().unwrap()).unwrap();
+        assert_eq!(msg.key().unwrap(), e.kafka_key().as_bytes());
+        events.push(e);
+    }
+    events
+}

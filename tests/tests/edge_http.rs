@@ -9,15 +9,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message};
 use tollgate_e2e::*;
-use tollgate_schemas::{ApiCall, Decoder, Outcome};
-
-fn sha(k: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(k.as_bytes()))
-}
+use tollgate_schemas::{ApiCall, Outcome};
 
 fn config(topic: &str, upstream: std::net::SocketAddr, dead: u16) -> String {
     format!(
@@ -64,9 +57,9 @@ plan = "one"
 keys = [{{ id = "tiny-1", sha256 = "{t}" }}]
 "#,
         kafka = kafka(),
-        a = sha("key-acme"),
-        a2 = sha("key-acme-rotated"),
-        t = sha("key-tiny"),
+        a = sha256_hex("key-acme"),
+        a2 = sha256_hex("key-acme-rotated"),
+        t = sha256_hex("key-tiny"),
     )
 }
 
@@ -204,21 +197,9 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     note(&a, Outcome::Forwarded, None, Some("public"));
 
     // Every call is one event with what the client saw.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
-    let decoder = Decoder::new().unwrap();
-    let mut events: HashMap<String, ApiCall> = HashMap::new();
-    while events.len() < expect.len() {
-        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("event").unwrap();
-        let e = decoder.decode(msg.payload().unwrap()).unwrap();
-        assert_eq!(msg.key().unwrap(), e.kafka_key().as_bytes());
-        events.insert(e.event_id.to_string(), e);
-    }
+    let want = expect.len();
+    let events: HashMap<String, ApiCall> =
+        read_events(&topic, |e| e.len() >= want).await.into_iter().map(|e| (e.event_id.to_string(), e)).collect();
     for (id, (status, outcome, consumer, route)) in &expect {
         let e = events.get(id).unwrap_or_else(|| panic!("no event for {id}"));
         assert_eq!(

@@ -10,8 +10,6 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tollgate_e2e::*;
@@ -19,8 +17,7 @@ use tollgate_e2e::*;
 const KEY: &str = "key-acme";
 
 fn config(topic: &str, upstream: std::net::SocketAddr) -> String {
-    use sha2::Digest;
-    let hash = hex::encode(sha2::Sha256::digest(KEY.as_bytes()));
+    let hash = sha256_hex(KEY);
     format!(
         "[edge]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nheader_read_timeout_ms = 500\n\
          max_headers = 50\nmax_header_bytes = 8192\nmax_body_bytes = 1000\n\
@@ -190,21 +187,8 @@ async fn smuggling_limits_and_header_hygiene() {
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     let request_id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
 
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("reader"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
-    let decoder = tollgate_schemas::Decoder::new().unwrap();
-    let event = loop {
-        let msg = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("event").unwrap();
-        let e = decoder.decode(msg.payload().unwrap()).unwrap();
-        if e.event_id.to_string() == request_id {
-            break e;
-        }
-    };
+    let events = read_events(&topic, |e| e.iter().any(|e| e.event_id.to_string() == request_id)).await;
+    let event = events.iter().find(|e| e.event_id.to_string() == request_id).unwrap();
     assert_eq!(event.client_ip, "127.0.0.1");
     assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
     assert!(edge.terminate(Duration::from_secs(15)));

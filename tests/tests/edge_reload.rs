@@ -11,11 +11,6 @@ use hyper_util::rt::TokioExecutor;
 use tollgate_demo::traffic::{self, Caller};
 use tollgate_e2e::*;
 
-fn sha(k: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(k.as_bytes()))
-}
-
 fn config(
     topic: &str,
     upstream: std::net::SocketAddr,
@@ -31,12 +26,12 @@ fn config(
          [[consumers]]\nid = \"acme\"\nplan = \"p\"\nkeys = [{{ id = \"a\", sha256 = \"{}\" }}]\n",
         kafka(),
         spool.display(),
-        sha("key-acme")
+        sha256_hex("key-acme")
     );
     if with_globex {
         c.push_str(&format!(
             "[[consumers]]\nid = \"globex\"\nplan = \"p\"\nkeys = [{{ id = \"g\", sha256 = \"{}\" }}]\n",
-            sha("key-globex")
+            sha256_hex("key-globex")
         ));
     }
     c

@@ -16,10 +16,7 @@ async fn broker_down_during_10000_requests_all_events_arrive_once() {
     let url = clickhouse();
     create_topic_on(&broker.addr, &topic, 2).await;
     let (upstream, _) = start_echo().await;
-    let key_hash = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(b"key-acme"))
-    };
+    let key_hash = sha256_hex("key-acme");
     // Idempotence is off in this test only: Tansu 0.6's SQLite storage panics on an idempotent
     // producer's first batch after a broker restart ("more or less than one row" in
     // idempotent_message_check), after which it answers nothing. Duplicates that idempotence

@@ -8,7 +8,7 @@ use tollgate_demo::traffic::{self, Caller};
 use tollgate_e2e::*;
 
 fn edge_config(topic: &str, upstream: std::net::SocketAddr) -> String {
-    let hash = |k: &str| tollgate_e2e_hash(k);
+    let hash = sha256_hex;
     format!(
         r#"
 [edge]
@@ -45,11 +45,6 @@ keys = [{{ id = "initech-1", sha256 = "{i}" }}]
         g = hash("key-globex"),
         i = hash("key-initech"),
     )
-}
-
-fn tollgate_e2e_hash(k: &str) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(k.as_bytes()))
 }
 
 /// 1,000 requests across three consumers, a bad key and an over-limit burst: ClickHouse holds

@@ -90,12 +90,12 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let start = Instant::now();
     let start_time_us = now_us();
     let event_id = Uuid::now_v7();
-    let traceparent =
-        req.headers().get("traceparent").filter(|v| v.to_str().ok().and_then(parse_traceparent).is_some()).cloned();
-    let trace_id = traceparent
-        .as_ref()
-        .and_then(|v| v.to_str().ok().and_then(parse_traceparent))
-        .unwrap_or_else(|| format!("{:032x}", rand_u128()));
+    let client_trace =
+        req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
+    let (traceparent, trace_id) = match client_trace {
+        Some((header, id)) => (Some(header), id),
+        None => (None, format!("{:032x}", rand_u128())),
+    };
     req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent });
 
     let client_ip = req
