@@ -137,7 +137,10 @@ struct RawRoute {
     id: String,
     #[serde(default)]
     host: Option<String>,
-    path_prefix: String,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
     #[serde(default)]
     methods: Vec<String>,
     upstream: String,
@@ -268,6 +271,8 @@ pub struct Route {
     pub host: Option<String>,
     /// Starts with `/`; matches itself and anything below it at a segment boundary.
     pub path_prefix: String,
+    /// True when the route came from `path`: it matches that path only.
+    pub exact: bool,
     /// Empty: any method.
     pub methods: Vec<Method>,
     /// `scheme://authority[/base]` without query.
@@ -388,11 +393,21 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         if !route_ids.insert(r.id.clone()) {
             return Err(err(key("id"), format!("duplicate route id `{}`", r.id)));
         }
-        if !r.path_prefix.starts_with('/') {
-            return Err(err(key("path_prefix"), format!("`{}` must start with /", r.path_prefix)));
+        let (path_key, raw_path, exact) = match (r.path_prefix, r.path) {
+            (Some(p), None) => ("path_prefix", p, false),
+            (None, Some(p)) => ("path", p, true),
+            _ => {
+                return Err(err(
+                    key("path_prefix"),
+                    "set exactly one of path_prefix (prefix match) and path (exact match)".into(),
+                ));
+            }
+        };
+        if !raw_path.starts_with('/') {
+            return Err(err(key(path_key), format!("`{raw_path}` must start with /")));
         }
         let path_prefix =
-            if r.path_prefix.len() > 1 { r.path_prefix.trim_end_matches('/').to_owned() } else { r.path_prefix };
+            if !exact && raw_path.len() > 1 { raw_path.trim_end_matches('/').to_owned() } else { raw_path };
         let upstream: Uri =
             r.upstream.parse().map_err(|e| err(key("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
         if upstream.scheme_str() != Some("http") || upstream.authority().is_none() || upstream.query().is_some() {
@@ -422,6 +437,7 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
             id: r.id,
             host: r.host.map(|h| h.to_ascii_lowercase()),
             path_prefix,
+            exact,
             methods,
             upstream,
             strip_prefix: r.strip_prefix,
@@ -519,6 +535,8 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
     fn each_bad_value_names_its_key() {
         let cases = [
             ("path_prefix = \"/echo/\"", "path_prefix = \"echo\"", "routes[0].path_prefix"),
+            ("path_prefix = \"/echo/\"", "path = \"echo\"", "routes[0].path"),
+            ("path_prefix = \"/echo/\"", "path_prefix = \"/a\"\npath = \"/b\"", "exactly one of path_prefix"),
             ("upstream = \"http://127.0.0.1:8081\"", "upstream = \"ftp://x\"", "routes[0].upstream"),
             ("plan = \"free\"", "plan = \"gold\"", "consumers[0].plan"),
             ("rate_per_second = 5", "rate_per_second = 0", "plans.free.rate_per_second"),

@@ -230,6 +230,7 @@ mod tests {
             id: "r".into(),
             host: None,
             path_prefix: prefix.into(),
+            exact: false,
             methods: vec![],
             upstream: upstream.parse().unwrap(),
             strip_prefix: strip,

@@ -1,8 +1,9 @@
 //! Route matching. Precedence, highest first:
 //! 1. routes with a `host` that equals the request's host, before routes without `host`;
-//! 2. the longest `path_prefix` (prefixes match at `/` boundaries: `/v1` matches `/v1` and
-//!    `/v1/x`, never `/v1x`);
-//! 3. the order in the config file.
+//! 2. exact `path` routes before `path_prefix` routes;
+//! 3. the longest path (prefixes match at `/` boundaries: `/v1` matches `/v1` and `/v1/x`,
+//!    never `/v1x`);
+//! 4. the order in the config file.
 //!
 //! Among routes matching host and path, the first whose `methods` allow the request's method
 //! wins; when none does, the answer is 405 with `Allow`.
@@ -52,7 +53,11 @@ impl RouteTable {
         let mut routes: Vec<Arc<Route>> = routes.to_vec();
         // Stable sort keeps config order among equals.
         routes.sort_by(|a, b| {
-            b.host.is_some().cmp(&a.host.is_some()).then(b.path_prefix.len().cmp(&a.path_prefix.len()))
+            b.host
+                .is_some()
+                .cmp(&a.host.is_some())
+                .then(b.exact.cmp(&a.exact))
+                .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
         Self { routes }
     }
@@ -60,7 +65,9 @@ impl RouteTable {
     pub fn find(&self, host: &str, path: &str, method: &Method) -> Result<Arc<Route>, NoMatch> {
         let mut allowed = Vec::new();
         for route in &self.routes {
-            if route.host.as_deref().is_some_and(|h| h != host) || !prefix_matches(&route.path_prefix, path) {
+            let path_ok =
+                if route.exact { route.path_prefix == path } else { prefix_matches(&route.path_prefix, path) };
+            if route.host.as_deref().is_some_and(|h| h != host) || !path_ok {
                 continue;
             }
             if route.methods.is_empty() || route.methods.contains(method) {
@@ -103,10 +110,12 @@ mod tests {
     use std::time::Duration;
 
     fn route(id: &str, host: Option<&str>, prefix: &str, methods: &[Method]) -> Arc<Route> {
+        let exact = prefix.starts_with('=');
         Arc::new(Route {
             id: id.into(),
             host: host.map(Into::into),
-            path_prefix: prefix.into(),
+            path_prefix: prefix.trim_start_matches('=').into(),
+            exact,
             methods: methods.to_vec(),
             upstream: "http://127.0.0.1:1".parse().unwrap(),
             strip_prefix: false,
@@ -123,9 +132,12 @@ mod tests {
             route("v1-items", None, "/v1/items", &[]),
             route("v1-host", Some("api.example.com"), "/v1", &[]),
             route("get-only", None, "/ro", &[Method::GET]),
+            route("v1-exact", None, "=/v1/items/special", &[]),
         ]);
         let id = |host: &str, path: &str, m: Method| t.find(host, path, &m).map(|r| r.id.clone());
         assert_eq!(id("x", "/v1/items/3", Method::GET).unwrap(), "v1-items");
+        assert_eq!(id("x", "/v1/items/special", Method::GET).unwrap(), "v1-exact");
+        assert_eq!(id("x", "/v1/items/special/x", Method::GET).unwrap(), "v1-items");
         assert_eq!(id("x", "/v1/other", Method::GET).unwrap(), "v1");
         assert_eq!(id("api.example.com", "/v1/items", Method::GET).unwrap(), "v1-host");
         assert_eq!(id("x", "/v1x", Method::GET).unwrap(), "root");
