@@ -242,7 +242,7 @@ pub struct Config {
     pub spool: crate::metering::spool::SpoolConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     /// False: metering is off (benchmarks only); no event is produced.
     pub enabled: bool,

@@ -175,8 +175,8 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                 let restart_only = [
                     ("edge.listen", next.listen != current.listen),
                     ("edge.admin_listen", next.admin_listen != current.admin_listen),
-                    ("kafka", format!("{:?}", next.kafka) != format!("{:?}", current.kafka)),
-                    ("spool", format!("{:?}", next.spool) != format!("{:?}", current.spool)),
+                    ("kafka", next.kafka != current.kafka),
+                    ("spool", next.spool != current.spool),
                     (
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout

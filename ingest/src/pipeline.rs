@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -186,7 +185,7 @@ async fn write_batches(
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, rows = batch.rows.len(), retry_in_ms = delay.as_millis() as u64, "ClickHouse insert failed");
-                    tokio::time::sleep(delay.min(Duration::from_secs(5))).await;
+                    tokio::time::sleep(delay).await;
                 }
             }
         }

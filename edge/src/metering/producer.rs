@@ -3,8 +3,8 @@
 //! - librdkafka's queue full → the event goes to the on-disk [`Spool`];
 //! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
 //!   delivery callback puts the message in the spool;
-//! - a replay task sends closed spool segments back, oldest first, whenever the broker answers
-//!   a metadata request, and deletes a segment once every record in it was acknowledged or
+//! - a replay task sends closed spool segments back, oldest first, while the broker answers
+//!   the probe task's metadata requests (every 2 s), and deletes a segment once every record in it was acknowledged or
 //!   spooled again.
 
 use std::sync::Arc;
@@ -205,16 +205,9 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
             }
             Err(_) => return,
         };
-        // Only replay when the broker answers: otherwise every record would wait out the
-        // message timeout and be spooled again.
-        let probe = Arc::clone(&producer);
-        let topic_probe = topic.clone();
-        let reachable = tokio::task::spawn_blocking(move || {
-            probe.client().fetch_metadata(Some(&topic_probe), Duration::from_secs(2)).is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if !reachable {
+        // Only replay when the broker answers (the probe task asks every 2 s): otherwise every
+        // record would wait out the message timeout and be spooled again.
+        if !metrics.kafka_reachable.load(Ordering::Relaxed) {
             continue;
         }
         let (seq, path) = next;

@@ -31,7 +31,7 @@ pub enum FsyncPolicy {
 }
 
 /// Spool settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
     pub max_bytes: u64,
