@@ -30,6 +30,74 @@ struct Raw {
     consumers: Vec<RawConsumer>,
     #[serde(default)]
     spool: RawSpool,
+    #[serde(default)]
+    jwt: RawJwt,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    #[serde(default)]
+    issuers: Vec<RawIssuer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    id: String,
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    algorithms: Vec<String>,
+    #[serde(default = "default_consumer_claim")]
+    consumer_claim: String,
+    #[serde(default = "default_leeway_s")]
+    leeway_s: u64,
+    #[serde(default)]
+    default_plan: Option<String>,
+    #[serde(default)]
+    keys: Vec<RawJwtKey>,
+    #[serde(default)]
+    jwks_file: Option<String>,
+    #[serde(default)]
+    jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh_s")]
+    jwks_refresh_s: u64,
+    #[serde(default = "default_unknown_kid_cooldown_s")]
+    unknown_kid_cooldown_s: u64,
+    #[serde(default = "default_jwks_timeout_ms")]
+    jwks_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwtKey {
+    #[serde(default)]
+    kid: Option<String>,
+    alg: String,
+    #[serde(default)]
+    pem_file: Option<String>,
+    #[serde(default)]
+    secret_file: Option<String>,
+    #[serde(default)]
+    secret_env: Option<String>,
+}
+
+fn default_consumer_claim() -> String {
+    "sub".to_owned()
+}
+fn default_leeway_s() -> u64 {
+    60
+}
+fn default_jwks_refresh_s() -> u64 {
+    300
+}
+fn default_unknown_kid_cooldown_s() -> u64 {
+    30
+}
+fn default_jwks_timeout_ms() -> u64 {
+    2_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +226,17 @@ struct RawPlan {
     rate_per_second: u32,
     #[serde(default)]
     burst: Option<u32>,
+    /// Per-route limits of this plan, by route id, on top of the plan-wide one.
+    #[serde(default)]
+    routes: BTreeMap<String, RawRate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    rate_per_second: u32,
+    #[serde(default)]
+    burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,9 +316,45 @@ pub struct Config {
     pub trusted_hops: usize,
     pub kafka: KafkaConfig,
     pub routes: Vec<Arc<Route>>,
-    pub plans: HashMap<String, Plan>,
+    pub plans: HashMap<String, Arc<Plan>>,
     pub consumers: Vec<Consumer>,
     pub spool: crate::metering::spool::SpoolConfig,
+    pub jwt_issuers: Vec<Arc<JwtIssuer>>,
+}
+
+/// A trusted JWT issuer (`[[jwt.issuers]]`).
+#[derive(Debug, Clone)]
+pub struct JwtIssuer {
+    /// Name in config and in events' `credential_id` (`jwt:<id>`).
+    pub id: String,
+    /// The exact `iss` claim of its tokens.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name at least one.
+    pub audiences: Vec<String>,
+    /// Algorithms accepted from this issuer, fixed here: never taken from the token alone.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// Claim holding the consumer id.
+    pub consumer_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_s: u64,
+    /// Plan of consumers that are not in `consumers`; `None`: such tokens get 403.
+    pub default_plan: Option<String>,
+    /// Keys from the config (PEM files, shared secrets) and from `jwks_file` at load time.
+    pub keys: Vec<crate::auth::jwt::JwtKey>,
+    /// Where a JSON Web Key Set is (re)loaded from.
+    pub jwks: Option<JwksSource>,
+    pub jwks_refresh: Duration,
+    /// At most one JWKS fetch per this interval for tokens whose `kid` is unknown.
+    pub unknown_kid_cooldown: Duration,
+    pub jwks_timeout: Duration,
+}
+
+/// A JSON Web Key Set's location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksSource {
+    File(std::path::PathBuf),
+    /// `http://` URL.
+    Url(Uri),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,13 +370,26 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
-/// Whether a route needs a credential.
+/// Which credential a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
     /// A configured API key is required.
     ApiKey,
+    /// A JWT from a configured issuer is required.
+    Jwt,
+    /// Either an API key or a JWT.
+    ApiKeyOrJwt,
     /// Public route: no credential needed (any credential sent is still checked).
     None,
+}
+
+impl AuthMode {
+    pub fn accepts_api_key(self) -> bool {
+        matches!(self, AuthMode::ApiKey | AuthMode::ApiKeyOrJwt | AuthMode::None)
+    }
+    pub fn accepts_jwt(self) -> bool {
+        matches!(self, AuthMode::Jwt | AuthMode::ApiKeyOrJwt | AuthMode::None)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -283,10 +411,20 @@ pub struct Route {
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Plan {
+/// A GCRA rate: `rate_per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
     pub rate_per_second: NonZeroU32,
     pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    /// Limit over all of a consumer's calls.
+    pub limit: Rate,
+    /// Extra limits on single routes, by route id; a call must pass both.
+    pub routes: HashMap<String, Rate>,
 }
 
 #[derive(Debug, Clone)]
@@ -306,16 +444,35 @@ pub struct ApiKey {
 impl Config {
     pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let raw: Raw = config::load(path, ENV_PREFIX, env)?;
-        validate(raw, &path.display().to_string())
+        let base = path.parent().unwrap_or(Path::new("."));
+        validate(raw, &path.display().to_string(), base, env)
     }
 
+    /// Parses a config text; relative file paths in it are relative to the working directory.
     pub fn parse(text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let raw: Raw = config::parse(text, "<inline>", ENV_PREFIX, env)?;
-        validate(raw, "<inline>")
+        validate(raw, "<inline>", Path::new("."), env)
     }
 }
 
-fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
+fn rate(
+    rate_per_second: u32,
+    burst: Option<u32>,
+    key: &dyn Fn(&str) -> String,
+    origin: &str,
+) -> Result<Rate, ConfigError> {
+    let rate = NonZeroU32::new(rate_per_second)
+        .ok_or_else(|| ConfigError::invalid(origin, key("rate_per_second"), "must be at least 1"))?;
+    let burst = match burst {
+        None => rate,
+        Some(b) => {
+            NonZeroU32::new(b).ok_or_else(|| ConfigError::invalid(origin, key("burst"), "must be at least 1"))?
+        }
+    };
+    Ok(Rate { rate_per_second: rate, burst })
+}
+
+fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
     let err = |key: String, reason: String| ConfigError::invalid(origin, key, reason);
     let addr = |key: &str, v: &str| -> Result<SocketAddr, ConfigError> {
         v.parse().map_err(|e| err(key.to_owned(), format!("`{v}` is not an ip:port address: {e}")))
@@ -372,15 +529,16 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         crate::metering::spool::SpoolConfig { dir: raw.spool.dir.into(), max_bytes: raw.spool.max_bytes, fsync };
 
     let mut plans = HashMap::new();
+    let mut plan_routes = Vec::new();
     for (name, p) in raw.plans {
-        let key = |k: &str| format!("plans.{name}.{k}");
-        let rate = NonZeroU32::new(p.rate_per_second)
-            .ok_or_else(|| err(key("rate_per_second"), "must be at least 1".into()))?;
-        let burst = match p.burst {
-            None => rate,
-            Some(b) => NonZeroU32::new(b).ok_or_else(|| err(key("burst"), "must be at least 1".into()))?,
-        };
-        plans.insert(name, Plan { rate_per_second: rate, burst });
+        let limit = rate(p.rate_per_second, p.burst, &|k| format!("plans.{name}.{k}"), origin)?;
+        let mut routes = HashMap::new();
+        for (route, r) in p.routes {
+            let key = |k: &str| format!("plans.{name}.routes.{route}.{k}");
+            routes.insert(route.clone(), rate(r.rate_per_second, r.burst, &key, origin)?);
+            plan_routes.push((format!("plans.{name}.routes.{route}"), route));
+        }
+        plans.insert(name.clone(), Arc::new(Plan { name, limit, routes }));
     }
 
     let mut routes = Vec::new();
@@ -427,8 +585,12 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         }
         let auth = match r.auth.as_str() {
             "api_key" => AuthMode::ApiKey,
+            "jwt" => AuthMode::Jwt,
+            "api_key_or_jwt" => AuthMode::ApiKeyOrJwt,
             "none" => AuthMode::None,
-            other => return Err(err(key("auth"), format!("`{other}` is not one of api_key, none"))),
+            other => {
+                return Err(err(key("auth"), format!("`{other}` is not one of api_key, jwt, api_key_or_jwt, none")));
+            }
         };
         if r.timeout_ms == 0 {
             return Err(err(key("timeout_ms"), "must be at least 1".into()));
@@ -444,6 +606,12 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
             auth,
             timeout: Duration::from_millis(r.timeout_ms),
         }));
+    }
+
+    for (key, route) in plan_routes {
+        if !route_ids.contains(&route) {
+            return Err(err(key, format!("no route has id `{route}`")));
+        }
     }
 
     let mut consumers = Vec::new();
@@ -477,7 +645,33 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         consumers.push(Consumer { id: c.id, plan: c.plan, keys });
     }
 
+    let mut jwt_issuers = Vec::new();
+    let mut issuer_ids = HashSet::new();
+    let mut issuer_names = HashSet::new();
+    for (i, raw_issuer) in raw.jwt.issuers.into_iter().enumerate() {
+        let prefix = format!("jwt.issuers[{i}]");
+        if !issuer_ids.insert(raw_issuer.id.clone()) {
+            return Err(err(format!("{prefix}.id"), format!("duplicate issuer id `{}`", raw_issuer.id)));
+        }
+        if !issuer_names.insert(raw_issuer.issuer.clone()) {
+            return Err(err(format!("{prefix}.issuer"), format!("issuer `{}` is configured twice", raw_issuer.issuer)));
+        }
+        if raw_issuer.default_plan.as_ref().is_some_and(|p| !plans.contains_key(p)) {
+            return Err(err(
+                format!("{prefix}.default_plan"),
+                format!("unknown plan `{}`", raw_issuer.default_plan.unwrap_or_default()),
+            ));
+        }
+        jwt_issuers.push(Arc::new(validate_issuer(raw_issuer, &prefix, origin, base, env)?));
+    }
+    if jwt_issuers.is_empty()
+        && let Some(r) = routes.iter().find(|r| matches!(r.auth, AuthMode::Jwt))
+    {
+        return Err(err(format!("routes (id `{}`).auth", r.id), "`jwt` needs at least one [[jwt.issuers]]".into()));
+    }
+
     Ok(Config {
+        jwt_issuers,
         instance_id,
         listen,
         admin_listen,
@@ -500,6 +694,109 @@ fn validate(raw: Raw, origin: &str) -> Result<Config, ConfigError> {
         plans,
         consumers,
         spool,
+    })
+}
+
+fn validate_issuer(
+    r: RawIssuer,
+    prefix: &str,
+    origin: &str,
+    base: &Path,
+    env: &BTreeMap<String, String>,
+) -> Result<JwtIssuer, ConfigError> {
+    use crate::auth::jwt::{JwtKey, parse_algorithm, parse_jwks};
+    let err = |k: &str, reason: String| ConfigError::invalid(origin, format!("{prefix}.{k}"), reason);
+    let path = |p: &str| if Path::new(p).is_absolute() { p.into() } else { base.join(p) };
+    if r.id.trim().is_empty() {
+        return Err(err("id", "must not be empty".into()));
+    }
+    if r.issuer.is_empty() {
+        return Err(err("issuer", "must be the exact `iss` claim of the tokens".into()));
+    }
+    if r.audiences.is_empty() || r.audiences.iter().any(String::is_empty) {
+        return Err(err("audiences", "list at least one audience (tokens must carry one in `aud`)".into()));
+    }
+    if r.algorithms.is_empty() {
+        return Err(err("algorithms", "list the accepted algorithms, e.g. [\"ES256\"]".into()));
+    }
+    let algorithms = r
+        .algorithms
+        .iter()
+        .map(|a| parse_algorithm(a))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err("algorithms", e))?;
+    if r.consumer_claim.is_empty() {
+        return Err(err("consumer_claim", "must name a claim".into()));
+    }
+    let mut keys = Vec::new();
+    for (j, k) in r.keys.into_iter().enumerate() {
+        let kerr = |field: &str, reason: String| err(&format!("keys[{j}].{field}"), reason);
+        let alg = parse_algorithm(&k.alg).map_err(|e| kerr("alg", e))?;
+        if !algorithms.contains(&alg) {
+            return Err(kerr("alg", format!("`{}` is not in this issuer's algorithms", k.alg)));
+        }
+        let key = match (k.pem_file, k.secret_file, k.secret_env) {
+            (Some(f), None, None) => {
+                let pem = std::fs::read(path(&f)).map_err(|e| kerr("pem_file", format!("cannot read `{f}`: {e}")))?;
+                JwtKey::from_pem(k.kid, alg, &pem).map_err(|e| kerr("pem_file", format!("`{f}`: {e}")))?
+            }
+            (None, Some(f), None) => {
+                let secret =
+                    std::fs::read(path(&f)).map_err(|e| kerr("secret_file", format!("cannot read `{f}`: {e}")))?;
+                let secret = secret.trim_ascii();
+                JwtKey::from_secret(k.kid, alg, secret).map_err(|e| kerr("secret_file", e))?
+            }
+            (None, None, Some(var)) => {
+                let secret = env.get(&var).ok_or_else(|| kerr("secret_env", format!("variable `{var}` is not set")))?;
+                JwtKey::from_secret(k.kid, alg, secret.as_bytes()).map_err(|e| kerr("secret_env", e))?
+            }
+            _ => return Err(kerr("pem_file", "set exactly one of pem_file, secret_file, secret_env".into())),
+        };
+        keys.push(key);
+    }
+    let jwks = match (r.jwks_file, r.jwks_url) {
+        (None, None) => None,
+        (Some(f), None) => {
+            let p = path(&f);
+            let text = std::fs::read(&p).map_err(|e| err("jwks_file", format!("cannot read `{f}`: {e}")))?;
+            let set = parse_jwks(&text).map_err(|e| err("jwks_file", format!("`{f}`: {e}")))?;
+            keys.extend(set);
+            Some(JwksSource::File(p))
+        }
+        (None, Some(u)) => {
+            let uri: Uri = u.parse().map_err(|e| err("jwks_url", format!("`{u}` is not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(err(
+                    "jwks_url",
+                    format!("`{u}` must be an http:// URL (https is not supported yet; use jwks_file)"),
+                ));
+            }
+            Some(JwksSource::Url(uri))
+        }
+        (Some(_), Some(_)) => return Err(err("jwks_url", "set at most one of jwks_file and jwks_url".into())),
+    };
+    if keys.is_empty() && jwks.is_none() {
+        return Err(err("keys", "give the issuer's keys: keys, jwks_file or jwks_url".into()));
+    }
+    if r.jwks_refresh_s == 0 {
+        return Err(err("jwks_refresh_s", "must be at least 1".into()));
+    }
+    if r.jwks_timeout_ms == 0 {
+        return Err(err("jwks_timeout_ms", "must be at least 1".into()));
+    }
+    Ok(JwtIssuer {
+        id: r.id,
+        issuer: r.issuer,
+        audiences: r.audiences,
+        algorithms,
+        consumer_claim: r.consumer_claim,
+        leeway_s: r.leeway_s,
+        default_plan: r.default_plan,
+        keys,
+        jwks,
+        jwks_refresh: Duration::from_secs(r.jwks_refresh_s),
+        unknown_kid_cooldown: Duration::from_secs(r.unknown_kid_cooldown_s),
+        jwks_timeout: Duration::from_millis(r.jwks_timeout_ms),
     })
 }
 
@@ -527,7 +824,7 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
     fn valid_config_normalizes() {
         let c = Config::parse(BASE, &BTreeMap::new()).unwrap();
         assert_eq!(c.routes[0].path_prefix, "/echo");
-        assert_eq!(c.plans["free"].burst.get(), 5);
+        assert_eq!(c.plans["free"].limit.burst.get(), 5);
         assert_eq!(c.consumers[0].keys[0].sha256[0], 0x2c);
     }
 

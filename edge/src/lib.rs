@@ -1,4 +1,4 @@
-//! tollgate edge: a thin gateway that authenticates (API keys), rate-limits and forwards
+//! tollgate edge: a thin gateway that authenticates (API keys, JWTs), rate-limits and forwards
 //! HTTP traffic, and emits every call — rejected ones included — as an Avro `ApiCall` event
 //! to Kafka without ever making a request wait for Kafka.
 //!
@@ -36,11 +36,22 @@ pub use server::serve;
 pub struct Runtime {
     pub routes: routing::RouteTable,
     pub keys: auth::KeyStore,
+    pub jwt: auth::jwt::Verifier,
+    pub plans: std::collections::HashMap<String, Arc<config::Plan>>,
+    /// Rate limiters; a reload starts with fresh ones (full budgets).
+    pub limiters: limit::LimiterCache,
 }
 
 impl Runtime {
-    pub fn new(cfg: &Config) -> Self {
-        Self { routes: routing::RouteTable::new(&cfg.routes), keys: auth::KeyStore::new(cfg) }
+    /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
+    pub fn new(cfg: &Config, previous: Option<&Runtime>) -> Self {
+        Self {
+            routes: routing::RouteTable::new(&cfg.routes),
+            keys: auth::KeyStore::new(cfg),
+            jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt)),
+            plans: cfg.plans.clone(),
+            limiters: limit::LimiterCache::default(),
+        }
     }
 }
 

@@ -1,9 +1,17 @@
-//! Per-consumer rate limits with `governor` (GCRA). Each consumer gets one limiter, built from
-//! its plan when the config loads, so memory is bounded by the configured consumers and
-//! unauthenticated traffic creates no state. Limits are per edge replica.
+//! Rate limits with `governor` (GCRA): per consumer (the plan's `rate_per_second`/`burst`) and
+//! per consumer and route (the plan's `routes.<id>`); a call must pass both, the route's first.
+//! Limits are per edge replica.
+//!
+//! Limiters are created when a consumer first calls and live in a sharded map. Memory stays
+//! bounded by the consumers active recently: only authenticated calls create state (never an
+//! unauthenticated flood), and a limiter idle long enough to have refilled its whole burst is
+//! pruned — dropping it loses nothing, since a fresh limiter is in the same state.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -13,20 +21,22 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::Gateway;
 use crate::auth::Identity;
-use crate::config::Plan;
+use crate::config::{Rate, Route};
 use crate::problem::Problem;
+use crate::{Gateway, Runtime};
 
 type Inner = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
-/// One consumer's limiter.
+/// One limiter (a consumer, or a consumer on one route).
 #[derive(Debug)]
 pub struct Limiter {
     inner: Inner,
     clock: DefaultClock,
     rate: u32,
     burst: u32,
+    /// Milliseconds since the cache's epoch of the last check.
+    last_used_ms: AtomicU64,
 }
 
 /// The limiter's answer, enough to write the rate-limit headers.
@@ -41,13 +51,14 @@ pub struct Decision {
 }
 
 impl Limiter {
-    pub fn new(plan: &Plan) -> Self {
-        let quota = Quota::per_second(plan.rate_per_second).allow_burst(plan.burst);
+    pub fn new(rate: &Rate) -> Self {
+        let quota = Quota::per_second(rate.rate_per_second).allow_burst(rate.burst);
         Self {
             inner: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
             clock: DefaultClock::default(),
-            rate: plan.rate_per_second.get(),
-            burst: plan.burst.get(),
+            rate: rate.rate_per_second.get(),
+            burst: rate.burst.get(),
+            last_used_ms: AtomicU64::new(0),
         }
     }
 
@@ -69,18 +80,153 @@ impl Limiter {
 
     /// The policy headers' values: (quota, window seconds).
     pub fn policy(&self) -> (u32, u64) {
-        (self.burst, u64::from(self.burst).div_ceil(u64::from(self.rate)).max(1))
+        (self.burst, self.refill_secs())
+    }
+
+    /// Seconds for an empty bucket to refill completely (at least 1).
+    fn refill_secs(&self) -> u64 {
+        u64::from(self.burst).div_ceil(u64::from(self.rate)).max(1)
     }
 }
 
-/// Adds `RateLimit-Policy` / `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers) and the
-/// common `X-RateLimit-Limit/-Remaining/-Reset`.
-pub fn write_headers(headers: &mut http::HeaderMap, limiter: &Limiter, d: Decision) {
-    let (quota, window) = limiter.policy();
+/// Which budget a limiter guards: the consumer's, or the consumer's on one route.
+type CacheKey = (Arc<str>, Option<Arc<str>>);
+
+const SHARDS: usize = 16;
+/// A shard is pruned when it has grown to this many entries, then to twice what survived.
+const MIN_PRUNE_AT: usize = 256;
+
+#[derive(Debug)]
+struct Shard {
+    map: HashMap<CacheKey, Arc<Limiter>>,
+    prune_at: usize,
+}
+
+/// All limiters of one config generation.
+#[derive(Debug)]
+pub struct LimiterCache {
+    shards: Vec<Mutex<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+    epoch: Instant,
+}
+
+impl Default for LimiterCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::new(), prune_at: MIN_PRUNE_AT })).collect(),
+            hasher: Default::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl LimiterCache {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The limiter for `key`, created from `rate` on first use.
+    pub fn get(&self, consumer: &Arc<str>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
+        let key: CacheKey = (Arc::clone(consumer), route.cloned());
+        let mut h = self.hasher.build_hasher();
+        key.hash(&mut h);
+        let now = self.now_ms();
+        let mut shard =
+            self.shards[(h.finish() as usize) % SHARDS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let limiter = match shard.map.get(&key) {
+            Some(l) => Arc::clone(l),
+            None => {
+                if shard.map.len() >= shard.prune_at {
+                    Self::prune(&mut shard, now);
+                }
+                let l = Arc::new(Limiter::new(rate));
+                shard.map.insert(key, Arc::clone(&l));
+                l
+            }
+        };
+        limiter.last_used_ms.store(now, Ordering::Relaxed);
+        limiter
+    }
+
+    /// Drops limiters idle long enough to be full again (and not in use right now).
+    fn prune(shard: &mut Shard, now_ms: u64) {
+        shard.map.retain(|_, l| {
+            let idle_ms = now_ms.saturating_sub(l.last_used_ms.load(Ordering::Relaxed));
+            Arc::strong_count(l) > 1 || idle_ms <= l.refill_secs() * 1000
+        });
+        shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
+    }
+
+    /// Prunes every shard now (tests, and the admin gauge's accuracy).
+    pub fn prune_all(&self) {
+        let now = self.now_ms();
+        for s in &self.shards {
+            Self::prune(&mut s.lock().unwrap_or_else(std::sync::PoisonError::into_inner), now);
+        }
+    }
+
+    /// Limiters held.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The limits that apply to a call and their answers, most specific first.
+#[derive(Debug)]
+pub struct Checked {
+    pub limits: Vec<(&'static str, Arc<Limiter>, Decision)>,
+}
+
+impl Checked {
+    pub fn allowed(&self) -> bool {
+        self.limits.iter().all(|(_, _, d)| d.allowed)
+    }
+}
+
+/// Checks the route limit (if the plan has one for `route`), then the consumer's limit. A
+/// call refused by the route limit does not spend the consumer's budget; a call refused by
+/// the consumer's limit has spent one unit of the route's (GCRA cannot give it back).
+pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checked {
+    let mut limits = Vec::with_capacity(2);
+    if let Some(rate) = identity.plan.routes.get(&route.id) {
+        let l = cache.get(&identity.consumer_id, Some(&Arc::from(route.id.as_str())), rate);
+        let d = l.check();
+        limits.push(("route", l, d));
+        if !d.allowed {
+            return Checked { limits };
+        }
+    }
+    let l = cache.get(&identity.consumer_id, None, &identity.plan.limit);
+    let d = l.check();
+    limits.push(("default", l, d));
+    Checked { limits }
+}
+
+/// Adds `RateLimit-Policy` / `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers; one
+/// list member per limit that applies) and the common `X-RateLimit-Limit/-Remaining/-Reset`
+/// for the most constrained limit.
+pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
+    let mut policy = String::new();
+    let mut state = String::new();
+    for (name, limiter, d) in &checked.limits {
+        let (quota, window) = limiter.policy();
+        let sep = if policy.is_empty() { "" } else { ", " };
+        policy.push_str(&format!("{sep}\"{name}\";q={quota};w={window}"));
+        state.push_str(&format!("{sep}\"{name}\";r={};t={}", d.remaining, d.reset_secs));
+    }
+    let Some((_, limiter, d)) =
+        checked.limits.iter().min_by_key(|(_, _, d)| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
+    else {
+        return;
+    };
     let pairs = [
-        ("ratelimit-policy", format!("\"default\";q={quota};w={window}")),
-        ("ratelimit", format!("\"default\";r={};t={}", d.remaining, d.reset_secs)),
-        ("x-ratelimit-limit", quota.to_string()),
+        ("ratelimit-policy", policy),
+        ("ratelimit", state),
+        ("x-ratelimit-limit", limiter.policy().0.to_string()),
         ("x-ratelimit-remaining", d.remaining.to_string()),
         ("x-ratelimit-reset", d.reset_secs.to_string()),
     ];
@@ -97,40 +243,105 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-/// Layer: 429 with `Retry-After` when the consumer is over its rate; rate-limit headers on
+/// Layer: 429 with `Retry-After` when the consumer is over a limit; rate-limit headers on
 /// every answer to an authenticated call.
-pub async fn layer(State(_gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
     let Some(identity) = req.extensions().get::<Arc<Identity>>().cloned() else {
         return next.run(req).await;
     };
-    let decision = identity.limiter.check();
-    let mut resp =
-        if decision.allowed { next.run(req).await } else { Problem::rate_limited(decision.reset_secs).into_response() };
-    write_headers(resp.headers_mut(), &identity.limiter, decision);
+    let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
+        return next.run(req).await;
+    };
+    let runtime = req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    let checked = check(&runtime.limiters, &identity, &route);
+    let mut resp = match checked.limits.iter().find(|(_, _, d)| !d.allowed) {
+        None => next.run(req).await,
+        Some((_, _, d)) => Problem::rate_limited(d.reset_secs).into_response(),
+    };
+    write_headers(resp.headers_mut(), &checked);
     resp
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::config::{AuthMode, Plan};
     use std::num::NonZeroU32;
+
+    fn rate(r: u32, b: u32) -> Rate {
+        Rate { rate_per_second: NonZeroU32::new(r).unwrap(), burst: NonZeroU32::new(b).unwrap() }
+    }
+
+    fn route(id: &str) -> Route {
+        Route {
+            id: id.into(),
+            host: None,
+            path_prefix: "/".into(),
+            exact: false,
+            methods: vec![],
+            upstream: "http://127.0.0.1:1".parse().unwrap(),
+            strip_prefix: false,
+            auth: AuthMode::ApiKey,
+            timeout: Duration::from_secs(1),
+        }
+    }
 
     #[test]
     fn burst_then_refuse_with_wait() {
-        let plan = Plan { rate_per_second: NonZeroU32::MIN, burst: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN) };
-        let l = Limiter::new(&plan);
+        let l = Limiter::new(&rate(1, 3));
         let remaining: Vec<u32> =
             (0..3).map(|_| l.check()).inspect(|d| assert!(d.allowed)).map(|d| d.remaining).collect();
         assert_eq!(remaining, vec![2, 1, 0]);
         let refused = l.check();
         assert_eq!(refused, Decision { allowed: false, remaining: 0, reset_secs: 1 });
         assert_eq!(l.policy(), (3, 3));
+        let checked = Checked { limits: vec![("default", Arc::new(l), refused)] };
         let mut h = http::HeaderMap::new();
-        write_headers(&mut h, &l, refused);
+        write_headers(&mut h, &checked);
         assert_eq!(h["ratelimit-policy"], "\"default\";q=3;w=3");
         assert_eq!(h["ratelimit"], "\"default\";r=0;t=1");
         assert_eq!(h["x-ratelimit-remaining"], "0");
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+    }
+
+    #[test]
+    fn route_limit_applies_on_its_route_only_and_both_show_in_headers() {
+        let plan = Plan { name: "p".into(), limit: rate(1, 5), routes: [("slow".to_owned(), rate(1, 2))].into() };
+        let id = Identity { consumer_id: Arc::from("acme"), credential_id: Arc::from("k"), plan: Arc::new(plan) };
+        let cache = LimiterCache::default();
+        let (slow, fast) = (route("slow"), route("fast"));
+        let allowed: Vec<bool> = (0..3).map(|_| check(&cache, &id, &slow).allowed()).collect();
+        assert_eq!(allowed, vec![true, true, false]);
+        // The refused route call did not spend the consumer's budget: 5 - 2 = 3 left.
+        let on_fast: Vec<bool> = (0..4).map(|_| check(&cache, &id, &fast).allowed()).collect();
+        assert_eq!(on_fast, vec![true, true, true, false]);
+        let c = check(&cache, &id, &slow);
+        let mut h = http::HeaderMap::new();
+        write_headers(&mut h, &c);
+        assert_eq!(h["ratelimit-policy"], "\"route\";q=2;w=2");
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn idle_limiters_are_pruned_and_memory_stays_bounded() {
+        let plan = Arc::new(Plan { name: "p".into(), limit: rate(1, 2), routes: HashMap::new() });
+        let cache = LimiterCache::default();
+        let r = route("r");
+        for i in 0..5_000 {
+            let id = Identity {
+                consumer_id: Arc::from(format!("c{i}")),
+                credential_id: Arc::from("k"),
+                plan: Arc::clone(&plan),
+            };
+            assert!(check(&cache, &id, &r).allowed());
+        }
+        // Refill takes 2 s for this plan; nothing is idle that long yet, so nothing may go.
+        cache.prune_all();
+        assert_eq!(cache.len(), 5_000);
+        std::thread::sleep(Duration::from_millis(2100));
+        cache.prune_all();
+        assert_eq!(cache.len(), 0);
     }
 }

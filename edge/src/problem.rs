@@ -44,6 +44,20 @@ impl Problem {
             .with_header(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"tollgate\""))
     }
 
+    /// 401 for a JWT that failed verification (RFC 6750 `error="invalid_token"`).
+    pub fn invalid_token(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::UNAUTHORIZED, "unauthenticated", "Unauthorized", Outcome::Unauthenticated, detail)
+            .with_header(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+            )
+    }
+
+    /// 403: authenticated, but not allowed.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", Outcome::Forbidden, detail)
+    }
+
     pub fn no_route(path: &str) -> Self {
         Problem::new(
             StatusCode::NOT_FOUND,

@@ -55,7 +55,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
     };
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
-        runtime: std::sync::RwLock::new(Arc::new(Runtime::new(&cfg))),
+        runtime: std::sync::RwLock::new(Arc::new(Runtime::new(&cfg, None))),
         client: proxy::client(cfg.connect_timeout),
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
@@ -65,6 +65,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
     let router = app(Arc::clone(&gw));
     let reload_task =
         opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
+    let jwks_task = tokio::spawn(refresh_jwks(Arc::clone(&gw)));
     drop(gw);
 
     let admin_router = admin::app(Arc::clone(&metrics));
@@ -130,6 +131,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         let _ = t.await;
     }
     admin_task.abort();
+    jwks_task.abort();
     if let Some(task) = producer_task {
         task.close().await?;
     }
@@ -140,6 +142,20 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         "edge stopped"
     );
     Ok(())
+}
+
+/// Keeps the JWT issuers' key sets fresh: loads each JWKS at start and every `jwks_refresh_s`
+/// (sooner after a failed fetch), for whatever config is current.
+async fn refresh_jwks(gw: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let runtime = gw.runtime();
+        if !runtime.jwt.is_empty() {
+            runtime.jwt.refresh_due(&gw.client).await;
+        }
+    }
 }
 
 /// Reloads routes, plans and consumers on SIGHUP and when the file's modification time
@@ -191,7 +207,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
                 }
-                gw.swap_runtime(Runtime::new(&next));
+                gw.swap_runtime(Runtime::new(&next, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     trigger,

@@ -1,8 +1,14 @@
-//! API-key authentication. Consumers in the config carry the SHA-256 of each key, never the
-//! key; a request's key is hashed and looked up. The key is read from
-//! `Authorization: Bearer <key>` or `x-api-key: <key>`; sending both (or either twice) is
-//! ambiguous and refused. On success a typed [`Identity`] goes into the request extensions
-//! for the later layers, and the credential headers are removed before forwarding.
+//! Authentication: API keys and JWTs. On success a typed [`Identity`] goes into the request
+//! extensions for the later layers, and the credential headers are removed before forwarding.
+//!
+//! A request carries at most one credential: `Authorization: Bearer <key or JWT>` or
+//! `x-api-key: <key>`; sending two (of either kind) is ambiguous and refused. A bearer value
+//! with three dot-separated parts is a JWT ([`jwt`]), anything else an API key.
+//!
+//! API keys: consumers in the config carry the SHA-256 of each key, never the key; a request's
+//! key is hashed and looked up.
+
+pub mod jwt;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,10 +19,9 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthMode, Config, Route};
-use crate::limit::Limiter;
+use crate::config::{AuthMode, Config, Plan, Route};
 use crate::problem::Problem;
-use crate::{CallInfo, Gateway};
+use crate::{CallInfo, Gateway, Runtime};
 
 /// Header carrying an API key, as an alternative to `Authorization: Bearer`.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -25,40 +30,48 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 #[derive(Debug)]
 pub struct Identity {
     pub consumer_id: Arc<str>,
+    /// The API key's id, or `jwt:<issuer id>`.
     pub credential_id: Arc<str>,
-    pub limiter: Arc<Limiter>,
+    pub plan: Arc<Plan>,
 }
 
-/// Key hash → identity.
+/// Key hash → identity; consumer id → plan.
 #[derive(Debug, Default)]
 pub struct KeyStore {
     by_hash: HashMap<[u8; 32], Arc<Identity>>,
+    plans: HashMap<Arc<str>, Arc<Plan>>,
 }
 
 impl KeyStore {
     pub fn new(cfg: &Config) -> Self {
         let mut by_hash = HashMap::new();
+        let mut plans = HashMap::new();
         for c in &cfg.consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
             let Some(plan) = cfg.plans.get(&c.plan) else { continue };
-            let limiter = Arc::new(Limiter::new(plan));
+            plans.insert(Arc::clone(&consumer_id), Arc::clone(plan));
             for k in &c.keys {
                 by_hash.insert(
                     k.sha256,
                     Arc::new(Identity {
                         consumer_id: Arc::clone(&consumer_id),
                         credential_id: Arc::from(k.id.as_str()),
-                        limiter: Arc::clone(&limiter),
+                        plan: Arc::clone(plan),
                     }),
                 );
             }
         }
-        Self { by_hash }
+        Self { by_hash, plans }
     }
 
     pub fn lookup(&self, key: &str) -> Option<Arc<Identity>> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         self.by_hash.get(&digest).cloned()
+    }
+
+    /// The configured consumer's id and plan.
+    pub fn consumer(&self, id: &str) -> Option<(&Arc<str>, &Arc<Plan>)> {
+        self.plans.get_key_value(id)
     }
 }
 
@@ -88,7 +101,7 @@ pub fn hash_key(key: &str) -> String {
 /// Why a credential was refused. The messages go to clients: they never echo the credential.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("missing credential: send `Authorization: Bearer <key>` or `x-api-key: <key>`")]
+    #[error("missing credential: send `Authorization: Bearer <credential>` or `x-api-key: <key>`")]
     Missing,
     #[error("more than one credential in the request")]
     Ambiguous,
@@ -96,10 +109,24 @@ pub enum AuthError {
     UnsupportedScheme,
     #[error("invalid credential")]
     Invalid,
+    #[error("this route accepts {0} only")]
+    WrongKind(&'static str),
+    #[error("{0}")]
+    Jwt(#[from] jwt::JwtError),
+    /// Valid token, but its consumer is not configured and the issuer has no default plan.
+    #[error("the token's consumer is not registered")]
+    NotRegistered,
+}
+
+/// A credential as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    ApiKey(String),
+    Jwt(String),
 }
 
 /// The single credential a request carries, if any.
-pub fn extract(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
+pub fn extract(headers: &HeaderMap) -> Result<Option<Credential>, AuthError> {
     let mut found = Vec::new();
     for v in headers.get_all(http::header::AUTHORIZATION) {
         let v = v.to_str().map_err(|_| AuthError::Invalid)?;
@@ -107,10 +134,11 @@ pub fn extract(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(AuthError::UnsupportedScheme);
         }
-        found.push(token.trim().to_owned());
+        let token = token.trim().to_owned();
+        found.push(if jwt::looks_like_jwt(&token) { Credential::Jwt(token) } else { Credential::ApiKey(token) });
     }
     for v in headers.get_all(API_KEY_HEADER) {
-        found.push(v.to_str().map_err(|_| AuthError::Invalid)?.trim().to_owned());
+        found.push(Credential::ApiKey(v.to_str().map_err(|_| AuthError::Invalid)?.trim().to_owned()));
     }
     match found.len() {
         0 => Ok(None),
@@ -119,13 +147,46 @@ pub fn extract(headers: &HeaderMap) -> Result<Option<String>, AuthError> {
     }
 }
 
-/// Authenticates against `store`; `Ok(None)` for a public route without credential.
-pub fn authenticate(store: &KeyStore, route: &Route, headers: &HeaderMap) -> Result<Option<Arc<Identity>>, AuthError> {
-    match (extract(headers)?, route.auth) {
-        (None, AuthMode::None) => Ok(None),
-        (None, AuthMode::ApiKey) => Err(AuthError::Missing),
-        (Some(key), _) if key.is_empty() => Err(AuthError::Invalid),
-        (Some(key), _) => store.lookup(&key).map(Some).ok_or(AuthError::Invalid),
+/// Authenticates against the runtime's keys and issuers; `Ok(None)` for a public route
+/// without credential.
+pub async fn authenticate(
+    runtime: &Runtime,
+    route: &Route,
+    headers: &HeaderMap,
+    client: &crate::proxy::HttpClient,
+) -> Result<Option<Arc<Identity>>, AuthError> {
+    let accepted = match route.auth {
+        AuthMode::ApiKey => "API keys",
+        AuthMode::Jwt => "JWT bearer tokens",
+        AuthMode::ApiKeyOrJwt | AuthMode::None => "API keys and JWTs",
+    };
+    match extract(headers)? {
+        None if route.auth == AuthMode::None => Ok(None),
+        None => Err(AuthError::Missing),
+        Some(Credential::ApiKey(key)) => {
+            if !route.auth.accepts_api_key() {
+                return Err(AuthError::WrongKind(accepted));
+            }
+            if key.is_empty() {
+                return Err(AuthError::Invalid);
+            }
+            runtime.keys.lookup(&key).map(Some).ok_or(AuthError::Invalid)
+        }
+        Some(Credential::Jwt(token)) => {
+            if !route.auth.accepts_jwt() || runtime.jwt.is_empty() {
+                return Err(AuthError::WrongKind(accepted));
+            }
+            let v = runtime.jwt.verify(&token, client).await?;
+            let (consumer_id, plan) = match runtime.keys.consumer(&v.consumer_id) {
+                Some((id, plan)) => (Arc::clone(id), Arc::clone(plan)),
+                None => {
+                    let plan =
+                        v.default_plan.as_ref().and_then(|p| runtime.plans.get(p)).ok_or(AuthError::NotRegistered)?;
+                    (Arc::from(v.consumer_id.as_str()), Arc::clone(plan))
+                }
+            };
+            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan })))
+        }
     }
 }
 
@@ -134,8 +195,10 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
         return Problem::no_route(req.uri().path()).into_response();
     };
-    let runtime = req.extensions().get::<Arc<crate::Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
-    match authenticate(&runtime.keys, &route, req.headers()) {
+    let runtime = req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    match authenticate(&runtime, &route, req.headers(), &gw.client).await {
+        Err(AuthError::NotRegistered) => Problem::forbidden(AuthError::NotRegistered.to_string()).into_response(),
+        Err(e @ AuthError::Jwt(_)) => Problem::invalid_token(e.to_string()).into_response(),
         Err(e) => Problem::unauthenticated(e.to_string()).into_response(),
         Ok(identity) => {
             req.headers_mut().remove(http::header::AUTHORIZATION);
@@ -171,20 +234,25 @@ mod tests {
 
     #[test]
     fn extraction_table() {
-        type Case<'a> = (&'a [(&'static str, &'a str)], Result<Option<&'a str>, AuthError>);
+        use Credential::{ApiKey, Jwt};
+        let key = |s: &str| Ok(Some(ApiKey(s.to_owned())));
+        type Case<'a> = (&'a [(&'static str, &'a str)], Result<Option<Credential>, AuthError>);
         let cases: &[Case<'_>] = &[
             (&[], Ok(None)),
-            (&[("authorization", "Bearer abc")], Ok(Some("abc"))),
-            (&[("authorization", "bearer  abc ")], Ok(Some("abc"))),
-            (&[("x-api-key", "abc")], Ok(Some("abc"))),
+            (&[("authorization", "Bearer abc")], key("abc")),
+            (&[("authorization", "bearer  abc ")], key("abc")),
+            (&[("x-api-key", "abc")], key("abc")),
+            (&[("authorization", "Bearer a.b.c")], Ok(Some(Jwt("a.b.c".into())))),
+            (&[("x-api-key", "a.b.c")], key("a.b.c")),
             (&[("authorization", "Bearer abc"), ("x-api-key", "abc")], Err(AuthError::Ambiguous)),
+            (&[("authorization", "Bearer a.b.c"), ("x-api-key", "abc")], Err(AuthError::Ambiguous)),
+            (&[("authorization", "Bearer a.b.c"), ("authorization", "Bearer d.e.f")], Err(AuthError::Ambiguous)),
             (&[("x-api-key", "a"), ("x-api-key", "b")], Err(AuthError::Ambiguous)),
             (&[("authorization", "Basic dXNlcjpwYXNz")], Err(AuthError::UnsupportedScheme)),
             (&[("authorization", "Bearer")], Err(AuthError::UnsupportedScheme)),
         ];
         for (h, want) in cases {
-            let got = extract(&headers(h));
-            assert_eq!(got, want.clone().map(|o| o.map(str::to_owned)), "{h:?}");
+            assert_eq!(&extract(&headers(h)), want, "{h:?}");
         }
     }
 
