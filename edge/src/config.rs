@@ -211,13 +211,34 @@ struct RawRoute {
     path: Option<String>,
     #[serde(default)]
     methods: Vec<String>,
-    upstream: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    upstreams: Vec<String>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default = "default_auth")]
     auth: String,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default)]
+    connect_timeout_ms: Option<u64>,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default = "default_max_fails")]
+    max_fails: u32,
+    #[serde(default = "default_fail_timeout_ms")]
+    fail_timeout_ms: u64,
+}
+
+fn default_retries() -> u32 {
+    1
+}
+fn default_max_fails() -> u32 {
+    3
+}
+fn default_fail_timeout_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -403,15 +424,45 @@ pub struct Route {
     pub exact: bool,
     /// Empty: any method.
     pub methods: Vec<Method>,
-    /// `scheme://authority[/base]` without query.
-    pub upstream: Uri,
+    /// Targets, `http://authority[/base]` without query, chosen round robin.
+    pub upstreams: Vec<Uri>,
     pub strip_prefix: bool,
     pub auth: AuthMode,
-    /// Time allowed for the upstream's response head.
+    /// Time allowed for the upstream's response head (over all attempts).
     pub timeout: Duration,
+    /// TCP connect timeout to a target.
+    pub connect_timeout: Duration,
+    /// Further attempts on another target, for idempotent requests without a body whose
+    /// connection could not be established (the request never reached an upstream).
+    pub retries: u32,
+    /// Consecutive failures that eject a target.
+    pub max_fails: u32,
+    /// How long an ejected target is left alone before a probe request.
+    pub fail_timeout: Duration,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
+impl Route {
+    /// A route to `upstreams` on `path_prefix` with default settings (tests).
+    pub fn with_defaults(id: &str, path_prefix: &str, upstreams: &[&str]) -> Result<Self, http::uri::InvalidUri> {
+        Ok(Self {
+            id: id.into(),
+            host: None,
+            path_prefix: path_prefix.into(),
+            exact: false,
+            methods: Vec::new(),
+            upstreams: upstreams.iter().map(|u| u.parse()).collect::<Result<_, _>>()?,
+            strip_prefix: false,
+            auth: AuthMode::ApiKey,
+            timeout: Duration::from_millis(default_timeout_ms()),
+            connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
+            retries: default_retries(),
+            max_fails: default_max_fails(),
+            fail_timeout: Duration::from_millis(default_fail_timeout_ms()),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     pub rate_per_second: NonZeroU32,
@@ -566,16 +617,34 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         }
         let path_prefix =
             if !exact && raw_path.len() > 1 { raw_path.trim_end_matches('/').to_owned() } else { raw_path };
-        let upstream: Uri =
-            r.upstream.parse().map_err(|e| err(key("upstream"), format!("`{}` is not a URL: {e}", r.upstream)))?;
-        if upstream.scheme_str() != Some("http") || upstream.authority().is_none() || upstream.query().is_some() {
-            return Err(err(
-                key("upstream"),
-                format!(
-                    "`{}` must be http://host:port[/base] without query (https upstreams are not supported yet)",
-                    r.upstream
-                ),
-            ));
+        let (upstream_key, raw_upstreams) = match (r.upstream, r.upstreams.is_empty()) {
+            (Some(u), true) => ("upstream", vec![u]),
+            (None, false) => ("upstreams", r.upstreams),
+            _ => {
+                return Err(err(
+                    key("upstream"),
+                    "set exactly one of upstream (one target) and upstreams (a non-empty list)".into(),
+                ));
+            }
+        };
+        let mut upstreams = Vec::with_capacity(raw_upstreams.len());
+        for u in raw_upstreams {
+            let uri: Uri = u.parse().map_err(|e| err(key(upstream_key), format!("`{u}` is not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() || uri.query().is_some() {
+                return Err(err(
+                    key(upstream_key),
+                    format!(
+                        "`{u}` must be http://host:port[/base] without query (https upstreams are not supported yet)"
+                    ),
+                ));
+            }
+            upstreams.push(uri);
+        }
+        if r.max_fails == 0 {
+            return Err(err(key("max_fails"), "must be at least 1".into()));
+        }
+        if r.connect_timeout_ms == Some(0) {
+            return Err(err(key("connect_timeout_ms"), "must be at least 1".into()));
         }
         let mut methods = Vec::new();
         for m in &r.methods {
@@ -601,10 +670,14 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
             path_prefix,
             exact,
             methods,
-            upstream,
+            upstreams,
             strip_prefix: r.strip_prefix,
             auth,
             timeout: Duration::from_millis(r.timeout_ms),
+            connect_timeout: Duration::from_millis(r.connect_timeout_ms.unwrap_or(raw.edge.connect_timeout_ms).max(1)),
+            retries: r.retries,
+            max_fails: r.max_fails,
+            fail_timeout: Duration::from_millis(r.fail_timeout_ms),
         }));
     }
 

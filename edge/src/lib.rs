@@ -20,6 +20,7 @@ pub mod problem;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,12 +41,15 @@ pub struct Runtime {
     pub plans: std::collections::HashMap<String, Arc<config::Plan>>,
     /// Rate limiters; a reload starts with fresh ones (full budgets).
     pub limiters: limit::LimiterCache,
+    /// Upstream targets and their health, by route id; a reload starts them healthy.
+    pub pools: std::collections::HashMap<String, Arc<upstream::Pool>>,
 }
 
 impl Runtime {
     /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
-    pub fn new(cfg: &Config, previous: Option<&Runtime>) -> Self {
+    pub fn new(cfg: &Config, clients: &upstream::Clients, previous: Option<&Runtime>) -> Self {
         Self {
+            pools: upstream::pools(&cfg.routes, clients),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(cfg),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt)),
@@ -62,7 +66,10 @@ pub struct Gateway {
     /// Routes, keys and limiters; swapped on reload. A request takes one snapshot and keeps it,
     /// so in-flight requests finish with the config they started with.
     pub runtime: std::sync::RwLock<Arc<Runtime>>,
+    /// Client for the edge's own requests (JWKS).
     pub client: proxy::HttpClient,
+    /// Upstream clients by connect timeout, shared across reloads.
+    pub clients: upstream::Clients,
     pub events: metering::EventSink,
     pub metrics: Arc<metrics::Metrics>,
     /// See `edge.trusted_hops`.

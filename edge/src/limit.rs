@@ -266,7 +266,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::{AuthMode, Plan};
+    use crate::config::Plan;
     use std::num::NonZeroU32;
 
     fn rate(r: u32, b: u32) -> Rate {
@@ -274,17 +274,7 @@ mod tests {
     }
 
     fn route(id: &str) -> Route {
-        Route {
-            id: id.into(),
-            host: None,
-            path_prefix: "/".into(),
-            exact: false,
-            methods: vec![],
-            upstream: "http://127.0.0.1:1".parse().unwrap(),
-            strip_prefix: false,
-            auth: AuthMode::ApiKey,
-            timeout: Duration::from_secs(1),
-        }
+        Route::with_defaults(id, "/", &["http://127.0.0.1:1"]).unwrap()
     }
 
     #[test]

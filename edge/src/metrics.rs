@@ -29,6 +29,10 @@ pub struct Metrics {
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
+    /// Requests sent again to another target after a connect failure.
+    pub upstream_retries: AtomicU64,
+    /// Upstream targets taken out of service by passive health checks.
+    pub upstream_ejections: AtomicU64,
     pub config_reload_failures: AtomicU64,
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
@@ -111,6 +115,16 @@ impl Metrics {
                 spool_load(|s| &s.corrupt),
             ),
             ("tollgate_edge_config_reloads_total", "Config reloads applied.", load(&self.config_reloads)),
+            (
+                "tollgate_edge_upstream_retries_total",
+                "Requests retried on another target after a connect failure.",
+                load(&self.upstream_retries),
+            ),
+            (
+                "tollgate_edge_upstream_ejections_total",
+                "Upstream targets ejected by passive health checks.",
+                load(&self.upstream_ejections),
+            ),
             (
                 "tollgate_edge_config_reload_failures_total",
                 "Config reloads rejected (the running config stayed).",

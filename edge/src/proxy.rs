@@ -68,15 +68,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The upstream URI for a request path and query.
-pub fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+/// The upstream URI for a request path and query, on `target` (one of the route's upstreams).
+pub fn upstream_uri(route: &Route, target: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
     let path = if route.strip_prefix && route.path_prefix != "/" {
         let rest = path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path);
         if rest.is_empty() { "/" } else { rest }
     } else {
         path
     };
-    let base = route.upstream.path().trim_end_matches('/');
+    let base = target.path().trim_end_matches('/');
     let mut pq = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base);
     pq.push_str(path);
@@ -84,9 +84,15 @@ pub fn upstream_uri(route: &Route, path: &str, query: Option<&str>) -> Result<Ur
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = route.upstream.clone().into_parts();
+    let mut parts = target.clone().into_parts();
     parts.path_and_query = Some(pq.parse()?);
     Ok(Uri::from_parts(parts)?)
+}
+
+/// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(m: &http::Method) -> bool {
+    use http::Method as M;
+    [M::GET, M::HEAD, M::OPTIONS, M::TRACE, M::PUT, M::DELETE].contains(m)
 }
 
 /// The handler behind all layers: forwards to the route's upstream.
@@ -102,21 +108,18 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if declared.is_some_and(|n| n > gw.max_body_bytes) {
         return Problem::payload_too_large(gw.max_body_bytes).into_response();
     }
+    let runtime = req.extensions().get::<Arc<crate::Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    let Some(pool) = runtime.pools.get(&route.id).cloned() else {
+        return Problem::upstream_unreachable().into_response();
+    };
     let (mut parts, body) = req.into_parts();
+    // A retry needs the request again: only bodiless requests are retried.
+    let bodiless = http_body::Body::is_end_stream(&body);
     let over_limit = Arc::new(AtomicBool::new(false));
     let body = Body::new(LimitedBody { inner: body, left: gw.max_body_bytes, over: Arc::clone(&over_limit) });
 
-    let uri = match upstream_uri(&route, parts.uri.path(), parts.uri.query()) {
-        Ok(u) => u,
-        Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
-    };
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    if let Some(authority) = route.upstream.authority()
-        && let Ok(v) = HeaderValue::from_str(authority.as_str())
-    {
-        headers.insert(HOST, v);
-    }
     headers.remove(CONSUMER_ID);
     if let Some(c) = consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
         headers.insert(CONSUMER_ID, c);
@@ -150,32 +153,67 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             headers.insert("traceparent", tp);
         }
     }
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
 
+    let attempts = if bodiless && idempotent(&parts.method) { 1 + route.retries as usize } else { 1 };
+    let (method, path, query) =
+        (parts.method.clone(), parts.uri.path().to_owned(), parts.uri.query().map(str::to_owned));
+    let mut body = Some(body);
+    let mut tried = Vec::with_capacity(attempts);
     let sent = Instant::now();
-    let result = tokio::time::timeout(route.timeout, gw.client.request(Request::from_parts(parts, body))).await;
-    let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-    match result {
-        Err(_) => {
-            tracing::warn!(route = %route.id, timeout_ms = route.timeout.as_millis() as u64, "upstream timeout");
-            Problem::upstream_timeout(route.timeout.as_millis()).into_response()
+    loop {
+        let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
+        tried.push(target);
+        let last = tried.len() >= attempts;
+        let uri = match upstream_uri(&route, &pool.targets[target], &path, query.as_deref()) {
+            Ok(u) => u,
+            Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
+        };
+        let mut req = Request::new(body.take().unwrap_or_else(Body::empty));
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+        if let Some(authority) = pool.targets[target].authority()
+            && let Ok(v) = HeaderValue::from_str(authority.as_str())
+        {
+            req.headers_mut().insert(HOST, v);
         }
-        Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
-            Problem::payload_too_large(gw.max_body_bytes).into_response()
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(route = %route.id, error = %e, connect = e.is_connect(), "upstream request failed");
-            Problem::upstream_unreachable().into_response()
-        }
-        Ok(Ok(upstream)) => {
-            let (mut parts, body) = upstream.into_parts();
-            remove_hop_by_hop(&mut parts.headers);
-            let mut resp = Response::from_parts(parts, Body::new(body));
-            let info = CallInfo::of(&mut resp);
-            info.outcome = Some(tollgate_schemas::Outcome::Forwarded);
-            info.upstream_latency_us = Some(upstream_latency_us);
-            resp
+        let left = route.timeout.saturating_sub(sent.elapsed());
+        let result = tokio::time::timeout(left, pool.client.request(req)).await;
+        let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match result {
+            Err(_) => {
+                tracing::warn!(route = %route.id, target = %pool.targets[target], timeout_ms = route.timeout.as_millis() as u64, "upstream timeout");
+                if pool.failure(target) {
+                    gw.metrics.upstream_ejections.fetch_add(1, Ordering::Relaxed);
+                }
+                return Problem::upstream_timeout(route.timeout.as_millis()).into_response();
+            }
+            Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
+                return Problem::payload_too_large(gw.max_body_bytes).into_response();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(route = %route.id, target = %pool.targets[target], error = %e, connect = e.is_connect(), "upstream request failed");
+                if pool.failure(target) {
+                    gw.metrics.upstream_ejections.fetch_add(1, Ordering::Relaxed);
+                }
+                // Retried only when the request cannot have reached the upstream.
+                if e.is_connect() && !last {
+                    gw.metrics.upstream_retries.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                return Problem::upstream_unreachable().into_response();
+            }
+            Ok(Ok(upstream)) => {
+                pool.success(target);
+                let (mut parts, body) = upstream.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                let mut resp = Response::from_parts(parts, Body::new(body));
+                let info = CallInfo::of(&mut resp);
+                info.outcome = Some(tollgate_schemas::Outcome::Forwarded);
+                info.upstream_latency_us = Some(upstream_latency_us);
+                return resp;
+            }
         }
     }
 }
@@ -223,29 +261,22 @@ impl http_body::Body for LimitedBody {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::AuthMode;
 
     fn route(prefix: &str, upstream: &str, strip: bool) -> Route {
-        Route {
-            id: "r".into(),
-            host: None,
-            path_prefix: prefix.into(),
-            exact: false,
-            methods: vec![],
-            upstream: upstream.parse().unwrap(),
-            strip_prefix: strip,
-            auth: AuthMode::ApiKey,
-            timeout: Duration::from_secs(1),
-        }
+        let mut r = Route::with_defaults("r", prefix, &[upstream]).unwrap();
+        r.strip_prefix = strip;
+        r
     }
 
     #[test]
     fn upstream_uri_joins_base_path_and_query() {
         let r = route("/echo", "http://127.0.0.1:8081", false);
-        assert_eq!(upstream_uri(&r, "/echo/a", Some("x=1")).unwrap(), "http://127.0.0.1:8081/echo/a?x=1");
+        let t = &r.upstreams[0];
+        assert_eq!(upstream_uri(&r, t, "/echo/a", Some("x=1")).unwrap(), "http://127.0.0.1:8081/echo/a?x=1");
         let r = route("/echo", "http://127.0.0.1:8081/base/", true);
-        assert_eq!(upstream_uri(&r, "/echo/a", None).unwrap(), "http://127.0.0.1:8081/base/a");
-        assert_eq!(upstream_uri(&r, "/echo", None).unwrap(), "http://127.0.0.1:8081/base/");
+        let t = &r.upstreams[0];
+        assert_eq!(upstream_uri(&r, t, "/echo/a", None).unwrap(), "http://127.0.0.1:8081/base/a");
+        assert_eq!(upstream_uri(&r, t, "/echo", None).unwrap(), "http://127.0.0.1:8081/base/");
     }
 
     #[test]

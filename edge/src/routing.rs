@@ -106,22 +106,13 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::config::AuthMode;
-    use std::time::Duration;
 
     fn route(id: &str, host: Option<&str>, prefix: &str, methods: &[Method]) -> Arc<Route> {
-        let exact = prefix.starts_with('=');
-        Arc::new(Route {
-            id: id.into(),
-            host: host.map(Into::into),
-            path_prefix: prefix.trim_start_matches('=').into(),
-            exact,
-            methods: methods.to_vec(),
-            upstream: "http://127.0.0.1:1".parse().unwrap(),
-            strip_prefix: false,
-            auth: AuthMode::ApiKey,
-            timeout: Duration::from_secs(1),
-        })
+        let mut r = Route::with_defaults(id, prefix.trim_start_matches('='), &["http://127.0.0.1:1"]).unwrap();
+        r.exact = prefix.starts_with('=');
+        r.host = host.map(Into::into);
+        r.methods = methods.to_vec();
+        Arc::new(r)
     }
 
     #[test]

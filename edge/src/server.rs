@@ -53,10 +53,13 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)
     };
+    let clients = crate::upstream::Clients::default();
+    let runtime = Runtime::new(&cfg, &clients, None);
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
-        runtime: std::sync::RwLock::new(Arc::new(Runtime::new(&cfg, None))),
+        runtime: std::sync::RwLock::new(Arc::new(runtime)),
         client: proxy::client(cfg.connect_timeout),
+        clients,
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
         trusted_hops: cfg.trusted_hops,
@@ -207,7 +210,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
                 }
-                gw.swap_runtime(Runtime::new(&next, Some(&gw.runtime())));
+                gw.swap_runtime(Runtime::new(&next, &gw.clients, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     trigger,

@@ -1,0 +1,262 @@
+//! JWT authentication through the real edge: keys from a JWKS served over HTTP, consumers
+//! from the `sub` claim (configured ones keep their plan, others get the issuer's default
+//! plan), key rotation picked up on an unknown `kid`, and a flood of random `kid`s costing at
+//! most one JWKS fetch per cooldown. The token-level rules (algorithms, exp/nbf/aud/iss,
+//! leeway) are the table in `edge/src/auth/jwt.rs`; here each kind of refusal is seen as a
+//! 401 with `WWW-Authenticate` and metered.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use tollgate_e2e::*;
+use tollgate_schemas::Outcome;
+
+const ISS: &str = "https://issuer.e2e/";
+const AUD: &str = "tollgate-e2e";
+const COOLDOWN_S: u64 = 3;
+
+fn key_file(name: &str) -> Vec<u8> {
+    std::fs::read(repo_root().join("edge/testdata/jwt").join(name)).unwrap()
+}
+
+/// A JWKS endpoint whose key set the test can change; counts the fetches.
+struct Jwks {
+    keys: Mutex<Vec<Jwk>>,
+    fetches: AtomicU64,
+}
+
+async fn serve_jwks(jwks: Arc<Jwks>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let jwks = Arc::clone(&jwks);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let jwks = Arc::clone(&jwks);
+                    async move {
+                        jwks.fetches.fetch_add(1, Ordering::SeqCst);
+                        let doc = serde_json::json!({ "keys": *jwks.keys.lock().unwrap() });
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(doc.to_string()))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn jwk(private_pem: &[u8], alg: Algorithm, kid: &str) -> Jwk {
+    let key = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(private_pem).unwrap(),
+        _ => EncodingKey::from_ec_pem(private_pem).unwrap(),
+    };
+    let mut jwk = Jwk::from_encoding_key(&key, alg).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    jwk
+}
+
+fn token(alg: Algorithm, kid: &str, private_pem: &[u8], sub: &str) -> String {
+    let key = match alg {
+        Algorithm::EdDSA => EncodingKey::from_ed_pem(private_pem).unwrap(),
+        _ => EncodingKey::from_ec_pem(private_pem).unwrap(),
+    };
+    let mut h = Header::new(alg);
+    h.kid = Some(kid.into());
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({ "iss": ISS, "aud": AUD, "sub": sub, "exp": now + 600, "iat": now });
+    jsonwebtoken::encode(&h, &claims, &key).unwrap()
+}
+
+fn config(topic: &str, upstream: std::net::SocketAddr, jwks: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+[edge]
+instance_id = "edge-jwt"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[kafka]
+brokers = "{kafka}"
+topic = "{topic}"
+[[routes]]
+id = "jwt"
+path_prefix = "/jwt"
+upstream = "http://{upstream}"
+auth = "jwt"
+[[routes]]
+id = "key"
+path_prefix = "/key"
+upstream = "http://{upstream}"
+[[routes]]
+id = "any"
+path_prefix = "/any"
+upstream = "http://{upstream}"
+auth = "api_key_or_jwt"
+[plans.big]
+rate_per_second = 10000
+[plans.free]
+rate_per_second = 100
+[[consumers]]
+id = "acme"
+plan = "big"
+keys = [{{ id = "acme-1", sha256 = "{a}" }}]
+[[jwt.issuers]]
+id = "e2e"
+issuer = "{ISS}"
+audiences = ["{AUD}"]
+algorithms = ["ES256", "EdDSA"]
+default_plan = "free"
+jwks_url = "http://{jwks}/.well-known/jwks.json"
+unknown_kid_cooldown_s = {COOLDOWN_S}
+"#,
+        kafka = kafka(),
+        a = sha256_hex("key-acme"),
+    )
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: serde_json::Value,
+    raw: String,
+}
+
+async fn call(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = http::Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = client.request(b.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let raw = String::from_utf8_lossy(&bytes).into_owned();
+    Answer { status, headers, body: serde_json::from_slice(&bytes).unwrap_or_default(), raw }
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_consumers_jwks_rotation_and_kid_flood() {
+    let dir = TempDir::new("e2e_edge_jwt");
+    let topic = unique("edge_jwt");
+    create_topic(&topic, 1).await;
+    let (upstream, echo) = start_echo().await;
+    let (es, ed, es2) = (key_file("es256.key.pem"), key_file("eddsa.key.pem"), key_file("es256-other.key.pem"));
+    let jwks = Arc::new(Jwks {
+        keys: Mutex::new(vec![jwk(&es, Algorithm::ES256, "es-1"), jwk(&ed, Algorithm::EdDSA, "ed-1")]),
+        fetches: AtomicU64::new(0),
+    });
+    let jwks_addr = serve_jwks(Arc::clone(&jwks)).await;
+    let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, jwks_addr)).await;
+    // The background refresh loads the key set at start.
+    assert!(wait_until(Duration::from_secs(10), || async { jwks.fetches.load(Ordering::SeqCst) >= 1 }).await);
+    let started = Instant::now();
+    let mut expected: Vec<(String, u16, Option<&str>, Option<&str>)> = Vec::new();
+    let mut note = |a: &Answer, consumer: Option<&'static str>, credential: Option<&'static str>| {
+        expected.push((a.headers["x-request-id"].to_str().unwrap().to_owned(), a.status, consumer, credential));
+    };
+
+    // A configured consumer: its own plan; the credential never reaches the upstream.
+    let t = token(Algorithm::ES256, "es-1", &es, "acme");
+    let a = call(addr, "/jwt/a", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(a.status, 200, "{}", a.raw);
+    assert_eq!(a.body["headers"]["x-consumer-id"], "acme");
+    assert!(a.body["headers"].get("authorization").is_none());
+    assert_eq!(a.headers["x-ratelimit-limit"], "10000");
+    note(&a, Some("acme"), Some("jwt:e2e"));
+
+    // A consumer only the issuer knows: the issuer's default plan (free: 100).
+    let t = token(Algorithm::EdDSA, "ed-1", &ed, "newco");
+    let a = call(addr, "/any/b", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(a.status, 200, "{}", a.raw);
+    assert_eq!(a.body["headers"]["x-consumer-id"], "newco");
+    assert_eq!(a.headers["x-ratelimit-limit"], "100");
+    note(&a, Some("newco"), Some("jwt:e2e"));
+    // The API key still works where keys are accepted.
+    let a = call(addr, "/any/c", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(a.status, 200);
+    note(&a, Some("acme"), Some("acme-1"));
+
+    // Refusals: each a 401 problem with WWW-Authenticate and no token in the body.
+    let valid = token(Algorithm::ES256, "es-1", &es, "acme");
+    let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", valid.split('.').nth(1).unwrap());
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("two credentials", vec![("authorization", bearer(&valid)), ("x-api-key", "key-acme".into())]),
+        ("two tokens", vec![("authorization", bearer(&valid)), ("authorization", bearer(&valid))]),
+        ("alg none", vec![("authorization", bearer(&none))]),
+        ("API key on a JWT-only route", vec![("x-api-key", "key-acme".into())]),
+        ("wrong key", vec![("authorization", bearer(&token(Algorithm::ES256, "es-1", &es2, "acme")))]),
+        ("no credential", vec![]),
+    ];
+    for (name, headers) in &cases {
+        let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let a = call(addr, "/jwt/x", &h).await;
+        assert_eq!(a.status, 401, "{name}: {}", a.raw);
+        assert_eq!(a.headers["content-type"], "application/problem+json", "{name}");
+        assert!(a.headers["www-authenticate"].to_str().unwrap().starts_with("Bearer"), "{name}");
+        assert!(!a.raw.contains(&valid) && !a.raw.contains("key-acme"), "{name}: {}", a.raw);
+        note(&a, None, None);
+    }
+    let a = call(addr, "/key/x", &[("authorization", &bearer(&valid))]).await;
+    assert_eq!(a.status, 401, "a JWT on an API-key route: {}", a.raw);
+    note(&a, None, None);
+
+    // Rotation: the issuer publishes a new key; a token signed with it is accepted once the
+    // cooldown since the last fetch has passed (one fetch, on the unknown kid).
+    jwks.keys.lock().unwrap().push(jwk(&es2, Algorithm::ES256, "es-2"));
+    tokio::time::sleep(Duration::from_secs(COOLDOWN_S).saturating_sub(started.elapsed()) + Duration::from_millis(200))
+        .await;
+    let before = jwks.fetches.load(Ordering::SeqCst);
+    let a =
+        call(addr, "/jwt/rotated", &[("authorization", &bearer(&token(Algorithm::ES256, "es-2", &es2, "acme")))]).await;
+    assert_eq!(a.status, 200, "rotated key: {}", a.raw);
+    assert_eq!(jwks.fetches.load(Ordering::SeqCst), before + 1);
+    note(&a, Some("acme"), Some("jwt:e2e"));
+
+    // A flood of random kids right after: refused, and at most one fetch per cooldown.
+    let before = jwks.fetches.load(Ordering::SeqCst);
+    let flood_start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let t = token(Algorithm::ES256, &format!("random-{i}-{:x}", rand::random::<u64>()), &es, "acme");
+        tasks.push(tokio::spawn(async move { call(addr, "/jwt/flood", &[("authorization", &bearer(&t))]).await }));
+    }
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, 401, "{}", a.raw);
+        note(&a, None, None);
+    }
+    let fetched = jwks.fetches.load(Ordering::SeqCst) - before;
+    let allowed = 1 + flood_start.elapsed().as_secs() / COOLDOWN_S;
+    assert!(fetched <= allowed, "{fetched} JWKS fetches for 60 random kids in {:?}", flood_start.elapsed());
+
+    // Every call was metered with the consumer and credential the edge decided on.
+    let n = expected.len();
+    let events = read_events(&topic, |e| e.len() >= n).await;
+    assert_eq!(events.len(), n);
+    for (id, status, consumer, credential) in &expected {
+        let e = events.iter().find(|e| e.event_id.to_string() == *id).unwrap_or_else(|| panic!("no event {id}"));
+        assert_eq!(e.status, *status, "{id}");
+        assert_eq!(e.consumer_id.as_deref(), *consumer, "{id}");
+        assert_eq!(e.credential_id.as_deref(), *credential, "{id}");
+        let outcome = if *status == 200 { Outcome::Forwarded } else { Outcome::Unauthenticated };
+        assert_eq!(e.outcome, outcome, "{id}");
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 4, "only accepted calls reach the upstream");
+    assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
+}
