@@ -76,6 +76,8 @@ pub struct Gateway {
     pub trusted_hops: usize,
     /// See `edge.max_body_bytes`.
     pub max_body_bytes: u64,
+    /// Set to true at shutdown: open upgrade tunnels close.
+    pub tunnels: tokio::sync::watch::Sender<bool>,
 }
 
 /// The TCP peer of the connection, put in every request's extensions by the server.

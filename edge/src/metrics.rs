@@ -29,6 +29,8 @@ pub struct Metrics {
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
+    /// Upgraded connections (WebSockets) currently spliced.
+    pub tunnels_open: AtomicU64,
     /// Requests sent again to another target after a connect failure.
     pub upstream_retries: AtomicU64,
     /// Upstream targets taken out of service by passive health checks.
@@ -138,6 +140,11 @@ impl Metrics {
             out,
             "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",
             u8::from(self.kafka_reachable.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_tunnels_open Upgraded connections (WebSockets) open now.\n# TYPE tollgate_edge_tunnels_open gauge\ntollgate_edge_tunnels_open {}",
+            self.tunnels_open.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -113,6 +113,10 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         return Problem::upstream_unreachable().into_response();
     };
     let (mut parts, body) = req.into_parts();
+    // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
+    // on 101, both connections are spliced (see `tunnel`).
+    let upgrade = upgrade_protocol(&parts.headers, parts.version)
+        .and_then(|proto| Some((proto, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
     let over_limit = Arc::new(AtomicBool::new(false));
@@ -154,6 +158,10 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         }
     }
 
+    if let Some((proto, _)) = &upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(http::header::UPGRADE, proto.clone());
+    }
     let attempts = if bodiless && idempotent(&parts.method) { 1 + route.retries as usize } else { 1 };
     let (method, path, query) =
         (parts.method.clone(), parts.uri.path().to_owned(), parts.uri.query().map(str::to_owned));
@@ -204,8 +212,13 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 }
                 return Problem::upstream_unreachable().into_response();
             }
-            Ok(Ok(upstream)) => {
+            Ok(Ok(mut upstream)) => {
                 pool.success(target);
+                if upstream.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    && let Some((_, client_side)) = upgrade
+                {
+                    return tunnel(&gw, client_side, &mut upstream, upstream_latency_us);
+                }
                 let (mut parts, body) = upstream.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 let mut resp = Response::from_parts(parts, Body::new(body));
@@ -215,6 +228,120 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 return resp;
             }
         }
+    }
+}
+
+/// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade`, HTTP/1.1).
+fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(http::header::UPGRADE).cloned()).flatten()
+}
+
+/// The bytes a finished tunnel carried, for metering: (client → upstream, upstream → client).
+/// (Extensions must be `Clone`; the receiver is taken once, by metering.)
+#[derive(Debug, Clone)]
+pub struct TunnelDone(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<(u64, u64)>>>>);
+
+impl TunnelDone {
+    pub fn take(&self) -> Option<tokio::sync::oneshot::Receiver<(u64, u64)>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// Answers 101 to the client and splices the two upgraded connections in a task until either
+/// side closes (or the edge shuts down). Metering waits for [`TunnelDone`] so the call's event
+/// carries the tunnel's whole duration and bytes.
+fn tunnel(
+    gw: &Arc<Gateway>,
+    client_side: hyper::upgrade::OnUpgrade,
+    upstream: &mut http::Response<hyper::body::Incoming>,
+    upstream_latency_us: u64,
+) -> Response {
+    let upstream_side = hyper::upgrade::on(&mut *upstream);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let mut shutdown = gw.tunnels.subscribe();
+    let metrics = Arc::clone(&gw.metrics);
+    metrics.tunnels_open.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let mut counts = (0, 0);
+        if let (Ok(client), Ok(server)) = (client_side.await, upstream_side.await) {
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut server = hyper_util::rt::TokioIo::new(server);
+            let mut counted = CountingIo { inner: &mut client, read: 0, written: 0 };
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut counted, &mut server) => {
+                    if let Err(e) = r { tracing::debug!(error = %e, "tunnel ended with an error"); }
+                }
+                _ = shutdown.wait_for(|closing| *closing) => tracing::debug!("tunnel closed by shutdown"),
+            }
+            counts = (counted.read, counted.written);
+        }
+        metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+        let _ = done_tx.send(counts);
+    });
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = std::mem::take(upstream.headers_mut());
+    resp.extensions_mut().insert(TunnelDone(Arc::new(std::sync::Mutex::new(Some(done_rx)))));
+    let info = CallInfo::of(&mut resp);
+    info.outcome = Some(tollgate_schemas::Outcome::Forwarded);
+    info.upstream_latency_us = Some(upstream_latency_us);
+    resp
+}
+
+/// Counts the bytes read from and written to the client side of a tunnel.
+struct CountingIo<'a, T> {
+    inner: &'a mut T,
+    read: u64,
+    written: u64,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingIo<'_, T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingIo<'_, T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.written += *n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 

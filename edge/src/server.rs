@@ -64,7 +64,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         metrics: Arc::clone(&metrics),
         trusted_hops: cfg.trusted_hops,
         max_body_bytes: cfg.max_body_bytes,
+        tunnels: tokio::sync::watch::channel(false).0,
     });
+    let tunnels = gw.tunnels.clone();
     let router = app(Arc::clone(&gw));
     let reload_task =
         opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
@@ -112,7 +114,9 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
                     req.extensions_mut().insert(PeerAddr(peer));
                     req
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).into_owned();
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
@@ -129,6 +133,15 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         () = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("shutdown grace over; closing remaining connections"),
     }
     drop(router);
+    // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
+    // give their events a moment to reach the producer queue.
+    let _ = tunnels.send(true);
+    let open = || metrics.tunnels_open.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
     if let Some(t) = reload_task {
         t.abort();
         let _ = t.await;

@@ -145,6 +145,18 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         trace_id: Some(trace_id),
     };
     let pending = Pending { call, start, request_bytes, sink: gw.events.clone() };
+    // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
+    if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
+        tokio::spawn(async move {
+            let (up, down) = done.await.unwrap_or((0, 0));
+            let mut call = pending.call;
+            call.latency_us = u64::try_from(pending.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+            call.request_bytes = pending.request_bytes.load(Ordering::Relaxed) + up;
+            call.response_bytes = down;
+            pending.sink.emit(call);
+        });
+        return resp;
+    }
     resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
 }
 
