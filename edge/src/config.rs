@@ -32,6 +32,42 @@ struct Raw {
     spool: RawSpool,
     #[serde(default)]
     jwt: RawJwt,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    #[serde(default)]
+    otlp_endpoint: Option<String>,
+    #[serde(default = "default_service_name")]
+    service_name: String,
+    #[serde(default = "default_sample_ratio")]
+    sample_ratio: f64,
+    #[serde(default = "default_export_timeout_ms")]
+    export_timeout_ms: u64,
+}
+
+impl Default for RawTelemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            sample_ratio: default_sample_ratio(),
+            export_timeout_ms: default_export_timeout_ms(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "tollgate-edge".to_owned()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_export_timeout_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,6 +377,18 @@ pub struct Config {
     pub consumers: Vec<Consumer>,
     pub spool: crate::metering::spool::SpoolConfig,
     pub jwt_issuers: Vec<Arc<JwtIssuer>>,
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry trace export (`[telemetry]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces URL (e.g. `http://collector:4318/v1/traces`); `None`: no spans.
+    pub otlp_endpoint: Option<Uri>,
+    pub service_name: String,
+    /// Fraction of new traces sampled; a client's sampled flag is followed.
+    pub sample_ratio: f64,
+    pub export_timeout: Duration,
 }
 
 /// A trusted JWT issuer (`[[jwt.issuers]]`).
@@ -743,7 +791,36 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         return Err(err(format!("routes (id `{}`).auth", r.id), "`jwt` needs at least one [[jwt.issuers]]".into()));
     }
 
+    let t = raw.telemetry;
+    let otlp_endpoint = match t.otlp_endpoint {
+        None => None,
+        Some(u) => {
+            let uri: Uri =
+                u.parse().map_err(|e| err("telemetry.otlp_endpoint".into(), format!("`{u}` is not a URL: {e}")))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(err(
+                    "telemetry.otlp_endpoint".into(),
+                    format!("`{u}` must be an http:// OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces"),
+                ));
+            }
+            Some(uri)
+        }
+    };
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        return Err(err("telemetry.sample_ratio".into(), "must be between 0 and 1".into()));
+    }
+    if t.service_name.is_empty() {
+        return Err(err("telemetry.service_name".into(), "must not be empty".into()));
+    }
+    let telemetry = TelemetryConfig {
+        otlp_endpoint,
+        service_name: t.service_name,
+        sample_ratio: t.sample_ratio,
+        export_timeout: Duration::from_millis(t.export_timeout_ms.max(1)),
+    };
+
     Ok(Config {
+        telemetry,
         jwt_issuers,
         instance_id,
         listen,

@@ -20,6 +20,7 @@ pub mod problem;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -76,6 +77,8 @@ pub struct Gateway {
     pub trusted_hops: usize,
     /// See `edge.max_body_bytes`.
     pub max_body_bytes: u64,
+    /// OpenTelemetry spans are made (`telemetry.otlp_endpoint` set).
+    pub telemetry: bool,
     /// Set to true at shutdown: open upgrade tunnels close.
     pub tunnels: tokio::sync::watch::Sender<bool>,
 }

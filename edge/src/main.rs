@@ -45,8 +45,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tollgate_common::logging::init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        tollgate_common::logging::init();
+    }
     let env = tollgate_common::config::process_env();
     match cli.command {
         Command::HashKey { key } => {
@@ -87,8 +89,30 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Logging starts once the config says whether spans are exported too.
+            let telemetry = if cfg.telemetry.otlp_endpoint.is_some() {
+                match tollgate_edge::telemetry::Telemetry::start(&cfg.telemetry, rt.handle().clone()) {
+                    Ok((t, layer)) => {
+                        tollgate_common::logging::init_with(Some(Box::new(layer)));
+                        Some(t)
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "tollgate-edge: config key `telemetry.otlp_endpoint`: cannot start the exporter: {e:#}"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            } else {
+                tollgate_common::logging::init();
+                None
+            };
             let opts = tollgate_edge::server::ServeOptions { ready_file, config_path: Some(config), env };
-            match rt.block_on(tollgate_edge::serve(cfg, tollgate_common::shutdown::signal(), opts)) {
+            let result = rt.block_on(tollgate_edge::serve(cfg, tollgate_common::shutdown::signal(), opts));
+            if let Some(t) = telemetry {
+                t.shutdown();
+            }
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tollgate-edge: {e:#}");

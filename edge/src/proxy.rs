@@ -149,12 +149,18 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         if let Ok(v) = HeaderValue::from_str(&meta.event_id.to_string()) {
             headers.insert(REQUEST_ID, v);
         }
-        let traceparent = meta.traceparent.clone().or_else(|| {
-            let span = &meta.event_id.simple().to_string()[16..];
-            HeaderValue::from_str(&format!("00-{}-{span}-01", meta.trace_id)).ok()
-        });
-        if let Some(tp) = traceparent {
-            headers.insert("traceparent", tp);
+        match &meta.otel {
+            // Telemetry on: the upstream's parent is the edge's span.
+            Some(cx) => crate::telemetry::inject(cx, headers),
+            None => {
+                let traceparent = meta.traceparent.clone().or_else(|| {
+                    let span = &meta.event_id.simple().to_string()[16..];
+                    HeaderValue::from_str(&format!("00-{}-{span}-01", meta.trace_id)).ok()
+                });
+                if let Some(tp) = traceparent {
+                    headers.insert("traceparent", tp);
+                }
+            }
         }
     }
 

@@ -65,6 +65,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         trusted_hops: cfg.trusted_hops,
         max_body_bytes: cfg.max_body_bytes,
         tunnels: tokio::sync::watch::channel(false).0,
+        telemetry: cfg.telemetry.otlp_endpoint.is_some(),
     });
     let tunnels = gw.tunnels.clone();
     let router = app(Arc::clone(&gw));
@@ -209,6 +210,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     ("edge.admin_listen", next.admin_listen != current.admin_listen),
                     ("kafka", next.kafka != current.kafka),
                     ("spool", next.spool != current.spool),
+                    ("telemetry", next.telemetry != current.telemetry),
                     (
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout

@@ -41,6 +41,8 @@ pub struct CallMeta {
     pub trace_id: String,
     /// The client's `traceparent`, when valid, to pass upstream unchanged.
     pub traceparent: Option<HeaderValue>,
+    /// The call's OpenTelemetry context (telemetry on): upstream gets its `traceparent`.
+    pub otel: Option<opentelemetry::Context>,
 }
 
 /// Where events go. Cloned into every response body.
@@ -92,11 +94,36 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let event_id = Uuid::now_v7();
     let client_trace =
         req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
-    let (traceparent, trace_id) = match client_trace {
+    let (traceparent, mut trace_id) = match client_trace {
         Some((header, id)) => (Some(header), id),
         None => (None, format!("{:032x}", rand_u128())),
     };
-    req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent });
+    // With telemetry on, the call is a span (child of the client's traceparent) and its trace
+    // id is the event's.
+    let (span, otel) = if gw.telemetry {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let span = tracing::info_span!(
+            "request",
+            otel.name = tracing::field::Empty,
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            url.path = %req.uri().path(),
+            http.route = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            tollgate.event_id = %event_id,
+        );
+        let _ = span.set_parent(crate::telemetry::extract_parent(req.headers()));
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            trace_id = sc.trace_id().to_string();
+        }
+        (Some(span), Some(cx))
+    } else {
+        (None, None)
+    };
+    req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent, otel });
 
     let client_ip = req
         .extensions()
@@ -117,13 +144,22 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let request_bytes = Arc::new(AtomicU64::new(0));
     let req = req.map(|b| Body::new(CountingBody { inner: b, count: Arc::clone(&request_bytes) }));
 
-    let mut resp = next.run(req).await;
+    let mut resp = match &span {
+        Some(span) => tracing::Instrument::instrument(next.run(req), span.clone()).await,
+        None => next.run(req).await,
+    };
     if let Ok(v) = HeaderValue::from_str(&event_id.to_string()) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
     let status = resp.status().as_u16();
     gw.metrics.record_request(info.route_id.as_deref(), status);
+    if let Some(span) = &span {
+        let route = info.route_id.as_deref().unwrap_or(crate::metrics::NO_ROUTE);
+        span.record("otel.name", format!("{method} {route}"));
+        span.record("http.route", route);
+        span.record("http.response.status_code", status);
+    }
     let call = ApiCall {
         event_id,
         start_time_us,
@@ -144,7 +180,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         user_agent,
         trace_id: Some(trace_id),
     };
-    let pending = Pending { call, start, request_bytes, sink: gw.events.clone() };
+    let pending = Pending { call, start, request_bytes, sink: gw.events.clone(), _span: span };
     // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
     if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
         tokio::spawn(async move {
@@ -210,6 +246,8 @@ struct Pending {
     start: Instant,
     request_bytes: Arc<AtomicU64>,
     sink: EventSink,
+    /// The call's span, ended with the response body (telemetry on).
+    _span: Option<tracing::Span>,
 }
 
 /// The response body, counting bytes; emits the event exactly once: at end of stream, on a
