@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 pub struct Caller {
     /// Label in the tally (the consumer id, or e.g. `bad-key`).
     pub label: String,
-    /// API key sent as `Authorization: Bearer`; `None` sends no credential.
+    /// API key or JWT sent as `Authorization: Bearer`; `None` sends no credential.
     pub key: Option<String>,
     /// Requests to send.
     pub requests: usize,
@@ -54,8 +54,26 @@ pub const DEMO_KEYS: [(&str, &str); 3] = [
     ("initech", "tg_demo_initech_9b2c5e7a3d"),
 ];
 
-/// The demo mix: steady traffic from three consumers, unauthenticated and bad-key calls, and
-/// a burst from `initech` well above its plan's rate.
+/// Issuer, audience and signing key of the demo JWT issuer in `config/demo/edge.toml`
+/// (demo only).
+pub const DEMO_JWT_ISSUER: &str = "https://auth.demo.tollgate.dev/";
+pub const DEMO_JWT_AUDIENCE: &str = "tollgate-demo";
+const DEMO_JWT_KEY: &[u8] = include_bytes!("../../config/demo/jwt/demo-es256.key.pem");
+
+/// An ES256 JWT from the demo issuer for `consumer`, valid for a day.
+pub fn demo_jwt(consumer: &str) -> Option<String> {
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(DEMO_JWT_KEY).ok()?;
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = serde_json::json!({
+        "iss": DEMO_JWT_ISSUER, "aud": DEMO_JWT_AUDIENCE, "sub": consumer, "iat": now, "exp": now + 86_400,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some("demo-1".into());
+    jsonwebtoken::encode(&header, &claims, &key).ok()
+}
+
+/// The demo mix: steady traffic from three API-key consumers and one JWT consumer,
+/// unauthenticated and bad-key calls, and a burst from `initech` well above its plan's rate.
 pub fn demo_mix(scale: usize) -> Vec<Caller> {
     let key = |i: usize| Some(DEMO_KEYS[i].1.to_owned());
     let steady = |label: &str, k, n| Caller {
@@ -70,6 +88,7 @@ pub fn demo_mix(scale: usize) -> Vec<Caller> {
         steady("acme", key(0), 40 * scale),
         steady("globex", key(1), 25 * scale),
         steady("initech", key(2), 10 * scale),
+        steady("umbrella", demo_jwt("umbrella"), 15 * scale),
         Caller {
             label: "bad-key".into(),
             key: Some("tg_wrong_0000000000".into()),

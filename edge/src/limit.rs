@@ -8,7 +8,7 @@
 //! pruned — dropping it loses nothing, since a fresh limiter is in the same state.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -128,11 +128,9 @@ impl LimiterCache {
     /// The limiter for `key`, created from `rate` on first use.
     pub fn get(&self, consumer: &Arc<str>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
         let key: CacheKey = (Arc::clone(consumer), route.cloned());
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         let now = self.now_ms();
-        let mut shard =
-            self.shards[(h.finish() as usize) % SHARDS].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shard_index = (self.hasher.hash_one(&key) as usize) % SHARDS;
+        let mut shard = self.shards[shard_index].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let limiter = match shard.map.get(&key) {
             Some(l) => Arc::clone(l),
             None => {

@@ -254,10 +254,13 @@ fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue
 /// The bytes a finished tunnel carried, for metering: (client → upstream, upstream → client).
 /// (Extensions must be `Clone`; the receiver is taken once, by metering.)
 #[derive(Debug, Clone)]
-pub struct TunnelDone(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<(u64, u64)>>>>);
+pub struct TunnelDone(Arc<std::sync::Mutex<Option<TunnelBytes>>>);
+
+/// Receives (client → upstream, upstream → client) bytes when a tunnel closes.
+pub type TunnelBytes = tokio::sync::oneshot::Receiver<(u64, u64)>;
 
 impl TunnelDone {
-    pub fn take(&self) -> Option<tokio::sync::oneshot::Receiver<(u64, u64)>> {
+    pub fn take(&self) -> Option<TunnelBytes> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
