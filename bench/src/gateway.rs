@@ -1,7 +1,8 @@
 //! Gateway throughput and latency with wrk, in one run, against the same upstream:
 //! direct upstream, nginx as a plain reverse proxy (worker count = the edge's threads), the
-//! edge with metering off, and the edge with API key + limits + metering (Tansu on memory
-//! storage). Then the edge's RSS with 100,000 consumers configured.
+//! edge with metering off, the edge with API key + limits + metering (Tansu on memory
+//! storage), and the same edge authenticating an ES256 JWT instead of the key. Then the edge's
+//! RSS with 100,000 consumers configured.
 //!
 //! wrk and nginx come from Debian (`bench/run.sh` installs them). The machine has 2 cores
 //! shared by wrk, the upstream, the proxy and (for metering) Tansu: figures are comparable
@@ -39,11 +40,26 @@ fn parse_latency(s: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|n| n * mult)
 }
 
-fn wrk(url: &str, with_key: bool, seconds: u64, connections: u32) -> Figures {
+/// The credential a target is called with.
+#[derive(Debug, Clone)]
+enum Cred {
+    None,
+    ApiKey,
+    /// `Authorization: Bearer <jwt>`.
+    Jwt(String),
+}
+
+fn wrk(url: &str, cred: &Cred, seconds: u64, connections: u32) -> Figures {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "--latency"]);
-    if with_key {
-        cmd.args(["-H", &format!("x-api-key: {KEY}")]);
+    match cred {
+        Cred::None => {}
+        Cred::ApiKey => {
+            cmd.args(["-H", &format!("x-api-key: {KEY}")]);
+        }
+        Cred::Jwt(t) => {
+            cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+        }
     }
     let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -92,11 +108,16 @@ fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool
         c,
         "[edge]\ninstance_id = \"edge-bench\"\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
          [kafka]\nenabled = {}\nbrokers = \"{}\"\ntopic = \"bench-gw\"\n[spool]\ndir = \"{}\"\n\
-         [[routes]]\nid = \"up\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:{upstream}\"\n\
-         [plans.big]\nrate_per_second = 10000000\n",
+         [[routes]]\nid = \"up\"\npath_prefix = \"/\"\nupstream = \"http://127.0.0.1:{upstream}\"\nauth = \"api_key_or_jwt\"\n\
+         [plans.big]\nrate_per_second = 10000000\n\
+         [[jwt.issuers]]\nid = \"demo\"\nissuer = \"{}\"\naudiences = [\"{}\"]\nalgorithms = [\"ES256\"]\n\
+         default_plan = \"big\"\nkeys = [{{ kid = \"demo-1\", alg = \"ES256\", pem_file = \"{}\" }}]\n",
         broker.is_some(),
         broker.unwrap_or(""),
-        spool.display()
+        spool.display(),
+        tollgate_demo::traffic::DEMO_JWT_ISSUER,
+        tollgate_demo::traffic::DEMO_JWT_AUDIENCE,
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo/jwt/demo-es256.pub.pem").display(),
     );
     let _ = write!(
         c,
@@ -168,23 +189,25 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     let (_e2, on_port) = start_edge("edge-on", Some(&broker.addr));
 
     let path = "/bench?bytes=64";
+    let jwt = tollgate_demo::traffic::demo_jwt("bench").ok_or_else(|| anyhow::anyhow!("cannot sign the demo JWT"))?;
     let targets = [
-        ("direct upstream", format!("http://127.0.0.1:{up_port}{path}"), false),
-        ("nginx reverse proxy", format!("http://127.0.0.1:{ng_port}{path}"), false),
-        ("edge, key + limits, metering off", format!("http://127.0.0.1:{off_port}{path}"), true),
-        ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), true),
+        ("direct upstream", format!("http://127.0.0.1:{up_port}{path}"), Cred::None),
+        ("nginx reverse proxy", format!("http://127.0.0.1:{ng_port}{path}"), Cred::None),
+        ("edge, key + limits, metering off", format!("http://127.0.0.1:{off_port}{path}"), Cred::ApiKey),
+        ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::ApiKey),
+        ("edge, ES256 JWT + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::Jwt(jwt)),
     ];
     // Warm-up: connection pools, page cache.
-    for (_, url, key) in &targets {
-        let _ = wrk(url, *key, 2, connections);
+    for (_, url, cred) in &targets {
+        let _ = wrk(url, cred, 2, connections);
     }
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
         // Interleaved, so drift on the shared machine hits every target alike.
-        for (i, (name, url, key)) in targets.iter().enumerate() {
-            let f = wrk(url, *key, seconds, connections);
+        for (i, (name, url, cred)) in targets.iter().enumerate() {
+            let f = wrk(url, cred, seconds, connections);
             println!(
-                "run {}: {name:<34} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms",
+                "run {}: {name:<38} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms",
                 run + 1,
                 f.rps,
                 f.p50_ms,
@@ -198,10 +221,10 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     println!(
         "\nmedian of {runs} runs, wrk -t1 -c{connections} -d{seconds}s, {threads} edge threads = {threads} nginx workers:"
     );
-    println!("{:<36} {:>10} {:>9} {:>9} {:>12} {:>14}", "", "req/s", "P50 ms", "P99 ms", "vs nginx", "P99 - nginx");
+    println!("{:<38} {:>10} {:>9} {:>9} {:>12} {:>14}", "", "req/s", "P50 ms", "P99 ms", "vs nginx", "P99 - nginx");
     for ((name, _, _), f) in targets.iter().zip(&med) {
         println!(
-            "{name:<36} {:>10.0} {:>9.2} {:>9.2} {:>11.2}x {:>11.2} ms",
+            "{name:<38} {:>10.0} {:>9.2} {:>9.2} {:>11.2}x {:>11.2} ms",
             f.rps,
             f.p50_ms,
             f.p99_ms,
@@ -210,7 +233,7 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         );
     }
     println!("metering cost: {:.1} % of throughput", (1.0 - med[3].rps / med[2].rps) * 100.0);
-    println!("edge with ES256 JWT: not measured (JWT is not implemented yet)");
+    println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[4].rps / med[3].rps);
 
     // RSS with 100,000 consumers.
     let (port, admin) = (free_port(), free_port());
@@ -222,7 +245,7 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     );
     wait_port(&format!("127.0.0.1:{port}"));
     let idle = rss_kib(p.0.id());
-    let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), true, seconds.min(5), connections);
+    let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), &Cred::ApiKey, seconds.min(5), connections);
     let loaded = rss_kib(p.0.id());
     println!(
         "edge RSS with 100,000 consumers: {:.1} MiB after start, {:.1} MiB after load (goal <= 64 MiB)",

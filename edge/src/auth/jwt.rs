@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -171,6 +172,25 @@ pub struct Verified {
     pub default_plan: Option<String>,
 }
 
+/// A verification's result with the times that bound its validity.
+#[derive(Debug)]
+struct Accepted {
+    verified: Verified,
+    exp: u64,
+    nbf: u64,
+}
+
+/// A verified token remembered by the SHA-256 of the whole token.
+#[derive(Debug)]
+struct Cached {
+    accepted: Accepted,
+    issuer: Arc<IssuerState>,
+    generation: u64,
+}
+
+/// Verified tokens remembered at most; beyond, the cache starts over.
+const TOKEN_CACHE_CAPACITY: usize = 16_384;
+
 /// One issuer's rules and current keys.
 #[derive(Debug)]
 pub struct IssuerState {
@@ -188,6 +208,8 @@ pub struct IssuerState {
     next_refresh: Mutex<Instant>,
     /// JWKS fetches made (successful or not), for metrics and tests.
     pub fetches: std::sync::atomic::AtomicU64,
+    /// Bumped whenever the keys change: cached verifications of older generations are void.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl IssuerState {
@@ -225,6 +247,7 @@ impl IssuerState {
             last_fetch: tokio::sync::Mutex::new(None),
             next_refresh: Mutex::new(next_refresh),
             fetches: std::sync::atomic::AtomicU64::new(0),
+            generation: std::sync::atomic::AtomicU64::new(0),
             cfg,
         }
     }
@@ -233,7 +256,7 @@ impl IssuerState {
         Arc::clone(&self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    fn verify_with(&self, token: &str, header_alg: Algorithm, kid: Option<&str>) -> Option<Result<Verified, JwtError>> {
+    fn verify_with(&self, token: &str, header_alg: Algorithm, kid: Option<&str>) -> Option<Result<Accepted, JwtError>> {
         let Some(validation) = self.validations.get(&header_alg) else {
             return Some(Err(JwtError::AlgorithmNotAllowed));
         };
@@ -242,7 +265,11 @@ impl IssuerState {
         for key in keys.iter().filter(|k| k.matches(header_alg, kid)) {
             tried = true;
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, &key.key, validation) {
-                Ok(data) => return Some(self.identity(&data.claims)),
+                Ok(data) => {
+                    let time = |c: &str| data.claims.get(c).and_then(serde_json::Value::as_f64).map_or(0, |t| t as u64);
+                    let (exp, nbf) = (time("exp"), time("nbf"));
+                    return Some(self.identity(&data.claims).map(|verified| Accepted { verified, exp, nbf }));
+                }
                 // Without a kid several keys may match (rotation): try the next one.
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
                 Err(e) => return Some(Err(e.into())),
@@ -282,6 +309,7 @@ impl IssuerState {
                 let n = fresh.len();
                 keys.extend(fresh);
                 *self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+                self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 tracing::info!(issuer = %self.id, keys = n, "JWKS loaded");
                 self.cfg.jwks_refresh
             }
@@ -319,9 +347,15 @@ async fn load(source: &JwksSource, client: &HttpClient) -> Result<Vec<JwtKey>, S
 }
 
 /// All trusted issuers, by `iss`.
+///
+/// Verified tokens are cached (keyed by the SHA-256 of the whole token, so a token differing
+/// in any byte is verified afresh): a client reusing its token costs a hash and a map lookup,
+/// not a signature check. A hit still checks `exp`/`nbf` against the clock; a key change of
+/// the issuer (JWKS refresh) and a config reload void the cache.
 #[derive(Debug, Default)]
 pub struct Verifier {
     by_iss: HashMap<String, Arc<IssuerState>>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl Verifier {
@@ -335,7 +369,25 @@ impl Verifier {
                 (cfg.issuer.clone(), Arc::new(IssuerState::new(Arc::clone(cfg), old)))
             })
             .collect();
-        Self { by_iss }
+        Self { by_iss, cache: Mutex::default() }
+    }
+
+    fn cached(&self, digest: &[u8; 32]) -> Option<Verified> {
+        let cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let c = cache.get(digest)?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = c.issuer.cfg.leeway_s;
+        let fresh = c.generation == c.issuer.generation.load(std::sync::atomic::Ordering::Acquire);
+        let in_time = c.accepted.exp.saturating_add(leeway) >= now && c.accepted.nbf <= now.saturating_add(leeway);
+        (fresh && in_time).then(|| c.accepted.verified.clone())
+    }
+
+    fn remember(&self, digest: [u8; 32], accepted: Accepted, issuer: &Arc<IssuerState>, generation: u64) {
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= TOKEN_CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(digest, Cached { accepted, issuer: Arc::clone(issuer), generation });
     }
 
     pub fn is_empty(&self) -> bool {
@@ -348,6 +400,11 @@ impl Verifier {
 
     /// Verifies `token`. May fetch the issuer's JWKS once (see the module docs).
     pub async fn verify(&self, token: &str, client: &HttpClient) -> Result<Verified, JwtError> {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(v) = self.cached(&digest) {
+            return Ok(v);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
         #[derive(serde::Deserialize)]
         struct Iss {
@@ -364,16 +421,17 @@ impl Verifier {
             return Err(JwtError::AlgorithmNotAllowed);
         }
         let kid = header.kid.as_deref();
-        if let Some(result) = issuer.verify_with(token, header.alg, kid) {
-            return result;
-        }
+        let mut generation = issuer.generation.load(std::sync::atomic::Ordering::Acquire);
+        let mut result = issuer.verify_with(token, header.alg, kid);
         // Unknown kid: the issuer may have rotated keys. One fetch per cooldown, whoever asks.
-        if issuer.fetch_jwks(client, issuer.cfg.unknown_kid_cooldown).await
-            && let Some(result) = issuer.verify_with(token, header.alg, kid)
-        {
-            return result;
+        if result.is_none() && issuer.fetch_jwks(client, issuer.cfg.unknown_kid_cooldown).await {
+            generation = issuer.generation.load(std::sync::atomic::Ordering::Acquire);
+            result = issuer.verify_with(token, header.alg, kid);
         }
-        Err(JwtError::UnknownKey)
+        let accepted = result.ok_or(JwtError::UnknownKey)??;
+        let verified = accepted.verified.clone();
+        self.remember(digest, accepted, issuer, generation);
+        Ok(verified)
     }
 
     /// Reloads the JWKS of every issuer whose refresh time has come (background task).
@@ -623,6 +681,30 @@ mod tests {
             assert!(!got.unwrap_err().to_string().contains(&token), "{name}");
         }
         assert_eq!(v.fetches(), 0, "no JWKS source: nothing to fetch");
+    }
+
+    #[tokio::test]
+    async fn cached_tokens_still_expire_and_a_changed_byte_is_verified_afresh() {
+        let key = JwtKey::from_pem(Some("es".into()), Algorithm::ES256, &testdata("es256.pub.pem")).unwrap();
+        let mut cfg = (*issuer("strict", ISS, vec![Algorithm::ES256], vec![key])).clone();
+        cfg.leeway_s = 0;
+        let v = Verifier::new(&[Arc::new(cfg)], None);
+        let client = crate::proxy::client(Duration::from_secs(1));
+        let short = es(&with(|c| {
+            c.insert("exp".into(), json!(now() + 1));
+        }));
+        assert!(v.verify(&short, &client).await.is_ok());
+        assert!(v.verify(&short, &client).await.is_ok(), "served from the cache");
+        assert_eq!(v.cache.lock().unwrap().len(), 1);
+        // The cached token's signature with other claims is still checked.
+        let parts: Vec<&str> = short.split('.').collect();
+        let other = es(&with(|c| {
+            c.insert("sub".into(), json!("mallory"));
+        }));
+        let forged = format!("{}.{}.{}", parts[0], other.split('.').nth(1).unwrap(), parts[2]);
+        assert_eq!(v.verify(&forged, &client).await, Err(JwtError::BadSignature));
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(v.verify(&short, &client).await, Err(JwtError::Expired), "the cache honours exp");
     }
 
     #[test]
