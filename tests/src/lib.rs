@@ -495,3 +495,40 @@ pub async fn read_events(
     }
     events
 }
+
+/// The `[edge]` and `[kafka]` sections of a test edge: ports chosen by the OS (read them from
+/// the ready file), events to `topic` on the local broker.
+pub fn edge_head(instance_id: &str, topic: &str) -> String {
+    format!(
+        "[edge]\ninstance_id = \"{instance_id}\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\n",
+        kafka()
+    )
+}
+
+/// Serves HTTP/1.1 on an OS-chosen port with `handler` (a tiny JWKS endpoint, a fake OTLP
+/// collector...); returns the address.
+pub async fn serve_http<F, Fut>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}

@@ -6,7 +6,6 @@
 //! 401 with `WWW-Authenticate` and metered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tollgate_e2e::*;
@@ -35,26 +34,15 @@ struct Jwks {
 }
 
 async fn serve_jwks(jwks: Arc<Jwks>) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let jwks = Arc::clone(&jwks);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    let jwks = Arc::clone(&jwks);
-                    async move {
-                        jwks.fetches.fetch_add(1, Ordering::SeqCst);
-                        let doc = serde_json::json!({ "keys": *jwks.keys.lock().unwrap() });
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(doc.to_string()))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
+    serve_http(move |_req| {
+        let jwks = Arc::clone(&jwks);
+        async move {
+            jwks.fetches.fetch_add(1, Ordering::SeqCst);
+            let doc = serde_json::json!({ "keys": *jwks.keys.lock().unwrap() });
+            http::Response::new(Full::new(Bytes::from(doc.to_string())))
         }
-    });
-    addr
+    })
+    .await
 }
 
 fn jwk(private_pem: &[u8], alg: Algorithm, kid: &str) -> Jwk {
@@ -80,15 +68,9 @@ fn token(alg: Algorithm, kid: &str, private_pem: &[u8], sub: &str) -> String {
 }
 
 fn config(topic: &str, upstream: std::net::SocketAddr, jwks: std::net::SocketAddr) -> String {
+    let head = edge_head("edge-jwt", topic);
     format!(
-        r#"
-[edge]
-instance_id = "edge-jwt"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
+        r#"{head}
 [[routes]]
 id = "jwt"
 path_prefix = "/jwt"
@@ -120,7 +102,6 @@ default_plan = "free"
 jwks_url = "http://{jwks}/.well-known/jwks.json"
 unknown_kid_cooldown_s = {COOLDOWN_S}
 "#,
-        kafka = kafka(),
         a = sha256_hex("key-acme"),
     )
 }

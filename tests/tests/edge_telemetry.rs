@@ -3,47 +3,32 @@
 //! gets a `traceparent` naming the edge's span; the event carries the same trace id.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tollgate_e2e::*;
 
 /// What the fake collector received: (path, content-type, body).
 type Received = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
 
 async fn collector() -> (std::net::SocketAddr, Received) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let got: Received = Arc::default();
     let store = Arc::clone(&got);
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let store = Arc::clone(&store);
-                    async move {
-                        let path = req.uri().path().to_owned();
-                        let ct = req
-                            .headers()
-                            .get("content-type")
-                            .map(|v| v.to_str().unwrap().to_owned())
-                            .unwrap_or_default();
-                        let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
-                        store.lock().unwrap().push((path, ct, body));
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
+    let addr = serve_http(move |req: http::Request<hyper::body::Incoming>| {
+        let store = Arc::clone(&store);
+        async move {
+            let path = req.uri().path().to_owned();
+            let ct = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            let body = req.into_body().collect().await.unwrap().to_bytes().to_vec();
+            store.lock().unwrap().push((path, ct, body));
+            http::Response::new(Full::new(Bytes::new()))
         }
-    });
+    })
+    .await;
     (addr, got)
 }
 
@@ -62,15 +47,9 @@ async fn spans_are_exported_and_propagated() {
     create_topic(&topic, 1).await;
     let (upstream, _) = start_echo().await;
     let (otlp, received) = collector().await;
+    let head = edge_head("edge-otel", &topic);
     let config = format!(
-        r#"
-[edge]
-instance_id = "edge-otel"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
+        r#"{head}
 [telemetry]
 otlp_endpoint = "http://{otlp}/v1/traces"
 service_name = "edge-under-test"
@@ -79,8 +58,7 @@ id = "echo"
 path_prefix = "/echo"
 upstream = "http://{upstream}"
 auth = "none"
-"#,
-        kafka = kafka(),
+"#
     );
     let (mut edge, addr, _) = start_edge(dir.path(), "edge", &config).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();

@@ -13,15 +13,9 @@ use hyper_util::rt::TokioExecutor;
 use tollgate_e2e::*;
 
 fn config(topic: &str, a: std::net::SocketAddr, b: std::net::SocketAddr, dead: u16) -> String {
+    let head = edge_head("edge-upstreams", topic);
     format!(
-        r#"
-[edge]
-instance_id = "edge-upstreams"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
+        r#"{head}
 [[routes]]
 id = "lb"
 path_prefix = "/lb"
@@ -36,8 +30,7 @@ upstreams = ["http://127.0.0.1:{dead}", "http://{a}"]
 auth = "none"
 max_fails = 1000000
 connect_timeout_ms = 500
-"#,
-        kafka = kafka(),
+"#
     )
 }
 

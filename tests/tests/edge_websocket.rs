@@ -10,15 +10,9 @@ use tollgate_e2e::*;
 use tollgate_schemas::Outcome;
 
 fn config(topic: &str, upstream: std::net::SocketAddr) -> String {
+    let head = edge_head("edge-ws", topic);
     format!(
-        r#"
-[edge]
-instance_id = "edge-ws"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[kafka]
-brokers = "{kafka}"
-topic = "{topic}"
+        r#"{head}
 [[routes]]
 id = "ws"
 path_prefix = "/ws"
@@ -30,7 +24,6 @@ id = "acme"
 plan = "big"
 keys = [{{ id = "acme-1", sha256 = "{a}" }}]
 "#,
-        kafka = kafka(),
         a = sha256_hex("key-acme"),
     )
 }

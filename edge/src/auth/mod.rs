@@ -173,8 +173,12 @@ pub async fn authenticate(
             runtime.keys.lookup(&key).map(Some).ok_or(AuthError::Invalid)
         }
         Some(Credential::Jwt(token)) => {
-            if !route.auth.accepts_jwt() || runtime.jwt.is_empty() {
+            if !route.auth.accepts_jwt() {
                 return Err(AuthError::WrongKind(accepted));
+            }
+            if runtime.jwt.is_empty() {
+                // A public route on an edge without issuers: a JWT cannot be valid here.
+                return Err(AuthError::Invalid);
             }
             let v = runtime.jwt.verify(&token, client).await?;
             let (consumer_id, plan) = match runtime.keys.consumer(&v.consumer_id) {
