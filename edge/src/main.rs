@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tollgate_edge::Config;
 
+// mimalloc: the request path allocates per call (headers, bodies, events); glibc malloc cost
+// ~15 % of the edge's CPU under load (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "tollgate edge: authenticating, rate-limiting, metering HTTP gateway")]
 struct Cli {

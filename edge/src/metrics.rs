@@ -29,7 +29,8 @@ pub struct Metrics {
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
-    /// Upgraded connections (WebSockets) currently spliced.
+    /// Upgraded connections (WebSockets) spliced now, or closed with their event not yet
+    /// emitted (microseconds).
     pub tunnels_open: AtomicU64,
     /// Requests sent again to another target after a connect failure.
     pub upstream_retries: AtomicU64,

@@ -168,7 +168,9 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(http::header::UPGRADE, proto.clone());
     }
-    let attempts = if bodiless && idempotent(&parts.method) { 1 + route.retries as usize } else { 1 };
+    // A retry goes to another target: never more attempts than targets.
+    let attempts =
+        if bodiless && idempotent(&parts.method) { (1 + route.retries as usize).min(pool.targets.len()) } else { 1 };
     let (method, path, query) =
         (parts.method.clone(), parts.uri.path().to_owned(), parts.uri.query().map(str::to_owned));
     let mut body = Some(body);
@@ -277,8 +279,7 @@ fn tunnel(
     let upstream_side = hyper::upgrade::on(&mut *upstream);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let mut shutdown = gw.tunnels.subscribe();
-    let metrics = Arc::clone(&gw.metrics);
-    metrics.tunnels_open.fetch_add(1, Ordering::Relaxed);
+    gw.metrics.tunnels_open.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         let mut counts = (0, 0);
         if let (Ok(client), Ok(server)) = (client_side.await, upstream_side.await) {
@@ -293,7 +294,7 @@ fn tunnel(
             }
             counts = (counted.read, counted.written);
         }
-        metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+        // Metering emits the call's event, then takes the tunnel off `tunnels_open`.
         let _ = done_tx.send(counts);
     });
     let mut resp = Response::new(Body::empty());

@@ -34,7 +34,7 @@ pub struct ServeOptions {
 }
 
 /// Runs the edge until `shutdown` completes.
-pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeOptions) -> anyhow::Result<()> {
+pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeOptions) -> anyhow::Result<()> {
     let ready_file = opts.ready_file.as_deref();
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
@@ -55,6 +55,10 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
     };
     let clients = crate::upstream::Clients::default();
     let runtime = Runtime::new(&cfg, &clients, None);
+    // The runtime holds what requests need; the config's own copy of the consumers (possibly
+    // 100,000s) is not needed any more: reloads read the file again.
+    let consumers = cfg.consumers.len();
+    cfg.consumers = Vec::new();
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
@@ -86,7 +90,7 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
         std::fs::write(path, body.to_string())
             .map_err(|e| anyhow::anyhow!("cannot write ready file {}: {e}", path.display()))?;
     }
-    tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers = cfg.consumers.len(), "edge started");
+    tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers, "edge started");
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -135,14 +139,13 @@ pub async fn serve(cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeO
     }
     drop(router);
     // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
-    // give their events a moment to reach the producer queue.
+    // wait (briefly) until their events are in the producer queue.
     let _ = tunnels.send(true);
     let open = || metrics.tunnels_open.load(std::sync::atomic::Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while open() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
     if let Some(t) = reload_task {
         t.abort();
         let _ = t.await;
@@ -233,7 +236,8 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     consumers = next.consumers.len(),
                     "config reloaded"
                 );
-                current = next;
+                // Only the restart-only settings are compared next time.
+                current = Config { consumers: Vec::new(), ..next };
             }
             Ok(Err(e)) => {
                 gw.metrics.config_reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

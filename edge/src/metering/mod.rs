@@ -183,6 +183,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let pending = Pending { call, start, request_bytes, sink: gw.events.clone(), _span: span };
     // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
     if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
+        let metrics = Arc::clone(&gw.metrics);
         tokio::spawn(async move {
             let (up, down) = done.await.unwrap_or((0, 0));
             let mut call = pending.call;
@@ -190,6 +191,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
             call.request_bytes = pending.request_bytes.load(Ordering::Relaxed) + up;
             call.response_bytes = down;
             pending.sink.emit(call);
+            metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
         });
         return resp;
     }

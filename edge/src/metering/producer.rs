@@ -22,6 +22,9 @@ use super::spool::{self, Spool};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 
+/// Events taken from the queue at once.
+const BATCH: usize = 1024;
+
 /// Delivery opaque of a live event.
 const LIVE: usize = 0;
 /// Delivery opaque of a replayed spool record.
@@ -121,34 +124,43 @@ async fn run(
     flush_timeout: Duration,
 ) {
     let mut buf = Vec::with_capacity(512);
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let call = tokio::select! {
+        let n = tokio::select! {
             biased;
-            // After close, recv() still yields what is queued, then None.
+            // After close, recv_many() still yields what is queued, then 0.
             _ = &mut close, if !close.is_terminated() => {
                 rx.close();
                 continue;
             }
-            call = rx.recv() => match call {
-                Some(call) => call,
-                None => break,
-            },
+            n = rx.recv_many(&mut batch, BATCH) => n,
         };
-        metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
-        buf.clear();
-        if let Err(e) = encoder.encode_into(&call, &mut buf) {
-            metrics.events_unencodable.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "cannot encode event");
-            continue;
+        if n == 0 {
+            break;
         }
-        let key = call.kafka_key();
-        let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&buf);
-        if let Err((e, _)) = producer.send(record) {
-            // Queue full (Kafka slow or down) or any other refusal: the disk takes it.
-            if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
-                tracing::warn!(error = %e, "producer refused an event; spooling it");
+        for call in batch.drain(..) {
+            buf.clear();
+            if let Err(e) = encoder.encode_into(&call, &mut buf) {
+                metrics.events_unencodable.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "cannot encode event");
+                continue;
             }
-            spool.append(key.as_bytes(), &buf);
+            let key = call.kafka_key();
+            let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&buf);
+            if let Err((e, _)) = producer.send(record) {
+                // Queue full (Kafka slow or down) or any other refusal: the disk takes it.
+                if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
+                    tracing::warn!(error = %e, "producer refused an event; spooling it");
+                }
+                spool.append(key.as_bytes(), &buf);
+            }
+        }
+        metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
+        // Let events gather: under load one wake-up per millisecond instead of one per event
+        // (each a cross-thread wake-up of this task from the request path). librdkafka lingers
+        // 5 ms anyway.
+        if n < BATCH && !close.is_terminated() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
     let flushed = tokio::task::spawn_blocking(move || {
