@@ -83,8 +83,22 @@ async fn websocket_is_spliced_and_metered_as_one_call() {
         wait_until(Duration::from_secs(5), || async { metric(admin, "tollgate_edge_tunnels_open").await == 0 }).await
     );
 
-    // One event for the whole session, emitted when it closed.
-    let events = read_events(&topic, |e| e.len() >= 2).await;
+    // A session still open at shutdown is closed by the edge, and its event still produced.
+    let (mut open, head) = handshake(addr, "x-api-key: key-acme\r\n").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let open_id = head.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
+    open.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), open.read_exact(&mut pong)).await.unwrap().unwrap();
+    assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the edge closed the tunnel at shutdown");
+
+    // One event per session, emitted when it closed.
+    let events = read_events(&topic, |e| e.len() >= 3).await;
+    let at_shutdown = events.iter().find(|e| e.event_id.to_string() == open_id).expect("event of the open session");
+    assert_eq!((at_shutdown.status, at_shutdown.request_bytes, at_shutdown.response_bytes), (101, 4, 4));
     let e = events.iter().find(|e| e.event_id.to_string() == request_id).expect("event of the WebSocket call");
     assert_eq!((e.status, e.outcome), (101, Outcome::Forwarded));
     assert_eq!(e.consumer_id.as_deref(), Some("acme"));
@@ -92,5 +106,4 @@ async fn websocket_is_spliced_and_metered_as_one_call() {
     assert_eq!((e.request_bytes, e.response_bytes), (3000, 3000));
     assert!(e.latency_us >= 300_000 && e.latency_us <= held.as_micros() as u64, "{} µs", e.latency_us);
     assert_eq!(events.iter().filter(|e| e.status == 401).count(), 1);
-    assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
