@@ -135,12 +135,15 @@ fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool
     c
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` field in KiB (`VmRSS`: resident now, `VmHWM`: peak resident).
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+                l.strip_prefix(field)
+                    .and_then(|v| v.strip_prefix(':'))
+                    .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
             })
         })
         .unwrap_or(0)
@@ -244,13 +247,17 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         &dir.join("edge-100k.log"),
     );
     wait_port(&format!("127.0.0.1:{port}"));
-    let idle = rss_kib(p.0.id());
+    let mib = |field: &str| status_kib(p.0.id(), field) as f64 / 1024.0;
+    let at_start = mib("VmRSS");
+    // The allocator returns the config parser's transient memory shortly after start.
+    std::thread::sleep(Duration::from_secs(3));
+    let settled = mib("VmRSS");
     let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), &Cred::ApiKey, seconds.min(5), connections);
-    let loaded = rss_kib(p.0.id());
+    let loaded = mib("VmRSS");
     println!(
-        "edge RSS with 100,000 consumers: {:.1} MiB after start, {:.1} MiB after load (goal <= 64 MiB)",
-        idle as f64 / 1024.0,
-        loaded as f64 / 1024.0
+        "edge RSS with 100,000 consumers: {at_start:.1} MiB when listening, {settled:.1} MiB 3 s later, \
+         {loaded:.1} MiB after load, peak {:.1} MiB (goal <= 64 MiB)",
+        mib("VmHWM")
     );
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);

@@ -199,6 +199,8 @@ struct RawEdge {
     max_body_bytes: u64,
     #[serde(default)]
     trusted_hops: usize,
+    #[serde(default)]
+    tls_ca_file: Option<String>,
 }
 
 impl Default for RawEdge {
@@ -214,6 +216,7 @@ impl Default for RawEdge {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
+            tls_ca_file: None,
         }
     }
 }
@@ -371,6 +374,9 @@ pub struct Config {
     /// Proxies in front of the edge whose `X-Forwarded-For` entries are trusted (0: use the
     /// TCP peer).
     pub trusted_hops: usize,
+    /// Extra trusted CA certificates for https upstreams, JWKS URLs and the OTLP collector
+    /// (`edge.tls_ca_file`), besides Mozilla's roots.
+    pub tls_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     pub kafka: KafkaConfig,
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Arc<Plan>>,
@@ -678,12 +684,11 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         let mut upstreams = Vec::with_capacity(raw_upstreams.len());
         for u in raw_upstreams {
             let uri: Uri = u.parse().map_err(|e| err(key(upstream_key), format!("`{u}` is not a URL: {e}")))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() || uri.query().is_some() {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() || uri.query().is_some()
+            {
                 return Err(err(
                     key(upstream_key),
-                    format!(
-                        "`{u}` must be http://host:port[/base] without query (https upstreams are not supported yet)"
-                    ),
+                    format!("`{u}` must be http(s)://host[:port][/base] without query"),
                 ));
             }
             upstreams.push(uri);
@@ -797,10 +802,10 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         Some(u) => {
             let uri: Uri =
                 u.parse().map_err(|e| err("telemetry.otlp_endpoint".into(), format!("`{u}` is not a URL: {e}")))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
                 return Err(err(
                     "telemetry.otlp_endpoint".into(),
-                    format!("`{u}` must be an http:// OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces"),
+                    format!("`{u}` must be an http(s):// OTLP/HTTP traces URL, e.g. http://127.0.0.1:4318/v1/traces"),
                 ));
             }
             Some(uri)
@@ -819,7 +824,21 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         export_timeout: Duration::from_millis(t.export_timeout_ms.max(1)),
     };
 
+    let tls_ca = match &raw.edge.tls_ca_file {
+        None => Vec::new(),
+        Some(f) => {
+            let p = if Path::new(f).is_absolute() { f.into() } else { base.join(f) };
+            let pem =
+                std::fs::read(&p).map_err(|e| err("edge.tls_ca_file".into(), format!("cannot read `{f}`: {e}")))?;
+            let certs =
+                crate::tls::read_pem_certs(&pem).map_err(|e| err("edge.tls_ca_file".into(), format!("`{f}`: {e}")))?;
+            crate::tls::client_config(&certs).map_err(|e| err("edge.tls_ca_file".into(), format!("`{f}`: {e}")))?;
+            certs
+        }
+    };
+
     Ok(Config {
+        tls_ca,
         telemetry,
         jwt_issuers,
         instance_id,
@@ -915,11 +934,8 @@ fn validate_issuer(
         }
         (None, Some(u)) => {
             let uri: Uri = u.parse().map_err(|e| err("jwks_url", format!("`{u}` is not a URL: {e}")))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(err(
-                    "jwks_url",
-                    format!("`{u}` must be an http:// URL (https is not supported yet; use jwks_file)"),
-                ));
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(err("jwks_url", format!("`{u}` must be an http(s):// URL")));
             }
             Some(JwksSource::Url(uri))
         }

@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -96,7 +96,14 @@ fn main() -> ExitCode {
             };
             // Logging starts once the config says whether spans are exported too.
             let telemetry = if cfg.telemetry.otlp_endpoint.is_some() {
-                match tollgate_edge::telemetry::Telemetry::start(&cfg.telemetry, rt.handle().clone()) {
+                let tls = match tollgate_edge::tls::client_config(&cfg.tls_ca) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("tollgate-edge: config key `edge.tls_ca_file`: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                match tollgate_edge::telemetry::Telemetry::start(&cfg.telemetry, &tls, rt.handle().clone()) {
                     Ok((t, layer)) => {
                         tollgate_common::logging::init_with(Some(Box::new(layer)));
                         Some(t)

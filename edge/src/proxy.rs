@@ -21,8 +21,8 @@ use crate::metering::{CallMeta, REQUEST_ID};
 use crate::problem::Problem;
 use crate::{CallInfo, Gateway, PeerAddr};
 
-/// The upstream client.
-pub type HttpClient = hyper_util::client::legacy::Client<HttpConnector, Body>;
+/// The client for upstreams (and the edge's own requests): HTTP and HTTPS, pooled.
+pub type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Header with the authenticated consumer, set by the edge for the upstream.
 pub const CONSUMER_ID: &str = "x-consumer-id";
@@ -41,14 +41,21 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
-pub fn client(connect_timeout: Duration) -> HttpClient {
+/// A pooled client for `http://` and `https://` targets (TLS per [`crate::tls`]).
+pub fn client(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(tls))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(256)
-        .build(connector)
+        .build(https)
 }
 
 /// Removes hop-by-hop headers and the headers named in `Connection`.
@@ -141,6 +148,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             headers.insert("x-forwarded-for", v);
         }
     }
+    // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         headers.insert("x-forwarded-host", h);

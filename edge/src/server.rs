@@ -53,7 +53,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)
     };
-    let clients = crate::upstream::Clients::default();
+    let tls = crate::tls::client_config(&cfg.tls_ca).map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
+    let clients = crate::upstream::Clients::new(Arc::clone(&tls));
     let runtime = Runtime::new(&cfg, &clients, None);
     // The runtime holds what requests need; the config's own copy of the consumers (possibly
     // 100,000s) is not needed any more: reloads read the file again.
@@ -62,7 +63,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
-        client: proxy::client(cfg.connect_timeout),
+        client: proxy::client(cfg.connect_timeout, &tls),
         clients,
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),

@@ -31,14 +31,18 @@ pub type OtelLayer =
 
 impl Telemetry {
     /// Builds the exporter (on `runtime`) and the layer to install in the subscriber.
-    pub fn start(cfg: &TelemetryConfig, runtime: tokio::runtime::Handle) -> anyhow::Result<(Self, OtelLayer)> {
+    pub fn start(
+        cfg: &TelemetryConfig,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<(Self, OtelLayer)> {
         let endpoint =
             cfg.otlp_endpoint.as_ref().ok_or_else(|| anyhow::anyhow!("telemetry.otlp_endpoint is not set"))?;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(endpoint.to_string())
             .with_timeout(cfg.export_timeout)
-            .with_http_client(TokioClient { runtime, client: crate::proxy::client(Duration::from_secs(2)) })
+            .with_http_client(TokioClient { runtime, client: crate::proxy::client(Duration::from_secs(2), tls) })
             .build()?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)

@@ -121,15 +121,20 @@ impl Pool {
 }
 
 /// Pooled clients by connect timeout: routes with the same timeout share connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Clients {
+    tls: Arc<rustls::ClientConfig>,
     by_timeout: std::sync::Mutex<HashMap<Duration, HttpClient>>,
 }
 
 impl Clients {
+    pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { tls, by_timeout: Default::default() }
+    }
+
     pub fn get(&self, connect_timeout: Duration) -> HttpClient {
         let mut map = self.by_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(connect_timeout).or_insert_with(|| proxy::client(connect_timeout)).clone()
+        map.entry(connect_timeout).or_insert_with(|| proxy::client(connect_timeout, &self.tls)).clone()
     }
 }
 
@@ -154,7 +159,8 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_ejection_probe_and_fail_open() {
-        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)), proxy::client(Duration::from_secs(1)));
+        let tls = crate::tls::client_config(&[]).unwrap();
+        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)), proxy::client(Duration::from_secs(1), &tls));
         let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(pool.pick(&[0, 1]), Some(2));

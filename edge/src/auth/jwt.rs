@@ -538,7 +538,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_tokens_name_their_consumer() {
         let v = verifier();
-        let client = crate::proxy::client(Duration::from_secs(1));
+        let client = crate::proxy::client(Duration::from_secs(1), &crate::tls::client_config(&[]).unwrap());
         let rs = sign(
             Algorithm::RS256,
             Some("rs"),
@@ -579,7 +579,7 @@ mod tests {
     #[tokio::test]
     async fn refused_tokens_table() {
         let v = verifier();
-        let client = crate::proxy::client(Duration::from_secs(1));
+        let client = crate::proxy::client(Duration::from_secs(1), &crate::tls::client_config(&[]).unwrap());
         let valid = es(&claims());
         let parts: Vec<&str> = valid.split('.').collect();
         // {"alg":"none","typ":"JWT"}
@@ -689,7 +689,7 @@ mod tests {
         let mut cfg = (*issuer("strict", ISS, vec![Algorithm::ES256], vec![key])).clone();
         cfg.leeway_s = 0;
         let v = Verifier::new(&[Arc::new(cfg)], None);
-        let client = crate::proxy::client(Duration::from_secs(1));
+        let client = crate::proxy::client(Duration::from_secs(1), &crate::tls::client_config(&[]).unwrap());
         let short = es(&with(|c| {
             c.insert("exp".into(), json!(now() + 1));
         }));

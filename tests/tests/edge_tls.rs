@@ -1,0 +1,142 @@
+//! https upstreams and an https JWKS URL through the real edge: the edge verifies the
+//! server's certificate against `edge.tls_ca_file` (a test CA) and refuses it without.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tollgate_e2e::*;
+
+fn tls_file(name: &str) -> std::path::PathBuf {
+    repo_root().join("tests/testdata/tls").join(name)
+}
+
+/// An HTTPS server with the test certificate: `/jwks.json` serves `jwks`, anything else
+/// answers `{"tls": true, "path": ...}`.
+async fn serve_https(jwks: serde_json::Value) -> u16 {
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_file("server.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(tls_file("server.key.pem")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let jwks = Arc::new(jwks.to_string());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let (acceptor, jwks) = (acceptor.clone(), Arc::clone(&jwks));
+            tokio::spawn(async move {
+                // A client that does not trust the certificate aborts the handshake.
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let jwks = Arc::clone(&jwks);
+                    async move {
+                        let body = if req.uri().path() == "/jwks.json" {
+                            jwks.as_str().to_owned()
+                        } else {
+                            serde_json::json!({ "tls": true, "path": req.uri().path() }).to_string()
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    port
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str, auth: (&str, &str)) -> (u16, serde_json::Value) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(auth.0, auth.1)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+fn config(topic: &str, port: u16, ca: Option<&std::path::Path>) -> String {
+    let mut head = edge_head("edge-tls", topic);
+    if let Some(ca) = ca {
+        head = head.replacen("[edge]\n", &format!("[edge]\ntls_ca_file = \"{}\"\n", ca.display()), 1);
+    }
+    format!(
+        r#"{head}
+[[routes]]
+id = "secure"
+path_prefix = "/secure"
+upstream = "https://127.0.0.1:{port}/base"
+auth = "api_key_or_jwt"
+[plans.big]
+rate_per_second = 1000
+[[consumers]]
+id = "acme"
+plan = "big"
+keys = [{{ id = "acme-1", sha256 = "{a}" }}]
+[[jwt.issuers]]
+id = "tls"
+issuer = "https://issuer.tls/"
+audiences = ["tollgate"]
+algorithms = ["ES256"]
+default_plan = "big"
+jwks_url = "https://localhost:{port}/jwks.json"
+"#,
+        a = sha256_hex("key-acme"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_and_jwks_verified_against_the_configured_ca() {
+    let dir = TempDir::new("e2e_edge_tls");
+    let topic = unique("edge_tls");
+    create_topic(&topic, 1).await;
+    let es = std::fs::read(repo_root().join("edge/testdata/jwt/es256.key.pem")).unwrap();
+    let key = EncodingKey::from_ec_pem(&es).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("tls-1".into());
+    let port = serve_https(serde_json::json!({ "keys": [jwk] })).await;
+
+    // The edge trusts the test CA (`edge.tls_ca_file`): traffic flows over TLS.
+    let (mut edge, addr, _) = start_edge(dir.path(), "edge", &config(&topic, port, Some(&tls_file("ca.pem")))).await;
+    let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tls"], true);
+    assert_eq!(body["path"], "/base/secure/x");
+
+    // A JWT whose key comes from the https JWKS.
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("tls-1".into());
+    let claims =
+        serde_json::json!({ "iss": "https://issuer.tls/", "aud": "tollgate", "sub": "newco", "exp": now + 600 });
+    let token = jsonwebtoken::encode(&h, &claims, &key).unwrap();
+    let ok = wait_until(Duration::from_secs(10), || async {
+        get(addr, "/secure/jwt", ("authorization", &format!("Bearer {token}"))).await.0 == 200
+    })
+    .await;
+    assert!(ok, "JWT with a key from the https JWKS\n{}", edge.log_tail());
+    assert!(edge.terminate(Duration::from_secs(15)));
+
+    // Without the CA the same upstream is refused: certificates are verified.
+    let (mut untrusting, addr, _) = start_edge(dir.path(), "edge-untrusting", &config(&topic, port, None)).await;
+    let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(untrusting.terminate(Duration::from_secs(15)));
+}
