@@ -3,7 +3,8 @@
 #   bench/run.sh              both benchmarks
 #   bench/run.sh ingest       ingest throughput only
 #   bench/run.sh freshness    freshness only
-#   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on), RSS
+#   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on, JWT), RSS
+#   bench/run.sh encode       event encoding: direct Avro writer vs apache-avro
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -19,6 +20,7 @@ case "${1:-all}" in
     ingest) "$BIN" ingest ;;
     freshness) "$BIN" freshness ;;
     gateway) "$BIN" gateway ;;
-    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway]" >&2; exit 2 ;;
+    encode) "$BIN" encode ;;
+    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode]" >&2; exit 2 ;;
 esac

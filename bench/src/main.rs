@@ -7,12 +7,14 @@
 //!                             with metering off and on; edge RSS with 100,000 consumers.
 //! `tollgate-bench freshness`  time from the edge's response to the row being queryable,
 //!                             at a fixed request rate through the real edge.
+//! `tollgate-bench encode`     ns per event of the edge's Avro writer vs apache-avro's.
 //!
 //! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
 //! `bench/run.sh` does all of it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod encode;
 mod freshness;
 mod gateway;
 mod ingest;
@@ -47,6 +49,13 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
+    /// Event encoding, ns/event: direct Avro writer vs apache-avro's Value writer.
+    Encode {
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Freshness: edge response → row queryable in ClickHouse.
     Freshness {
         #[arg(long, default_value_t = 2_000)]
@@ -64,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest { events, runs } => ingest::run(&cli.clickhouse, events, runs).await,
         Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
+        Command::Encode { events, runs } => encode::run(events, runs),
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }
 }
