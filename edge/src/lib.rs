@@ -49,12 +49,17 @@ pub struct Runtime {
 
 impl Runtime {
     /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
-    pub fn new(cfg: &Config, clients: &upstream::Clients, previous: Option<&Runtime>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        clients: &upstream::Clients,
+        jwt_stats: &Arc<auth::jwt::JwtStats>,
+        previous: Option<&Runtime>,
+    ) -> Self {
         Self {
             pools: upstream::pools(&cfg.routes, clients),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(cfg),
-            jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt)),
+            jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), jwt_stats),
             plans: cfg.plans.clone(),
             limiters: limit::LimiterCache::default(),
         }

@@ -29,6 +29,8 @@ pub struct Metrics {
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
+    /// JWT verification counters (JWKS fetches, cache hits).
+    pub jwt: Arc<crate::auth::jwt::JwtStats>,
     /// Upgraded connections (WebSockets) spliced now, or closed with their event not yet
     /// emitted (microseconds).
     pub tunnels_open: AtomicU64,
@@ -118,6 +120,17 @@ impl Metrics {
                 spool_load(|s| &s.corrupt),
             ),
             ("tollgate_edge_config_reloads_total", "Config reloads applied.", load(&self.config_reloads)),
+            ("tollgate_edge_jwks_fetches_total", "JWKS fetches (refreshes and unknown kids).", load(&self.jwt.fetches)),
+            (
+                "tollgate_edge_jwks_fetch_failures_total",
+                "JWKS fetches that failed or timed out (the previous keys stay).",
+                load(&self.jwt.fetch_failures),
+            ),
+            (
+                "tollgate_edge_jwt_cache_hits_total",
+                "JWTs accepted from the verified-token cache.",
+                load(&self.jwt.cache_hits),
+            ),
             (
                 "tollgate_edge_upstream_retries_total",
                 "Requests retried on another target after a connect failure.",

@@ -143,7 +143,7 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
         fetches: AtomicU64::new(0),
     });
     let jwks_addr = serve_jwks(Arc::clone(&jwks)).await;
-    let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, jwks_addr)).await;
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, jwks_addr)).await;
     // The background refresh loads the key set at start.
     assert!(wait_until(Duration::from_secs(10), || async { jwks.fetches.load(Ordering::SeqCst) >= 1 }).await);
     let started = Instant::now();
@@ -225,6 +225,7 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
     let fetched = jwks.fetches.load(Ordering::SeqCst) - before;
     let allowed = 1 + flood_start.elapsed().as_secs() / COOLDOWN_S;
     assert!(fetched <= allowed, "{fetched} JWKS fetches for 60 random kids in {:?}", flood_start.elapsed());
+    assert_eq!(metric(admin, "tollgate_edge_jwks_fetches_total").await, jwks.fetches.load(Ordering::SeqCst));
 
     // Every call was metered with the consumer and credential the edge decided on.
     let n = expected.len();

@@ -191,6 +191,17 @@ struct Cached {
 /// Verified tokens remembered at most; beyond, the cache starts over.
 const TOKEN_CACHE_CAPACITY: usize = 16_384;
 
+/// Counters for `/metrics`, shared by every config generation.
+#[derive(Debug, Default)]
+pub struct JwtStats {
+    /// JWKS fetches (background refreshes and unknown-`kid` fetches).
+    pub fetches: std::sync::atomic::AtomicU64,
+    /// Fetches that failed or timed out.
+    pub fetch_failures: std::sync::atomic::AtomicU64,
+    /// Tokens accepted from the verified-token cache.
+    pub cache_hits: std::sync::atomic::AtomicU64,
+}
+
 /// One issuer's rules and current keys.
 #[derive(Debug)]
 pub struct IssuerState {
@@ -206,14 +217,13 @@ pub struct IssuerState {
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     /// When the background task reloads the JWKS next.
     next_refresh: Mutex<Instant>,
-    /// JWKS fetches made (successful or not), for metrics and tests.
-    pub fetches: std::sync::atomic::AtomicU64,
+    stats: Arc<JwtStats>,
     /// Bumped whenever the keys change: cached verifications of older generations are void.
     generation: std::sync::atomic::AtomicU64,
 }
 
 impl IssuerState {
-    fn new(cfg: Arc<JwtIssuer>, previous: Option<&IssuerState>) -> Self {
+    fn new(cfg: Arc<JwtIssuer>, previous: Option<&IssuerState>, stats: Arc<JwtStats>) -> Self {
         let validations = cfg
             .algorithms
             .iter()
@@ -246,7 +256,7 @@ impl IssuerState {
             keys: RwLock::new(Arc::new(keys)),
             last_fetch: tokio::sync::Mutex::new(None),
             next_refresh: Mutex::new(next_refresh),
-            fetches: std::sync::atomic::AtomicU64::new(0),
+            stats,
             generation: std::sync::atomic::AtomicU64::new(0),
             cfg,
         }
@@ -301,7 +311,7 @@ impl IssuerState {
             return false;
         }
         *last = Some(Instant::now());
-        self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let loaded = tokio::time::timeout(self.cfg.jwks_timeout, load(source, client)).await;
         let delay = match loaded {
             Ok(Ok(fresh)) => {
@@ -314,10 +324,12 @@ impl IssuerState {
                 self.cfg.jwks_refresh
             }
             Ok(Err(e)) => {
+                self.stats.fetch_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(issuer = %self.id, error = %e, "JWKS fetch failed; keeping the keys we have");
                 self.cfg.unknown_kid_cooldown.max(Duration::from_secs(1))
             }
             Err(_) => {
+                self.stats.fetch_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(issuer = %self.id, timeout_ms = self.cfg.jwks_timeout.as_millis() as u64, "JWKS fetch timed out");
                 self.cfg.unknown_kid_cooldown.max(Duration::from_secs(1))
             }
@@ -356,20 +368,21 @@ async fn load(source: &JwksSource, client: &HttpClient) -> Result<Vec<JwtKey>, S
 pub struct Verifier {
     by_iss: HashMap<String, Arc<IssuerState>>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    stats: Arc<JwtStats>,
 }
 
 impl Verifier {
     /// Builds the verifier for `issuers`, keeping the JWKS keys of `previous` (a reload) for
     /// issuers whose key source did not change.
-    pub fn new(issuers: &[Arc<JwtIssuer>], previous: Option<&Verifier>) -> Self {
+    pub fn new(issuers: &[Arc<JwtIssuer>], previous: Option<&Verifier>, stats: &Arc<JwtStats>) -> Self {
         let by_iss = issuers
             .iter()
             .map(|cfg| {
                 let old = previous.and_then(|p| p.by_iss.get(&cfg.issuer)).map(Arc::as_ref);
-                (cfg.issuer.clone(), Arc::new(IssuerState::new(Arc::clone(cfg), old)))
+                (cfg.issuer.clone(), Arc::new(IssuerState::new(Arc::clone(cfg), old, Arc::clone(stats))))
             })
             .collect();
-        Self { by_iss, cache: Mutex::default() }
+        Self { by_iss, cache: Mutex::default(), stats: Arc::clone(stats) }
     }
 
     fn cached(&self, digest: &[u8; 32]) -> Option<Verified> {
@@ -403,6 +416,7 @@ impl Verifier {
         use sha2::Digest;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if let Some(v) = self.cached(&digest) {
+            self.stats.cache_hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(v);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
@@ -447,9 +461,9 @@ impl Verifier {
         }
     }
 
-    /// JWKS fetches made so far, over all issuers.
+    /// JWKS fetches made so far (by this verifier and others sharing its stats).
     pub fn fetches(&self) -> u64 {
-        self.by_iss.values().map(|i| i.fetches.load(std::sync::atomic::Ordering::Relaxed)).sum()
+        self.stats.fetches.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -508,7 +522,7 @@ mod tests {
             vec![Algorithm::HS256],
             vec![JwtKey::from_secret(None, Algorithm::HS256, SECRET).unwrap()],
         );
-        Verifier::new(&[main, hs], None)
+        Verifier::new(&[main, hs], None, &Arc::default())
     }
 
     fn now() -> i64 {
@@ -688,13 +702,14 @@ mod tests {
         let key = JwtKey::from_pem(Some("es".into()), Algorithm::ES256, &testdata("es256.pub.pem")).unwrap();
         let mut cfg = (*issuer("strict", ISS, vec![Algorithm::ES256], vec![key])).clone();
         cfg.leeway_s = 0;
-        let v = Verifier::new(&[Arc::new(cfg)], None);
+        let v = Verifier::new(&[Arc::new(cfg)], None, &Arc::default());
         let client = crate::proxy::client(Duration::from_secs(1), &crate::tls::client_config(&[]).unwrap());
         let short = es(&with(|c| {
             c.insert("exp".into(), json!(now() + 1));
         }));
         assert!(v.verify(&short, &client).await.is_ok());
         assert!(v.verify(&short, &client).await.is_ok(), "served from the cache");
+        assert_eq!(v.stats.cache_hits.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(v.cache.lock().unwrap().len(), 1);
         // The cached token's signature with other claims is still checked.
         let parts: Vec<&str> = short.split('.').collect();
