@@ -201,6 +201,8 @@ struct RawEdge {
     trusted_hops: usize,
     #[serde(default)]
     tls_ca_file: Option<String>,
+    #[serde(default)]
+    worker_threads: Option<usize>,
 }
 
 impl Default for RawEdge {
@@ -217,6 +219,7 @@ impl Default for RawEdge {
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
             tls_ca_file: None,
+            worker_threads: None,
         }
     }
 }
@@ -377,6 +380,8 @@ pub struct Config {
     /// Extra trusted CA certificates for https upstreams, JWKS URLs and the OTLP collector
     /// (`edge.tls_ca_file`), besides Mozilla's roots.
     pub tls_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Threads serving requests, each with its own runtime, listener and upstream pools.
+    pub worker_threads: usize,
     pub kafka: KafkaConfig,
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Arc<Plan>>,
@@ -837,7 +842,14 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         }
     };
 
+    let worker_threads = match raw.edge.worker_threads {
+        None => std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+        Some(n) if (1..=256).contains(&n) => n,
+        Some(_) => return Err(err("edge.worker_threads".into(), "must be between 1 and 256".into())),
+    };
+
     Ok(Config {
+        worker_threads,
         tls_ca,
         telemetry,
         jwt_issuers,

@@ -49,14 +49,9 @@ pub struct Runtime {
 
 impl Runtime {
     /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
-    pub fn new(
-        cfg: &Config,
-        clients: &upstream::Clients,
-        jwt_stats: &Arc<auth::jwt::JwtStats>,
-        previous: Option<&Runtime>,
-    ) -> Self {
+    pub fn new(cfg: &Config, jwt_stats: &Arc<auth::jwt::JwtStats>, previous: Option<&Runtime>) -> Self {
         Self {
-            pools: upstream::pools(&cfg.routes, clients),
+            pools: upstream::pools(&cfg.routes),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(cfg),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), jwt_stats),
@@ -75,7 +70,7 @@ pub struct Gateway {
     pub runtime: std::sync::RwLock<Arc<Runtime>>,
     /// Client for the edge's own requests (JWKS).
     pub client: proxy::HttpClient,
-    /// Upstream clients by connect timeout, shared across reloads.
+    /// Upstream clients (per worker thread and connect timeout), kept across reloads.
     pub clients: upstream::Clients,
     pub events: metering::EventSink,
     pub metrics: Arc<metrics::Metrics>,

@@ -203,7 +203,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             req.headers_mut().insert(HOST, v);
         }
         let left = route.timeout.saturating_sub(sent.elapsed());
-        let result = tokio::time::timeout(left, pool.client.request(req)).await;
+        let result = tokio::time::timeout(left, pool.client(&gw.clients).request(req)).await;
         let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Err(_) => {

@@ -36,8 +36,9 @@ pub struct ServeOptions {
 /// Runs the edge until `shutdown` completes.
 pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: ServeOptions) -> anyhow::Result<()> {
     let ready_file = opts.ready_file.as_deref();
-    let listener =
-        TcpListener::bind(cfg.listen).await.map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
+    // The first worker's listener is bound here, so a port 0 is resolved before the other
+    // workers bind the same port (SO_REUSEPORT).
+    let listener = bind_reuseport(cfg.listen).map_err(|e| anyhow::anyhow!("edge.listen {}: {e}", cfg.listen))?;
     let admin_listener = TcpListener::bind(cfg.admin_listen)
         .await
         .map_err(|e| anyhow::anyhow!("edge.admin_listen {}: {e}", cfg.admin_listen))?;
@@ -55,7 +56,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     };
     let tls = crate::tls::client_config(&cfg.tls_ca).map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
     let clients = crate::upstream::Clients::new(Arc::clone(&tls));
-    let runtime = Runtime::new(&cfg, &clients, &metrics.jwt, None);
+    let runtime = Runtime::new(&cfg, &metrics.jwt, None);
     // The runtime holds what requests need; the config's own copy of the consumers (possibly
     // 100,000s) is not needed any more: reloads read the file again.
     let consumers = cfg.consumers.len();
@@ -93,25 +94,129 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     }
     tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers, "edge started");
 
+    // Thread per core: each worker thread runs its own current-thread runtime, accepts on its
+    // own SO_REUSEPORT listener (the kernel spreads connections) and keeps its own upstream
+    // connection pools, so a request never crosses threads (docs/benchmarks.md).
+    let http = HttpSettings {
+        header_read_timeout: cfg.header_read_timeout,
+        max_headers: cfg.max_headers,
+        max_buf_size: cfg.max_header_bytes.max(8192),
+        grace: cfg.shutdown_grace,
+    };
+    let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
+    let (release, release_rx) = tokio::sync::watch::channel(false);
+    let mut drained = Vec::new();
+    let mut threads = Vec::new();
+    let mut first = Some(listener.into_std()?);
+    for i in 0..cfg.worker_threads {
+        let std_listener = match first.take() {
+            Some(l) => l,
+            None => bind_reuseport(listen)?.into_std()?,
+        };
+        let (router, http, mut stop_rx, mut release_rx) =
+            (router.clone(), http.clone(), stop_rx.clone(), release_rx.clone());
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        drained.push(drained_rx);
+        threads.push(std::thread::Builder::new().name(format!("edge-worker-{i}")).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a worker runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(std_listener) {
+                    Ok(l) => accept_loop(l, router, &http, &mut stop_rx).await,
+                    Err(e) => tracing::error!(error = %e, "worker listener"),
+                }
+                let _ = drained_tx.send(());
+                // Keep the runtime (its upgrade tunnels and their metering) until released.
+                let _ = release_rx.wait_for(|r| *r).await;
+            });
+        })?);
+    }
+    shutdown.await;
+    let _ = stop_accepting.send(true);
+    tracing::info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining in-flight requests");
+    for d in drained {
+        let _ = d.await;
+    }
+    drop(router);
+    // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
+    // wait (briefly) until their events are in the producer queue.
+    let _ = tunnels.send(true);
+    let open = || metrics.tunnels_open.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _ = release.send(true);
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    if let Some(t) = reload_task {
+        t.abort();
+        let _ = t.await;
+    }
+    admin_task.abort();
+    jwks_task.abort();
+    if let Some(task) = producer_task {
+        task.close().await?;
+    }
+    tracing::info!(
+        produced = metrics.events_produced.load(std::sync::atomic::Ordering::Relaxed),
+        dropped = metrics.events_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        delivery_failed = metrics.events_delivery_failed.load(std::sync::atomic::Ordering::Relaxed),
+        "edge stopped"
+    );
+    Ok(())
+}
+
+/// What each worker's HTTP server needs.
+#[derive(Debug, Clone)]
+struct HttpSettings {
+    header_read_timeout: Duration,
+    max_headers: usize,
+    max_buf_size: usize,
+    grace: Duration,
+}
+
+/// A listener with SO_REUSEPORT (and SO_REUSEADDR), so every worker can bind the same port.
+fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// One worker's accept loop: serves connections until `stop` turns true, then lets in-flight
+/// requests finish within the grace period.
+async fn accept_loop(
+    listener: TcpListener,
+    router: axum::Router,
+    http: &HttpSettings,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_headers(cfg.max_headers)
-        .max_buf_size(cfg.max_header_bytes.max(8192));
+        .header_read_timeout(http.header_read_timeout)
+        .max_headers(http.max_headers)
+        .max_buf_size(http.max_buf_size);
     let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            _ = stop.wait_for(|s| *s) => break,
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and similar: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
@@ -133,36 +238,10 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         }
     }
     drop(listener);
-    tracing::info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining in-flight requests");
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(cfg.shutdown_grace) => tracing::warn!("shutdown grace over; closing remaining connections"),
+        () = graceful.shutdown() => tracing::debug!("worker: all connections closed"),
+        () = tokio::time::sleep(http.grace) => tracing::warn!("shutdown grace over; closing remaining connections"),
     }
-    drop(router);
-    // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
-    // wait (briefly) until their events are in the producer queue.
-    let _ = tunnels.send(true);
-    let open = || metrics.tunnels_open.load(std::sync::atomic::Ordering::Relaxed);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while open() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if let Some(t) = reload_task {
-        t.abort();
-        let _ = t.await;
-    }
-    admin_task.abort();
-    jwks_task.abort();
-    if let Some(task) = producer_task {
-        task.close().await?;
-    }
-    tracing::info!(
-        produced = metrics.events_produced.load(std::sync::atomic::Ordering::Relaxed),
-        dropped = metrics.events_dropped.load(std::sync::atomic::Ordering::Relaxed),
-        delivery_failed = metrics.events_delivery_failed.load(std::sync::atomic::Ordering::Relaxed),
-        "edge stopped"
-    );
-    Ok(())
 }
 
 /// Keeps the JWT issuers' key sets fresh: loads each JWKS at start and every `jwks_refresh_s`
@@ -221,7 +300,8 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                             || next.max_headers != current.max_headers
                             || next.max_header_bytes != current.max_header_bytes
                             || next.max_body_bytes != current.max_body_bytes
-                            || next.trusted_hops != current.trusted_hops,
+                            || next.trusted_hops != current.trusted_hops
+                            || next.worker_threads != current.worker_threads,
                     ),
                 ];
                 for (key, changed) in restart_only {
@@ -229,7 +309,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
                 }
-                gw.swap_runtime(Runtime::new(&next, &gw.clients, &gw.metrics.jwt, Some(&gw.runtime())));
+                gw.swap_runtime(Runtime::new(&next, &gw.metrics.jwt, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     trigger,

@@ -34,12 +34,11 @@ pub struct Pool {
     epoch: Instant,
     max_fails: u32,
     fail_timeout: Duration,
-    /// Pooled client with this route's connect timeout.
-    pub client: HttpClient,
+    connect_timeout: Duration,
 }
 
 impl Pool {
-    pub fn new(route: &Route, client: HttpClient) -> Self {
+    pub fn new(route: &Route) -> Self {
         Self {
             targets: route.upstreams.clone(),
             health: route
@@ -51,8 +50,13 @@ impl Pool {
             epoch: Instant::now(),
             max_fails: route.max_fails,
             fail_timeout: route.fail_timeout,
-            client,
+            connect_timeout: route.connect_timeout,
         }
+    }
+
+    /// The calling worker thread's client for this route's connect timeout.
+    pub fn client(&self, clients: &Clients) -> HttpClient {
+        clients.local(self.connect_timeout)
     }
 
     fn now_ms(&self) -> u64 {
@@ -120,27 +124,33 @@ impl Pool {
     }
 }
 
-/// Pooled clients by connect timeout: routes with the same timeout share connections.
+/// Upstream clients: one per worker thread and connect timeout, so a request and the task
+/// driving its upstream connection stay on the worker's runtime. Kept across reloads.
 #[derive(Debug)]
 pub struct Clients {
     tls: Arc<rustls::ClientConfig>,
-    by_timeout: std::sync::Mutex<HashMap<Duration, HttpClient>>,
 }
 
 impl Clients {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { tls, by_timeout: Default::default() }
+        Self { tls }
     }
 
-    pub fn get(&self, connect_timeout: Duration) -> HttpClient {
-        let mut map = self.by_timeout.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.entry(connect_timeout).or_insert_with(|| proxy::client(connect_timeout, &self.tls)).clone()
+    /// This thread's client for `connect_timeout` (created on first use).
+    pub fn local(&self, connect_timeout: Duration) -> HttpClient {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<HashMap<Duration, HttpClient>> =
+                std::cell::RefCell::new(HashMap::new());
+        }
+        LOCAL.with(|m| {
+            m.borrow_mut().entry(connect_timeout).or_insert_with(|| proxy::client(connect_timeout, &self.tls)).clone()
+        })
     }
 }
 
 /// Every route's pool, by route id.
-pub fn pools(routes: &[Arc<Route>], clients: &Clients) -> HashMap<String, Arc<Pool>> {
-    routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r, clients.get(r.connect_timeout))))).collect()
+pub fn pools(routes: &[Arc<Route>]) -> HashMap<String, Arc<Pool>> {
+    routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r)))).collect()
 }
 
 #[cfg(test)]
@@ -159,8 +169,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_ejection_probe_and_fail_open() {
-        let tls = crate::tls::client_config(&[]).unwrap();
-        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)), proxy::client(Duration::from_secs(1), &tls));
+        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)));
         let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(pool.pick(&[0, 1]), Some(2));
