@@ -104,6 +104,12 @@ impl Gateway {
         Arc::clone(&self.runtime.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
+    /// The snapshot the request took at routing (so one request sees one config), else the
+    /// current one.
+    pub fn runtime_of(&self, req: &Request) -> Arc<Runtime> {
+        req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| self.runtime())
+    }
+
     /// Replaces routes and keys (config reload).
     pub fn swap_runtime(&self, runtime: Runtime) {
         *self.runtime.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(runtime);

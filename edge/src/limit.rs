@@ -24,7 +24,7 @@ use governor::{Quota, RateLimiter};
 use crate::auth::Identity;
 use crate::config::{Rate, Route};
 use crate::problem::Problem;
-use crate::{Gateway, Runtime};
+use crate::Gateway;
 
 type Inner = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
@@ -250,7 +250,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> 
     let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
         return next.run(req).await;
     };
-    let runtime = req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    let runtime = gw.runtime_of(&req);
     let checked = check(&runtime.limiters, &identity, &route);
     let mut resp = match checked.limits.iter().find(|(_, _, d)| !d.allowed) {
         None => next.run(req).await,

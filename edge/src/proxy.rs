@@ -115,7 +115,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if declared.is_some_and(|n| n > gw.max_body_bytes) {
         return Problem::payload_too_large(gw.max_body_bytes).into_response();
     }
-    let runtime = req.extensions().get::<Arc<crate::Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    let runtime = gw.runtime_of(&req);
     let Some(pool) = runtime.pools.get(&route.id).cloned() else {
         return Problem::upstream_unreachable().into_response();
     };

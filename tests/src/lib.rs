@@ -506,6 +506,16 @@ pub fn edge_head(instance_id: &str, topic: &str) -> String {
     )
 }
 
+/// Plan `big` (`rate` calls/s) and consumer `acme` with the API key `key-acme` (key id
+/// `acme-1`), as edge config.
+pub fn acme_with_key(rate: u32) -> String {
+    format!(
+        "[plans.big]\nrate_per_second = {rate}\n[[consumers]]\nid = \"acme\"\nplan = \"big\"\n\
+         keys = [{{ id = \"acme-1\", sha256 = \"{}\" }}]\n",
+        sha256_hex("key-acme")
+    )
+}
+
 /// Serves HTTP/1.1 on an OS-chosen port with `handler` (a tiny JWKS endpoint, a fake OTLP
 /// collector...); returns the address.
 pub async fn serve_http<F, Fut>(handler: F) -> std::net::SocketAddr

@@ -84,12 +84,7 @@ id = "secure"
 path_prefix = "/secure"
 upstream = "https://127.0.0.1:{port}/base"
 auth = "api_key_or_jwt"
-[plans.big]
-rate_per_second = 1000
-[[consumers]]
-id = "acme"
-plan = "big"
-keys = [{{ id = "acme-1", sha256 = "{a}" }}]
+{acme}
 [[jwt.issuers]]
 id = "tls"
 issuer = "https://issuer.tls/"
@@ -98,7 +93,7 @@ algorithms = ["ES256"]
 default_plan = "big"
 jwks_url = "https://localhost:{port}/jwks.json"
 "#,
-        a = sha256_hex("key-acme"),
+        acme = acme_with_key(1000),
     )
 }
 

@@ -17,14 +17,8 @@ fn config(topic: &str, upstream: std::net::SocketAddr) -> String {
 id = "ws"
 path_prefix = "/ws"
 upstream = "http://{upstream}"
-[plans.big]
-rate_per_second = 1000
-[[consumers]]
-id = "acme"
-plan = "big"
-keys = [{{ id = "acme-1", sha256 = "{a}" }}]
-"#,
-        a = sha256_hex("key-acme"),
+{acme}"#,
+        acme = acme_with_key(1000),
     )
 }
 

@@ -199,7 +199,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
         return Problem::no_route(req.uri().path()).into_response();
     };
-    let runtime = req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| gw.runtime());
+    let runtime = gw.runtime_of(&req);
     match authenticate(&runtime, &route, req.headers(), &gw.client).await {
         Err(AuthError::NotRegistered) => Problem::forbidden(AuthError::NotRegistered.to_string()).into_response(),
         Err(e @ AuthError::Jwt(_)) => Problem::invalid_token(e.to_string()).into_response(),
