@@ -3,6 +3,10 @@
 //! several `Content-Length` fields, a transfer coding other than exactly `chunked`, or
 //! `Transfer-Encoding` on HTTP/1.0 is answered 400 and its connection is closed, so nothing
 //! that follows it on the connection is read as another request.
+//!
+//! The header limits (`edge.max_headers`, `edge.max_header_bytes`) are enforced here too, so a
+//! 431 is a metered call like any other refusal; hyper's parser only stops heads four times
+//! over those limits (answered by hyper itself, without an event).
 
 use std::sync::Arc;
 
@@ -38,8 +42,26 @@ pub fn framing_error(version: Version, headers: &HeaderMap) -> Option<&'static s
     None
 }
 
-/// Layer: 400 and `Connection: close` for ambiguous framing.
-pub async fn layer(State(_gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+/// Factor between the configured header limits and hyper's own (hard) limits.
+pub const PARSER_HEADROOM: usize = 4;
+
+/// Why the request head is over the limits, or `None`. The head's size counts the request
+/// line and each field as `name: value\r\n`, as on the wire in HTTP/1.1.
+pub fn header_limit_error(req: &Request, max_headers: usize, max_header_bytes: usize) -> Option<String> {
+    let headers = req.headers();
+    if headers.len() > max_headers {
+        return Some(format!("{} header fields; the limit is {max_headers}", headers.len()));
+    }
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let size = line + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>();
+    (size > max_header_bytes).then(|| format!("the request head is {size} bytes; the limit is {max_header_bytes}"))
+}
+
+/// Layer: 431 for heads over the limits; 400 and `Connection: close` for ambiguous framing.
+pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    if let Some(reason) = header_limit_error(&req, gw.max_headers, gw.max_header_bytes) {
+        return Problem::header_fields_too_large(reason).into_response();
+    }
     if let Some(reason) = framing_error(req.version(), req.headers()) {
         let mut resp = Problem::bad_request(format!("ambiguous request framing: {reason}")).into_response();
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
@@ -74,5 +96,21 @@ mod tests {
             }
             assert_eq!(framing_error(*version, &h).is_none(), *ok, "{version:?} {headers:?}");
         }
+    }
+
+    #[test]
+    fn header_limits_count_fields_and_head_bytes() {
+        let req = |n: usize, value_len: usize| {
+            let mut b = http::Request::get("/a?b=c");
+            for i in 0..n {
+                b = b.header(format!("x-h{i}"), "v".repeat(value_len));
+            }
+            b.body(axum::body::Body::empty()).unwrap()
+        };
+        assert_eq!(header_limit_error(&req(10, 1), 10, 1024), None);
+        assert!(header_limit_error(&req(11, 1), 10, 1024).unwrap().contains("11 header fields"));
+        // 2 fields of "x-hN: " + 500 bytes + CRLF, plus the request line: over 1,000 bytes.
+        assert!(header_limit_error(&req(2, 500), 10, 1000).unwrap().contains("limit is 1000"));
+        assert_eq!(header_limit_error(&req(2, 400), 10, 1000), None);
     }
 }

@@ -78,6 +78,10 @@ pub struct Gateway {
     pub trusted_hops: usize,
     /// See `edge.max_body_bytes`.
     pub max_body_bytes: u64,
+    /// See `edge.max_headers` (checked by the hygiene layer).
+    pub max_headers: usize,
+    /// See `edge.max_header_bytes` (checked by the hygiene layer).
+    pub max_header_bytes: usize,
     /// OpenTelemetry spans are made (`telemetry.otlp_endpoint` set).
     pub telemetry: bool,
     /// Set to true at shutdown: open upgrade tunnels close.

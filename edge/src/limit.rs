@@ -21,10 +21,10 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
+use crate::Gateway;
 use crate::auth::Identity;
 use crate::config::{Rate, Route};
 use crate::problem::Problem;
-use crate::Gateway;
 
 type Inner = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 

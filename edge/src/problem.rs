@@ -123,6 +123,16 @@ impl Problem {
         )
     }
 
+    pub fn header_fields_too_large(detail: impl Into<String>) -> Self {
+        Problem::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header-fields-too-large",
+            "Request Header Fields Too Large",
+            Outcome::BadRequest,
+            detail,
+        )
+    }
+
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::BAD_REQUEST, "bad-request", "Bad Request", Outcome::BadRequest, detail)
     }

@@ -70,6 +70,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         metrics: Arc::clone(&metrics),
         trusted_hops: cfg.trusted_hops,
         max_body_bytes: cfg.max_body_bytes,
+        max_headers: cfg.max_headers,
+        max_header_bytes: cfg.max_header_bytes,
         tunnels: tokio::sync::watch::channel(false).0,
         telemetry: cfg.telemetry.otlp_endpoint.is_some(),
     });
@@ -99,8 +101,10 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     // connection pools, so a request never crosses threads (docs/benchmarks.md).
     let http = HttpSettings {
         header_read_timeout: cfg.header_read_timeout,
-        max_headers: cfg.max_headers,
-        max_buf_size: cfg.max_header_bytes.max(8192),
+        // hyper's parser is the backstop; the configured limits are checked (and metered) by
+        // the hygiene layer.
+        max_headers: cfg.max_headers * crate::hygiene::PARSER_HEADROOM,
+        max_buf_size: (cfg.max_header_bytes * crate::hygiene::PARSER_HEADROOM).max(8192),
         grace: cfg.shutdown_grace,
     };
     let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);

@@ -146,16 +146,26 @@ async fn smuggling_limits_and_header_hygiene() {
     assert!(outcome.is_ok(), "slow client still connected after 5 s");
     assert!(t.elapsed() >= Duration::from_millis(400) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
 
-    // Header limits: 431.
+    // Header limits: 431 as a problem document, metered (ids checked against events below).
     let many: String = (0..60).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let (status, _, _) =
+    let (status, too_many, _) =
         raw(addr, format!("GET /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n{many}\r\n").as_bytes()).await;
     assert_eq!(status, Some(431), "too many headers");
     let big = "a".repeat(10_000);
-    let (status, _, _) =
+    let (status, too_big, _) =
         raw(addr, format!("GET /echo/a HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nx-big: {big}\r\n\r\n").as_bytes())
             .await;
     assert_eq!(status, Some(431), "header too large");
+    let mut refused_431 = Vec::new();
+    for answer in [&too_many, &too_big] {
+        assert!(answer.contains("application/problem+json"), "{answer}");
+        refused_431.push(answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned());
+    }
+    // Far beyond the limit, hyper's parser refuses the head itself (no event for that one).
+    let huge = "a".repeat(40_000);
+    let (status, _, _) =
+        raw(addr, format!("GET /echo/a HTTP/1.1\r\nHost: x\r\nx-big: {huge}\r\n\r\n").as_bytes()).await;
+    assert_eq!(status, Some(431), "head beyond the parser's limit");
 
     // Body limit: 413, declared or streamed; nothing reaches the upstream.
     let before = echo.requests.load(Ordering::SeqCst);
@@ -190,6 +200,11 @@ async fn smuggling_limits_and_header_hygiene() {
     let events = read_events(&topic, |e| e.iter().any(|e| e.event_id.to_string() == request_id)).await;
     let event = events.iter().find(|e| e.event_id.to_string() == request_id).unwrap();
     assert_eq!(event.client_ip, "127.0.0.1");
+    for id in &refused_431 {
+        let e =
+            events.iter().find(|e| e.event_id.to_string() == *id).unwrap_or_else(|| panic!("no event for 431 {id}"));
+        assert_eq!((e.status, e.outcome), (431, tollgate_schemas::Outcome::BadRequest));
+    }
     assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
