@@ -49,14 +49,14 @@ pub struct Runtime {
 
 impl Runtime {
     /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
-    pub fn new(cfg: &Config, jwt_stats: &Arc<auth::jwt::JwtStats>, previous: Option<&Runtime>) -> Self {
+    pub fn new(cfg: &Config, metrics: &metrics::Metrics, previous: Option<&Runtime>) -> Self {
         Self {
             pools: upstream::pools(&cfg.routes),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(cfg),
-            jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), jwt_stats),
+            jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
             plans: cfg.plans.clone(),
-            limiters: limit::LimiterCache::default(),
+            limiters: limit::LimiterCache::new(Arc::clone(&metrics.limiters)),
         }
     }
 }

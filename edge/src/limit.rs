@@ -108,19 +108,33 @@ pub struct LimiterCache {
     shards: Vec<Mutex<Shard>>,
     hasher: std::collections::hash_map::RandomState,
     epoch: Instant,
+    /// Limiters held, by every generation alive (the `tollgate_edge_limiters` gauge).
+    gauge: Arc<AtomicU64>,
 }
 
 impl Default for LimiterCache {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::new(), prune_at: MIN_PRUNE_AT })).collect(),
-            hasher: Default::default(),
-            epoch: Instant::now(),
-        }
+        Self::new(Arc::default())
+    }
+}
+
+impl Drop for LimiterCache {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(self.len() as u64, Ordering::Relaxed);
     }
 }
 
 impl LimiterCache {
+    /// An empty cache counting its limiters in `gauge`.
+    pub fn new(gauge: Arc<AtomicU64>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::new(), prune_at: MIN_PRUNE_AT })).collect(),
+            hasher: Default::default(),
+            epoch: Instant::now(),
+            gauge,
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -135,10 +149,11 @@ impl LimiterCache {
             Some(l) => Arc::clone(l),
             None => {
                 if shard.map.len() >= shard.prune_at {
-                    Self::prune(&mut shard, now);
+                    self.prune(&mut shard, now);
                 }
                 let l = Arc::new(Limiter::new(rate));
                 shard.map.insert(key, Arc::clone(&l));
+                self.gauge.fetch_add(1, Ordering::Relaxed);
                 l
             }
         };
@@ -147,11 +162,13 @@ impl LimiterCache {
     }
 
     /// Drops limiters idle long enough to be full again (and not in use right now).
-    fn prune(shard: &mut Shard, now_ms: u64) {
+    fn prune(&self, shard: &mut Shard, now_ms: u64) {
+        let before = shard.map.len();
         shard.map.retain(|_, l| {
             let idle_ms = now_ms.saturating_sub(l.last_used_ms.load(Ordering::Relaxed));
             Arc::strong_count(l) > 1 || idle_ms <= l.refill_secs() * 1000
         });
+        self.gauge.fetch_sub((before - shard.map.len()) as u64, Ordering::Relaxed);
         shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
     }
 
@@ -159,7 +176,7 @@ impl LimiterCache {
     pub fn prune_all(&self) {
         let now = self.now_ms();
         for s in &self.shards {
-            Self::prune(&mut s.lock().unwrap_or_else(std::sync::PoisonError::into_inner), now);
+            self.prune(&mut s.lock().unwrap_or_else(std::sync::PoisonError::into_inner), now);
         }
     }
 
@@ -315,7 +332,8 @@ mod tests {
     #[test]
     fn idle_limiters_are_pruned_and_memory_stays_bounded() {
         let plan = Arc::new(Plan { name: "p".into(), limit: rate(1, 2), routes: HashMap::new() });
-        let cache = LimiterCache::default();
+        let gauge = Arc::new(AtomicU64::new(0));
+        let cache = LimiterCache::new(Arc::clone(&gauge));
         let r = route("r");
         for i in 0..5_000 {
             let id = Identity {
@@ -328,8 +346,16 @@ mod tests {
         // Refill takes 2 s for this plan; nothing is idle that long yet, so nothing may go.
         cache.prune_all();
         assert_eq!(cache.len(), 5_000);
+        assert_eq!(gauge.load(Ordering::Relaxed), 5_000);
         std::thread::sleep(Duration::from_millis(2100));
         cache.prune_all();
         assert_eq!(cache.len(), 0);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
+        // A dropped generation (config reload) takes its limiters off the gauge.
+        let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan };
+        check(&cache, &id, &r);
+        assert_eq!(gauge.load(Ordering::Relaxed), 1);
+        drop(cache);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
     }
 }

@@ -29,6 +29,8 @@ pub struct Metrics {
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
+    /// Rate limiters held now (gauge).
+    pub limiters: Arc<AtomicU64>,
     /// JWT verification counters (JWKS fetches, cache hits).
     pub jwt: Arc<crate::auth::jwt::JwtStats>,
     /// Upgraded connections (WebSockets) spliced now, or closed with their event not yet
@@ -154,6 +156,11 @@ impl Metrics {
             out,
             "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",
             u8::from(self.kafka_reachable.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_limiters Rate limiters held (consumers and consumer-route pairs active recently).\n# TYPE tollgate_edge_limiters gauge\ntollgate_edge_limiters {}",
+            self.limiters.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -56,7 +56,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     };
     let tls = crate::tls::client_config(&cfg.tls_ca).map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
     let clients = crate::upstream::Clients::new(Arc::clone(&tls));
-    let runtime = Runtime::new(&cfg, &metrics.jwt, None);
+    let runtime = Runtime::new(&cfg, &metrics, None);
     // The runtime holds what requests need; the config's own copy of the consumers (possibly
     // 100,000s) is not needed any more: reloads read the file again.
     let consumers = cfg.consumers.len();
@@ -313,7 +313,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
                 }
-                gw.swap_runtime(Runtime::new(&next, &gw.metrics.jwt, Some(&gw.runtime())));
+                gw.swap_runtime(Runtime::new(&next, &gw.metrics, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
                     trigger,

@@ -226,6 +226,8 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
     let allowed = 1 + flood_start.elapsed().as_secs() / COOLDOWN_S;
     assert!(fetched <= allowed, "{fetched} JWKS fetches for 60 random kids in {:?}", flood_start.elapsed());
     assert_eq!(metric(admin, "tollgate_edge_jwks_fetches_total").await, jwks.fetches.load(Ordering::SeqCst));
+    // Limiters exist for the two consumers that got through (acme, newco), none for refusals.
+    assert_eq!(metric(admin, "tollgate_edge_limiters").await, 2);
 
     // Every call was metered with the consumer and credential the edge decided on.
     let n = expected.len();
