@@ -172,7 +172,7 @@ impl LimiterCache {
         shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
     }
 
-    /// Prunes every shard now (tests, and the admin gauge's accuracy).
+    /// Prunes every shard now (tests; in service, shards prune as they grow).
     pub fn prune_all(&self) {
         let now = self.now_ms();
         for s in &self.shards {

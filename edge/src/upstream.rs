@@ -118,7 +118,8 @@ impl Pool {
     }
 
     /// Whether target `i` is ejected right now.
-    pub fn is_ejected(&self, i: usize) -> bool {
+    #[cfg(test)]
+    fn is_ejected(&self, i: usize) -> bool {
         let until = self.health[i].ejected_until_ms.load(Ordering::Acquire);
         until != 0 && until > self.now_ms()
     }

@@ -407,10 +407,6 @@ impl Verifier {
         self.by_iss.is_empty()
     }
 
-    pub fn issuer(&self, iss: &str) -> Option<&Arc<IssuerState>> {
-        self.by_iss.get(iss)
-    }
-
     /// Verifies `token`. May fetch the issuer's JWKS once (see the module docs).
     pub async fn verify(&self, token: &str, client: &HttpClient) -> Result<Verified, JwtError> {
         use sha2::Digest;

@@ -94,10 +94,11 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
     let event_id = Uuid::now_v7();
     let client_trace =
         req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
-    let (traceparent, mut trace_id) = match client_trace {
-        Some((header, id)) => (Some(header), id),
-        None => (None, format!("{:032x}", rand_u128())),
+    let (traceparent, client_trace_id) = match client_trace {
+        Some((header, id)) => (Some(header), Some(id)),
+        None => (None, None),
     };
+    let mut trace_id = client_trace_id;
     // With telemetry on, the call is a span (child of the client's traceparent) and its trace
     // id is the event's.
     let (span, otel) = if gw.telemetry {
@@ -117,12 +118,14 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         let cx = span.context();
         let sc = cx.span().span_context().clone();
         if sc.is_valid() {
-            trace_id = sc.trace_id().to_string();
+            trace_id = Some(sc.trace_id().to_string());
         }
         (Some(span), Some(cx))
     } else {
         (None, None)
     };
+    // No trace from the client or the span: start one (random, only when needed).
+    let trace_id = trace_id.unwrap_or_else(|| format!("{:032x}", rand_u128()));
     req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent, otel });
 
     let client_ip = req
