@@ -4,9 +4,11 @@
 //! - [`config`]: TOML files with environment overrides, errors that name the key;
 //! - [`logging`]: `tracing` subscriber set-up;
 //! - [`shutdown`]: SIGTERM/SIGINT as a future;
-//! - [`backoff`]: capped exponential backoff for retries.
+//! - [`backoff`]: capped exponential backoff for retries;
+//! - [`time`]: UTC minutes, months and RFC 3339 timestamps on Unix seconds.
 
 pub mod backoff;
 pub mod config;
 pub mod logging;
 pub mod shutdown;
+pub mod time;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tollgate_common::config::{self, ConfigError};
+pub use tollgate_schemas::store::ClickHouseConfig;
+use tollgate_schemas::store::RawClickHouse;
 
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "TOLLGATE_INGEST_";
@@ -37,20 +39,6 @@ struct RawKafka {
     /// Extra librdkafka properties, passed as they are.
     #[serde(default)]
     properties: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClickHouse {
-    url: String,
-    #[serde(default = "default_database")]
-    database: String,
-    #[serde(default = "default_user")]
-    user: String,
-    #[serde(default)]
-    password: String,
-    #[serde(default = "default_true")]
-    migrate_on_start: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,15 +86,6 @@ fn default_dlq_topic() -> String {
 fn default_group_id() -> String {
     "tollgate-ingest".to_owned()
 }
-fn default_database() -> String {
-    "tollgate".to_owned()
-}
-fn default_user() -> String {
-    "default".to_owned()
-}
-fn default_true() -> bool {
-    true
-}
 fn default_max_rows() -> usize {
     50_000
 }
@@ -142,15 +121,6 @@ pub struct KafkaConfig {
     /// replica takes its partitions back at once instead of waiting out the dead session.
     pub instance_id: String,
     pub properties: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ClickHouseConfig {
-    pub url: String,
-    pub database: String,
-    pub user: String,
-    pub password: String,
-    pub migrate_on_start: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -200,13 +170,6 @@ impl Config {
         if raw.kafka.topic == raw.kafka.dlq_topic {
             return Err(invalid("kafka.dlq_topic", "must differ from kafka.topic"));
         }
-        if !(raw.clickhouse.url.starts_with("http://") || raw.clickhouse.url.starts_with("https://")) {
-            return Err(invalid("clickhouse.url", "must be an http:// or https:// URL of ClickHouse's HTTP interface"));
-        }
-        let db = &raw.clickhouse.database;
-        if db.is_empty() || !db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(invalid("clickhouse.database", "must be non-empty and only [A-Za-z0-9_]"));
-        }
         let instance_id = match raw.kafka.instance_id {
             Some(id) if id.trim().is_empty() => return Err(invalid("kafka.instance_id", "must not be empty")),
             Some(id) => id,
@@ -215,6 +178,7 @@ impl Config {
                 .filter(|h| !h.is_empty())
                 .map_or_else(|| "ingest-0".to_owned(), |h| format!("ingest-{h}")),
         };
+        let clickhouse = raw.clickhouse.validate().map_err(|(key, reason)| invalid(key, reason))?;
         let max_rows =
             NonZeroUsize::new(raw.batch.max_rows).ok_or_else(|| invalid("batch.max_rows", "must be at least 1"))?;
         if raw.batch.max_wait_ms == 0 {
@@ -232,13 +196,7 @@ impl Config {
                 instance_id,
                 properties: raw.kafka.properties,
             },
-            clickhouse: ClickHouseConfig {
-                url: raw.clickhouse.url,
-                database: raw.clickhouse.database,
-                user: raw.clickhouse.user,
-                password: raw.clickhouse.password,
-                migrate_on_start: raw.clickhouse.migrate_on_start,
-            },
+            clickhouse,
             batch: BatchConfig { max_rows, max_wait: Duration::from_millis(raw.batch.max_wait_ms) },
             retry: RetryConfig {
                 initial_backoff: Duration::from_millis(raw.retry.initial_backoff_ms),

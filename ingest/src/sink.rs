@@ -5,7 +5,7 @@ use serde::Serialize;
 use tollgate_schemas::ApiCall;
 use uuid::Uuid;
 
-use crate::config::ClickHouseConfig;
+pub use tollgate_schemas::store::{client, prepare};
 
 /// The raw table.
 pub const TABLE: &str = "api_calls";
@@ -68,27 +68,6 @@ impl RawRow {
             trace_id: e.trace_id.unwrap_or_default(),
         })
     }
-}
-
-/// A client for the configured database. Validation is off: ClickHouse 18.16 has no
-/// RowBinaryWithNamesAndTypes, and the row type above is checked against the DDL by the
-/// integration tests instead. HTTP compression is off (the crate's `lz4` feature is not
-/// enabled): 18.16 answers `compress=1` SELECTs with an empty body, and on a local network
-/// compression costs more CPU than it saves.
-pub fn client(cfg: &ClickHouseConfig) -> Client {
-    base_client(cfg).with_database(&cfg.database)
-}
-
-fn base_client(cfg: &ClickHouseConfig) -> Client {
-    Client::default().with_url(&cfg.url).with_user(&cfg.user).with_password(&cfg.password).with_validation(false)
-}
-
-/// Creates the database if needed and applies pending migrations.
-pub async fn prepare(cfg: &ClickHouseConfig) -> anyhow::Result<()> {
-    base_client(cfg).query(&format!("CREATE DATABASE IF NOT EXISTS {}", cfg.database)).execute().await?;
-    let applied = tollgate_schemas::migrate::run(&client(cfg)).await?;
-    tracing::info!(database = %cfg.database, applied = ?applied, "ClickHouse schema is up to date");
-    Ok(())
 }
 
 /// Inserts `rows` as one INSERT. A failure may have written part of the batch; retrying the

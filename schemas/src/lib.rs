@@ -8,12 +8,15 @@
 //!   no registry is needed;
 //! - the topic names ([`topics`]);
 //! - the ClickHouse migrations (`migrations/*.sql`) and, with the `migrate` feature, the code
-//!   that applies them idempotently ([`migrate`]).
+//!   that applies them idempotently ([`migrate`]), and the shared `[clickhouse]` config section
+//!   (`store`).
 
 pub mod avro;
 mod event;
 #[cfg(feature = "migrate")]
 pub mod migrate;
+#[cfg(feature = "migrate")]
+pub mod store;
 
 pub use avro::{DecodeError, Decoder, EncodeError, Encoder};
 pub use event::{ApiCall, Outcome};
@@ -27,5 +30,7 @@ pub mod topics {
 }
 
 /// SQL migrations, in the order they apply: (version, name, SQL text).
-pub const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "0001_api_calls.sql", include_str!("../migrations/0001_api_calls.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "0001_api_calls.sql", include_str!("../migrations/0001_api_calls.sql")),
+    (2, "0002_usage_minute.sql", include_str!("../migrations/0002_usage_minute.sql")),
+];

@@ -1,0 +1,257 @@
+//! Aggregator configuration: a TOML file, overridable with `TOLLGATE_AGGREGATOR_<SECTION>__<KEY>`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tollgate_common::config::{self, ConfigError};
+pub use tollgate_schemas::store::ClickHouseConfig;
+use tollgate_schemas::store::RawClickHouse;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TOLLGATE_AGGREGATOR_";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    kafka: RawKafka,
+    clickhouse: RawClickHouse,
+    #[serde(default)]
+    windows: RawWindows,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    retry: RawRetry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: String,
+    #[serde(default = "default_topic")]
+    topic: String,
+    #[serde(default = "default_group_id")]
+    group_id: String,
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default = "default_ingest_group_id")]
+    ingest_group_id: String,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindows {
+    #[serde(default = "default_lateness_s")]
+    allowed_lateness_s: u32,
+    #[serde(default = "default_idle_close_ms")]
+    idle_close_ms: u64,
+    #[serde(default = "default_max_clock_skew_s")]
+    max_clock_skew_s: u32,
+}
+
+impl Default for RawWindows {
+    fn default() -> Self {
+        Self {
+            allowed_lateness_s: default_lateness_s(),
+            idle_close_ms: default_idle_close_ms(),
+            max_clock_skew_s: default_max_clock_skew_s(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    #[serde(default = "default_initial_backoff_ms")]
+    initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    max_backoff_ms: u64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        Self { initial_backoff_ms: default_initial_backoff_ms(), max_backoff_ms: default_max_backoff_ms() }
+    }
+}
+
+fn default_topic() -> String {
+    tollgate_schemas::topics::API_CALLS.to_owned()
+}
+fn default_group_id() -> String {
+    "tollgate-aggregator".to_owned()
+}
+fn default_ingest_group_id() -> String {
+    "tollgate-ingest".to_owned()
+}
+fn default_lateness_s() -> u32 {
+    10
+}
+fn default_idle_close_ms() -> u64 {
+    1_000
+}
+fn default_max_clock_skew_s() -> u32 {
+    5
+}
+fn default_initial_backoff_ms() -> u64 {
+    100
+}
+fn default_max_backoff_ms() -> u64 {
+    5_000
+}
+
+/// Validated aggregator configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub clickhouse: ClickHouseConfig,
+    pub windows: WindowConfig,
+    /// Where `/healthz` and `/metrics` listen (no admin port when unset).
+    pub admin_listen: Option<SocketAddr>,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    /// Static group membership id (`group.instance.id`), unique per replica.
+    pub instance_id: String,
+    /// The consumer group of ingest: a minute is recomputed from the raw table only after
+    /// ingest committed past its events.
+    pub ingest_group_id: String,
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WindowConfig {
+    /// How long after a minute ends its events may still arrive before it is written.
+    pub allowed_lateness_s: u32,
+    /// Without messages for this long, the wall clock closes minutes.
+    pub idle_close: Duration,
+    /// Event times further ahead of the wall clock than this do not move the watermark further.
+    pub max_clock_skew_s: u32,
+}
+
+impl Config {
+    /// Loads and validates `path` with overrides from `env`.
+    pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let raw: Raw = config::load(path, ENV_PREFIX, env)?;
+        Self::validate(raw, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
+        let raw: Raw = config::parse(text, "<inline>", ENV_PREFIX, env)?;
+        Self::validate(raw, "<inline>")
+    }
+
+    fn validate(raw: Raw, origin: &str) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, reason: &str| ConfigError::invalid(origin, key, reason);
+        if raw.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must list at least one host:port"));
+        }
+        for (key, value) in [
+            ("kafka.topic", &raw.kafka.topic),
+            ("kafka.group_id", &raw.kafka.group_id),
+            ("kafka.ingest_group_id", &raw.kafka.ingest_group_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        if raw.kafka.group_id == raw.kafka.ingest_group_id {
+            return Err(invalid("kafka.group_id", "must differ from kafka.ingest_group_id (the aggregator reads in its own group)"));
+        }
+        let instance_id = match raw.kafka.instance_id {
+            Some(id) if id.trim().is_empty() => return Err(invalid("kafka.instance_id", "must not be empty")),
+            Some(id) => id,
+            None => std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .map_or_else(|| "aggregator-0".to_owned(), |h| format!("aggregator-{h}")),
+        };
+        let clickhouse = raw.clickhouse.validate().map_err(|(key, reason)| invalid(key, reason))?;
+        if raw.windows.allowed_lateness_s > 86_400 {
+            return Err(invalid("windows.allowed_lateness_s", "must be at most 86400 (one day)"));
+        }
+        if raw.windows.idle_close_ms == 0 {
+            return Err(invalid("windows.idle_close_ms", "must be at least 1"));
+        }
+        let admin_listen = match raw.admin.listen {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| invalid("admin.listen", "must be an address like 127.0.0.1:9181"))?),
+        };
+        if raw.retry.initial_backoff_ms == 0 || raw.retry.max_backoff_ms < raw.retry.initial_backoff_ms {
+            return Err(invalid("retry.max_backoff_ms", "must be >= retry.initial_backoff_ms >= 1"));
+        }
+        Ok(Config {
+            kafka: KafkaConfig {
+                brokers: raw.kafka.brokers,
+                topic: raw.kafka.topic,
+                group_id: raw.kafka.group_id,
+                instance_id,
+                ingest_group_id: raw.kafka.ingest_group_id,
+                properties: raw.kafka.properties,
+            },
+            clickhouse,
+            windows: WindowConfig {
+                allowed_lateness_s: raw.windows.allowed_lateness_s,
+                idle_close: Duration::from_millis(raw.windows.idle_close_ms),
+                max_clock_skew_s: raw.windows.max_clock_skew_s,
+            },
+            admin_listen,
+            initial_backoff: Duration::from_millis(raw.retry.initial_backoff_ms),
+            max_backoff: Duration::from_millis(raw.retry.max_backoff_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const MINIMAL: &str = "[kafka]\nbrokers = \"127.0.0.1:9092\"\n[clickhouse]\nurl = \"http://127.0.0.1:8123\"\n";
+
+    #[test]
+    fn defaults_apply() {
+        let c = Config::parse(MINIMAL, &BTreeMap::new()).unwrap();
+        assert_eq!(c.kafka.topic, "api-calls");
+        assert_eq!(c.kafka.group_id, "tollgate-aggregator");
+        assert_eq!(c.kafka.ingest_group_id, "tollgate-ingest");
+        assert_eq!(c.windows.allowed_lateness_s, 10);
+        assert_eq!(c.admin_listen, None);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("[windows]\nidle_close_ms = 0\n", "windows.idle_close_ms"),
+            ("[windows]\nallowed_lateness_s = 100000\n", "windows.allowed_lateness_s"),
+            ("[windows]\nallowed_lateness_s = -1\n", "windows.allowed_lateness_s"),
+            ("[admin]\nlisten = \"nowhere\"\n", "admin.listen"),
+            ("[retry]\ninitial_backoff_ms = 10\nmax_backoff_ms = 5\n", "retry.max_backoff_ms"),
+            ("[windows]\nlateness = 1\n", "lateness"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::parse(&format!("{MINIMAL}{extra}"), &BTreeMap::new()).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let env = [("TOLLGATE_AGGREGATOR_KAFKA__GROUP_ID".to_owned(), "tollgate-ingest".to_owned())].into();
+        let err = Config::parse(MINIMAL, &env).unwrap_err().to_string();
+        assert!(err.contains("kafka.group_id"), "{err}");
+    }
+}

@@ -1,0 +1,21 @@
+//! tollgate aggregator: per-minute usage and latency histograms from `api-calls`, with an
+//! exactly-once effect in ClickHouse.
+//!
+//! - [`tracker`]: event time, watermark, allowed lateness, late events, safe commit offsets;
+//! - [`progress`]: ingest's committed offsets (a minute is read from the raw table only once
+//!   ingest has written all its events);
+//! - [`store`]: recompute a minute's rows from `api_calls FINAL`, write them to
+//!   `usage_minute` (ReplacingMergeTree), read usage back;
+//! - [`histogram`]: fixed-boundary HDR buckets and nearest-rank percentiles;
+//! - [`pipeline`]: the loop tying them together.
+
+pub mod admin;
+pub mod config;
+pub mod histogram;
+pub mod metrics;
+pub mod pipeline;
+pub mod progress;
+pub mod store;
+pub mod tracker;
+
+pub use config::Config;

@@ -1,0 +1,55 @@
+//! Counters and gauges of the aggregator, rendered for Prometheus on the admin port.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub events: AtomicU64,
+    pub late_events: AtomicU64,
+    pub skipped_messages: AtomicU64,
+    pub minutes_written: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub clickhouse_errors: AtomicU64,
+    pub ingest_waits: AtomicU64,
+    pub watermark_seconds: AtomicI64,
+    pub open_minutes: AtomicI64,
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("tollgate_aggregator_events_total", "Events read from api-calls (duplicates included).", &self.events),
+            (
+                "tollgate_aggregator_late_events_total",
+                "Events that arrived after their minute had closed; they still count (the minute is rewritten).",
+                &self.late_events,
+            ),
+            (
+                "tollgate_aggregator_skipped_messages_total",
+                "Messages that are not valid events (ingest dead-letters them); not aggregated.",
+                &self.skipped_messages,
+            ),
+            ("tollgate_aggregator_minutes_written_total", "Minute recomputations written to usage_minute.", &self.minutes_written),
+            ("tollgate_aggregator_rows_written_total", "Rows written to usage_minute.", &self.rows_written),
+            ("tollgate_aggregator_clickhouse_errors_total", "Failed ClickHouse reads or writes (retried).", &self.clickhouse_errors),
+            (
+                "tollgate_aggregator_ingest_waits_total",
+                "Times a closed minute waited for ingest to commit past its events.",
+                &self.ingest_waits,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        let gauges = [
+            ("tollgate_aggregator_watermark_seconds", "Largest event time seen (Unix seconds).", &self.watermark_seconds),
+            ("tollgate_aggregator_open_minutes", "Minutes with events not yet written.", &self.open_minutes),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out
+    }
+}

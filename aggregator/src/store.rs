@@ -1,0 +1,252 @@
+//! ClickHouse side: recomputing a minute's usage rows from the deduplicated raw table, writing
+//! them, and reading usage back for the CLI.
+//!
+//! A usage row is a pure function of the raw events of its key in `api_calls FINAL`. Writing
+//! it again (after a restart, a late event, a second instance) replaces it: `usage_minute` is a
+//! `ReplacingMergeTree(version)` and reads are `FINAL`. Because the raw table only grows, a
+//! later recomputation (higher `version`) is never less complete than an earlier one.
+
+use std::collections::BTreeSet;
+
+use clickhouse::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::histogram::Latencies;
+
+pub const RAW_TABLE: &str = "api_calls";
+pub const USAGE_TABLE: &str = "usage_minute";
+
+/// Above this many consumers, a minute is read whole and filtered here instead of with an
+/// `IN (...)` list in the query.
+const MAX_IN_LIST: usize = 500;
+
+/// The columns of one raw event that usage needs.
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct RawCall {
+    consumer_id: String,
+    route_id: String,
+    outcome: i8,
+    status: u16,
+    latency_us: u64,
+    request_bytes: u64,
+    response_bytes: u64,
+}
+
+/// One row of `usage_minute` (column order as in `schemas/migrations/0002_usage_minute.sql`).
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub minute: u32,
+    pub consumer_id: String,
+    pub route_id: String,
+    pub outcome: i8,
+    pub status_class: u8,
+    pub requests: u64,
+    pub errors_4xx: u64,
+    pub errors_5xx: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub latency_sum_us: u64,
+    pub latency_le_us: Vec<u64>,
+    pub latency_count: Vec<u64>,
+    pub version: u64,
+}
+
+/// Accumulates rows of one key while the raw events stream in key order.
+struct Group {
+    row: UsageRow,
+    latencies: Latencies,
+}
+
+impl Group {
+    fn key_matches(&self, c: &RawCall) -> bool {
+        self.row.consumer_id == c.consumer_id
+            && self.row.route_id == c.route_id
+            && self.row.outcome == c.outcome
+            && self.row.status_class == status_class(c.status)
+    }
+
+    fn finish(&mut self, out: &mut Vec<UsageRow>) {
+        let (bounds, counts) = self.latencies.buckets();
+        let mut row = self.row.clone();
+        row.latency_le_us = bounds;
+        row.latency_count = counts;
+        out.push(row);
+        self.latencies.reset();
+    }
+}
+
+/// `status / 100`: 2 for 2xx, ..., 0 when no status was sent.
+pub fn status_class(status: u16) -> u8 {
+    u8::try_from(status / 100).unwrap_or(u8::MAX)
+}
+
+/// Recomputes the usage rows of `minute` (Unix seconds, a minute start) for `consumers` from
+/// `api_calls FINAL`. `version` goes into every row.
+pub async fn recompute(
+    client: &Client,
+    minute: i64,
+    consumers: &BTreeSet<String>,
+    version: u64,
+) -> Result<Vec<UsageRow>, clickhouse::error::Error> {
+    let from = u32::try_from(minute).unwrap_or(0);
+    let filter = consumers.len() <= MAX_IN_LIST;
+    let mut sql = format!(
+        "SELECT consumer_id, route_id, outcome, status, latency_us, request_bytes, response_bytes \
+         FROM {RAW_TABLE} FINAL WHERE ts >= toDateTime(?) AND ts < toDateTime(?)"
+    );
+    if filter {
+        sql.push_str(" AND consumer_id IN (");
+        sql.push_str(&vec!["?"; consumers.len()].join(", "));
+        sql.push(')');
+    }
+    sql.push_str(" ORDER BY consumer_id, route_id, outcome, intDiv(status, 100)");
+    let mut query = client.query(&sql).bind(from).bind(from.saturating_add(60));
+    if filter {
+        for c in consumers {
+            query = query.bind(c.as_str());
+        }
+    }
+    let mut cursor = query.fetch::<RawCall>()?;
+    let mut rows = Vec::new();
+    let mut group: Option<Group> = None;
+    while let Some(call) = cursor.next().await? {
+        if !filter && !consumers.contains(&call.consumer_id) {
+            continue;
+        }
+        match &mut group {
+            Some(g) if g.key_matches(&call) => {}
+            _ => {
+                if let Some(g) = &mut group {
+                    g.finish(&mut rows);
+                }
+                let row = UsageRow {
+                    minute: from,
+                    consumer_id: call.consumer_id.clone(),
+                    route_id: call.route_id.clone(),
+                    outcome: call.outcome,
+                    status_class: status_class(call.status),
+                    requests: 0,
+                    errors_4xx: 0,
+                    errors_5xx: 0,
+                    request_bytes: 0,
+                    response_bytes: 0,
+                    latency_sum_us: 0,
+                    latency_le_us: Vec::new(),
+                    latency_count: Vec::new(),
+                    version,
+                };
+                match &mut group {
+                    Some(g) => g.row = row,
+                    None => group = Some(Group { row, latencies: Latencies::new() }),
+                }
+            }
+        }
+        if let Some(g) = &mut group {
+            let r = &mut g.row;
+            r.requests += 1;
+            r.errors_4xx += u64::from((400..500).contains(&call.status));
+            r.errors_5xx += u64::from(call.status >= 500);
+            r.request_bytes = r.request_bytes.saturating_add(call.request_bytes);
+            r.response_bytes = r.response_bytes.saturating_add(call.response_bytes);
+            r.latency_sum_us = r.latency_sum_us.saturating_add(call.latency_us);
+            g.latencies.record(call.latency_us);
+        }
+    }
+    if let Some(g) = &mut group {
+        g.finish(&mut rows);
+    }
+    Ok(rows)
+}
+
+/// Writes `rows` as one INSERT (retrying it is safe: rows replace rows of the same key).
+pub async fn write(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse::error::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<UsageRow>(USAGE_TABLE).await?;
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Usage of one consumer (or all) over a window, from merged minute rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    pub consumer_id: String,
+    pub requests: u64,
+    pub errors_4xx: u64,
+    pub errors_5xx: u64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub p50_us: Option<u64>,
+    pub p95_us: Option<u64>,
+    pub p99_us: Option<u64>,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct UsageAgg {
+    consumer_id: String,
+    requests: u64,
+    errors_4xx: u64,
+    errors_5xx: u64,
+    request_bytes: u64,
+    response_bytes: u64,
+    bounds: Vec<u64>,
+    counts: Vec<u64>,
+}
+
+/// What to read with [`usage`].
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub consumer: Option<String>,
+    pub route: Option<String>,
+    /// Unix seconds, inclusive; minute rows starting in `[from, to)` are read.
+    pub from: i64,
+    pub to: i64,
+}
+
+/// Per consumer: counts and P50/P95/P99 from the merged buckets of every minute row in the
+/// window (never an average of percentiles).
+pub async fn usage(client: &Client, f: &UsageFilter) -> Result<Vec<Usage>, clickhouse::error::Error> {
+    let mut sql = format!(
+        "SELECT consumer_id, sum(requests), sum(errors_4xx), sum(errors_5xx), sum(request_bytes), \
+         sum(response_bytes), tupleElement(sumMap(latency_le_us, latency_count), 1), \
+         tupleElement(sumMap(latency_le_us, latency_count), 2) \
+         FROM {USAGE_TABLE} FINAL WHERE minute >= toDateTime(?) AND minute < toDateTime(?)"
+    );
+    if f.consumer.is_some() {
+        sql.push_str(" AND consumer_id = ?");
+    }
+    if f.route.is_some() {
+        sql.push_str(" AND route_id = ?");
+    }
+    sql.push_str(" GROUP BY consumer_id ORDER BY consumer_id");
+    let clamp = |s: i64| u32::try_from(s.max(0)).unwrap_or(u32::MAX);
+    let mut q = client.query(&sql).bind(clamp(f.from)).bind(clamp(f.to));
+    if let Some(c) = &f.consumer {
+        q = q.bind(c.as_str());
+    }
+    if let Some(r) = &f.route {
+        q = q.bind(r.as_str());
+    }
+    let rows = q.fetch_all::<UsageAgg>().await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let mut h = Latencies::new();
+            h.add_buckets(&r.bounds, &r.counts);
+            Usage {
+                consumer_id: r.consumer_id,
+                requests: r.requests,
+                errors_4xx: r.errors_4xx,
+                errors_5xx: r.errors_5xx,
+                request_bytes: r.request_bytes,
+                response_bytes: r.response_bytes,
+                p50_us: h.quantile(0.5),
+                p95_us: h.quantile(0.95),
+                p99_us: h.quantile(0.99),
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,209 @@
+//! Event-time bookkeeping: which minutes have unwritten events, when a minute closes, which
+//! events are late, and which offsets are safe to commit.
+//!
+//! The aggregator never keeps counts in memory: a minute's rows are recomputed from the
+//! deduplicated raw table when the minute closes (see `store`). What it must remember is
+//! *which* (minute, consumer) pairs changed since they were last written, and the Kafka
+//! offsets those changes came from, so that a committed offset never passes an event whose
+//! minute is not written yet. That is all this module does; it is pure and unit-tested.
+//!
+//! - The **watermark** is the largest event time seen (clamped to the wall clock plus
+//!   `max_skew`, so one event from a broken clock cannot close every window).
+//! - Minute `m` **closes** when the clock reaches `m + 60 s + lateness`. The clock is the
+//!   watermark while events flow; when the partitions are idle, the wall clock moves it on,
+//!   so the last minute before a quiet period closes too.
+//! - An event whose minute already closed is **late**: it is not dropped, its minute is
+//!   opened again and rewritten at the next check (the rewrite recomputes the whole key from
+//!   the raw table, so the late event counts exactly once). Late events are counted.
+//! - The **commit offset** of a partition is the first offset of the oldest unwritten minute
+//!   with events from it, or the offset after the last message read when none is pending.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Unwritten changes of one minute.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Consumers with new events in this minute.
+    pub consumers: BTreeSet<String>,
+    /// Per partition: the first offset with an event of this minute (holds the commit back).
+    pub first_offset: BTreeMap<i32, i64>,
+    /// Per partition: the last offset with an event of this minute (ingest must be past it
+    /// before the minute is recomputed from the raw table).
+    pub last_offset: BTreeMap<i32, i64>,
+    /// Events (including duplicates) seen for this minute since it was last written.
+    pub events: u64,
+}
+
+/// Whether an event arrived before its minute closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    OnTime,
+    Late,
+}
+
+#[derive(Debug)]
+pub struct Tracker {
+    lateness_s: i64,
+    max_skew_s: i64,
+    /// Largest (clamped) event time seen, seconds.
+    watermark_s: Option<i64>,
+    /// The clock the last close check used (never decreases).
+    clock_s: Option<i64>,
+    pending: BTreeMap<i64, Pending>,
+    next_offset: BTreeMap<i32, i64>,
+}
+
+/// The start of the minute holding `ts_s`.
+pub fn minute_of(ts_s: i64) -> i64 {
+    ts_s - ts_s.rem_euclid(60)
+}
+
+impl Tracker {
+    pub fn new(lateness_s: i64, max_skew_s: i64) -> Self {
+        Self { lateness_s, max_skew_s, watermark_s: None, clock_s: None, pending: BTreeMap::new(), next_offset: BTreeMap::new() }
+    }
+
+    fn close_time(&self, minute: i64) -> i64 {
+        minute + 60 + self.lateness_s
+    }
+
+    /// Records the event at (partition, offset) with event time `ts_s` for `consumer`.
+    pub fn observe(&mut self, partition: i32, offset: i64, ts_s: i64, consumer: &str, now_s: i64) -> Arrival {
+        let minute = minute_of(ts_s);
+        let closed_by = self.clock_s.max(self.watermark_s);
+        let arrival = match closed_by {
+            Some(clock) if self.close_time(minute) <= clock => Arrival::Late,
+            _ => Arrival::OnTime,
+        };
+        let clamped = ts_s.min(now_s.saturating_add(self.max_skew_s));
+        self.watermark_s = Some(self.watermark_s.map_or(clamped, |w| w.max(clamped)));
+        let p = self.pending.entry(minute).or_default();
+        if !p.consumers.contains(consumer) {
+            p.consumers.insert(consumer.to_owned());
+        }
+        p.first_offset.entry(partition).or_insert(offset);
+        let last = p.last_offset.entry(partition).or_insert(offset);
+        *last = (*last).max(offset);
+        p.events += 1;
+        self.mark_read(partition, offset);
+        arrival
+    }
+
+    /// Records a message that carries no event to aggregate (it was dead-lettered by ingest):
+    /// it only moves the partition's read position.
+    pub fn mark_read(&mut self, partition: i32, offset: i64) {
+        let next = self.next_offset.entry(partition).or_insert(offset + 1);
+        *next = (*next).max(offset + 1);
+    }
+
+    /// The minutes that are closed at this point, oldest first. `idle` says the partitions
+    /// had nothing to read for a while: then the wall clock `now_s` also moves the clock.
+    pub fn due(&mut self, now_s: i64, idle: bool) -> Vec<i64> {
+        let mut clock = self.watermark_s;
+        if idle {
+            clock = Some(clock.map_or(now_s, |w| w.max(now_s)));
+        }
+        let Some(clock) = clock.max(self.clock_s) else { return Vec::new() };
+        self.clock_s = Some(clock);
+        self.pending.keys().copied().filter(|&m| self.close_time(m) <= clock).collect()
+    }
+
+    pub fn pending(&self, minute: i64) -> Option<&Pending> {
+        self.pending.get(&minute)
+    }
+
+    /// The minute was written: forget its changes.
+    pub fn written(&mut self, minute: i64) {
+        self.pending.remove(&minute);
+    }
+
+    /// Offsets safe to commit (the next offset to read after a restart), per partition.
+    pub fn commit_offsets(&self) -> BTreeMap<i32, i64> {
+        let mut out = self.next_offset.clone();
+        for p in self.pending.values() {
+            for (&partition, &first) in &p.first_offset {
+                if let Some(o) = out.get_mut(&partition) {
+                    *o = (*o).min(first);
+                }
+            }
+        }
+        out
+    }
+
+    /// Forgets partitions this instance no longer owns (after a rebalance). Their pending
+    /// minutes are still written (harmless: a rewrite is idempotent), but their offsets are
+    /// no longer committed from here.
+    pub fn revoke(&mut self, partition: i32) {
+        self.next_offset.remove(&partition);
+    }
+
+    pub fn watermark(&self) -> Option<i64> {
+        self.watermark_s
+    }
+
+    pub fn open_minutes(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const T0: i64 = 1_795_651_200; // 2026-11-25T22:40:00Z, a minute start
+
+    #[test]
+    fn a_minute_closes_after_the_lateness_and_holds_the_commit_until_written() {
+        let mut t = Tracker::new(10, 5);
+        assert_eq!(t.observe(0, 100, T0 + 5, "a", T0 + 5), Arrival::OnTime);
+        assert_eq!(t.observe(0, 101, T0 + 59, "b", T0 + 59), Arrival::OnTime);
+        assert_eq!(t.observe(0, 102, T0 + 61, "a", T0 + 61), Arrival::OnTime);
+        assert!(t.due(T0 + 61, false).is_empty());
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 100)]));
+        // The watermark reaches minute 0's close time (60 + 10 s).
+        t.observe(0, 103, T0 + 70, "c", T0 + 70);
+        assert_eq!(t.due(T0 + 70, false), vec![T0]);
+        let p = t.pending(T0).unwrap();
+        assert_eq!(p.consumers, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+        assert_eq!((p.first_offset[&0], p.last_offset[&0], p.events), (100, 101, 2));
+        t.written(T0);
+        // Minute 1 (offsets 102, 103) still holds the commit back.
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
+        // An event for minute 0 now is late, reopens it, and is due at once.
+        assert_eq!(t.observe(0, 104, T0 + 30, "d", T0 + 71), Arrival::Late);
+        assert_eq!(t.due(T0 + 71, false), vec![T0]);
+        assert_eq!(t.pending(T0).unwrap().consumers, BTreeSet::from(["d".to_owned()]));
+        t.written(T0);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
+        // Idle: the wall clock closes minute 1.
+        assert!(t.due(T0 + 125, false).is_empty());
+        assert_eq!(t.due(T0 + 130, true), vec![T0 + 60]);
+        t.written(T0 + 60);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 105)]));
+        assert_eq!(t.open_minutes(), 0);
+    }
+
+    #[test]
+    fn partitions_commit_independently() {
+        let mut t = Tracker::new(0, 5);
+        t.observe(0, 10, T0, "a", T0);
+        t.observe(1, 50, T0 + 60, "b", T0 + 60);
+        t.mark_read(2, 7);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 10), (1, 50), (2, 8)]));
+        assert_eq!(t.due(T0 + 60, false), vec![T0]);
+        t.written(T0);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (1, 50), (2, 8)]));
+        t.revoke(1);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (2, 8)]));
+    }
+
+    #[test]
+    fn a_future_timestamp_cannot_close_every_window() {
+        let mut t = Tracker::new(10, 5);
+        t.observe(0, 1, T0 + 1, "a", T0 + 1);
+        t.observe(0, 2, T0 + 86_400, "broken-clock", T0 + 2);
+        assert_eq!(t.watermark(), Some(T0 + 7));
+        assert!(t.due(T0 + 2, false).is_empty());
+    }
+}
