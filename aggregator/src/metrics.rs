@@ -12,7 +12,7 @@ pub struct Metrics {
     pub rows_written: AtomicU64,
     pub clickhouse_errors: AtomicU64,
     pub ingest_waits: AtomicU64,
-    pub watermark_seconds: AtomicI64,
+    pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
 }
 
@@ -44,7 +44,7 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
         let gauges = [
-            ("tollgate_aggregator_watermark_seconds", "Largest event time seen (Unix seconds).", &self.watermark_seconds),
+            ("tollgate_aggregator_clock_seconds", "Event-time clock that closes minutes: the slowest active partition's watermark (Unix seconds).", &self.clock_seconds),
             ("tollgate_aggregator_open_minutes", "Minutes with events not yet written.", &self.open_minutes),
         ];
         for (name, help, v) in gauges {

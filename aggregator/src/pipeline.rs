@@ -22,8 +22,8 @@ use crate::tracker::{Arrival, Tracker};
 /// While events flow, closed minutes are looked for this often.
 const CLOSE_CHECK_EVERY: Duration = Duration::from_millis(200);
 
-fn now_s() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn now_us() -> u64 {
@@ -98,7 +98,7 @@ impl Aggregator {
         let progress = IngestProgress::new(&cfg.kafka)?;
         let client = tollgate_schemas::store::client(&cfg.clickhouse);
         let w = &cfg.windows;
-        let tracker = Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s));
+        let tracker = Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s), w.idle_close.as_millis() as i64);
         tracing::info!(
             topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, ingest_group = %cfg.kafka.ingest_group_id,
             allowed_lateness_s = w.allowed_lateness_s, "aggregator started"
@@ -133,7 +133,7 @@ impl Aggregator {
             };
             if idle || last_check.elapsed() >= CLOSE_CHECK_EVERY {
                 last_check = Instant::now();
-                if !self.close_due(idle).await {
+                if !self.close_due().await {
                     return Ok(());
                 }
             }
@@ -156,7 +156,7 @@ impl Aggregator {
         }
         self.metrics.events.fetch_add(1, Ordering::Relaxed);
         let consumer = event.kafka_key();
-        if self.tracker.observe(partition, offset, ts_s, consumer, now_s()) == Arrival::Late {
+        if self.tracker.observe(partition, offset, ts_s, consumer, now_ms()) == Arrival::Late {
             self.metrics.late_events.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(partition, offset, ts_s, consumer, "late event: its minute is rewritten");
         }
@@ -164,8 +164,12 @@ impl Aggregator {
 
     /// Writes every closed minute, then stores the offsets they free. False when shutdown
     /// interrupted it (what was not written stays uncommitted and is read again next time).
-    async fn close_due(&mut self, idle: bool) -> bool {
-        for minute in self.tracker.due(now_s(), idle) {
+    async fn close_due(&mut self) -> bool {
+        if let Ok(tpl) = self.consumer.assignment() {
+            let parts: Vec<i32> = tpl.elements_for_topic(&self.cfg.kafka.topic).iter().map(|e| e.partition()).collect();
+            self.tracker.assigned(&parts, now_ms());
+        }
+        for minute in self.tracker.due(now_ms()) {
             let Some(pending) = self.tracker.pending(minute).cloned() else { continue };
             if !self.wait_for_ingest(&pending.last_offset).await {
                 return false;
@@ -199,8 +203,8 @@ impl Aggregator {
             self.tracker.written(minute);
         }
         self.metrics.open_minutes.store(self.tracker.open_minutes() as i64, Ordering::Relaxed);
-        if let Some(w) = self.tracker.watermark() {
-            self.metrics.watermark_seconds.store(w, Ordering::Relaxed);
+        if let Some(c) = self.tracker.clock() {
+            self.metrics.clock_seconds.store(c, Ordering::Relaxed);
         }
         self.store_offsets();
         true

@@ -7,11 +7,14 @@
 //! offsets those changes came from, so that a committed offset never passes an event whose
 //! minute is not written yet. That is all this module does; it is pure and unit-tested.
 //!
-//! - The **watermark** is the largest event time seen (clamped to the wall clock plus
-//!   `max_skew`, so one event from a broken clock cannot close every window).
-//! - Minute `m` **closes** when the clock reaches `m + 60 s + lateness`. The clock is the
-//!   watermark while events flow; when the partitions are idle, the wall clock moves it on,
-//!   so the last minute before a quiet period closes too.
+//! - Each partition has a **watermark**: the largest event time read from it (clamped to the
+//!   wall clock plus `max_skew`, so one event from a broken clock cannot close every window).
+//! - The **clock** is the smallest watermark of the partitions that delivered something in
+//!   the last `idle` interval, so a partition that is behind (a replay reads partitions at
+//!   different speeds) holds windows open instead of making its events late. When every
+//!   partition is idle, the wall clock moves the clock on, so the last minute before a quiet
+//!   period closes too. The clock never goes back.
+//! - Minute `m` **closes** when the clock reaches `m + 60 s + lateness`.
 //! - An event whose minute already closed is **late**: it is not dropped, its minute is
 //!   opened again and rewritten at the next check (the rewrite recomputes the whole key from
 //!   the raw table, so the late event counts exactly once). Late events are counted.
@@ -45,9 +48,11 @@ pub enum Arrival {
 pub struct Tracker {
     lateness_s: i64,
     max_skew_s: i64,
-    /// Largest (clamped) event time seen, seconds.
-    watermark_s: Option<i64>,
-    /// The clock the last close check used (never decreases).
+    idle_ms: i64,
+    /// Per assigned partition: largest (clamped) event time read, seconds (none yet after
+    /// the assignment), and when it last delivered or was assigned (wall clock, ms).
+    watermarks: BTreeMap<i32, (Option<i64>, i64)>,
+    /// The clock of the last close check (never decreases).
     clock_s: Option<i64>,
     pending: BTreeMap<i64, Pending>,
     next_offset: BTreeMap<i32, i64>,
@@ -59,24 +64,33 @@ pub fn minute_of(ts_s: i64) -> i64 {
 }
 
 impl Tracker {
-    pub fn new(lateness_s: i64, max_skew_s: i64) -> Self {
-        Self { lateness_s, max_skew_s, watermark_s: None, clock_s: None, pending: BTreeMap::new(), next_offset: BTreeMap::new() }
+    pub fn new(lateness_s: i64, max_skew_s: i64, idle_ms: i64) -> Self {
+        Self {
+            lateness_s,
+            max_skew_s,
+            idle_ms,
+            watermarks: BTreeMap::new(),
+            clock_s: None,
+            pending: BTreeMap::new(),
+            next_offset: BTreeMap::new(),
+        }
     }
 
     fn close_time(&self, minute: i64) -> i64 {
         minute + 60 + self.lateness_s
     }
 
-    /// Records the event at (partition, offset) with event time `ts_s` for `consumer`.
-    pub fn observe(&mut self, partition: i32, offset: i64, ts_s: i64, consumer: &str, now_s: i64) -> Arrival {
+    /// Records the event at (partition, offset) with event time `ts_s` for `consumer`, read at
+    /// wall-clock `now_ms`.
+    pub fn observe(&mut self, partition: i32, offset: i64, ts_s: i64, consumer: &str, now_ms: i64) -> Arrival {
         let minute = minute_of(ts_s);
-        let closed_by = self.clock_s.max(self.watermark_s);
-        let arrival = match closed_by {
+        let arrival = match self.clock_s {
             Some(clock) if self.close_time(minute) <= clock => Arrival::Late,
             _ => Arrival::OnTime,
         };
-        let clamped = ts_s.min(now_s.saturating_add(self.max_skew_s));
-        self.watermark_s = Some(self.watermark_s.map_or(clamped, |w| w.max(clamped)));
+        let clamped = ts_s.min((now_ms / 1000).saturating_add(self.max_skew_s));
+        let w = self.watermarks.entry(partition).or_insert((None, now_ms));
+        *w = (Some(w.0.map_or(clamped, |w| w.max(clamped))), now_ms);
         let p = self.pending.entry(minute).or_default();
         if !p.consumers.contains(consumer) {
             p.consumers.insert(consumer.to_owned());
@@ -96,13 +110,35 @@ impl Tracker {
         *next = (*next).max(offset + 1);
     }
 
-    /// The minutes that are closed at this point, oldest first. `idle` says the partitions
-    /// had nothing to read for a while: then the wall clock `now_s` also moves the clock.
-    pub fn due(&mut self, now_s: i64, idle: bool) -> Vec<i64> {
-        let mut clock = self.watermark_s;
-        if idle {
-            clock = Some(clock.map_or(now_s, |w| w.max(now_s)));
+    /// The partitions currently assigned: a partition assigned but not read from yet holds
+    /// the clock (for up to the idle interval), so a replay that happens to fetch one
+    /// partition first does not make the others' events late.
+    pub fn assigned(&mut self, partitions: &[i32], now_ms: i64) {
+        self.watermarks.retain(|p, _| partitions.contains(p));
+        for &p in partitions {
+            self.watermarks.entry(p).or_insert((None, now_ms));
         }
+    }
+
+    /// The minutes that are closed at wall-clock `now_ms`, oldest first.
+    pub fn due(&mut self, now_ms: i64) -> Vec<i64> {
+        let mut waiting = false;
+        let mut slowest: Option<i64> = None;
+        for &(w, seen) in self.watermarks.values() {
+            if now_ms - seen < self.idle_ms {
+                match w {
+                    None => waiting = true,
+                    Some(w) => slowest = Some(slowest.map_or(w, |s| s.min(w))),
+                }
+            }
+        }
+        let clock = match slowest {
+            _ if waiting => None,
+            Some(w) => Some(w),
+            // Every partition idle: the wall clock moves on.
+            None if self.pending.is_empty() => None,
+            None => Some(now_ms / 1000),
+        };
         let Some(clock) = clock.max(self.clock_s) else { return Vec::new() };
         self.clock_s = Some(clock);
         self.pending.keys().copied().filter(|&m| self.close_time(m) <= clock).collect()
@@ -137,8 +173,9 @@ impl Tracker {
         self.next_offset.remove(&partition);
     }
 
-    pub fn watermark(&self) -> Option<i64> {
-        self.watermark_s
+    /// The clock of the last close check (seconds).
+    pub fn clock(&self) -> Option<i64> {
+        self.clock_s
     }
 
     pub fn open_minutes(&self) -> usize {
@@ -152,18 +189,23 @@ mod tests {
     use super::*;
 
     const T0: i64 = 1_795_651_200; // 2026-11-25T22:40:00Z, a minute start
+    const IDLE_MS: i64 = 1_000;
+
+    fn ms(s: i64) -> i64 {
+        s * 1000
+    }
 
     #[test]
     fn a_minute_closes_after_the_lateness_and_holds_the_commit_until_written() {
-        let mut t = Tracker::new(10, 5);
-        assert_eq!(t.observe(0, 100, T0 + 5, "a", T0 + 5), Arrival::OnTime);
-        assert_eq!(t.observe(0, 101, T0 + 59, "b", T0 + 59), Arrival::OnTime);
-        assert_eq!(t.observe(0, 102, T0 + 61, "a", T0 + 61), Arrival::OnTime);
-        assert!(t.due(T0 + 61, false).is_empty());
+        let mut t = Tracker::new(10, 5, IDLE_MS);
+        assert_eq!(t.observe(0, 100, T0 + 5, "a", ms(T0 + 5)), Arrival::OnTime);
+        assert_eq!(t.observe(0, 101, T0 + 59, "b", ms(T0 + 59)), Arrival::OnTime);
+        assert_eq!(t.observe(0, 102, T0 + 61, "a", ms(T0 + 61)), Arrival::OnTime);
+        assert!(t.due(ms(T0 + 61)).is_empty());
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 100)]));
         // The watermark reaches minute 0's close time (60 + 10 s).
-        t.observe(0, 103, T0 + 70, "c", T0 + 70);
-        assert_eq!(t.due(T0 + 70, false), vec![T0]);
+        t.observe(0, 103, T0 + 70, "c", ms(T0 + 70));
+        assert_eq!(t.due(ms(T0 + 70)), vec![T0]);
         let p = t.pending(T0).unwrap();
         assert_eq!(p.consumers, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
         assert_eq!((p.first_offset[&0], p.last_offset[&0], p.events), (100, 101, 2));
@@ -171,27 +213,64 @@ mod tests {
         // Minute 1 (offsets 102, 103) still holds the commit back.
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
         // An event for minute 0 now is late, reopens it, and is due at once.
-        assert_eq!(t.observe(0, 104, T0 + 30, "d", T0 + 71), Arrival::Late);
-        assert_eq!(t.due(T0 + 71, false), vec![T0]);
+        assert_eq!(t.observe(0, 104, T0 + 30, "d", ms(T0 + 70) + 500), Arrival::Late);
+        assert_eq!(t.due(ms(T0 + 71)), vec![T0]);
         assert_eq!(t.pending(T0).unwrap().consumers, BTreeSet::from(["d".to_owned()]));
         t.written(T0);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
-        // Idle: the wall clock closes minute 1.
-        assert!(t.due(T0 + 125, false).is_empty());
-        assert_eq!(t.due(T0 + 130, true), vec![T0 + 60]);
+        // Idle (nothing read for a second): the wall clock closes minute 1 at 60 + 60 + 10 s.
+        assert!(t.due(ms(T0 + 129)).is_empty());
+        assert_eq!(t.due(ms(T0 + 130)), vec![T0 + 60]);
         t.written(T0 + 60);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 105)]));
         assert_eq!(t.open_minutes(), 0);
+        assert_eq!(t.clock(), Some(T0 + 130));
+    }
+
+    #[test]
+    fn a_partition_that_is_behind_holds_the_windows_open() {
+        let mut t = Tracker::new(2, 5, IDLE_MS);
+        let now = ms(T0 + 3600);
+        // Replay: partition 0 is read up to minute 3 while partition 1 is still in minute 0.
+        t.observe(0, 1, T0 + 10, "a", now);
+        t.observe(1, 1, T0 + 20, "b", now);
+        t.observe(0, 2, T0 + 200, "a", now);
+        assert!(t.due(now).is_empty(), "partition 1 is at minute 0");
+        assert_eq!(t.observe(1, 2, T0 + 50, "b", now), Arrival::OnTime);
+        t.observe(1, 3, T0 + 65, "b", now);
+        assert_eq!(t.due(now), vec![T0]);
+        // Once partition 1 goes quiet, only partition 0 counts.
+        assert_eq!(t.due(now + IDLE_MS - 1), vec![T0]);
+        t.written(T0);
+        t.observe(0, 3, T0 + 201, "a", now + IDLE_MS);
+        assert_eq!(t.due(now + IDLE_MS), vec![T0 + 60]);
+    }
+
+    #[test]
+    fn an_assigned_partition_not_read_yet_holds_the_clock() {
+        let mut t = Tracker::new(2, 5, IDLE_MS);
+        let now = ms(T0 + 3600);
+        t.assigned(&[0, 1], now);
+        t.observe(0, 1, T0 + 10, "a", now);
+        t.observe(0, 2, T0 + 200, "a", now);
+        assert!(t.due(now + 10).is_empty(), "partition 1 has not delivered yet");
+        assert_eq!(t.observe(1, 1, T0 + 20, "b", now + 20), Arrival::OnTime);
+        t.observe(1, 2, T0 + 200, "b", now + 20);
+        assert_eq!(t.due(now + 30), vec![T0]);
+        // Revoked partitions stop counting.
+        t.assigned(&[0], now + 40);
+        t.observe(0, 3, T0 + 300, "a", now + 40);
+        assert_eq!(t.due(now + 50), vec![T0, T0 + 180]);
     }
 
     #[test]
     fn partitions_commit_independently() {
-        let mut t = Tracker::new(0, 5);
-        t.observe(0, 10, T0, "a", T0);
-        t.observe(1, 50, T0 + 60, "b", T0 + 60);
+        let mut t = Tracker::new(0, 5, IDLE_MS);
+        t.observe(0, 10, T0, "a", ms(T0));
+        t.observe(1, 50, T0 + 60, "b", ms(T0 + 60));
         t.mark_read(2, 7);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 10), (1, 50), (2, 8)]));
-        assert_eq!(t.due(T0 + 60, false), vec![T0]);
+        assert_eq!(t.due(ms(T0 + 60)), vec![T0]);
         t.written(T0);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (1, 50), (2, 8)]));
         t.revoke(1);
@@ -200,10 +279,10 @@ mod tests {
 
     #[test]
     fn a_future_timestamp_cannot_close_every_window() {
-        let mut t = Tracker::new(10, 5);
-        t.observe(0, 1, T0 + 1, "a", T0 + 1);
-        t.observe(0, 2, T0 + 86_400, "broken-clock", T0 + 2);
-        assert_eq!(t.watermark(), Some(T0 + 7));
-        assert!(t.due(T0 + 2, false).is_empty());
+        let mut t = Tracker::new(10, 5, IDLE_MS);
+        t.observe(0, 1, T0 + 1, "a", ms(T0 + 1));
+        t.observe(0, 2, T0 + 86_400, "broken-clock", ms(T0 + 2));
+        assert!(t.due(ms(T0 + 2)).is_empty());
+        assert_eq!(t.clock(), Some(T0 + 7));
     }
 }

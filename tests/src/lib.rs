@@ -351,7 +351,7 @@ pub struct PrivateClickHouse {
     proc: Option<Proc>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -541,4 +541,32 @@ where
         }
     });
     addr
+}
+
+/// An aggregator config for `topic` → `database`, reading in `group` as `instance`, waiting for
+/// ingest group `ingest_group`; `extra` is appended (e.g. `[admin]`).
+pub fn aggregator_config(topic: &str, database: &str, group: &str, instance: &str, ingest_group: &str, extra: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ngroup_id = \"{group}\"\ninstance_id = \"{instance}\"\n\
+         ingest_group_id = \"{ingest_group}\"\n\
+         [clickhouse]\nurl = \"{}\"\ndatabase = \"{database}\"\n\
+         [retry]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n{extra}",
+        kafka(),
+        clickhouse()
+    )
+}
+
+/// Starts `tollgate-aggregator run` with `config` (TOML text).
+pub fn start_aggregator(dir: &Path, name: &str, config: &str) -> Proc {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    Proc::spawn(
+        name,
+        Command::new(bin("tollgate-aggregator"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", std::env::var("TOLLGATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into())),
+        dir.join(format!("{name}.log")),
+    )
 }
