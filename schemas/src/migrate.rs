@@ -92,10 +92,11 @@ pub async fn run(client: &Client) -> Result<Vec<u32>, MigrateError> {
     let mut done = Vec::new();
     for &(version, name, sql) in crate::MIGRATIONS {
         let current = checksum(sql);
-        if let Some(row) = applied.iter().find(|r| r.version == version) {
-            if row.checksum != current {
-                return Err(MigrateError::ChecksumMismatch { name, applied: row.checksum.clone(), current });
-            }
+        // Every record of this version must match (two processes may both have recorded it).
+        if let Some(row) = applied.iter().find(|r| r.version == version && r.checksum != current) {
+            return Err(MigrateError::ChecksumMismatch { name, applied: row.checksum.clone(), current });
+        }
+        if applied.iter().any(|r| r.version == version) {
             continue;
         }
         for (i, stmt) in statements(sql).iter().enumerate() {

@@ -222,5 +222,17 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
         let got = row[key].as_u64().unwrap();
         assert!(got >= exact && (got as f64) <= exact as f64 * (1.0 + 1.0 / 128.0), "{key}: {got} vs exact {exact}");
     }
+    // The documented SQL (schemas/queries/usage_percentiles.sql) reads the same numbers.
+    let doc = std::fs::read_to_string(repo_root().join("schemas/queries/usage_percentiles.sql")).unwrap();
+    let window = "minute >= toStartOfMonth(now()) AND minute < now()";
+    assert!(doc.contains(window));
+    let sql: String = doc.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n").replace(window, "1");
+    let rows = ch(&url, &format!("SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) WHERE consumer = 'c3' FORMAT TSV").replace("usage_minute_final", &format!("{db1}.usage_minute_final"))).await;
+    let ms = |key: &str| format!("{}", (row[key].as_u64().unwrap() as f64 / 10.0).round() / 100.0);
+    assert_eq!(
+        rows.trim(),
+        format!("c3\t{}\t{errors_5xx}\t{}\t{}\t{}", sorted.len(), ms("p50_us"), ms("p95_us"), ms("p99_us")),
+        "documented query vs CLI"
+    );
     drop((ingest1, ingest2, ingest3, agg1, agg2, two));
 }
