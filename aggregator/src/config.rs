@@ -23,6 +23,8 @@ struct Raw {
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
+    quota: RawQuota,
+    #[serde(default)]
     retry: RawRetry,
 }
 
@@ -61,6 +63,41 @@ impl Default for RawWindows {
             max_clock_skew_s: default_max_clock_skew_s(),
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    #[serde(default = "default_quota_topic")]
+    topic: String,
+    #[serde(default)]
+    plans: BTreeMap<String, RawQuotaPlan>,
+}
+
+impl Default for RawQuota {
+    fn default() -> Self {
+        Self { topic: default_quota_topic(), plans: BTreeMap::new() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotaPlan {
+    monthly_calls: u64,
+    #[serde(default = "default_enforcement")]
+    enforcement: String,
+    #[serde(default = "default_warning_percent")]
+    warning_percent: u8,
+}
+
+fn default_quota_topic() -> String {
+    tollgate_schemas::topics::QUOTA_STATE.to_owned()
+}
+fn default_enforcement() -> String {
+    "hard".to_owned()
+}
+fn default_warning_percent() -> u8 {
+    80
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +157,14 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    pub quota: QuotaConfig,
+}
+
+/// `[quota]`: monthly quotas by plan id (plans not listed have none).
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub topic: String,
+    pub plans: BTreeMap<String, crate::quota::QuotaPlan>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,7 +242,24 @@ impl Config {
         if raw.retry.initial_backoff_ms == 0 || raw.retry.max_backoff_ms < raw.retry.initial_backoff_ms {
             return Err(invalid("retry.max_backoff_ms", "must be >= retry.initial_backoff_ms >= 1"));
         }
+        if raw.quota.topic.trim().is_empty() || raw.quota.topic == raw.kafka.topic {
+            return Err(invalid("quota.topic", "must be non-empty and differ from kafka.topic"));
+        }
+        let mut plans = BTreeMap::new();
+        for (name, p) in raw.quota.plans {
+            let key = |k: &str| format!("quota.plans.{name}.{k}");
+            let enforcement = tollgate_schemas::quota::Enforcement::parse(&p.enforcement)
+                .ok_or_else(|| invalid(&key("enforcement"), "must be \"hard\" (reject) or \"soft\" (warn)"))?;
+            if !(1..=100).contains(&p.warning_percent) {
+                return Err(invalid(&key("warning_percent"), "must be between 1 and 100"));
+            }
+            plans.insert(
+                name.clone(),
+                crate::quota::QuotaPlan { monthly_calls: p.monthly_calls, enforcement, warning_percent: p.warning_percent },
+            );
+        }
         Ok(Config {
+            quota: QuotaConfig { topic: raw.quota.topic, plans },
             kafka: KafkaConfig {
                 brokers: raw.kafka.brokers,
                 topic: raw.kafka.topic,
@@ -234,6 +296,11 @@ mod tests {
         assert_eq!(c.kafka.ingest_group_id, "tollgate-ingest");
         assert_eq!(c.windows.allowed_lateness_s, 10);
         assert_eq!(c.admin_listen, None);
+        assert_eq!(c.quota.topic, "quota-state");
+        assert!(c.quota.plans.is_empty());
+        let c = Config::parse(&format!("{MINIMAL}[quota.plans.free]\nmonthly_calls = 100\n"), &BTreeMap::new()).unwrap();
+        let free = &c.quota.plans["free"];
+        assert_eq!((free.monthly_calls, free.enforcement, free.warning_percent), (100, tollgate_schemas::quota::Enforcement::Hard, 80));
     }
 
     #[test]
@@ -245,6 +312,10 @@ mod tests {
             ("[admin]\nlisten = \"nowhere\"\n", "admin.listen"),
             ("[retry]\ninitial_backoff_ms = 10\nmax_backoff_ms = 5\n", "retry.max_backoff_ms"),
             ("[windows]\nlateness = 1\n", "lateness"),
+            ("[quota.plans.free]\nmonthly_calls = 10\nenforcement = \"strict\"\n", "quota.plans.free.enforcement"),
+            ("[quota.plans.free]\nmonthly_calls = 10\nwarning_percent = 0\n", "quota.plans.free.warning_percent"),
+            ("[quota.plans.free]\nmonthly_calls = -1\n", "quota.plans.free.monthly_calls"),
+            ("[quota]\ntopic = \"api-calls\"\n", "quota.topic"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{MINIMAL}{extra}"), &BTreeMap::new()).unwrap_err().to_string();

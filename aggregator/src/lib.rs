@@ -7,6 +7,7 @@
 //! - [`store`]: recompute a minute's rows from `api_calls FINAL`, write them to
 //!   `usage_minute` (ReplacingMergeTree), read usage back;
 //! - [`histogram`]: fixed-boundary HDR buckets and nearest-rank percentiles;
+//! - [`quota`]: month-to-date usage → quota state, to ClickHouse and the topic `quota-state`;
 //! - [`pipeline`]: the loop tying them together.
 
 pub mod admin;
@@ -15,6 +16,7 @@ pub mod histogram;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod quota;
 pub mod store;
 pub mod tracker;
 

@@ -12,6 +12,7 @@ pub struct Metrics {
     pub rows_written: AtomicU64,
     pub clickhouse_errors: AtomicU64,
     pub ingest_waits: AtomicU64,
+    pub quota_states: AtomicU64,
     pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
 }
@@ -39,6 +40,7 @@ impl Metrics {
                 "Times a closed minute waited for ingest to commit past its events.",
                 &self.ingest_waits,
             ),
+            ("tollgate_aggregator_quota_states_total", "Quota states published to the quota-state topic.", &self.quota_states),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

@@ -16,6 +16,7 @@ use tollgate_schemas::Decoder;
 use crate::config::{Config, KafkaConfig};
 use crate::metrics::Metrics;
 use crate::progress::IngestProgress;
+use crate::quota::{self, Quotas};
 use crate::store;
 use crate::tracker::{Arrival, Tracker};
 
@@ -73,6 +74,7 @@ struct Aggregator {
     client: clickhouse::Client,
     progress: IngestProgress,
     tracker: Tracker,
+    quotas: Quotas,
     stop: watch::Receiver<bool>,
 }
 
@@ -103,7 +105,11 @@ impl Aggregator {
             topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, ingest_group = %cfg.kafka.ingest_group_id,
             allowed_lateness_s = w.allowed_lateness_s, "aggregator started"
         );
-        let mut agg = Aggregator { cfg, metrics, consumer, client, progress, tracker, stop };
+        let quotas = Quotas::new(cfg.quota.clone(), &cfg.kafka.brokers, &cfg.kafka.properties)?;
+        if quotas.enabled() {
+            tracing::info!(topic = %cfg.quota.topic, plans = cfg.quota.plans.len(), "quota states enabled");
+        }
+        let mut agg = Aggregator { cfg, metrics, consumer, client, progress, tracker, quotas, stop };
         let result = agg.consume().await;
         agg.commit_final().await;
         result
@@ -156,6 +162,7 @@ impl Aggregator {
         }
         self.metrics.events.fetch_add(1, Ordering::Relaxed);
         let consumer = event.kafka_key();
+        self.quotas.observe(consumer, ts_s, event.plan_id.as_deref());
         if self.tracker.observe(partition, offset, ts_s, consumer, now_ms()) == Arrival::Late {
             self.metrics.late_events.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(partition, offset, ts_s, consumer, "late event: its minute is rewritten");
@@ -200,7 +207,11 @@ impl Aggregator {
                     }
                 }
             }
+            self.quotas.touch(minute, pending.consumers.iter());
             self.tracker.written(minute);
+        }
+        if !self.publish_quotas().await {
+            return false;
         }
         self.metrics.open_minutes.store(self.tracker.open_minutes() as i64, Ordering::Relaxed);
         if let Some(c) = self.tracker.clock() {
@@ -208,6 +219,29 @@ impl Aggregator {
         }
         self.store_offsets();
         true
+    }
+
+    /// Publishes the quota states the written minutes changed, retrying until it works. The
+    /// offsets are stored only afterwards, so a crash before publication recomputes them.
+    async fn publish_quotas(&mut self) -> bool {
+        let Some(clock) = self.tracker.clock() else { return true };
+        let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
+        let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
+        loop {
+            match self.quotas.publish(&self.client, covered, clock, now_us() as i64).await {
+                Ok(n) => {
+                    self.metrics.quota_states.fetch_add(n as u64, Ordering::Relaxed);
+                    return true;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot publish quota states");
+                    if !self.sleep_unless_stopped(delay).await {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     async fn wait_for_ingest(&mut self, last_offset: &std::collections::BTreeMap<i32, i64>) -> bool {

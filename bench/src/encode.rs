@@ -27,6 +27,7 @@ fn event(i: u64) -> ApiCall {
         client_ip: "10.1.2.3".into(),
         user_agent: Some("wrk/4.1.0".into()),
         trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+        plan_id: Some("pro".into()),
     }
 }
 

@@ -45,6 +45,7 @@ fn events(n: usize) -> Vec<(String, Vec<u8>)> {
                 client_ip: "10.1.2.3".into(),
                 user_agent: Some("bench/1".into()),
                 trace_id: Some(format!("{:032x}", i)),
+                plan_id: Some("pro".into()),
             };
             (consumer, enc.encode(&call).unwrap())
         })

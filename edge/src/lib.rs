@@ -98,6 +98,7 @@ pub struct CallInfo {
     pub route_id: Option<Arc<str>>,
     pub consumer_id: Option<Arc<str>>,
     pub credential_id: Option<Arc<str>>,
+    pub plan: Option<Arc<config::Plan>>,
     pub outcome: Option<Outcome>,
     pub upstream_latency_us: Option<u64>,
 }

@@ -33,6 +33,7 @@ pub struct RawRow {
     pub client_ip: String,
     pub user_agent: String,
     pub trace_id: String,
+    pub plan_id: String,
 }
 
 /// Why an event cannot become a row (it goes to the DLQ like an undecodable message).
@@ -66,6 +67,7 @@ impl RawRow {
             client_ip: e.client_ip,
             user_agent: e.user_agent.unwrap_or_default(),
             trace_id: e.trace_id.unwrap_or_default(),
+            plan_id: e.plan_id.unwrap_or_default(),
         })
     }
 }

@@ -23,9 +23,12 @@ pub const HEADER_LEN: usize = 10;
 /// The current `ApiCall` schema (the writer schema of this build).
 pub const CURRENT_SCHEMA: &str = include_str!("../avro/api_call.avsc");
 
+/// Schema v1 (until `plan_id` was added), frozen.
+pub const SCHEMA_V1: &str = include_str!("../avro/api_call.v1.avsc");
+
 /// Every `ApiCall` schema version ever shipped, oldest first; the last one is
 /// [`CURRENT_SCHEMA`]. Old versions must stay here so that old messages remain decodable.
-pub const SCHEMA_VERSIONS: &[&str] = &[CURRENT_SCHEMA];
+pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, CURRENT_SCHEMA];
 
 /// Why an event could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,11 @@ pub enum DecodeError {
 
 fn parse(name: &'static str, text: &str) -> Result<Schema, EncodeError> {
     Schema::parse_str(text).map_err(|e| EncodeError::Schema { name, reason: e.to_string() })
+}
+
+/// The CRC-64-AVRO fingerprint of a schema, as single-object encoding writes it.
+pub(crate) fn fingerprint_of(schema: &Schema) -> [u8; 8] {
+    fingerprint(schema)
 }
 
 fn fingerprint(schema: &Schema) -> [u8; 8] {
@@ -146,7 +154,7 @@ fn write_opt_str(v: Option<&str>, out: &mut Vec<u8>) {
     }
 }
 
-/// The body of an `ApiCall` in `api_call.avsc` (v1) field order.
+/// The body of an `ApiCall` in `api_call.avsc` (v2) field order.
 fn write_body(c: &ApiCall, out: &mut Vec<u8>) {
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     write_str(c.event_id.hyphenated().encode_lower(&mut uuid), out);
@@ -173,6 +181,7 @@ fn write_body(c: &ApiCall, out: &mut Vec<u8>) {
     write_str(&c.client_ip, out);
     write_opt_str(c.user_agent.as_deref(), out);
     write_opt_str(c.trace_id.as_deref(), out);
+    write_opt_str(c.plan_id.as_deref(), out);
 }
 
 fn opt_string(v: &Option<String>) -> Value {
@@ -213,6 +222,7 @@ fn to_value(c: &ApiCall) -> Value {
         ("client_ip".into(), Value::String(c.client_ip.clone())),
         ("user_agent".into(), opt_string(&c.user_agent)),
         ("trace_id".into(), opt_string(&c.trace_id)),
+        ("plan_id".into(), opt_string(&c.plan_id)),
     ])
 }
 
@@ -394,6 +404,7 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
         client_ip: f.string("client_ip")?,
         user_agent: f.opt_string("user_agent")?,
         trace_id: f.opt_string("trace_id")?,
+        plan_id: f.opt_string("plan_id")?,
     })
 }
 
@@ -422,6 +433,7 @@ mod tests {
             client_ip: "127.0.0.1".into(),
             user_agent: Some("curl/8".into()),
             trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
+            plan_id: Some("pro".into()),
         }
     }
 
@@ -453,6 +465,7 @@ mod tests {
                     client_ip: "::1".into(),
                     user_agent: text("agent"),
                     trace_id: if some { None } else { Some("0af7651916cd43dd8448eb211c80319c".into()) },
+                    plan_id: text("plan"),
                 });
             }
         }

@@ -102,6 +102,7 @@ pub struct ApiCall {
     pub client_ip: String,
     pub user_agent: Option<String>,
     pub trace_id: Option<String>,
+    pub plan_id: Option<String>,
 }
 
 impl ApiCall {

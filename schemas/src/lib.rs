@@ -13,6 +13,7 @@
 
 pub mod avro;
 mod event;
+pub mod quota;
 #[cfg(feature = "migrate")]
 pub mod migrate;
 #[cfg(feature = "migrate")]
@@ -27,10 +28,14 @@ pub mod topics {
     pub const API_CALLS: &str = "api-calls";
     /// Messages from `api-calls` that could not be decoded, with the error in a header.
     pub const API_CALLS_DLQ: &str = "api-calls.dlq";
+    /// Compacted: the latest [`crate::quota::QuotaState`] of every consumer, key = consumer id.
+    pub const QUOTA_STATE: &str = "quota-state";
 }
 
 /// SQL migrations, in the order they apply: (version, name, SQL text).
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "0001_api_calls.sql", include_str!("../migrations/0001_api_calls.sql")),
     (2, "0002_usage_minute.sql", include_str!("../migrations/0002_usage_minute.sql")),
+    (3, "0003_api_calls_plan_id.sql", include_str!("../migrations/0003_api_calls_plan_id.sql")),
+    (4, "0004_quota_state.sql", include_str!("../migrations/0004_quota_state.sql")),
 ];

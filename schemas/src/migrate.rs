@@ -68,6 +68,25 @@ pub fn statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// `(table, column)` of an `ALTER TABLE t ADD COLUMN c ...` statement. ClickHouse 18.16 has
+/// no `ADD COLUMN IF NOT EXISTS`, so the runner makes such a statement idempotent itself: it is
+/// skipped when the column exists.
+pub fn added_column(stmt: &str) -> Option<(&str, &str)> {
+    let words: Vec<&str> = stmt.split_whitespace().collect();
+    match words.as_slice() {
+        [alter, table_kw, table, add, column_kw, column, ..]
+            if alter.eq_ignore_ascii_case("ALTER")
+                && table_kw.eq_ignore_ascii_case("TABLE")
+                && add.eq_ignore_ascii_case("ADD")
+                && column_kw.eq_ignore_ascii_case("COLUMN")
+                && !column.eq_ignore_ascii_case("IF") =>
+        {
+            Some((table, column))
+        }
+        _ => None,
+    }
+}
+
 fn checksum(sql: &str) -> String {
     hex::encode(Sha256::digest(sql.as_bytes()))
 }
@@ -100,11 +119,20 @@ pub async fn run(client: &Client) -> Result<Vec<u32>, MigrateError> {
             continue;
         }
         for (i, stmt) in statements(sql).iter().enumerate() {
-            client.query(stmt).execute().await.map_err(|source| MigrateError::Statement {
-                name,
-                statement: i + 1,
-                source,
-            })?;
+            let failed = |source| MigrateError::Statement { name, statement: i + 1, source };
+            if let Some((table, column)) = added_column(stmt) {
+                let exists: u64 = client
+                    .query("SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = ? AND name = ?")
+                    .bind(table)
+                    .bind(column)
+                    .fetch_one()
+                    .await
+                    .map_err(failed)?;
+                if exists > 0 {
+                    continue;
+                }
+            }
+            client.query(stmt).execute().await.map_err(failed)?;
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -132,6 +160,14 @@ mod tests {
             statements(sql),
             vec!["CREATE TABLE a\n(x UInt8)\nENGINE = Memory".to_owned(), "CREATE VIEW v AS SELECT 1".to_owned()]
         );
+    }
+
+    #[test]
+    fn recognizes_added_columns() {
+        assert_eq!(added_column("ALTER TABLE api_calls ADD COLUMN plan_id String DEFAULT ''"), Some(("api_calls", "plan_id")));
+        assert_eq!(added_column("alter table t\nadd column c UInt8"), Some(("t", "c")));
+        assert_eq!(added_column("ALTER TABLE t DROP COLUMN c"), None);
+        assert_eq!(added_column("CREATE TABLE t (c UInt8)"), None);
     }
 
     #[test]

@@ -41,9 +41,24 @@ for path in sorted((root / "migrations").glob("*.sql")) + sorted((root / "querie
         except Exception as e:  # chdb raises its own error type
             sys.exit(f"{path.name}: failed on ClickHouse {version}:\n{stmt}\n{e}")
         ran += 1
-# Migrations must be re-runnable (IF NOT EXISTS everywhere).
+def added_column(stmt):
+    """Same rule as schemas/src/migrate.rs: `ALTER TABLE t ADD COLUMN c` is skipped when the
+    column exists (ClickHouse 18.16 has no ADD COLUMN IF NOT EXISTS)."""
+    w = stmt.split()
+    if len(w) >= 6 and [x.upper() for x in (w[0], w[1], w[3], w[4])] == ["ALTER", "TABLE", "ADD", "COLUMN"] and w[5].upper() != "IF":
+        return w[2], w[5]
+    return None
+
+
+# Migrations must be re-runnable (IF NOT EXISTS everywhere, or the ADD COLUMN rule).
 for path in sorted((root / "migrations").glob("*.sql")):
     for stmt in statements(path.read_text()):
+        added = added_column(stmt)
+        if added:
+            n = s.query(f"SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = '{added[0]}' AND name = '{added[1]}'", "TSV").bytes().decode().strip()
+            if n != "1":
+                sys.exit(f"{path.name}: column {added} missing after the migration")
+            continue
         try:
             s.query(stmt, "TSV")
         except Exception as e:

@@ -20,5 +20,20 @@ fn fixture(name: &str) -> std::path::PathBuf {
 fn v1_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v1.bin")).expect("fixture");
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
+    // v1 had no plan_id: it reads as its default, null.
+    let expected = tollgate_schemas::ApiCall { plan_id: None, ..fixture_event() };
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), expected);
+}
+
+#[test]
+fn v2_bytes_decode_with_the_current_reader() {
+    let bytes = std::fs::read(fixture("api_call.v2.bin")).expect("fixture");
     assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+}
+
+#[test]
+fn the_current_writer_is_the_last_released_version() {
+    // A schema change must come with a new fixture (and a SCHEMA_VERSIONS entry).
+    let last = std::fs::read(fixture("api_call.v2.bin")).expect("fixture");
+    assert_eq!(tollgate_schemas::Encoder::new().unwrap().encode(&fixture_event()).unwrap(), last);
 }

@@ -334,6 +334,7 @@ pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::Api
         client_ip: "127.0.0.1".into(),
         user_agent: None,
         trace_id: None,
+        plan_id: Some("basic".into()),
     }
 }
 

@@ -207,15 +207,18 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         Ok(identity) => {
             req.headers_mut().remove(http::header::AUTHORIZATION);
             req.headers_mut().remove(API_KEY_HEADER);
-            let ids = identity.as_ref().map(|i| (Arc::clone(&i.consumer_id), Arc::clone(&i.credential_id)));
+            let ids = identity
+                .as_ref()
+                .map(|i| (Arc::clone(&i.consumer_id), Arc::clone(&i.credential_id), Arc::clone(&i.plan)));
             if let Some(identity) = identity {
                 req.extensions_mut().insert(identity);
             }
             let mut resp = next.run(req).await;
-            if let Some((consumer, credential)) = ids {
+            if let Some((consumer, credential, plan)) = ids {
                 let info = CallInfo::of(&mut resp);
                 info.consumer_id = Some(consumer);
                 info.credential_id = Some(credential);
+                info.plan = Some(plan);
             }
             resp
         }

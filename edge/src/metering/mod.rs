@@ -182,6 +182,7 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next)
         client_ip,
         user_agent,
         trace_id: Some(trace_id),
+        plan_id: info.plan.as_ref().map(|p| p.name.clone()),
     };
     let pending = Pending { call, start, request_bytes, sink: gw.events.clone(), _span: span };
     // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.

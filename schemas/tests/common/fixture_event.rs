@@ -25,5 +25,6 @@ pub fn fixture_event() -> ApiCall {
         client_ip: "203.0.113.7".into(),
         user_agent: Some("sdk/1.2".into()),
         trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        plan_id: Some("pro".into()),
     }
 }
