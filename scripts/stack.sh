@@ -98,10 +98,12 @@ start_tansu() {
 create_topics() {
     local existing
     existing=$(tansu topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" 2>/dev/null || true)
-    for spec in "api-calls:4" "api-calls.dlq:1"; do
-        local name=${spec%%:*} parts=${spec##*:}
+    # quota-state is compacted (the latest state per consumer); Tansu accepts the setting.
+    for spec in "api-calls:4" "api-calls.dlq:1" "quota-state:1:cleanup.policy=compact"; do
+        local name parts config
+        IFS=: read -r name parts config <<<"$spec"
         if grep -q "\"$name\"" <<<"$existing"; then continue; fi
-        tansu topic create "$name" --partitions "$parts" --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1 \
+        tansu topic create "$name" --partitions "$parts" ${config:+--config "$config"} --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1 \
             || log "topic $name: create failed (may already exist)"
     done
 }

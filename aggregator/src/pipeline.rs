@@ -228,7 +228,7 @@ impl Aggregator {
         let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
         let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
         loop {
-            match self.quotas.publish(&self.client, covered, clock, now_us() as i64).await {
+            match self.quotas.publish(&self.client, covered, now_us() as i64).await {
                 Ok(n) => {
                     self.metrics.quota_states.fetch_add(n as u64, Ordering::Relaxed);
                     return true;

@@ -8,9 +8,10 @@
 //! - A state is recomputed from `usage_minute FINAL` whenever minutes of the consumer are
 //!   written; `covered_until` is the end of the last closed minute, so an edge adds exactly
 //!   the calls it admitted since.
-//! - Only states of the current period (the month of the event-time clock) go to Kafka, so a
-//!   late event of a past month cannot replace a consumer's current state in the compacted
-//!   topic; ClickHouse keeps every period.
+//! - A consumer's states go to Kafka in period order: once a period's state is published, a
+//!   late event of an earlier period updates ClickHouse only, so it cannot replace the
+//!   consumer's current state in the compacted topic. (Edges also ignore a state of an
+//!   earlier period than the one they hold.) ClickHouse keeps every period.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -66,6 +67,8 @@ pub struct Quotas {
     plan_of: HashMap<String, (i64, String)>,
     /// (consumer, period start) whose usage changed since the last publication.
     touched: BTreeSet<(String, i64)>,
+    /// consumer → the latest period published to Kafka.
+    published: HashMap<String, i64>,
 }
 
 impl Quotas {
@@ -83,7 +86,14 @@ impl Quotas {
             }
             Some(cc.create()?)
         };
-        Ok(Self { cfg, producer, codec: QuotaCodec::new()?, plan_of: HashMap::new(), touched: BTreeSet::new() })
+        Ok(Self {
+            cfg,
+            producer,
+            codec: QuotaCodec::new()?,
+            plan_of: HashMap::new(),
+            touched: BTreeSet::new(),
+            published: HashMap::new(),
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -122,9 +132,8 @@ impl Quotas {
     }
 
     /// Recomputes and publishes the state of every touched consumer. `covered_until_s` is the
-    /// end of the last closed minute (every earlier minute is written); `clock_s` picks the
-    /// current period.
-    pub async fn publish(&mut self, client: &Client, covered_until_s: i64, clock_s: i64, now_us: i64) -> Result<usize, QuotaError> {
+    /// end of the last closed minute (every earlier minute is written).
+    pub async fn publish(&mut self, client: &Client, covered_until_s: i64, now_us: i64) -> Result<usize, QuotaError> {
         let Some(producer) = &self.producer else { return Ok(0) };
         if self.touched.is_empty() {
             return Ok(0);
@@ -133,7 +142,6 @@ impl Quotas {
         for (c, p) in &self.touched {
             by_period.entry(*p).or_default().push(c.clone());
         }
-        let current = time::month_start(clock_s);
         let mut states = Vec::new();
         for (start, consumers) in by_period {
             let end = time::next_month_start(start);
@@ -180,8 +188,15 @@ impl Quotas {
         }
         insert.end().await?;
         let mut payloads = Vec::new();
-        for s in states.iter().filter(|s| s.period_start_us == current * 1_000_000) {
+        let mut latest: HashMap<&str, i64> = HashMap::new();
+        for s in &states {
+            let start = s.period_start_us / 1_000_000;
+            if self.published.get(&s.consumer_id).is_some_and(|&p| p > start) {
+                continue; // an earlier period than the one already published
+            }
             payloads.push((s.consumer_id.as_str(), self.codec.encode(s)?));
+            let l = latest.entry(s.consumer_id.as_str()).or_insert(start);
+            *l = (*l).max(start);
         }
         // Enqueue all (send_result does not wait), then wait for every acknowledgement.
         let mut deliveries = Vec::with_capacity(payloads.len());
@@ -192,6 +207,9 @@ impl Quotas {
         let sent = deliveries.len();
         for d in deliveries {
             d.await.map_err(|_| rdkafka::error::KafkaError::Canceled)?.map_err(|(e, _)| e)?;
+        }
+        for (c, p) in latest {
+            self.published.insert(c.to_owned(), p);
         }
         self.touched.clear();
         Ok(sent)

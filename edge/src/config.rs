@@ -237,6 +237,8 @@ struct RawKafka {
     queue_capacity: usize,
     #[serde(default = "default_message_timeout_ms")]
     message_timeout_ms: u64,
+    #[serde(default = "default_quota_topic")]
+    quota_topic: String,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -348,6 +350,9 @@ fn default_true() -> bool {
 fn default_topic() -> String {
     tollgate_schemas::topics::API_CALLS.to_owned()
 }
+fn default_quota_topic() -> String {
+    tollgate_schemas::topics::QUOTA_STATE.to_owned()
+}
 fn default_queue_capacity() -> usize {
     65_536
 }
@@ -447,6 +452,8 @@ pub struct KafkaConfig {
     pub queue_capacity: usize,
     /// How long librdkafka keeps trying one message before it is spooled.
     pub message_timeout: Duration,
+    /// Monthly quota states from the aggregator (empty: quotas are not enforced).
+    pub quota_topic: String,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -869,6 +876,7 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
             topic: raw.kafka.topic,
             queue_capacity: raw.kafka.queue_capacity,
             message_timeout,
+            quota_topic: raw.kafka.quota_topic,
             properties: raw.kafka.properties,
         },
         routes,

@@ -18,6 +18,7 @@ pub mod metering;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod quota;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
@@ -74,6 +75,8 @@ pub struct Gateway {
     pub clients: upstream::Clients,
     pub events: metering::EventSink,
     pub metrics: Arc<metrics::Metrics>,
+    /// Monthly quota states from `quota-state` (kept across reloads).
+    pub quotas: Arc<quota::QuotaTable>,
     /// See `edge.trusted_hops`.
     pub trusted_hops: usize,
     /// See `edge.max_body_bytes`.

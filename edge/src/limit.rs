@@ -269,11 +269,23 @@ pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> 
     };
     let runtime = gw.runtime_of(&req);
     let checked = check(&runtime.limiters, &identity, &route);
+    let mut quota = None;
     let mut resp = match checked.limits.iter().find(|(_, _, d)| !d.allowed) {
-        None => next.run(req).await,
         Some((_, _, d)) => Problem::rate_limited(d.reset_secs).into_response(),
+        // Within the rate limits: the monthly quota (counts the call when it lets it through).
+        None => {
+            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+            quota = gw.quotas.admit(&identity.consumer_id, now_s);
+            match quota {
+                Some(q) if !q.allowed => Problem::quota_exceeded(q.quota, q.resets_at, now_s).into_response(),
+                _ => next.run(req).await,
+            }
+        }
     };
     write_headers(resp.headers_mut(), &checked);
+    if let Some(q) = &quota {
+        crate::quota::write_headers(resp.headers_mut(), q);
+    }
     resp
 }
 

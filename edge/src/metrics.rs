@@ -33,6 +33,8 @@ pub struct Metrics {
     pub limiters: Arc<AtomicU64>,
     /// JWT verification counters (JWKS fetches, cache hits).
     pub jwt: Arc<crate::auth::jwt::JwtStats>,
+    /// Quota states (also the table the request path reads).
+    pub quota: Arc<crate::quota::QuotaTable>,
     /// Upgraded connections (WebSockets) spliced now, or closed with their event not yet
     /// emitted (microseconds).
     pub tunnels_open: AtomicU64,
@@ -161,6 +163,17 @@ impl Metrics {
             out,
             "# HELP tollgate_edge_limiters Rate limiters held (consumers and consumer-route pairs active recently).\n# TYPE tollgate_edge_limiters gauge\ntollgate_edge_limiters {}",
             self.limiters.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_quota_states_applied_total Quota states read from quota-state.\n# TYPE tollgate_edge_quota_states_applied_total counter\ntollgate_edge_quota_states_applied_total {}\n\
+             # HELP tollgate_edge_quota_rejected_total Calls refused because a hard monthly quota was used up.\n# TYPE tollgate_edge_quota_rejected_total counter\ntollgate_edge_quota_rejected_total {}\n\
+             # HELP tollgate_edge_quota_consumers Consumers with a quota state.\n# TYPE tollgate_edge_quota_consumers gauge\ntollgate_edge_quota_consumers {}\n\
+             # HELP tollgate_edge_quota_loaded 1 once quota-state was read to its end at start.\n# TYPE tollgate_edge_quota_loaded gauge\ntollgate_edge_quota_loaded {}",
+            self.quota.states_applied.load(Ordering::Relaxed),
+            self.quota.rejected.load(Ordering::Relaxed),
+            self.quota.len(),
+            u8::from(self.quota.loaded.load(Ordering::Relaxed))
         );
         let _ = writeln!(
             out,

@@ -93,6 +93,19 @@ impl Problem {
         .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
+    /// 429: the consumer's hard monthly quota is used up until `resets_at` (Unix seconds).
+    pub fn quota_exceeded(quota: u64, resets_at: i64, now_s: i64) -> Self {
+        let reset = tollgate_common::time::format_utc(resets_at);
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota-exceeded",
+            "Quota Exceeded",
+            Outcome::QuotaExceeded,
+            format!("the monthly quota of {quota} calls is used up; it resets at {reset}"),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from((resets_at - now_s).max(1)))
+    }
+
     pub fn upstream_unreachable() -> Self {
         Problem::new(
             StatusCode::BAD_GATEWAY,

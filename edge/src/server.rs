@@ -68,6 +68,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         clients,
         events: EventSink::new(events_tx, Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
+        quotas: Arc::clone(&metrics.quota),
         trusted_hops: cfg.trusted_hops,
         max_body_bytes: cfg.max_body_bytes,
         max_headers: cfg.max_headers,
@@ -80,6 +81,19 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     let reload_task =
         opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
     let jwks_task = tokio::spawn(refresh_jwks(Arc::clone(&gw)));
+    let quota_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quota_thread = if cfg.kafka.enabled && !cfg.kafka.quota_topic.is_empty() {
+        Some(crate::quota::start(
+            cfg.kafka.brokers.clone(),
+            cfg.kafka.quota_topic.clone(),
+            cfg.kafka.properties.clone(),
+            &cfg.instance_id,
+            Arc::clone(&gw.quotas),
+            Arc::clone(&quota_stop),
+        )?)
+    } else {
+        None
+    };
     drop(gw);
 
     let admin_router = admin::app(Arc::clone(&metrics));
@@ -165,6 +179,10 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     }
     admin_task.abort();
     jwks_task.abort();
+    quota_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(t) = quota_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     if let Some(task) = producer_task {
         task.close().await?;
     }

@@ -571,3 +571,30 @@ pub fn start_aggregator(dir: &Path, name: &str, config: &str) -> Proc {
         dir.join(format!("{name}.log")),
     )
 }
+
+/// A pooled HTTP/1.1 client for tests.
+pub struct Http(Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>);
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    /// GET `path` on `addr` with `headers`: (status, response headers, body as text).
+    pub async fn get(&self, addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, String) {
+        let mut req = http::Request::get(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self.0.request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (parts.status.as_u16(), parts.headers, String::from_utf8_lossy(&body).into_owned())
+    }
+}

@@ -3,6 +3,7 @@
 //! two instances in one group = a direct SQL aggregation of the raw table (counts and bucket
 //! counts exactly); late events still count and are counted; `usage` percentiles are within
 //! the documented error of exact ones.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
