@@ -5,6 +5,8 @@
 #   bench/run.sh freshness    freshness only
 #   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on, JWT), RSS
 #   bench/run.sh encode       event encoding: direct Avro writer vs apache-avro
+#   bench/run.sh aggregate    aggregator replay throughput
+#   bench/run.sh lag          usage and quota lag at 2,000 requests/s
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -21,6 +23,8 @@ case "${1:-all}" in
     freshness) "$BIN" freshness ;;
     gateway) "$BIN" gateway ;;
     encode) "$BIN" encode ;;
-    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode]" >&2; exit 2 ;;
+    aggregate) "$BIN" aggregate ;;
+    lag) "$BIN" lag ;;
+    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag]" >&2; exit 2 ;;
 esac

@@ -8,11 +8,14 @@
 //! `tollgate-bench freshness`  time from the edge's response to the row being queryable,
 //!                             at a fixed request rate through the real edge.
 //! `tollgate-bench encode`     ns per event of the edge's Avro writer vs apache-avro's.
+//! `tollgate-bench aggregate`  aggregator replay throughput from a full topic; baselines:
+//!                             read+decode-only and recompute-only rates.
 //!
 //! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
 //! `bench/run.sh` does all of it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod aggregate;
 mod common;
 mod encode;
 mod freshness;
@@ -56,6 +59,13 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Aggregator replay throughput, events/s.
+    Aggregate {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Freshness: edge response → row queryable in ClickHouse.
     Freshness {
         #[arg(long, default_value_t = 2_000)]
@@ -74,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { events, runs } => ingest::run(&cli.clickhouse, events, runs).await,
         Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
         Command::Encode { events, runs } => encode::run(events, runs),
+        Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }
 }

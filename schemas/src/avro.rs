@@ -232,6 +232,8 @@ pub struct Decoder {
     reader: Schema,
     reader_fp: [u8; 8],
     writers: HashMap<[u8; 8], Schema>,
+    /// Fingerprints whose layout the direct reader (`summarize`) knows.
+    layouts: Vec<([u8; 8], crate::summary::Layout)>,
 }
 
 impl Decoder {
@@ -251,7 +253,16 @@ impl Decoder {
             writers.insert(fingerprint(&schema), schema);
         }
         writers.insert(reader_fp, reader.clone());
-        Ok(Self { reader, reader_fp, writers })
+        let v1 = fingerprint(&parse("api_call.v1.avsc", SCHEMA_V1)?);
+        let layouts = [(v1, crate::summary::Layout::V1), (reader_fp, crate::summary::Layout::V2)]
+            .into_iter()
+            .filter(|(fp, _)| writers.contains_key(fp))
+            .collect();
+        Ok(Self { reader, reader_fp, writers, layouts })
+    }
+
+    pub(crate) fn layout(&self, fp: &[u8]) -> Option<crate::summary::Layout> {
+        self.layouts.iter().find(|(f, _)| f[..] == *fp).map(|(_, l)| *l)
     }
 
     /// Decodes one message.
@@ -409,7 +420,7 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
@@ -439,7 +450,7 @@ mod tests {
 
     /// Events covering every optional field absent and present, empty and non-ASCII strings,
     /// every outcome, and numbers at the edges of the varint encoding.
-    fn varied_events() -> Vec<ApiCall> {
+    pub(crate) fn varied_events() -> Vec<ApiCall> {
         let mut events = Vec::new();
         let numbers = [0u64, 1, 63, 64, 127, 128, 8191, 8192, 1 << 31, (1 << 32) + 7, i64::MAX as u64, u64::MAX];
         for (i, outcome) in Outcome::ALL.into_iter().enumerate() {

@@ -14,6 +14,7 @@
 pub mod avro;
 mod event;
 pub mod quota;
+mod summary;
 #[cfg(feature = "migrate")]
 pub mod migrate;
 #[cfg(feature = "migrate")]
@@ -21,6 +22,7 @@ pub mod store;
 
 pub use avro::{DecodeError, Decoder, EncodeError, Encoder};
 pub use event::{ApiCall, Outcome};
+pub use summary::CallSummary;
 
 /// Kafka topic names shared by the components.
 pub mod topics {
