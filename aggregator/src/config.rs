@@ -40,6 +40,8 @@ struct RawKafka {
     instance_id: Option<String>,
     #[serde(default = "default_ingest_group_id")]
     ingest_group_id: String,
+    #[serde(default = "default_commit_interval_ms")]
+    commit_interval_ms: u64,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -131,6 +133,9 @@ fn default_group_id() -> String {
 fn default_ingest_group_id() -> String {
     "tollgate-ingest".to_owned()
 }
+fn default_commit_interval_ms() -> u64 {
+    1_000
+}
 fn default_lateness_s() -> u32 {
     10
 }
@@ -177,6 +182,9 @@ pub struct KafkaConfig {
     /// The consumer group of ingest: a minute is recomputed from the raw table only after
     /// ingest committed past its events.
     pub ingest_group_id: String,
+    /// How often offsets of written minutes are committed (a restart re-reads at most this
+    /// much more; what it re-reads is rewritten, not counted twice).
+    pub commit_interval: Duration,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -232,6 +240,9 @@ impl Config {
         if raw.windows.allowed_lateness_s > 86_400 {
             return Err(invalid("windows.allowed_lateness_s", "must be at most 86400 (one day)"));
         }
+        if raw.kafka.commit_interval_ms == 0 {
+            return Err(invalid("kafka.commit_interval_ms", "must be at least 1"));
+        }
         if raw.windows.idle_close_ms == 0 {
             return Err(invalid("windows.idle_close_ms", "must be at least 1"));
         }
@@ -266,6 +277,7 @@ impl Config {
                 group_id: raw.kafka.group_id,
                 instance_id,
                 ingest_group_id: raw.kafka.ingest_group_id,
+                commit_interval: Duration::from_millis(raw.kafka.commit_interval_ms),
                 properties: raw.kafka.properties,
             },
             clickhouse,

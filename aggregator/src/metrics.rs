@@ -9,6 +9,7 @@ pub struct Metrics {
     pub late_events: AtomicU64,
     pub skipped_messages: AtomicU64,
     pub minutes_written: AtomicU64,
+    pub minutes_recomputed: AtomicU64,
     pub rows_written: AtomicU64,
     pub clickhouse_errors: AtomicU64,
     pub ingest_waits: AtomicU64,
@@ -32,7 +33,12 @@ impl Metrics {
                 "Messages that are not valid events (ingest dead-letters them); not aggregated.",
                 &self.skipped_messages,
             ),
-            ("tollgate_aggregator_minutes_written_total", "Minute recomputations written to usage_minute.", &self.minutes_written),
+            ("tollgate_aggregator_minutes_written_total", "Minutes written to usage_minute (first writes and rewrites).", &self.minutes_written),
+            (
+                "tollgate_aggregator_minutes_recomputed_total",
+                "Minute writes that recomputed some consumers from api_calls FINAL (late events, or minutes an earlier run had written).",
+                &self.minutes_recomputed,
+            ),
             ("tollgate_aggregator_rows_written_total", "Rows written to usage_minute.", &self.rows_written),
             ("tollgate_aggregator_clickhouse_errors_total", "Failed ClickHouse reads or writes (retried).", &self.clickhouse_errors),
             (

@@ -39,7 +39,7 @@ fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaEr
         .set("group.id", &cfg.group_id)
         .set("group.instance.id", &cfg.instance_id)
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        .set("auto.commit.interval.ms", cfg.commit_interval.as_millis().to_string())
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
@@ -147,7 +147,7 @@ impl Aggregator {
     }
 
     fn observe(&mut self, decoder: &Decoder, partition: i32, offset: i64, payload: Option<&[u8]>) {
-        let event = payload.map(|p| decoder.decode(p));
+        let event = payload.map(|p| decoder.summarize(p));
         // Same acceptance as ingest: what ingest dead-letters is not aggregated either.
         let Some(Ok(event)) = event else {
             self.metrics.skipped_messages.fetch_add(1, Ordering::Relaxed);
@@ -161,9 +161,9 @@ impl Aggregator {
             return;
         }
         self.metrics.events.fetch_add(1, Ordering::Relaxed);
-        let consumer = event.kafka_key();
+        let consumer = event.consumer_id.as_deref().unwrap_or("");
         self.quotas.observe(consumer, ts_s, event.plan_id.as_deref());
-        if self.tracker.observe(partition, offset, ts_s, consumer, now_ms()) == Arrival::Late {
+        if self.tracker.observe(partition, offset, &event, now_ms()) == Arrival::Late {
             self.metrics.late_events.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(partition, offset, ts_s, consumer, "late event: its minute is rewritten");
         }
@@ -177,38 +177,20 @@ impl Aggregator {
             self.tracker.assigned(&parts, now_ms());
         }
         for minute in self.tracker.due(now_ms()) {
-            let Some(pending) = self.tracker.pending(minute).cloned() else { continue };
-            if !self.wait_for_ingest(&pending.last_offset).await {
-                return false;
-            }
-            let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
-            loop {
-                let version = now_us();
-                let result = async {
-                    let rows = store::recompute(&self.client, minute, &pending.consumers, version).await?;
-                    store::write(&self.client, &rows).await?;
-                    Ok::<usize, clickhouse::error::Error>(rows.len())
+            let Some(pending) = self.tracker.take(minute) else { continue };
+            match self.write_minute(minute, &pending).await {
+                Some((rows, recomputed)) => {
+                    self.metrics.minutes_written.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.minutes_recomputed.fetch_add(u64::from(recomputed), Ordering::Relaxed);
+                    self.metrics.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
+                    tracing::debug!(minute, rows, consumers = pending.consumers.len(), events = pending.events, reopened = pending.reopened, "minute written");
+                    self.quotas.touch(minute, pending.consumers.iter());
                 }
-                .await;
-                match result {
-                    Ok(rows) => {
-                        self.metrics.minutes_written.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
-                        tracing::debug!(minute, rows, consumers = pending.consumers.len(), events = pending.events, "minute written");
-                        break;
-                    }
-                    Err(e) => {
-                        self.metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, minute, retry_in_ms = delay.as_millis() as u64, "cannot write a minute");
-                        if !self.sleep_unless_stopped(delay).await {
-                            return false;
-                        }
-                    }
+                None => {
+                    self.tracker.restore(minute, pending);
+                    return false;
                 }
             }
-            self.quotas.touch(minute, pending.consumers.iter());
-            self.tracker.written(minute);
         }
         if !self.publish_quotas().await {
             return false;
@@ -219,6 +201,58 @@ impl Aggregator {
         }
         self.store_offsets();
         true
+    }
+
+    /// Writes a closed minute: from its in-memory aggregates when the tracker saw it whole,
+    /// else (a reopened minute, or consumers that an earlier run already wrote) by recomputing
+    /// the changed consumers from `api_calls FINAL` once ingest has caught up with what was
+    /// read. Retries until it works; `None` when shutdown interrupted it.
+    async fn write_minute(&mut self, minute: i64, pending: &crate::tracker::Pending) -> Option<(usize, bool)> {
+        let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
+        loop {
+            let version = now_us();
+            let recompute = if pending.reopened {
+                Ok(pending.consumers.clone())
+            } else {
+                store::written_consumers(&self.client, minute, &pending.consumers).await
+            };
+            let result = match recompute {
+                Err(e) => Err(e),
+                Ok(recompute) => {
+                    if !recompute.is_empty() {
+                        // Everything read so far must be in the raw table first.
+                        let positions: std::collections::BTreeMap<i32, i64> = pending
+                            .last_offset
+                            .keys()
+                            .filter_map(|&p| self.tracker.position(p).map(|o| (p, o - 1)))
+                            .collect();
+                        if !self.wait_for_ingest(&positions).await {
+                            return None;
+                        }
+                    }
+                    let mut rows = store::rows_from_memory(minute, &pending.agg, |c| !recompute.contains(c), version);
+                    async {
+                        if !recompute.is_empty() {
+                            rows.extend(store::recompute(&self.client, minute, &recompute, version).await?);
+                        }
+                        store::write(&self.client, &rows).await?;
+                        Ok::<(usize, bool), clickhouse::error::Error>((rows.len(), !recompute.is_empty()))
+                    }
+                    .await
+                }
+            };
+            match result {
+                Ok(rows) => return Some(rows),
+                Err(e) => {
+                    self.metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, minute, retry_in_ms = delay.as_millis() as u64, "cannot write a minute");
+                    if !self.sleep_unless_stopped(delay).await {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Publishes the quota states the written minutes changed, retrying until it works. The

@@ -12,6 +12,7 @@ use clickhouse::Client;
 use serde::{Deserialize, Serialize};
 
 use crate::histogram::Latencies;
+use crate::tracker::MinuteAgg;
 
 pub const RAW_TABLE: &str = "api_calls";
 pub const USAGE_TABLE: &str = "usage_minute";
@@ -156,6 +157,77 @@ pub async fn recompute(
         g.finish(&mut rows);
     }
     Ok(rows)
+}
+
+/// The usage rows of `minute` from its in-memory aggregates, for the consumers in `only`,
+/// sorted by key. One histogram is reused for every group.
+pub fn rows_from_memory(minute: i64, agg: &MinuteAgg, only: impl Fn(&str) -> bool, version: u64) -> Vec<UsageRow> {
+    let from = u32::try_from(minute).unwrap_or(0);
+    let mut h = Latencies::new();
+    let mut rows = Vec::new();
+    for (consumer, routes) in &agg.consumers {
+        if !only(consumer) {
+            continue;
+        }
+        for (route, groups) in routes {
+            for ((outcome, class), g) in groups {
+                for &l in &g.latencies_us {
+                    h.record(l);
+                }
+                let (latency_le_us, latency_count) = h.buckets();
+                h.reset();
+                rows.push(UsageRow {
+                    minute: from,
+                    consumer_id: consumer.clone(),
+                    route_id: route.clone(),
+                    outcome: *outcome,
+                    status_class: *class,
+                    requests: g.requests,
+                    errors_4xx: g.errors_4xx,
+                    errors_5xx: g.errors_5xx,
+                    request_bytes: g.request_bytes,
+                    response_bytes: g.response_bytes,
+                    latency_sum_us: g.latency_sum_us,
+                    latency_le_us,
+                    latency_count,
+                    version,
+                });
+            }
+        }
+    }
+    rows.sort_by(|a, b| (&a.consumer_id, &a.route_id, a.outcome, a.status_class).cmp(&(&b.consumer_id, &b.route_id, b.outcome, b.status_class)));
+    rows
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct ConsumerId {
+    consumer_id: String,
+}
+
+/// The consumers among `consumers` that already have rows for `minute` (written by an
+/// earlier run): their in-memory aggregates may miss events read before the restart, so they
+/// are recomputed from the raw table instead.
+pub async fn written_consumers(
+    client: &Client,
+    minute: i64,
+    consumers: &BTreeSet<String>,
+) -> Result<BTreeSet<String>, clickhouse::error::Error> {
+    let at = u32::try_from(minute).unwrap_or(0);
+    let filter = consumers.len() <= MAX_IN_LIST;
+    let mut sql = format!("SELECT DISTINCT consumer_id FROM {USAGE_TABLE} WHERE minute = toDateTime(?)");
+    if filter {
+        sql.push_str(" AND consumer_id IN (");
+        sql.push_str(&vec!["?"; consumers.len()].join(", "));
+        sql.push(')');
+    }
+    let mut q = client.query(&sql).bind(at);
+    if filter {
+        for c in consumers {
+            q = q.bind(c.as_str());
+        }
+    }
+    let rows = q.fetch_all::<ConsumerId>().await?;
+    Ok(rows.into_iter().map(|r| r.consumer_id).filter(|c| consumers.contains(c)).collect())
 }
 
 /// Writes `rows` as one INSERT (retrying it is safe: rows replace rows of the same key).
