@@ -1,7 +1,17 @@
-//! The aggregator loop: read `api-calls`, track which minutes changed, and when a minute
-//! closes, wait for ingest to have its events, recompute its rows from the raw table, write
-//! them, and only then let its offsets be committed.
+//! The aggregator: a reader loop and a writer task.
+//!
+//! The **reader** reads `api-calls`, feeds the [`Tracker`] (event time, in-memory aggregates of
+//! open minutes) and hands every closed minute to the writer; it stores offsets for commit
+//! as the writer reports minutes written, so a committed offset never passes an event whose
+//! minute is not written. It also publishes quota states for the minutes written.
+//!
+//! The **writer** writes closed minutes in order, batching what is queued into one INSERT: a
+//! minute the tracker saw whole is written from memory; a reopened minute (late events), or
+//! consumers an earlier run already wrote for that minute, are recomputed from
+//! `api_calls FINAL` once ingest has committed past everything read so far. It retries while
+//! ClickHouse fails (the reader stops when the queue is full: bounded memory, nothing lost).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
 use tollgate_schemas::Decoder;
 
@@ -17,11 +27,15 @@ use crate::config::{Config, KafkaConfig};
 use crate::metrics::Metrics;
 use crate::progress::IngestProgress;
 use crate::quota::{self, Quotas};
-use crate::store;
-use crate::tracker::{Arrival, Tracker};
+use crate::store::{self, UsageRow};
+use crate::tracker::{Arrival, Pending, Tracker};
 
 /// While events flow, closed minutes are looked for this often.
 const CLOSE_CHECK_EVERY: Duration = Duration::from_millis(200);
+/// Closed minutes queued for the writer at most (then the reader waits).
+const QUEUE: usize = 64;
+/// Minutes written in one INSERT at most.
+const BATCH: usize = 16;
 
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -31,8 +45,9 @@ fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The group consumer (static membership). Offsets are stored by the loop once the minutes
-/// before them are written, and committed by librdkafka every second and at shutdown.
+/// The group consumer (static membership). Offsets are stored by the reader once the minutes
+/// before them are written, and committed by librdkafka every `kafka.commit_interval_ms` and
+/// at shutdown.
 fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
@@ -53,10 +68,27 @@ fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaEr
     Ok(consumer)
 }
 
+/// A closed minute for the writer.
+struct Job {
+    id: u64,
+    minute: i64,
+    pending: Pending,
+    /// The reader's position in the minute's partitions when it closed: before recomputing
+    /// from the raw table, ingest must have committed up to there.
+    positions: BTreeMap<i32, i64>,
+}
+
+/// A minute the writer wrote.
+struct Done {
+    id: u64,
+    minute: i64,
+    consumers: BTreeSet<String>,
+}
+
 /// Runs until `shutdown` completes; then commits what is written and returns.
 pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let work = Aggregator::start(cfg, metrics, stop_rx);
+    let work = start(cfg, metrics, stop_rx);
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
@@ -67,77 +99,94 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Outpu
     }
 }
 
-struct Aggregator {
+async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    if cfg.clickhouse.migrate_on_start {
+        let mut backoff = Backoff::new(cfg.initial_backoff, cfg.max_backoff);
+        loop {
+            match tollgate_schemas::store::prepare(&cfg.clickhouse).await {
+                Ok(()) => break,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "ClickHouse not ready for migrations");
+                    if *stop.borrow() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+    let consumer = Arc::new(consumer(&cfg.kafka)?);
+    let client = tollgate_schemas::store::client(&cfg.clickhouse);
+    let w = &cfg.windows;
+    let tracker = Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s), w.idle_close.as_millis() as i64);
+    let quotas = Quotas::new(cfg.quota.clone(), &cfg.kafka.brokers, &cfg.kafka.properties)?;
+    tracing::info!(
+        topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, ingest_group = %cfg.kafka.ingest_group_id,
+        allowed_lateness_s = w.allowed_lateness_s, quota_plans = cfg.quota.plans.len(), "aggregator started"
+    );
+    let (jobs_tx, jobs_rx) = mpsc::channel::<Job>(QUEUE);
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Done>();
+    let writer = Writer {
+        cfg: cfg.clone(),
+        metrics: Arc::clone(&metrics),
+        client: client.clone(),
+        progress: IngestProgress::new(&cfg.kafka)?,
+        stop: stop.clone(),
+    };
+    let writer_task = tokio::spawn(writer.run(jobs_rx, done_tx));
+    let mut reader = Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx };
+    let result = reader.consume().await;
+    // Let the writer finish what it has (it gives up on shutdown if ClickHouse fails), then
+    // commit what is written.
+    reader.jobs = None;
+    if let Err(e) = writer_task.await {
+        tracing::error!(error = %e, "writer task failed");
+    }
+    reader.drain_done();
+    // The quota states of the last minutes written: once, without waiting for Kafka. If that
+    // fails, their offsets are not stored, so the next start writes and publishes them again.
+    let published = reader.publish_quotas_once().await;
+    reader.commit_final(published).await;
+    result
+}
+
+struct Reader {
     cfg: Config,
     metrics: Arc<Metrics>,
     consumer: Arc<StreamConsumer>,
     client: clickhouse::Client,
-    progress: IngestProgress,
     tracker: Tracker,
     quotas: Quotas,
     stop: watch::Receiver<bool>,
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::UnboundedReceiver<Done>,
 }
 
-impl Aggregator {
-    async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        if cfg.clickhouse.migrate_on_start {
-            let mut backoff = Backoff::new(cfg.initial_backoff, cfg.max_backoff);
-            loop {
-                match tollgate_schemas::store::prepare(&cfg.clickhouse).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "ClickHouse not ready for migrations");
-                        if *stop.borrow() {
-                            return Ok(());
-                        }
-                        tokio::time::sleep(delay).await;
-                    }
-                }
-            }
-        }
-        let consumer = Arc::new(consumer(&cfg.kafka)?);
-        let progress = IngestProgress::new(&cfg.kafka)?;
-        let client = tollgate_schemas::store::client(&cfg.clickhouse);
-        let w = &cfg.windows;
-        let tracker = Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s), w.idle_close.as_millis() as i64);
-        tracing::info!(
-            topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, ingest_group = %cfg.kafka.ingest_group_id,
-            allowed_lateness_s = w.allowed_lateness_s, "aggregator started"
-        );
-        let quotas = Quotas::new(cfg.quota.clone(), &cfg.kafka.brokers, &cfg.kafka.properties)?;
-        if quotas.enabled() {
-            tracing::info!(topic = %cfg.quota.topic, plans = cfg.quota.plans.len(), "quota states enabled");
-        }
-        let mut agg = Aggregator { cfg, metrics, consumer, client, progress, tracker, quotas, stop };
-        let result = agg.consume().await;
-        agg.commit_final().await;
-        result
-    }
-
+impl Reader {
     async fn consume(&mut self) -> anyhow::Result<()> {
         let decoder = Decoder::new()?;
         let mut last_check = Instant::now();
-        let idle_close = self.cfg.windows.idle_close;
         let mut stop = self.stop.clone();
         let consumer = Arc::clone(&self.consumer);
+        let mut tick = tokio::time::interval(CLOSE_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let idle = tokio::select! {
+            let check = tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(()),
-                r = tokio::time::timeout(idle_close, consumer.recv()) => match r {
-                    Err(_) => true,
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "Kafka consumer error");
-                        false
+                _ = tick.tick() => true,
+                msg = consumer.recv() => {
+                    match msg {
+                        Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
+                        Ok(msg) => {
+                            self.observe(&decoder, msg.partition(), msg.offset(), msg.payload());
+                        }
                     }
-                    Ok(Ok(msg)) => {
-                        self.observe(&decoder, msg.partition(), msg.offset(), msg.payload());
-                        false
-                    }
-                },
+                    last_check.elapsed() >= CLOSE_CHECK_EVERY
+                }
             };
-            if idle || last_check.elapsed() >= CLOSE_CHECK_EVERY {
+            if check {
                 last_check = Instant::now();
                 if !self.close_due().await {
                     return Ok(());
@@ -169,30 +218,34 @@ impl Aggregator {
         }
     }
 
-    /// Writes every closed minute, then stores the offsets they free. False when shutdown
-    /// interrupted it (what was not written stays uncommitted and is read again next time).
+    /// Hands every closed minute to the writer, takes note of what it wrote, publishes the
+    /// quota states that changed and stores the offsets that are now safe. False when
+    /// shutdown interrupted it.
     async fn close_due(&mut self) -> bool {
         if let Ok(tpl) = self.consumer.assignment() {
             let parts: Vec<i32> = tpl.elements_for_topic(&self.cfg.kafka.topic).iter().map(|e| e.partition()).collect();
             self.tracker.assigned(&parts, now_ms());
         }
         for minute in self.tracker.due(now_ms()) {
-            let Some(pending) = self.tracker.take(minute) else { continue };
-            match self.write_minute(minute, &pending).await {
-                Some((rows, recomputed)) => {
-                    self.metrics.minutes_written.fetch_add(1, Ordering::Relaxed);
-                    self.metrics.minutes_recomputed.fetch_add(u64::from(recomputed), Ordering::Relaxed);
-                    self.metrics.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
-                    tracing::debug!(minute, rows, consumers = pending.consumers.len(), events = pending.events, reopened = pending.reopened, "minute written");
-                    self.quotas.touch(minute, pending.consumers.iter());
-                }
-                None => {
-                    self.tracker.restore(minute, pending);
-                    return false;
+            let Some((id, pending)) = self.tracker.take(minute) else { continue };
+            let positions = pending
+                .last_offset
+                .keys()
+                .filter_map(|&p| self.tracker.position(p).map(|o| (p, o - 1)))
+                .collect();
+            let Some(jobs) = &self.jobs else { return false };
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return false,
+                sent = jobs.send(Job { id, minute, pending, positions }) => {
+                    if sent.is_err() {
+                        return false; // the writer stopped (shutdown)
+                    }
                 }
             }
         }
-        if !self.publish_quotas().await {
+        if self.drain_done() > 0 && !self.publish_quotas().await {
             return false;
         }
         self.metrics.open_minutes.store(self.tracker.open_minutes() as i64, Ordering::Relaxed);
@@ -203,56 +256,15 @@ impl Aggregator {
         true
     }
 
-    /// Writes a closed minute: from its in-memory aggregates when the tracker saw it whole,
-    /// else (a reopened minute, or consumers that an earlier run already wrote) by recomputing
-    /// the changed consumers from `api_calls FINAL` once ingest has caught up with what was
-    /// read. Retries until it works; `None` when shutdown interrupted it.
-    async fn write_minute(&mut self, minute: i64, pending: &crate::tracker::Pending) -> Option<(usize, bool)> {
-        let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
-        loop {
-            let version = now_us();
-            let recompute = if pending.reopened {
-                Ok(pending.consumers.clone())
-            } else {
-                store::written_consumers(&self.client, minute, &pending.consumers).await
-            };
-            let result = match recompute {
-                Err(e) => Err(e),
-                Ok(recompute) => {
-                    if !recompute.is_empty() {
-                        // Everything read so far must be in the raw table first.
-                        let positions: std::collections::BTreeMap<i32, i64> = pending
-                            .last_offset
-                            .keys()
-                            .filter_map(|&p| self.tracker.position(p).map(|o| (p, o - 1)))
-                            .collect();
-                        if !self.wait_for_ingest(&positions).await {
-                            return None;
-                        }
-                    }
-                    let mut rows = store::rows_from_memory(minute, &pending.agg, |c| !recompute.contains(c), version);
-                    async {
-                        if !recompute.is_empty() {
-                            rows.extend(store::recompute(&self.client, minute, &recompute, version).await?);
-                        }
-                        store::write(&self.client, &rows).await?;
-                        Ok::<(usize, bool), clickhouse::error::Error>((rows.len(), !recompute.is_empty()))
-                    }
-                    .await
-                }
-            };
-            match result {
-                Ok(rows) => return Some(rows),
-                Err(e) => {
-                    self.metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, minute, retry_in_ms = delay.as_millis() as u64, "cannot write a minute");
-                    if !self.sleep_unless_stopped(delay).await {
-                        return None;
-                    }
-                }
-            }
+    /// Takes note of the minutes written; returns how many.
+    fn drain_done(&mut self) -> usize {
+        let mut n = 0;
+        while let Ok(d) = self.done.try_recv() {
+            self.tracker.finished(d.id);
+            self.quotas.touch(d.minute, d.consumers.iter());
+            n += 1;
         }
+        n
     }
 
     /// Publishes the quota states the written minutes changed, retrying until it works. The
@@ -260,6 +272,8 @@ impl Aggregator {
     async fn publish_quotas(&mut self) -> bool {
         let Some(clock) = self.tracker.clock() else { return true };
         let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
+        // Minutes still with the writer are not covered yet.
+        let covered = self.tracker.oldest_in_flight().map_or(covered, |m| covered.min(m));
         let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
         loop {
             match self.quotas.publish(&self.client, covered, now_us() as i64).await {
@@ -270,43 +284,29 @@ impl Aggregator {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot publish quota states");
-                    if !self.sleep_unless_stopped(delay).await {
-                        return false;
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = stop.changed() => return false,
+                        () = tokio::time::sleep(delay) => {}
                     }
                 }
             }
         }
     }
 
-    async fn wait_for_ingest(&mut self, last_offset: &std::collections::BTreeMap<i32, i64>) -> bool {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(1000));
-        let mut since: Option<Instant> = None;
-        while !self.progress.covers(last_offset) {
-            if since.is_none() {
-                self.metrics.ingest_waits.fetch_add(1, Ordering::Relaxed);
+    async fn publish_quotas_once(&mut self) -> bool {
+        let Some(clock) = self.tracker.clock() else { return true };
+        let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
+        let covered = self.tracker.oldest_in_flight().map_or(covered, |m| covered.min(m));
+        match self.quotas.publish(&self.client, covered, now_us() as i64).await {
+            Ok(n) => {
+                self.metrics.quota_states.fetch_add(n as u64, Ordering::Relaxed);
+                true
             }
-            let waited = since.get_or_insert_with(Instant::now).elapsed();
-            if let Err(e) = self.progress.refresh(last_offset.keys().copied()).await {
-                tracing::warn!(error = %e, "cannot read ingest's committed offsets");
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish the last quota states; their minutes are read again next start");
+                false
             }
-            if self.progress.covers(last_offset) {
-                break;
-            }
-            if waited > Duration::from_secs(10) {
-                tracing::warn!(group = self.progress.group(), waited_s = waited.as_secs(), "waiting for ingest to commit past a closed minute's events; is ingest running?");
-                since = Some(Instant::now());
-            }
-            if !self.sleep_unless_stopped(backoff.next_delay()).await {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn sleep_unless_stopped(&mut self, d: Duration) -> bool {
-        tokio::select! {
-            _ = self.stop.changed() => false,
-            () = tokio::time::sleep(d) => true,
         }
     }
 
@@ -326,13 +326,126 @@ impl Aggregator {
         }
     }
 
-    async fn commit_final(&self) {
-        self.store_offsets();
+    async fn commit_final(&self, store: bool) {
+        if store {
+            self.store_offsets();
+        }
         let c = Arc::clone(&self.consumer);
         match tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await {
-            Ok(Ok(())) => tracing::info!(open_minutes = self.tracker.open_minutes(), "offsets committed; open minutes are read again next start"),
+            Ok(Ok(())) => tracing::info!(
+                open_minutes = self.tracker.open_minutes() + self.tracker.in_flight(),
+                "offsets committed; unwritten minutes are read again next start"
+            ),
             Ok(Err(e)) => tracing::info!(error = %e, "no final commit (nothing stored since the last one)"),
             Err(e) => tracing::warn!(error = %e, "final commit task failed"),
         }
     }
+}
+
+struct Writer {
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    client: clickhouse::Client,
+    progress: IngestProgress,
+    stop: watch::Receiver<bool>,
+}
+
+impl Writer {
+    /// Writes jobs in order until the reader closes the queue (or shutdown interrupts a
+    /// failing write).
+    async fn run(mut self, mut jobs: mpsc::Receiver<Job>, done: mpsc::UnboundedSender<Done>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while jobs.recv_many(&mut batch, BATCH).await > 0 {
+            let Some(written) = self.write(&batch).await else { return };
+            self.metrics.minutes_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.metrics.minutes_recomputed.fetch_add(written.recomputed, Ordering::Relaxed);
+            self.metrics.rows_written.fetch_add(written.rows as u64, Ordering::Relaxed);
+            for job in batch.drain(..) {
+                tracing::debug!(minute = job.minute, events = job.pending.events, reopened = job.pending.reopened, "minute written");
+                let _ = done.send(Done { id: job.id, minute: job.minute, consumers: job.pending.consumers });
+            }
+        }
+    }
+
+    /// Writes a batch of minutes as one INSERT, retrying until it works; `None` when shutdown
+    /// interrupted it (the minutes stay uncommitted and are read again next start).
+    async fn write(&mut self, batch: &[Job]) -> Option<Written> {
+        let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
+        loop {
+            match self.try_write(batch).await {
+                Ok(Some(w)) => return Some(w),
+                Ok(None) => return None,
+                Err(e) => {
+                    self.metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, minutes = batch.len(), retry_in_ms = delay.as_millis() as u64, "cannot write minutes");
+                    if !self.sleep_unless_stopped(delay).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_write(&mut self, batch: &[Job]) -> Result<Option<Written>, clickhouse::error::Error> {
+        let version = now_us();
+        let mut rows: Vec<UsageRow> = Vec::new();
+        let mut recomputed = 0;
+        for job in batch {
+            let p = &job.pending;
+            let recompute =
+                if p.reopened { p.consumers.clone() } else { store::written_consumers(&self.client, job.minute, &p.consumers).await? };
+            rows.extend(store::rows_from_memory(job.minute, &p.agg, |c| !recompute.contains(c), version));
+            if !recompute.is_empty() {
+                // Everything read so far must be in the raw table first.
+                if !self.wait_for_ingest(&job.positions).await {
+                    return Ok(None);
+                }
+                rows.extend(store::recompute(&self.client, job.minute, &recompute, version).await?);
+                recomputed += 1;
+            }
+        }
+        store::write(&self.client, &rows).await?;
+        Ok(Some(Written { rows: rows.len(), recomputed }))
+    }
+
+    async fn wait_for_ingest(&mut self, last_offset: &BTreeMap<i32, i64>) -> bool {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(1000));
+        let mut since: Option<Instant> = None;
+        while !self.progress.covers(last_offset) {
+            if since.is_none() {
+                self.metrics.ingest_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            let waited = since.get_or_insert_with(Instant::now).elapsed();
+            if let Err(e) = self.progress.refresh(last_offset.keys().copied()).await {
+                tracing::warn!(error = %e, "cannot read ingest's committed offsets");
+            }
+            if self.progress.covers(last_offset) {
+                break;
+            }
+            if waited > Duration::from_secs(10) {
+                tracing::warn!(group = self.progress.group(), waited_s = waited.as_secs(), "waiting for ingest to commit past what was read; is ingest running?");
+                since = Some(Instant::now());
+            }
+            if !self.sleep_unless_stopped(backoff.next_delay()).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn sleep_unless_stopped(&mut self, d: Duration) -> bool {
+        if *self.stop.borrow() {
+            return false;
+        }
+        tokio::select! {
+            _ = self.stop.changed() => false,
+            () = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+struct Written {
+    rows: usize,
+    recomputed: u64,
 }

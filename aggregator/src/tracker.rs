@@ -124,6 +124,11 @@ pub struct Tracker {
     /// The clock of the last close check (never decreases).
     clock_s: Option<i64>,
     pending: BTreeMap<i64, Pending>,
+    /// Minutes handed to the writer and not written yet, by job id: their first offsets
+    /// still hold the commit back.
+    in_flight: BTreeMap<u64, BTreeMap<i32, i64>>,
+    in_flight_minutes: BTreeMap<u64, i64>,
+    next_job: u64,
     next_offset: BTreeMap<i32, i64>,
 }
 
@@ -141,6 +146,9 @@ impl Tracker {
             watermarks: BTreeMap::new(),
             clock_s: None,
             pending: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            in_flight_minutes: BTreeMap::new(),
+            next_job: 0,
             next_offset: BTreeMap::new(),
         }
     }
@@ -222,17 +230,31 @@ impl Tracker {
         self.pending.get(&minute)
     }
 
-    /// Takes a closed minute to write it. Until it is written, nothing is read, so the commit
-    /// offsets computed meanwhile are not used; if writing is abandoned (shutdown), [`restore`]
-    /// puts it back so that the final commit does not pass it.
-    ///
-    /// [`restore`]: Tracker::restore
-    pub fn take(&mut self, minute: i64) -> Option<Pending> {
-        self.pending.remove(&minute)
+    /// Takes a closed minute to write it: returns a job id and its changes. Its first offsets
+    /// hold the commit back until [`Tracker::finished`] says the job was written.
+    pub fn take(&mut self, minute: i64) -> Option<(u64, Pending)> {
+        let p = self.pending.remove(&minute)?;
+        let id = self.next_job;
+        self.next_job += 1;
+        self.in_flight.insert(id, p.first_offset.clone());
+        self.in_flight_minutes.insert(id, minute);
+        Some((id, p))
     }
 
-    pub fn restore(&mut self, minute: i64, p: Pending) {
-        self.pending.insert(minute, p);
+    /// The job was written.
+    pub fn finished(&mut self, job: u64) {
+        self.in_flight.remove(&job);
+        self.in_flight_minutes.remove(&job);
+    }
+
+    /// Minutes handed to the writer and not written yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// The oldest minute with the writer.
+    pub fn oldest_in_flight(&self) -> Option<i64> {
+        self.in_flight_minutes.values().min().copied()
     }
 
     /// The read position (next offset) of a partition.
@@ -243,8 +265,8 @@ impl Tracker {
     /// Offsets safe to commit (the next offset to read after a restart), per partition.
     pub fn commit_offsets(&self) -> BTreeMap<i32, i64> {
         let mut out = self.next_offset.clone();
-        for p in self.pending.values() {
-            for (&partition, &first) in &p.first_offset {
+        for first_offsets in self.pending.values().map(|p| &p.first_offset).chain(self.in_flight.values()) {
+            for (&partition, &first) in first_offsets {
                 if let Some(o) = out.get_mut(&partition) {
                     *o = (*o).min(first);
                 }
@@ -311,19 +333,22 @@ mod tests {
         let p = t.pending(T0).unwrap();
         assert_eq!(p.consumers, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
         assert_eq!((p.first_offset[&0], p.last_offset[&0], p.events), (100, 101, 2));
-        t.take(T0);
+        let (job, _) = t.take(T0).unwrap();
+        t.finished(job);
         // Minute 1 (offsets 102, 103) still holds the commit back.
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
         // An event for minute 0 now is late, reopens it, and is due at once.
         assert_eq!(t.observe(0, 104, &ev(T0 + 30, "d"), ms(T0 + 70) + 500), Arrival::Late);
         assert_eq!(t.due(ms(T0 + 71)), vec![T0]);
         assert_eq!(t.pending(T0).unwrap().consumers, BTreeSet::from(["d".to_owned()]));
-        t.take(T0);
+        let (job, _) = t.take(T0).unwrap();
+        t.finished(job);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 102)]));
         // Idle (nothing read for a second): the wall clock closes minute 1 at 60 + 60 + 10 s.
         assert!(t.due(ms(T0 + 129)).is_empty());
         assert_eq!(t.due(ms(T0 + 130)), vec![T0 + 60]);
-        t.take(T0 + 60);
+        let (job, _) = t.take(T0 + 60).unwrap();
+        t.finished(job);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 105)]));
         assert_eq!(t.open_minutes(), 0);
         assert_eq!(t.clock(), Some(T0 + 130));
@@ -343,7 +368,8 @@ mod tests {
         assert_eq!(t.due(now), vec![T0]);
         // Once partition 1 goes quiet, only partition 0 counts.
         assert_eq!(t.due(now + IDLE_MS - 1), vec![T0]);
-        t.take(T0);
+        let (job, _) = t.take(T0).unwrap();
+        t.finished(job);
         t.observe(0, 3, &ev(T0 + 201, "a"), now + IDLE_MS);
         assert_eq!(t.due(now + IDLE_MS), vec![T0 + 60]);
     }
@@ -387,15 +413,19 @@ mod tests {
         // Closed and written, then a late event reopens it without aggregates.
         t.observe(0, 5, &ev(T0 + 70, "a"), now);
         assert_eq!(t.due(now), vec![T0]);
-        let taken = t.take(T0).unwrap();
+        let (job, taken) = t.take(T0).unwrap();
         assert_eq!(taken.agg.consumers.len(), 2);
         t.observe(0, 6, &b, now);
         let p = t.pending(T0).unwrap();
         assert!(p.reopened);
         assert!(p.agg.consumers.is_empty());
-        // Abandoned writes go back: the commit stays before them.
-        let p = t.take(T0).unwrap();
-        t.restore(T0, p);
+        // Until the writer is done, the commit stays before the minute's first offset.
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 1)]));
+        t.finished(job);
+        assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 5)]));
+        let (job2, _) = t.take(T0).unwrap();
+        assert_eq!(t.in_flight(), 1);
+        t.finished(job2);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 5)]));
         assert_eq!(t.position(0), Some(7));
     }
@@ -408,7 +438,8 @@ mod tests {
         t.mark_read(2, 7);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 10), (1, 50), (2, 8)]));
         assert_eq!(t.due(ms(T0 + 60)), vec![T0]);
-        t.take(T0);
+        let (job, _) = t.take(T0).unwrap();
+        t.finished(job);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (1, 50), (2, 8)]));
         t.revoke(1);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (2, 8)]));
