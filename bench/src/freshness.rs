@@ -34,8 +34,11 @@ fn edge_config(broker: &str, upstream: std::net::SocketAddr) -> String {
     )
 }
 
-/// Sends `rate` requests/s for `seconds`; returns (request id, response completion µs).
-async fn load(edge: std::net::SocketAddr, rate: u64, seconds: u64) -> Vec<(String, u64)> {
+/// Sends `rate` requests/s for `seconds`, with the API keys `keys` in turn; returns
+/// (request id, response completion µs).
+pub async fn load(edge: std::net::SocketAddr, rate: u64, seconds: u64, keys: &[&str]) -> Vec<(String, u64)> {
+    let keys: Vec<http::HeaderValue> = keys.iter().map(|k| http::HeaderValue::from_str(k).unwrap()).collect();
+    let mut next_key = 0;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(512).build_http();
     let done = Arc::new(Mutex::new(Vec::with_capacity((rate * seconds) as usize)));
     let per_tick = (rate / 100).max(1);
@@ -46,9 +49,11 @@ async fn load(edge: std::net::SocketAddr, rate: u64, seconds: u64) -> Vec<(Strin
         tick.tick().await;
         for _ in 0..per_tick {
             let (client, done) = (client.clone(), Arc::clone(&done));
+            let key = keys[next_key % keys.len()].clone();
+            next_key += 1;
             tasks.push(tokio::spawn(async move {
                 let req = http::Request::get(format!("http://{edge}/echo/fresh"))
-                    .header("x-api-key", "bench-key")
+                    .header("x-api-key", key)
                     .body(Full::new(Bytes::new()))
                     .unwrap();
                 if let Ok(resp) = client.request(req).await {
@@ -103,7 +108,7 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
     let edge: std::net::SocketAddr = v["listen"].as_str().unwrap().parse()?;
     // Warm-up: connections, group join, table creation.
-    let _ = load(edge, 200, 2).await;
+    let _ = load(edge, 200, 2, &["bench-key"]).await;
     while ch_count(ch_url, &db).await < 400 {
         tokio::time::sleep(POLL).await;
     }
@@ -134,7 +139,7 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
             })
         };
         let t = Instant::now();
-        let done = load(edge, rate, seconds).await;
+        let done = load(edge, rate, seconds, &["bench-key"]).await;
         let achieved = done.len() as f64 / t.elapsed().as_secs_f64();
         let deadline = Instant::now() + Duration::from_secs(30);
         while seen.lock().unwrap().len() < done.len() && Instant::now() < deadline {

@@ -10,6 +10,8 @@
 //! `tollgate-bench encode`     ns per event of the edge's Avro writer vs apache-avro's.
 //! `tollgate-bench aggregate`  aggregator replay throughput from a full topic; baselines:
 //!                             read+decode-only and recompute-only rates.
+//! `tollgate-bench lag`        usage and quota lag after a minute's lateness window, at a
+//!                             fixed request rate through edge, ingest and aggregator.
 //!
 //! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
 //! `bench/run.sh` does all of it.
@@ -21,6 +23,7 @@ mod encode;
 mod freshness;
 mod gateway;
 mod ingest;
+mod lag;
 
 use clap::{Parser, Subcommand};
 
@@ -66,6 +69,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Usage and quota lag after each minute's lateness window.
+    Lag {
+        #[arg(long, default_value_t = 2_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 3)]
+        minutes: i64,
+        #[arg(long, default_value_t = 10)]
+        lateness: u32,
+    },
     /// Freshness: edge response → row queryable in ClickHouse.
     Freshness {
         #[arg(long, default_value_t = 2_000)]
@@ -85,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
         Command::Encode { events, runs } => encode::run(events, runs),
         Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
+        Command::Lag { rate, minutes, lateness } => lag::run(&cli.clickhouse, rate, minutes, lateness).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }
 }

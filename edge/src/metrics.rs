@@ -169,11 +169,13 @@ impl Metrics {
             "# HELP tollgate_edge_quota_states_applied_total Quota states read from quota-state.\n# TYPE tollgate_edge_quota_states_applied_total counter\ntollgate_edge_quota_states_applied_total {}\n\
              # HELP tollgate_edge_quota_rejected_total Calls refused because a hard monthly quota was used up.\n# TYPE tollgate_edge_quota_rejected_total counter\ntollgate_edge_quota_rejected_total {}\n\
              # HELP tollgate_edge_quota_consumers Consumers with a quota state.\n# TYPE tollgate_edge_quota_consumers gauge\ntollgate_edge_quota_consumers {}\n\
-             # HELP tollgate_edge_quota_loaded 1 once quota-state was read to its end at start.\n# TYPE tollgate_edge_quota_loaded gauge\ntollgate_edge_quota_loaded {}",
+             # HELP tollgate_edge_quota_loaded 1 once quota-state was read to its end at start.\n# TYPE tollgate_edge_quota_loaded gauge\ntollgate_edge_quota_loaded {}\n\
+             # HELP tollgate_edge_quota_covered_until_seconds Latest end of the usage counted in an applied quota state (Unix seconds).\n# TYPE tollgate_edge_quota_covered_until_seconds gauge\ntollgate_edge_quota_covered_until_seconds {}",
             self.quota.states_applied.load(Ordering::Relaxed),
             self.quota.rejected.load(Ordering::Relaxed),
             self.quota.len(),
-            u8::from(self.quota.loaded.load(Ordering::Relaxed))
+            u8::from(self.quota.loaded.load(Ordering::Relaxed)),
+            self.quota.covered_until.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -18,7 +18,7 @@
 //! Until the topic is read to its end at start, states are applied as they come (fail open).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -92,6 +92,10 @@ pub struct QuotaTable {
     pub loaded: AtomicBool,
     pub states_applied: AtomicU64,
     pub rejected: AtomicU64,
+    /// The latest `covered_until` applied (Unix seconds): how far the aggregator's counts
+    /// reach (the `tollgate_edge_quota_covered_until_seconds` gauge; benchmarks use it to time
+    /// propagation).
+    pub covered_until: AtomicI64,
 }
 
 impl QuotaTable {
@@ -124,6 +128,7 @@ impl QuotaTable {
             }
         }
         self.states_applied.fetch_add(1, Ordering::Relaxed);
+        self.covered_until.fetch_max(compact.covered_until_s, Ordering::Relaxed);
     }
 
     /// Consumers with a state.
