@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts the whole tollgate pipeline on this machine with demo traffic:
-# the local stack (Tansu + ClickHouse), ingest, the demo upstream and the edge; then sends
-# demo traffic (three consumers, bad keys, an over-limit burst) and prints usage from
-# ClickHouse. Everything keeps running afterwards.
+# the local stack (Tansu + ClickHouse), ingest, the aggregator, the demo upstream and the
+# edge; then sends demo traffic (four consumers, bad keys, an over-limit burst) and prints
+# usage from ClickHouse, then per-minute usage with latency percentiles from the aggregator
+# once the minute has closed. Everything keeps running afterwards.
 #
 #   scripts/demo.sh          start (or restart) and run the demo traffic
 #   scripts/demo.sh stop     stop the pipeline and the stack
@@ -17,7 +18,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 log() { printf '[demo] %s\n' "$*" >&2; }
 
 stop_components() {
-    for name in edge ingest upstream; do
+    for name in edge aggregator ingest upstream; do
         local pidf="$RUN/$name.pid"
         if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
             kill -TERM "$(cat "$pidf")" 2>/dev/null || true
@@ -48,6 +49,7 @@ start() { # name, command...
 }
 start upstream "$BIN/tollgate-demo" upstream --listen 127.0.0.1:8081
 start ingest "$BIN/tollgate-ingest" run --config config/demo/ingest.toml
+start aggregator "$BIN/tollgate-aggregator" run --config config/demo/aggregator.toml
 rm -f "$RUN/edge.ready"
 start edge "$BIN/tollgate-edge" run --config config/demo/edge.toml --ready-file "$RUN/edge.ready"
 for _ in $(seq 1 100); do [ -s "$RUN/edge.ready" ] && break; sleep 0.1; done
@@ -74,7 +76,23 @@ echo "== usage per consumer (schemas/queries/usage_by_consumer.sql, database tol
 qf schemas/queries/usage_by_consumer.sql
 echo "== calls per outcome and status (schemas/queries/calls_by_outcome.sql) =="
 qf schemas/queries/calls_by_outcome.sql
+
+# The aggregator writes a minute once it has ended and its lateness window (10 s) passed.
+last_minute=$(q "SELECT toUInt32(toStartOfMinute(max(ts))) FROM tollgate.api_calls" || echo 0)
+log "waiting for the aggregator to close the demo's last minute (up to 80 s)"
+for _ in $(seq 1 400); do
+    done_min=$(q "SELECT toUInt32(max(minute)) FROM tollgate.usage_minute" || echo 0)
+    [ "${done_min:-0}" -ge "$last_minute" ] && break
+    sleep 0.2
+done
+echo
+echo "== aggregated usage this month: calls, errors, P50/P95/P99 from merged histograms =="
+echo "== (tollgate-aggregator usage --config config/demo/aggregator.toml) =="
+"$BIN/tollgate-aggregator" usage --config config/demo/aggregator.toml
+echo "== monthly quota state (table quota_state; free plan: 1000 calls, hard) =="
+q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
 echo
 echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
-echo "ClickHouse $CH (database tollgate), Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
+echo "aggregator admin http://127.0.0.1:9902/metrics, ClickHouse $CH (database tollgate),"
+echo "Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
 echo "Stop everything with: scripts/demo.sh stop"
