@@ -216,7 +216,11 @@ pub async fn run(ch_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
     let (d, r, s, t) = (median(&mut decode), median(&mut recompute), median(&mut sustained), median(&mut total));
     println!("\nmedian of {runs} runs, {n} events:");
     println!("  baseline read+decode-only {d:.0} events/s; baseline recompute-only {r:.0} events/s");
-    println!("  aggregator replay {s:.0} events/s sustained ({:.2}x the slower baseline), {:.0} events/s from start", s / d.min(r), n as f64 / t);
+    println!(
+        "  aggregator replay {s:.0} events/s sustained ({:.2}x read+decode-only: minutes seen whole are written from memory, so reading the log is the bound), {:.0} events/s from start (includes the group join)",
+        s / d,
+        n as f64 / t
+    );
     println!("  goal >= 200,000 events/s: {}", if s >= 200_000.0 { "met" } else { "NOT met" });
     ch(ch_url, &format!("DROP DATABASE {db}")).await;
     let _ = std::fs::remove_dir_all(&dir);

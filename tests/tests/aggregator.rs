@@ -178,14 +178,13 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
         &aggregator_config(&topic, &db2, &format!("{db2}-agg"), "agg2", &format!("{db2}-ingest"), WINDOWS),
     );
     let ingest3 = start_ingest(dir.path(), "ingest3", &ingest_config(&topic, &db3, &format!("{db3}-ingest"), &clickhouse()));
+    let ports = [free_port(), free_port()];
     let two: Vec<Proc> = ["agg3a", "agg3b"]
         .iter()
-        .map(|name| {
-            start_aggregator(
-                dir.path(),
-                name,
-                &aggregator_config(&topic, &db3, &format!("{db3}-agg"), name, &format!("{db3}-ingest"), WINDOWS),
-            )
+        .zip(ports)
+        .map(|(name, port)| {
+            let extra = format!("{WINDOWS}[admin]\nlisten = \"127.0.0.1:{port}\"\n");
+            start_aggregator(dir.path(), name, &aggregator_config(&topic, &db3, &format!("{db3}-agg"), name, &format!("{db3}-ingest"), &extra))
         })
         .collect();
     wait_complete(&db2, distinct, &[&agg2, &ingest2]).await;
@@ -199,11 +198,14 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     assert_eq!(after_kill, sql, "kill -9 + catch-up vs direct SQL on the raw table");
     assert_eq!(replay, sql, "from-scratch replay vs direct SQL");
     assert_eq!(two_instances, sql, "two instances in one group vs direct SQL");
-    // Both instances did work (each owns some partitions).
-    for p in &two {
-        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-        assert!(log.contains("aggregator started"), "{}", p.log_tail());
+    // Both instances did work: each owns some partitions, and together they read every event.
+    let mut read = 0;
+    for (p, port) in two.iter().zip(ports) {
+        let events = metric(format!("127.0.0.1:{port}").parse().unwrap(), "tollgate_aggregator_events_total").await;
+        assert!(events > 0, "{} read nothing\n{}", p.name, p.log_tail());
+        read += events;
     }
+    assert!(read >= distinct, "{read} events read by the two instances, {distinct} distinct");
 
     // The usage CLI: counts equal the raw table's; percentiles within 1/128 above the exact
     // nearest-rank percentiles of the raw latencies.
