@@ -72,13 +72,15 @@ impl Default for RawWindows {
 struct RawQuota {
     #[serde(default = "default_quota_topic")]
     topic: String,
+    #[serde(default = "default_anchor_day")]
+    period_anchor_day: u32,
     #[serde(default)]
     plans: BTreeMap<String, RawQuotaPlan>,
 }
 
 impl Default for RawQuota {
     fn default() -> Self {
-        Self { topic: default_quota_topic(), plans: BTreeMap::new() }
+        Self { topic: default_quota_topic(), period_anchor_day: default_anchor_day(), plans: BTreeMap::new() }
     }
 }
 
@@ -94,6 +96,9 @@ struct RawQuotaPlan {
 
 fn default_quota_topic() -> String {
     tollgate_schemas::topics::QUOTA_STATE.to_owned()
+}
+fn default_anchor_day() -> u32 {
+    1
 }
 fn default_enforcement() -> String {
     "hard".to_owned()
@@ -169,6 +174,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
     pub topic: String,
+    /// Quota periods start at 00:00 UTC on this day of every month (1: calendar months).
+    pub period_anchor_day: u32,
     pub plans: BTreeMap<String, crate::quota::QuotaPlan>,
 }
 
@@ -256,6 +263,9 @@ impl Config {
         if raw.quota.topic.trim().is_empty() || raw.quota.topic == raw.kafka.topic {
             return Err(invalid("quota.topic", "must be non-empty and differ from kafka.topic"));
         }
+        if !(1..=28).contains(&raw.quota.period_anchor_day) {
+            return Err(invalid("quota.period_anchor_day", "must be between 1 and 28 (a day every month has)"));
+        }
         let mut plans = BTreeMap::new();
         for (name, p) in raw.quota.plans {
             let key = |k: &str| format!("quota.plans.{name}.{k}");
@@ -270,7 +280,7 @@ impl Config {
             );
         }
         Ok(Config {
-            quota: QuotaConfig { topic: raw.quota.topic, plans },
+            quota: QuotaConfig { topic: raw.quota.topic, period_anchor_day: raw.quota.period_anchor_day, plans },
             kafka: KafkaConfig {
                 brokers: raw.kafka.brokers,
                 topic: raw.kafka.topic,
@@ -328,6 +338,7 @@ mod tests {
             ("[quota.plans.free]\nmonthly_calls = 10\nwarning_percent = 0\n", "quota.plans.free.warning_percent"),
             ("[quota.plans.free]\nmonthly_calls = -1\n", "quota.plans.free.monthly_calls"),
             ("[quota]\ntopic = \"api-calls\"\n", "quota.topic"),
+            ("[quota]\nperiod_anchor_day = 31\n", "quota.period_anchor_day"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{MINIMAL}{extra}"), &BTreeMap::new()).unwrap_err().to_string();

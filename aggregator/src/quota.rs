@@ -5,6 +5,8 @@
 //!   change applies from the consumer's next call.
 //! - Counted calls: outcome `forwarded` with a status below 500 (what billing bills); the
 //!   edge counts the same ones locally between updates.
+//! - Periods: calendar months UTC, or months starting on `quota.period_anchor_day`; a state
+//!   carries its period's start and end, and an edge chains the next periods from the end.
 //! - A state is recomputed from `usage_minute FINAL` whenever minutes of the consumer are
 //!   written; `covered_until` is the end of the last closed minute, so an edge adds exactly
 //!   the calls it admitted since.
@@ -123,7 +125,7 @@ impl Quotas {
         if !self.enabled() {
             return;
         }
-        let period = time::month_start(minute);
+        let period = time::period_start(minute, self.cfg.period_anchor_day);
         for c in consumers {
             if self.plan_of.get(c).is_some_and(|(_, p)| self.cfg.plans.contains_key(p)) {
                 self.touched.insert((c.clone(), period));
@@ -144,7 +146,7 @@ impl Quotas {
         }
         let mut states = Vec::new();
         for (start, consumers) in by_period {
-            let end = time::next_month_start(start);
+            let end = time::add_month(start);
             let used = used_in(client, &consumers, start, end).await?;
             for c in consumers {
                 let Some((_, plan_id)) = self.plan_of.get(&c) else { continue };

@@ -138,8 +138,20 @@ async fn usage_sum(ch_url: &str, db: &str) -> u64 {
     ch(ch_url, &format!("SELECT sum(requests) FROM {db}.usage_minute FINAL")).await.trim().parse().unwrap_or(0)
 }
 
+/// What every run shares.
+struct Setup<'a> {
+    ch_url: &'a str,
+    broker: &'a str,
+    topic: &'a str,
+    ingest_group: &'a str,
+    db: &'a str,
+    n: usize,
+    dir: &'a std::path::Path,
+}
+
 /// Returns (seconds from start to all rows, sustained rate between 10 % and 90 %).
-async fn aggregate_once(ch_url: &str, broker: &str, topic: &str, ingest_group: &str, db: &str, n: usize, dir: &std::path::Path, run: usize) -> (f64, f64) {
+async fn aggregate_once(setup: &Setup<'_>, run: usize) -> (f64, f64) {
+    let Setup { ch_url, broker, topic, ingest_group, db, n, dir } = *setup;
     let group = format!("bench-agg-{}-{run}", std::process::id());
     let cfg = dir.join(format!("aggregator-{run}.toml"));
     std::fs::write(&cfg, aggregator_config(broker, topic, &group, ingest_group, ch_url, db)).unwrap();
@@ -200,7 +212,8 @@ pub async fn run(ch_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
     for run in 0..runs {
         decode.push(read_decode_only(&broker.addr, topic, n).await);
         recompute.push(recompute_only(ch_url, &db, base_s, n).await);
-        let (a, b) = aggregate_once(ch_url, &broker.addr, topic, &ingest_group, &db, n, &dir, run).await;
+        let setup = Setup { ch_url, broker: &broker.addr, topic, ingest_group: &ingest_group, db: &db, n, dir: &dir };
+        let (a, b) = aggregate_once(&setup, run).await;
         total.push(a);
         sustained.push(b);
         println!(

@@ -46,6 +46,22 @@ pub fn next_month_start(secs: i64) -> i64 {
     days_from_civil(y, m, 1) * 86_400
 }
 
+/// The start (Unix seconds, UTC midnight) of the monthly period containing `secs` whose
+/// periods start on day `anchor_day` (1..=28) of every month: with 1, calendar months.
+pub fn period_start(secs: i64, anchor_day: u32) -> i64 {
+    let day = anchor_day.clamp(1, 28);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let (y, m) = if d >= day { (y, m) } else if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+    days_from_civil(y, m, day) * 86_400
+}
+
+/// The same day and time one month after `secs` (for a day of month up to 28).
+pub fn add_month(secs: i64) -> i64 {
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    days_from_civil(y, m, d.min(28)) * 86_400 + secs.rem_euclid(86_400)
+}
+
 /// `YYYY-MM` of the month that contains `secs`.
 pub fn month_label(secs: i64) -> String {
     let (y, m, _) = civil_from_days(secs.div_euclid(86_400));
@@ -132,6 +148,26 @@ mod tests {
         assert_eq!(format_utc(next_month_start(parse_utc("2026-12-31T23:59:59").unwrap())), "2027-01-01T00:00:00Z");
         assert_eq!(format_utc(next_month_start(parse_utc("2028-02-29").unwrap())), "2028-03-01T00:00:00Z");
         assert_eq!(month_label(t), "2026-11");
+    }
+
+    #[test]
+    fn anchored_periods() {
+        let t = parse_utc("2026-11-26T00:30:09Z").unwrap();
+        assert_eq!(period_start(t, 1), month_start(t));
+        assert_eq!(format_utc(period_start(t, 15)), "2026-11-15T00:00:00Z");
+        assert_eq!(format_utc(period_start(t, 28)), "2026-10-28T00:00:00Z");
+        assert_eq!(format_utc(period_start(parse_utc("2026-01-03").unwrap(), 15)), "2025-12-15T00:00:00Z");
+        assert_eq!(format_utc(add_month(period_start(t, 28))), "2026-11-28T00:00:00Z");
+        assert_eq!(format_utc(add_month(parse_utc("2026-12-15").unwrap())), "2027-01-15T00:00:00Z");
+        assert_eq!(add_month(month_start(t)), next_month_start(t));
+        // Every second of a year falls in exactly one period, and periods chain.
+        let mut start = period_start(parse_utc("2026-01-01").unwrap(), 10);
+        for _ in 0..13 {
+            let end = add_month(start);
+            assert_eq!(period_start(start, 10), start);
+            assert_eq!(period_start(end - 1, 10), start);
+            start = end;
+        }
     }
 
     #[test]

@@ -146,10 +146,14 @@ impl QuotaTable {
         let entry = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(consumer).cloned()?;
         let mut inner = entry.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let st = inner.state;
-        // A state of an earlier period: its count does not apply any more.
+        // A state of an earlier period: its count does not apply any more. Periods are
+        // monthly from the state's end (same day of the month).
         let (used, covered, start, end) = if now_s >= st.period_end_s {
-            let start = time::month_start(now_s);
-            (0, start, start, time::next_month_start(now_s))
+            let (mut start, mut end) = (st.period_end_s, time::add_month(st.period_end_s));
+            while now_s >= end {
+                (start, end) = (end, time::add_month(end));
+            }
+            (0, start, start, end)
         } else {
             (st.used, st.covered_until_s, st.period_start_s, st.period_end_s)
         };
@@ -358,6 +362,21 @@ mod tests {
         let c = t.admit("acme", DEC + 5).unwrap();
         assert!(c.allowed);
         assert_eq!((c.used, c.resets_at), (1, 1_798_761_600));
+        // Two months later, the period is still found from the state's end.
+        let feb = 1_801_440_000; // 2027-02-01
+        let c = t.admit("acme", feb + 3600).unwrap();
+        assert_eq!((c.used, c.resets_at), (1, feb + 28 * 86_400));
+    }
+
+    #[test]
+    fn anchored_periods_chain_from_the_state() {
+        let t = QuotaTable::default();
+        let (start, end) = (NOV + 14 * 86_400, DEC + 14 * 86_400); // Nov 15 .. Dec 15
+        t.apply(&QuotaState { period_start_us: start * 1_000_000, period_end_us: end * 1_000_000, ..state(100, start + 60, Enforcement::Hard) });
+        assert!(!t.admit("acme", end - 1).unwrap().allowed);
+        let c = t.admit("acme", end + 1).unwrap();
+        assert!(c.allowed);
+        assert_eq!(tollgate_common::time::format_utc(c.resets_at), "2027-01-15T00:00:00Z");
     }
 
     #[test]
