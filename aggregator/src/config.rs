@@ -235,14 +235,8 @@ impl Config {
         if raw.kafka.group_id == raw.kafka.ingest_group_id {
             return Err(invalid("kafka.group_id", "must differ from kafka.ingest_group_id (the aggregator reads in its own group)"));
         }
-        let instance_id = match raw.kafka.instance_id {
-            Some(id) if id.trim().is_empty() => return Err(invalid("kafka.instance_id", "must not be empty")),
-            Some(id) => id,
-            None => std::env::var("HOSTNAME")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .map_or_else(|| "aggregator-0".to_owned(), |h| format!("aggregator-{h}")),
-        };
+        let instance_id =
+            config::instance_id(raw.kafka.instance_id, "aggregator").map_err(|reason| invalid("kafka.instance_id", reason))?;
         let clickhouse = raw.clickhouse.validate().map_err(|(key, reason)| invalid(key, reason))?;
         if raw.windows.allowed_lateness_s > 86_400 {
             return Err(invalid("windows.allowed_lateness_s", "must be at most 86400 (one day)"));

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
 use tollgate_schemas::Decoder;
@@ -49,23 +49,14 @@ fn now_us() -> u64 {
 /// before them are written, and committed by librdkafka every `kafka.commit_interval_ms` and
 /// at shutdown.
 fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .set("group.instance.id", &cfg.instance_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", cfg.commit_interval.as_millis().to_string())
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100")
-        .set("session.timeout.ms", "10000");
-    for (k, v) in &cfg.properties {
-        cc.set(k, v);
-    }
-    let consumer: StreamConsumer = cc.create()?;
-    consumer.subscribe(&[&cfg.topic])?;
-    Ok(consumer)
+    tollgate_common::kafka::group_consumer(&tollgate_common::kafka::GroupMember {
+        brokers: &cfg.brokers,
+        topic: &cfg.topic,
+        group_id: &cfg.group_id,
+        instance_id: &cfg.instance_id,
+        commit_interval: cfg.commit_interval,
+        properties: &cfg.properties,
+    })
 }
 
 /// A closed minute for the writer.

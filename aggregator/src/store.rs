@@ -12,7 +12,7 @@ use clickhouse::Client;
 use serde::{Deserialize, Serialize};
 
 use crate::histogram::Latencies;
-use crate::tracker::MinuteAgg;
+use crate::tracker::{GroupAgg, MinuteAgg};
 
 pub const RAW_TABLE: &str = "api_calls";
 pub const USAGE_TABLE: &str = "usage_minute";
@@ -52,27 +52,42 @@ pub struct UsageRow {
     pub version: u64,
 }
 
-/// Accumulates rows of one key while the raw events stream in key order.
+/// One key's counts while the raw events stream in key order.
 struct Group {
-    row: UsageRow,
+    key: (String, String, i8, u8),
+    agg: GroupAgg,
     latencies: Latencies,
 }
 
 impl Group {
     fn key_matches(&self, c: &RawCall) -> bool {
-        self.row.consumer_id == c.consumer_id
-            && self.row.route_id == c.route_id
-            && self.row.outcome == c.outcome
-            && self.row.status_class == status_class(c.status)
+        self.key.0 == c.consumer_id && self.key.1 == c.route_id && self.key.2 == c.outcome && self.key.3 == status_class(c.status)
     }
 
-    fn finish(&mut self, out: &mut Vec<UsageRow>) {
-        let (bounds, counts) = self.latencies.buckets();
-        let mut row = self.row.clone();
-        row.latency_le_us = bounds;
-        row.latency_count = counts;
-        out.push(row);
+    fn finish(&mut self, minute: u32, version: u64, out: &mut Vec<UsageRow>) {
+        out.push(row(minute, &self.key.0, &self.key.1, (self.key.2, self.key.3), &self.agg, &self.latencies, version));
         self.latencies.reset();
+    }
+}
+
+/// A usage row from a group's counts and its latency histogram.
+fn row(minute: u32, consumer: &str, route: &str, (outcome, class): (i8, u8), g: &GroupAgg, h: &Latencies, version: u64) -> UsageRow {
+    let (latency_le_us, latency_count) = h.buckets();
+    UsageRow {
+        minute,
+        consumer_id: consumer.to_owned(),
+        route_id: route.to_owned(),
+        outcome,
+        status_class: class,
+        requests: g.requests,
+        errors_4xx: g.errors_4xx,
+        errors_5xx: g.errors_5xx,
+        request_bytes: g.request_bytes,
+        response_bytes: g.response_bytes,
+        latency_sum_us: g.latency_sum_us,
+        latency_le_us,
+        latency_count,
+        version,
     }
 }
 
@@ -114,47 +129,23 @@ pub async fn recompute(
         if !filter && !consumers.contains(&call.consumer_id) {
             continue;
         }
-        match &mut group {
-            Some(g) if g.key_matches(&call) => {}
-            _ => {
-                if let Some(g) = &mut group {
-                    g.finish(&mut rows);
-                }
-                let row = UsageRow {
-                    minute: from,
-                    consumer_id: call.consumer_id.clone(),
-                    route_id: call.route_id.clone(),
-                    outcome: call.outcome,
-                    status_class: status_class(call.status),
-                    requests: 0,
-                    errors_4xx: 0,
-                    errors_5xx: 0,
-                    request_bytes: 0,
-                    response_bytes: 0,
-                    latency_sum_us: 0,
-                    latency_le_us: Vec::new(),
-                    latency_count: Vec::new(),
-                    version,
-                };
-                match &mut group {
-                    Some(g) => g.row = row,
-                    None => group = Some(Group { row, latencies: Latencies::new() }),
-                }
+        if !group.as_ref().is_some_and(|g| g.key_matches(&call)) {
+            if let Some(g) = &mut group {
+                g.finish(from, version, &mut rows);
+            }
+            let key = (call.consumer_id.clone(), call.route_id.clone(), call.outcome, status_class(call.status));
+            match &mut group {
+                Some(g) => (g.key, g.agg) = (key, GroupAgg::default()),
+                None => group = Some(Group { key, agg: GroupAgg::default(), latencies: Latencies::new() }),
             }
         }
         if let Some(g) = &mut group {
-            let r = &mut g.row;
-            r.requests += 1;
-            r.errors_4xx += u64::from((400..500).contains(&call.status));
-            r.errors_5xx += u64::from(call.status >= 500);
-            r.request_bytes = r.request_bytes.saturating_add(call.request_bytes);
-            r.response_bytes = r.response_bytes.saturating_add(call.response_bytes);
-            r.latency_sum_us = r.latency_sum_us.saturating_add(call.latency_us);
+            g.agg.count(call.status, call.latency_us, call.request_bytes, call.response_bytes);
             g.latencies.record(call.latency_us);
         }
     }
     if let Some(g) = &mut group {
-        g.finish(&mut rows);
+        g.finish(from, version, &mut rows);
     }
     Ok(rows)
 }
@@ -170,28 +161,12 @@ pub fn rows_from_memory(minute: i64, agg: &MinuteAgg, only: impl Fn(&str) -> boo
             continue;
         }
         for (route, groups) in routes {
-            for ((outcome, class), g) in groups {
+            for (key, g) in groups {
                 for &l in &g.latencies_us {
                     h.record(l);
                 }
-                let (latency_le_us, latency_count) = h.buckets();
+                rows.push(row(from, consumer, route, *key, g, &h, version));
                 h.reset();
-                rows.push(UsageRow {
-                    minute: from,
-                    consumer_id: consumer.clone(),
-                    route_id: route.clone(),
-                    outcome: *outcome,
-                    status_class: *class,
-                    requests: g.requests,
-                    errors_4xx: g.errors_4xx,
-                    errors_5xx: g.errors_5xx,
-                    request_bytes: g.request_bytes,
-                    response_bytes: g.response_bytes,
-                    latency_sum_us: g.latency_sum_us,
-                    latency_le_us,
-                    latency_count,
-                    version,
-                });
             }
         }
     }

@@ -40,6 +40,18 @@ pub struct GroupAgg {
     pub latencies_us: Vec<u64>,
 }
 
+impl GroupAgg {
+    /// Counts one call (the caller keeps its latency).
+    pub fn count(&mut self, status: u16, latency_us: u64, request_bytes: u64, response_bytes: u64) {
+        self.requests += 1;
+        self.errors_4xx += u64::from((400..500).contains(&status));
+        self.errors_5xx += u64::from(status >= 500);
+        self.request_bytes = self.request_bytes.saturating_add(request_bytes);
+        self.response_bytes = self.response_bytes.saturating_add(response_bytes);
+        self.latency_sum_us = self.latency_sum_us.saturating_add(latency_us);
+    }
+}
+
 /// One consumer's groups in a minute: route → [((outcome, status class), counts)].
 pub type ConsumerGroups = HashMap<String, Vec<((i8, u8), GroupAgg)>>;
 
@@ -76,12 +88,7 @@ impl MinuteAgg {
                 &mut groups[last].1
             }
         };
-        g.requests += 1;
-        g.errors_4xx += u64::from((400..500).contains(&e.status));
-        g.errors_5xx += u64::from(e.status >= 500);
-        g.request_bytes = g.request_bytes.saturating_add(e.request_bytes);
-        g.response_bytes = g.response_bytes.saturating_add(e.response_bytes);
-        g.latency_sum_us = g.latency_sum_us.saturating_add(e.latency_us);
+        g.count(e.status, e.latency_us, e.request_bytes, e.response_bytes);
         g.latencies_us.push(e.latency_us);
         true
     }

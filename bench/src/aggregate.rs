@@ -11,7 +11,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use tollgate_schemas::{ApiCall, Decoder, Encoder, Outcome};
 
@@ -50,35 +49,6 @@ fn events(n: usize, base_s: i64) -> Vec<(String, Vec<u8>)> {
             (consumer, enc.encode(&call).unwrap())
         })
         .collect()
-}
-
-async fn produce(broker: &str, topic: &str, items: &[(String, Vec<u8>)]) {
-    let p: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .set("linger.ms", "20")
-        .set("batch.size", "1000000")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .unwrap();
-    let mut pending = Vec::with_capacity(items.len());
-    for (k, v) in items {
-        let mut rec = FutureRecord::to(topic).key(k).payload(v);
-        loop {
-            match p.send_result(rec) {
-                Ok(f) => {
-                    pending.push(f);
-                    break;
-                }
-                Err((_, r)) => {
-                    rec = r;
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        }
-    }
-    for f in pending {
-        f.await.unwrap().unwrap();
-    }
 }
 
 fn aggregator_config(broker: &str, topic: &str, group: &str, ingest_group: &str, ch_url: &str, db: &str) -> String {
@@ -192,7 +162,7 @@ pub async fn run(ch_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
     let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     let base_s = (now_s / 60 - 3 * MINUTES) * 60;
     let items = events(n, base_s);
-    produce(&broker.addr, topic, &items).await;
+    crate::ingest::produce(&broker.addr, topic, &items).await;
     // Ingest the raw table once (not timed): the aggregator recomputes minutes from it.
     let db = format!("bench_agg_{}", std::process::id());
     let ingest_group = format!("{db}-ingest");

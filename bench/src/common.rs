@@ -129,3 +129,22 @@ pub fn ingest_config(broker: &str, topic: &str, group: &str, ch_url: &str, db: &
          [clickhouse]\nurl = \"{ch_url}\"\ndatabase = \"{db}\"\n[batch]\nmax_rows = 50000\nmax_wait_ms = 250\n"
     )
 }
+
+/// Starts the release edge with `config` (written to `dir/edge.toml`) and waits until it
+/// listens; returns the process, its traffic address and its admin address.
+pub async fn start_edge(dir: &Path, config: &str) -> (Proc, std::net::SocketAddr, std::net::SocketAddr) {
+    let cfg = dir.join("edge.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let ready = dir.join("edge.ready");
+    let proc = spawn(
+        Command::new(release_bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", "warn"),
+        &dir.join("edge.log"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&ready).map(|m| m.len() == 0).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "edge did not start; see {}", dir.join("edge.log").display());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    (proc, v["listen"].as_str().unwrap().parse().unwrap(), v["admin"].as_str().unwrap().parse().unwrap())
+}

@@ -80,7 +80,6 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
     tokio::spawn(tollgate_demo::upstream::serve(listener, Arc::default()));
     let db = format!("bench_fresh_{}", std::process::id());
     std::fs::write(dir.join("ingest.toml"), ingest_config(&broker.addr, "bench-fresh", &db, ch_url, &db))?;
-    std::fs::write(dir.join("edge.toml"), edge_config(&broker.addr, upstream))?;
     let _ingest = spawn(
         Command::new(release_bin("tollgate-ingest"))
             .arg("run")
@@ -89,24 +88,7 @@ pub async fn run(ch_url: &str, rate: u64, seconds: u64, runs: usize) -> anyhow::
             .env("RUST_LOG", "warn"),
         &dir.join("ingest.log"),
     );
-    let ready = dir.join("edge.ready");
-    let _edge = spawn(
-        Command::new(release_bin("tollgate-edge"))
-            .arg("run")
-            .arg("--config")
-            .arg(dir.join("edge.toml"))
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("RUST_LOG", "warn"),
-        &dir.join("edge.log"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&ready).map(|m| m.len() == 0).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "edge did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
-    let edge: std::net::SocketAddr = v["listen"].as_str().unwrap().parse()?;
+    let (_edge, edge, _) = start_edge(&dir, &edge_config(&broker.addr, upstream)).await;
     // Warm-up: connections, group join, table creation.
     let _ = load(edge, 200, 2, &["bench-key"]).await;
     while ch_count(ch_url, &db).await < 400 {

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::Digest;
 
@@ -83,25 +83,12 @@ pub async fn run(ch_url: &str, rate: u64, minutes: i64, lateness_s: u32) -> anyh
     let db = format!("bench_lag_{}", std::process::id());
     std::fs::write(dir.join("ingest.toml"), ingest_config(&broker.addr, "bench-lag", &format!("{db}-ingest"), ch_url, &db))?;
     std::fs::write(dir.join("aggregator.toml"), aggregator_config(&broker.addr, ch_url, &db, lateness_s))?;
-    std::fs::write(dir.join("edge.toml"), edge_config(&broker.addr, upstream))?;
     let run = |name: &str, args: &[&std::ffi::OsStr]| {
         spawn(Command::new(release_bin(name)).args(args).env("RUST_LOG", "warn"), &dir.join(format!("{name}.log")))
     };
-    let ready = dir.join("edge.ready");
     let _ingest = run("tollgate-ingest", &["run".as_ref(), "--config".as_ref(), dir.join("ingest.toml").as_os_str()]);
     let _agg = run("tollgate-aggregator", &["run".as_ref(), "--config".as_ref(), dir.join("aggregator.toml").as_os_str()]);
-    let _edge = run(
-        "tollgate-edge",
-        &["run".as_ref(), "--config".as_ref(), dir.join("edge.toml").as_os_str(), "--ready-file".as_ref(), ready.as_os_str()],
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&ready).map(|m| m.len() == 0).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "edge did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
-    let edge: std::net::SocketAddr = v["listen"].as_str().unwrap().parse()?;
-    let admin: std::net::SocketAddr = v["admin"].as_str().unwrap().parse()?;
+    let (_edge, edge, admin) = start_edge(&dir, &edge_config(&broker.addr, upstream)).await;
     let keys: Vec<String> = (0..CONSUMERS).map(|i| format!("bench-key-{i}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     // Warm-up (connections, group joins, tables), then start at a minute boundary.

@@ -57,6 +57,19 @@ pub fn parse<T: DeserializeOwned>(
     })
 }
 
+/// A replica's static membership id (`kafka.instance_id`): the configured one (not blank),
+/// else `<role>-$HOSTNAME`, else `<role>-0`.
+pub fn instance_id(configured: Option<String>, role: &str) -> Result<String, &'static str> {
+    match configured {
+        Some(id) if id.trim().is_empty() => Err("must not be empty"),
+        Some(id) => Ok(id),
+        None => Ok(std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .map_or_else(|| format!("{role}-0"), |h| format!("{role}-{h}"))),
+    }
+}
+
 /// The process environment as a map, for [`load`].
 pub fn process_env() -> BTreeMap<String, String> {
     std::env::vars().collect()

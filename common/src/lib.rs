@@ -2,6 +2,7 @@
 //! `tollgate-schemas`):
 //!
 //! - [`config`]: TOML files with environment overrides, errors that name the key;
+//! - [`kafka`]: the consumer-group client of the pipeline stages;
 //! - [`logging`]: `tracing` subscriber set-up;
 //! - [`shutdown`]: SIGTERM/SIGINT as a future;
 //! - [`backoff`]: capped exponential backoff for retries;
@@ -9,6 +10,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod kafka;
 pub mod logging;
 pub mod shutdown;
 pub mod time;

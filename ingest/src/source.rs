@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tollgate_schemas::Decoder;
 
 use crate::config::KafkaConfig;
@@ -16,23 +16,14 @@ use crate::sink::RawRow;
 /// batch is written (`enable.auto.offset.store=false`) and committed by librdkafka's
 /// background auto-commit, and synchronously at shutdown.
 pub fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", &cfg.group_id)
-        .set("group.instance.id", &cfg.instance_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
-        .set("fetch.wait.max.ms", "100")
-        .set("session.timeout.ms", "10000");
-    for (k, v) in &cfg.properties {
-        cc.set(k, v);
-    }
-    let consumer: StreamConsumer = cc.create()?;
-    consumer.subscribe(&[&cfg.topic])?;
-    Ok(consumer)
+    tollgate_common::kafka::group_consumer(&tollgate_common::kafka::GroupMember {
+        brokers: &cfg.brokers,
+        topic: &cfg.topic,
+        group_id: &cfg.group_id,
+        instance_id: &cfg.instance_id,
+        commit_interval: std::time::Duration::from_secs(1),
+        properties: &cfg.properties,
+    })
 }
 
 /// Rows read since the last flush, and the offsets to commit once they are written.
