@@ -5,6 +5,10 @@
 //!   billable outcomes, minimum charge, SLA credits) → invoice lines;
 //! - [`invoice`]: invoices, deterministic numbers, CSV / JSON / HTML exports.
 
+pub mod config;
+pub mod draft;
 pub mod invoice;
 pub mod money;
+pub mod period;
 pub mod pricing;
+pub mod usage;

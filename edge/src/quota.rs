@@ -215,8 +215,18 @@ pub fn start(
                 return;
             }
         };
+        // One client for the thread's life (re-creating it on every retry would only add
+        // connections and log lines while Kafka is down).
+        let consumer = match client(&brokers, &properties, &group) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the quota-state consumer; quotas are not enforced");
+                table.loaded.store(true, Ordering::Relaxed);
+                return;
+            }
+        };
         while !stop.load(Ordering::Relaxed) {
-            let wait = match read(&brokers, &topic, &properties, &group, &table, &codec, &stop) {
+            let wait = match read(&consumer, &topic, &table, &codec, &stop) {
                 Ok(()) => return,
                 Err(ReadError::NoTopic) => {
                     tracing::debug!(topic, "no quota-state topic yet (no aggregator with quotas); looking again in 10 s");
@@ -248,15 +258,11 @@ impl From<rdkafka::error::KafkaError> for ReadError {
     }
 }
 
-fn read(
+fn client(
     brokers: &str,
-    topic: &str,
     properties: &std::collections::BTreeMap<String, String>,
     group: &str,
-    table: &QuotaTable,
-    codec: &QuotaCodec,
-    stop: &AtomicBool,
-) -> Result<(), ReadError> {
+) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
     let mut cc = ClientConfig::new();
     // Assigned partitions, no group membership and no commits: every edge reads everything.
     cc.set("bootstrap.servers", brokers).set("group.id", group).set("enable.auto.commit", "false").set("enable.partition.eof", "false");
@@ -265,7 +271,10 @@ fn read(
             cc.set(k, v);
         }
     }
-    let consumer: BaseConsumer = cc.create()?;
+    cc.create()
+}
+
+fn read(consumer: &BaseConsumer, topic: &str, table: &QuotaTable, codec: &QuotaCodec, stop: &AtomicBool) -> Result<(), ReadError> {
     let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let partitions: Vec<i32> = meta
         .topics()

@@ -40,4 +40,5 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "0002_usage_minute.sql", include_str!("../migrations/0002_usage_minute.sql")),
     (3, "0003_api_calls_plan_id.sql", include_str!("../migrations/0003_api_calls_plan_id.sql")),
     (4, "0004_quota_state.sql", include_str!("../migrations/0004_quota_state.sql")),
+    (5, "0005_invoices.sql", include_str!("../migrations/0005_invoices.sql")),
 ];
