@@ -5,6 +5,7 @@
 //!   billable outcomes, minimum charge, SLA credits) → invoice lines;
 //! - [`invoice`]: invoices, deterministic numbers, CSV / JSON / HTML exports.
 
+pub mod close;
 pub mod config;
 pub mod draft;
 pub mod invoice;

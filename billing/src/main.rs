@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_billing::config::Config;
-use tollgate_billing::invoice;
+use tollgate_billing::{close, invoice};
 use tollgate_billing::period::Period;
 
 #[derive(Parser)]
@@ -30,6 +30,15 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
+    /// Finalize a period's invoices (once its end plus billing.grace_hours has passed). Safe to
+    /// run again, or twice at once: one invoice per consumer, never changed afterwards.
+    Close {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The billing period, YYYY-MM.
+        #[arg(long)]
+        period: String,
+    },
     /// Create the database and apply pending ClickHouse migrations, then exit.
     Migrate {
         #[arg(long, short)]
@@ -48,7 +57,7 @@ fn main() -> ExitCode {
     tollgate_common::logging::init();
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Invoice { config, .. } | Command::Migrate { config } => config,
+        Command::Invoice { config, .. } | Command::Close { config, .. } | Command::Migrate { config } => config,
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
@@ -58,7 +67,7 @@ fn main() -> ExitCode {
         }
     };
     let period = match &cli.command {
-        Command::Invoice { period, .. } => match Period::parse(period) {
+        Command::Invoice { period, .. } | Command::Close { period, .. } => match Period::parse(period) {
             Some(p) => Some(p),
             None => {
                 eprintln!("tollgate-billing: --period: `{period}` is not a month like 2026-11");
@@ -78,16 +87,32 @@ fn main() -> ExitCode {
         let client = tollgate_schemas::store::client(&cfg.clickhouse);
         match (&cli.command, period) {
             (Command::Invoice { consumer, format, .. }, Some(period)) => {
-                let (invoices, unpriced) = tollgate_billing::draft::drafts(&cfg, &client, &period, consumer.as_deref()).await?;
-                for (c, p) in unpriced {
-                    eprintln!("tollgate-billing: consumer `{c}` is on plan `{p}`, which has no prices in the config: no invoice");
-                }
+                // A closed period: the stored renderings, byte for byte. Else: drafts.
+                let finals = close::stored(&client, &period.label, consumer.as_deref()).await?;
+                let parts: Vec<invoice::Parts> = if finals.is_empty() {
+                    let (invoices, unpriced) = tollgate_billing::draft::drafts(&cfg, &client, &period, consumer.as_deref()).await?;
+                    for (c, p) in unpriced {
+                        eprintln!("tollgate-billing: consumer `{c}` is on plan `{p}`, which has no prices in the config: no invoice");
+                    }
+                    invoices.iter().map(invoice::Parts::of).collect()
+                } else {
+                    finals.iter().map(close::StoredInvoice::parts).collect()
+                };
                 let out = match format {
-                    Format::Csv => invoice::to_csv(&invoices),
-                    Format::Json => invoice::to_json(&invoices),
-                    Format::Html => invoice::to_html(&invoices),
+                    Format::Csv => invoice::csv_export(&parts),
+                    Format::Json => invoice::json_export(&parts),
+                    Format::Html => invoice::html_export(&parts),
                 };
                 print!("{out}");
+                Ok(())
+            }
+            (Command::Close { .. }, Some(period)) => {
+                let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
+                let (written, finals) = close::close(&cfg, &client, &period, now_us).await?;
+                println!("period {}: {} invoices final ({written} written by this close)", period.label, finals.len());
+                for f in finals {
+                    println!("{}\t{}\t{}\t{} {}", f.invoice_number, f.consumer_id, f.plan_id, f.total, f.currency);
+                }
                 Ok(())
             }
             _ => tollgate_schemas::store::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from),

@@ -111,6 +111,8 @@ pub struct Line {
     pub unit_price: Option<Decimal>,
     /// Rounded to the currency's minor unit.
     pub amount: Decimal,
+    /// For an adjustment: the closed period it corrects.
+    pub source_period: Option<String>,
 }
 
 /// What pricing found: the units per route, the SLA measurement and the lines.
@@ -152,6 +154,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
         quantity: Decimal::ONE,
         unit_price: Some(plan.monthly_fee),
         amount: cur.round(plan.monthly_fee),
+        source_period: None,
     }];
     let included = total_units.min(plan.included_units);
     if plan.included_units > 0 {
@@ -161,6 +164,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
             quantity: Decimal::from(included),
             unit_price: Some(Decimal::ZERO),
             amount: cur.round(Decimal::ZERO),
+            source_period: None,
         });
     }
     let chargeable = total_units - included;
@@ -186,6 +190,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
                         quantity: Decimal::from(qty),
                         unit_price: Some(t.unit_price),
                         amount: cur.round(Decimal::from(qty) * t.unit_price),
+                        source_period: None,
                     });
                 }
                 from = t.up_to.unwrap_or(u64::MAX);
@@ -202,6 +207,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
                             quantity: Decimal::from(chargeable),
                             unit_price: Some(t.unit_price),
                             amount: cur.round(Decimal::from(chargeable) * t.unit_price),
+                            source_period: None,
                         });
                         break;
                     }
@@ -219,6 +225,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
             quantity: Decimal::ONE,
             unit_price: Some(minimum - charged),
             amount: minimum - charged,
+            source_period: None,
         });
     }
     let availability_percent = (usage.attempted > 0).then(|| {
@@ -245,6 +252,7 @@ pub fn price(plan: &Plan, usage: &PeriodUsage) -> Priced {
                 quantity: Decimal::ONE,
                 unit_price: Some(-credit),
                 amount: -credit,
+                source_period: None,
             });
         }
     }
