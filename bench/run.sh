@@ -7,6 +7,7 @@
 #   bench/run.sh encode       event encoding: direct Avro writer vs apache-avro
 #   bench/run.sh aggregate    aggregator replay throughput
 #   bench/run.sh lag          usage and quota lag at 2,000 requests/s
+#   bench/run.sh billing      close and export a month of invoices for 10,000 consumers
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -25,6 +26,7 @@ case "${1:-all}" in
     encode) "$BIN" encode ;;
     aggregate) "$BIN" aggregate ;;
     lag) "$BIN" lag ;;
-    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag]" >&2; exit 2 ;;
+    billing) "$BIN" billing ;;
+    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing]" >&2; exit 2 ;;
 esac

@@ -10,6 +10,7 @@
 //! `tollgate-bench encode`     ns per event of the edge's Avro writer vs apache-avro's.
 //! `tollgate-bench aggregate`  aggregator replay throughput from a full topic; baselines:
 //!                             read+decode-only and recompute-only rates.
+//! `tollgate-bench billing`    close and export a month of invoices for 10,000 consumers.
 //! `tollgate-bench lag`        usage and quota lag after a minute's lateness window, at a
 //!                             fixed request rate through edge, ingest and aggregator.
 //!
@@ -18,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod aggregate;
+mod billing;
 mod common;
 mod encode;
 mod freshness;
@@ -69,6 +71,13 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Billing: close and export one month for many consumers.
+    Billing {
+        #[arg(long, default_value_t = 10_000)]
+        consumers: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Usage and quota lag after each minute's lateness window.
     Lag {
         #[arg(long, default_value_t = 2_000)]
@@ -97,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
         Command::Encode { events, runs } => encode::run(events, runs),
         Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
+        Command::Billing { consumers, runs } => billing::run(&cli.clickhouse, consumers, runs).await,
         Command::Lag { rate, minutes, lateness } => lag::run(&cli.clickhouse, rate, minutes, lateness).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }

@@ -180,7 +180,7 @@ impl Config {
                 }
                 outcomes.insert(o.clone());
             }
-            if p.billable_below_status % 100 != 0 || !(100..=600).contains(&p.billable_below_status) {
+            if !p.billable_below_status.is_multiple_of(100) || !(100..=600).contains(&p.billable_below_status) {
                 return Err(invalid(&key("billable_below_status"), "must be 100, 200, ... or 600 (usage is counted by status class)"));
             }
             if let Some((route, _)) = p.route_weights.iter().find(|(_, w)| **w == 0) {
