@@ -41,18 +41,22 @@ fn billing(cfg: &std::path::Path, args: &[&str]) -> Output {
 
 /// Expected totals in minor units, computed from `api_calls FINAL` with the plans' rules
 /// written out in SQL: growth = 10.00 USD + 100 free units, then 0.01 up to 1,000 units and
-/// 0.005 above, route `search` weighs 3; tokyo = 1,000 JPY + 0.35 per call (no weights). Billable:
+/// 0.005 above, route `search` weighs 3, and a 10 % credit on the fee when availability
+/// (attempted calls not answered 5xx) is below 99.9 %; tokyo = 1,000 JPY + 0.35 per call. Billable:
 /// forwarded with a status below 500. Rounding half away from zero, per line.
 async fn expected_minor(db: &str, start: i64, end: i64) -> String {
     ch(
         &clickhouse(),
         &format!(
             "SELECT consumer_id, \
-               if(plan = 'growth', 1000 + least(greatest(weighted - 100, 0), 1000) + intDiv(greatest(weighted - 1100, 0) + 1, 2), \
+               if(plan = 'growth', 1000 + least(greatest(weighted - 100, 0), 1000) + intDiv(greatest(weighted - 1100, 0) + 1, 2) \
+                  - if(failed * 1000 > attempted, 100, 0), \
                   1000 + intDiv(plain * 35 + 50, 100)) AS minor \
              FROM (SELECT consumer_id, argMax(plan_id, start_time_us) AS plan, \
                           toInt64(sumIf(if(route_id = 'search', 3, 1), outcome = 'forwarded' AND status < 500)) AS weighted, \
-                          toInt64(countIf(outcome = 'forwarded' AND status < 500)) AS plain \
+                          toInt64(countIf(outcome = 'forwarded' AND status < 500)) AS plain, \
+                          countIf(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout')) AS attempted, \
+                          countIf(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout') AND status >= 500) AS failed \
                    FROM {db}.api_calls FINAL WHERE ts >= toDateTime({start}) AND ts < toDateTime({end}) GROUP BY consumer_id) \
              ORDER BY consumer_id FORMAT TSV"
         ),
@@ -108,6 +112,7 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
              [billing]\ngrace_hours = 0\n\
              [plans.growth]\ncurrency = \"USD\"\nmonthly_fee = \"10.00\"\nincluded_units = 100\n\
              tiers = [{{ up_to = 1000, unit_price = \"0.01\" }}, {{ unit_price = \"0.005\" }}]\nroute_weights = {{ search = 3 }}\n\
+             [plans.growth.sla]\navailability_percent = \"99.9\"\ncredit_percent = \"10\"\n\
              [plans.tokyo]\ncurrency = \"JPY\"\nmonthly_fee = \"1000\"\ntiers = [{{ unit_price = \"0.35\" }}]\n",
             clickhouse()
         ),
@@ -149,6 +154,10 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 3);
     assert_eq!(v[2]["currency"], "JPY");
+    // 10 % of alpha's calls were 503s: the SLA credit is on its invoice.
+    let credit = v[0]["lines"].as_array().unwrap().iter().find(|l| l["kind"] == "sla_credit").cloned().unwrap_or_else(|| panic!("{}", v[0]));
+    assert_eq!(credit["amount"], "-1.00");
+    assert!(credit["description"].as_str().unwrap().contains("availability"), "{credit}");
     assert!(String::from_utf8_lossy(&html).matches("<section class=\"page\">").count() == 3);
 
     // A late event for the closed period: its invoice stays, next period gets the difference.
