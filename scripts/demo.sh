@@ -91,6 +91,9 @@ echo "== (tollgate-aggregator usage --config config/demo/aggregator.toml) =="
 "$BIN/tollgate-aggregator" usage --config config/demo/aggregator.toml
 echo "== monthly quota state (table quota_state; free plan: 1000 calls, hard) =="
 q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
+echo "== draft invoices of this month (tollgate-billing invoice --period $(date -u +%Y-%m) --format csv) =="
+"$BIN/tollgate-billing" invoice --config config/demo/billing.toml --period "$(date -u +%Y-%m)" --format csv
+echo "(JSON: --format json; a printable page per consumer: --format html > invoices.html)"
 echo
 echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
 echo "aggregator admin http://127.0.0.1:9902/metrics, ClickHouse $CH (database tollgate),"

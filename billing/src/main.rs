@@ -84,6 +84,9 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
+        if cfg.clickhouse.migrate_on_start || matches!(cli.command, Command::Migrate { .. }) {
+            tollgate_schemas::store::prepare(&cfg.clickhouse).await?;
+        }
         let client = tollgate_schemas::store::client(&cfg.clickhouse);
         match (&cli.command, period) {
             (Command::Invoice { consumer, format, .. }, Some(period)) => {
@@ -92,7 +95,11 @@ fn main() -> ExitCode {
                 let parts: Vec<invoice::Parts> = if finals.is_empty() {
                     let (invoices, unpriced) = tollgate_billing::draft::drafts(&cfg, &client, &period, consumer.as_deref()).await?;
                     for (c, p) in unpriced {
-                        eprintln!("tollgate-billing: consumer `{c}` is on plan `{p}`, which has no prices in the config: no invoice");
+                        if p.is_empty() {
+                            eprintln!("tollgate-billing: consumer `{c}`: its calls carry no plan (recorded before events had plan_id): no invoice");
+                        } else {
+                            eprintln!("tollgate-billing: consumer `{c}` is on plan `{p}`, which has no prices in the config: no invoice");
+                        }
                     }
                     invoices.iter().map(invoice::Parts::of).collect()
                 } else {
@@ -115,7 +122,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            _ => tollgate_schemas::store::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from),
+            _ => Ok::<(), anyhow::Error>(()),
         }
     });
     match result {
