@@ -58,8 +58,11 @@ enum Format {
 }
 
 fn main() -> ExitCode {
-    tollgate_common::logging::init();
     let cli = Cli::parse();
+    match cli.command {
+        Command::Usage { .. } => tollgate_common::logging::init_cli(),
+        _ => tollgate_common::logging::init(),
+    }
     let config_path = match &cli.command {
         Command::Run { config } | Command::Migrate { config } | Command::Usage { config, .. } => config,
     };

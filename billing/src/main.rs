@@ -54,7 +54,7 @@ enum Format {
 }
 
 fn main() -> ExitCode {
-    tollgate_common::logging::init();
+    tollgate_common::logging::init_cli();
     let cli = Cli::parse();
     let config_path = match &cli.command {
         Command::Invoice { config, .. } | Command::Close { config, .. } | Command::Migrate { config } => config,

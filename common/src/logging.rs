@@ -13,9 +13,18 @@ pub fn init() {
     init_with(None);
 }
 
+/// For command-line tools whose output is the point: like [`init`], `warn` by default.
+pub fn init_cli() {
+    install(None, "warn");
+}
+
 /// Like [`init`], with `extra` (which sees the spans and events `RUST_LOG` lets through).
 pub fn init_with(extra: Option<ExtraLayer>) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    install(extra, "info");
+}
+
+fn install(extra: Option<ExtraLayer>, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("TOLLGATE_LOG_FORMAT").as_deref() == Ok("json");
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt: Box<dyn Layer<_> + Send + Sync> = if json { Box::new(fmt.json()) } else { Box::new(fmt) };
