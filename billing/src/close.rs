@@ -39,10 +39,6 @@ impl StoredInvoice {
     pub fn parts(&self) -> Parts {
         Parts { json: self.json.clone(), csv: self.csv.clone(), html: self.html.clone() }
     }
-
-    pub fn total(&self) -> Decimal {
-        Decimal::from_str_exact(&self.total).unwrap_or_default()
-    }
 }
 
 #[derive(Debug, clickhouse::Row, Serialize)]
@@ -83,6 +79,31 @@ pub async fn stored(client: &Client, period: &str, consumer: Option<&str>) -> Re
         q = q.bind(c);
     }
     q.fetch_all::<StoredInvoice>().await
+}
+
+/// The totals of the finalized invoices of `period`: consumer → (total, currency). (The
+/// renderings are not read: adjustments need only the totals.)
+pub async fn finalized_totals(
+    client: &Client,
+    period: &str,
+    consumer: Option<&str>,
+) -> Result<BTreeMap<String, (Decimal, String)>, clickhouse::error::Error> {
+    #[derive(clickhouse::Row, Deserialize)]
+    struct Row {
+        consumer_id: String,
+        total: String,
+        currency: String,
+    }
+    let mut sql = "SELECT consumer_id, total, currency FROM invoices FINAL WHERE period = ?".to_owned();
+    if consumer.is_some() {
+        sql.push_str(" AND consumer_id = ?");
+    }
+    let mut q = client.query(&sql).bind(period);
+    if let Some(c) = consumer {
+        q = q.bind(c);
+    }
+    let rows = q.fetch_all::<Row>().await?;
+    Ok(rows.into_iter().map(|r| (r.consumer_id, (Decimal::from_str_exact(&r.total).unwrap_or_default(), r.currency))).collect())
 }
 
 /// Adjustments already invoiced for `source_period`, per consumer.

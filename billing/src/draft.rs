@@ -27,9 +27,9 @@ pub async fn drafts(
     let (mut invoices, unpriced) = priced(cfg, client, period, consumer).await?;
     let mut q = period.previous();
     for _ in 0..ADJUST_BACK {
-        let finals = crate::close::stored(client, &q.label, consumer).await?;
+        let finals = crate::close::finalized_totals(client, &q.label, consumer).await?;
         if !finals.is_empty() {
-            adjust(cfg, client, period, &q, consumer, &finals, &mut invoices).await?;
+            adjust(cfg, client, period, &q, consumer, finals, &mut invoices).await?;
         }
         q = q.previous();
     }
@@ -38,20 +38,19 @@ pub async fn drafts(
 }
 
 /// Adds to `invoices` (of `period`) the difference between what closed period `q` would be
-/// invoiced now and what was invoiced (finalized plus adjustments already billed).
+/// invoiced now and what was invoiced (`invoiced`: finalized totals; plus adjustments already
+/// billed).
 async fn adjust(
     cfg: &Config,
     client: &Client,
     period: &Period,
     q: &Period,
     consumer: Option<&str>,
-    finals: &[crate::close::StoredInvoice],
+    mut invoiced: BTreeMap<String, (Decimal, String)>,
     invoices: &mut Vec<Invoice>,
 ) -> Result<(), clickhouse::error::Error> {
     let (now, _) = priced(cfg, client, q, consumer).await?;
     let billed = crate::close::billed_adjustments(client, &q.label).await?;
-    let mut invoiced: BTreeMap<String, (Decimal, String)> =
-        finals.iter().map(|f| (f.consumer_id.clone(), (f.total(), f.currency.clone()))).collect();
     let mut recomputed: BTreeMap<String, &Invoice> = BTreeMap::new();
     for inv in &now {
         recomputed.insert(inv.consumer_id.clone(), inv);
