@@ -63,4 +63,31 @@ for path in sorted((root / "migrations").glob("*.sql")):
             s.query(stmt, "TSV")
         except Exception as e:
             sys.exit(f"{path.name}: not idempotent on ClickHouse {version}:\n{stmt}\n{e}")
+# Every Grafana panel's SQL, with the data source's time macros expanded.
+import json
+import time as _time
+
+to = int(_time.time())
+frm = to - 3600
+
+
+def expand(sql):
+    sql = sql.replace("$__fromTime", f"toDateTime({frm})").replace("$__toTime", f"toDateTime({to})")
+    while "$__timeFilter(" in sql:
+        i = sql.index("$__timeFilter(")
+        j = sql.index(")", i)
+        col = sql[i + len("$__timeFilter("):j].strip()
+        sql = sql[:i] + f"{col} >= toDateTime({frm}) AND {col} <= toDateTime({to})" + sql[j + 1:]
+    return sql
+
+
+for path in sorted((root.parent / "dashboards").glob("*.json")):
+    for panel in json.loads(path.read_text())["panels"]:
+        for target in panel["targets"]:
+            sql = expand(target["rawSql"])
+            try:
+                s.query(sql, "TSV")
+            except Exception as e:
+                sys.exit(f"{path.name}: panel {panel['title']!r} failed on ClickHouse {version}:\n{sql}\n{e}")
+            ran += 1
 print(f"ok: {ran} statements on ClickHouse {version}")
