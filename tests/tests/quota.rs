@@ -1,8 +1,9 @@
 //! Monthly quotas end to end: events → ingest → aggregator → `quota-state` → edge.
 //! A hard quota of 100 calls: once the state has propagated, call 101 and later get 429
 //! `quota-exceeded` with the quota headers, and the edge's local counting keeps the overshoot
-//! at zero on one edge; a consumer that used up its quota last month is let through in the new
-//! month; a soft quota warns and lets calls through; the next state does not double count.
+//! at zero on one edge; with two edges the overshoot stays within what the other edge admits
+//! before the next state; a consumer that used up its quota last month is let through in the
+//! new month; a soft quota warns and lets calls through; the next state does not double count.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -47,6 +48,7 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     let mut history = events("acme", "free", 60, recent);
     history.extend(events("bob", "free", 100, this_month - 120));
     history.extend(events("carol", "trial", 9, recent));
+    history.extend(events("dave", "free", 60, recent));
     produce_all(&producer(), &topic, &history).await;
 
     let _ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
@@ -70,18 +72,18 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
         consumer("acme", "free"),
         consumer("bob", "free"),
         consumer("carol", "trial")
-    );
+    ) + &consumer("dave", "free");
     let (edge, addr, admin) = start_edge(dir.path(), "edge", &edge_cfg).await;
 
     // The states propagate: aggregator → quota-state → edge.
-    let ok = wait_until(Duration::from_secs(90), || async { metric(admin, "tollgate_edge_quota_consumers").await == 3 }).await;
+    let ok = wait_until(Duration::from_secs(90), || async { metric(admin, "tollgate_edge_quota_consumers").await == 4 }).await;
     assert!(ok, "quota states did not reach the edge\n{}\n{}", agg.log_tail(), edge.log_tail());
     let states = ch(&clickhouse(), &format!("SELECT consumer_id, period, used, status FROM {db}.quota_state FINAL ORDER BY consumer_id FORMAT TSV")).await;
     let last_month = time::month_label(this_month - 1);
     let month = time::month_label(now);
     assert_eq!(
         states,
-        format!("acme\t{month}\t60\tok\nbob\t{last_month}\t100\texceeded\ncarol\t{month}\t9\twarning\n"),
+        format!("acme\t{month}\t60\tok\nbob\t{last_month}\t100\texceeded\ncarol\t{month}\t9\twarning\ndave\t{month}\t60\tok\n"),
         "quota_state in ClickHouse"
     );
 
@@ -122,6 +124,23 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
         assert!(headers["x-quota-warning"].to_str().unwrap().contains(&format!("{used} of 10")));
     }
 
+    // Two edges: each counts only what it admits itself until the next state, so dave (60 of
+    // 100 used) can get 40 calls through each: the overshoot is at most what the other edge
+    // admits within the enforcement lag, here bounded by the 40 left (docs/ARCHITECTURE.md).
+    let (edge2, addr2, admin2) = start_edge(dir.path(), "edge2", &edge_cfg.replace("quota-edge", "quota-edge-2")).await;
+    let ok = wait_until(Duration::from_secs(30), || async { metric(admin2, "tollgate_edge_quota_consumers").await == 4 }).await;
+    assert!(ok, "the second edge did not load the states\n{}", edge2.log_tail());
+    let mut admitted_by = [0u64; 2];
+    for i in 0..100 {
+        let (status, _, _) = call(&client, if i % 2 == 0 { addr } else { addr2 }, "key-dave").await;
+        admitted_by[i % 2] += u64::from(status == 200);
+    }
+    let admitted = admitted_by[0] + admitted_by[1];
+    let overshoot = (60 + admitted).saturating_sub(100);
+    eprintln!("two edges: {admitted} of dave's 100 calls admitted with 40 left in the quota: overshoot {overshoot}");
+    assert!((40..=80).contains(&admitted), "{admitted}");
+    assert!(overshoot <= 40, "overshoot {overshoot} beyond what the other edge can admit");
+
     // Once this minute closes, the aggregator's state counts acme's 100 forwarded calls (not
     // the 429s), and the edge does not count the calls it saw locally a second time.
     let applied = metric(admin, "tollgate_edge_quota_states_applied_total").await;
@@ -135,5 +154,19 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, headers, _) = call(&client, addr, "key-acme").await;
     assert_eq!((status, headers["x-quota-used"].to_str().unwrap()), (429, "100"));
-    assert_eq!(metric(admin, "tollgate_edge_quota_rejected_total").await, 11);
+    // acme's 10 refusals, and dave's on this edge.
+    assert_eq!(metric(admin, "tollgate_edge_quota_rejected_total").await, 10 + 1 + (50 - admitted_by[0]));
+    // The next state has both edges' calls for dave: both refuse him from then on.
+    let want = (60 + admitted).to_string();
+    let ok = wait_until(Duration::from_secs(100), || async {
+        ch(&url, &format!("SELECT used FROM {db}.quota_state FINAL WHERE consumer_id = 'dave' AND period = '{month}' FORMAT TSV")).await.trim() == want
+    })
+    .await;
+    assert!(ok, "dave's state does not count what both edges admitted ({want})\n{}", agg.log_tail());
+    let ok = wait_until(Duration::from_secs(30), || async {
+        call(&client, addr, "key-dave").await.0 == 429 && call(&client, addr2, "key-dave").await.0 == 429
+    })
+    .await;
+    assert!(ok, "dave still admitted after the state with both edges' calls");
+    drop(edge2);
 }
