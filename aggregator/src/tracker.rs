@@ -202,8 +202,13 @@ impl Tracker {
     /// The partitions currently assigned: a partition assigned but not read from yet holds
     /// the clock (for up to the idle interval), so a replay that happens to fetch one
     /// partition first does not make the others' events late.
+    ///
+    /// Partitions no longer assigned (a rebalance) are forgotten: they stop holding the clock,
+    /// and their offsets are no longer committed from here (their pending minutes are still
+    /// written, which is harmless: a rewrite is idempotent).
     pub fn assigned(&mut self, partitions: &[i32], now_ms: i64) {
         self.watermarks.retain(|p, _| partitions.contains(p));
+        self.next_offset.retain(|p, _| partitions.contains(p));
         for &p in partitions {
             self.watermarks.entry(p).or_insert((None, now_ms));
         }
@@ -280,13 +285,6 @@ impl Tracker {
             }
         }
         out
-    }
-
-    /// Forgets partitions this instance no longer owns (after a rebalance). Their pending
-    /// minutes are still written (harmless: a rewrite is idempotent), but their offsets are
-    /// no longer committed from here.
-    pub fn revoke(&mut self, partition: i32) {
-        self.next_offset.remove(&partition);
     }
 
     /// The clock of the last close check (seconds).
@@ -448,7 +446,7 @@ mod tests {
         let (job, _) = t.take(T0).unwrap();
         t.finished(job);
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (1, 50), (2, 8)]));
-        t.revoke(1);
+        t.assigned(&[0, 2], ms(T0 + 61));
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 11), (2, 8)]));
     }
 
