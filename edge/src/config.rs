@@ -333,7 +333,9 @@ fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
 fn default_max_headers() -> usize {
-    100
+    // Below the parser's own default (100), which then needs no per-request buffer
+    // (see `hygiene::parser_max_headers`).
+    64
 }
 fn default_max_header_bytes() -> usize {
     16 * 1024

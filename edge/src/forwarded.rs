@@ -29,6 +29,24 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_hops: usize) -> IpAd
     entries.len().checked_sub(trusted_hops).and_then(|i| entries.get(i)).and_then(|s| s.parse().ok()).unwrap_or(peer)
 }
 
+/// `ip` as text (IPv4 without the formatting machinery: this runs for every call).
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            let mut num = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                s.push_str(num.format(octet));
+            }
+            s
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -57,6 +75,14 @@ mod tests {
         ];
         for (xff, hops, want) in cases {
             assert_eq!(client_ip(peer, &h(xff), *hops).to_string(), *want, "{xff:?} hops={hops}");
+        }
+    }
+
+    #[test]
+    fn ip_text_matches_display() {
+        for ip in ["0.0.0.0", "127.0.0.1", "10.20.30.40", "255.255.255.255", "::1", "2001:db8::7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
         }
     }
 }

@@ -8,10 +8,6 @@
 //! 431 is a metered call like any other refusal; hyper's parser only stops heads four times
 //! over those limits (answered by hyper itself, without an event).
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Version};
@@ -45,29 +41,45 @@ pub fn framing_error(version: Version, headers: &HeaderMap) -> Option<&'static s
 /// Factor between the configured header limits and hyper's own (hard) limits.
 pub const PARSER_HEADROOM: usize = 4;
 
+/// hyper's header-field limit when none is set; its parser then works on a buffer on the
+/// stack. An explicit limit costs a heap buffer of that many entries per request.
+pub const PARSER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// The parser's field limit for `max_headers`: its default when that leaves headroom for
+/// the edge's own (metered) 431, else [`PARSER_HEADROOM`] × `max_headers`.
+pub fn parser_max_headers(max_headers: usize) -> Option<usize> {
+    (max_headers >= PARSER_DEFAULT_MAX_HEADERS).then(|| max_headers * PARSER_HEADROOM)
+}
+
 /// Why the request head is over the limits, or `None`. The head's size counts the request
 /// line and each field as `name: value\r\n`, as on the wire in HTTP/1.1.
-pub fn header_limit_error(req: &Request, max_headers: usize, max_header_bytes: usize) -> Option<String> {
+pub fn header_limit_error<B>(req: &http::Request<B>, max_headers: usize, max_header_bytes: usize) -> Option<String> {
     let headers = req.headers();
     if headers.len() > max_headers {
         return Some(format!("{} header fields; the limit is {max_headers}", headers.len()));
     }
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // Origin form (the usual case) without formatting the URI.
+    let target = match (req.uri().authority(), req.uri().path_and_query()) {
+        (None, Some(pq)) => pq.as_str().len(),
+        _ => req.uri().to_string().len(),
+    };
+    let line = req.method().as_str().len() + target + 12;
     let size = line + headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum::<usize>();
     (size > max_header_bytes).then(|| format!("the request head is {size} bytes; the limit is {max_header_bytes}"))
 }
 
-/// Layer: 431 for heads over the limits; 400 and `Connection: close` for ambiguous framing.
-pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    if let Some(reason) = header_limit_error(&req, gw.max_headers, gw.max_header_bytes) {
-        return Problem::header_fields_too_large(reason).into_response();
+/// 431 for heads over the limits; 400 and `Connection: close` for ambiguous framing; `None`
+/// when the request may go on.
+pub fn check<B>(gw: &Gateway, req: &http::Request<B>) -> Option<Response> {
+    if let Some(reason) = header_limit_error(req, gw.max_headers, gw.max_header_bytes) {
+        return Some(Problem::header_fields_too_large(reason).into_response());
     }
     if let Some(reason) = framing_error(req.version(), req.headers()) {
         let mut resp = Problem::bad_request(format!("ambiguous request framing: {reason}")).into_response();
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-        return resp;
+        return Some(resp);
     }
-    next.run(req).await
+    None
 }
 
 #[cfg(test)]

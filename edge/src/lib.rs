@@ -2,11 +2,10 @@
 //! HTTP traffic, and emits every call — rejected ones included — as an Avro `ApiCall` event
 //! to Kafka without ever making a request wait for Kafka.
 //!
-//! The request path ([`app`]) is a stack of layers, outermost first:
-//! [`metering`] → [`hygiene`] → [`routing`] → [`auth`] → [`limit`] → [`proxy::forward`].
-//! Refusals are RFC 9457 problem documents built in one place ([`problem`]). Each layer
-//! reports what it learned (route, consumer, outcome) to metering through [`CallInfo`] in the
-//! response extensions.
+//! The request path ([`handle`]) is one function calling each step in turn:
+//! [`metering`] → [`hygiene`] → [`routing`] → [`auth`] → [`limit`] → [`proxy::forward`],
+//! then back through metering. Refusals are RFC 9457 problem documents built in one place
+//! ([`problem`]); their outcome reaches metering as [`CallInfo`] in the response extensions.
 
 pub mod admin;
 pub mod auth;
@@ -28,7 +27,6 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::Request;
 use axum::response::Response;
 use tollgate_schemas::Outcome;
 
@@ -45,7 +43,7 @@ pub struct Runtime {
     /// Rate limiters; a reload starts with fresh ones (full budgets).
     pub limiters: limit::LimiterCache,
     /// Upstream targets and their health, by route id; a reload starts them healthy.
-    pub pools: std::collections::HashMap<String, Arc<upstream::Pool>>,
+    pub pools: upstream::Pools,
 }
 
 impl Runtime {
@@ -91,17 +89,10 @@ pub struct Gateway {
     pub tunnels: tokio::sync::watch::Sender<bool>,
 }
 
-/// The TCP peer of the connection, put in every request's extensions by the server.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
-
-/// What inner layers learned about a call, carried to metering in the response extensions.
+/// How a refusal or a tunnel ended a call, carried to metering in the response extensions
+/// (a forwarded response carries none: its outcome is `forwarded`).
 #[derive(Debug, Clone, Default)]
 pub struct CallInfo {
-    pub route_id: Option<Arc<str>>,
-    pub consumer_id: Option<Arc<str>>,
-    pub credential_id: Option<Arc<str>>,
-    pub plan: Option<Arc<config::Plan>>,
     pub outcome: Option<Outcome>,
     pub upstream_latency_us: Option<u64>,
 }
@@ -110,12 +101,6 @@ impl Gateway {
     /// The current routes and keys.
     pub fn runtime(&self) -> Arc<Runtime> {
         Arc::clone(&self.runtime.read().unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
-    /// The snapshot the request took at routing (so one request sees one config), else the
-    /// current one.
-    pub fn runtime_of(&self, req: &Request) -> Arc<Runtime> {
-        req.extensions().get::<Arc<Runtime>>().cloned().unwrap_or_else(|| self.runtime())
     }
 
     /// Replaces routes and keys (config reload).
@@ -132,7 +117,7 @@ impl CallInfo {
 }
 
 /// The host the client addressed: `Host` header, else the URI authority (HTTP/2).
-pub fn request_host(req: &Request) -> Option<String> {
+pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
     req.headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -140,21 +125,56 @@ pub fn request_host(req: &Request) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
 }
 
-/// The request path as an axum router. Layers run top to bottom of this list.
-pub fn app(gw: Arc<Gateway>) -> axum::Router {
-    use axum::middleware::from_fn_with_state;
-    axum::Router::new()
-        .fallback(proxy::forward)
-        // 5. Per-consumer rate limit: after auth, so unauthenticated floods create no state.
-        .layer(from_fn_with_state(Arc::clone(&gw), limit::layer))
-        // 4. Authentication: needs the route (public or not); strips credentials.
-        .layer(from_fn_with_state(Arc::clone(&gw), auth::layer))
-        // 3. Routing: early, so 404s are cheap and everything after knows the route.
-        .layer(from_fn_with_state(Arc::clone(&gw), routing::layer))
-        // 2. Framing checks: refuse smuggling-prone requests before anything acts on them.
-        .layer(from_fn_with_state(Arc::clone(&gw), hygiene::layer))
-        // 1. Metering: outermost, so every call — refused ones too — becomes an event
-        //    with the real latency and byte counts.
-        .layer(from_fn_with_state(Arc::clone(&gw), metering::layer))
-        .with_state(gw)
+/// The request path, one call from start to end: metering starts the call (event id,
+/// trace, client address); framing and header checks; routing; authentication; rate limits
+/// and the monthly quota; forwarding. Every answer — refusals included — goes back through
+/// metering, which emits the call's event when the response body ends.
+pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: http::Request<hyper::body::Incoming>) -> Response {
+    let call = metering::Call::begin(&gw, peer, &req);
+    let mut learned = metering::Learned::default();
+    let resp = match call.span.clone() {
+        Some(span) => tracing::Instrument::instrument(admit_and_forward(&gw, &call, &mut learned, peer, req), span).await,
+        None => admit_and_forward(&gw, &call, &mut learned, peer, req).await,
+    };
+    call.finish(&gw, learned, resp)
+}
+
+async fn admit_and_forward(
+    gw: &Arc<Gateway>,
+    call: &metering::Call,
+    learned: &mut metering::Learned,
+    peer: SocketAddr,
+    mut req: http::Request<hyper::body::Incoming>,
+) -> Response {
+    // Framing checks first: refuse smuggling-prone requests before anything acts on them.
+    if let Some(refused) = hygiene::check(gw, &req) {
+        return refused;
+    }
+    // One config snapshot per request: in-flight requests finish with the config they
+    // started with.
+    let runtime = gw.runtime();
+    let route = match routing::route(&runtime, &req) {
+        Ok(route) => route,
+        Err(no_match) => return routing::refusal(no_match, req.uri().path()),
+    };
+    learned.route = Some(Arc::clone(&route));
+    let identity = match auth::admit(gw, &runtime, &route, &mut req).await {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    learned.identity = identity.clone();
+    let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer: peer.ip() };
+    // Rate limits after authentication, so unauthenticated floods create no limiter state.
+    let Some(identity) = identity.as_deref() else {
+        return proxy::forward(gw, &ctx, req).await;
+    };
+    let mut admission = limit::admit(gw, &runtime, identity, &route);
+    let mut resp = match admission.refusal.take() {
+        Some(refused) => refused,
+        None => proxy::forward(gw, &ctx, req).await,
+    };
+    // Room for the rate-limit, quota and request-id headers: one allocation, not several.
+    resp.headers_mut().reserve(10);
+    admission.write_headers(resp.headers_mut());
+    resp
 }

@@ -13,15 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::Gateway;
+use crate::{Gateway, Runtime};
 use crate::auth::Identity;
 use crate::config::{Rate, Route};
 use crate::problem::Problem;
@@ -98,7 +96,7 @@ const MIN_PRUNE_AT: usize = 256;
 
 #[derive(Debug)]
 struct Shard {
-    map: HashMap<CacheKey, Arc<Limiter>>,
+    map: HashMap<CacheKey, Arc<Limiter>, foldhash::fast::RandomState>,
     prune_at: usize,
 }
 
@@ -106,7 +104,7 @@ struct Shard {
 #[derive(Debug)]
 pub struct LimiterCache {
     shards: Vec<Mutex<Shard>>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
     epoch: Instant,
     /// Limiters held, by every generation alive (the `tollgate_edge_limiters` gauge).
     gauge: Arc<AtomicU64>,
@@ -128,7 +126,7 @@ impl LimiterCache {
     /// An empty cache counting its limiters in `gauge`.
     pub fn new(gauge: Arc<AtomicU64>) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::new(), prune_at: MIN_PRUNE_AT })).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::default(), prune_at: MIN_PRUNE_AT })).collect(),
             hasher: Default::default(),
             epoch: Instant::now(),
             gauge,
@@ -223,33 +221,52 @@ pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checke
 
 /// Adds `RateLimit-Policy` / `RateLimit` (IETF draft-ietf-httpapi-ratelimit-headers; one
 /// list member per limit that applies) and the common `X-RateLimit-Limit/-Remaining/-Reset`
-/// for the most constrained limit.
+/// for the most constrained limit. (On every answer: written without `format!`.)
 pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
-    let mut policy = String::new();
-    let mut state = String::new();
-    for (name, limiter, d) in &checked.limits {
-        let (quota, window) = limiter.policy();
-        let sep = if policy.is_empty() { "" } else { ", " };
-        policy.push_str(&format!("{sep}\"{name}\";q={quota};w={window}"));
-        state.push_str(&format!("{sep}\"{name}\";r={};t={}", d.remaining, d.reset_secs));
-    }
-    let Some((_, limiter, d)) =
+    use http::HeaderName;
+    static POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+    static STATE: HeaderName = HeaderName::from_static("ratelimit");
+    static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    static REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    static RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+    let Some((_, most, most_d)) =
         checked.limits.iter().min_by_key(|(_, _, d)| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
     else {
         return;
     };
-    let pairs = [
-        ("ratelimit-policy", policy),
-        ("ratelimit", state),
-        ("x-ratelimit-limit", limiter.policy().0.to_string()),
-        ("x-ratelimit-remaining", d.remaining.to_string()),
-        ("x-ratelimit-reset", d.reset_secs.to_string()),
-    ];
-    for (name, value) in pairs {
-        if let Ok(v) = http::HeaderValue::from_str(&value) {
-            headers.insert(name, v);
+    let mut policy = Vec::with_capacity(40 * checked.limits.len());
+    let mut state = Vec::with_capacity(40 * checked.limits.len());
+    let mut num = itoa::Buffer::new();
+    for (name, limiter, d) in &checked.limits {
+        let (quota, window) = limiter.policy();
+        if !policy.is_empty() {
+            policy.extend_from_slice(b", ");
+            state.extend_from_slice(b", ");
+        }
+        for (buf, (k1, v1), (k2, v2)) in
+            [(&mut policy, ("q", u64::from(quota)), ("w", window)), (&mut state, ("r", u64::from(d.remaining)), ("t", d.reset_secs))]
+        {
+            buf.push(b'"');
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(b"\";");
+            buf.extend_from_slice(k1.as_bytes());
+            buf.push(b'=');
+            buf.extend_from_slice(num.format(v1).as_bytes());
+            buf.push(b';');
+            buf.extend_from_slice(k2.as_bytes());
+            buf.push(b'=');
+            buf.extend_from_slice(num.format(v2).as_bytes());
         }
     }
+    if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(policy)) {
+        headers.insert(&POLICY, v);
+    }
+    if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(state)) {
+        headers.insert(&STATE, v);
+    }
+    headers.insert(&LIMIT, http::HeaderValue::from(most.policy().0));
+    headers.insert(&REMAINING, http::HeaderValue::from(most_d.remaining));
+    headers.insert(&RESET, http::HeaderValue::from(most_d.reset_secs));
 }
 
 /// Seconds for `Retry-After`: rounded up, at least 1.
@@ -258,35 +275,40 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-/// Layer: 429 with `Retry-After` when the consumer is over a limit; rate-limit headers on
-/// every answer to an authenticated call.
-pub async fn layer(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
-    let Some(identity) = req.extensions().get::<Arc<Identity>>().cloned() else {
-        return next.run(req).await;
-    };
-    let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
-        return next.run(req).await;
-    };
-    let runtime = gw.runtime_of(&req);
-    let checked = check(&runtime.limiters, &identity, &route);
-    let mut quota = None;
-    let mut resp = match checked.limits.iter().find(|(_, _, d)| !d.allowed) {
-        Some((_, _, d)) => Problem::rate_limited(d.reset_secs).into_response(),
-        // Within the rate limits: the monthly quota (counts the call when it lets it through).
-        None => {
-            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-            quota = gw.quotas.admit(&identity.consumer_id, now_s);
-            match quota {
-                Some(q) if !q.allowed => Problem::quota_exceeded(q.quota, q.resets_at, now_s).into_response(),
-                _ => next.run(req).await,
-            }
-        }
-    };
-    write_headers(resp.headers_mut(), &checked);
-    if let Some(q) = &quota {
-        crate::quota::write_headers(resp.headers_mut(), q);
+/// A call's admission by the rate limits and the monthly quota.
+#[derive(Debug)]
+pub struct Admission {
+    checked: Checked,
+    quota: Option<crate::quota::Check>,
+    /// The 429, when a limit or a hard quota refuses the call.
+    pub refusal: Option<Response>,
+}
+
+/// Checks the rate limits, then (within them) the monthly quota, which counts the call when
+/// it lets it through.
+pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route) -> Admission {
+    let checked = check(&runtime.limiters, identity, route);
+    if let Some((_, _, d)) = checked.limits.iter().find(|(_, _, d)| !d.allowed) {
+        let refusal = Some(Problem::rate_limited(d.reset_secs).into_response());
+        return Admission { checked, quota: None, refusal };
     }
-    resp
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let quota = gw.quotas.admit(&identity.consumer_id, now_s);
+    let refusal = match quota {
+        Some(q) if !q.allowed => Some(Problem::quota_exceeded(q.quota, q.resets_at, now_s).into_response()),
+        _ => None,
+    };
+    Admission { checked, quota, refusal }
+}
+
+impl Admission {
+    /// Rate-limit headers (and quota headers) on the answer, whatever it is.
+    pub fn write_headers(&self, headers: &mut http::HeaderMap) {
+        write_headers(headers, &self.checked);
+        if let Some(q) = &self.quota {
+            crate::quota::write_headers(headers, q);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub const NO_ROUTE: &str = "(none)";
 #[derive(Debug, Default)]
 pub struct Metrics {
     route_ids: Vec<String>,
-    index: HashMap<String, usize>,
+    index: HashMap<String, usize, foldhash::fast::RandomState>,
     /// Per route (last entry: no route) and status class 1xx..5xx.
     requests: Vec<[AtomicU64; 5]>,
     pub events_enqueued: AtomicU64,

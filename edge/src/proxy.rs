@@ -4,42 +4,30 @@
 //! authenticated consumer, never the client's), `x-forwarded-*` and `traceparent`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{CONNECTION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, Version};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::auth::Identity;
 use crate::config::Route;
-use crate::metering::{CallMeta, REQUEST_ID};
+use crate::metering::{Call, REQUEST_ID, RequestBody};
 use crate::problem::Problem;
-use crate::{CallInfo, Gateway, PeerAddr};
+use crate::{CallInfo, Gateway, Runtime};
 
 /// The client for upstreams (and the edge's own requests): HTTP and HTTPS, pooled.
 pub type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Header with the authenticated consumer, set by the edge for the upstream.
 pub const CONSUMER_ID: &str = "x-consumer-id";
-
-/// Headers that belong to one connection and are never forwarded (RFC 9110 §7.6.1, plus the
-/// legacy `keep-alive` and `proxy-connection`).
-pub const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
-];
 
 /// A pooled client for `http://` and `https://` targets (TLS per [`crate::tls`]).
 pub fn client(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
@@ -58,8 +46,26 @@ pub fn client(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Htt
         .build(https)
 }
 
+/// Headers that belong to one connection and are never forwarded (RFC 9110 §7.6.1, plus the
+/// legacy `keep-alive` and `proxy-connection`).
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
 /// Removes hop-by-hop headers and the headers named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names, no lookups.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -70,7 +76,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -102,23 +108,27 @@ fn idempotent(m: &http::Method) -> bool {
     [M::GET, M::HEAD, M::OPTIONS, M::TRACE, M::PUT, M::DELETE].contains(m)
 }
 
-/// The handler behind all layers: forwards to the route's upstream.
-pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
-    let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
-        return Problem::no_route(req.uri().path()).into_response();
-    };
-    let meta = req.extensions().get::<CallMeta>().cloned();
-    let consumer = req.extensions().get::<Arc<Identity>>().map(|i| Arc::clone(&i.consumer_id));
-    let peer = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
-    let original_host = crate::request_host(&req);
+/// What the request path knows about a call that forwarding needs.
+pub struct Forward<'a> {
+    pub runtime: &'a Runtime,
+    pub route: &'a Route,
+    pub identity: Option<&'a Identity>,
+    pub call: &'a Call,
+    /// The TCP peer (the `X-Forwarded-For` entry the edge adds).
+    pub peer: IpAddr,
+}
+
+/// Forwards the request to the route's upstream (the end of the request path).
+pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<Incoming>) -> Response {
+    let route = ctx.route;
     let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > gw.max_body_bytes) {
         return Problem::payload_too_large(gw.max_body_bytes).into_response();
     }
-    let runtime = gw.runtime_of(&req);
-    let Some(pool) = runtime.pools.get(&route.id).cloned() else {
+    let Some(pool) = ctx.runtime.pools.get(&route.id) else {
         return Problem::upstream_unreachable().into_response();
     };
+    let original_host = crate::request_host(&req);
     let (mut parts, body) = req.into_parts();
     // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
     // on 101, both connections are spliced (see `tunnel`).
@@ -126,48 +136,51 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         .and_then(|proto| Some((proto, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
-    let over_limit = Arc::new(AtomicBool::new(false));
-    let body = Body::new(LimitedBody { inner: body, left: gw.max_body_bytes, over: Arc::clone(&over_limit) });
+    let counter = &ctx.call.request_body;
+    let body = Body::new(RequestBody::new(body, Arc::clone(counter), gw.max_body_bytes));
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     headers.remove(CONSUMER_ID);
-    if let Some(c) = consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+    if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(CONSUMER_ID, c);
     }
     // Behind trusted proxies the chain is kept and extended; otherwise whatever the client
     // claimed is replaced by the address it connected from.
-    if let Some(peer) = peer {
-        let chain = if gw.trusted_hops > 0 {
-            let prior: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
-            if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) }
-        } else {
-            peer.to_string()
-        };
-        if let Ok(v) = HeaderValue::from_str(&chain) {
-            headers.insert("x-forwarded-for", v);
-        }
+    let peer = ctx.peer;
+    let chain = if gw.trusted_hops > 0 {
+        let prior: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) }
+    } else {
+        // Without trusted hops the client's address is the peer's, already as text.
+        ctx.call.client_ip.clone()
+    };
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
+        headers.insert("x-forwarded-for", v);
     }
     // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
         headers.insert("x-forwarded-host", h);
     }
-    if let Some(meta) = &meta {
-        if let Ok(v) = HeaderValue::from_str(&meta.event_id.to_string()) {
-            headers.insert(REQUEST_ID, v);
-        }
-        match &meta.otel {
-            // Telemetry on: the upstream's parent is the edge's span.
-            Some(cx) => crate::telemetry::inject(cx, headers),
-            None => {
-                let traceparent = meta.traceparent.clone().or_else(|| {
-                    let span = &meta.event_id.simple().to_string()[16..];
-                    HeaderValue::from_str(&format!("00-{}-{span}-01", meta.trace_id)).ok()
-                });
-                if let Some(tp) = traceparent {
-                    headers.insert("traceparent", tp);
+    let meta = &ctx.call.meta;
+    headers.insert(REQUEST_ID, ctx.call.request_id.clone());
+    match &meta.otel {
+        // Telemetry on: the upstream's parent is the edge's span.
+        Some(cx) => crate::telemetry::inject(cx, headers),
+        None => {
+            let traceparent = meta.traceparent.clone().or_else(|| {
+                // 00-<trace id>-<last 16 hex digits of the event id as span id>-01
+                let mut id = [0u8; uuid::fmt::Simple::LENGTH];
+                let span = &meta.event_id.simple().encode_lower(&mut id)[16..];
+                let mut tp = Vec::with_capacity(55);
+                for part in ["00-", &meta.trace_id, "-", span, "-01"] {
+                    tp.extend_from_slice(part.as_bytes());
                 }
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(tp)).ok()
+            });
+            if let Some(tp) = traceparent {
+                headers.insert("traceparent", tp);
             }
         }
     }
@@ -188,7 +201,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
         tried.push(target);
         let last = tried.len() >= attempts;
-        let uri = match upstream_uri(&route, &pool.targets[target], &path, query.as_deref()) {
+        let uri = match upstream_uri(route, &pool.targets[target], &path, query.as_deref()) {
             Ok(u) => u,
             Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
         };
@@ -213,7 +226,7 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 }
                 return Problem::upstream_timeout(route.timeout.as_millis()).into_response();
             }
-            Ok(Err(_)) if over_limit.load(Ordering::Relaxed) => {
+            Ok(Err(_)) if counter.over_limit.load(Ordering::Relaxed) => {
                 return Problem::payload_too_large(gw.max_body_bytes).into_response();
             }
             Ok(Err(e)) => {
@@ -233,15 +246,12 @@ pub async fn forward(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                 if upstream.status() == http::StatusCode::SWITCHING_PROTOCOLS
                     && let Some((_, client_side)) = upgrade
                 {
-                    return tunnel(&gw, client_side, &mut upstream, upstream_latency_us);
+                    return tunnel(gw, client_side, &mut upstream, upstream_latency_us);
                 }
                 let (mut parts, body) = upstream.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                let mut resp = Response::from_parts(parts, Body::new(body));
-                let info = CallInfo::of(&mut resp);
-                info.outcome = Some(tollgate_schemas::Outcome::Forwarded);
-                info.upstream_latency_us = Some(upstream_latency_us);
-                return resp;
+                ctx.call.upstream_latency_us.store(upstream_latency_us, Ordering::Relaxed);
+                return Response::from_parts(parts, Body::new(body));
             }
         }
     }
@@ -360,45 +370,6 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingIo<'_, 
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A request body that fails once more than `left` bytes went through (for bodies without
-/// a `Content-Length`, which is checked before forwarding).
-struct LimitedBody {
-    inner: Body,
-    left: u64,
-    over: Arc<AtomicBool>,
-}
-
-impl http_body::Body for LimitedBody {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            let n = data.len() as u64;
-            if n > self.left {
-                self.over.store(true, Ordering::Relaxed);
-                return std::task::Poll::Ready(Some(Err(axum::Error::new("request body over edge.max_body_bytes"))));
-            }
-            self.left -= n;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

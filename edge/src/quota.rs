@@ -87,7 +87,7 @@ pub struct Check {
 /// Latest quota state per consumer.
 #[derive(Debug, Default)]
 pub struct QuotaTable {
-    entries: RwLock<HashMap<Arc<str>, Arc<Entry>>>,
+    entries: RwLock<HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>>,
     /// The topic was read to its end once (quota states are complete).
     pub loaded: AtomicBool,
     pub states_applied: AtomicU64,

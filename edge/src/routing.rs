@@ -10,19 +10,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::Method;
 
 use crate::config::Route;
 use crate::problem::Problem;
-use crate::{CallInfo, Gateway};
+use crate::Runtime;
 
 /// The route table, sorted by precedence.
 #[derive(Debug)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
+    /// Some route matches on `host` (else the host is not looked at).
+    by_host: bool,
 }
 
 /// Why no route was chosen.
@@ -59,7 +59,8 @@ impl RouteTable {
                 .then(b.exact.cmp(&a.exact))
                 .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
-        Self { routes }
+        let by_host = routes.iter().any(|r| r.host.is_some());
+        Self { routes, by_host }
     }
 
     pub fn find(&self, host: &str, path: &str, method: &Method) -> Result<Arc<Route>, NoMatch> {
@@ -79,23 +80,21 @@ impl RouteTable {
     }
 }
 
-/// Layer: picks the route and puts it in the request extensions; 404/405 when none.
-pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let host = crate::request_host(&req).map(|h| normalize_host(&h)).unwrap_or_default();
-    // One snapshot of routes and keys for the whole request, even across a reload.
-    let runtime = gw.runtime();
-    let found = runtime.routes.find(&host, req.uri().path(), req.method());
-    match found {
-        Ok(route) => {
-            let id: Arc<str> = Arc::from(route.id.as_str());
-            req.extensions_mut().insert(route);
-            req.extensions_mut().insert(Arc::clone(&runtime));
-            let mut resp = next.run(req).await;
-            CallInfo::of(&mut resp).route_id = Some(id);
-            resp
-        }
-        Err(NoMatch::NotFound) => Problem::no_route(req.uri().path()).into_response(),
-        Err(NoMatch::MethodNotAllowed(methods)) => {
+/// The request's route in `runtime`.
+pub fn route<B>(runtime: &Runtime, req: &http::Request<B>) -> Result<Arc<Route>, NoMatch> {
+    let host = if runtime.routes.by_host {
+        crate::request_host(req).map(|h| normalize_host(&h)).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    runtime.routes.find(&host, req.uri().path(), req.method())
+}
+
+/// The 404 / 405 answer for a request without a route.
+pub fn refusal(no_match: NoMatch, path: &str) -> Response {
+    match no_match {
+        NoMatch::NotFound => Problem::no_route(path).into_response(),
+        NoMatch::MethodNotAllowed(methods) => {
             let allow: Vec<&str> = methods.iter().map(Method::as_str).collect();
             Problem::method_not_allowed(&allow.join(", ")).into_response()
         }

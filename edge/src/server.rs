@@ -12,15 +12,13 @@ use std::time::{Duration, SystemTime};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
 use crate::metrics::Metrics;
-use crate::{Gateway, PeerAddr, Runtime, admin, app, proxy};
+use crate::{Gateway, Runtime, admin, proxy};
 
 /// How [`serve`] is run.
 #[derive(Debug, Default, Clone)]
@@ -77,7 +75,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         telemetry: cfg.telemetry.otlp_endpoint.is_some(),
     });
     let tunnels = gw.tunnels.clone();
-    let router = app(Arc::clone(&gw));
+    let for_workers = Arc::clone(&gw);
     let reload_task =
         opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
     let jwks_task = tokio::spawn(refresh_jwks(Arc::clone(&gw)));
@@ -117,7 +115,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         header_read_timeout: cfg.header_read_timeout,
         // hyper's parser is the backstop; the configured limits are checked (and metered) by
         // the hygiene layer.
-        max_headers: cfg.max_headers * crate::hygiene::PARSER_HEADROOM,
+        max_headers: crate::hygiene::parser_max_headers(cfg.max_headers),
         max_buf_size: (cfg.max_header_bytes * crate::hygiene::PARSER_HEADROOM).max(8192),
         grace: cfg.shutdown_grace,
     };
@@ -131,8 +129,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
             Some(l) => l,
             None => bind_reuseport(listen)?.into_std()?,
         };
-        let (router, http, mut stop_rx, mut release_rx) =
-            (router.clone(), http.clone(), stop_rx.clone(), release_rx.clone());
+        let (for_workers, http, mut stop_rx, mut release_rx) =
+            (for_workers.clone(), http.clone(), stop_rx.clone(), release_rx.clone());
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         drained.push(drained_rx);
         threads.push(std::thread::Builder::new().name(format!("edge-worker-{i}")).spawn(move || {
@@ -145,7 +143,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
             };
             rt.block_on(async move {
                 match TcpListener::from_std(std_listener) {
-                    Ok(l) => accept_loop(l, router, &http, &mut stop_rx).await,
+                    Ok(l) => accept_loop(l, for_workers, &http, &mut stop_rx).await,
                     Err(e) => tracing::error!(error = %e, "worker listener"),
                 }
                 let _ = drained_tx.send(());
@@ -160,7 +158,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     for d in drained {
         let _ = d.await;
     }
-    drop(router);
+    drop(for_workers);
     // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
     // wait (briefly) until their events are in the producer queue.
     let _ = tunnels.send(true);
@@ -199,7 +197,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
 #[derive(Debug, Clone)]
 struct HttpSettings {
     header_read_timeout: Duration,
-    max_headers: usize,
+    /// The parser's field limit; `None`: hyper's default.
+    max_headers: Option<usize>,
     max_buf_size: usize,
     grace: Duration,
 }
@@ -217,7 +216,7 @@ fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// requests finish within the grace period.
 async fn accept_loop(
     listener: TcpListener,
-    router: axum::Router,
+    gw: Arc<Gateway>,
     http: &HttpSettings,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) {
@@ -226,8 +225,10 @@ async fn accept_loop(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_read_timeout)
-        .max_headers(http.max_headers)
         .max_buf_size(http.max_buf_size);
+    if let Some(n) = http.max_headers {
+        builder.http1().max_headers(n);
+    }
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -243,13 +244,12 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = router.clone().map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(PeerAddr(peer));
-                    req
+                let gw = Arc::clone(&gw);
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = crate::handle(Arc::clone(&gw), peer, req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-                    .into_owned();
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

@@ -140,17 +140,26 @@ impl Clients {
     /// This thread's client for `connect_timeout` (created on first use).
     pub fn local(&self, connect_timeout: Duration) -> HttpClient {
         thread_local! {
-            static LOCAL: std::cell::RefCell<HashMap<Duration, HttpClient>> =
-                std::cell::RefCell::new(HashMap::new());
+            // Few distinct timeouts (usually one): a list.
+            static LOCAL: std::cell::RefCell<Vec<(Duration, HttpClient)>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         LOCAL.with(|m| {
-            m.borrow_mut().entry(connect_timeout).or_insert_with(|| proxy::client(connect_timeout, &self.tls)).clone()
+            let mut m = m.borrow_mut();
+            if let Some((_, c)) = m.iter().find(|(t, _)| *t == connect_timeout) {
+                return c.clone();
+            }
+            let c = proxy::client(connect_timeout, &self.tls);
+            m.push((connect_timeout, c.clone()));
+            c
         })
     }
 }
 
+/// Pools by route id.
+pub type Pools = HashMap<String, Arc<Pool>, foldhash::fast::RandomState>;
+
 /// Every route's pool, by route id.
-pub fn pools(routes: &[Arc<Route>]) -> HashMap<String, Arc<Pool>> {
+pub fn pools(routes: &[Arc<Route>]) -> Pools {
     routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r)))).collect()
 }
 

@@ -1,5 +1,5 @@
-//! Authentication: API keys and JWTs. On success a typed [`Identity`] goes into the request
-//! extensions for the later layers, and the credential headers are removed before forwarding.
+//! Authentication: API keys and JWTs. On success the request path gets a typed [`Identity`],
+//! and the credential headers are removed before forwarding.
 //!
 //! A request carries at most one credential: `Authorization: Bearer <key or JWT>` or
 //! `x-api-key: <key>`; sending two (of either kind) is ambiguous and refused. A bearer value
@@ -13,20 +13,18 @@ pub mod jwt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMode, Config, Plan, Route};
 use crate::problem::Problem;
-use crate::{CallInfo, Gateway, Runtime};
+use crate::{Gateway, Runtime};
 
 /// Header carrying an API key, as an alternative to `Authorization: Bearer`.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// Who is calling: set by this layer, read by the limiter, the proxy and metering.
+/// Who is calling: read by the limiter, the proxy and metering.
 #[derive(Debug)]
 pub struct Identity {
     pub consumer_id: Arc<str>,
@@ -38,14 +36,14 @@ pub struct Identity {
 /// Key hash → identity; consumer id → plan.
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    by_hash: HashMap<[u8; 32], Arc<Identity>>,
-    plans: HashMap<Arc<str>, Arc<Plan>>,
+    by_hash: HashMap<[u8; 32], Arc<Identity>, foldhash::fast::RandomState>,
+    plans: HashMap<Arc<str>, Arc<Plan>, foldhash::fast::RandomState>,
 }
 
 impl KeyStore {
     pub fn new(cfg: &Config) -> Self {
-        let mut by_hash = HashMap::new();
-        let mut plans = HashMap::new();
+        let mut by_hash = HashMap::default();
+        let mut plans = HashMap::default();
         for c in &cfg.consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
             let Some(plan) = cfg.plans.get(&c.plan) else { continue };
@@ -194,33 +192,22 @@ pub async fn authenticate(
     }
 }
 
-/// Layer: authenticates, strips the credential headers, stores the [`Identity`].
-pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let Some(route) = req.extensions().get::<Arc<Route>>().cloned() else {
-        return Problem::no_route(req.uri().path()).into_response();
-    };
-    let runtime = gw.runtime_of(&req);
-    match authenticate(&runtime, &route, req.headers(), &gw.client).await {
-        Err(AuthError::NotRegistered) => Problem::forbidden(AuthError::NotRegistered.to_string()).into_response(),
-        Err(e @ AuthError::Jwt(_)) => Problem::invalid_token(e.to_string()).into_response(),
-        Err(e) => Problem::unauthenticated(e.to_string()).into_response(),
+/// Authenticates the request for `route` and strips its credential headers; the refusal
+/// (401 / 403) as an answer.
+pub async fn admit<B>(
+    gw: &Gateway,
+    runtime: &Runtime,
+    route: &Route,
+    req: &mut http::Request<B>,
+) -> Result<Option<Arc<Identity>>, Response> {
+    match authenticate(runtime, route, req.headers(), &gw.client).await {
+        Err(AuthError::NotRegistered) => Err(Problem::forbidden(AuthError::NotRegistered.to_string()).into_response()),
+        Err(e @ AuthError::Jwt(_)) => Err(Problem::invalid_token(e.to_string()).into_response()),
+        Err(e) => Err(Problem::unauthenticated(e.to_string()).into_response()),
         Ok(identity) => {
             req.headers_mut().remove(http::header::AUTHORIZATION);
             req.headers_mut().remove(API_KEY_HEADER);
-            let ids = identity
-                .as_ref()
-                .map(|i| (Arc::clone(&i.consumer_id), Arc::clone(&i.credential_id), Arc::clone(&i.plan)));
-            if let Some(identity) = identity {
-                req.extensions_mut().insert(identity);
-            }
-            let mut resp = next.run(req).await;
-            if let Some((consumer, credential, plan)) = ids {
-                let info = CallInfo::of(&mut resp);
-                info.consumer_id = Some(consumer);
-                info.credential_id = Some(credential);
-                info.plan = Some(plan);
-            }
-            resp
+            Ok(identity)
         }
     }
 }

@@ -8,15 +8,14 @@
 pub mod producer;
 pub mod spool;
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http::HeaderValue;
@@ -26,7 +25,7 @@ use tollgate_schemas::{ApiCall, Outcome};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
-use crate::{CallInfo, Gateway, PeerAddr};
+use crate::{CallInfo, Gateway};
 
 /// `x-request-id`: the event id, sent upstream and to the client.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -86,120 +85,212 @@ fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX)).unwrap_or(0)
 }
 
-/// Layer (outermost): assigns the event id, measures, and emits the event when the response
+/// A call being metered: what is known when the request arrives, completed when the response
 /// body ends.
-pub async fn layer(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let start_time_us = now_us();
-    let event_id = Uuid::now_v7();
-    let client_trace =
-        req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
-    let (traceparent, client_trace_id) = match client_trace {
-        Some((header, id)) => (Some(header), Some(id)),
-        None => (None, None),
-    };
-    let mut trace_id = client_trace_id;
-    // With telemetry on, the call is a span (child of the client's traceparent) and its trace
-    // id is the event's.
-    let (span, otel) = if gw.telemetry {
-        use opentelemetry::trace::TraceContextExt;
-        use tracing_opentelemetry::OpenTelemetrySpanExt;
-        let span = tracing::info_span!(
-            "request",
-            otel.name = tracing::field::Empty,
-            otel.kind = "server",
-            http.request.method = %req.method(),
-            url.path = %req.uri().path(),
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-            tollgate.event_id = %event_id,
-        );
-        let _ = span.set_parent(crate::telemetry::extract_parent(req.headers()));
-        let cx = span.context();
-        let sc = cx.span().span_context().clone();
-        if sc.is_valid() {
-            trace_id = Some(sc.trace_id().to_string());
-        }
-        (Some(span), Some(cx))
-    } else {
-        (None, None)
-    };
-    // No trace from the client or the span: start one (random, only when needed).
-    let trace_id = trace_id.unwrap_or_else(|| format!("{:032x}", rand_u128()));
-    req.extensions_mut().insert(CallMeta { event_id, trace_id: trace_id.clone(), traceparent, otel });
+pub struct Call {
+    pub meta: CallMeta,
+    /// `x-request-id` (the event id), for the upstream and the client.
+    pub request_id: HeaderValue,
+    /// The client's address (the peer, or what a trusted hop says), as text.
+    pub client_ip: String,
+    /// Request body bytes, counted as they stream to the upstream.
+    pub request_body: Arc<BodyCounter>,
+    /// The call's span (telemetry on).
+    pub span: Option<tracing::Span>,
+    /// Microseconds until the upstream's response head; `u64::MAX` until there is one.
+    pub upstream_latency_us: AtomicU64,
+    start: Instant,
+    start_time_us: i64,
+    method: String,
+    host: String,
+    path: String,
+    user_agent: Option<String>,
+}
 
-    let client_ip = req
-        .extensions()
-        .get::<PeerAddr>()
-        .map(|p| crate::forwarded::client_ip(p.0.ip(), req.headers(), gw.trusted_hops));
-    if let Some(ip) = client_ip {
-        req.extensions_mut().insert(crate::forwarded::ClientIp(ip));
-    }
-    let client_ip = client_ip.map(|ip| ip.to_string()).unwrap_or_default();
-    let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
-        let s = String::from_utf8_lossy(v.as_bytes());
-        truncate(&s, MAX_USER_AGENT).to_owned()
-    });
-    let host = crate::request_host(&req).unwrap_or_default();
-    let method = req.method().as_str().to_owned();
-    let path = req.uri().path().to_owned();
+/// What the request path learned about a call, for its event.
+#[derive(Debug, Default)]
+pub struct Learned {
+    pub route: Option<Arc<crate::config::Route>>,
+    pub identity: Option<Arc<crate::auth::Identity>>,
+}
 
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    let req = req.map(|b| Body::new(CountingBody { inner: b, count: Arc::clone(&request_bytes) }));
-
-    let mut resp = match &span {
-        Some(span) => tracing::Instrument::instrument(next.run(req), span.clone()).await,
-        None => next.run(req).await,
-    };
-    if let Ok(v) = HeaderValue::from_str(&event_id.to_string()) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
-    let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
-    let status = resp.status().as_u16();
-    gw.metrics.record_request(info.route_id.as_deref(), status);
-    if let Some(span) = &span {
-        let route = info.route_id.as_deref().unwrap_or(crate::metrics::NO_ROUTE);
-        span.record("otel.name", format!("{method} {route}"));
-        span.record("http.route", route);
-        span.record("http.response.status_code", status);
-    }
-    let call = ApiCall {
-        event_id,
-        start_time_us,
-        edge_id: gw.instance_id.clone(),
-        consumer_id: info.consumer_id.as_deref().map(str::to_owned),
-        credential_id: info.credential_id.as_deref().map(str::to_owned),
-        route_id: info.route_id.as_deref().map(str::to_owned),
-        method,
-        host,
-        path,
-        status,
-        outcome: info.outcome.unwrap_or(Outcome::Forwarded),
-        latency_us: 0,
-        upstream_latency_us: info.upstream_latency_us,
-        request_bytes: 0,
-        response_bytes: 0,
-        client_ip,
-        user_agent,
-        trace_id: Some(trace_id),
-        plan_id: info.plan.as_ref().map(|p| p.name.clone()),
-    };
-    let pending = Pending { call, start, request_bytes, sink: gw.events.clone(), _span: span };
-    // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
-    if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
-        let metrics = Arc::clone(&gw.metrics);
-        tokio::spawn(async move {
-            let (up, down) = done.await.unwrap_or((0, 0));
-            let mut call = pending.call;
-            call.latency_us = u64::try_from(pending.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            call.request_bytes = pending.request_bytes.load(Ordering::Relaxed) + up;
-            call.response_bytes = down;
-            pending.sink.emit(call);
-            metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+impl Call {
+    /// Assigns the event id and trace, and notes the request's facts.
+    pub fn begin<B>(gw: &Gateway, peer: SocketAddr, req: &http::Request<B>) -> Self {
+        let start = Instant::now();
+        let start_time_us = now_us();
+        let event_id = Uuid::now_v7();
+        let client_trace =
+            req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
+        let (traceparent, mut trace_id) = match client_trace {
+            Some((header, id)) => (Some(header), Some(id)),
+            None => (None, None),
+        };
+        // With telemetry on, the call is a span (child of the client's traceparent) and its
+        // trace id is the event's.
+        let (span, otel) = if gw.telemetry {
+            use opentelemetry::trace::TraceContextExt;
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let span = tracing::info_span!(
+                "request",
+                otel.name = tracing::field::Empty,
+                otel.kind = "server",
+                http.request.method = %req.method(),
+                url.path = %req.uri().path(),
+                http.route = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                tollgate.event_id = %event_id,
+            );
+            let _ = span.set_parent(crate::telemetry::extract_parent(req.headers()));
+            let cx = span.context();
+            let sc = cx.span().span_context().clone();
+            if sc.is_valid() {
+                trace_id = Some(sc.trace_id().to_string());
+            }
+            (Some(span), Some(cx))
+        } else {
+            (None, None)
+        };
+        // No trace from the client or the span: start one (random, only when needed).
+        let trace_id = trace_id.unwrap_or_else(|| {
+            let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+            Uuid::new_v4().simple().encode_lower(&mut buf).to_owned()
         });
-        return resp;
+        let mut id_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let request_id = HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut id_buf))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
+            let s = String::from_utf8_lossy(v.as_bytes());
+            truncate(&s, MAX_USER_AGENT).to_owned()
+        });
+        Self {
+            meta: CallMeta { event_id, trace_id, traceparent, otel },
+            request_id,
+            client_ip: crate::forwarded::ip_text(crate::forwarded::client_ip(peer.ip(), req.headers(), gw.trusted_hops)),
+            request_body: Arc::new(BodyCounter::default()),
+            span,
+            upstream_latency_us: AtomicU64::new(u64::MAX),
+            start,
+            start_time_us,
+            method: req.method().as_str().to_owned(),
+            host: crate::request_host(req).unwrap_or_default(),
+            path: req.uri().path().to_owned(),
+            user_agent,
+        }
     }
-    resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
+
+    /// Completes the response: `x-request-id`, the request metrics, and the event, emitted
+    /// when the response body ends (or the tunnel of an upgrade closes).
+    pub fn finish(self, gw: &Gateway, learned: Learned, mut resp: Response) -> Response {
+        resp.headers_mut().insert(REQUEST_ID, self.request_id);
+        let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
+        let status = resp.status().as_u16();
+        let route_id = learned.route.as_ref().map(|r| r.id.as_str());
+        gw.metrics.record_request(route_id, status);
+        if let Some(span) = &self.span {
+            let route = route_id.unwrap_or(crate::metrics::NO_ROUTE);
+            span.record("otel.name", format!("{} {route}", self.method));
+            span.record("http.route", route);
+            span.record("http.response.status_code", status);
+        }
+        let identity = learned.identity.as_deref();
+        let call = ApiCall {
+            event_id: self.meta.event_id,
+            start_time_us: self.start_time_us,
+            edge_id: gw.instance_id.clone(),
+            consumer_id: identity.map(|i| i.consumer_id.to_string()),
+            credential_id: identity.map(|i| i.credential_id.to_string()),
+            route_id: route_id.map(str::to_owned),
+            method: self.method,
+            host: self.host,
+            path: self.path,
+            status,
+            outcome: info.outcome.unwrap_or(Outcome::Forwarded),
+            latency_us: 0,
+            upstream_latency_us: info.upstream_latency_us.or_else(|| {
+                Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX)
+            }),
+            request_bytes: 0,
+            response_bytes: 0,
+            client_ip: self.client_ip,
+            user_agent: self.user_agent,
+            trace_id: Some(self.meta.trace_id),
+            plan_id: identity.map(|i| i.plan.name.clone()),
+        };
+        let pending =
+            Pending { call, start: self.start, request_body: self.request_body, sink: gw.events.clone(), _span: self.span };
+        // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
+        if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
+            let metrics = Arc::clone(&gw.metrics);
+            tokio::spawn(async move {
+                let (up, down) = done.await.unwrap_or((0, 0));
+                let mut call = pending.call;
+                call.latency_us = u64::try_from(pending.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                call.request_bytes = pending.request_body.bytes.load(Ordering::Relaxed) + up;
+                call.response_bytes = down;
+                pending.sink.emit(call);
+                metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+            });
+            return resp;
+        }
+        resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
+    }
+}
+
+/// Request body bytes that went to the upstream, and whether the body went over
+/// `edge.max_body_bytes`.
+#[derive(Debug, Default)]
+pub struct BodyCounter {
+    pub bytes: AtomicU64,
+    pub over_limit: AtomicBool,
+}
+
+/// The request body as it streams to the upstream: counted for the event, and failing once
+/// more than `left` bytes went through (bodies without a `Content-Length`, which is checked
+/// before forwarding).
+pub struct RequestBody {
+    inner: hyper::body::Incoming,
+    counter: Arc<BodyCounter>,
+    left: u64,
+}
+
+impl RequestBody {
+    pub fn new(inner: hyper::body::Incoming, counter: Arc<BodyCounter>, limit: u64) -> Self {
+        Self { inner, counter, left: limit }
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > self.left {
+                        self.counter.over_limit.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(axum::Error::new("request body over edge.max_body_bytes"))));
+                    }
+                    self.left -= n;
+                    self.counter.bytes.fetch_add(n, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(axum::Error::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -213,44 +304,10 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn rand_u128() -> u128 {
-    // UUIDv4 randomness is enough for trace ids; avoids another RNG dependency.
-    Uuid::new_v4().as_u128()
-}
-
-/// Counts request body bytes as they stream to the upstream.
-struct CountingBody {
-    inner: Body,
-    count: Arc<AtomicU64>,
-}
-
-impl HttpBody for CountingBody {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 struct Pending {
     call: ApiCall,
     start: Instant,
-    request_bytes: Arc<AtomicU64>,
+    request_body: Arc<BodyCounter>,
     sink: EventSink,
     /// The call's span, ended with the response body (telemetry on).
     _span: Option<tracing::Span>,
@@ -269,7 +326,7 @@ impl MeteredBody {
         if let Some(p) = self.pending.take() {
             let mut call = p.call;
             call.latency_us = u64::try_from(p.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            call.request_bytes = p.request_bytes.load(Ordering::Relaxed);
+            call.request_bytes = p.request_body.bytes.load(Ordering::Relaxed);
             call.response_bytes = self.bytes;
             if aborted {
                 call.status = 499;
