@@ -8,10 +8,7 @@ use axum::routing::get;
 use crate::metrics::Metrics;
 
 pub fn app(metrics: Arc<Metrics>) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(render))
-        .with_state(metrics)
+    axum::Router::new().route("/healthz", get(|| async { "ok\n" })).route("/metrics", get(render)).with_state(metrics)
 }
 
 async fn render(State(m): State<Arc<Metrics>>) -> ([(http::HeaderName, &'static str); 1], String) {

@@ -233,10 +233,13 @@ impl Config {
             }
         }
         if raw.kafka.group_id == raw.kafka.ingest_group_id {
-            return Err(invalid("kafka.group_id", "must differ from kafka.ingest_group_id (the aggregator reads in its own group)"));
+            return Err(invalid(
+                "kafka.group_id",
+                "must differ from kafka.ingest_group_id (the aggregator reads in its own group)",
+            ));
         }
-        let instance_id =
-            config::instance_id(raw.kafka.instance_id, "aggregator").map_err(|reason| invalid("kafka.instance_id", reason))?;
+        let instance_id = config::instance_id(raw.kafka.instance_id, "aggregator")
+            .map_err(|reason| invalid("kafka.instance_id", reason))?;
         let clickhouse = raw.clickhouse.validate().map_err(|(key, reason)| invalid(key, reason))?;
         if raw.windows.allowed_lateness_s > 86_400 {
             return Err(invalid("windows.allowed_lateness_s", "must be at most 86400 (one day)"));
@@ -270,7 +273,11 @@ impl Config {
             }
             plans.insert(
                 name.clone(),
-                crate::quota::QuotaPlan { monthly_calls: p.monthly_calls, enforcement, warning_percent: p.warning_percent },
+                crate::quota::QuotaPlan {
+                    monthly_calls: p.monthly_calls,
+                    enforcement,
+                    warning_percent: p.warning_percent,
+                },
             );
         }
         Ok(Config {
@@ -314,9 +321,13 @@ mod tests {
         assert_eq!(c.admin_listen, None);
         assert_eq!(c.quota.topic, "quota-state");
         assert!(c.quota.plans.is_empty());
-        let c = Config::parse(&format!("{MINIMAL}[quota.plans.free]\nmonthly_calls = 100\n"), &BTreeMap::new()).unwrap();
+        let c =
+            Config::parse(&format!("{MINIMAL}[quota.plans.free]\nmonthly_calls = 100\n"), &BTreeMap::new()).unwrap();
         let free = &c.quota.plans["free"];
-        assert_eq!((free.monthly_calls, free.enforcement, free.warning_percent), (100, tollgate_schemas::quota::Enforcement::Hard, 80));
+        assert_eq!(
+            (free.monthly_calls, free.enforcement, free.warning_percent),
+            (100, tollgate_schemas::quota::Enforcement::Hard, 80)
+        );
     }
 
     #[test]

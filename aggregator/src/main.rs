@@ -93,7 +93,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Run { .. } => run(cfg).await,
-            Command::Migrate { .. } => tollgate_schemas::store::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from),
+            Command::Migrate { .. } => {
+                tollgate_schemas::store::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from)
+            }
             Command::Usage { format, .. } => {
                 let Some(filter) = filter else { return Ok(()) };
                 let client = tollgate_schemas::store::client(&cfg.clickhouse);

@@ -33,26 +33,42 @@ impl Metrics {
                 "Messages that are not valid events (ingest dead-letters them); not aggregated.",
                 &self.skipped_messages,
             ),
-            ("tollgate_aggregator_minutes_written_total", "Minutes written to usage_minute (first writes and rewrites).", &self.minutes_written),
+            (
+                "tollgate_aggregator_minutes_written_total",
+                "Minutes written to usage_minute (first writes and rewrites).",
+                &self.minutes_written,
+            ),
             (
                 "tollgate_aggregator_minutes_recomputed_total",
                 "Minute writes that recomputed some consumers from api_calls FINAL (late events, or minutes an earlier run had written).",
                 &self.minutes_recomputed,
             ),
             ("tollgate_aggregator_rows_written_total", "Rows written to usage_minute.", &self.rows_written),
-            ("tollgate_aggregator_clickhouse_errors_total", "Failed ClickHouse reads or writes (retried).", &self.clickhouse_errors),
+            (
+                "tollgate_aggregator_clickhouse_errors_total",
+                "Failed ClickHouse reads or writes (retried).",
+                &self.clickhouse_errors,
+            ),
             (
                 "tollgate_aggregator_ingest_waits_total",
                 "Times a closed minute waited for ingest to commit past its events.",
                 &self.ingest_waits,
             ),
-            ("tollgate_aggregator_quota_states_total", "Quota states published to the quota-state topic.", &self.quota_states),
+            (
+                "tollgate_aggregator_quota_states_total",
+                "Quota states published to the quota-state topic.",
+                &self.quota_states,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
         let gauges = [
-            ("tollgate_aggregator_clock_seconds", "Event-time clock that closes minutes: the slowest active partition's watermark (Unix seconds).", &self.clock_seconds),
+            (
+                "tollgate_aggregator_clock_seconds",
+                "Event-time clock that closes minutes: the slowest active partition's watermark (Unix seconds).",
+                &self.clock_seconds,
+            ),
             ("tollgate_aggregator_open_minutes", "Minutes with events not yet written.", &self.open_minutes),
         ];
         for (name, help, v) in gauges {

@@ -110,7 +110,8 @@ async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) 
     let consumer = Arc::new(consumer(&cfg.kafka)?);
     let client = tollgate_schemas::store::client(&cfg.clickhouse);
     let w = &cfg.windows;
-    let tracker = Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s), w.idle_close.as_millis() as i64);
+    let tracker =
+        Tracker::new(i64::from(w.allowed_lateness_s), i64::from(w.max_clock_skew_s), w.idle_close.as_millis() as i64);
     let quotas = Quotas::new(cfg.quota.clone(), &cfg.kafka.brokers, &cfg.kafka.properties)?;
     tracing::info!(
         topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, ingest_group = %cfg.kafka.ingest_group_id,
@@ -126,7 +127,8 @@ async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) 
         stop: stop.clone(),
     };
     let writer_task = tokio::spawn(writer.run(jobs_rx, done_tx));
-    let mut reader = Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx };
+    let mut reader =
+        Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx };
     let result = reader.consume().await;
     // Let the writer finish what it has (it gives up on shutdown if ClickHouse fails), then
     // commit what is written.
@@ -219,11 +221,8 @@ impl Reader {
         }
         for minute in self.tracker.due(now_ms()) {
             let Some((id, pending)) = self.tracker.take(minute) else { continue };
-            let positions = pending
-                .last_offset
-                .keys()
-                .filter_map(|&p| self.tracker.position(p).map(|o| (p, o - 1)))
-                .collect();
+            let positions =
+                pending.last_offset.keys().filter_map(|&p| self.tracker.position(p).map(|o| (p, o - 1))).collect();
             let Some(jobs) = &self.jobs else { return false };
             let mut stop = self.stop.clone();
             tokio::select! {
@@ -352,7 +351,12 @@ impl Writer {
             self.metrics.minutes_recomputed.fetch_add(written.recomputed, Ordering::Relaxed);
             self.metrics.rows_written.fetch_add(written.rows as u64, Ordering::Relaxed);
             for job in batch.drain(..) {
-                tracing::debug!(minute = job.minute, events = job.pending.events, reopened = job.pending.reopened, "minute written");
+                tracing::debug!(
+                    minute = job.minute,
+                    events = job.pending.events,
+                    reopened = job.pending.reopened,
+                    "minute written"
+                );
                 let _ = done.send(Done { id: job.id, minute: job.minute, consumers: job.pending.consumers });
             }
         }
@@ -384,8 +388,11 @@ impl Writer {
         let mut recomputed = 0;
         for job in batch {
             let p = &job.pending;
-            let recompute =
-                if p.reopened { p.consumers.clone() } else { store::written_consumers(&self.client, job.minute, &p.consumers).await? };
+            let recompute = if p.reopened {
+                p.consumers.clone()
+            } else {
+                store::written_consumers(&self.client, job.minute, &p.consumers).await?
+            };
             rows.extend(store::rows_from_memory(job.minute, &p.agg, |c| !recompute.contains(c), version));
             if !recompute.is_empty() {
                 // Everything read so far must be in the raw table first.
@@ -415,7 +422,11 @@ impl Writer {
                 break;
             }
             if waited > Duration::from_secs(10) {
-                tracing::warn!(group = self.progress.group(), waited_s = waited.as_secs(), "waiting for ingest to commit past what was read; is ingest running?");
+                tracing::warn!(
+                    group = self.progress.group(),
+                    waited_s = waited.as_secs(),
+                    "waiting for ingest to commit past what was read; is ingest running?"
+                );
                 since = Some(Instant::now());
             }
             if !self.sleep_unless_stopped(backoff.next_delay()).await {

@@ -24,7 +24,9 @@ impl IngestProgress {
     /// A client that only reads the committed offsets of ingest's group; it never joins it.
     pub fn new(cfg: &KafkaConfig) -> Result<Self, rdkafka::error::KafkaError> {
         let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.brokers).set("group.id", &cfg.ingest_group_id).set("enable.auto.commit", "false");
+        cc.set("bootstrap.servers", &cfg.brokers)
+            .set("group.id", &cfg.ingest_group_id)
+            .set("enable.auto.commit", "false");
         for (k, v) in &cfg.properties {
             cc.set(k, v);
         }

@@ -79,7 +79,10 @@ impl Quotas {
             None
         } else {
             let mut cc = ClientConfig::new();
-            cc.set("bootstrap.servers", brokers).set("acks", "all").set("linger.ms", "5").set("message.timeout.ms", "10000");
+            cc.set("bootstrap.servers", brokers)
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .set("message.timeout.ms", "10000");
             for (k, v) in properties {
                 // Consumer-only properties would make the producer refuse to start.
                 if !k.starts_with("group.") && !k.starts_with("auto.") && !k.starts_with("fetch.") {
@@ -219,7 +222,12 @@ impl Quotas {
 }
 
 /// Counted calls (forwarded, status < 500) of `consumers` in `[start, end)`.
-async fn used_in(client: &Client, consumers: &[String], start: i64, end: i64) -> Result<HashMap<String, u64>, clickhouse::error::Error> {
+async fn used_in(
+    client: &Client,
+    consumers: &[String],
+    start: i64,
+    end: i64,
+) -> Result<HashMap<String, u64>, clickhouse::error::Error> {
     let mut out = HashMap::new();
     for chunk in consumers.chunks(500) {
         let sql = format!(

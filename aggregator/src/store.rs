@@ -61,7 +61,10 @@ struct Group {
 
 impl Group {
     fn key_matches(&self, c: &RawCall) -> bool {
-        self.key.0 == c.consumer_id && self.key.1 == c.route_id && self.key.2 == c.outcome && self.key.3 == status_class(c.status)
+        self.key.0 == c.consumer_id
+            && self.key.1 == c.route_id
+            && self.key.2 == c.outcome
+            && self.key.3 == status_class(c.status)
     }
 
     fn finish(&mut self, minute: u32, version: u64, out: &mut Vec<UsageRow>) {
@@ -71,7 +74,15 @@ impl Group {
 }
 
 /// A usage row from a group's counts and its latency histogram.
-fn row(minute: u32, consumer: &str, route: &str, (outcome, class): (i8, u8), g: &GroupAgg, h: &Latencies, version: u64) -> UsageRow {
+fn row(
+    minute: u32,
+    consumer: &str,
+    route: &str,
+    (outcome, class): (i8, u8),
+    g: &GroupAgg,
+    h: &Latencies,
+    version: u64,
+) -> UsageRow {
     let (latency_le_us, latency_count) = h.buckets();
     UsageRow {
         minute,
@@ -170,7 +181,14 @@ pub fn rows_from_memory(minute: i64, agg: &MinuteAgg, only: impl Fn(&str) -> boo
             }
         }
     }
-    rows.sort_by(|a, b| (&a.consumer_id, &a.route_id, a.outcome, a.status_class).cmp(&(&b.consumer_id, &b.route_id, b.outcome, b.status_class)));
+    rows.sort_by(|a, b| {
+        (&a.consumer_id, &a.route_id, a.outcome, a.status_class).cmp(&(
+            &b.consumer_id,
+            &b.route_id,
+            b.outcome,
+            b.status_class,
+        ))
+    });
     rows
 }
 

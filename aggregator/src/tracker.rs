@@ -177,7 +177,10 @@ impl Tracker {
         let clamped = ts_s.min((now_ms / 1000).saturating_add(self.max_skew_s));
         let w = self.watermarks.entry(partition).or_insert((None, now_ms));
         *w = (Some(w.0.map_or(clamped, |w| w.max(clamped))), now_ms);
-        let p = self.pending.entry(minute).or_insert_with(|| Pending { reopened: arrival == Arrival::Late, ..Pending::default() });
+        let p = self
+            .pending
+            .entry(minute)
+            .or_insert_with(|| Pending { reopened: arrival == Arrival::Late, ..Pending::default() });
         if !p.consumers.contains(consumer) {
             p.consumers.insert(consumer.to_owned());
         }

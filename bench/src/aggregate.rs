@@ -168,7 +168,11 @@ pub async fn run(ch_url: &str, n: usize, runs: usize) -> anyhow::Result<()> {
     let ingest_group = format!("{db}-ingest");
     std::fs::write(dir.join("ingest.toml"), ingest_config(&broker.addr, topic, &ingest_group, ch_url, &db))?;
     let ingest = spawn(
-        Command::new(release_bin("tollgate-ingest")).arg("run").arg("--config").arg(dir.join("ingest.toml")).env("RUST_LOG", "warn"),
+        Command::new(release_bin("tollgate-ingest"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("ingest.toml"))
+            .env("RUST_LOG", "warn"),
         &dir.join("ingest.log"),
     );
     while ch_count(ch_url, &db).await < n as u64 {

@@ -45,7 +45,10 @@ async fn fill(ch_url: &str, db: &str, start: i64, consumers: u64) {
 
 pub async fn run(ch_url: &str, consumers: u64, runs: usize) -> anyhow::Result<()> {
     let db = format!("bench_billing_{}", std::process::id());
-    let cfg = tollgate_billing::config::Config::parse(&CONFIG.replace("URL", ch_url).replace("DB", &db), &Default::default())?;
+    let cfg = tollgate_billing::config::Config::parse(
+        &CONFIG.replace("URL", ch_url).replace("DB", &db),
+        &Default::default(),
+    )?;
     tollgate_schemas::store::prepare(&cfg.clickhouse).await?;
     let client = tollgate_schemas::store::client(&cfg.clickhouse);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;

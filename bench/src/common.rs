@@ -137,7 +137,13 @@ pub async fn start_edge(dir: &Path, config: &str) -> (Proc, std::net::SocketAddr
     std::fs::write(&cfg, config).unwrap();
     let ready = dir.join("edge.ready");
     let proc = spawn(
-        Command::new(release_bin("tollgate-edge")).arg("run").arg("--config").arg(&cfg).arg("--ready-file").arg(&ready).env("RUST_LOG", "warn"),
+        Command::new(release_bin("tollgate-edge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env("RUST_LOG", "warn"),
         &dir.join("edge.log"),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -81,13 +81,17 @@ pub async fn run(ch_url: &str, rate: u64, minutes: i64, lateness_s: u32) -> anyh
     let upstream = listener.local_addr()?;
     tokio::spawn(tollgate_demo::upstream::serve(listener, Arc::default()));
     let db = format!("bench_lag_{}", std::process::id());
-    std::fs::write(dir.join("ingest.toml"), ingest_config(&broker.addr, "bench-lag", &format!("{db}-ingest"), ch_url, &db))?;
+    std::fs::write(
+        dir.join("ingest.toml"),
+        ingest_config(&broker.addr, "bench-lag", &format!("{db}-ingest"), ch_url, &db),
+    )?;
     std::fs::write(dir.join("aggregator.toml"), aggregator_config(&broker.addr, ch_url, &db, lateness_s))?;
     let run = |name: &str, args: &[&std::ffi::OsStr]| {
         spawn(Command::new(release_bin(name)).args(args).env("RUST_LOG", "warn"), &dir.join(format!("{name}.log")))
     };
     let _ingest = run("tollgate-ingest", &["run".as_ref(), "--config".as_ref(), dir.join("ingest.toml").as_os_str()]);
-    let _agg = run("tollgate-aggregator", &["run".as_ref(), "--config".as_ref(), dir.join("aggregator.toml").as_os_str()]);
+    let _agg =
+        run("tollgate-aggregator", &["run".as_ref(), "--config".as_ref(), dir.join("aggregator.toml").as_os_str()]);
     let (_edge, edge, admin) = start_edge(&dir, &edge_config(&broker.addr, upstream)).await;
     let keys: Vec<String> = (0..CONSUMERS).map(|i| format!("bench-key-{i}")).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
@@ -96,12 +100,16 @@ pub async fn run(ch_url: &str, rate: u64, minutes: i64, lateness_s: u32) -> anyh
     let first = (now_ms() / 60_000 + 1) * 60;
     tokio::time::sleep(Duration::from_millis((first * 1000 - now_ms()).max(0) as u64)).await;
     let last = first + (minutes - 1) * 60;
-    println!("load: {rate} requests/s from {} for {minutes} minutes; allowed lateness {lateness_s} s", tollgate_common_time(first));
+    println!(
+        "load: {rate} requests/s from {} for {minutes} minutes; allowed lateness {lateness_s} s",
+        tollgate_common_time(first)
+    );
 
     let usage_at: Arc<Mutex<BTreeMap<i64, i64>>> = Arc::default();
     let quota_at: Arc<Mutex<BTreeMap<i64, i64>>> = Arc::default();
     let poller = {
-        let (usage_at, quota_at, ch_url, db) = (Arc::clone(&usage_at), Arc::clone(&quota_at), ch_url.to_owned(), db.clone());
+        let (usage_at, quota_at, ch_url, db) =
+            (Arc::clone(&usage_at), Arc::clone(&quota_at), ch_url.to_owned(), db.clone());
         tokio::spawn(async move {
             loop {
                 let usage = per_minute(&ch(&ch_url, &format!("SELECT toUInt32(minute), sum(requests) FROM {db}.usage_minute FINAL WHERE minute >= toDateTime({first}) GROUP BY minute")).await);
@@ -131,7 +139,11 @@ pub async fn run(ch_url: &str, rate: u64, minutes: i64, lateness_s: u32) -> anyh
     };
     let done = crate::freshness::load(edge, rate, (minutes * 60) as u64 + 1, &keys).await;
     let wait = tokio::time::timeout(Duration::from_secs(u64::from(lateness_s) + 90), poller).await;
-    println!("{} requests sent; {}", done.len(), if wait.is_ok() { "every minute seen" } else { "timed out waiting for the last minute" });
+    println!(
+        "{} requests sent; {}",
+        done.len(),
+        if wait.is_ok() { "every minute seen" } else { "timed out waiting for the last minute" }
+    );
     let (usage_at, quota_at) = (usage_at.lock().unwrap().clone(), quota_at.lock().unwrap().clone());
     let (mut usage_lags, mut quota_lags) = (vec![], vec![]);
     println!("\nminute (UTC)          usage visible after window   quota at edge after window");
@@ -149,8 +161,14 @@ pub async fn run(ch_url: &str, rate: u64, minutes: i64, lateness_s: u32) -> anyh
     let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
     let (u, q) = (max(&usage_lags), max(&quota_lags));
     println!("\nP99 over calls (= the largest minute, every call of a minute has its lag):");
-    println!("  usage visible {u:.2} s after the lateness window (goal < 2 s: {})", if u < 2.0 && usage_lags.len() as i64 == minutes { "met" } else { "NOT met" });
-    println!("  quota at the edge {q:.2} s after the lateness window (goal < 2 s: {})", if q < 2.0 && quota_lags.len() as i64 == minutes { "met" } else { "NOT met" });
+    println!(
+        "  usage visible {u:.2} s after the lateness window (goal < 2 s: {})",
+        if u < 2.0 && usage_lags.len() as i64 == minutes { "met" } else { "NOT met" }
+    );
+    println!(
+        "  quota at the edge {q:.2} s after the lateness window (goal < 2 s: {})",
+        if q < 2.0 && quota_lags.len() as i64 == minutes { "met" } else { "NOT met" }
+    );
     ch(ch_url, &format!("DROP DATABASE {db}")).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -66,7 +66,11 @@ pub enum CloseError {
 }
 
 /// The finalized invoices of `period` (one consumer, or all), by consumer id.
-pub async fn stored(client: &Client, period: &str, consumer: Option<&str>) -> Result<Vec<StoredInvoice>, clickhouse::error::Error> {
+pub async fn stored(
+    client: &Client,
+    period: &str,
+    consumer: Option<&str>,
+) -> Result<Vec<StoredInvoice>, clickhouse::error::Error> {
     let mut sql = "SELECT period, consumer_id, invoice_number, plan_id, currency, total, json, csv, html, closed_at_us, priority \
                    FROM invoices FINAL WHERE period = ?"
         .to_owned();
@@ -103,11 +107,17 @@ pub async fn finalized_totals(
         q = q.bind(c);
     }
     let rows = q.fetch_all::<Row>().await?;
-    Ok(rows.into_iter().map(|r| (r.consumer_id, (Decimal::from_str_exact(&r.total).unwrap_or_default(), r.currency))).collect())
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.consumer_id, (Decimal::from_str_exact(&r.total).unwrap_or_default(), r.currency)))
+        .collect())
 }
 
 /// Adjustments already invoiced for `source_period`, per consumer.
-pub async fn billed_adjustments(client: &Client, source_period: &str) -> Result<BTreeMap<String, Decimal>, clickhouse::error::Error> {
+pub async fn billed_adjustments(
+    client: &Client,
+    source_period: &str,
+) -> Result<BTreeMap<String, Decimal>, clickhouse::error::Error> {
     #[derive(clickhouse::Row, Deserialize)]
     struct Row {
         consumer_id: String,
@@ -127,12 +137,18 @@ pub async fn billed_adjustments(client: &Client, source_period: &str) -> Result<
 
 /// Closes `period` at `now_us`: finalizes the invoices of consumers that have none yet.
 /// Returns how many this call wrote and every finalized invoice of the period.
-pub async fn close(cfg: &Config, client: &Client, period: &Period, now_us: u64) -> Result<(usize, Vec<StoredInvoice>), CloseError> {
+pub async fn close(
+    cfg: &Config,
+    client: &Client,
+    period: &Period,
+    now_us: u64,
+) -> Result<(usize, Vec<StoredInvoice>), CloseError> {
     let open_until = period.end + i64::from(cfg.grace_hours) * 3600;
     if (now_us / 1_000_000) as i64 <= open_until {
         return Err(CloseError::TooEarly { period: period.label.clone(), from: time::format_utc(open_until) });
     }
-    let done: std::collections::BTreeSet<String> = stored(client, &period.label, None).await?.into_iter().map(|s| s.consumer_id).collect();
+    let done: std::collections::BTreeSet<String> =
+        stored(client, &period.label, None).await?.into_iter().map(|s| s.consumer_id).collect();
     let (drafts, unpriced) = crate::draft::drafts(cfg, client, period, None).await?;
     for (c, p) in unpriced {
         tracing::warn!(consumer = %c, plan = %p, "plan has no prices in the billing config: no invoice");

@@ -140,15 +140,17 @@ impl Config {
         for (id, p) in raw.plans {
             let key = |k: &str| format!("plans.{id}.{k}");
             let money = |k: &str, v: &str| -> Result<Decimal, ConfigError> {
-                let d = Decimal::from_str_exact(v.trim())
-                    .map_err(|_| invalid(&key(k), &format!("`{v}` is not a decimal number (write prices as strings: \"0.0004\")")))?;
+                let d = Decimal::from_str_exact(v.trim()).map_err(|_| {
+                    invalid(&key(k), &format!("`{v}` is not a decimal number (write prices as strings: \"0.0004\")"))
+                })?;
                 if d.is_sign_negative() {
                     return Err(invalid(&key(k), "must not be negative"));
                 }
                 Ok(d)
             };
-            let currency = Currency::parse(&p.currency)
-                .ok_or_else(|| invalid(&key("currency"), "must be an ISO 4217 code in upper case, like USD, EUR or JPY"))?;
+            let currency = Currency::parse(&p.currency).ok_or_else(|| {
+                invalid(&key("currency"), "must be an ISO 4217 code in upper case, like USD, EUR or JPY")
+            })?;
             let mode = match p.pricing.as_str() {
                 "graduated" => Mode::Graduated,
                 "volume" => Mode::Volume,
@@ -163,10 +165,20 @@ impl Config {
                 let tk = format!("tiers[{i}]");
                 let is_last = i + 1 == p.tiers.len();
                 match (t.up_to, is_last) {
-                    (None, false) => return Err(invalid(&key(&format!("{tk}.up_to")), "only the last tier may omit up_to")),
-                    (Some(_), true) => return Err(invalid(&key(&format!("{tk}.up_to")), "the last tier must omit up_to (it has no end)")),
+                    (None, false) => {
+                        return Err(invalid(&key(&format!("{tk}.up_to")), "only the last tier may omit up_to"));
+                    }
+                    (Some(_), true) => {
+                        return Err(invalid(
+                            &key(&format!("{tk}.up_to")),
+                            "the last tier must omit up_to (it has no end)",
+                        ));
+                    }
                     (Some(u), false) if u <= last => {
-                        return Err(invalid(&key(&format!("{tk}.up_to")), "tiers must go up: up_to larger than the previous tier's"));
+                        return Err(invalid(
+                            &key(&format!("{tk}.up_to")),
+                            "tiers must go up: up_to larger than the previous tier's",
+                        ));
                     }
                     _ => {}
                 }
@@ -181,7 +193,10 @@ impl Config {
                 outcomes.insert(o.clone());
             }
             if !p.billable_below_status.is_multiple_of(100) || !(100..=600).contains(&p.billable_below_status) {
-                return Err(invalid(&key("billable_below_status"), "must be 100, 200, ... or 600 (usage is counted by status class)"));
+                return Err(invalid(
+                    &key("billable_below_status"),
+                    "must be 100, 200, ... or 600 (usage is counted by status class)",
+                ));
             }
             if let Some((route, _)) = p.route_weights.iter().find(|(_, w)| **w == 0) {
                 return Err(invalid(&key(&format!("route_weights.{route}")), "must be at least 1"));
@@ -265,20 +280,38 @@ mod tests {
             (format!("{p}tiers = [{{ unit_price = \"-1\" }}]\n"), "plans.p.tiers[0].unit_price"),
             (format!("{p}tiers = [{{ up_to = 5, unit_price = \"1\" }}]\n"), "plans.p.tiers[0].up_to"),
             (format!("{p}tiers = [{{ unit_price = \"1\" }}, {{ unit_price = \"1\" }}]\n"), "plans.p.tiers[0].up_to"),
-            (format!("{p}tiers = [{{ up_to = 5, unit_price = \"1\" }}, {{ up_to = 5, unit_price = \"1\" }}, {{ unit_price = \"1\" }}]\n"), "plans.p.tiers[1].up_to"),
+            (
+                format!(
+                    "{p}tiers = [{{ up_to = 5, unit_price = \"1\" }}, {{ up_to = 5, unit_price = \"1\" }}, {{ unit_price = \"1\" }}]\n"
+                ),
+                "plans.p.tiers[1].up_to",
+            ),
             (format!("{p}tiers = []\n"), "plans.p.tiers"),
             ("[plans.p]\ncurrency = \"usd\"\ntiers = [{ unit_price = \"1\" }]\n".to_owned(), "plans.p.currency"),
             (format!("{p}pricing = \"flat\"\ntiers = [{{ unit_price = \"1\" }}]\n"), "plans.p.pricing"),
-            (format!("{p}billable_outcomes = [\"ok\"]\ntiers = [{{ unit_price = \"1\" }}]\n"), "plans.p.billable_outcomes"),
-            (format!("{p}route_weights = {{ a = 0 }}\ntiers = [{{ unit_price = \"1\" }}]\n"), "plans.p.route_weights.a"),
+            (
+                format!("{p}billable_outcomes = [\"ok\"]\ntiers = [{{ unit_price = \"1\" }}]\n"),
+                "plans.p.billable_outcomes",
+            ),
+            (
+                format!("{p}route_weights = {{ a = 0 }}\ntiers = [{{ unit_price = \"1\" }}]\n"),
+                "plans.p.route_weights.a",
+            ),
             (format!("{p}tiers = [{{ unit_price = \"1\" }}]\n[plans.p.sla]\ncredit_percent = \"5\"\n"), "plans.p.sla"),
-            (format!("{p}tiers = [{{ unit_price = \"1\" }}]\n[plans.p.sla]\np99_ms = 100\ncredit_percent = \"500\"\n"), "plans.p.sla.credit_percent"),
+            (
+                format!(
+                    "{p}tiers = [{{ unit_price = \"1\" }}]\n[plans.p.sla]\np99_ms = 100\ncredit_percent = \"500\"\n"
+                ),
+                "plans.p.sla.credit_percent",
+            ),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{BASE}{extra}"), &BTreeMap::new()).unwrap_err().to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
-        let err = Config::parse("[clickhouse]\nurl = \"http://x\"\n[seller]\nname = \" \"\n", &BTreeMap::new()).unwrap_err().to_string();
+        let err = Config::parse("[clickhouse]\nurl = \"http://x\"\n[seller]\nname = \" \"\n", &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("seller.name"), "{err}");
     }
 }

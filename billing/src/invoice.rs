@@ -94,8 +94,7 @@ fn price_str(cur: &Currency, p: Option<Decimal>) -> String {
 }
 
 /// The CSV header line.
-pub const CSV_HEADER: &str =
-    "invoice_number,status,consumer_id,plan_id,period,line,kind,description,quantity,unit_price,amount,currency,invoice_total\n";
+pub const CSV_HEADER: &str = "invoice_number,status,consumer_id,plan_id,period,line,kind,description,quantity,unit_price,amount,currency,invoice_total\n";
 
 /// The rows of one invoice in a CSV export.
 pub fn csv_rows(inv: &Invoice) -> String {
@@ -151,7 +150,11 @@ pub fn json_object(inv: &Invoice) -> String {
         );
     }
     let availability = inv.priced.availability_percent.map_or_else(|| "null".to_owned(), |a| json_str(&a.to_string()));
-    let _ = write!(out, "], \"total_units\": {}, \"availability_percent\": {availability},\n   \"lines\": [", inv.priced.total_units);
+    let _ = write!(
+        out,
+        "], \"total_units\": {}, \"availability_percent\": {availability},\n   \"lines\": [",
+        inv.priced.total_units
+    );
     for (i, l) in inv.lines().iter().enumerate() {
         let _ = write!(
             out,
@@ -208,10 +211,19 @@ pub fn html_page(inv: &Invoice) -> String {
             cur.code
         );
     }
-    let _ = writeln!(out, "<tr class=\"total\"><td>Total</td><td></td><td></td><td class=\"n\">{} {}</td></tr>\n</table>", cur.format(inv.total), cur.code);
+    let _ = writeln!(
+        out,
+        "<tr class=\"total\"><td>Total</td><td></td><td></td><td class=\"n\">{} {}</td></tr>\n</table>",
+        cur.format(inv.total),
+        cur.code
+    );
     out.push_str("<p class=\"small\">Billable units by route: ");
-    let parts: Vec<String> =
-        inv.priced.units.iter().map(|u| format!("{} {} calls × {} = {} units", html(&u.route), u.calls, u.weight, u.units)).collect();
+    let parts: Vec<String> = inv
+        .priced
+        .units
+        .iter()
+        .map(|u| format!("{} {} calls × {} = {} units", html(&u.route), u.calls, u.weight, u.units))
+        .collect();
     out.push_str(&if parts.is_empty() { "none".to_owned() } else { parts.join("; ") });
     if let Some(a) = inv.priced.availability_percent {
         let _ = write!(out, ". Measured availability {a}%");

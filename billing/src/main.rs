@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_billing::config::Config;
-use tollgate_billing::{close, invoice};
 use tollgate_billing::period::Period;
+use tollgate_billing::{close, invoice};
 
 #[derive(Parser)]
 #[command(version, about = "tollgate billing: monthly invoices per consumer from metered usage")]

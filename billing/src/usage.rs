@@ -32,7 +32,11 @@ struct UsageRow {
 const ATTEMPTED: [&str; 3] = ["forwarded", "upstream_error", "upstream_timeout"];
 
 /// Every consumer's plan in `[start, end)` (Unix seconds).
-pub async fn plans(client: &Client, start: i64, end: i64) -> Result<BTreeMap<String, String>, clickhouse::error::Error> {
+pub async fn plans(
+    client: &Client,
+    start: i64,
+    end: i64,
+) -> Result<BTreeMap<String, String>, clickhouse::error::Error> {
     let rows = client
         .query(
             "SELECT consumer_id, argMax(plan_id, start_time_us) AS plan_id FROM api_calls \

@@ -95,7 +95,8 @@ fn check(name: &str, got: &str) {
         std::fs::write(&path, got).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (UPDATE_GOLDEN=1 writes it)", path.display()));
     assert_eq!(got, want, "{name} differs from its golden file");
 }
 
@@ -114,7 +115,8 @@ fn exports_match_the_golden_files() {
 #[test]
 fn amounts() {
     let c: BTreeMap<&str, Invoice> = cases().into_iter().collect();
-    let amounts = |name: &str| -> Vec<String> { c[name].lines().iter().map(|l| c[name].currency.format(l.amount)).collect() };
+    let amounts =
+        |name: &str| -> Vec<String> { c[name].lines().iter().map(|l| c[name].currency.format(l.amount)).collect() };
     // 13,345 units, 500 included: 12,845 chargeable = 1,000 × 0.01 + 9,000 × 0.005 + 2,845 × 0.0025 (7.1125 → 7.11).
     assert_eq!(amounts("tiered"), ["49.00", "0.00", "10.00", "45.00", "7.11"]);
     assert_eq!(c["tiered"].currency.format(c["tiered"].total), "111.11");

@@ -51,7 +51,13 @@ pub fn next_month_start(secs: i64) -> i64 {
 pub fn period_start(secs: i64, anchor_day: u32) -> i64 {
     let day = anchor_day.clamp(1, 28);
     let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
-    let (y, m) = if d >= day { (y, m) } else if m == 1 { (y - 1, 12) } else { (y, m - 1) };
+    let (y, m) = if d >= day {
+        (y, m)
+    } else if m == 1 {
+        (y - 1, 12)
+    } else {
+        (y, m - 1)
+    };
     days_from_civil(y, m, day) * 86_400
 }
 
@@ -175,7 +181,16 @@ mod tests {
         assert_eq!(parse_utc("2026-11-01").unwrap(), parse_utc("2026-11-01T00:00:00Z").unwrap());
         assert_eq!(parse_utc("2026-11-01 10:05").unwrap(), parse_utc("2026-11-01T10:05:00").unwrap());
         assert_eq!(parse_utc("1795653009").unwrap(), 1_795_653_009);
-        for bad in ["", "2026-13-01", "2026-02-30", "2026-11-01T24:00", "2026-1-01", "yesterday", "2026-11-01T10", "2026-11-01T10:00:00:00"] {
+        for bad in [
+            "",
+            "2026-13-01",
+            "2026-02-30",
+            "2026-11-01T24:00",
+            "2026-1-01",
+            "yesterday",
+            "2026-11-01T10",
+            "2026-11-01T10:00:00:00",
+        ] {
             assert!(parse_utc(bad).is_err(), "{bad}");
         }
     }

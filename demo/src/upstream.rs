@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 #[derive(Debug, Default)]
 pub struct EchoStats {
     pub requests: AtomicU64,
+    /// TCP connections accepted.
+    pub connections: AtomicU64,
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
@@ -120,6 +122,7 @@ pub async fn serve(listener: TcpListener, stats: Arc<EchoStats>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, Arc::clone(&stats)));

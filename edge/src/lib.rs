@@ -133,7 +133,9 @@ pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: http::Request<hyper
     let call = metering::Call::begin(&gw, peer, &req);
     let mut learned = metering::Learned::default();
     let resp = match call.span.clone() {
-        Some(span) => tracing::Instrument::instrument(admit_and_forward(&gw, &call, &mut learned, peer, req), span).await,
+        Some(span) => {
+            tracing::Instrument::instrument(admit_and_forward(&gw, &call, &mut learned, peer, req), span).await
+        }
         None => admit_and_forward(&gw, &call, &mut learned, peer, req).await,
     };
     call.finish(&gw, learned, resp)

@@ -19,10 +19,10 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 
-use crate::{Gateway, Runtime};
 use crate::auth::Identity;
 use crate::config::{Rate, Route};
 use crate::problem::Problem;
+use crate::{Gateway, Runtime};
 
 type Inner = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
 
@@ -126,7 +126,9 @@ impl LimiterCache {
     /// An empty cache counting its limiters in `gauge`.
     pub fn new(gauge: Arc<AtomicU64>) -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard { map: HashMap::default(), prune_at: MIN_PRUNE_AT })).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(Shard { map: HashMap::default(), prune_at: MIN_PRUNE_AT }))
+                .collect(),
             hasher: Default::default(),
             epoch: Instant::now(),
             gauge,
@@ -243,9 +245,10 @@ pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
             policy.extend_from_slice(b", ");
             state.extend_from_slice(b", ");
         }
-        for (buf, (k1, v1), (k2, v2)) in
-            [(&mut policy, ("q", u64::from(quota)), ("w", window)), (&mut state, ("r", u64::from(d.remaining)), ("t", d.reset_secs))]
-        {
+        for (buf, (k1, v1), (k2, v2)) in [
+            (&mut policy, ("q", u64::from(quota)), ("w", window)),
+            (&mut state, ("r", u64::from(d.remaining)), ("t", d.reset_secs)),
+        ] {
             buf.push(b'"');
             buf.extend_from_slice(name.as_bytes());
             buf.extend_from_slice(b"\";");

@@ -3,8 +3,8 @@
 //! directions before the edge adds its own: `x-request-id`, `x-consumer-id` (always the
 //! authenticated consumer, never the client's), `x-forwarded-*` and `traceparent`.
 
-use std::sync::Arc;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use crate::auth::Identity;
 use crate::config::Route;
 use crate::metering::{Call, REQUEST_ID, RequestBody};
 use crate::problem::Problem;
+use crate::upstream::SendError;
 use crate::{CallInfo, Gateway, Runtime};
 
 /// The client for upstreams (and the edge's own requests): HTTP and HTTPS, pooled.
@@ -81,8 +82,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The upstream URI for a request path and query, on `target` (one of the route's upstreams).
-pub fn upstream_uri(route: &Route, target: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+/// The request target (origin form: path and query) for a request path and query on
+/// `target` (one of the route's upstreams, whose path is a base path).
+pub fn upstream_target(route: &Route, target: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
     let path = if route.strip_prefix && route.path_prefix != "/" {
         let rest = path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path);
         if rest.is_empty() { "/" } else { rest }
@@ -97,9 +99,7 @@ pub fn upstream_uri(route: &Route, target: &Uri, path: &str, query: Option<&str>
         pq.push('?');
         pq.push_str(q);
     }
-    let mut parts = target.clone().into_parts();
-    parts.path_and_query = Some(pq.parse()?);
-    Ok(Uri::from_parts(parts)?)
+    Ok(Uri::from_maybe_shared(bytes::Bytes::from(pq))?)
 }
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
@@ -201,7 +201,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
         tried.push(target);
         let last = tried.len() >= attempts;
-        let uri = match upstream_uri(route, &pool.targets[target], &path, query.as_deref()) {
+        let uri = match upstream_target(route, &pool.targets[target], &path, query.as_deref()) {
             Ok(u) => u,
             Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
         };
@@ -216,7 +216,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             req.headers_mut().insert(HOST, v);
         }
         let left = route.timeout.saturating_sub(sent.elapsed());
-        let result = tokio::time::timeout(left, pool.client(&gw.clients).request(req)).await;
+        let result = tokio::time::timeout(left, pool.send(&gw.clients, target, req)).await;
         let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Err(_) => {
@@ -230,12 +230,13 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 return Problem::payload_too_large(gw.max_body_bytes).into_response();
             }
             Ok(Err(e)) => {
-                tracing::warn!(route = %route.id, target = %pool.targets[target], error = %e, connect = e.is_connect(), "upstream request failed");
+                let connect = matches!(e, SendError::Connect(_));
+                tracing::warn!(route = %route.id, target = %pool.targets[target], error = %e, connect, "upstream request failed");
                 if pool.failure(target) {
                     gw.metrics.upstream_ejections.fetch_add(1, Ordering::Relaxed);
                 }
                 // Retried only when the request cannot have reached the upstream.
-                if e.is_connect() && !last {
+                if connect && !last {
                     gw.metrics.upstream_retries.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -251,7 +252,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 let (mut parts, body) = upstream.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 ctx.call.upstream_latency_us.store(upstream_latency_us, Ordering::Relaxed);
-                return Response::from_parts(parts, Body::new(body));
+                return Response::from_parts(parts, body);
             }
         }
     }
@@ -291,7 +292,7 @@ impl TunnelDone {
 fn tunnel(
     gw: &Arc<Gateway>,
     client_side: hyper::upgrade::OnUpgrade,
-    upstream: &mut http::Response<hyper::body::Incoming>,
+    upstream: &mut Response,
     upstream_latency_us: u64,
 ) -> Response {
     let upstream_side = hyper::upgrade::on(&mut *upstream);
@@ -385,14 +386,14 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_joins_base_path_and_query() {
+    fn upstream_target_joins_base_path_and_query() {
         let r = route("/echo", "http://127.0.0.1:8081", false);
         let t = &r.upstreams[0];
-        assert_eq!(upstream_uri(&r, t, "/echo/a", Some("x=1")).unwrap(), "http://127.0.0.1:8081/echo/a?x=1");
+        assert_eq!(upstream_target(&r, t, "/echo/a", Some("x=1")).unwrap(), "/echo/a?x=1");
         let r = route("/echo", "http://127.0.0.1:8081/base/", true);
         let t = &r.upstreams[0];
-        assert_eq!(upstream_uri(&r, t, "/echo/a", None).unwrap(), "http://127.0.0.1:8081/base/a");
-        assert_eq!(upstream_uri(&r, t, "/echo", None).unwrap(), "http://127.0.0.1:8081/base/");
+        assert_eq!(upstream_target(&r, t, "/echo/a", None).unwrap(), "/base/a");
+        assert_eq!(upstream_target(&r, t, "/echo", None).unwrap(), "/base/");
     }
 
     #[test]

@@ -112,7 +112,8 @@ impl QuotaTable {
             covered_until_s: s.covered_until_us.div_euclid(1_000_000),
             computed_at_us: s.computed_at_us,
         };
-        let existing = self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(s.consumer_id.as_str()).cloned();
+        let existing =
+            self.entries.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(s.consumer_id.as_str()).cloned();
         match existing {
             Some(e) => {
                 let mut inner = e.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -123,8 +124,9 @@ impl QuotaTable {
             }
             None => {
                 let mut map = self.entries.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-                map.entry(Arc::from(s.consumer_id.as_str()))
-                    .or_insert_with(|| Arc::new(Entry(Mutex::new(Inner { state: compact, slots: [(i64::MIN, 0); SLOTS] }))));
+                map.entry(Arc::from(s.consumer_id.as_str())).or_insert_with(|| {
+                    Arc::new(Entry(Mutex::new(Inner { state: compact, slots: [(i64::MIN, 0); SLOTS] })))
+                });
             }
         }
         self.states_applied.fetch_add(1, Ordering::Relaxed);
@@ -229,7 +231,10 @@ pub fn start(
             let wait = match read(&consumer, &topic, &table, &codec, &stop) {
                 Ok(()) => return,
                 Err(ReadError::NoTopic) => {
-                    tracing::debug!(topic, "no quota-state topic yet (no aggregator with quotas); looking again in 10 s");
+                    tracing::debug!(
+                        topic,
+                        "no quota-state topic yet (no aggregator with quotas); looking again in 10 s"
+                    );
                     Duration::from_secs(10)
                 }
                 Err(ReadError::Kafka(e)) => {
@@ -265,16 +270,29 @@ fn client(
 ) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
     let mut cc = ClientConfig::new();
     // Assigned partitions, no group membership and no commits: every edge reads everything.
-    cc.set("bootstrap.servers", brokers).set("group.id", group).set("enable.auto.commit", "false").set("enable.partition.eof", "false");
+    cc.set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
     for (k, v) in properties {
-        if !k.starts_with("acks") && !k.starts_with("linger") && !k.starts_with("enable.idempotence") && !k.starts_with("message.") {
+        if !k.starts_with("acks")
+            && !k.starts_with("linger")
+            && !k.starts_with("enable.idempotence")
+            && !k.starts_with("message.")
+        {
             cc.set(k, v);
         }
     }
     cc.create()
 }
 
-fn read(consumer: &BaseConsumer, topic: &str, table: &QuotaTable, codec: &QuotaCodec, stop: &AtomicBool) -> Result<(), ReadError> {
+fn read(
+    consumer: &BaseConsumer,
+    topic: &str,
+    table: &QuotaTable,
+    codec: &QuotaCodec,
+    stop: &AtomicBool,
+) -> Result<(), ReadError> {
     let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
     let partitions: Vec<i32> = meta
         .topics()
@@ -308,7 +326,9 @@ fn read(consumer: &BaseConsumer, topic: &str, table: &QuotaTable, codec: &QuotaC
             Some(Ok(msg)) => {
                 match msg.payload().map(|p| codec.decode(p)) {
                     Some(Ok(state)) => table.apply(&state),
-                    Some(Err(e)) => tracing::warn!(error = %e, offset = msg.offset(), "undecodable quota state skipped"),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, offset = msg.offset(), "undecodable quota state skipped")
+                    }
                     None => {} // a tombstone: nothing to apply
                 }
                 if ends.get(&msg.partition()).is_some_and(|&end| msg.offset() + 1 >= end) {
@@ -381,7 +401,11 @@ mod tests {
     fn anchored_periods_chain_from_the_state() {
         let t = QuotaTable::default();
         let (start, end) = (NOV + 14 * 86_400, DEC + 14 * 86_400); // Nov 15 .. Dec 15
-        t.apply(&QuotaState { period_start_us: start * 1_000_000, period_end_us: end * 1_000_000, ..state(100, start + 60, Enforcement::Hard) });
+        t.apply(&QuotaState {
+            period_start_us: start * 1_000_000,
+            period_end_us: end * 1_000_000,
+            ..state(100, start + 60, Enforcement::Hard)
+        });
         assert!(!t.admit("acme", end - 1).unwrap().allowed);
         let c = t.admit("acme", end + 1).unwrap();
         assert!(c.allowed);

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use axum::response::{IntoResponse, Response};
 use http::Method;
 
+use crate::Runtime;
 use crate::config::Route;
 use crate::problem::Problem;
-use crate::Runtime;
 
 /// The route table, sorted by precedence.
 #[derive(Debug)]

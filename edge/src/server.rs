@@ -142,6 +142,14 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
                 }
             };
             rt.block_on(async move {
+                // This worker's idle upstream connections are closed once idle too long.
+                let sweeper = tokio::spawn(async {
+                    let mut tick = tokio::time::interval(Duration::from_secs(5));
+                    loop {
+                        tick.tick().await;
+                        crate::upstream::Clients::sweep_local();
+                    }
+                });
                 match TcpListener::from_std(std_listener) {
                     Ok(l) => accept_loop(l, for_workers, &http, &mut stop_rx).await,
                     Err(e) => tracing::error!(error = %e, "worker listener"),
@@ -149,6 +157,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
                 let _ = drained_tx.send(());
                 // Keep the runtime (its upgrade tunnels and their metering) until released.
                 let _ = release_rx.wait_for(|r| *r).await;
+                sweeper.abort();
             });
         })?);
     }

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::config::Route;
-use crate::proxy::{self, HttpClient};
 
 /// One target's health.
 #[derive(Debug)]
@@ -29,6 +28,8 @@ struct Health {
 #[derive(Debug)]
 pub struct Pool {
     pub targets: Vec<Uri>,
+    /// Each target's connection-pool key: `scheme://authority`.
+    pub keys: Vec<Arc<str>>,
     health: Vec<Health>,
     next: AtomicU64,
     epoch: Instant,
@@ -41,6 +42,17 @@ impl Pool {
     pub fn new(route: &Route) -> Self {
         Self {
             targets: route.upstreams.clone(),
+            keys: route
+                .upstreams
+                .iter()
+                .map(|u| {
+                    Arc::from(format!(
+                        "{}://{}",
+                        u.scheme_str().unwrap_or("http"),
+                        u.authority().map_or("", |a| a.as_str())
+                    ))
+                })
+                .collect(),
             health: route
                 .upstreams
                 .iter()
@@ -54,9 +66,14 @@ impl Pool {
         }
     }
 
-    /// The calling worker thread's client for this route's connect timeout.
-    pub fn client(&self, clients: &Clients) -> HttpClient {
-        clients.local(self.connect_timeout)
+    /// Sends `req` to target `i` (see [`Clients::send`]).
+    pub async fn send(
+        &self,
+        clients: &Clients,
+        i: usize,
+        req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, SendError> {
+        clients.send(&self.keys[i], &self.targets[i], self.connect_timeout, req).await
     }
 
     fn now_ms(&self) -> u64 {
@@ -125,11 +142,50 @@ impl Pool {
     }
 }
 
-/// Upstream clients: one per worker thread and connect timeout, so a request and the task
-/// driving its upstream connection stay on the worker's runtime. Kept across reloads.
+/// Upstream connections: HTTP/1.1 keep-alive connections pooled per worker thread and
+/// target, so a request and the task driving its upstream connection stay on the worker's
+/// runtime. A connection goes back to its thread's pool when its response body has been read
+/// to the end; one whose response was abandoned (client gone, timeout) is closed. Idle
+/// connections are closed after [`IDLE_TIMEOUT`]; at most [`MAX_IDLE_PER_TARGET`] are kept per
+/// target. Kept across reloads (the pools are keyed by the target's scheme and authority).
 #[derive(Debug)]
 pub struct Clients {
     tls: Arc<rustls::ClientConfig>,
+}
+
+/// Idle upstream connections are closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per target and worker thread.
+pub const MAX_IDLE_PER_TARGET: usize = 256;
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be made: the request did not reach the upstream.
+    #[error("connect: {0}")]
+    Connect(String),
+    /// The connection failed while the request was sent or its response awaited.
+    #[error("{0}")]
+    Request(#[from] hyper::Error),
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// One worker thread's connectors (by connect timeout) and idle connections (by target).
+#[derive(Default)]
+struct Local {
+    connectors: Vec<(Duration, Connector)>,
+    idle: HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Local> = std::cell::RefCell::new(Local::default());
 }
 
 impl Clients {
@@ -137,21 +193,174 @@ impl Clients {
         Self { tls }
     }
 
-    /// This thread's client for `connect_timeout` (created on first use).
-    pub fn local(&self, connect_timeout: Duration) -> HttpClient {
-        thread_local! {
-            // Few distinct timeouts (usually one): a list.
-            static LOCAL: std::cell::RefCell<Vec<(Duration, HttpClient)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Sends `req` (origin-form URI, `Host` set) to `target` (keyed `key`): on an idle pooled
+    /// connection if there is one, else on a new one. A request that a pooled connection
+    /// could not take (it was closing) goes to the next one or a new one: it was not sent.
+    pub async fn send(
+        &self,
+        key: &Arc<str>,
+        target: &Uri,
+        connect_timeout: Duration,
+        mut req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, SendError> {
+        while let Some(mut sender) = checkout(key) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(returning(resp, sender, key)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Request(e.into_error())),
+                },
+            }
         }
-        LOCAL.with(|m| {
-            let mut m = m.borrow_mut();
-            if let Some((_, c)) = m.iter().find(|(t, _)| *t == connect_timeout) {
+        let mut sender = self.connect(target, connect_timeout).await?;
+        let resp = sender.send_request(req).await?;
+        Ok(returning(resp, sender, key))
+    }
+
+    async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Sender, SendError> {
+        use tower::ServiceExt;
+        let connector = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if let Some((_, c)) = l.connectors.iter().find(|(t, _)| *t == connect_timeout) {
                 return c.clone();
             }
-            let c = proxy::client(connect_timeout, &self.tls);
-            m.push((connect_timeout, c.clone()));
+            let c = connector(connect_timeout, &self.tls);
+            l.connectors.push((connect_timeout, c.clone()));
             c
-        })
+        });
+        let io = connector.oneshot(target.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Closes this thread's connections idle longer than [`IDLE_TIMEOUT`] (or closed by the
+    /// upstream). Each worker runs this every few seconds.
+    pub fn sweep_local() {
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            l.idle.retain(|_, conns| {
+                conns.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+                !conns.is_empty()
+            });
+        });
+    }
+
+    /// Idle connections this thread holds for `key` (tests).
+    pub fn idle_local(key: &str) -> usize {
+        LOCAL.with(|l| l.borrow().idle.get(key).map_or(0, Vec::len))
+    }
+}
+
+/// The HTTP(S) connector for upstream connections.
+fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Connector {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(tls))
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
+/// The newest idle connection for `key` that is still open.
+fn checkout(key: &str) -> Option<Sender> {
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        let conns = l.idle.get_mut(key)?;
+        while let Some(c) = conns.pop() {
+            if c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed() {
+                return Some(c.sender);
+            }
+        }
+        None
+    })
+}
+
+fn checkin(key: &Arc<str>, sender: Sender) {
+    if sender.is_closed() {
+        return;
+    }
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        let conns = l.idle.entry(Arc::clone(key)).or_default();
+        if conns.len() < MAX_IDLE_PER_TARGET {
+            conns.push(Idle { sender, since: Instant::now() });
+        }
+    });
+}
+
+/// The response with a body that returns the connection to the pool once read to the end.
+/// A `101 Switching Protocols` keeps nothing: the connection becomes the upgrade's.
+fn returning(
+    resp: http::Response<hyper::body::Incoming>,
+    sender: Sender,
+    key: &Arc<str>,
+) -> http::Response<axum::body::Body> {
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        return resp.map(axum::body::Body::new);
+    }
+    let key = Arc::clone(key);
+    resp.map(|inner| axum::body::Body::new(ReturningBody { inner, conn: Some((sender, key)) }))
+}
+
+/// An upstream response body that gives its connection back when it ends.
+struct ReturningBody {
+    inner: hyper::body::Incoming,
+    conn: Option<(Sender, Arc<str>)>,
+}
+
+impl http_body::Body for ReturningBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.release(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            // A broken body: the connection is not reused.
+            std::task::Poll::Ready(Some(Err(_))) => self.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl ReturningBody {
+    fn release(&mut self) {
+        if let Some((sender, key)) = self.conn.take() {
+            checkin(&key, sender);
+        }
+    }
+}
+
+impl Drop for ReturningBody {
+    fn drop(&mut self) {
+        // Bodies that are empty (HEAD, 204, 304, `Content-Length: 0`) may never be polled.
+        if http_body::Body::is_end_stream(&self.inner) {
+            self.release();
+        }
     }
 }
 
@@ -207,5 +416,44 @@ mod tests {
             pool.failure(i);
         }
         assert!(pool.pick(&[]).is_some());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_connection_is_reused_once_its_body_is_read_and_never_after_an_abandoned_one() {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(tollgate_demo::upstream::EchoStats::default());
+        tokio::spawn(tollgate_demo::upstream::serve(listener, Arc::clone(&stats)));
+        let clients = Clients::new(crate::tls::client_config(&[]).unwrap());
+        let target: Uri = format!("http://{addr}").parse().unwrap();
+        let key: Arc<str> = Arc::from(format!("http://{addr}"));
+        let get = |bytes: usize| {
+            http::Request::get(format!("/x?bytes={bytes}"))
+                .header(http::header::HOST, addr.to_string())
+                .body(axum::body::Body::empty())
+                .unwrap()
+        };
+        for _ in 0..5 {
+            let resp = clients.send(&key, &target, Duration::from_secs(1), get(64)).await.unwrap();
+            assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), 64);
+            assert_eq!(Clients::idle_local(&key), 1);
+        }
+        assert_eq!(stats.connections.load(Ordering::Relaxed), 1, "five calls, one connection");
+        // A response dropped before its body ended: its connection is not given back.
+        let resp = clients.send(&key, &target, Duration::from_secs(1), get(1 << 20)).await.unwrap();
+        assert_eq!(Clients::idle_local(&key), 0);
+        drop(resp);
+        assert_eq!(Clients::idle_local(&key), 0);
+        let resp = clients.send(&key, &target, Duration::from_secs(1), get(10)).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes().len(), 10);
+        assert_eq!(stats.connections.load(Ordering::Relaxed), 2);
+        assert_eq!(Clients::idle_local(&key), 1);
+        // Nothing listening: a connect error (retry-safe), not a request error.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (t, k): (Uri, Arc<str>) =
+            (format!("http://{closed}").parse().unwrap(), Arc::from(format!("http://{closed}")));
+        let err = clients.send(&k, &t, Duration::from_secs(1), get(1)).await.unwrap_err();
+        assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
 }

@@ -170,8 +170,8 @@ impl Config {
         if raw.kafka.topic == raw.kafka.dlq_topic {
             return Err(invalid("kafka.dlq_topic", "must differ from kafka.topic"));
         }
-        let instance_id =
-            config::instance_id(raw.kafka.instance_id, "ingest").map_err(|reason| invalid("kafka.instance_id", reason))?;
+        let instance_id = config::instance_id(raw.kafka.instance_id, "ingest")
+            .map_err(|reason| invalid("kafka.instance_id", reason))?;
         let clickhouse = raw.clickhouse.validate().map_err(|(key, reason)| invalid(key, reason))?;
         let max_rows =
             NonZeroUsize::new(raw.batch.max_rows).ok_or_else(|| invalid("batch.max_rows", "must be at least 1"))?;

@@ -49,7 +49,9 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Run { .. } => tollgate_ingest::run(cfg, tollgate_common::shutdown::signal()).await,
-            Command::Migrate { .. } => tollgate_ingest::sink::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from),
+            Command::Migrate { .. } => {
+                tollgate_ingest::sink::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from)
+            }
         }
     });
     match result {

@@ -13,12 +13,12 @@
 
 pub mod avro;
 mod event;
-pub mod quota;
-mod summary;
 #[cfg(feature = "migrate")]
 pub mod migrate;
+pub mod quota;
 #[cfg(feature = "migrate")]
 pub mod store;
+mod summary;
 
 pub use avro::{DecodeError, Decoder, EncodeError, Encoder};
 pub use event::{ApiCall, Outcome};

@@ -164,7 +164,10 @@ mod tests {
 
     #[test]
     fn recognizes_added_columns() {
-        assert_eq!(added_column("ALTER TABLE api_calls ADD COLUMN plan_id String DEFAULT ''"), Some(("api_calls", "plan_id")));
+        assert_eq!(
+            added_column("ALTER TABLE api_calls ADD COLUMN plan_id String DEFAULT ''"),
+            Some(("api_calls", "plan_id"))
+        );
         assert_eq!(added_column("alter table t\nadd column c UInt8"), Some(("t", "c")));
         assert_eq!(added_column("ALTER TABLE t DROP COLUMN c"), None);
         assert_eq!(added_column("CREATE TABLE t (c UInt8)"), None);

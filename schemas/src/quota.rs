@@ -145,7 +145,8 @@ impl QuotaCodec {
             return Err(DecodeError::Body { reason: "not a record".into() });
         };
         let mut f: std::collections::HashMap<String, Value> = fields.into_iter().collect();
-        let mut take = |name: &'static str| f.remove(name).ok_or(DecodeError::Field { field: name, reason: "missing".into() });
+        let mut take =
+            |name: &'static str| f.remove(name).ok_or(DecodeError::Field { field: name, reason: "missing".into() });
         let bad = |field: &'static str| DecodeError::Field { field, reason: "wrong type or out of range".into() };
         let string = |v: Value, name| if let Value::String(s) = v { Ok(s) } else { Err(bad(name)) };
         let long = |v: Value, name| if let Value::Long(n) = v { Ok(n) } else { Err(bad(name)) };

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 
 use uuid::Uuid;
 
-use crate::avro::{DecodeError, Decoder, HEADER_LEN, MAGIC};
 use crate::Outcome;
+use crate::avro::{DecodeError, Decoder, HEADER_LEN, MAGIC};
 
 /// What aggregation reads of an `ApiCall`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +50,8 @@ impl<'a> Reader<'a> {
     fn long(&mut self) -> Result<i64, DecodeError> {
         let mut z: u64 = 0;
         for i in 0..10 {
-            let (&b, rest) = self.rest.split_first().ok_or_else(|| body_err("truncated: the body ends inside a value"))?;
+            let (&b, rest) =
+                self.rest.split_first().ok_or_else(|| body_err("truncated: the body ends inside a value"))?;
             self.rest = rest;
             z |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
@@ -136,7 +137,9 @@ pub(crate) fn read(layout: Layout, body: &[u8]) -> Result<CallSummary<'_>, Decod
         .ok()
         .filter(|s| (100..=999).contains(s))
         .ok_or(DecodeError::Field { field: "status", reason: format!("{status} is not an HTTP status") })?;
-    let unsigned = |n: i64, field| u64::try_from(n).map_err(|_| DecodeError::Field { field, reason: format!("negative value {n}") });
+    let unsigned = |n: i64, field| {
+        u64::try_from(n).map_err(|_| DecodeError::Field { field, reason: format!("negative value {n}") })
+    };
     Ok(CallSummary {
         event_id,
         start_time_us,

@@ -546,7 +546,14 @@ where
 
 /// An aggregator config for `topic` → `database`, reading in `group` as `instance`, waiting for
 /// ingest group `ingest_group`; `extra` is appended (e.g. `[admin]`).
-pub fn aggregator_config(topic: &str, database: &str, group: &str, instance: &str, ingest_group: &str, extra: &str) -> String {
+pub fn aggregator_config(
+    topic: &str,
+    database: &str,
+    group: &str,
+    instance: &str,
+    ingest_group: &str,
+    extra: &str,
+) -> String {
     format!(
         "[kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\ngroup_id = \"{group}\"\ninstance_id = \"{instance}\"\n\
          ingest_group_id = \"{ingest_group}\"\n\
@@ -587,7 +594,12 @@ impl Http {
     }
 
     /// GET `path` on `addr` with `headers`: (status, response headers, body as text).
-    pub async fn get(&self, addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, http::HeaderMap, String) {
+    pub async fn get(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, http::HeaderMap, String) {
         let mut req = http::Request::get(format!("http://{addr}{path}"));
         for (k, v) in headers {
             req = req.header(*k, *v);

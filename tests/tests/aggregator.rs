@@ -30,7 +30,9 @@ fn workload(rng: &mut impl Rng, n: usize, base_us: i64) -> Vec<ApiCall> {
                 70..80 => e.status = 404,
                 80..85 => e.status = 503,
                 85..95 => (e.status, e.outcome) = (429, Outcome::RateLimited),
-                _ => (e.status, e.outcome, e.consumer_id, e.credential_id) = (401, Outcome::Unauthenticated, None, None),
+                _ => {
+                    (e.status, e.outcome, e.consumer_id, e.credential_id) = (401, Outcome::Unauthenticated, None, None)
+                }
             }
             e
         })
@@ -119,7 +121,8 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     produce_all(&producer, &topic, &encode(&log)).await;
 
     let (db1, db2, db3) = (unique("agg_a"), unique("agg_b"), unique("agg_c"));
-    let ingest1 = start_ingest(dir.path(), "ingest1", &ingest_config(&topic, &db1, &format!("{db1}-ingest"), &clickhouse()));
+    let ingest1 =
+        start_ingest(dir.path(), "ingest1", &ingest_config(&topic, &db1, &format!("{db1}-ingest"), &clickhouse()));
     let admin_port = free_port();
     let agg1_config = aggregator_config(
         &topic,
@@ -154,7 +157,10 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
         metric(admin, "tollgate_aggregator_minutes_written_total").await,
         metric(admin, "tollgate_aggregator_minutes_recomputed_total").await,
     );
-    assert!(recomputed > 0 && written > recomputed, "both paths after the restart: {written} written, {recomputed} recomputed");
+    assert!(
+        recomputed > 0 && written > recomputed,
+        "both paths after the restart: {written} written, {recomputed} recomputed"
+    );
 
     // Late: events for the first minute, long closed, and duplicates of old events. (Whether
     // the phase-2 duplicates were late depended on how the partitions interleaved; these are
@@ -171,20 +177,26 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     assert_eq!(late_seen, late.len() as u64, "every late event counted, none else");
 
     // A from-scratch replay into a fresh database, and two instances in one group.
-    let ingest2 = start_ingest(dir.path(), "ingest2", &ingest_config(&topic, &db2, &format!("{db2}-ingest"), &clickhouse()));
+    let ingest2 =
+        start_ingest(dir.path(), "ingest2", &ingest_config(&topic, &db2, &format!("{db2}-ingest"), &clickhouse()));
     let agg2 = start_aggregator(
         dir.path(),
         "agg2",
         &aggregator_config(&topic, &db2, &format!("{db2}-agg"), "agg2", &format!("{db2}-ingest"), WINDOWS),
     );
-    let ingest3 = start_ingest(dir.path(), "ingest3", &ingest_config(&topic, &db3, &format!("{db3}-ingest"), &clickhouse()));
+    let ingest3 =
+        start_ingest(dir.path(), "ingest3", &ingest_config(&topic, &db3, &format!("{db3}-ingest"), &clickhouse()));
     let ports = [free_port(), free_port()];
     let two: Vec<Proc> = ["agg3a", "agg3b"]
         .iter()
         .zip(ports)
         .map(|(name, port)| {
             let extra = format!("{WINDOWS}[admin]\nlisten = \"127.0.0.1:{port}\"\n");
-            start_aggregator(dir.path(), name, &aggregator_config(&topic, &db3, &format!("{db3}-agg"), name, &format!("{db3}-ingest"), &extra))
+            start_aggregator(
+                dir.path(),
+                name,
+                &aggregator_config(&topic, &db3, &format!("{db3}-agg"), name, &format!("{db3}-ingest"), &extra),
+            )
         })
         .collect();
     wait_complete(&db2, distinct, &[&agg2, &ingest2]).await;
@@ -222,10 +234,18 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let row = &v[0];
     assert_eq!(row["consumer"], "c3");
-    let raw_latencies = ch(&url, &format!("SELECT latency_us FROM {db1}.api_calls FINAL WHERE consumer_id = 'c3' ORDER BY latency_us FORMAT TSV")).await;
+    let raw_latencies = ch(
+        &url,
+        &format!(
+            "SELECT latency_us FROM {db1}.api_calls FINAL WHERE consumer_id = 'c3' ORDER BY latency_us FORMAT TSV"
+        ),
+    )
+    .await;
     let sorted: Vec<u64> = raw_latencies.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(row["requests"].as_u64().unwrap(), sorted.len() as u64);
-    let errors_5xx = ch_u64(&url, &format!("SELECT count() FROM {db1}.api_calls FINAL WHERE consumer_id = 'c3' AND status >= 500")).await;
+    let errors_5xx =
+        ch_u64(&url, &format!("SELECT count() FROM {db1}.api_calls FINAL WHERE consumer_id = 'c3' AND status >= 500"))
+            .await;
     assert_eq!(row["errors_5xx"].as_u64().unwrap(), errors_5xx);
     for (q, key) in [(0.5, "p50_us"), (0.95, "p95_us"), (0.99, "p99_us")] {
         let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
@@ -238,7 +258,14 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     let window = "minute >= toStartOfMonth(now()) AND minute < now()";
     assert!(doc.contains(window));
     let sql: String = doc.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n").replace(window, "1");
-    let rows = ch(&url, &format!("SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) WHERE consumer = 'c3' FORMAT TSV").replace("usage_minute_final", &format!("{db1}.usage_minute_final"))).await;
+    let rows = ch(
+        &url,
+        &format!(
+            "SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) WHERE consumer = 'c3' FORMAT TSV"
+        )
+        .replace("usage_minute_final", &format!("{db1}.usage_minute_final")),
+    )
+    .await;
     let ms = |key: &str| format!("{}", (row[key].as_u64().unwrap() as f64 / 10.0).round() / 100.0);
     assert_eq!(
         rows.trim(),

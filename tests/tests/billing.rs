@@ -73,7 +73,8 @@ async fn wait_usage_complete(db: &str, procs: &[&Proc]) {
     let url = clickhouse();
     let ok = wait_until(Duration::from_secs(90), || async {
         let raw = try_ch(&url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.unwrap_or_default();
-        let used = try_ch(&url, &format!("SELECT sum(requests) FROM {db}.usage_minute FINAL")).await.unwrap_or_default();
+        let used =
+            try_ch(&url, &format!("SELECT sum(requests) FROM {db}.usage_minute FINAL")).await.unwrap_or_default();
         !raw.trim().is_empty() && raw.trim() != "0" && raw.trim() == used.trim()
     })
     .await;
@@ -96,11 +97,19 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     events.extend(calls("chiyo", "tokyo", 777, mid + 7200));
     produce_all(&producer(), &topic, &events).await;
 
-    let ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    let ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
     let agg = start_aggregator(
         dir.path(),
         "agg",
-        &aggregator_config(&topic, &db, &format!("{db}-agg"), "agg", &format!("{db}-ingest"), "[windows]\nallowed_lateness_s = 1\nidle_close_ms = 500\n"),
+        &aggregator_config(
+            &topic,
+            &db,
+            &format!("{db}-agg"),
+            "agg",
+            &format!("{db}-ingest"),
+            "[windows]\nallowed_lateness_s = 1\nidle_close_ms = 500\n",
+        ),
     );
     wait_usage_complete(&db, &[&ingest, &agg]).await;
 
@@ -121,21 +130,37 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     let cfg_s = cfg.to_str().unwrap();
 
     // This month cannot be closed yet.
-    let early = Command::new(bin("tollgate-billing")).args(["close", "--period", &time::month_label(now), "--config", cfg_s]).output().unwrap();
+    let early = Command::new(bin("tollgate-billing"))
+        .args(["close", "--period", &time::month_label(now), "--config", cfg_s])
+        .output()
+        .unwrap();
     assert!(!early.status.success());
-    assert!(String::from_utf8_lossy(&early.stderr).contains("can be closed from"), "{}", String::from_utf8_lossy(&early.stderr));
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("can be closed from"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
 
     // Two closes at once: one invoice per consumer.
-    let spawn_close = || Command::new(bin("tollgate-billing")).args(["close", "--period", &period, "--config", cfg_s]).output();
+    let spawn_close =
+        || Command::new(bin("tollgate-billing")).args(["close", "--period", &period, "--config", cfg_s]).output();
     let (a, b) = std::thread::scope(|s| {
         let a = s.spawn(spawn_close);
         let b = s.spawn(spawn_close);
         (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
     });
-    assert!(a.status.success() && b.status.success(), "{}\n{}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr)
+    );
     let url = clickhouse();
     assert_eq!(ch_u64(&url, &format!("SELECT count() FROM {db}.invoices FINAL WHERE period = '{period}'")).await, 3);
-    assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(invoice_number) FROM {db}.invoices WHERE period = '{period}'")).await, 3);
+    assert_eq!(
+        ch_u64(&url, &format!("SELECT uniqExact(invoice_number) FROM {db}.invoices WHERE period = '{period}'")).await,
+        3
+    );
 
     // Totals = the independent SQL computation from the raw table.
     let expected = expected_minor(&db, last_month, this_month).await;
@@ -144,7 +169,11 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
 
     // A third close writes nothing; exports are byte-identical, in every format.
     let third = billing(&cfg, &["close", "--period", &period]);
-    assert!(String::from_utf8_lossy(&third.stdout).contains("(0 written by this close)"), "{}", String::from_utf8_lossy(&third.stdout));
+    assert!(
+        String::from_utf8_lossy(&third.stdout).contains("(0 written by this close)"),
+        "{}",
+        String::from_utf8_lossy(&third.stdout)
+    );
     let export = |format: &str| billing(&cfg, &["invoice", "--period", &period, "--format", format]).stdout;
     let (csv, json, html) = (export("csv"), export("json"), export("html"));
     assert_eq!(csv, export("csv"));
@@ -155,7 +184,13 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     assert_eq!(v.as_array().unwrap().len(), 3);
     assert_eq!(v[2]["currency"], "JPY");
     // 10 % of alpha's calls were 503s: the SLA credit is on its invoice.
-    let credit = v[0]["lines"].as_array().unwrap().iter().find(|l| l["kind"] == "sla_credit").cloned().unwrap_or_else(|| panic!("{}", v[0]));
+    let credit = v[0]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "sla_credit")
+        .cloned()
+        .unwrap_or_else(|| panic!("{}", v[0]));
     assert_eq!(credit["amount"], "-1.00");
     assert!(credit["description"].as_str().unwrap().contains("availability"), "{credit}");
     assert!(String::from_utf8_lossy(&html).matches("<section class=\"page\">").count() == 3);
@@ -164,7 +199,11 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     let before = expected;
     produce_all(&producer(), &topic, &calls("alpha", "growth", 40, mid + 60)).await;
     let ok = wait_until(Duration::from_secs(60), || async {
-        try_ch(&url, &format!("SELECT sum(requests) FROM {db}.usage_minute FINAL WHERE consumer_id = 'alpha'")).await.unwrap_or_default().trim() == "1540"
+        try_ch(&url, &format!("SELECT sum(requests) FROM {db}.usage_minute FINAL WHERE consumer_id = 'alpha'"))
+            .await
+            .unwrap_or_default()
+            .trim()
+            == "1540"
     })
     .await;
     assert!(ok, "the late events were not aggregated\n{}", agg.log_tail());
@@ -177,9 +216,17 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     };
     let diff = minor(&after, "alpha") - minor(&before, "alpha");
     assert!(diff > 0);
-    let next = billing(&cfg, &["invoice", "--period", &time::month_label(now), "--consumer", "alpha", "--format", "json"]).stdout;
+    let next =
+        billing(&cfg, &["invoice", "--period", &time::month_label(now), "--consumer", "alpha", "--format", "json"])
+            .stdout;
     let v: serde_json::Value = serde_json::from_slice(&next).unwrap();
-    let line = v[0]["lines"].as_array().unwrap().iter().find(|l| l["kind"] == "adjustment").cloned().unwrap_or_else(|| panic!("{v}"));
+    let line = v[0]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["kind"] == "adjustment")
+        .cloned()
+        .unwrap_or_else(|| panic!("{v}"));
     assert_eq!(line["amount"].as_str().unwrap().replace('.', "").parse::<i64>().unwrap(), diff, "{line}");
     assert!(line["description"].as_str().unwrap().contains(&period));
     drop((ingest, agg));

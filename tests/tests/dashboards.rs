@@ -8,7 +8,8 @@ use tollgate_e2e::*;
 
 /// What grafana-clickhouse-datasource makes of its time macros.
 fn expand(sql: &str, from: i64, to: i64) -> String {
-    let mut out = sql.replace("$__fromTime", &format!("toDateTime({from})")).replace("$__toTime", &format!("toDateTime({to})"));
+    let mut out =
+        sql.replace("$__fromTime", &format!("toDateTime({from})")).replace("$__toTime", &format!("toDateTime({to})"));
     while let Some(i) = out.find("$__timeFilter(") {
         let rest = &out[i + "$__timeFilter(".len()..];
         let end = rest.find(')').expect("closing parenthesis");
@@ -58,9 +59,14 @@ async fn every_panel_query_runs_and_returns_rows() {
         for panel in dash["panels"].as_array().unwrap() {
             for target in panel["targets"].as_array().unwrap() {
                 let sql = expand(target["rawSql"].as_str().unwrap(), now - 3600, now);
-                let rows = try_ch(&url, &format!("{sql}\nFORMAT TSV").replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final")).replace("FROM quota_state", &format!("FROM {db}.quota_state")))
-                    .await
-                    .unwrap_or_else(|e| panic!("{}: panel `{}`: {e}\n{sql}", path.display(), panel["title"]));
+                let rows = try_ch(
+                    &url,
+                    &format!("{sql}\nFORMAT TSV")
+                        .replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final"))
+                        .replace("FROM quota_state", &format!("FROM {db}.quota_state")),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{}: panel `{}`: {e}\n{sql}", path.display(), panel["title"]));
                 assert!(!rows.trim().is_empty(), "panel `{}` returned nothing", panel["title"]);
                 ran += 1;
             }
@@ -69,10 +75,15 @@ async fn every_panel_query_runs_and_returns_rows() {
     assert!(ran >= 6, "{ran} panel queries");
     // The latency table's percentiles come from the merged buckets: 12 calls → P50 is the
     // 6th (1.0 ms bucket), P95 and P99 the 12th (4.503 ms).
-    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("dashboards/tollgate-usage.json")).unwrap()).unwrap();
-    let table = dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "Usage by consumer over the window").unwrap();
-    let sql = expand(table["targets"][0]["rawSql"].as_str().unwrap(), now - 3600, now).replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final"));
-    let row = ch(&url, &format!("SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) FORMAT TSV")).await;
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("dashboards/tollgate-usage.json")).unwrap())
+            .unwrap();
+    let table =
+        dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "Usage by consumer over the window").unwrap();
+    let sql = expand(table["targets"][0]["rawSql"].as_str().unwrap(), now - 3600, now)
+        .replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final"));
+    let row =
+        ch(&url, &format!("SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) FORMAT TSV")).await;
     assert_eq!(row.trim(), "acme\t12\t2\t1\t4.503\t4.503");
     ch(&url, &format!("DROP DATABASE {db}")).await;
 }

@@ -15,7 +15,10 @@ use tollgate_schemas::Encoder;
 const PLANS: &str = "[plans.free]\nrate_per_second = 1000\n[plans.trial]\nrate_per_second = 1000\n";
 
 fn consumer(id: &str, plan: &str) -> String {
-    format!("[[consumers]]\nid = \"{id}\"\nplan = \"{plan}\"\nkeys = [{{ id = \"{id}-1\", sha256 = \"{}\" }}]\n", sha256_hex(&format!("key-{id}")))
+    format!(
+        "[[consumers]]\nid = \"{id}\"\nplan = \"{plan}\"\nkeys = [{{ id = \"{id}-1\", sha256 = \"{}\" }}]\n",
+        sha256_hex(&format!("key-{id}"))
+    )
 }
 
 /// `n` forwarded calls of `consumer` on plan `plan` at `ts_s`, encoded.
@@ -51,7 +54,8 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     history.extend(events("dave", "free", 60, recent));
     produce_all(&producer(), &topic, &history).await;
 
-    let _ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    let _ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
     let agg_cfg = aggregator_config(
         &topic,
         &db,
@@ -76,14 +80,24 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     let (edge, addr, admin) = start_edge(dir.path(), "edge", &edge_cfg).await;
 
     // The states propagate: aggregator → quota-state → edge.
-    let ok = wait_until(Duration::from_secs(90), || async { metric(admin, "tollgate_edge_quota_consumers").await == 4 }).await;
+    let ok =
+        wait_until(Duration::from_secs(90), || async { metric(admin, "tollgate_edge_quota_consumers").await == 4 })
+            .await;
     assert!(ok, "quota states did not reach the edge\n{}\n{}", agg.log_tail(), edge.log_tail());
-    let states = ch(&clickhouse(), &format!("SELECT consumer_id, period, used, status FROM {db}.quota_state FINAL ORDER BY consumer_id FORMAT TSV")).await;
+    let states = ch(
+        &clickhouse(),
+        &format!(
+            "SELECT consumer_id, period, used, status FROM {db}.quota_state FINAL ORDER BY consumer_id FORMAT TSV"
+        ),
+    )
+    .await;
     let last_month = time::month_label(this_month - 1);
     let month = time::month_label(now);
     assert_eq!(
         states,
-        format!("acme\t{month}\t60\tok\nbob\t{last_month}\t100\texceeded\ncarol\t{month}\t9\twarning\ndave\t{month}\t60\tok\n"),
+        format!(
+            "acme\t{month}\t60\tok\nbob\t{last_month}\t100\texceeded\ncarol\t{month}\t9\twarning\ndave\t{month}\t60\tok\n"
+        ),
         "quota_state in ClickHouse"
     );
 
@@ -128,7 +142,9 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     // 100 used) can get 40 calls through each: the overshoot is at most what the other edge
     // admits within the enforcement lag, here bounded by the 40 left (docs/ARCHITECTURE.md).
     let (edge2, addr2, admin2) = start_edge(dir.path(), "edge2", &edge_cfg.replace("quota-edge", "quota-edge-2")).await;
-    let ok = wait_until(Duration::from_secs(30), || async { metric(admin2, "tollgate_edge_quota_consumers").await == 4 }).await;
+    let ok =
+        wait_until(Duration::from_secs(30), || async { metric(admin2, "tollgate_edge_quota_consumers").await == 4 })
+            .await;
     assert!(ok, "the second edge did not load the states\n{}", edge2.log_tail());
     let mut admitted_by = [0u64; 2];
     for i in 0..100 {
@@ -146,7 +162,15 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     let applied = metric(admin, "tollgate_edge_quota_states_applied_total").await;
     let url = clickhouse();
     let ok = wait_until(Duration::from_secs(100), || async {
-        ch(&url, &format!("SELECT used FROM {db}.quota_state FINAL WHERE consumer_id = 'acme' AND period = '{month}' FORMAT TSV")).await.trim() == "100"
+        ch(
+            &url,
+            &format!(
+                "SELECT used FROM {db}.quota_state FINAL WHERE consumer_id = 'acme' AND period = '{month}' FORMAT TSV"
+            ),
+        )
+        .await
+        .trim()
+            == "100"
             && metric(admin, "tollgate_edge_quota_states_applied_total").await > applied
     })
     .await;
@@ -159,7 +183,15 @@ async fn hard_quota_rejects_call_101_soft_quota_warns_and_a_new_month_resets() {
     // The next state has both edges' calls for dave: both refuse him from then on.
     let want = (60 + admitted).to_string();
     let ok = wait_until(Duration::from_secs(100), || async {
-        ch(&url, &format!("SELECT used FROM {db}.quota_state FINAL WHERE consumer_id = 'dave' AND period = '{month}' FORMAT TSV")).await.trim() == want
+        ch(
+            &url,
+            &format!(
+                "SELECT used FROM {db}.quota_state FINAL WHERE consumer_id = 'dave' AND period = '{month}' FORMAT TSV"
+            ),
+        )
+        .await
+        .trim()
+            == want
     })
     .await;
     assert!(ok, "dave's state does not count what both edges admitted ({want})\n{}", agg.log_tail());

@@ -166,7 +166,11 @@ impl Call {
         Self {
             meta: CallMeta { event_id, trace_id, traceparent, otel },
             request_id,
-            client_ip: crate::forwarded::ip_text(crate::forwarded::client_ip(peer.ip(), req.headers(), gw.trusted_hops)),
+            client_ip: crate::forwarded::ip_text(crate::forwarded::client_ip(
+                peer.ip(),
+                req.headers(),
+                gw.trusted_hops,
+            )),
             request_body: Arc::new(BodyCounter::default()),
             span,
             upstream_latency_us: AtomicU64::new(u64::MAX),
@@ -207,9 +211,9 @@ impl Call {
             status,
             outcome: info.outcome.unwrap_or(Outcome::Forwarded),
             latency_us: 0,
-            upstream_latency_us: info.upstream_latency_us.or_else(|| {
-                Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX)
-            }),
+            upstream_latency_us: info
+                .upstream_latency_us
+                .or_else(|| Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX)),
             request_bytes: 0,
             response_bytes: 0,
             client_ip: self.client_ip,
@@ -217,8 +221,13 @@ impl Call {
             trace_id: Some(self.meta.trace_id),
             plan_id: identity.map(|i| i.plan.name.clone()),
         };
-        let pending =
-            Pending { call, start: self.start, request_body: self.request_body, sink: gw.events.clone(), _span: self.span };
+        let pending = Pending {
+            call,
+            start: self.start,
+            request_body: self.request_body,
+            sink: gw.events.clone(),
+            _span: self.span,
+        };
         // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
             let metrics = Arc::clone(&gw.metrics);
