@@ -28,7 +28,11 @@ use crate::{CallInfo, Gateway, Runtime};
 pub type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Header with the authenticated consumer, set by the edge for the upstream.
-pub const CONSUMER_ID: &str = "x-consumer-id";
+pub static CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// A pooled client for `http://` and `https://` targets (TLS per [`crate::tls`]).
 pub fn client(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
@@ -141,30 +145,30 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    headers.remove(CONSUMER_ID);
+    headers.remove(&CONSUMER_ID);
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
-        headers.insert(CONSUMER_ID, c);
+        headers.insert(&CONSUMER_ID, c);
     }
     // Behind trusted proxies the chain is kept and extended; otherwise whatever the client
     // claimed is replaced by the address it connected from.
     let peer = ctx.peer;
     let chain = if gw.trusted_hops > 0 {
-        let prior: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
         if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) }
     } else {
         // Without trusted hops the client's address is the peer's, already as text.
         ctx.call.client_ip.clone()
     };
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(&X_FORWARDED_FOR, v);
     }
     // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
-        headers.insert("x-forwarded-host", h);
+        headers.insert(&X_FORWARDED_HOST, h);
     }
     let meta = &ctx.call.meta;
-    headers.insert(REQUEST_ID, ctx.call.request_id.clone());
+    headers.insert(&REQUEST_ID, ctx.call.request_id.clone());
     match &meta.otel {
         // Telemetry on: the upstream's parent is the edge's span.
         Some(cx) => crate::telemetry::inject(cx, headers),
@@ -180,7 +184,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 HeaderValue::from_maybe_shared(bytes::Bytes::from(tp)).ok()
             });
             if let Some(tp) = traceparent {
-                headers.insert("traceparent", tp);
+                headers.insert(&TRACEPARENT, tp);
             }
         }
     }

@@ -22,7 +22,7 @@ use crate::problem::Problem;
 use crate::{Gateway, Runtime};
 
 /// Header carrying an API key, as an alternative to `Authorization: Bearer`.
-pub const API_KEY_HEADER: &str = "x-api-key";
+pub static API_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// Who is calling: read by the limiter, the proxy and metering.
 #[derive(Debug)]
@@ -135,7 +135,7 @@ pub fn extract(headers: &HeaderMap) -> Result<Option<Credential>, AuthError> {
         let token = token.trim().to_owned();
         found.push(if jwt::looks_like_jwt(&token) { Credential::Jwt(token) } else { Credential::ApiKey(token) });
     }
-    for v in headers.get_all(API_KEY_HEADER) {
+    for v in headers.get_all(&API_KEY_HEADER) {
         found.push(Credential::ApiKey(v.to_str().map_err(|_| AuthError::Invalid)?.trim().to_owned()));
     }
     match found.len() {
@@ -206,7 +206,7 @@ pub async fn admit<B>(
         Err(e) => Err(Problem::unauthenticated(e.to_string()).into_response()),
         Ok(identity) => {
             req.headers_mut().remove(http::header::AUTHORIZATION);
-            req.headers_mut().remove(API_KEY_HEADER);
+            req.headers_mut().remove(&API_KEY_HEADER);
             Ok(identity)
         }
     }

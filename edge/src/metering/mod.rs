@@ -28,7 +28,8 @@ use crate::metrics::Metrics;
 use crate::{CallInfo, Gateway};
 
 /// `x-request-id`: the event id, sent upstream and to the client.
-pub const REQUEST_ID: &str = "x-request-id";
+pub static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 /// User agents longer than this are truncated in events.
 pub const MAX_USER_AGENT: usize = 256;
 
@@ -121,7 +122,7 @@ impl Call {
         let start_time_us = now_us();
         let event_id = Uuid::now_v7();
         let client_trace =
-            req.headers().get("traceparent").and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
+            req.headers().get(&TRACEPARENT).and_then(|v| Some((v.clone(), parse_traceparent(v.to_str().ok()?)?)));
         let (traceparent, mut trace_id) = match client_trace {
             Some((header, id)) => (Some(header), Some(id)),
             None => (None, None),
@@ -186,7 +187,7 @@ impl Call {
     /// Completes the response: `x-request-id`, the request metrics, and the event, emitted
     /// when the response body ends (or the tunnel of an upgrade closes).
     pub fn finish(self, gw: &Gateway, learned: Learned, mut resp: Response) -> Response {
-        resp.headers_mut().insert(REQUEST_ID, self.request_id);
+        resp.headers_mut().insert(&REQUEST_ID, self.request_id);
         let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
         let status = resp.status().as_u16();
         let route_id = learned.route.as_ref().map(|r| r.id.as_str());
