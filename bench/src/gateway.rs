@@ -135,6 +135,20 @@ fn edge_config(port: u16, admin: u16, upstream: u16, broker: Option<&str>, spool
     c
 }
 
+/// Consumers `c1` … `c{n-1}` as JSON Lines (with the config's `bench` consumer: `n`).
+fn consumers_jsonl(n: usize) -> String {
+    let mut c = String::with_capacity(n * 140);
+    for i in 1..n {
+        let key = format!("tg_bench_consumer_{i:08}");
+        let _ = writeln!(
+            c,
+            "{{\"id\": \"c{i}\", \"plan\": \"big\", \"keys\": [{{\"id\": \"k{i}\", \"sha256\": \"{}\"}}]}}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        );
+    }
+    c
+}
+
 /// A `/proc/<pid>/status` field in KiB (`VmRSS`: resident now, `VmHWM`: peak resident).
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -238,28 +252,41 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     println!("metering cost: {:.1} % of throughput", (1.0 - med[3].rps / med[2].rps) * 100.0);
     println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[4].rps / med[3].rps);
 
-    // RSS with 100,000 consumers.
-    let (port, admin) = (free_port(), free_port());
-    let cfg = dir.join("edge-100k.toml");
-    std::fs::write(&cfg, edge_config(port, admin, up_port, Some(&broker.addr), &dir.join("spool-100k"), 100_000))?;
-    let p = spawn(
-        Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"),
-        &dir.join("edge-100k.log"),
-    );
-    wait_port(&format!("127.0.0.1:{port}"));
-    let mib = |field: &str| status_kib(p.0.id(), field) as f64 / 1024.0;
-    let at_start = mib("VmRSS");
-    // The allocator returns the config parser's transient memory shortly after start.
-    std::thread::sleep(Duration::from_secs(3));
-    let settled = mib("VmRSS");
-    let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), &Cred::ApiKey, seconds.min(5), connections);
-    let loaded = mib("VmRSS");
-    println!(
-        "edge RSS with 100,000 consumers: {at_start:.1} MiB when listening, {settled:.1} MiB 3 s later, \
-         {loaded:.1} MiB after load, peak {:.1} MiB (goal <= 64 MiB)",
-        mib("VmHWM")
-    );
-    drop(p);
+    // RSS with 100,000 consumers: in a consumers_file (JSON Lines, the way documented for
+    // large lists), and as [[consumers]] tables for comparison.
+    for (label, in_file) in [("consumers_file (JSON Lines)", true), ("[[consumers]] tables", false)] {
+        let (port, admin) = (free_port(), free_port());
+        let name = if in_file { "edge-100k-file" } else { "edge-100k-toml" };
+        let cfg = dir.join(format!("{name}.toml"));
+        let spool = dir.join(format!("{name}-spool"));
+        let text = if in_file {
+            std::fs::write(dir.join("consumers-100k.jsonl"), consumers_jsonl(100_000))?;
+            format!(
+                "consumers_file = \"consumers-100k.jsonl\"\n{}",
+                edge_config(port, admin, up_port, Some(&broker.addr), &spool, 0)
+            )
+        } else {
+            edge_config(port, admin, up_port, Some(&broker.addr), &spool, 100_000)
+        };
+        std::fs::write(&cfg, text)?;
+        let p = spawn(
+            Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"),
+            &dir.join(format!("{name}.log")),
+        );
+        wait_port(&format!("127.0.0.1:{port}"));
+        let mib = |field: &str| status_kib(p.0.id(), field) as f64 / 1024.0;
+        let at_start = mib("VmRSS");
+        std::thread::sleep(Duration::from_secs(3));
+        let settled = mib("VmRSS");
+        let _ = wrk(&format!("http://127.0.0.1:{port}{path}"), &Cred::ApiKey, seconds.min(5), connections);
+        let loaded = mib("VmRSS");
+        println!(
+            "edge RSS with 100,000 consumers in {label}: {at_start:.1} MiB when listening, {settled:.1} MiB 3 s later, \
+             {loaded:.1} MiB after load, peak {:.1} MiB (goal <= 64 MiB)",
+            mib("VmHWM")
+        );
+        drop(p);
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,10 @@ pub const ENV_PREFIX: &str = "TOLLGATE_EDGE_";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
+    /// Consumers in a JSON Lines file (besides `[[consumers]]`); a top-level key, so it is
+    /// written before the first table.
+    #[serde(default)]
+    consumers_file: Option<String>,
     #[serde(default)]
     edge: RawEdge,
     kafka: RawKafka,
@@ -393,6 +397,8 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Arc<Plan>>,
     pub consumers: Vec<Consumer>,
+    /// The JSON Lines file the consumers after `[[consumers]]` came from (reloads watch it).
+    pub consumers_file: Option<PathBuf>,
     pub spool: crate::metering::spool::SpoolConfig,
     pub jwt_issuers: Vec<Arc<JwtIssuer>>,
     pub telemetry: TelemetryConfig,
@@ -754,36 +760,16 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         }
     }
 
-    let mut consumers = Vec::new();
-    let mut consumer_ids = HashSet::new();
-    let mut key_hashes = HashSet::new();
+    let in_config = raw.consumers.len();
+    let mut consumers = Vec::with_capacity(in_config);
     for (i, c) in raw.consumers.into_iter().enumerate() {
-        let key = |k: &str| format!("consumers[{i}].{k}");
-        if c.id.trim().is_empty() {
-            return Err(err(key("id"), "must not be empty".into()));
-        }
-        if !consumer_ids.insert(c.id.clone()) {
-            return Err(err(key("id"), format!("duplicate consumer id `{}`", c.id)));
-        }
-        if !plans.contains_key(&c.plan) {
-            return Err(err(key("plan"), format!("unknown plan `{}`", c.plan)));
-        }
-        let mut keys = Vec::new();
-        for (j, k) in c.keys.into_iter().enumerate() {
-            let kkey = format!("consumers[{i}].keys[{j}].sha256");
-            let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
-                err(
-                    kkey.clone(),
-                    "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into(),
-                )
-            })?;
-            if !key_hashes.insert(bytes) {
-                return Err(err(kkey, "this key hash is already used by another key".into()));
-            }
-            keys.push(ApiKey { id: k.id, sha256: bytes });
-        }
-        consumers.push(Consumer { id: c.id, plan: c.plan, keys });
+        consumers.push(consumer(c, &|k| format!("consumers[{i}].{k}"), origin, &plans)?);
     }
+    let consumers_file = raw.consumers_file.as_deref().map(|f| base.join(f));
+    if let Some(path) = &consumers_file {
+        read_consumers_file(path, &plans, &mut consumers)?;
+    }
+    check_unique(&consumers, in_config, origin, consumers_file.as_deref())?;
 
     let mut jwt_issuers = Vec::new();
     let mut issuer_ids = HashSet::new();
@@ -884,8 +870,123 @@ fn validate(raw: Raw, origin: &str, base: &Path, env: &BTreeMap<String, String>)
         routes,
         plans,
         consumers,
+        consumers_file,
         spool,
     })
+}
+
+/// Validates one consumer; `key` names a field of it in errors. (Ids and key hashes are
+/// checked for duplicates across all consumers by [`check_unique`].)
+fn consumer(
+    c: RawConsumer,
+    key: &dyn Fn(&str) -> String,
+    origin: &str,
+    plans: &HashMap<String, Arc<Plan>>,
+) -> Result<Consumer, ConfigError> {
+    let err = |key: String, reason: String| ConfigError::invalid(origin, key, reason);
+    if c.id.trim().is_empty() {
+        return Err(err(key("id"), "must not be empty".into()));
+    }
+    if !plans.contains_key(&c.plan) {
+        return Err(err(key("plan"), format!("unknown plan `{}`", c.plan)));
+    }
+    let mut keys = Vec::with_capacity(c.keys.len());
+    for (j, k) in c.keys.into_iter().enumerate() {
+        let kkey = key(&format!("keys[{j}].sha256"));
+        let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+            err(kkey.clone(), "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into())
+        })?;
+        keys.push(ApiKey { id: k.id, sha256: bytes });
+    }
+    Ok(Consumer { id: c.id, plan: c.plan, keys })
+}
+
+/// Reads `consumers_file`: one consumer per line as a JSON object with the fields of
+/// `[[consumers]]` (`{"id": "acme", "plan": "pro", "keys": [{"id": "k1", "sha256": "…"}]}`);
+/// blank lines and lines starting with `#` are skipped. Read line by line, so even millions
+/// of consumers need no more memory than the consumers themselves.
+fn read_consumers_file(
+    path: &Path,
+    plans: &HashMap<String, Arc<Plan>>,
+    out: &mut Vec<Consumer>,
+) -> Result<(), ConfigError> {
+    use std::io::{BufRead, Read};
+    let shown = path.display().to_string();
+    let read_err = |source| ConfigError::Read { path: shown.clone(), source };
+    // Sized once from the number of lines (a growing list would hold up to 3x its size while
+    // it moves).
+    let mut lines = 0;
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() + 1;
+    }
+    out.reserve_exact(lines);
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(read_err)? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let origin = format!("consumers_file {shown} line {n}");
+        let raw: RawConsumer = serde_json::from_str(text).map_err(|e| {
+            ConfigError::invalid(
+                &origin,
+                "consumers_file",
+                format!("not a consumer object ({{\"id\", \"plan\", \"keys\"}}): {e}"),
+            )
+        })?;
+        out.push(consumer(raw, &|k| k.to_owned(), &origin, plans)?);
+    }
+}
+
+/// Consumer ids and key hashes must be unique across `[[consumers]]` and `consumers_file`
+/// (sorted references, not a copy of every id). Errors name the second occurrence.
+fn check_unique(
+    consumers: &[Consumer],
+    in_config: usize,
+    origin: &str,
+    file: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let place = |i: usize, field: &str| -> (String, String) {
+        if i < in_config {
+            (origin.to_owned(), format!("consumers[{i}].{field}"))
+        } else {
+            let file = file.map(|f| f.display().to_string()).unwrap_or_default();
+            (format!("consumers_file {file} (consumer {} of the file)", i - in_config + 1), field.to_owned())
+        }
+    };
+    let mut ids: Vec<(&str, usize)> = consumers.iter().enumerate().map(|(i, c)| (c.id.as_str(), i)).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0].0 == w[1].0) {
+        let (origin, key) = place(w[0].1.max(w[1].1), "id");
+        return Err(ConfigError::invalid(&origin, key, format!("duplicate consumer id `{}`", w[0].0)));
+    }
+    drop(ids);
+    let mut hashes: Vec<(&[u8; 32], usize, usize)> = consumers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, c)| c.keys.iter().enumerate().map(move |(j, k)| (&k.sha256, i, j)))
+        .collect();
+    hashes.sort_unstable();
+    if let Some(w) = hashes.windows(2).find(|w| w[0].0 == w[1].0) {
+        let (_, i, j) = w[0].max(w[1]);
+        let (origin, key) = place(i, &format!("keys[{j}].sha256"));
+        return Err(ConfigError::invalid(&origin, key, "this key hash is already used by another key"));
+    }
+    Ok(())
 }
 
 fn validate_issuer(
@@ -1035,5 +1136,46 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         }
         let env = [("TOLLGATE_EDGE_EDGE__LISTEN".to_owned(), "nope".to_owned())].into();
         assert!(Config::parse(BASE, &env).unwrap_err().to_string().contains("edge.listen"));
+    }
+
+    #[test]
+    fn consumers_file_is_read_line_by_line_and_checked_with_the_config() {
+        let dir = std::env::temp_dir().join(format!("tollgate-consumers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hash = |n: u8| hex::encode([n; 32]);
+        let line = |id: &str, n: u8| {
+            format!(
+                "{{\"id\": \"{id}\", \"plan\": \"free\", \"keys\": [{{\"id\": \"{id}-k\", \"sha256\": \"{}\"}}]}}",
+                hash(n)
+            )
+        };
+        let load = |lines: &[String]| {
+            std::fs::write(dir.join("consumers.jsonl"), lines.join("\n")).unwrap();
+            let cfg = format!("consumers_file = \"consumers.jsonl\"\n{BASE}");
+            std::fs::write(dir.join("edge.toml"), cfg).unwrap();
+            Config::load(&dir.join("edge.toml"), &BTreeMap::new())
+        };
+        let ok = load(&["# comment".into(), String::new(), line("globex", 1), line("initech", 2)]).unwrap();
+        let ids: Vec<&str> = ok.consumers.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["acme", "globex", "initech"]);
+        assert_eq!(ok.consumers[2].keys[0].sha256, [2; 32]);
+        assert_eq!(ok.consumers_file.as_deref(), Some(dir.join("consumers.jsonl").as_path()));
+        let err = |lines: &[String]| load(lines).unwrap_err().to_string();
+        // Each error names the file, the line (or the consumer) and the field.
+        let e = err(&[line("globex", 1), line("initech", 2).replace("free", "gold")]);
+        assert!(e.contains("consumers.jsonl line 2") && e.contains("`plan`") && e.contains("gold"), "{e}");
+        let e = err(&[line("globex", 1), "{\"id\": \"x\"".into()]);
+        assert!(e.contains("line 2") && e.contains("not a consumer object"), "{e}");
+        let e = err(&[line("globex", 1), line("acme", 3)]);
+        assert!(e.contains("(consumer 2 of the file)") && e.contains("duplicate consumer id `acme`"), "{e}");
+        let acme_hash = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+        let e = err(&[line("globex", 1).replace(&hash(1), acme_hash)]);
+        assert!(e.contains("keys[0].sha256") && e.contains("already used"), "{e}");
+        let e = err(&[line("globex", 1), line("initech", 1)]);
+        assert!(e.contains("(consumer 2 of the file)") && e.contains("keys[0].sha256"), "{e}");
+        std::fs::remove_file(dir.join("consumers.jsonl")).unwrap();
+        let e = Config::load(&dir.join("edge.toml"), &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("consumers.jsonl"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -47,12 +47,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// The runtime for `cfg`; `previous` (on reload) lends the JWKS keys it already fetched.
-    pub fn new(cfg: &Config, metrics: &metrics::Metrics, previous: Option<&Runtime>) -> Self {
+    /// The runtime for `cfg`, taking its consumers (the config's own list is not needed
+    /// afterwards: reloads read the files again); `previous` (on reload) lends the JWKS keys it
+    /// already fetched.
+    pub fn new(cfg: &mut Config, metrics: &metrics::Metrics, previous: Option<&Runtime>) -> Self {
         Self {
             pools: upstream::pools(&cfg.routes),
             routes: routing::RouteTable::new(&cfg.routes),
-            keys: auth::KeyStore::new(cfg),
+            keys: auth::KeyStore::new(&cfg.plans, std::mem::take(&mut cfg.consumers)),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
             plans: cfg.plans.clone(),
             limiters: limit::LimiterCache::new(Arc::clone(&metrics.limiters)),

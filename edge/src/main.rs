@@ -65,7 +65,9 @@ fn main() -> ExitCode {
             println!("API key for consumer `{consumer}` (shown once; give it to the consumer now):");
             println!("  {key}");
             println!("Add to that consumer's `keys` in the edge config, then reload the edge (SIGHUP or save):");
-            println!("  {{ id = \"{key_id}\", sha256 = \"{}\" }}", tollgate_edge::auth::hash_key(&key));
+            let hash = tollgate_edge::auth::hash_key(&key);
+            println!("  {{ id = \"{key_id}\", sha256 = \"{hash}\" }}");
+            println!("(in a `consumers_file`, the same entry is {{\"id\": \"{key_id}\", \"sha256\": \"{hash}\"}})");
             println!("To revoke it later, remove that entry.");
             ExitCode::SUCCESS
         }

@@ -54,11 +54,9 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     };
     let tls = crate::tls::client_config(&cfg.tls_ca).map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
     let clients = crate::upstream::Clients::new(Arc::clone(&tls));
-    let runtime = Runtime::new(&cfg, &metrics, None);
-    // The runtime holds what requests need; the config's own copy of the consumers (possibly
-    // 100,000s) is not needed any more: reloads read the file again.
+    // The runtime takes the consumers (possibly 100,000s): reloads read the files again.
     let consumers = cfg.consumers.len();
-    cfg.consumers = Vec::new();
+    let runtime = Runtime::new(&mut cfg, &metrics, None);
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
@@ -302,17 +300,21 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
         }
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen: Option<SystemTime> = mtime(&path);
+    // The config file's and the consumers file's modification times.
+    let stamp = |consumers: Option<&Path>| -> (Option<SystemTime>, Option<SystemTime>) {
+        (mtime(&path), consumers.and_then(mtime))
+    };
+    let mut seen = stamp(current.consumers_file.as_deref());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let trigger = tokio::select! {
             _ = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             _ = tick.tick() => {
-                if mtime(&path) == seen { continue; }
+                if stamp(current.consumers_file.as_deref()) == seen { continue; }
                 "file change"
             }
         };
-        seen = mtime(&path);
+        seen = stamp(current.consumers_file.as_deref());
         let loaded = {
             let (path, env) = (path.clone(), env.clone());
             tokio::task::spawn_blocking(move || Config::load(&path, &env)).await
@@ -340,16 +342,14 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
                 }
-                gw.swap_runtime(Runtime::new(&next, &gw.metrics, Some(&gw.runtime())));
+                let consumers = next.consumers.len();
+                let mut next = next;
+                gw.swap_runtime(Runtime::new(&mut next, &gw.metrics, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(
-                    trigger,
-                    routes = next.routes.len(),
-                    consumers = next.consumers.len(),
-                    "config reloaded"
-                );
+                tracing::info!(trigger, routes = next.routes.len(), consumers, "config reloaded");
                 // Only the restart-only settings are compared next time.
-                current = Config { consumers: Vec::new(), ..next };
+                seen = stamp(next.consumers_file.as_deref());
+                current = next;
             }
             Ok(Err(e)) => {
                 gw.metrics.config_reload_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

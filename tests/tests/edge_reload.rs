@@ -113,5 +113,43 @@ async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
     assert_eq!(tally.by_status.get(&("acme".to_owned(), 200)).copied(), Some(4000), "{:?}", tally.by_status);
     assert!(metric(admin, "tollgate_edge_config_reloads_total").await >= 7);
     assert_eq!(metric(admin, "tollgate_edge_kafka_reachable").await, 1);
+
+    // Consumers in a JSON Lines file: loaded with the config, and a change to that file alone
+    // is a reload.
+    let line = |id: &str, key: &str| {
+        format!(
+            "{{\"id\": \"{id}\", \"plan\": \"p\", \"keys\": [{{\"id\": \"{id}-1\", \"sha256\": \"{}\"}}]}}\n",
+            sha256_hex(key)
+        )
+    };
+    let consumers = dir.path().join("consumers.jsonl");
+    std::fs::write(&consumers, format!("# consumers managed elsewhere\n\n{}", line("initech", "key-initech"))).unwrap();
+    let with_file =
+        format!("consumers_file = \"consumers.jsonl\"\n{}", config(&topic, upstream, &spool, 100_000, true));
+    std::fs::write(&cfg_path, with_file).unwrap();
+    hup(&edge);
+    let from_file =
+        wait_until(Duration::from_secs(10), || async { status(addr, "/echo/x", "key-initech").await == 200 }).await;
+    assert!(from_file, "the consumers_file's consumer was not loaded:\n{}", edge.log_tail());
+    assert_eq!(status(addr, "/echo/x", "key-acme").await, 200, "[[consumers]] and the file both count");
+    assert_eq!(status(addr, "/echo/x", "key-umbrella").await, 401);
+    let mut lines = std::fs::read_to_string(&consumers).unwrap();
+    lines.push_str(&line("umbrella", "key-umbrella"));
+    std::fs::write(&consumers, &lines).unwrap();
+    let watched =
+        wait_until(Duration::from_secs(10), || async { status(addr, "/echo/x", "key-umbrella").await == 200 }).await;
+    assert!(watched, "a change to the consumers_file alone was not reloaded:\n{}", edge.log_tail());
+    // A bad line is rejected with its line number; the running consumers stay.
+    let failures_before = metric(admin, "tollgate_edge_config_reload_failures_total").await;
+    lines.push_str("{\"id\": \"hooli\", \"plan\": \"p\", \"keys\": [{\"id\": \"h\", \"sha256\": \"zz\"}]}\n");
+    std::fs::write(&consumers, &lines).unwrap();
+    let rejected = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reload_failures_total").await > failures_before
+    })
+    .await;
+    assert!(rejected, "the bad consumers_file was not rejected:\n{}", edge.log_tail());
+    let log = edge.log_tail();
+    assert!(log.contains("consumers.jsonl line 5") && log.contains("keys[0].sha256"), "{log}");
+    assert_eq!(status(addr, "/echo/x", "key-umbrella").await, 200);
     assert!(edge.terminate(Duration::from_secs(15)));
 }

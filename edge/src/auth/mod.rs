@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
-use crate::config::{AuthMode, Config, Plan, Route};
+use crate::config::{AuthMode, Consumer, Plan, Route};
 use crate::problem::Problem;
 use crate::{Gateway, Runtime};
 
@@ -41,12 +41,14 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    pub fn new(cfg: &Config) -> Self {
-        let mut by_hash = HashMap::default();
-        let mut plans = HashMap::default();
-        for c in &cfg.consumers {
+    /// The store for `consumers` (taken one by one, so their memory is reused for the store's
+    /// while it is built: 100,000s of consumers are held once, not twice).
+    pub fn new(plans_by_name: &HashMap<String, Arc<Plan>>, consumers: Vec<Consumer>) -> Self {
+        let mut by_hash = HashMap::with_capacity_and_hasher(consumers.len(), Default::default());
+        let mut plans = HashMap::with_capacity_and_hasher(consumers.len(), Default::default());
+        for c in consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
-            let Some(plan) = cfg.plans.get(&c.plan) else { continue };
+            let Some(plan) = plans_by_name.get(&c.plan) else { continue };
             plans.insert(Arc::clone(&consumer_id), Arc::clone(plan));
             for k in &c.keys {
                 by_hash.insert(
