@@ -1,8 +1,10 @@
 //! Gateway throughput and latency with wrk, in one run, against the same upstream:
-//! direct upstream, nginx as a plain reverse proxy (worker count = the edge's threads), the
-//! edge with metering off, the edge with API key + limits + metering (Tansu on memory
-//! storage), and the same edge authenticating an ES256 JWT instead of the key. Then the edge's
-//! RSS with 100,000 consumers configured.
+//! direct upstream, nginx as a plain reverse proxy (worker count = the edge's threads), a bare
+//! hyper reverse proxy on the edge's own server and upstream-pool code (the ceiling of this
+//! stack, see `hyper_proxy`), the edge with metering off, the edge with API key + limits +
+//! metering (Tansu on memory storage), and the same edge authenticating an ES256 JWT instead
+//! of the key. Then the edge's RSS with 100,000 consumers configured (in a `consumers_file`,
+//! and as `[[consumers]]` tables).
 //!
 //! wrk and nginx come from Debian (`bench/run.sh` installs them). The machine has 2 cores
 //! shared by wrk, the upstream, the proxy and (for metering) Tansu: figures are comparable
@@ -202,6 +204,21 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         wait_port(&format!("127.0.0.1:{port}"));
         (p, port)
     };
+    // The framework ceiling: hyper server + the edge's upstream pool, no gateway work.
+    let hp_port = free_port();
+    let _hp = spawn(
+        Command::new(release_bin("tollgate-bench")).args([
+            "hyper-proxy",
+            "--listen",
+            &format!("127.0.0.1:{hp_port}"),
+            "--upstream",
+            &format!("127.0.0.1:{up_port}"),
+            "--threads",
+            &threads.to_string(),
+        ]),
+        &dir.join("hyper-proxy.log"),
+    );
+    wait_port(&format!("127.0.0.1:{hp_port}"));
     let (_e1, off_port) = start_edge("edge-off", None);
     let (_e2, on_port) = start_edge("edge-on", Some(&broker.addr));
 
@@ -210,6 +227,7 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     let targets = [
         ("direct upstream", format!("http://127.0.0.1:{up_port}{path}"), Cred::None),
         ("nginx reverse proxy", format!("http://127.0.0.1:{ng_port}{path}"), Cred::None),
+        ("hyper proxy, no gateway work (ceiling)", format!("http://127.0.0.1:{hp_port}{path}"), Cred::None),
         ("edge, key + limits, metering off", format!("http://127.0.0.1:{off_port}{path}"), Cred::ApiKey),
         ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::ApiKey),
         ("edge, ES256 JWT + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::Jwt(jwt)),
@@ -249,8 +267,9 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
             f.p99_ms - nginx.p99_ms
         );
     }
-    println!("metering cost: {:.1} % of throughput", (1.0 - med[3].rps / med[2].rps) * 100.0);
-    println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[4].rps / med[3].rps);
+    println!("edge with metering vs the hyper proxy (share of the ceiling): {:.2}x", med[4].rps / med[2].rps);
+    println!("metering cost: {:.1} % of throughput", (1.0 - med[4].rps / med[3].rps) * 100.0);
+    println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[5].rps / med[4].rps);
 
     // RSS with 100,000 consumers: in a consumers_file (JSON Lines, the way documented for
     // large lists), and as [[consumers]] tables for comparison.

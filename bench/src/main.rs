@@ -24,6 +24,7 @@ mod common;
 mod encode;
 mod freshness;
 mod gateway;
+mod hyper_proxy;
 mod ingest;
 mod lag;
 
@@ -56,6 +57,16 @@ enum Command {
         runs: usize,
         #[arg(long, default_value_t = 32)]
         connections: u32,
+    },
+    /// The gateway benchmark's framework baseline: a bare hyper reverse proxy (run by `gateway`).
+    #[command(hide = true)]
+    HyperProxy {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
     },
     /// Event encoding, ns/event: direct Avro writer vs apache-avro's Value writer.
     Encode {
@@ -104,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Ingest { events, runs } => ingest::run(&cli.clickhouse, events, runs).await,
         Command::Gateway { seconds, runs, connections } => gateway::run(seconds, runs, connections).await,
+        Command::HyperProxy { listen, upstream, threads } => hyper_proxy::run(listen, upstream, threads),
         Command::Encode { events, runs } => encode::run(events, runs),
         Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
         Command::Billing { consumers, runs } => billing::run(&cli.clickhouse, consumers, runs).await,

@@ -89,7 +89,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            // Admin, the producer task, reloads and JWKS refreshes: one thread is plenty (the
+            // request path runs on `edge.worker_threads` threads of its own), and each thread
+            // costs its own allocator heap.
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tollgate-edge: cannot start the runtime: {e}");

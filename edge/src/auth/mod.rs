@@ -10,7 +10,7 @@
 
 pub mod jwt;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::response::{IntoResponse, Response};
@@ -37,7 +37,35 @@ pub struct Identity {
 #[derive(Debug, Default)]
 pub struct KeyStore {
     by_hash: HashMap<[u8; 32], Arc<Identity>, foldhash::fast::RandomState>,
-    plans: HashMap<Arc<str>, Arc<Plan>, foldhash::fast::RandomState>,
+    /// An identity of each consumer (its first key's), found by consumer id: a set of
+    /// pointers to identities the key map holds anyway (8 bytes an entry, not a second copy
+    /// of every id and plan).
+    consumers: HashSet<ByConsumer, foldhash::fast::RandomState>,
+}
+
+/// An identity looked up by its consumer id.
+#[derive(Debug)]
+struct ByConsumer(Arc<Identity>);
+
+impl std::borrow::Borrow<str> for ByConsumer {
+    fn borrow(&self) -> &str {
+        &self.0.consumer_id
+    }
+}
+
+impl PartialEq for ByConsumer {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.consumer_id == other.0.consumer_id
+    }
+}
+
+impl Eq for ByConsumer {}
+
+impl std::hash::Hash for ByConsumer {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `str` hashes, so that lookups by `&str` find it (`Borrow<str>`).
+        (*self.0.consumer_id).hash(state);
+    }
 }
 
 impl KeyStore {
@@ -45,23 +73,27 @@ impl KeyStore {
     /// while it is built: 100,000s of consumers are held once, not twice).
     pub fn new(plans_by_name: &HashMap<String, Arc<Plan>>, consumers: Vec<Consumer>) -> Self {
         let mut by_hash = HashMap::with_capacity_and_hasher(consumers.len(), Default::default());
-        let mut plans = HashMap::with_capacity_and_hasher(consumers.len(), Default::default());
+        let mut by_consumer = HashSet::with_capacity_and_hasher(consumers.len(), Default::default());
         for c in consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
             let Some(plan) = plans_by_name.get(&c.plan) else { continue };
-            plans.insert(Arc::clone(&consumer_id), Arc::clone(plan));
+            let identity = |credential_id: &str| {
+                Arc::new(Identity {
+                    consumer_id: Arc::clone(&consumer_id),
+                    credential_id: Arc::from(credential_id),
+                    plan: Arc::clone(plan),
+                })
+            };
+            let mut first = None;
             for k in &c.keys {
-                by_hash.insert(
-                    k.sha256,
-                    Arc::new(Identity {
-                        consumer_id: Arc::clone(&consumer_id),
-                        credential_id: Arc::from(k.id.as_str()),
-                        plan: Arc::clone(plan),
-                    }),
-                );
+                let id = identity(&k.id);
+                first.get_or_insert_with(|| Arc::clone(&id));
+                by_hash.insert(k.sha256, id);
             }
+            // A consumer without keys (JWT only) still has its plan.
+            by_consumer.insert(ByConsumer(first.unwrap_or_else(|| identity(""))));
         }
-        Self { by_hash, plans }
+        Self { by_hash, consumers: by_consumer }
     }
 
     pub fn lookup(&self, key: &str) -> Option<Arc<Identity>> {
@@ -71,7 +103,7 @@ impl KeyStore {
 
     /// The configured consumer's id and plan.
     pub fn consumer(&self, id: &str) -> Option<(&Arc<str>, &Arc<Plan>)> {
-        self.plans.get_key_value(id)
+        self.consumers.get(id).map(|c| (&c.0.consumer_id, &c.0.plan))
     }
 }
 
@@ -268,5 +300,29 @@ mod tests {
             assert!(!e.to_string().contains("abc"));
         }
         assert_eq!(hash_key("foo"), "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae");
+    }
+
+    #[test]
+    fn key_store_finds_keys_by_hash_and_plans_by_consumer_with_or_without_keys() {
+        use crate::config::{ApiKey, Rate};
+        use std::num::NonZeroU32;
+        let rate = Rate { rate_per_second: NonZeroU32::new(1).unwrap(), burst: NonZeroU32::new(1).unwrap() };
+        let plan = |name: &str| Arc::new(Plan { name: name.into(), limit: rate, routes: HashMap::new() });
+        let plans: HashMap<String, Arc<Plan>> =
+            [("gold".to_owned(), plan("gold")), ("free".to_owned(), plan("free"))].into();
+        let key = |id: &str, k: &str| ApiKey { id: id.into(), sha256: Sha256::digest(k.as_bytes()).into() };
+        let consumers = vec![
+            Consumer { id: "acme".into(), plan: "gold".into(), keys: vec![key("a1", "key-1"), key("a2", "key-2")] },
+            Consumer { id: "jwt-only".into(), plan: "free".into(), keys: vec![] },
+        ];
+        let store = KeyStore::new(&plans, consumers);
+        let found = store.lookup("key-2").unwrap();
+        assert_eq!((&*found.consumer_id, &*found.credential_id, found.plan.name.as_str()), ("acme", "a2", "gold"));
+        assert!(store.lookup("key-3").is_none());
+        let (id, plan) = store.consumer("acme").unwrap();
+        assert_eq!((&**id, plan.name.as_str()), ("acme", "gold"));
+        let (id, plan) = store.consumer("jwt-only").unwrap();
+        assert_eq!((&**id, plan.name.as_str()), ("jwt-only", "free"));
+        assert!(store.consumer("nobody").is_none());
     }
 }
