@@ -8,6 +8,7 @@
 #   bench/run.sh aggregate    aggregator replay throughput
 #   bench/run.sh lag          usage and quota lag at 2,000 requests/s
 #   bench/run.sh billing      close and export a month of invoices for 10,000 consumers
+#   bench/run.sh callgrind    the edge's instructions per request (valgrind; exact, noise-free)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,6 +28,7 @@ case "${1:-all}" in
     aggregate) "$BIN" aggregate ;;
     lag) "$BIN" lag ;;
     billing) "$BIN" billing ;;
+    callgrind) bench/callgrind-edge.sh ;;
     all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind]" >&2; exit 2 ;;
 esac
