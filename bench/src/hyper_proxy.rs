@@ -21,11 +21,8 @@ pub fn run(listen: SocketAddr, upstream: SocketAddr, threads: usize) -> anyhow::
     let host = http::HeaderValue::from_str(&upstream.to_string())?;
     let mut workers = Vec::new();
     for _ in 0..threads.max(1) {
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(listen)?;
-        let std_listener = socket.listen(4096)?.into_std()?;
+        // (Called on the bench's runtime; the worker makes its own listener from this one.)
+        let std_listener = tollgate_edge::server::bind_reuseport(listen)?.into_std()?;
         let (clients, target, key, host) = (Arc::clone(&clients), target.clone(), Arc::clone(&key), host.clone());
         workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

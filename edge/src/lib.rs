@@ -91,12 +91,11 @@ pub struct Gateway {
     pub tunnels: tokio::sync::watch::Sender<bool>,
 }
 
-/// How a refusal or a tunnel ended a call, carried to metering in the response extensions
-/// (a forwarded response carries none: its outcome is `forwarded`).
+/// How a refusal ended a call, carried to metering in the response extensions (a forwarded
+/// response carries none: its outcome is `forwarded`).
 #[derive(Debug, Clone, Default)]
 pub struct CallInfo {
     pub outcome: Option<Outcome>,
-    pub upstream_latency_us: Option<u64>,
 }
 
 impl Gateway {

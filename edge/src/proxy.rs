@@ -14,7 +14,6 @@ use axum::response::{IntoResponse, Response};
 use http::header::{CONNECTION, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::auth::Identity;
@@ -22,10 +21,10 @@ use crate::config::Route;
 use crate::metering::{Call, REQUEST_ID, RequestBody};
 use crate::problem::Problem;
 use crate::upstream::SendError;
-use crate::{CallInfo, Gateway, Runtime};
+use crate::{Gateway, Runtime};
 
-/// The client for upstreams (and the edge's own requests): HTTP and HTTPS, pooled.
-pub type HttpClient = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+/// The client for the edge's own requests (JWKS): HTTP and HTTPS, pooled.
+pub type HttpClient = hyper_util::client::legacy::Client<crate::upstream::Connector, Body>;
 
 /// Header with the authenticated consumer, set by the edge for the upstream.
 pub static CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
@@ -34,21 +33,13 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// A pooled client for `http://` and `https://` targets (TLS per [`crate::tls`]).
+/// A pooled client for the edge's own requests (JWKS) to `http://` and `https://` URLs
+/// (requests to upstreams go through [`crate::upstream::Clients`]).
 pub fn client(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(false);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(rustls::ClientConfig::clone(tls))
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(https)
+        .pool_idle_timeout(crate::upstream::IDLE_TIMEOUT)
+        .pool_max_idle_per_host(crate::upstream::MAX_IDLE_PER_TARGET)
+        .build(crate::upstream::connector(connect_timeout, tls))
 }
 
 /// Headers that belong to one connection and are never forwarded (RFC 9110 §7.6.1, plus the
@@ -248,14 +239,14 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             }
             Ok(Ok(mut upstream)) => {
                 pool.success(target);
+                ctx.call.upstream_latency_us.store(upstream_latency_us, Ordering::Relaxed);
                 if upstream.status() == http::StatusCode::SWITCHING_PROTOCOLS
                     && let Some((_, client_side)) = upgrade
                 {
-                    return tunnel(gw, client_side, &mut upstream, upstream_latency_us);
+                    return tunnel(gw, client_side, &mut upstream);
                 }
                 let (mut parts, body) = upstream.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                ctx.call.upstream_latency_us.store(upstream_latency_us, Ordering::Relaxed);
                 return Response::from_parts(parts, body);
             }
         }
@@ -293,12 +284,7 @@ impl TunnelDone {
 /// Answers 101 to the client and splices the two upgraded connections in a task until either
 /// side closes (or the edge shuts down). Metering waits for [`TunnelDone`] so the call's event
 /// carries the tunnel's whole duration and bytes.
-fn tunnel(
-    gw: &Arc<Gateway>,
-    client_side: hyper::upgrade::OnUpgrade,
-    upstream: &mut Response,
-    upstream_latency_us: u64,
-) -> Response {
+fn tunnel(gw: &Arc<Gateway>, client_side: hyper::upgrade::OnUpgrade, upstream: &mut Response) -> Response {
     let upstream_side = hyper::upgrade::on(&mut *upstream);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let mut shutdown = gw.tunnels.subscribe();
@@ -324,9 +310,6 @@ fn tunnel(
     *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     *resp.headers_mut() = std::mem::take(upstream.headers_mut());
     resp.extensions_mut().insert(TunnelDone(Arc::new(std::sync::Mutex::new(Some(done_rx)))));
-    let info = CallInfo::of(&mut resp);
-    info.outcome = Some(tollgate_schemas::Outcome::Forwarded);
-    info.upstream_latency_us = Some(upstream_latency_us);
     resp
 }
 

@@ -211,7 +211,7 @@ struct HttpSettings {
 }
 
 /// A listener with SO_REUSEPORT (and SO_REUSEADDR), so every worker can bind the same port.
-fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;

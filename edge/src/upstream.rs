@@ -158,7 +158,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per target and worker thread.
 pub const MAX_IDLE_PER_TARGET: usize = 256;
 
-type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
 
 /// Why an upstream request failed.
@@ -259,8 +259,9 @@ impl Clients {
     }
 }
 
-/// The HTTP(S) connector for upstream connections.
-fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Connector {
+/// The HTTP(S) connector (TCP_NODELAY, connect timeout, rustls per [`crate::tls`]) for
+/// upstream connections and the edge's own requests.
+pub fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Connector {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(connect_timeout));

@@ -212,9 +212,7 @@ impl Call {
             status,
             outcome: info.outcome.unwrap_or(Outcome::Forwarded),
             latency_us: 0,
-            upstream_latency_us: info
-                .upstream_latency_us
-                .or_else(|| Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX)),
+            upstream_latency_us: Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX),
             request_bytes: 0,
             response_bytes: 0,
             client_ip: self.client_ip,
