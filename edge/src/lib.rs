@@ -131,24 +131,20 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
 /// and the monthly quota; forwarding. Every answer — refusals included — goes back through
 /// metering, which emits the call's event when the response body ends.
 pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: http::Request<hyper::body::Incoming>) -> Response {
-    let call = metering::Call::begin(&gw, peer, &req);
-    let mut learned = metering::Learned::default();
+    let call = metering::Call::begin(gw, peer, &req);
     let resp = match call.span.clone() {
-        Some(span) => {
-            tracing::Instrument::instrument(admit_and_forward(&gw, &call, &mut learned, peer, req), span).await
-        }
-        None => admit_and_forward(&gw, &call, &mut learned, peer, req).await,
+        Some(span) => tracing::Instrument::instrument(admit_and_forward(&call, peer, req), span).await,
+        None => admit_and_forward(&call, peer, req).await,
     };
-    call.finish(&gw, learned, resp)
+    call.finish(resp)
 }
 
 async fn admit_and_forward(
-    gw: &Arc<Gateway>,
     call: &metering::Call,
-    learned: &mut metering::Learned,
     peer: SocketAddr,
     mut req: http::Request<hyper::body::Incoming>,
 ) -> Response {
+    let gw = call.gw();
     // Framing checks first: refuse smuggling-prone requests before anything acts on them.
     if let Some(refused) = hygiene::check(gw, &req) {
         return refused;
@@ -160,12 +156,14 @@ async fn admit_and_forward(
         Ok(route) => route,
         Err(no_match) => return routing::refusal(no_match, req.uri().path()),
     };
-    learned.route = Some(Arc::clone(&route));
+    let _ = call.route.set(Arc::clone(&route));
     let identity = match auth::admit(gw, &runtime, &route, &mut req).await {
         Ok(identity) => identity,
         Err(refused) => return refused,
     };
-    learned.identity = identity.clone();
+    if let Some(i) = &identity {
+        let _ = call.identity.set(Arc::clone(i));
+    }
     let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer: peer.ip() };
     // Rate limits after authentication, so unauthenticated floods create no limiter state.
     let Some(identity) = identity.as_deref() else {

@@ -196,8 +196,17 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert!(a.body["headers"].get("x-consumer-id").is_none());
     note(&a, Outcome::Forwarded, None, Some("public"));
 
+    // A client that goes away before the answer (here while the upstream is still working)
+    // is still one call: status 499, `client_aborted`.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /echo/abort?delay_ms=250 HTTP/1.1\r\nHost: x\r\nx-api-key: key-acme\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Every call is one event with what the client saw.
-    let want = expect.len();
+    let want = expect.len() + 1;
     let events: HashMap<String, ApiCall> =
         read_events(&topic, |e| e.len() >= want).await.into_iter().map(|e| (e.event_id.to_string(), e)).collect();
     for (id, (status, outcome, consumer, route)) in &expect {
@@ -211,6 +220,13 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
         assert_eq!(e.client_ip, "127.0.0.1");
         assert_eq!(e.upstream_latency_us.is_some(), *outcome == Outcome::Forwarded, "{e:?}");
     }
+    let aborted = events.values().find(|e| e.path == "/echo/abort").expect("no event for the aborted call");
+    assert_eq!(
+        (aborted.status, aborted.outcome, aborted.consumer_id.as_deref(), aborted.route_id.as_deref()),
+        (499, Outcome::ClientAborted, Some("acme"), Some("echo")),
+        "{aborted:?}"
+    );
+    assert!(aborted.latency_us >= 100_000 && aborted.upstream_latency_us.is_none(), "{aborted:?}");
     let slow = events.values().find(|e| e.outcome == Outcome::UpstreamTimeout).unwrap();
     assert!(slow.latency_us >= 300_000, "{slow:?}");
     let posted = events.values().find(|e| e.method == "POST").unwrap();

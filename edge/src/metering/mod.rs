@@ -10,8 +10,8 @@ pub mod spool;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -87,8 +87,16 @@ fn now_us() -> i64 {
 }
 
 /// A call being metered: what is known when the request arrives, completed when the response
-/// body ends.
+/// body ends. A call dropped before it has an answer (the client went away while the request
+/// path, usually the upstream, was still working) is still one event: status 499,
+/// `client_aborted`.
 pub struct Call {
+    gw: Arc<Gateway>,
+    /// The route, once routing found it.
+    pub route: OnceLock<Arc<crate::config::Route>>,
+    /// Who is calling, once authenticated.
+    pub identity: OnceLock<Arc<crate::auth::Identity>>,
+    finished: bool,
     pub meta: CallMeta,
     /// `x-request-id` (the event id), for the upstream and the client.
     pub request_id: HeaderValue,
@@ -108,16 +116,9 @@ pub struct Call {
     user_agent: Option<String>,
 }
 
-/// What the request path learned about a call, for its event.
-#[derive(Debug, Default)]
-pub struct Learned {
-    pub route: Option<Arc<crate::config::Route>>,
-    pub identity: Option<Arc<crate::auth::Identity>>,
-}
-
 impl Call {
     /// Assigns the event id and trace, and notes the request's facts.
-    pub fn begin<B>(gw: &Gateway, peer: SocketAddr, req: &http::Request<B>) -> Self {
+    pub fn begin<B>(gw: Arc<Gateway>, peer: SocketAddr, req: &http::Request<B>) -> Self {
         let start = Instant::now();
         let start_time_us = now_us();
         let event_id = Uuid::now_v7();
@@ -164,14 +165,15 @@ impl Call {
             let s = String::from_utf8_lossy(v.as_bytes());
             truncate(&s, MAX_USER_AGENT).to_owned()
         });
+        let client_ip = crate::forwarded::client_ip(peer.ip(), req.headers(), gw.trusted_hops);
         Self {
+            gw,
+            route: OnceLock::new(),
+            identity: OnceLock::new(),
+            finished: false,
             meta: CallMeta { event_id, trace_id, traceparent, otel },
             request_id,
-            client_ip: crate::forwarded::ip_text(crate::forwarded::client_ip(
-                peer.ip(),
-                req.headers(),
-                gw.trusted_hops,
-            )),
+            client_ip: crate::forwarded::ip_text(client_ip),
             request_body: Arc::new(BodyCounter::default()),
             span,
             upstream_latency_us: AtomicU64::new(u64::MAX),
@@ -184,52 +186,63 @@ impl Call {
         }
     }
 
+    /// The gateway the call runs on.
+    pub fn gw(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// The call's event so far (its strings moved out: built once, at the end).
+    fn event(&mut self, status: u16, outcome: Outcome) -> ApiCall {
+        let identity = self.identity.get();
+        ApiCall {
+            event_id: self.meta.event_id,
+            start_time_us: self.start_time_us,
+            edge_id: self.gw.instance_id.clone(),
+            consumer_id: identity.map(|i| i.consumer_id.to_string()),
+            credential_id: identity.map(|i| i.credential_id.to_string()),
+            route_id: self.route.get().map(|r| r.id.clone()),
+            method: std::mem::take(&mut self.method),
+            host: std::mem::take(&mut self.host),
+            path: std::mem::take(&mut self.path),
+            status,
+            outcome,
+            latency_us: 0,
+            upstream_latency_us: Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX),
+            request_bytes: 0,
+            response_bytes: 0,
+            client_ip: std::mem::take(&mut self.client_ip),
+            user_agent: self.user_agent.take(),
+            trace_id: Some(std::mem::take(&mut self.meta.trace_id)),
+            plan_id: identity.map(|i| i.plan.name.clone()),
+        }
+    }
+
     /// Completes the response: `x-request-id`, the request metrics, and the event, emitted
     /// when the response body ends (or the tunnel of an upgrade closes).
-    pub fn finish(self, gw: &Gateway, learned: Learned, mut resp: Response) -> Response {
-        resp.headers_mut().insert(&REQUEST_ID, self.request_id);
+    pub fn finish(mut self, mut resp: Response) -> Response {
+        self.finished = true;
+        resp.headers_mut().insert(&REQUEST_ID, self.request_id.clone());
         let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
         let status = resp.status().as_u16();
-        let route_id = learned.route.as_ref().map(|r| r.id.as_str());
-        gw.metrics.record_request(route_id, status);
+        let route_id = self.route.get().map(|r| r.id.as_str());
+        self.gw.metrics.record_request(route_id, status);
         if let Some(span) = &self.span {
             let route = route_id.unwrap_or(crate::metrics::NO_ROUTE);
             span.record("otel.name", format!("{} {route}", self.method));
             span.record("http.route", route);
             span.record("http.response.status_code", status);
         }
-        let identity = learned.identity.as_deref();
-        let call = ApiCall {
-            event_id: self.meta.event_id,
-            start_time_us: self.start_time_us,
-            edge_id: gw.instance_id.clone(),
-            consumer_id: identity.map(|i| i.consumer_id.to_string()),
-            credential_id: identity.map(|i| i.credential_id.to_string()),
-            route_id: route_id.map(str::to_owned),
-            method: self.method,
-            host: self.host,
-            path: self.path,
-            status,
-            outcome: info.outcome.unwrap_or(Outcome::Forwarded),
-            latency_us: 0,
-            upstream_latency_us: Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX),
-            request_bytes: 0,
-            response_bytes: 0,
-            client_ip: self.client_ip,
-            user_agent: self.user_agent,
-            trace_id: Some(self.meta.trace_id),
-            plan_id: identity.map(|i| i.plan.name.clone()),
-        };
+        let call = self.event(status, info.outcome.unwrap_or(Outcome::Forwarded));
         let pending = Pending {
             call,
             start: self.start,
-            request_body: self.request_body,
-            sink: gw.events.clone(),
-            _span: self.span,
+            request_body: Arc::clone(&self.request_body),
+            sink: self.gw.events.clone(),
+            _span: self.span.take(),
         };
         // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
-            let metrics = Arc::clone(&gw.metrics);
+            let metrics = Arc::clone(&self.gw.metrics);
             tokio::spawn(async move {
                 let (up, down) = done.await.unwrap_or((0, 0));
                 let mut call = pending.call;
@@ -242,6 +255,22 @@ impl Call {
             return resp;
         }
         resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // No answer was made: the client went away (its connection closed) while the request
+        // path was still working on it.
+        let route_id = self.route.get().map(|r| r.id.clone());
+        self.gw.metrics.record_request(route_id.as_deref(), 499);
+        let mut call = self.event(499, Outcome::ClientAborted);
+        call.latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        call.request_bytes = self.request_body.bytes.load(Ordering::Relaxed);
+        self.gw.events.emit(call);
     }
 }
 
