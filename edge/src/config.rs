@@ -910,12 +910,12 @@ fn read_consumers_file(
     plans: &HashMap<String, Arc<Plan>>,
     out: &mut Vec<Consumer>,
 ) -> Result<(), ConfigError> {
-    use std::io::{BufRead, Read};
+    use std::io::{BufRead, Read, Seek};
     let shown = path.display().to_string();
     let read_err = |source| ConfigError::Read { path: shown.clone(), source };
     // Sized once from the number of lines (a growing list would hold up to 3x its size while
     // it moves).
-    let mut lines = 0;
+    let mut lines = 1;
     let mut file = std::fs::File::open(path).map_err(read_err)?;
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -923,10 +923,12 @@ fn read_consumers_file(
         if n == 0 {
             break;
         }
-        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() + 1;
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
     }
     out.reserve_exact(lines);
-    let file = std::fs::File::open(path).map_err(read_err)?;
+    // The same file, read again from the start (not reopened: a file replaced in between
+    // would not match its count).
+    file.rewind().map_err(read_err)?;
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     let mut line = String::new();
     let mut n = 0;

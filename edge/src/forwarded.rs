@@ -9,10 +9,6 @@ use http::{HeaderMap, HeaderName};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The client address decided for a request, in its extensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp(pub IpAddr);
-
 /// The client IP for a request from `peer` with `headers`.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted_hops: usize) -> IpAddr {
     if trusted_hops == 0 {
