@@ -93,6 +93,7 @@ async fn consume_only(broker: &str, topic: &str, n: usize) -> f64 {
         dlq_topic: format!("{topic}.dlq"),
         group_id: group.clone(),
         instance_id: format!("{group}-0"),
+        stall_timeout: None,
         properties: Default::default(),
     };
     let c: StreamConsumer = tollgate_ingest::source::consumer(&cfg).unwrap();

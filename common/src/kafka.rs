@@ -43,3 +43,127 @@ pub fn group_consumer(m: &GroupMember<'_>) -> Result<StreamConsumer, rdkafka::er
     consumer.subscribe(&[m.topic])?;
     Ok(consumer)
 }
+
+/// One partition of a member's topic, as the broker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The group's committed offset (`None`: never committed).
+    pub committed: Option<i64>,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl PartitionState {
+    /// Messages the group has yet to read (from its committed offset, or from the start).
+    fn unread(&self) -> i64 {
+        self.high - self.committed.unwrap_or(self.low).max(self.low)
+    }
+}
+
+/// Where a group member stands on its topic: what a stall watchdog looks at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Standing {
+    /// This member's partitions and its position in each (`None`: nothing read yet).
+    pub assigned: BTreeMap<i32, Option<i64>>,
+    /// Every partition of the topic.
+    pub partitions: BTreeMap<i32, PartitionState>,
+}
+
+impl Standing {
+    /// Why a member that has received nothing for a while is stuck rather than idle: one of its
+    /// partitions has messages past its position, or it has no partition at all while the
+    /// group has messages it has not committed and its committed offset has not moved since
+    /// `previous` (the partitions were revoked and nobody reads them; a replica that is idle
+    /// because the others own every partition sees them move). `None`: nothing to read.
+    pub fn stuck(&self, previous: Option<&Standing>) -> Option<String> {
+        for (&p, &position) in &self.assigned {
+            let Some(state) = self.partitions.get(&p) else { continue };
+            let at = position.map_or_else(|| state.committed.unwrap_or(state.low).max(state.low), |o| o.max(state.low));
+            if at < state.high {
+                return Some(format!("partition {p} has {} unread messages but none arrive", state.high - at));
+            }
+        }
+        if self.assigned.is_empty() {
+            let stalled = |p: &i32, s: &PartitionState| {
+                s.unread() > 0
+                    && previous.and_then(|prev| prev.partitions.get(p)).is_some_and(|b| b.committed == s.committed)
+            };
+            if let Some((p, state)) = self.partitions.iter().find(|(p, s)| stalled(p, s)) {
+                return Some(format!(
+                    "no partition assigned while partition {p} has {} messages the group has not committed, and nobody commits",
+                    state.unread()
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Reads `consumer`'s [`Standing`] on `topic` from the broker. Blocking (metadata, watermarks
+/// and committed offsets are requests): call it from a blocking thread.
+pub fn standing(consumer: &StreamConsumer, topic: &str, timeout: Duration) -> rdkafka::error::KafkaResult<Standing> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let offset = |o: Offset| match o {
+        Offset::Offset(n) => Some(n),
+        _ => None,
+    };
+    let mut assigned = BTreeMap::new();
+    let positions = consumer.position()?;
+    for e in consumer.assignment()?.elements_for_topic(topic) {
+        let pos = positions.find_partition(topic, e.partition()).and_then(|p| offset(p.offset()));
+        assigned.insert(e.partition(), pos);
+    }
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let ids: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &ids {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    let mut partitions = BTreeMap::new();
+    for p in ids {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let committed = committed.find_partition(topic, p).and_then(|e| offset(e.offset()));
+        partitions.insert(p, PartitionState { committed, low, high });
+    }
+    Ok(Standing { assigned, partitions })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn state(committed: Option<i64>, low: i64, high: i64) -> PartitionState {
+        PartitionState { committed, low, high }
+    }
+
+    #[test]
+    fn stuck_only_when_something_is_left_to_read() {
+        let partitions: BTreeMap<i32, PartitionState> = [(0, state(Some(10), 0, 10)), (1, state(Some(4), 0, 9))].into();
+        let idle_owner = Standing { assigned: [(0, Some(10))].into(), partitions: partitions.clone() };
+        assert_eq!(idle_owner.stuck(None), None, "its own partition is read to the end");
+        let lagging = Standing { assigned: [(1, Some(4))].into(), partitions: partitions.clone() };
+        assert!(lagging.stuck(None).unwrap().contains("partition 1 has 5 unread"), "{:?}", lagging.stuck(None));
+        let not_started = Standing { assigned: [(1, None)].into(), partitions: partitions.clone() };
+        assert!(not_started.stuck(None).unwrap().contains("partition 1 has 5 unread"));
+        // No partition: stuck only once the group's commits on a lagging partition stopped.
+        let orphan = Standing { assigned: BTreeMap::new(), partitions: partitions.clone() };
+        assert_eq!(orphan.stuck(None), None, "one look is not enough");
+        assert!(orphan.stuck(Some(&orphan)).unwrap().contains("no partition assigned"), "{:?}", orphan.stuck(None));
+        let mut moved = orphan.clone();
+        moved.partitions.insert(1, state(Some(2), 0, 9));
+        assert_eq!(orphan.stuck(Some(&moved)), None, "another replica reads partition 1");
+        let nothing_left: BTreeMap<i32, PartitionState> = [(0, state(Some(10), 0, 10)), (1, state(None, 3, 3))].into();
+        let idle = Standing { assigned: BTreeMap::new(), partitions: nothing_left };
+        assert_eq!(idle.stuck(Some(&idle)), None);
+        // Retention removed what was committed: reading resumes at the low watermark.
+        let trimmed = Standing { assigned: [(0, Some(2))].into(), partitions: [(0, state(Some(2), 7, 7))].into() };
+        assert_eq!(trimmed.stuck(None), None);
+    }
+}

@@ -36,6 +36,8 @@ struct RawKafka {
     group_id: String,
     #[serde(default)]
     instance_id: Option<String>,
+    #[serde(default = "default_stall_timeout_ms")]
+    stall_timeout_ms: u64,
     /// Extra librdkafka properties, passed as they are.
     #[serde(default)]
     properties: BTreeMap<String, String>,
@@ -86,6 +88,9 @@ fn default_dlq_topic() -> String {
 fn default_group_id() -> String {
     "tollgate-ingest".to_owned()
 }
+fn default_stall_timeout_ms() -> u64 {
+    30_000
+}
 fn default_max_rows() -> usize {
     50_000
 }
@@ -120,6 +125,9 @@ pub struct KafkaConfig {
     /// Static group membership id (`group.instance.id`), unique per replica: a restarted
     /// replica takes its partitions back at once instead of waiting out the dead session.
     pub instance_id: String,
+    /// When nothing has arrived for this long, the broker is asked whether there is something
+    /// to read; if so, the consumer is rebuilt (`None`: never; `kafka.stall_timeout_ms = 0`).
+    pub stall_timeout: Option<Duration>,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -188,6 +196,8 @@ impl Config {
                 dlq_topic: raw.kafka.dlq_topic,
                 group_id: raw.kafka.group_id,
                 instance_id,
+                stall_timeout: (raw.kafka.stall_timeout_ms > 0)
+                    .then(|| Duration::from_millis(raw.kafka.stall_timeout_ms)),
                 properties: raw.kafka.properties,
             },
             clickhouse,
@@ -215,6 +225,10 @@ mod tests {
         assert_eq!(c.kafka.dlq_topic, "api-calls.dlq");
         assert_eq!(c.clickhouse.database, "tollgate");
         assert_eq!(c.batch.max_rows.get(), 50_000);
+        assert_eq!(c.kafka.stall_timeout, Some(Duration::from_secs(30)));
+        let off =
+            Config::parse(&MINIMAL.replace("[clickhouse]", "stall_timeout_ms = 0\n[clickhouse]"), &BTreeMap::new());
+        assert_eq!(off.unwrap().kafka.stall_timeout, None);
     }
 
     #[test]

@@ -54,6 +54,8 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
+    // A Kafka client that cannot close (a broker gone mid-rebalance) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -3,11 +3,13 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
+use tollgate_common::kafka::Standing;
 use tollgate_schemas::Decoder;
 
 use crate::config::Config;
@@ -31,45 +33,107 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
             }
         }
     }
-    let consumer = Arc::new(source::consumer(&cfg.kafka)?);
     let dlq = Dlq::new(&cfg.kafka)?;
     let decoder = Decoder::new()?;
     let client = sink::client(&cfg.clickhouse);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
-
     tracing::info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, database = %cfg.clickhouse.database, "ingest started");
-    let writer = tokio::spawn(write_batches(cfg.clone(), client, Arc::clone(&consumer), batch_rx, stop_rx.clone()));
-    let reader = read_batches(&cfg, &consumer, &dlq, &decoder, batch_tx, stop_rx);
-    tokio::pin!(reader);
+    let sessions = async {
+        // Rebuilds in a row without a message in between: each waits twice as long (up to 8×
+        // `kafka.stall_timeout_ms`), so a coordinator that is slow to settle is not disturbed
+        // again and again.
+        let mut patience = 1u32;
+        loop {
+            let stall_timeout = cfg.kafka.stall_timeout.map(|t| t * patience);
+            match session(&cfg, &client, &dlq, &decoder, stall_timeout, stop_rx.clone()).await? {
+                SessionEnd::Stopped => return anyhow::Ok(()),
+                SessionEnd::Stalled { why, read_any } => {
+                    patience = if read_any { 1 } else { (patience * 2).min(8) };
+                    tracing::warn!(reason = %why, "Kafka consumer stalled; rebuilding it (it rejoins the group)");
+                }
+            }
+        }
+    };
+    tokio::pin!(sessions);
     tokio::select! {
-        result = &mut reader => result?,
+        result = &mut sessions => result,
         () = shutdown => {
             let _ = stop_tx.send(true);
-            reader.await?;
+            sessions.await
         }
     }
-    let _ = stop_tx.send(true);
+}
+
+/// How a consumer session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Shutdown.
+    Stopped,
+    /// The consumer stopped receiving although there is something to read (see
+    /// [`tollgate_common::kafka::Standing::stuck`]), or it hit a fatal error: its batches are
+    /// written and committed, and a new consumer takes over.
+    Stalled {
+        why: String,
+        /// Whether the consumer read anything before it stalled.
+        read_any: bool,
+    },
+}
+
+/// One consumer's life: a reader cutting batches and a writer inserting them, until shutdown or
+/// a stall; then the pending batch is written (or left for redelivery at shutdown) and the
+/// stored offsets are committed.
+async fn session(
+    cfg: &Config,
+    client: &clickhouse::Client,
+    dlq: &Dlq,
+    decoder: &Decoder,
+    stall_timeout: Option<Duration>,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<SessionEnd> {
+    let consumer = Arc::new(source::consumer(&cfg.kafka)?);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let writer =
+        tokio::spawn(write_batches(cfg.clone(), client.clone(), Arc::clone(&consumer), batch_rx, stop_rx.clone()));
+    // The reader hands its last batch over and drops the sender: the writer then ends.
+    let ended = read_batches(cfg, &consumer, dlq, decoder, batch_tx, stall_timeout, stop_rx).await;
     writer.await??;
+    let ended = ended?;
     let c = Arc::clone(&consumer);
     let commit = tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync)).await?;
     match commit {
-        Ok(()) => tracing::info!("final offsets committed"),
+        Ok(()) => tracing::info!("offsets committed"),
         Err(e) => tracing::info!(error = %e, "no final commit (nothing stored since the last one)"),
     }
-    Ok(())
+    // Closing a consumer waits for the broker (leaving the group): off the runtime, and not
+    // for long (a stalled one may never manage).
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
+        tracing::warn!("the consumer did not close within 10 s; going on without it");
+    }
+    Ok(ended)
 }
 
 async fn read_batches(
     cfg: &Config,
-    consumer: &StreamConsumer,
+    consumer: &Arc<StreamConsumer>,
     dlq: &Dlq,
     decoder: &Decoder,
     batch_tx: mpsc::Sender<Batch>,
+    stall_timeout: Option<Duration>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SessionEnd> {
     let mut batch = Batch::default();
     let max_rows = cfg.batch.max_rows.get();
+    // The watchdog: when nothing has arrived for `stall_timeout`, ask the broker whether there
+    // is something to read.
+    let mut read_any = false;
+    let period = stall_timeout.map_or(Duration::from_secs(3600), |t| (t / 3).max(Duration::from_millis(100)));
+    let mut check = tokio::time::interval(period);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_progress = tokio::time::Instant::now();
+    let mut stalled: Option<String> = None;
+    let mut previous: Option<Standing> = None;
+    let mut unanswered_since: Option<tokio::time::Instant> = None;
     loop {
         let deadline = batch.started.map(|t| tokio::time::Instant::from_std(t + cfg.batch.max_wait));
         let flush = tokio::select! {
@@ -79,23 +143,52 @@ async fn read_batches(
                 if !batch.is_empty() {
                     let _ = batch_tx.send(std::mem::take(&mut batch)).await;
                 }
-                return Ok(());
+                return Ok(SessionEnd::Stopped);
             }
             () = sleep_until(deadline) => true,
+            _ = check.tick() => {
+                if let Some(t) = stall_timeout.filter(|&t| last_progress.elapsed() >= t) {
+                    match probe(consumer, &cfg.kafka.topic, &mut previous).await {
+                        Verdict::Stuck(why) => stalled = Some(why),
+                        Verdict::Idle => {
+                            last_progress = tokio::time::Instant::now();
+                            unanswered_since = None;
+                        }
+                        // An outage, or a client too wedged to ask: after a while a new
+                        // consumer is worth a try either way.
+                        Verdict::Unknown(e) => {
+                            let since = *unanswered_since.get_or_insert_with(tokio::time::Instant::now);
+                            if since.elapsed() >= 3 * t {
+                                stalled = Some(format!(
+                                    "nothing arrived and the stall check has failed for {} s: {e}",
+                                    since.elapsed().as_secs()
+                                ));
+                            }
+                        }
+                    }
+                }
+                stalled.is_some()
+            }
             msg = consumer.recv() => {
                 match msg {
+                    Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
+                        stalled = Some(format!("fatal consumer error: {code}"));
+                        true
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "Kafka consumer error");
                         false
                     }
                     Ok(msg) => {
+                        last_progress = tokio::time::Instant::now();
+                        read_any = true;
                         let (partition, offset) = (msg.partition(), msg.offset());
                         match source::decode(decoder, &msg) {
                             Decoded::Row(row) => batch.rows.push(*row),
                             Decoded::Poison(error) => {
                                 let src = dlq::Source { topic: msg.topic(), partition, offset };
                                 if !dead_letter(cfg, dlq, &msg, &error, src, &mut stop).await {
-                                    return Ok(());
+                                    return Ok(SessionEnd::Stopped);
                                 }
                                 batch.dead_lettered += 1;
                             }
@@ -109,14 +202,49 @@ async fn read_batches(
         if flush && !batch.is_empty() {
             tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => return Ok(SessionEnd::Stopped),
                 sent = batch_tx.send(std::mem::take(&mut batch)) => {
                     if sent.is_err() {
                         anyhow::bail!("the ClickHouse writer stopped");
                     }
                 }
             }
+            // Waiting for the writer (ClickHouse down) is not a stall.
+            last_progress = tokio::time::Instant::now();
         }
+        if let Some(why) = stalled.take() {
+            return Ok(SessionEnd::Stalled { why, read_any });
+        }
+    }
+}
+
+/// What a stall check found.
+#[derive(Debug)]
+enum Verdict {
+    /// Nothing to read: the consumer is idle, not stuck.
+    Idle,
+    Stuck(String),
+    /// The check could not ask the broker (an outage, or a client too wedged to ask).
+    Unknown(String),
+}
+
+/// Asks the broker whether the consumer has something to read (see [`Standing::stuck`]);
+/// `previous` is the last answer, kept for the next check.
+async fn probe(consumer: &Arc<StreamConsumer>, topic: &str, previous: &mut Option<Standing>) -> Verdict {
+    let (c, topic) = (Arc::clone(consumer), topic.to_owned());
+    let standing =
+        tokio::task::spawn_blocking(move || tollgate_common::kafka::standing(&c, &topic, Duration::from_secs(5))).await;
+    match standing {
+        Ok(Ok(standing)) => {
+            let stuck = standing.stuck(previous.as_ref());
+            *previous = Some(standing);
+            stuck.map_or(Verdict::Idle, Verdict::Stuck)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "stall check: the broker does not answer");
+            Verdict::Unknown(e.to_string())
+        }
+        Err(e) => Verdict::Unknown(e.to_string()),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Ingest under faults: kill -9 mid-stream, poison messages, ClickHouse down.
+//! Ingest under faults: kill -9 mid-stream, poison messages, ClickHouse down, a rebalance that
+//! never completes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -187,4 +188,56 @@ async fn clickhouse_down_then_up_all_events_arrive_once() {
     assert_eq!(count_final(&url, &db).await, 10_000);
     assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 10_000);
     assert!(ingest.terminate(Duration::from_secs(15)));
+}
+
+/// A group coordinator that never completes a rebalance (every SyncGroup answered "rebalance in
+/// progress", as Tansu did after a broker restart or a member that died as leader) leaves ingest
+/// without partitions while events wait. Its stall watchdog notices (no partition, unread
+/// messages, no commits moving), rebuilds the consumer, and once the coordinator behaves every
+/// event arrives exactly once. librdkafka's mock cluster plays the coordinator: a real broker
+/// cannot be told to misbehave on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_rebalance_is_noticed_and_the_consumer_rebuilt() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::FutureProducer;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let dir = TempDir::new("e2e_stuck");
+    let (topic, db, group) = (unique("calls"), unique("stuck"), unique("g"));
+    let url = clickhouse();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&topic, 2, 1).unwrap();
+    mock.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let events = encoded_events(1_000, &["a", "b"]);
+    produce_all(&producer, &topic, &events).await;
+
+    // Every SyncGroup fails for now: ingest joins, never gets an assignment.
+    mock.request_errors(RDKafkaApiKey::SyncGroup, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 5_000]);
+    let cfg = ingest_config_on(&brokers, &topic, &db, &group, &url)
+        .replace("instance_id = ", "stall_timeout_ms = 2000\ninstance_id = ");
+    let mut ingest = start_ingest(dir.path(), "ingest", &cfg);
+    let noticed = wait_until(Duration::from_secs(60), || async {
+        std::fs::read_to_string(&ingest.log).unwrap_or_default().contains("Kafka consumer stalled")
+    })
+    .await;
+    assert!(noticed, "the watchdog did not notice:\n{}", ingest.log_tail());
+    assert_eq!(count_final(&url, &db).await, 0, "nothing can have been read without an assignment");
+    let log = std::fs::read_to_string(&ingest.log).unwrap();
+    assert!(log.contains("no partition assigned while partition"), "{log}");
+
+    // The coordinator behaves again: the rebuilt consumer gets the partitions.
+    mock.clear_request_errors(RDKafkaApiKey::SyncGroup);
+    let done = wait_until(Duration::from_secs(120), || async { count_final(&url, &db).await >= 1_000 }).await;
+    assert!(
+        done,
+        "only {} of 1000 arrived:\n{}",
+        count_final(&url, &db).await,
+        std::fs::read_to_string(&ingest.log).unwrap_or_default()
+    );
+    assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 1_000);
+    assert_eq!(count_final(&url, &db).await, 1_000);
+    assert!(ingest.terminate(Duration::from_secs(15)));
+    let _ = ch(&url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
