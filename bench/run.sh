@@ -3,7 +3,8 @@
 #   bench/run.sh              both benchmarks
 #   bench/run.sh ingest       ingest throughput only
 #   bench/run.sh freshness    freshness only
-#   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on, JWT), RSS
+#   bench/run.sh gateway      wrk: direct, nginx, edge (metering off/on, JWT), RSS; built with
+#                             the `dist` profile (fat LTO), the build to deploy (README)
 #   bench/run.sh encode       event encoding: direct Avro writer vs apache-avro
 #   bench/run.sh aggregate    aggregator replay throughput
 #   bench/run.sh lag          usage and quota lag at 2,000 requests/s
@@ -23,12 +24,13 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate-bench"
 case "${1:-all}" in
     ingest) "$BIN" ingest ;;
     freshness) "$BIN" freshness ;;
-    gateway) "$BIN" gateway ;;
+    gateway) cargo build --profile dist --quiet -p tollgate-edge -p tollgate-demo -p tollgate-bench
+        "${CARGO_TARGET_DIR:-$ROOT/target}/dist/tollgate-bench" gateway ;;
     encode) "$BIN" encode ;;
     aggregate) "$BIN" aggregate ;;
     lag) "$BIN" lag ;;
     billing) "$BIN" billing ;;
     callgrind) bench/callgrind-edge.sh ;;
-    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$BIN" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
+    all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$0" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
     *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind]" >&2; exit 2 ;;
 esac

@@ -46,7 +46,7 @@ pub fn workdir(name: &str) -> PathBuf {
 /// A Tansu broker on memory storage, on a free port.
 pub struct Broker {
     pub addr: String,
-    _proc: Proc,
+    pub proc: Proc,
 }
 
 impl Broker {
@@ -71,7 +71,7 @@ impl Broker {
             assert!(Instant::now() < deadline, "tansu did not start");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Self { addr, _proc: proc }
+        Self { addr, proc }
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {

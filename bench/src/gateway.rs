@@ -26,6 +26,74 @@ struct Figures {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Requests completed in the run.
+    requests: f64,
+}
+
+/// CPU time (user + system) of a process in clock ticks, from `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which may contain spaces: state is field 3,
+            // utime and stime are fields 14 and 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time of this process's waited-for children (wrk), in clock ticks.
+fn children_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// The processes a nginx master started (its workers).
+fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Microseconds of CPU per request, per role, over one wrk run.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerRequest {
+    proxy: f64,
+    upstream: f64,
+    broker: f64,
+    wrk: f64,
+}
+
+/// Whose CPU a target's run is charged to.
+struct Roles {
+    proxy: Vec<u32>,
+    upstream: u32,
+    broker: u32,
+}
+
+impl Roles {
+    fn ticks(&self) -> [u64; 4] {
+        [
+            self.proxy.iter().map(|&p| cpu_ticks(p)).sum(),
+            cpu_ticks(self.upstream),
+            cpu_ticks(self.broker),
+            children_ticks(),
+        ]
+    }
+}
+
+fn per_request(before: [u64; 4], after: [u64; 4], requests: f64) -> CpuPerRequest {
+    // Linux reports these in USER_HZ = 100 ticks per second.
+    let us = |i: usize| (after[i].saturating_sub(before[i])) as f64 * 10_000.0 / requests.max(1.0);
+    CpuPerRequest { proxy: us(0), upstream: us(1), broker: us(2), wrk: us(3) }
 }
 
 fn parse_latency(s: &str) -> Option<f64> {
@@ -70,6 +138,11 @@ fn wrk(url: &str, cred: &Cred, seconds: u64, connections: u32) -> Figures {
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(f64::NAN);
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in").map(|(n, _)| n.trim().to_owned()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
     let pct = |p: &str| {
         text.lines().map(str::trim).find_map(|l| l.strip_prefix(p)).and_then(parse_latency).unwrap_or(f64::NAN)
     };
@@ -78,7 +151,7 @@ fn wrk(url: &str, cred: &Cred, seconds: u64, connections: u32) -> Figures {
     if let Some(n) = non2xx {
         eprintln!("warning: {url}: {n} non-2xx responses");
     }
-    Figures { rps, p50_ms: pct("50%"), p99_ms: pct("99%") }
+    Figures { rps, p50_ms: pct("50%"), p99_ms: pct("99%"), requests }
 }
 
 fn wait_port(addr: &str) {
@@ -169,7 +242,8 @@ fn median_of(runs: &[Figures]) -> Figures {
     let mut r: Vec<f64> = runs.iter().map(|f| f.rps).collect();
     let mut a: Vec<f64> = runs.iter().map(|f| f.p50_ms).collect();
     let mut b: Vec<f64> = runs.iter().map(|f| f.p99_ms).collect();
-    Figures { rps: median(&mut r), p50_ms: median(&mut a), p99_ms: median(&mut b) }
+    let mut n: Vec<f64> = runs.iter().map(|f| f.requests).collect();
+    Figures { rps: median(&mut r), p50_ms: median(&mut a), p99_ms: median(&mut b), requests: median(&mut n) }
 }
 
 pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<()> {
@@ -180,14 +254,14 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     // Upstream: the demo upstream answering 64 bytes (`?bytes=64`), in its own process.
     let up_port = free_port();
-    let _up = spawn(
+    let up = spawn(
         Command::new(release_bin("tollgate-demo")).args(["upstream", "--listen", &format!("127.0.0.1:{up_port}")]),
         &dir.join("upstream.log"),
     );
     wait_port(&format!("127.0.0.1:{up_port}"));
     let ng_port = free_port();
     std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, ng_port, up_port, threads))?;
-    let _ng =
+    let ng =
         spawn(Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir), &dir.join("nginx.out"));
     wait_port(&format!("127.0.0.1:{ng_port}"));
     let broker = Broker::start(&dir).await;
@@ -206,7 +280,7 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     };
     // The framework ceiling: hyper server + the edge's upstream pool, no gateway work.
     let hp_port = free_port();
-    let _hp = spawn(
+    let hp = spawn(
         Command::new(release_bin("tollgate-bench")).args([
             "hyper-proxy",
             "--listen",
@@ -219,8 +293,8 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         &dir.join("hyper-proxy.log"),
     );
     wait_port(&format!("127.0.0.1:{hp_port}"));
-    let (_e1, off_port) = start_edge("edge-off", None);
-    let (_e2, on_port) = start_edge("edge-on", Some(&broker.addr));
+    let (e1, off_port) = start_edge("edge-off", None);
+    let (e2, on_port) = start_edge("edge-on", Some(&broker.addr));
 
     let path = "/bench?bytes=64";
     let jwt = tollgate_demo::traffic::demo_jwt("bench").ok_or_else(|| anyhow::anyhow!("cannot sign the demo JWT"))?;
@@ -232,15 +306,28 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::ApiKey),
         ("edge, ES256 JWT + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::Jwt(jwt)),
     ];
+    let (up_pid, broker_pid) = (up.0.id(), broker.proc.0.id());
+    let roles = |proxy: Vec<u32>| Roles { proxy, upstream: up_pid, broker: broker_pid };
+    let roles = [
+        roles(vec![]),
+        roles(child_pids(ng.0.id())),
+        roles(vec![hp.0.id()]),
+        roles(vec![e1.0.id()]),
+        roles(vec![e2.0.id()]),
+        roles(vec![e2.0.id()]),
+    ];
     // Warm-up: connection pools, page cache.
     for (_, url, cred) in &targets {
         let _ = wrk(url, cred, 2, connections);
     }
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+    let mut cpu: Vec<Vec<CpuPerRequest>> = vec![Vec::new(); targets.len()];
     for run in 0..runs {
         // Interleaved, so drift on the shared machine hits every target alike.
         for (i, (name, url, cred)) in targets.iter().enumerate() {
+            let before = roles[i].ticks();
             let f = wrk(url, cred, seconds, connections);
+            cpu[i].push(per_request(before, roles[i].ticks(), f.requests));
             println!(
                 "run {}: {name:<38} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms",
                 run + 1,
@@ -268,6 +355,17 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         );
     }
     println!("edge with metering vs the hyper proxy (share of the ceiling): {:.2}x", med[4].rps / med[2].rps);
+    // Throughput on this machine is the inverse of the CPU every process spends per request.
+    println!("\nCPU per request (median, microseconds; user + system; the 2 cores are shared by all):");
+    println!("{:<38} {:>8} {:>9} {:>8} {:>8} {:>8}", "", "proxy", "upstream", "Tansu", "wrk", "total");
+    for ((name, _, _), c) in targets.iter().zip(&cpu) {
+        let m = |f: fn(&CpuPerRequest) -> f64| {
+            let mut v: Vec<f64> = c.iter().map(f).collect();
+            median(&mut v)
+        };
+        let (p, u, b, w) = (m(|c| c.proxy), m(|c| c.upstream), m(|c| c.broker), m(|c| c.wrk));
+        println!("{name:<38} {p:>8.1} {u:>9.1} {b:>8.1} {w:>8.1} {:>8.1}", p + u + b + w);
+    }
     println!("metering cost: {:.1} % of throughput", (1.0 - med[4].rps / med[3].rps) * 100.0);
     println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[5].rps / med[4].rps);
 
