@@ -30,30 +30,26 @@ struct Figures {
     requests: f64,
 }
 
-/// CPU time (user + system) of a process in clock ticks, from `/proc/<pid>/stat`.
-fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+/// The sum of two numeric fields of a `/proc/.../stat` line, counted after the command name
+/// (which may contain spaces; the state, field 3, is index 0).
+fn stat_fields(path: &str, first: usize) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
-            // Fields after the command name, which may contain spaces: state is field 3,
-            // utime and stime are fields 14 and 15.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(f.get(first)?.parse::<u64>().ok()? + f.get(first + 1)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
 }
 
-/// CPU time of this process's waited-for children (wrk), in clock ticks.
+/// CPU time (user + system: fields 14 and 15) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    stat_fields(&format!("/proc/{pid}/stat"), 11)
+}
+
+/// CPU time of this process's waited-for children (wrk; fields 16 and 17), in clock ticks.
 fn children_ticks() -> u64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
+    stat_fields("/proc/self/stat", 13)
 }
 
 /// The processes a nginx master started (its workers).

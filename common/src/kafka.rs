@@ -54,9 +54,15 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
-    /// Messages the group has yet to read (from its committed offset, or from the start).
+    /// Where the group resumes: its committed offset, or the start (also when retention
+    /// removed what it committed).
+    fn resume_at(&self) -> i64 {
+        self.committed.unwrap_or(self.low).max(self.low)
+    }
+
+    /// Messages the group has yet to read.
     fn unread(&self) -> i64 {
-        self.high - self.committed.unwrap_or(self.low).max(self.low)
+        self.high - self.resume_at()
     }
 }
 
@@ -78,7 +84,7 @@ impl Standing {
     pub fn stuck(&self, previous: Option<&Standing>) -> Option<String> {
         for (&p, &position) in &self.assigned {
             let Some(state) = self.partitions.get(&p) else { continue };
-            let at = position.map_or_else(|| state.committed.unwrap_or(state.low).max(state.low), |o| o.max(state.low));
+            let at = position.map_or_else(|| state.resume_at(), |o| o.max(state.low));
             if at < state.high {
                 return Some(format!("partition {p} has {} unread messages but none arrive", state.high - at));
             }
