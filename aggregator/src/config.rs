@@ -42,6 +42,8 @@ struct RawKafka {
     ingest_group_id: String,
     #[serde(default = "default_commit_interval_ms")]
     commit_interval_ms: u64,
+    #[serde(default = "default_stall_timeout_ms")]
+    stall_timeout_ms: u64,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -138,6 +140,9 @@ fn default_group_id() -> String {
 fn default_ingest_group_id() -> String {
     "tollgate-ingest".to_owned()
 }
+fn default_stall_timeout_ms() -> u64 {
+    30_000
+}
 fn default_commit_interval_ms() -> u64 {
     1_000
 }
@@ -192,6 +197,8 @@ pub struct KafkaConfig {
     /// How often offsets of written minutes are committed (a restart re-reads at most this
     /// much more; what it re-reads is rewritten, not counted twice).
     pub commit_interval: Duration,
+    /// The stall watchdog's timeout (see ingest's; `None`: off, `kafka.stall_timeout_ms = 0`).
+    pub stall_timeout: Option<Duration>,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -289,6 +296,8 @@ impl Config {
                 instance_id,
                 ingest_group_id: raw.kafka.ingest_group_id,
                 commit_interval: Duration::from_millis(raw.kafka.commit_interval_ms),
+                stall_timeout: (raw.kafka.stall_timeout_ms > 0)
+                    .then(|| Duration::from_millis(raw.kafka.stall_timeout_ms)),
                 properties: raw.kafka.properties,
             },
             clickhouse,

@@ -105,6 +105,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // A Kafka client that cannot close (a broker gone mid-rebalance) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

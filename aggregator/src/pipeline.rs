@@ -21,6 +21,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
+use tollgate_common::kafka::StallWatch;
 use tollgate_schemas::Decoder;
 
 use crate::config::{Config, KafkaConfig};
@@ -79,7 +80,22 @@ struct Done {
 /// Runs until `shutdown` completes; then commits what is written and returns.
 pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let work = start(cfg, metrics, stop_rx);
+    let work = async {
+        // A stalled consumer (see `kafka.stall_timeout_ms`) ends the run as a shutdown would
+        // (written minutes committed, open ones read again) and a new one starts; each restart
+        // in a row without a message waits twice as long, up to 8×.
+        let mut patience = 1u32;
+        loop {
+            let stall_timeout = cfg.kafka.stall_timeout.map(|t| t * patience);
+            match start(cfg.clone(), Arc::clone(&metrics), stall_timeout, stop_rx.clone()).await? {
+                None => return anyhow::Ok(()),
+                Some(Stalled { why, read_any }) => {
+                    patience = if read_any { 1 } else { (patience * 2).min(8) };
+                    tracing::warn!(reason = %why, "Kafka consumer stalled; restarting with a new one (it rejoins the group)");
+                }
+            }
+        }
+    };
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
@@ -90,7 +106,20 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Outpu
     }
 }
 
-async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+/// Why a run ended before shutdown.
+#[derive(Debug)]
+struct Stalled {
+    why: String,
+    /// Whether the consumer read anything before it stalled.
+    read_any: bool,
+}
+
+async fn start(
+    cfg: Config,
+    metrics: Arc<Metrics>,
+    stall_timeout: Option<Duration>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<Stalled>> {
     if cfg.clickhouse.migrate_on_start {
         let mut backoff = Backoff::new(cfg.initial_backoff, cfg.max_backoff);
         loop {
@@ -100,7 +129,7 @@ async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) 
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "ClickHouse not ready for migrations");
                     if *stop.borrow() {
-                        return Ok(());
+                        return Ok(None);
                     }
                     tokio::time::sleep(delay).await;
                 }
@@ -129,7 +158,7 @@ async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) 
     let writer_task = tokio::spawn(writer.run(jobs_rx, done_tx));
     let mut reader =
         Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx };
-    let result = reader.consume().await;
+    let result = reader.consume(stall_timeout).await;
     // Let the writer finish what it has (it gives up on shutdown if ClickHouse fails), then
     // commit what is written.
     reader.jobs = None;
@@ -141,6 +170,14 @@ async fn start(cfg: Config, metrics: Arc<Metrics>, stop: watch::Receiver<bool>) 
     // fails, their offsets are not stored, so the next start writes and publishes them again.
     let published = reader.publish_quotas_once().await;
     reader.commit_final(published).await;
+    // Closing a consumer waits for the broker: off the runtime, and not for long (a stalled
+    // one may never manage).
+    let consumer = Arc::clone(&reader.consumer);
+    drop(reader);
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
+        tracing::warn!("the consumer did not close within 10 s; going on without it");
+    }
     result
 }
 
@@ -157,22 +194,38 @@ struct Reader {
 }
 
 impl Reader {
-    async fn consume(&mut self) -> anyhow::Result<()> {
+    /// Reads until shutdown (`None`) or until the consumer stalls.
+    async fn consume(&mut self, stall_timeout: Option<Duration>) -> anyhow::Result<Option<Stalled>> {
         let decoder = Decoder::new()?;
         let mut last_check = Instant::now();
         let mut stop = self.stop.clone();
         let consumer = Arc::clone(&self.consumer);
         let mut tick = tokio::time::interval(CLOSE_CHECK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = StallWatch::new(&self.cfg.kafka.topic, stall_timeout);
+        let mut stall_check = tokio::time::interval(watchdog.period());
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut read_any = false;
         loop {
             let check = tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => return Ok(None),
                 _ = tick.tick() => true,
+                _ = stall_check.tick() => {
+                    if let Some(why) = watchdog.check(&consumer).await {
+                        return Ok(Some(Stalled { why, read_any }));
+                    }
+                    false
+                }
                 msg = consumer.recv() => {
                     match msg {
+                        Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
+                            return Ok(Some(Stalled { why: format!("fatal consumer error: {code}"), read_any }));
+                        }
                         Err(e) => tracing::warn!(error = %e, "Kafka consumer error"),
                         Ok(msg) => {
+                            watchdog.progressed();
+                            read_any = true;
                             self.observe(&decoder, msg.partition(), msg.offset(), msg.payload());
                         }
                     }
@@ -181,8 +234,13 @@ impl Reader {
             };
             if check {
                 last_check = Instant::now();
+                let started = Instant::now();
                 if !self.close_due().await {
-                    return Ok(());
+                    return Ok(None);
+                }
+                // Waiting for the writer (ClickHouse down, ingest behind) is not a stall.
+                if started.elapsed() >= CLOSE_CHECK_EVERY {
+                    watchdog.progressed();
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The consumer-group client every pipeline stage uses.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -138,6 +139,70 @@ pub fn standing(consumer: &StreamConsumer, topic: &str, timeout: Duration) -> rd
         partitions.insert(p, PartitionState { committed, low, high });
     }
     Ok(Standing { assigned, partitions })
+}
+
+/// A consumer's stall watchdog: when nothing has arrived for `timeout`, it asks the broker
+/// ([`standing`]) whether there is something to read, and names the stall when there is
+/// ([`Standing::stuck`]), or when the broker could not be asked for 3× `timeout`. The owner
+/// calls [`StallWatch::progressed`] whenever it got a message or waited on something other
+/// than Kafka, and [`StallWatch::check`] every [`StallWatch::period`].
+#[derive(Debug)]
+pub struct StallWatch {
+    topic: String,
+    timeout: Option<Duration>,
+    last_progress: tokio::time::Instant,
+    previous: Option<Standing>,
+    unanswered_since: Option<tokio::time::Instant>,
+}
+
+impl StallWatch {
+    /// `timeout`: `None` turns the watchdog off.
+    pub fn new(topic: &str, timeout: Option<Duration>) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            timeout,
+            last_progress: tokio::time::Instant::now(),
+            previous: None,
+            unanswered_since: None,
+        }
+    }
+
+    /// How often to call [`StallWatch::check`].
+    pub fn period(&self) -> Duration {
+        self.timeout.map_or(Duration::from_secs(3600), |t| (t / 3).max(Duration::from_millis(100)))
+    }
+
+    pub fn progressed(&mut self) {
+        self.last_progress = tokio::time::Instant::now();
+    }
+
+    /// Why `consumer` is stalled, if it is. Asks the broker (in a blocking thread) only once
+    /// nothing has arrived for the timeout.
+    pub async fn check(&mut self, consumer: &Arc<StreamConsumer>) -> Option<String> {
+        let t = self.timeout.filter(|&t| self.last_progress.elapsed() >= t)?;
+        let (c, topic) = (Arc::clone(consumer), self.topic.clone());
+        let standing = tokio::task::spawn_blocking(move || standing(&c, &topic, Duration::from_secs(5))).await;
+        let unknown = match standing {
+            Ok(Ok(standing)) => {
+                let stuck = standing.stuck(self.previous.as_ref());
+                self.previous = Some(standing);
+                if stuck.is_none() {
+                    self.progressed();
+                    self.unanswered_since = None;
+                }
+                return stuck;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        // An outage, or a client too wedged to ask: after a while a new consumer is worth a
+        // try either way.
+        tracing::debug!(error = %unknown, "stall check: the broker does not answer");
+        let since = *self.unanswered_since.get_or_insert_with(tokio::time::Instant::now);
+        (since.elapsed() >= 3 * t).then(|| {
+            format!("nothing arrived and the stall check has failed for {} s: {unknown}", since.elapsed().as_secs())
+        })
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
-use tollgate_common::kafka::Standing;
+use tollgate_common::kafka::StallWatch;
 use tollgate_schemas::Decoder;
 
 use crate::config::Config;
@@ -127,13 +127,10 @@ async fn read_batches(
     // The watchdog: when nothing has arrived for `stall_timeout`, ask the broker whether there
     // is something to read.
     let mut read_any = false;
-    let period = stall_timeout.map_or(Duration::from_secs(3600), |t| (t / 3).max(Duration::from_millis(100)));
-    let mut check = tokio::time::interval(period);
+    let mut watchdog = StallWatch::new(&cfg.kafka.topic, stall_timeout);
+    let mut check = tokio::time::interval(watchdog.period());
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_progress = tokio::time::Instant::now();
     let mut stalled: Option<String> = None;
-    let mut previous: Option<Standing> = None;
-    let mut unanswered_since: Option<tokio::time::Instant> = None;
     loop {
         let deadline = batch.started.map(|t| tokio::time::Instant::from_std(t + cfg.batch.max_wait));
         let flush = tokio::select! {
@@ -147,26 +144,7 @@ async fn read_batches(
             }
             () = sleep_until(deadline) => true,
             _ = check.tick() => {
-                if let Some(t) = stall_timeout.filter(|&t| last_progress.elapsed() >= t) {
-                    match probe(consumer, &cfg.kafka.topic, &mut previous).await {
-                        Verdict::Stuck(why) => stalled = Some(why),
-                        Verdict::Idle => {
-                            last_progress = tokio::time::Instant::now();
-                            unanswered_since = None;
-                        }
-                        // An outage, or a client too wedged to ask: after a while a new
-                        // consumer is worth a try either way.
-                        Verdict::Unknown(e) => {
-                            let since = *unanswered_since.get_or_insert_with(tokio::time::Instant::now);
-                            if since.elapsed() >= 3 * t {
-                                stalled = Some(format!(
-                                    "nothing arrived and the stall check has failed for {} s: {e}",
-                                    since.elapsed().as_secs()
-                                ));
-                            }
-                        }
-                    }
-                }
+                stalled = watchdog.check(consumer).await;
                 stalled.is_some()
             }
             msg = consumer.recv() => {
@@ -180,7 +158,7 @@ async fn read_batches(
                         false
                     }
                     Ok(msg) => {
-                        last_progress = tokio::time::Instant::now();
+                        watchdog.progressed();
                         read_any = true;
                         let (partition, offset) = (msg.partition(), msg.offset());
                         match source::decode(decoder, &msg) {
@@ -210,41 +188,11 @@ async fn read_batches(
                 }
             }
             // Waiting for the writer (ClickHouse down) is not a stall.
-            last_progress = tokio::time::Instant::now();
+            watchdog.progressed();
         }
         if let Some(why) = stalled.take() {
             return Ok(SessionEnd::Stalled { why, read_any });
         }
-    }
-}
-
-/// What a stall check found.
-#[derive(Debug)]
-enum Verdict {
-    /// Nothing to read: the consumer is idle, not stuck.
-    Idle,
-    Stuck(String),
-    /// The check could not ask the broker (an outage, or a client too wedged to ask).
-    Unknown(String),
-}
-
-/// Asks the broker whether the consumer has something to read (see [`Standing::stuck`]);
-/// `previous` is the last answer, kept for the next check.
-async fn probe(consumer: &Arc<StreamConsumer>, topic: &str, previous: &mut Option<Standing>) -> Verdict {
-    let (c, topic) = (Arc::clone(consumer), topic.to_owned());
-    let standing =
-        tokio::task::spawn_blocking(move || tollgate_common::kafka::standing(&c, &topic, Duration::from_secs(5))).await;
-    match standing {
-        Ok(Ok(standing)) => {
-            let stuck = standing.stuck(previous.as_ref());
-            *previous = Some(standing);
-            stuck.map_or(Verdict::Idle, Verdict::Stuck)
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "stall check: the broker does not answer");
-            Verdict::Unknown(e.to_string())
-        }
-        Err(e) => Verdict::Unknown(e.to_string()),
     }
 }
 

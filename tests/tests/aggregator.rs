@@ -274,3 +274,54 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     );
     drop((ingest1, ingest2, ingest3, agg1, agg2, two));
 }
+
+/// The aggregator's stall watchdog: a coordinator that answers every SyncGroup "rebalance in
+/// progress" (librdkafka's mock cluster; a real broker cannot be told to) leaves it without
+/// partitions while events wait. It notices, restarts its run with a new consumer, and once
+/// the coordinator behaves it reads every event (its `events_total` metric).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_rebalance_is_noticed_and_the_run_restarted() {
+    use rdkafka::ClientConfig;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::FutureProducer;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let dir = TempDir::new("e2e_agg_stuck");
+    let (topic, db, group) = (unique("calls"), unique("aggstuck"), unique("agg"));
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(&topic, 2, 1).unwrap();
+    mock.create_topic(tollgate_schemas::topics::QUOTA_STATE, 1, 1).unwrap();
+    let brokers = mock.bootstrap_servers();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    produce_all(&producer, &topic, &encoded_events(1_000, &["a", "b"])).await;
+
+    mock.request_errors(RDKafkaApiKey::SyncGroup, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 5_000]);
+    let admin = free_port();
+    let cfg = aggregator_config(&topic, &db, &group, &format!("{group}-0"), &unique("ingest"), "")
+        .replace(&format!("brokers = \"{}\"", kafka()), &format!("brokers = \"{brokers}\""))
+        .replace("ingest_group_id = ", "stall_timeout_ms = 2000\ningest_group_id = ")
+        + &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n");
+    let mut agg = start_aggregator(dir.path(), "aggregator", &cfg);
+    let noticed = wait_until(Duration::from_secs(60), || async {
+        std::fs::read_to_string(&agg.log).unwrap_or_default().contains("Kafka consumer stalled")
+    })
+    .await;
+    assert!(noticed, "the watchdog did not notice:\n{}", agg.log_tail());
+    let log = std::fs::read_to_string(&agg.log).unwrap();
+    assert!(log.contains("no partition assigned while partition"), "{log}");
+
+    mock.clear_request_errors(RDKafkaApiKey::SyncGroup);
+    let http = Http::new();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let events = || async {
+        let (_, _, body) = http.get(admin_addr, "/metrics", &[]).await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("tollgate_aggregator_events_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let read = wait_until(Duration::from_secs(120), || async { events().await >= 1_000 }).await;
+    assert!(read, "read {} of 1000:\n{}", events().await, std::fs::read_to_string(&agg.log).unwrap_or_default());
+    assert!(agg.terminate(Duration::from_secs(15)), "the aggregator did not stop");
+    let _ = ch(&clickhouse(), &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
