@@ -21,7 +21,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
-use tollgate_common::kafka::StallWatch;
+use tollgate_common::kafka::{StallWatch, Stalled};
 use tollgate_schemas::Decoder;
 
 use crate::config::{Config, KafkaConfig};
@@ -80,22 +80,11 @@ struct Done {
 /// Runs until `shutdown` completes; then commits what is written and returns.
 pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let work = async {
-        // A stalled consumer (see `kafka.stall_timeout_ms`) ends the run as a shutdown would
-        // (written minutes committed, open ones read again) and a new one starts; each restart
-        // in a row without a message waits twice as long, up to 8×.
-        let mut patience = 1u32;
-        loop {
-            let stall_timeout = cfg.kafka.stall_timeout.map(|t| t * patience);
-            match start(cfg.clone(), Arc::clone(&metrics), stall_timeout, stop_rx.clone()).await? {
-                None => return anyhow::Ok(()),
-                Some(Stalled { why, read_any }) => {
-                    patience = if read_any { 1 } else { (patience * 2).min(8) };
-                    tracing::warn!(reason = %why, "Kafka consumer stalled; restarting with a new one (it rejoins the group)");
-                }
-            }
-        }
-    };
+    // A stalled consumer (see `kafka.stall_timeout_ms`) ends the run as a shutdown would
+    // (written minutes committed, open ones read again) and a new run starts.
+    let work = tollgate_common::kafka::restart_while_stalled(cfg.kafka.stall_timeout, |stall_timeout| {
+        start(cfg.clone(), Arc::clone(&metrics), stall_timeout, stop_rx.clone())
+    });
     tokio::pin!(work);
     tokio::select! {
         r = &mut work => r,
@@ -104,14 +93,6 @@ pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Outpu
             work.await
         }
     }
-}
-
-/// Why a run ended before shutdown.
-#[derive(Debug)]
-struct Stalled {
-    why: String,
-    /// Whether the consumer read anything before it stalled.
-    read_any: bool,
 }
 
 async fn start(
@@ -170,14 +151,9 @@ async fn start(
     // fails, their offsets are not stored, so the next start writes and publishes them again.
     let published = reader.publish_quotas_once().await;
     reader.commit_final(published).await;
-    // Closing a consumer waits for the broker: off the runtime, and not for long (a stalled
-    // one may never manage).
     let consumer = Arc::clone(&reader.consumer);
     drop(reader);
-    let close = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
-        tracing::warn!("the consumer did not close within 10 s; going on without it");
-    }
+    tollgate_common::kafka::close(consumer).await;
     result
 }
 
@@ -234,12 +210,11 @@ impl Reader {
             };
             if check {
                 last_check = Instant::now();
-                let started = Instant::now();
                 if !self.close_due().await {
                     return Ok(None);
                 }
                 // Waiting for the writer (ClickHouse down, ingest behind) is not a stall.
-                if started.elapsed() >= CLOSE_CHECK_EVERY {
+                if last_check.elapsed() >= CLOSE_CHECK_EVERY {
                     watchdog.progressed();
                 }
             }

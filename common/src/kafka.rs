@@ -205,6 +205,45 @@ impl StallWatch {
     }
 }
 
+/// Why a consumer's run ended before shutdown: it stalled (see [`StallWatch`]) or hit a fatal
+/// error.
+#[derive(Debug)]
+pub struct Stalled {
+    pub why: String,
+    /// Whether the consumer read anything before it stalled.
+    pub read_any: bool,
+}
+
+/// Runs `run` (one consumer's life, given its stall timeout) until it ends for a reason other
+/// than a stall, starting it again after each stall. Each restart in a row without a message
+/// waits twice as long (up to 8× `stall_timeout`), so a coordinator that is slow to settle is
+/// not disturbed again and again.
+pub async fn restart_while_stalled<F, Fut, E>(stall_timeout: Option<Duration>, mut run: F) -> Result<(), E>
+where
+    F: FnMut(Option<Duration>) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Stalled>, E>>,
+{
+    let mut patience = 1u32;
+    loop {
+        match run(stall_timeout.map(|t| t * patience)).await? {
+            None => return Ok(()),
+            Some(Stalled { why, read_any }) => {
+                patience = if read_any { 1 } else { (patience * 2).min(8) };
+                tracing::warn!(reason = %why, "Kafka consumer stalled; starting again with a new one (it rejoins the group)");
+            }
+        }
+    }
+}
+
+/// Closes a consumer (which waits for the broker) off the runtime, giving up after 10 s: a
+/// stalled one may never manage.
+pub async fn close(consumer: Arc<StreamConsumer>) {
+    let close = tokio::task::spawn_blocking(move || drop(consumer));
+    if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
+        tracing::warn!("the consumer did not close within 10 s; going on without it");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

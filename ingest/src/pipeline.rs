@@ -9,7 +9,7 @@ use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
-use tollgate_common::kafka::StallWatch;
+use tollgate_common::kafka::{StallWatch, Stalled};
 use tollgate_schemas::Decoder;
 
 use crate::config::Config;
@@ -38,22 +38,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     let client = sink::client(&cfg.clickhouse);
     let (stop_tx, stop_rx) = watch::channel(false);
     tracing::info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, database = %cfg.clickhouse.database, "ingest started");
-    let sessions = async {
-        // Rebuilds in a row without a message in between: each waits twice as long (up to 8×
-        // `kafka.stall_timeout_ms`), so a coordinator that is slow to settle is not disturbed
-        // again and again.
-        let mut patience = 1u32;
-        loop {
-            let stall_timeout = cfg.kafka.stall_timeout.map(|t| t * patience);
-            match session(&cfg, &client, &dlq, &decoder, stall_timeout, stop_rx.clone()).await? {
-                SessionEnd::Stopped => return anyhow::Ok(()),
-                SessionEnd::Stalled { why, read_any } => {
-                    patience = if read_any { 1 } else { (patience * 2).min(8) };
-                    tracing::warn!(reason = %why, "Kafka consumer stalled; rebuilding it (it rejoins the group)");
-                }
-            }
-        }
-    };
+    let sessions = tollgate_common::kafka::restart_while_stalled(cfg.kafka.stall_timeout, |stall_timeout| {
+        session(&cfg, &client, &dlq, &decoder, stall_timeout, stop_rx.clone())
+    });
     tokio::pin!(sessions);
     tokio::select! {
         result = &mut sessions => result,
@@ -64,24 +51,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     }
 }
 
-/// How a consumer session ended.
-#[derive(Debug)]
-enum SessionEnd {
-    /// Shutdown.
-    Stopped,
-    /// The consumer stopped receiving although there is something to read (see
-    /// [`tollgate_common::kafka::Standing::stuck`]), or it hit a fatal error: its batches are
-    /// written and committed, and a new consumer takes over.
-    Stalled {
-        why: String,
-        /// Whether the consumer read anything before it stalled.
-        read_any: bool,
-    },
-}
-
-/// One consumer's life: a reader cutting batches and a writer inserting them, until shutdown or
-/// a stall; then the pending batch is written (or left for redelivery at shutdown) and the
-/// stored offsets are committed.
+/// One consumer's life: a reader cutting batches and a writer inserting them, until shutdown
+/// (`None`) or a stall; then the pending batch is written (or left for redelivery at shutdown)
+/// and the stored offsets are committed.
 async fn session(
     cfg: &Config,
     client: &clickhouse::Client,
@@ -89,7 +61,7 @@ async fn session(
     decoder: &Decoder,
     stall_timeout: Option<Duration>,
     stop_rx: watch::Receiver<bool>,
-) -> anyhow::Result<SessionEnd> {
+) -> anyhow::Result<Option<Stalled>> {
     let consumer = Arc::new(source::consumer(&cfg.kafka)?);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let writer =
@@ -104,12 +76,7 @@ async fn session(
         Ok(()) => tracing::info!("offsets committed"),
         Err(e) => tracing::info!(error = %e, "no final commit (nothing stored since the last one)"),
     }
-    // Closing a consumer waits for the broker (leaving the group): off the runtime, and not
-    // for long (a stalled one may never manage).
-    let close = tokio::task::spawn_blocking(move || drop(consumer));
-    if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
-        tracing::warn!("the consumer did not close within 10 s; going on without it");
-    }
+    tollgate_common::kafka::close(consumer).await;
     Ok(ended)
 }
 
@@ -121,7 +88,7 @@ async fn read_batches(
     batch_tx: mpsc::Sender<Batch>,
     stall_timeout: Option<Duration>,
     mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<SessionEnd> {
+) -> anyhow::Result<Option<Stalled>> {
     let mut batch = Batch::default();
     let max_rows = cfg.batch.max_rows.get();
     // The watchdog: when nothing has arrived for `stall_timeout`, ask the broker whether there
@@ -140,7 +107,7 @@ async fn read_batches(
                 if !batch.is_empty() {
                     let _ = batch_tx.send(std::mem::take(&mut batch)).await;
                 }
-                return Ok(SessionEnd::Stopped);
+                return Ok(None);
             }
             () = sleep_until(deadline) => true,
             _ = check.tick() => {
@@ -166,7 +133,7 @@ async fn read_batches(
                             Decoded::Poison(error) => {
                                 let src = dlq::Source { topic: msg.topic(), partition, offset };
                                 if !dead_letter(cfg, dlq, &msg, &error, src, &mut stop).await {
-                                    return Ok(SessionEnd::Stopped);
+                                    return Ok(None);
                                 }
                                 batch.dead_lettered += 1;
                             }
@@ -180,7 +147,7 @@ async fn read_batches(
         if flush && !batch.is_empty() {
             tokio::select! {
                 biased;
-                _ = stop.changed() => return Ok(SessionEnd::Stopped),
+                _ = stop.changed() => return Ok(None),
                 sent = batch_tx.send(std::mem::take(&mut batch)) => {
                     if sent.is_err() {
                         anyhow::bail!("the ClickHouse writer stopped");
@@ -191,7 +158,7 @@ async fn read_batches(
             watchdog.progressed();
         }
         if let Some(why) = stalled.take() {
-            return Ok(SessionEnd::Stalled { why, read_any });
+            return Ok(Some(Stalled { why, read_any }));
         }
     }
 }
