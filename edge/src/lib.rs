@@ -117,6 +117,23 @@ impl CallInfo {
     }
 }
 
+/// A connection's TCP peer, with its address as text made once per connection (for the
+/// event and `X-Forwarded-For`), not once per request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub ip_text: http::HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        let text = forwarded::ip_text(addr.ip());
+        let ip_text = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
+        Self { addr, ip_text }
+    }
+}
+
 /// The host the client addressed: `Host` header, else the URI authority (HTTP/2).
 pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
     req.headers()
@@ -130,18 +147,18 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
 /// trace, client address); framing and header checks; routing; authentication; rate limits
 /// and the monthly quota; forwarding. Every answer — refusals included — goes back through
 /// metering, which emits the call's event when the response body ends.
-pub async fn handle(gw: Arc<Gateway>, peer: SocketAddr, req: http::Request<hyper::body::Incoming>) -> Response {
-    let call = metering::Call::begin(gw, peer, &req);
-    let resp = match call.span.clone() {
-        Some(span) => tracing::Instrument::instrument(admit_and_forward(&call, peer, req), span).await,
-        None => admit_and_forward(&call, peer, req).await,
-    };
+pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body::Incoming>) -> Response {
+    let call = metering::Call::begin(gw, &peer, &req);
+    // One await point (with a disabled span when telemetry is off): each await of the request
+    // path is a slot in the connection's future, moved on every request.
+    let span = call.span.clone().unwrap_or_else(tracing::Span::none);
+    let resp = tracing::Instrument::instrument(admit_and_forward(&call, &peer, req), span).await;
     call.finish(resp)
 }
 
 async fn admit_and_forward(
     call: &metering::Call,
-    peer: SocketAddr,
+    peer: &Peer,
     mut req: http::Request<hyper::body::Incoming>,
 ) -> Response {
     let gw = call.gw();
@@ -164,18 +181,17 @@ async fn admit_and_forward(
     if let Some(i) = &identity {
         let _ = call.identity.set(Arc::clone(i));
     }
-    let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer: peer.ip() };
+    let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer };
     // Rate limits after authentication, so unauthenticated floods create no limiter state.
-    let Some(identity) = identity.as_deref() else {
-        return proxy::forward(gw, &ctx, req).await;
-    };
-    let mut admission = limit::admit(gw, &runtime, identity, &route);
-    let mut resp = match admission.refusal.take() {
+    let mut admission = identity.as_deref().map(|identity| limit::admit(gw, &runtime, identity, &route));
+    let mut resp = match admission.as_mut().and_then(|a| a.refusal.take()) {
         Some(refused) => refused,
         None => proxy::forward(gw, &ctx, req).await,
     };
-    // Room for the rate-limit, quota and request-id headers: one allocation, not several.
-    resp.headers_mut().reserve(10);
-    admission.write_headers(resp.headers_mut());
+    if let Some(admission) = admission {
+        // Room for the rate-limit, quota and request-id headers: one allocation, not several.
+        resp.headers_mut().reserve(10);
+        admission.write_headers(resp.headers_mut());
+    }
     resp
 }

@@ -33,6 +33,10 @@ pub struct Limiter {
     clock: DefaultClock,
     rate: u32,
     burst: u32,
+    /// This limit's `RateLimit-Policy` list member (`"<name>";q=<burst>;w=<refill s>`) and its
+    /// `X-RateLimit-Limit`, made once rather than on every call.
+    policy_header: http::HeaderValue,
+    limit_header: http::HeaderValue,
     /// Milliseconds since the cache's epoch of the last check.
     last_used_ms: AtomicU64,
 }
@@ -49,13 +53,19 @@ pub struct Decision {
 }
 
 impl Limiter {
-    pub fn new(rate: &Rate) -> Self {
+    /// A limiter for `rate`, named `name` in the policy headers (`route` or `default`).
+    pub fn new(rate: &Rate, name: &'static str) -> Self {
         let quota = Quota::per_second(rate.rate_per_second).allow_burst(rate.burst);
+        let (burst, per_s) = (rate.burst.get(), rate.rate_per_second.get());
+        let refill_secs = u64::from(burst).div_ceil(u64::from(per_s)).max(1);
+        let policy = format!("\"{name}\";q={burst};w={refill_secs}");
         Self {
             inner: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
             clock: DefaultClock::default(),
-            rate: rate.rate_per_second.get(),
-            burst: rate.burst.get(),
+            rate: per_s,
+            burst,
+            policy_header: http::HeaderValue::from_str(&policy).unwrap_or_else(|_| http::HeaderValue::from_static("")),
+            limit_header: http::HeaderValue::from(burst),
             last_used_ms: AtomicU64::new(0),
         }
     }
@@ -151,7 +161,7 @@ impl LimiterCache {
                 if shard.map.len() >= shard.prune_at {
                     self.prune(&mut shard, now);
                 }
-                let l = Arc::new(Limiter::new(rate));
+                let l = Arc::new(Limiter::new(rate, if route.is_some() { "route" } else { "default" }));
                 shard.map.insert(key, Arc::clone(&l));
                 self.gauge.fetch_add(1, Ordering::Relaxed);
                 l
@@ -236,38 +246,38 @@ pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
     else {
         return;
     };
-    let mut policy = Vec::with_capacity(40 * checked.limits.len());
-    let mut state = Vec::with_capacity(40 * checked.limits.len());
+    let policy = match &checked.limits[..] {
+        [(_, only, _)] => only.policy_header.clone(),
+        all => {
+            let mut joined = Vec::with_capacity(40 * all.len());
+            for (i, (_, limiter, _)) in all.iter().enumerate() {
+                if i > 0 {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(limiter.policy_header.as_bytes());
+            }
+            http::HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
+                .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+        }
+    };
+    headers.insert(&POLICY, policy);
+    let mut state = Vec::with_capacity(24 * checked.limits.len());
     let mut num = itoa::Buffer::new();
-    for (name, limiter, d) in &checked.limits {
-        let (quota, window) = limiter.policy();
-        if !policy.is_empty() {
-            policy.extend_from_slice(b", ");
+    for (name, _, d) in &checked.limits {
+        if !state.is_empty() {
             state.extend_from_slice(b", ");
         }
-        for (buf, (k1, v1), (k2, v2)) in [
-            (&mut policy, ("q", u64::from(quota)), ("w", window)),
-            (&mut state, ("r", u64::from(d.remaining)), ("t", d.reset_secs)),
-        ] {
-            buf.push(b'"');
-            buf.extend_from_slice(name.as_bytes());
-            buf.extend_from_slice(b"\";");
-            buf.extend_from_slice(k1.as_bytes());
-            buf.push(b'=');
-            buf.extend_from_slice(num.format(v1).as_bytes());
-            buf.push(b';');
-            buf.extend_from_slice(k2.as_bytes());
-            buf.push(b'=');
-            buf.extend_from_slice(num.format(v2).as_bytes());
-        }
-    }
-    if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(policy)) {
-        headers.insert(&POLICY, v);
+        state.push(b'"');
+        state.extend_from_slice(name.as_bytes());
+        state.extend_from_slice(b"\";r=");
+        state.extend_from_slice(num.format(d.remaining).as_bytes());
+        state.extend_from_slice(b";t=");
+        state.extend_from_slice(num.format(d.reset_secs).as_bytes());
     }
     if let Ok(v) = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(state)) {
         headers.insert(&STATE, v);
     }
-    headers.insert(&LIMIT, http::HeaderValue::from(most.policy().0));
+    headers.insert(&LIMIT, most.limit_header.clone());
     headers.insert(&REMAINING, http::HeaderValue::from(most_d.remaining));
     headers.insert(&RESET, http::HeaderValue::from(most_d.reset_secs));
 }
@@ -331,7 +341,7 @@ mod tests {
 
     #[test]
     fn burst_then_refuse_with_wait() {
-        let l = Limiter::new(&rate(1, 3));
+        let l = Limiter::new(&rate(1, 3), "default");
         let remaining: Vec<u32> =
             (0..3).map(|_| l.check()).inspect(|d| assert!(d.allowed)).map(|d| d.remaining).collect();
         assert_eq!(remaining, vec![2, 1, 0]);
@@ -364,6 +374,16 @@ mod tests {
         write_headers(&mut h, &c);
         assert_eq!(h["ratelimit-policy"], "\"route\";q=2;w=2");
         assert_eq!(cache.len(), 2);
+        // Both limits admit a first call: both are listed, the most constrained is the X- one.
+        let cache = LimiterCache::default();
+        let c = check(&cache, &id, &slow);
+        let mut h = http::HeaderMap::new();
+        write_headers(&mut h, &c);
+        assert_eq!(h["ratelimit-policy"], "\"route\";q=2;w=2, \"default\";q=5;w=5");
+        assert_eq!(h["ratelimit"], "\"route\";r=1;t=1, \"default\";r=4;t=1");
+        assert_eq!(h["x-ratelimit-limit"], "2");
+        assert_eq!(h["x-ratelimit-remaining"], "1");
+        assert_eq!(h["x-ratelimit-reset"], "1");
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! directions before the edge adds its own: `x-request-id`, `x-consumer-id` (always the
 //! authenticated consumer, never the client's), `x-forwarded-*` and `traceparent`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -77,16 +76,22 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The request target (origin form: path and query) for a request path and query on
-/// `target` (one of the route's upstreams, whose path is a base path).
-pub fn upstream_target(route: &Route, target: &Uri, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-    let path = if route.strip_prefix && route.path_prefix != "/" {
+/// The request target (origin form: path and query) on `target` (one of the route's
+/// upstreams, whose path is a base path) for the client's request target `original`.
+pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Uri, http::Error> {
+    let strip = route.strip_prefix && route.path_prefix != "/";
+    let base = target.path().trim_end_matches('/');
+    // Most routes pass the client's origin-form target on as it is: shared, not copied.
+    if !strip && base.is_empty() && original.scheme().is_none() && original.authority().is_none() {
+        return Ok(original.clone());
+    }
+    let (path, query) = (original.path(), original.query());
+    let path = if strip {
         let rest = path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path);
         if rest.is_empty() { "/" } else { rest }
     } else {
         path
     };
-    let base = target.path().trim_end_matches('/');
     let mut pq = String::with_capacity(base.len() + path.len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(base);
     pq.push_str(path);
@@ -95,6 +100,21 @@ pub fn upstream_target(route: &Route, target: &Uri, path: &str, query: Option<&s
         pq.push_str(q);
     }
     Ok(Uri::from_maybe_shared(bytes::Bytes::from(pq))?)
+}
+
+/// The `X-Forwarded-For` to send: behind trusted proxies (`trusted_hops` > 0) the chain is
+/// kept and extended with the peer; otherwise whatever the client claimed is replaced by the
+/// address it connected from.
+pub fn forwarded_for(headers: &HeaderMap, peer: &crate::Peer, trusted_hops: usize) -> Option<HeaderValue> {
+    if trusted_hops == 0 {
+        // The peer's address, already as text.
+        return Some(peer.ip_text.clone());
+    }
+    let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
+    if prior.is_empty() {
+        return Some(peer.ip_text.clone());
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("{}, {}", prior.join(", "), peer.addr.ip()))).ok()
 }
 
 /// Methods whose requests may be sent twice (RFC 9110 §9.2.2).
@@ -110,7 +130,7 @@ pub struct Forward<'a> {
     pub identity: Option<&'a Identity>,
     pub call: &'a Call,
     /// The TCP peer (the `X-Forwarded-For` entry the edge adds).
-    pub peer: IpAddr,
+    pub peer: &'a crate::Peer,
 }
 
 /// Forwards the request to the route's upstream (the end of the request path).
@@ -123,7 +143,11 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let Some(pool) = ctx.runtime.pools.get(&route.id) else {
         return Problem::upstream_unreachable().into_response();
     };
-    let original_host = crate::request_host(&req);
+    // The client's `Host` as it came (shared, not copied), else its HTTP/2 authority.
+    let original_host = match req.headers().get(HOST) {
+        Some(h) => h.to_str().is_ok().then(|| h.clone()),
+        None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
     let (mut parts, body) = req.into_parts();
     // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
     // on 101, both connections are spliced (see `tunnel`).
@@ -140,22 +164,12 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
     }
-    // Behind trusted proxies the chain is kept and extended; otherwise whatever the client
-    // claimed is replaced by the address it connected from.
-    let peer = ctx.peer;
-    let chain = if gw.trusted_hops > 0 {
-        let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
-        if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) }
-    } else {
-        // Without trusted hops the client's address is the peer's, already as text.
-        ctx.call.client_ip.clone()
-    };
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(chain)) {
-        headers.insert(&X_FORWARDED_FOR, v);
+    if let Some(chain) = forwarded_for(headers, ctx.peer, gw.trusted_hops) {
+        headers.insert(&X_FORWARDED_FOR, chain);
     }
     // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(h) = original_host.and_then(|h| HeaderValue::from_str(&h).ok()) {
+    if let Some(h) = original_host {
         headers.insert(&X_FORWARDED_HOST, h);
     }
     let meta = &ctx.call.meta;
@@ -187,8 +201,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     // A retry goes to another target: never more attempts than targets.
     let attempts =
         if bodiless && idempotent(&parts.method) { (1 + route.retries as usize).min(pool.targets.len()) } else { 1 };
-    let (method, path, query) =
-        (parts.method.clone(), parts.uri.path().to_owned(), parts.uri.query().map(str::to_owned));
+    let method = parts.method.clone();
     let mut body = Some(body);
     let mut tried = Vec::with_capacity(attempts);
     let sent = Instant::now();
@@ -196,7 +209,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
         tried.push(target);
         let last = tried.len() >= attempts;
-        let uri = match upstream_target(route, &pool.targets[target], &path, query.as_deref()) {
+        let uri = match upstream_target(route, &pool.targets[target], &parts.uri) {
             Ok(u) => u,
             Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
         };
@@ -205,10 +218,8 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-        if let Some(authority) = pool.targets[target].authority()
-            && let Ok(v) = HeaderValue::from_str(authority.as_str())
-        {
-            req.headers_mut().insert(HOST, v);
+        if let Some(host) = &pool.hosts[target] {
+            req.headers_mut().insert(HOST, host.clone());
         }
         let left = route.timeout.saturating_sub(sent.elapsed());
         let result = tokio::time::timeout(left, pool.send(&gw.clients, target, req)).await;
@@ -376,11 +387,33 @@ mod tests {
     fn upstream_target_joins_base_path_and_query() {
         let r = route("/echo", "http://127.0.0.1:8081", false);
         let t = &r.upstreams[0];
-        assert_eq!(upstream_target(&r, t, "/echo/a", Some("x=1")).unwrap(), "/echo/a?x=1");
+        let uri = |s: &'static str| Uri::from_static(s);
+        assert_eq!(upstream_target(&r, t, &uri("/echo/a?x=1")).unwrap(), "/echo/a?x=1");
+        assert_eq!(upstream_target(&r, t, &uri("/echo/a?")).unwrap(), "/echo/a?");
+        // Absolute form (a client talking to the edge as to a forward proxy): origin form.
+        assert_eq!(upstream_target(&r, t, &uri("http://api.example/echo/a?x=1")).unwrap(), "/echo/a?x=1");
         let r = route("/echo", "http://127.0.0.1:8081/base/", true);
         let t = &r.upstreams[0];
-        assert_eq!(upstream_target(&r, t, "/echo/a", None).unwrap(), "/base/a");
-        assert_eq!(upstream_target(&r, t, "/echo", None).unwrap(), "/base/");
+        assert_eq!(upstream_target(&r, t, &uri("/echo/a")).unwrap(), "/base/a");
+        assert_eq!(upstream_target(&r, t, &uri("/echo")).unwrap(), "/base/");
+        assert_eq!(upstream_target(&r, t, &uri("/echo/a?x=1&y")).unwrap(), "/base/a?x=1&y");
+        let r = route("/echo", "http://127.0.0.1:8081/v2", false);
+        assert_eq!(upstream_target(&r, &r.upstreams[0], &uri("/echo/a?x")).unwrap(), "/v2/echo/a?x");
+    }
+
+    #[test]
+    fn forwarded_for_replaces_untrusted_claims_and_extends_trusted_chains() {
+        let peer = crate::Peer::new("10.0.0.7:5000".parse().unwrap());
+        let mut h = HeaderMap::new();
+        assert_eq!(forwarded_for(&h, &peer, 0).unwrap(), "10.0.0.7");
+        assert_eq!(forwarded_for(&h, &peer, 1).unwrap(), "10.0.0.7");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6, 203.0.113.9"));
+        assert_eq!(forwarded_for(&h, &peer, 0).unwrap(), "10.0.0.7");
+        assert_eq!(forwarded_for(&h, &peer, 1).unwrap(), "6.6.6.6, 203.0.113.9, 10.0.0.7");
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.2"));
+        assert_eq!(forwarded_for(&h, &peer, 2).unwrap(), "6.6.6.6, 203.0.113.9, 198.51.100.2, 10.0.0.7");
+        let v6 = crate::Peer::new("[2001:db8::1]:443".parse().unwrap());
+        assert_eq!(forwarded_for(&HeaderMap::new(), &v6, 0).unwrap(), "2001:db8::1");
     }
 
     #[test]

@@ -252,15 +252,17 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let gw = Arc::clone(&gw);
+                let peer_addr = peer;
+                let peer = crate::Peer::new(peer);
                 let svc = hyper::service::service_fn(move |req| {
-                    let fut = crate::handle(Arc::clone(&gw), peer, req);
+                    let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        tracing::debug!(error = %e, peer = %peer_addr, "connection ended with an error");
                     }
                 });
             }

@@ -28,6 +28,8 @@ struct Health {
 #[derive(Debug)]
 pub struct Pool {
     pub targets: Vec<Uri>,
+    /// Each target's `Host` header (its authority).
+    pub hosts: Vec<Option<http::HeaderValue>>,
     /// Each target's connection-pool key: `scheme://authority`.
     pub keys: Vec<Arc<str>>,
     health: Vec<Health>,
@@ -42,6 +44,11 @@ impl Pool {
     pub fn new(route: &Route) -> Self {
         Self {
             targets: route.upstreams.clone(),
+            hosts: route
+                .upstreams
+                .iter()
+                .map(|u| u.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()))
+                .collect(),
             keys: route
                 .upstreams
                 .iter()
@@ -215,7 +222,9 @@ impl Clients {
                 },
             }
         }
-        let mut sender = self.connect(target, connect_timeout).await?;
+        // (Boxed: connecting is rare on pooled connections, and its future would otherwise
+        // enlarge every request's.)
+        let mut sender = Box::pin(self.connect(target, connect_timeout)).await?;
         let resp = sender.send_request(req).await?;
         Ok(returning(resp, sender, key))
     }

@@ -195,6 +195,7 @@ async fn smuggling_limits_and_header_hygiene() {
     }
     assert_eq!(h["x-kept"], "yes");
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!((h["x-forwarded-host"].as_str(), h["x-forwarded-proto"].as_str()), (Some("x"), Some("http")));
     let request_id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
 
     let events = read_events(&topic, |e| e.iter().any(|e| e.event_id.to_string() == request_id)).await;

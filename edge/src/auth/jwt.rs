@@ -434,7 +434,8 @@ impl Verifier {
         let mut generation = issuer.generation.load(std::sync::atomic::Ordering::Acquire);
         let mut result = issuer.verify_with(token, header.alg, kid);
         // Unknown kid: the issuer may have rotated keys. One fetch per cooldown, whoever asks.
-        if result.is_none() && issuer.fetch_jwks(client, issuer.cfg.unknown_kid_cooldown).await {
+        // (Boxed: a fetch is rare, and its future would otherwise enlarge every request's.)
+        if result.is_none() && Box::pin(issuer.fetch_jwks(client, issuer.cfg.unknown_kid_cooldown)).await {
             generation = issuer.generation.load(std::sync::atomic::Ordering::Acquire);
             result = issuer.verify_with(token, header.alg, kid);
         }

@@ -8,7 +8,6 @@
 pub mod producer;
 pub mod spool;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -118,7 +117,7 @@ pub struct Call {
 
 impl Call {
     /// Assigns the event id and trace, and notes the request's facts.
-    pub fn begin<B>(gw: Arc<Gateway>, peer: SocketAddr, req: &http::Request<B>) -> Self {
+    pub fn begin<B>(gw: Arc<Gateway>, peer: &crate::Peer, req: &http::Request<B>) -> Self {
         let start = Instant::now();
         let start_time_us = now_us();
         let event_id = Uuid::now_v7();
@@ -165,7 +164,10 @@ impl Call {
             let s = String::from_utf8_lossy(v.as_bytes());
             truncate(&s, MAX_USER_AGENT).to_owned()
         });
-        let client_ip = crate::forwarded::client_ip(peer.ip(), req.headers(), gw.trusted_hops);
+        let client_ip = match crate::forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops) {
+            ip if ip == peer.addr.ip() => String::from_utf8_lossy(peer.ip_text.as_bytes()).into_owned(),
+            ip => crate::forwarded::ip_text(ip),
+        };
         Self {
             gw,
             route: OnceLock::new(),
@@ -173,7 +175,7 @@ impl Call {
             finished: false,
             meta: CallMeta { event_id, trace_id, traceparent, otel },
             request_id,
-            client_ip: crate::forwarded::ip_text(client_ip),
+            client_ip,
             request_body: Arc::new(BodyCounter::default()),
             span,
             upstream_latency_us: AtomicU64::new(u64::MAX),
