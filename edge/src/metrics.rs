@@ -23,7 +23,6 @@ pub struct Metrics {
     pub events_produced: AtomicU64,
     pub events_delivery_failed: AtomicU64,
     pub events_replayed: AtomicU64,
-    pub events_unencodable: AtomicU64,
     pub events_queued_now: AtomicU64,
     pub spool_segments_replayed: AtomicU64,
     /// 1 when the last metadata request to Kafka succeeded.
@@ -90,7 +89,7 @@ impl Metrics {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let spool = self.spool.get();
         let spool_load = |f: fn(&SpoolStats) -> &AtomicU64| spool.map_or(0, |s| load(f(s)));
-        let dropped = load(&self.events_dropped) + spool_load(|s| &s.dropped) + load(&self.events_unencodable);
+        let dropped = load(&self.events_dropped) + spool_load(|s| &s.dropped);
         let counters = [
             (
                 "tollgate_edge_events_enqueued_total",

@@ -183,7 +183,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 let mut id = [0u8; uuid::fmt::Simple::LENGTH];
                 let span = &meta.event_id.simple().encode_lower(&mut id)[16..];
                 let mut tp = Vec::with_capacity(55);
-                for part in ["00-", &meta.trace_id, "-", span, "-01"] {
+                for part in ["00-", meta.trace_id.as_str(), "-", span, "-01"] {
                     tp.extend_from_slice(part.as_bytes());
                 }
                 HeaderValue::from_maybe_shared(bytes::Bytes::from(tp)).ok()

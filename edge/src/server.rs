@@ -62,7 +62,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
         client: proxy::client(cfg.connect_timeout, &tls),
         clients,
-        events: EventSink::new(events_tx, Arc::clone(&metrics)),
+        events: EventSink::new(events_tx, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("event encoder: {e}"))?,
         metrics: Arc::clone(&metrics),
         quotas: Arc::clone(&metrics.quota),
         trusted_hops: cfg.trusted_hops,

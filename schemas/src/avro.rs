@@ -13,7 +13,7 @@ use apache_avro::rabin::Rabin;
 use apache_avro::types::Value;
 use uuid::Uuid;
 
-use crate::{ApiCall, Outcome};
+use crate::{ApiCall, ApiCallRef, Outcome};
 
 /// The two magic bytes that start every single-object encoded message.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -111,9 +111,14 @@ impl Encoder {
     /// encodes every call). Byte-identical to apache-avro's writer, which the tests check on
     /// generated events, and decodable by it.
     pub fn encode_into(&self, call: &ApiCall, out: &mut Vec<u8>) -> Result<(), EncodeError> {
+        self.encode_ref_into(&call.as_ref(), out);
+        Ok(())
+    }
+
+    /// [`Encoder::encode_into`] for an event with borrowed fields (cannot fail).
+    pub fn encode_ref_into(&self, call: &ApiCallRef<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.header);
         write_body(call, out);
-        Ok(())
     }
 
     /// Like [`Encoder::encode_into`], through apache-avro's generic `Value` writer (with schema
@@ -155,17 +160,17 @@ fn write_opt_str(v: Option<&str>, out: &mut Vec<u8>) {
 }
 
 /// The body of an `ApiCall` in `api_call.avsc` (v2) field order.
-fn write_body(c: &ApiCall, out: &mut Vec<u8>) {
+fn write_body(c: &ApiCallRef<'_>, out: &mut Vec<u8>) {
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     write_str(c.event_id.hyphenated().encode_lower(&mut uuid), out);
     write_long(c.start_time_us, out);
-    write_str(&c.edge_id, out);
-    write_opt_str(c.consumer_id.as_deref(), out);
-    write_opt_str(c.credential_id.as_deref(), out);
-    write_opt_str(c.route_id.as_deref(), out);
-    write_str(&c.method, out);
-    write_str(&c.host, out);
-    write_str(&c.path, out);
+    write_str(c.edge_id, out);
+    write_opt_str(c.consumer_id, out);
+    write_opt_str(c.credential_id, out);
+    write_opt_str(c.route_id, out);
+    write_str(c.method, out);
+    write_str(c.host, out);
+    write_str(c.path, out);
     write_long(i64::from(c.status), out);
     write_long(i64::from(c.outcome.index()), out);
     write_long(saturating_i64(c.latency_us), out);
@@ -178,10 +183,10 @@ fn write_body(c: &ApiCall, out: &mut Vec<u8>) {
     }
     write_long(saturating_i64(c.request_bytes), out);
     write_long(saturating_i64(c.response_bytes), out);
-    write_str(&c.client_ip, out);
-    write_opt_str(c.user_agent.as_deref(), out);
-    write_opt_str(c.trace_id.as_deref(), out);
-    write_opt_str(c.plan_id.as_deref(), out);
+    write_str(c.client_ip, out);
+    write_opt_str(c.user_agent, out);
+    write_opt_str(c.trace_id, out);
+    write_opt_str(c.plan_id, out);
 }
 
 fn opt_string(v: &Option<String>) -> Value {

@@ -110,4 +110,55 @@ impl ApiCall {
     pub fn kafka_key(&self) -> &str {
         self.consumer_id.as_deref().unwrap_or("")
     }
+
+    /// The event as borrowed fields (what the encoder writes).
+    pub fn as_ref(&self) -> ApiCallRef<'_> {
+        ApiCallRef {
+            event_id: self.event_id,
+            start_time_us: self.start_time_us,
+            edge_id: &self.edge_id,
+            consumer_id: self.consumer_id.as_deref(),
+            credential_id: self.credential_id.as_deref(),
+            route_id: self.route_id.as_deref(),
+            method: &self.method,
+            host: &self.host,
+            path: &self.path,
+            status: self.status,
+            outcome: self.outcome,
+            latency_us: self.latency_us,
+            upstream_latency_us: self.upstream_latency_us,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            client_ip: &self.client_ip,
+            user_agent: self.user_agent.as_deref(),
+            trace_id: self.trace_id.as_deref(),
+            plan_id: self.plan_id.as_deref(),
+        }
+    }
+}
+
+/// An [`ApiCall`] whose text fields are borrowed: the edge encodes its calls from what it
+/// already holds (the request's method, path and headers, the route, the consumer) without
+/// copying each into a `String` first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiCallRef<'a> {
+    pub event_id: Uuid,
+    pub start_time_us: i64,
+    pub edge_id: &'a str,
+    pub consumer_id: Option<&'a str>,
+    pub credential_id: Option<&'a str>,
+    pub route_id: Option<&'a str>,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub latency_us: u64,
+    pub upstream_latency_us: Option<u64>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub client_ip: &'a str,
+    pub user_agent: Option<&'a str>,
+    pub trace_id: Option<&'a str>,
+    pub plan_id: Option<&'a str>,
 }

@@ -201,7 +201,12 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /echo/abort?delay_ms=250 HTTP/1.1\r\nHost: x\r\nx-api-key: key-acme\r\n\r\n").await.unwrap();
+        s.write_all(
+            b"GET /echo/abort?delay_ms=250 HTTP/1.1\r\nHost: api.example\r\nx-api-key: key-acme\r\n\
+              User-Agent: probe/1.0\r\n\r\n",
+        )
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -227,6 +232,15 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
         "{aborted:?}"
     );
     assert!(aborted.latency_us >= 100_000 && aborted.upstream_latency_us.is_none(), "{aborted:?}");
+    // The request's facts as the client sent them, and who called with which key and plan.
+    assert_eq!(
+        (aborted.method.as_str(), aborted.host.as_str(), aborted.user_agent.as_deref()),
+        ("GET", "api.example", Some("probe/1.0")),
+        "{aborted:?}"
+    );
+    assert_eq!((aborted.credential_id.as_deref(), aborted.plan_id.as_deref()), (Some("acme-1"), Some("big")));
+    let trace = aborted.trace_id.as_deref().unwrap_or_default();
+    assert!(trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()), "{aborted:?}");
     let slow = events.values().find(|e| e.outcome == Outcome::UpstreamTimeout).unwrap();
     assert!(slow.latency_us >= 300_000, "{slow:?}");
     let posted = events.values().find(|e| e.method == "POST").unwrap();

@@ -1,7 +1,8 @@
 //! Metering: every call, rejected ones included, becomes one [`ApiCall`] event, emitted when
 //! the response body completes (or the client goes away), so latency and bytes are real.
 //!
-//! The request path never waits for Kafka: [`EventSink::emit`] is a `try_send` into a bounded
+//! The request path never waits for Kafka: [`EventSink::emit`] encodes the event (Avro, from
+//! fields borrowed from the call: no `String` per field) and `try_send`s it into a bounded
 //! queue drained by the producer task ([`producer`]). A full queue is counted as a drop in
 //! `tollgate_edge_events_dropped_total`.
 
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::mpsc;
-use tollgate_schemas::{ApiCall, Outcome};
+use tollgate_schemas::{ApiCallRef, Encoder, Outcome};
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
@@ -36,31 +37,84 @@ pub const MAX_USER_AGENT: usize = 256;
 #[derive(Debug, Clone)]
 pub struct CallMeta {
     pub event_id: Uuid,
-    /// W3C trace id, 32 lower-case hex digits.
-    pub trace_id: String,
+    /// W3C trace id.
+    pub trace_id: TraceId,
     /// The client's `traceparent`, when valid, to pass upstream unchanged.
     pub traceparent: Option<HeaderValue>,
     /// The call's OpenTelemetry context (telemetry on): upstream gets its `traceparent`.
     pub otel: Option<opentelemetry::Context>,
 }
 
-/// Where events go. Cloned into every response body.
-#[derive(Clone, Debug)]
+/// A W3C trace id: 32 lower-case hex digits, held inline.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId([u8; 32]);
+
+impl TraceId {
+    /// `s` if it is 32 lower-case hex digits, not all zero.
+    pub fn parse(s: &str) -> Option<Self> {
+        let digits: [u8; 32] = s.as_bytes().try_into().ok()?;
+        let hex = digits.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+        (hex && digits.iter().any(|&b| b != b'0')).then_some(Self(digits))
+    }
+
+    /// A new random trace id.
+    fn random() -> Self {
+        let mut digits = [0u8; uuid::fmt::Simple::LENGTH];
+        Uuid::new_v4().simple().encode_lower(&mut digits);
+        Self(digits)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever hex digits (see the constructors).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An encoded event on its way to the producer: the Kafka key (the consumer id; empty for
+/// unauthenticated calls) and the single-object encoded Avro message.
+#[derive(Debug)]
+pub struct EncodedEvent {
+    pub key: Option<Arc<str>>,
+    pub payload: Vec<u8>,
+}
+
+impl EncodedEvent {
+    pub fn key(&self) -> &str {
+        self.key.as_deref().unwrap_or("")
+    }
+}
+
+/// Where events go.
+#[derive(Debug)]
 pub struct EventSink {
-    tx: Option<mpsc::Sender<ApiCall>>,
+    tx: Option<mpsc::Sender<EncodedEvent>>,
+    encoder: Encoder,
     metrics: Arc<Metrics>,
 }
 
 impl EventSink {
     /// A sink feeding `tx`; `None` when metering is off.
-    pub fn new(tx: Option<mpsc::Sender<ApiCall>>, metrics: Arc<Metrics>) -> Self {
-        Self { tx, metrics }
+    pub fn new(tx: Option<mpsc::Sender<EncodedEvent>>, metrics: Arc<Metrics>) -> Result<Self, tollgate_schemas::EncodeError> {
+        Ok(Self { tx, encoder: Encoder::new()?, metrics })
     }
 
-    /// Hands the event to the producer without waiting.
-    pub fn emit(&self, call: ApiCall) {
+    /// Whether events go anywhere (metering on).
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    /// Encodes the event and hands it to the producer without waiting.
+    pub fn emit(&self, key: Option<&Arc<str>>, call: &ApiCallRef<'_>) {
         let Some(tx) = &self.tx else { return };
-        match tx.try_send(call) {
+        let mut payload = Vec::with_capacity(256);
+        self.encoder.encode_ref_into(call, &mut payload);
+        match tx.try_send(EncodedEvent { key: key.cloned(), payload }) {
             Ok(()) => self.metrics.events_enqueued.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed),
         };
@@ -68,17 +122,17 @@ impl EventSink {
 }
 
 /// Parses a W3C `traceparent` (version 00) and returns its trace id.
-pub fn parse_traceparent(v: &str) -> Option<String> {
+pub fn parse_traceparent(v: &str) -> Option<TraceId> {
     let mut parts = v.trim().split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if parts.next().is_some() || version != "00" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+    if parts.next().is_some() || version != "00" || !hex(span, 16) || !hex(flags, 2) {
         return None;
     }
-    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
+    if span.bytes().all(|b| b == b'0') {
         return None;
     }
-    Some(trace.to_owned())
+    TraceId::parse(trace)
 }
 
 fn now_us() -> i64 {
@@ -100,7 +154,7 @@ pub struct Call {
     /// `x-request-id` (the event id), for the upstream and the client.
     pub request_id: HeaderValue,
     /// The client's address (the peer, or what a trusted hop says), as text.
-    pub client_ip: String,
+    client_ip: HeaderValue,
     /// Request body bytes, counted as they stream to the upstream.
     pub request_body: Arc<BodyCounter>,
     /// The call's span (telemetry on).
@@ -109,10 +163,12 @@ pub struct Call {
     pub upstream_latency_us: AtomicU64,
     start: Instant,
     start_time_us: i64,
-    method: String,
-    host: String,
-    path: String,
-    user_agent: Option<String>,
+    // The request's facts for the event, shared with the request (no copies): method, the
+    // host it addressed, its target (for the path) and its user agent.
+    method: http::Method,
+    host: Option<HeaderValue>,
+    uri: http::Uri,
+    user_agent: Option<HeaderValue>,
 }
 
 impl Call {
@@ -146,27 +202,26 @@ impl Call {
             let cx = span.context();
             let sc = cx.span().span_context().clone();
             if sc.is_valid() {
-                trace_id = Some(sc.trace_id().to_string());
+                trace_id = TraceId::parse(&sc.trace_id().to_string()).or(trace_id);
             }
             (Some(span), Some(cx))
         } else {
             (None, None)
         };
         // No trace from the client or the span: start one (random, only when needed).
-        let trace_id = trace_id.unwrap_or_else(|| {
-            let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-            Uuid::new_v4().simple().encode_lower(&mut buf).to_owned()
-        });
+        let trace_id = trace_id.unwrap_or_else(TraceId::random);
         let mut id_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut id_buf))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
-        let user_agent = req.headers().get(http::header::USER_AGENT).map(|v| {
-            let s = String::from_utf8_lossy(v.as_bytes());
-            truncate(&s, MAX_USER_AGENT).to_owned()
-        });
         let client_ip = match crate::forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops) {
-            ip if ip == peer.addr.ip() => String::from_utf8_lossy(peer.ip_text.as_bytes()).into_owned(),
-            ip => crate::forwarded::ip_text(ip),
+            ip if ip == peer.addr.ip() => peer.ip_text.clone(),
+            ip => HeaderValue::from_maybe_shared(Bytes::from(crate::forwarded::ip_text(ip)))
+                .unwrap_or_else(|_| peer.ip_text.clone()),
+        };
+        // The host the client addressed: `Host` (when it is text), else the URI authority.
+        let host = match req.headers().get(http::header::HOST) {
+            Some(h) if h.to_str().is_ok() => Some(h.clone()),
+            _ => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         Self {
             gw,
@@ -181,10 +236,10 @@ impl Call {
             upstream_latency_us: AtomicU64::new(u64::MAX),
             start,
             start_time_us,
-            method: req.method().as_str().to_owned(),
-            host: crate::request_host(req).unwrap_or_default(),
-            path: req.uri().path().to_owned(),
-            user_agent,
+            method: req.method().clone(),
+            host,
+            uri: req.uri().clone(),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
         }
     }
 
@@ -193,30 +248,38 @@ impl Call {
         &self.gw
     }
 
-    /// The call's event so far (its strings moved out: built once, at the end).
-    fn event(&mut self, status: u16, outcome: Outcome) -> ApiCall {
+    /// Emits the call's event: encoded from the call's fields where they are, not copied.
+    /// `response_bytes` went to the client; `extra_request_bytes` came from it besides the
+    /// request body (an upgrade's tunnel).
+    fn emit(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
+        let events = &self.gw.events;
+        if !events.enabled() {
+            return;
+        }
         let identity = self.identity.get();
-        ApiCall {
+        let user_agent = self.user_agent.as_ref().map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let call = ApiCallRef {
             event_id: self.meta.event_id,
             start_time_us: self.start_time_us,
-            edge_id: self.gw.instance_id.clone(),
-            consumer_id: identity.map(|i| i.consumer_id.to_string()),
-            credential_id: identity.map(|i| i.credential_id.to_string()),
-            route_id: self.route.get().map(|r| r.id.clone()),
-            method: std::mem::take(&mut self.method),
-            host: std::mem::take(&mut self.host),
-            path: std::mem::take(&mut self.path),
+            edge_id: &self.gw.instance_id,
+            consumer_id: identity.map(|i| &*i.consumer_id),
+            credential_id: identity.map(|i| &*i.credential_id),
+            route_id: self.route.get().map(|r| r.id.as_str()),
+            method: self.method.as_str(),
+            host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default(),
+            path: self.uri.path(),
             status,
             outcome,
-            latency_us: 0,
+            latency_us: u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
             upstream_latency_us: Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX),
-            request_bytes: 0,
-            response_bytes: 0,
-            client_ip: std::mem::take(&mut self.client_ip),
-            user_agent: self.user_agent.take(),
-            trace_id: Some(std::mem::take(&mut self.meta.trace_id)),
-            plan_id: identity.map(|i| i.plan.name.clone()),
-        }
+            request_bytes: self.request_body.bytes.load(Ordering::Relaxed) + extra_request_bytes,
+            response_bytes,
+            client_ip: self.client_ip.to_str().unwrap_or_default(),
+            user_agent: user_agent.as_deref().map(|ua| truncate(ua, MAX_USER_AGENT)),
+            trace_id: Some(self.meta.trace_id.as_str()),
+            plan_id: identity.map(|i| i.plan.name.as_str()),
+        };
+        events.emit(identity.map(|i| &i.consumer_id), &call);
     }
 
     /// Completes the response: `x-request-id`, the request metrics, and the event, emitted
@@ -234,28 +297,17 @@ impl Call {
             span.record("http.route", route);
             span.record("http.response.status_code", status);
         }
-        let call = self.event(status, info.outcome.unwrap_or(Outcome::Forwarded));
-        let pending = Pending {
-            call,
-            start: self.start,
-            request_body: Arc::clone(&self.request_body),
-            sink: self.gw.events.clone(),
-            _span: self.span.take(),
-        };
+        let outcome = info.outcome.unwrap_or(Outcome::Forwarded);
         // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
-            let metrics = Arc::clone(&self.gw.metrics);
             tokio::spawn(async move {
                 let (up, down) = done.await.unwrap_or((0, 0));
-                let mut call = pending.call;
-                call.latency_us = u64::try_from(pending.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-                call.request_bytes = pending.request_body.bytes.load(Ordering::Relaxed) + up;
-                call.response_bytes = down;
-                pending.sink.emit(call);
-                metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
+                self.emit(status, outcome, down, up);
+                self.gw.metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             });
             return resp;
         }
+        let pending = Pending { call: self, status, outcome };
         resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
     }
 }
@@ -267,12 +319,9 @@ impl Drop for Call {
         }
         // No answer was made: the client went away (its connection closed) while the request
         // path was still working on it.
-        let route_id = self.route.get().map(|r| r.id.clone());
-        self.gw.metrics.record_request(route_id.as_deref(), 499);
-        let mut call = self.event(499, Outcome::ClientAborted);
-        call.latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        call.request_bytes = self.request_body.bytes.load(Ordering::Relaxed);
-        self.gw.events.emit(call);
+        let route_id = self.route.get().map(|r| r.id.as_str());
+        self.gw.metrics.record_request(route_id, 499);
+        self.emit(499, Outcome::ClientAborted, 0, 0);
     }
 }
 
@@ -343,13 +392,12 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A call answered, its event waiting for the end of the response body. (The call's span,
+/// telemetry on, ends with it.)
 struct Pending {
-    call: ApiCall,
-    start: Instant,
-    request_body: Arc<BodyCounter>,
-    sink: EventSink,
-    /// The call's span, ended with the response body (telemetry on).
-    _span: Option<tracing::Span>,
+    call: Call,
+    status: u16,
+    outcome: Outcome,
 }
 
 /// The response body, counting bytes; emits the event exactly once: at end of stream, on a
@@ -363,15 +411,8 @@ struct MeteredBody {
 impl MeteredBody {
     fn finish(&mut self, aborted: bool) {
         if let Some(p) = self.pending.take() {
-            let mut call = p.call;
-            call.latency_us = u64::try_from(p.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-            call.request_bytes = p.request_body.bytes.load(Ordering::Relaxed);
-            call.response_bytes = self.bytes;
-            if aborted {
-                call.status = 499;
-                call.outcome = Outcome::ClientAborted;
-            }
-            p.sink.emit(call);
+            let (status, outcome) = if aborted { (499, Outcome::ClientAborted) } else { (p.status, p.outcome) };
+            p.call.emit(status, outcome, self.bytes, 0);
         }
     }
 }
@@ -395,7 +436,7 @@ impl HttpBody for MeteredBody {
             // The upstream broke off mid-body: the client got a truncated response.
             Poll::Ready(Some(Err(_))) => {
                 if let Some(p) = self.pending.as_mut() {
-                    p.call.outcome = Outcome::UpstreamError;
+                    p.outcome = Outcome::UpstreamError;
                 }
                 self.finish(false);
             }
@@ -428,7 +469,7 @@ mod tests {
     #[test]
     fn traceparent_table() {
         let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        assert_eq!(parse_traceparent(good).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(parse_traceparent(good).as_ref().map(TraceId::as_str), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         for bad in [
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",

@@ -1,5 +1,6 @@
-//! The Kafka producer task: drains the event queue, encodes Avro single-object messages and
-//! hands them to librdkafka (acks=all, idempotent). Nothing here waits on Kafka:
+//! The Kafka producer task: drains the queue of encoded events (Avro single-object messages,
+//! encoded on the request path, see [`super::EventSink`]) and hands them to librdkafka
+//! (acks=all, idempotent). Nothing here waits on Kafka:
 //! - librdkafka's queue full → the event goes to the on-disk [`Spool`];
 //! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
 //!   delivery callback puts the message in the spool;
@@ -16,8 +17,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, P
 use rdkafka::{ClientConfig, ClientContext, Message};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tollgate_schemas::{ApiCall, Encoder};
 
+use super::EncodedEvent;
 use super::spool::{self, Spool};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -89,7 +90,7 @@ pub fn start(
     spool: Spool,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
-) -> Result<(mpsc::Sender<ApiCall>, ProducerTask), KafkaError> {
+) -> Result<(mpsc::Sender<EncodedEvent>, ProducerTask), KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("acks", "all")
@@ -104,28 +105,25 @@ pub fn start(
     }
     let context = Delivery { metrics: Arc::clone(&metrics), spool: spool.clone(), replay_pending: AtomicU64::new(0) };
     let producer: Arc<KafkaProducer> = Arc::new(cc.create_with_context(context)?);
-    let encoder = Encoder::new().map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let (close, close_rx) = oneshot::channel();
     let topic = cfg.topic.clone();
     let replay = tokio::spawn(replay(Arc::clone(&producer), spool.clone(), topic.clone(), Arc::clone(&metrics)));
     tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics)));
-    let task = tokio::spawn(run(producer, encoder, topic, rx, close_rx, spool, metrics, flush_timeout));
+    let task = tokio::spawn(run(producer, topic, rx, close_rx, spool, metrics, flush_timeout));
     Ok((tx, ProducerTask { task, replay, close }))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn run(
     producer: Arc<KafkaProducer>,
-    encoder: Encoder,
     topic: String,
-    mut rx: mpsc::Receiver<ApiCall>,
+    mut rx: mpsc::Receiver<EncodedEvent>,
     mut close: oneshot::Receiver<()>,
     spool: Spool,
     metrics: Arc<Metrics>,
     flush_timeout: Duration,
 ) {
-    let mut buf = Vec::with_capacity(512);
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let n = tokio::select! {
@@ -140,21 +138,15 @@ async fn run(
         if n == 0 {
             break;
         }
-        for call in batch.drain(..) {
-            buf.clear();
-            if let Err(e) = encoder.encode_into(&call, &mut buf) {
-                metrics.events_unencodable.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "cannot encode event");
-                continue;
-            }
-            let key = call.kafka_key();
-            let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&buf);
+        for event in batch.drain(..) {
+            let key = event.key();
+            let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&event.payload);
             if let Err((e, _)) = producer.send(record) {
                 // Queue full (Kafka slow or down) or any other refusal: the disk takes it.
                 if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
                     tracing::warn!(error = %e, "producer refused an event; spooling it");
                 }
-                spool.append(key.as_bytes(), &buf);
+                spool.append(key.as_bytes(), &event.payload);
             }
         }
         metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
