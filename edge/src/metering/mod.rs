@@ -100,7 +100,10 @@ pub struct EventSink {
 
 impl EventSink {
     /// A sink feeding `tx`; `None` when metering is off.
-    pub fn new(tx: Option<mpsc::Sender<EncodedEvent>>, metrics: Arc<Metrics>) -> Result<Self, tollgate_schemas::EncodeError> {
+    pub fn new(
+        tx: Option<mpsc::Sender<EncodedEvent>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, tollgate_schemas::EncodeError> {
         Ok(Self { tx, encoder: Encoder::new()?, metrics })
     }
 
