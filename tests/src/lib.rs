@@ -67,8 +67,9 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        // TOLLGATE_TEST_KEEP=1 keeps logs and configs for debugging.
-        if std::env::var_os("TOLLGATE_TEST_KEEP").is_some() {
+        // TOLLGATE_TEST_KEEP=1 keeps logs and configs for debugging; a failing test keeps
+        // them too (the assertion shows only the logs' tails).
+        if std::env::var_os("TOLLGATE_TEST_KEEP").is_some() || std::thread::panicking() {
             eprintln!("kept {}", self.0.display());
             return;
         }
