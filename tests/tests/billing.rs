@@ -184,13 +184,7 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
     assert_eq!(v.as_array().unwrap().len(), 3);
     assert_eq!(v[2]["currency"], "JPY");
     // 10 % of alpha's calls were 503s: the SLA credit is on its invoice.
-    let credit = v[0]["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["kind"] == "sla_credit")
-        .cloned()
-        .unwrap_or_else(|| panic!("{}", v[0]));
+    let credit = invoice_line(&v[0], "sla_credit");
     assert_eq!(credit["amount"], "-1.00");
     assert!(credit["description"].as_str().unwrap().contains("availability"), "{credit}");
     assert!(String::from_utf8_lossy(&html).matches("<section class=\"page\">").count() == 3);
@@ -220,14 +214,17 @@ async fn close_is_exact_idempotent_and_late_usage_becomes_an_adjustment() {
         billing(&cfg, &["invoice", "--period", &time::month_label(now), "--consumer", "alpha", "--format", "json"])
             .stdout;
     let v: serde_json::Value = serde_json::from_slice(&next).unwrap();
-    let line = v[0]["lines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["kind"] == "adjustment")
-        .cloned()
-        .unwrap_or_else(|| panic!("{v}"));
+    let line = invoice_line(&v[0], "adjustment");
     assert_eq!(line["amount"].as_str().unwrap().replace('.', "").parse::<i64>().unwrap(), diff, "{line}");
     assert!(line["description"].as_str().unwrap().contains(&period));
     drop((ingest, agg));
+}
+
+/// The invoice's line of `kind` (JSON export); fails the test, showing the invoice, if absent.
+fn invoice_line(invoice: &serde_json::Value, kind: &str) -> serde_json::Value {
+    invoice["lines"]
+        .as_array()
+        .and_then(|lines| lines.iter().find(|l| l["kind"] == kind))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {kind} line in {invoice}"))
 }
