@@ -134,13 +134,13 @@ impl Peer {
     }
 }
 
-/// The host the client addressed: `Host` header, else the URI authority (HTTP/2).
-pub fn request_host<B>(req: &http::Request<B>) -> Option<String> {
-    req.headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()))
+/// The host the client addressed: the `Host` header (shared, not copied) when it is text,
+/// else the URI authority (HTTP/2).
+pub fn request_host<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
+    match req.headers().get(http::header::HOST) {
+        Some(h) if h.to_str().is_ok() => Some(h.clone()),
+        _ => req.uri().authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+    }
 }
 
 /// The request path, one call from start to end: metering starts the call (event id,
@@ -194,4 +194,34 @@ async fn admit_and_forward(
         admission.write_headers(resp.headers_mut());
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn request_host_is_the_host_header_if_text_else_the_authority() {
+        let req = |uri: &str, host: Option<&[u8]>| {
+            let mut b = http::Request::builder().uri(uri);
+            if let Some(h) = host {
+                b = b.header(http::header::HOST, http::HeaderValue::from_bytes(h).unwrap());
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(request_host(&req("/a", Some(b"api.example:8080"))).unwrap(), "api.example:8080");
+        // HTTP/2 (or absolute form): the authority.
+        assert_eq!(request_host(&req("http://h2.example/a", None)).unwrap(), "h2.example");
+        // A Host that is not text (obs-text) is not taken; the authority is, if any.
+        assert_eq!(request_host(&req("http://h2.example/a", Some(b"caf\xe9"))).unwrap(), "h2.example");
+        assert_eq!(request_host(&req("/a", Some(b"caf\xe9"))), None);
+        assert_eq!(request_host(&req("/a", None)), None);
+    }
+
+    #[test]
+    fn peer_text_is_the_address_without_port() {
+        assert_eq!(Peer::new("192.0.2.7:4000".parse().unwrap()).ip_text, "192.0.2.7");
+        assert_eq!(Peer::new("[2001:db8::7]:4000".parse().unwrap()).ip_text, "2001:db8::7");
+    }
 }

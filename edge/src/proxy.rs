@@ -143,11 +143,6 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let Some(pool) = ctx.runtime.pools.get(&route.id) else {
         return Problem::upstream_unreachable().into_response();
     };
-    // The client's `Host` as it came (shared, not copied), else its HTTP/2 authority.
-    let original_host = match req.headers().get(HOST) {
-        Some(h) => h.to_str().is_ok().then(|| h.clone()),
-        None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
     let (mut parts, body) = req.into_parts();
     // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
     // on 101, both connections are spliced (see `tunnel`).
@@ -169,8 +164,8 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     }
     // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
     headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    if let Some(h) = original_host {
-        headers.insert(&X_FORWARDED_HOST, h);
+    if let Some(h) = ctx.call.host() {
+        headers.insert(&X_FORWARDED_HOST, h.clone());
     }
     let meta = &ctx.call.meta;
     headers.insert(&REQUEST_ID, ctx.call.request_id.clone());

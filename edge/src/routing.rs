@@ -83,7 +83,7 @@ impl RouteTable {
 /// The request's route in `runtime`.
 pub fn route<B>(runtime: &Runtime, req: &http::Request<B>) -> Result<Arc<Route>, NoMatch> {
     let host = if runtime.routes.by_host {
-        crate::request_host(req).map(|h| normalize_host(&h)).unwrap_or_default()
+        crate::request_host(req).as_ref().and_then(|h| h.to_str().ok()).map(normalize_host).unwrap_or_default()
     } else {
         String::new()
     };

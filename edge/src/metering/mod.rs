@@ -221,11 +221,6 @@ impl Call {
             ip => HeaderValue::from_maybe_shared(Bytes::from(crate::forwarded::ip_text(ip)))
                 .unwrap_or_else(|_| peer.ip_text.clone()),
         };
-        // The host the client addressed: `Host` (when it is text), else the URI authority.
-        let host = match req.headers().get(http::header::HOST) {
-            Some(h) if h.to_str().is_ok() => Some(h.clone()),
-            _ => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-        };
         Self {
             gw,
             route: OnceLock::new(),
@@ -240,7 +235,7 @@ impl Call {
             start,
             start_time_us,
             method: req.method().clone(),
-            host,
+            host: crate::request_host(req),
             uri: req.uri().clone(),
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
         }
@@ -249,6 +244,11 @@ impl Call {
     /// The gateway the call runs on.
     pub fn gw(&self) -> &Arc<Gateway> {
         &self.gw
+    }
+
+    /// The host the client addressed (see [`crate::request_host`]).
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// Emits the call's event: encoded from the call's fields where they are, not copied.
