@@ -82,28 +82,36 @@ impl std::fmt::Display for Outcome {
 }
 
 /// One call seen by an edge. Field meanings are documented in `schemas/avro/api_call.avsc`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApiCall {
+/// Generic over how its text is held: [`ApiCall`] owns its strings; [`ApiCallRef`] borrows
+/// them, so the edge encodes its calls from what it already holds (the request's method, path
+/// and headers, the route, the consumer) without copying each into a `String` first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiCallOf<S> {
     pub event_id: Uuid,
     pub start_time_us: i64,
-    pub edge_id: String,
-    pub consumer_id: Option<String>,
-    pub credential_id: Option<String>,
-    pub route_id: Option<String>,
-    pub method: String,
-    pub host: String,
-    pub path: String,
+    pub edge_id: S,
+    pub consumer_id: Option<S>,
+    pub credential_id: Option<S>,
+    pub route_id: Option<S>,
+    pub method: S,
+    pub host: S,
+    pub path: S,
     pub status: u16,
     pub outcome: Outcome,
     pub latency_us: u64,
     pub upstream_latency_us: Option<u64>,
     pub request_bytes: u64,
     pub response_bytes: u64,
-    pub client_ip: String,
-    pub user_agent: Option<String>,
-    pub trace_id: Option<String>,
-    pub plan_id: Option<String>,
+    pub client_ip: S,
+    pub user_agent: Option<S>,
+    pub trace_id: Option<S>,
+    pub plan_id: Option<S>,
 }
+
+/// A call with its own strings (decoded events, tests).
+pub type ApiCall = ApiCallOf<String>;
+/// A call with borrowed strings (what the encoder writes).
+pub type ApiCallRef<'a> = ApiCallOf<&'a str>;
 
 impl ApiCall {
     /// The Kafka message key: the consumer id, or empty for unauthenticated calls.
@@ -135,30 +143,4 @@ impl ApiCall {
             plan_id: self.plan_id.as_deref(),
         }
     }
-}
-
-/// An [`ApiCall`] whose text fields are borrowed: the edge encodes its calls from what it
-/// already holds (the request's method, path and headers, the route, the consumer) without
-/// copying each into a `String` first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ApiCallRef<'a> {
-    pub event_id: Uuid,
-    pub start_time_us: i64,
-    pub edge_id: &'a str,
-    pub consumer_id: Option<&'a str>,
-    pub credential_id: Option<&'a str>,
-    pub route_id: Option<&'a str>,
-    pub method: &'a str,
-    pub host: &'a str,
-    pub path: &'a str,
-    pub status: u16,
-    pub outcome: Outcome,
-    pub latency_us: u64,
-    pub upstream_latency_us: Option<u64>,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub client_ip: &'a str,
-    pub user_agent: Option<&'a str>,
-    pub trace_id: Option<&'a str>,
-    pub plan_id: Option<&'a str>,
 }

@@ -21,7 +21,7 @@ pub mod store;
 mod summary;
 
 pub use avro::{DecodeError, Decoder, EncodeError, Encoder};
-pub use event::{ApiCall, ApiCallRef, Outcome};
+pub use event::{ApiCall, ApiCallOf, ApiCallRef, Outcome};
 pub use summary::CallSummary;
 
 /// Kafka topic names shared by the components.
