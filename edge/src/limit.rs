@@ -33,6 +33,8 @@ pub struct Limiter {
     clock: DefaultClock,
     rate: u32,
     burst: u32,
+    /// Its name in the headers: `route` (the plan's limit for one route) or `default`.
+    name: &'static str,
     /// This limit's `RateLimit-Policy` list member (`"<name>";q=<burst>;w=<refill s>`) and its
     /// `X-RateLimit-Limit`, made once rather than on every call.
     policy_header: http::HeaderValue,
@@ -57,13 +59,13 @@ impl Limiter {
     pub fn new(rate: &Rate, name: &'static str) -> Self {
         let quota = Quota::per_second(rate.rate_per_second).allow_burst(rate.burst);
         let (burst, per_s) = (rate.burst.get(), rate.rate_per_second.get());
-        let refill_secs = u64::from(burst).div_ceil(u64::from(per_s)).max(1);
-        let policy = format!("\"{name}\";q={burst};w={refill_secs}");
+        let policy = format!("\"{name}\";q={burst};w={}", refill_secs(burst, per_s));
         Self {
             inner: RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
             clock: DefaultClock::default(),
             rate: per_s,
             burst,
+            name,
             policy_header: http::HeaderValue::from_str(&policy).unwrap_or_else(|_| http::HeaderValue::from_static("")),
             limit_header: http::HeaderValue::from(burst),
             last_used_ms: AtomicU64::new(0),
@@ -93,8 +95,13 @@ impl Limiter {
 
     /// Seconds for an empty bucket to refill completely (at least 1).
     fn refill_secs(&self) -> u64 {
-        u64::from(self.burst).div_ceil(u64::from(self.rate)).max(1)
+        refill_secs(self.burst, self.rate)
     }
+}
+
+/// Seconds for an empty bucket of `burst` to refill at `rate` per second (at least 1).
+fn refill_secs(burst: u32, rate: u32) -> u64 {
+    u64::from(burst).div_ceil(u64::from(rate)).max(1)
 }
 
 /// Which budget a limiter guards: the consumer's, or the consumer's on one route.
@@ -203,12 +210,12 @@ impl LimiterCache {
 /// The limits that apply to a call and their answers, most specific first.
 #[derive(Debug)]
 pub struct Checked {
-    pub limits: Vec<(&'static str, Arc<Limiter>, Decision)>,
+    pub limits: Vec<(Arc<Limiter>, Decision)>,
 }
 
 impl Checked {
     pub fn allowed(&self) -> bool {
-        self.limits.iter().all(|(_, _, d)| d.allowed)
+        self.limits.iter().all(|(_, d)| d.allowed)
     }
 }
 
@@ -220,14 +227,14 @@ pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checke
     if let Some(rate) = identity.plan.routes.get(&route.id) {
         let l = cache.get(&identity.consumer_id, Some(&Arc::from(route.id.as_str())), rate);
         let d = l.check();
-        limits.push(("route", l, d));
+        limits.push((l, d));
         if !d.allowed {
             return Checked { limits };
         }
     }
     let l = cache.get(&identity.consumer_id, None, &identity.plan.limit);
     let d = l.check();
-    limits.push(("default", l, d));
+    limits.push((l, d));
     Checked { limits }
 }
 
@@ -241,16 +248,16 @@ pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
     static LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
     static REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
     static RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-    let Some((_, most, most_d)) =
-        checked.limits.iter().min_by_key(|(_, _, d)| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
+    let Some((most, most_d)) =
+        checked.limits.iter().min_by_key(|(_, d)| (d.allowed, d.remaining, std::cmp::Reverse(d.reset_secs)))
     else {
         return;
     };
     let policy = match &checked.limits[..] {
-        [(_, only, _)] => only.policy_header.clone(),
+        [(only, _)] => only.policy_header.clone(),
         all => {
             let mut joined = Vec::with_capacity(40 * all.len());
-            for (i, (_, limiter, _)) in all.iter().enumerate() {
+            for (i, (limiter, _)) in all.iter().enumerate() {
                 if i > 0 {
                     joined.extend_from_slice(b", ");
                 }
@@ -263,12 +270,12 @@ pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
     headers.insert(&POLICY, policy);
     let mut state = Vec::with_capacity(24 * checked.limits.len());
     let mut num = itoa::Buffer::new();
-    for (name, _, d) in &checked.limits {
+    for (limiter, d) in &checked.limits {
         if !state.is_empty() {
             state.extend_from_slice(b", ");
         }
         state.push(b'"');
-        state.extend_from_slice(name.as_bytes());
+        state.extend_from_slice(limiter.name.as_bytes());
         state.extend_from_slice(b"\";r=");
         state.extend_from_slice(num.format(d.remaining).as_bytes());
         state.extend_from_slice(b";t=");
@@ -301,7 +308,7 @@ pub struct Admission {
 /// it lets it through.
 pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route) -> Admission {
     let checked = check(&runtime.limiters, identity, route);
-    if let Some((_, _, d)) = checked.limits.iter().find(|(_, _, d)| !d.allowed) {
+    if let Some((_, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
         let refusal = Some(Problem::rate_limited(d.reset_secs).into_response());
         return Admission { checked, quota: None, refusal };
     }
@@ -348,7 +355,7 @@ mod tests {
         let refused = l.check();
         assert_eq!(refused, Decision { allowed: false, remaining: 0, reset_secs: 1 });
         assert_eq!(l.policy(), (3, 3));
-        let checked = Checked { limits: vec![("default", Arc::new(l), refused)] };
+        let checked = Checked { limits: vec![(Arc::new(l), refused)] };
         let mut h = http::HeaderMap::new();
         write_headers(&mut h, &checked);
         assert_eq!(h["ratelimit-policy"], "\"default\";q=3;w=3");

@@ -53,8 +53,7 @@ impl TraceId {
     /// `s` if it is 32 lower-case hex digits, not all zero.
     pub fn parse(s: &str) -> Option<Self> {
         let digits: [u8; 32] = s.as_bytes().try_into().ok()?;
-        let hex = digits.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
-        (hex && digits.iter().any(|&b| b != b'0')).then_some(Self(digits))
+        (lower_hex(&digits) && digits.iter().any(|&b| b != b'0')).then_some(Self(digits))
     }
 
     /// A new random trace id.
@@ -124,11 +123,16 @@ impl EventSink {
     }
 }
 
+/// Whether `s` is lower-case hex digits only.
+fn lower_hex(s: &[u8]) -> bool {
+    s.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
 /// Parses a W3C `traceparent` (version 00) and returns its trace id.
 pub fn parse_traceparent(v: &str) -> Option<TraceId> {
     let mut parts = v.trim().split('-');
     let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let hex = |s: &str, n: usize| s.len() == n && lower_hex(s.as_bytes());
     if parts.next().is_some() || version != "00" || !hex(span, 16) || !hex(flags, 2) {
         return None;
     }
