@@ -22,6 +22,16 @@ pub struct GroupMember<'a> {
     pub properties: &'a BTreeMap<String, String>,
 }
 
+/// The group session timeout: Kafka's default since 3.0, and what static membership wants.
+/// A broker outage shorter than this leaves the membership intact: the member resumes its
+/// partitions without a rebalance. It also keeps Tansu 0.6 out of a state it cannot leave by
+/// itself: when a member's session expires during an outage, Tansu drops the member but keeps
+/// it as the group's leader, and the member rejoins under a new id as a follower of that ghost,
+/// with no partitions, until Tansu restarts (reproduced with a plain librdkafka consumer: about
+/// one outage in four longer than a 10 s session). With Apache Kafka, partitions of a replica
+/// that is gone for good move after this long. `kafka.properties` can override it.
+pub const SESSION_TIMEOUT_MS: &str = "45000";
+
 /// A subscribed group consumer whose offsets are *stored by the stage* once what precedes
 /// them is durably written (`enable.auto.offset.store=false`) and committed by librdkafka in
 /// the background every `commit_interval`, and by the stage at shutdown.
@@ -36,7 +46,7 @@ pub fn group_consumer(m: &GroupMember<'_>) -> Result<StreamConsumer, rdkafka::er
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", "100")
-        .set("session.timeout.ms", "10000");
+        .set("session.timeout.ms", SESSION_TIMEOUT_MS);
     for (k, v) in m.properties {
         cc.set(k, v);
     }
