@@ -11,13 +11,49 @@ use crate::metering::spool::SpoolStats;
 /// Label used for requests that matched no route.
 pub const NO_ROUTE: &str = "(none)";
 
+/// Upper bounds of the request-duration histogram's buckets, in microseconds (exposed in
+/// seconds, as Prometheus wants): 0.5 ms to 10 s, then `+Inf`.
+pub const DURATION_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
+
+thread_local! {
+    /// The counter shard of this thread (see [`Metrics::set_worker`]); 0 for other threads.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// One route's counts on one shard, on cache lines of its own: two workers counting requests
+/// never write the same line (a line bouncing between cores costs more than the count).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct RouteStats {
+    /// By status class 1xx..5xx.
+    by_class: [AtomicU64; 5],
+    /// Durations by bucket, not cumulative: bucket i counts durations in
+    /// (`DURATION_BUCKETS_US[i-1]`, `DURATION_BUCKETS_US[i]`]; the last one is `+Inf`.
+    duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
+    duration_sum_us: AtomicU64,
+}
+
+/// The counters one worker thread writes on every request.
+#[derive(Debug, Default)]
+struct Shard {
+    events_enqueued: Padded,
+    /// Per route; the last entry: no route.
+    routes: Box<[RouteStats]>,
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicU64);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     route_ids: Vec<String>,
     index: HashMap<String, usize, foldhash::fast::RandomState>,
-    /// Per route (last entry: no route) and status class 1xx..5xx.
-    requests: Vec<[AtomicU64; 5]>,
-    pub events_enqueued: AtomicU64,
+    /// Shard 0 for threads that are not workers, then one per worker; summed when rendered.
+    shards: Box<[Shard]>,
     /// Dropped because the edge's event queue was full (spool drops are in the spool stats).
     pub events_dropped: AtomicU64,
     pub events_produced: AtomicU64,
@@ -46,29 +82,82 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new<'a>(route_ids: impl IntoIterator<Item = &'a str>) -> Self {
+    /// Metrics for `route_ids`, counted by `workers` worker threads (each calling
+    /// [`Metrics::set_worker`]) and any other thread.
+    pub fn new<'a>(route_ids: impl IntoIterator<Item = &'a str>, workers: usize) -> Self {
         let mut ids: Vec<String> = route_ids.into_iter().map(str::to_owned).collect();
         ids.push(NO_ROUTE.to_owned());
         let index = ids.iter().enumerate().map(|(i, id)| (id.clone(), i)).collect();
-        let requests = ids.iter().map(|_| Default::default()).collect();
-        Self { route_ids: ids, index, requests, ..Default::default() }
+        let shards = (0..=workers)
+            .map(|_| Shard { routes: ids.iter().map(|_| RouteStats::default()).collect(), ..Default::default() })
+            .collect();
+        Self { route_ids: ids, index, shards, ..Default::default() }
+    }
+
+    /// Makes the calling thread count on worker `i`'s shard (`i` < the `workers` given to
+    /// [`Metrics::new`]).
+    pub fn set_worker(i: usize) {
+        SHARD.set(i + 1);
+    }
+
+    fn shard(&self) -> Option<&Shard> {
+        self.shards.get(SHARD.get()).or_else(|| self.shards.first())
+    }
+
+    /// This thread's counters for `route` (unknown or none: [`NO_ROUTE`]).
+    fn route_stats(&self, route: Option<&str>) -> Option<&RouteStats> {
+        let i = route.and_then(|r| self.index.get(r).copied()).unwrap_or(self.route_ids.len().saturating_sub(1));
+        self.shard()?.routes.get(i)
     }
 
     pub fn record_request(&self, route: Option<&str>, status: u16) {
-        let i = route.and_then(|r| self.index.get(r).copied()).unwrap_or(self.route_ids.len() - 1);
         let class = usize::from((status / 100).clamp(1, 5) - 1);
-        if let Some(row) = self.requests.get(i) {
-            row[class].fetch_add(1, Ordering::Relaxed);
+        if let Some(stats) = self.route_stats(route) {
+            stats.by_class[class].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A call's duration, from its request's arrival to the end of its response body.
+    pub fn record_duration(&self, route: Option<&str>, micros: u64) {
+        let bucket = DURATION_BUCKETS_US.partition_point(|&bound| bound < micros);
+        if let Some(stats) = self.route_stats(route) {
+            stats.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+            stats.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
+        }
+    }
+
+    pub fn event_enqueued(&self) {
+        if let Some(shard) = self.shard() {
+            shard.events_enqueued.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `f` of one route's counters, summed over the shards.
+    fn sum(&self, route: usize, f: impl Fn(&RouteStats) -> &AtomicU64) -> u64 {
+        self.shards.iter().filter_map(|s| s.routes.get(route)).map(|r| f(r).load(Ordering::Relaxed)).sum()
     }
 
     /// Requests counted for a route (or [`NO_ROUTE`]) and status class (1..=5).
     pub fn requests(&self, route: &str, class: usize) -> u64 {
-        self.index
-            .get(route)
-            .and_then(|&i| self.requests.get(i))
-            .and_then(|row| row.get(class.wrapping_sub(1)))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        let Some(&i) = self.index.get(route) else { return 0 };
+        if !(1..=5).contains(&class) {
+            return 0;
+        }
+        self.sum(i, |r| &r.by_class[class - 1])
+    }
+
+    /// A route's duration histogram: cumulative counts per bucket of [`DURATION_BUCKETS_US`]
+    /// then `+Inf`, and the sum in microseconds.
+    pub fn durations(&self, route: &str) -> (Vec<u64>, u64) {
+        let Some(&i) = self.index.get(route) else { return (vec![0; DURATION_BUCKETS_US.len() + 1], 0) };
+        let mut total = 0;
+        let cumulative = (0..=DURATION_BUCKETS_US.len())
+            .map(|b| {
+                total += self.sum(i, |r| &r.duration_buckets[b]);
+                total
+            })
+            .collect();
+        (cumulative, self.sum(i, |r| &r.duration_sum_us))
     }
 
     /// The Prometheus text exposition.
@@ -76,26 +165,38 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         out.push_str("# HELP tollgate_edge_requests_total Requests answered, by route and status class.\n");
         out.push_str("# TYPE tollgate_edge_requests_total counter\n");
-        for (id, row) in self.route_ids.iter().zip(&self.requests) {
-            for (c, count) in row.iter().enumerate() {
+        for (i, id) in self.route_ids.iter().enumerate() {
+            for c in 0..5 {
                 let _ = writeln!(
                     out,
                     "tollgate_edge_requests_total{{route=\"{id}\",status_class=\"{}xx\"}} {}",
                     c + 1,
-                    count.load(Ordering::Relaxed)
+                    self.sum(i, |r| &r.by_class[c])
                 );
             }
         }
+        out.push_str(
+            "# HELP tollgate_edge_request_duration_seconds Time from a request's arrival to the end of its response body, by route.\n",
+        );
+        out.push_str("# TYPE tollgate_edge_request_duration_seconds histogram\n");
+        for id in &self.route_ids {
+            let (cumulative, sum_us) = self.durations(id);
+            let name = "tollgate_edge_request_duration_seconds";
+            for (bound, count) in DURATION_BUCKETS_US.iter().zip(&cumulative) {
+                let _ = writeln!(out, "{name}_bucket{{route=\"{id}\",le=\"{}\"}} {count}", *bound as f64 / 1e6);
+            }
+            let count = cumulative.last().copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{route=\"{id}\",le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{route=\"{id}\"}} {:.6}", sum_us as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count{{route=\"{id}\"}} {count}");
+        }
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let enqueued: u64 = self.shards.iter().map(|s| load(&s.events_enqueued.0)).sum();
         let spool = self.spool.get();
         let spool_load = |f: fn(&SpoolStats) -> &AtomicU64| spool.map_or(0, |s| load(f(s)));
         let dropped = load(&self.events_dropped) + spool_load(|s| &s.dropped);
         let counters = [
-            (
-                "tollgate_edge_events_enqueued_total",
-                "Events handed to the producer queue.",
-                load(&self.events_enqueued),
-            ),
+            ("tollgate_edge_events_enqueued_total", "Events handed to the producer queue.", enqueued),
             (
                 "tollgate_edge_events_dropped_total",
                 "Events lost: edge queue full, spool full or failing, or unencodable. Must stay 0.",
@@ -197,11 +298,12 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
     fn counts_by_route_and_class() {
-        let m = Metrics::new(["echo"]);
+        let m = Metrics::new(["echo"], 2);
         m.record_request(Some("echo"), 200);
         m.record_request(Some("echo"), 429);
         m.record_request(None, 404);
@@ -212,5 +314,51 @@ mod tests {
         assert_eq!(m.requests(NO_ROUTE, 5), 1);
         let text = m.render();
         assert!(text.contains("tollgate_edge_requests_total{route=\"echo\",status_class=\"2xx\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn durations_are_a_cumulative_histogram_summed_over_workers() {
+        let m = Arc::new(Metrics::new(["echo"], 2));
+        // Worker 0 and worker 1 (other threads) and a non-worker thread (this one).
+        let record = |worker: Option<usize>, micros: &'static [u64]| {
+            let m = Arc::clone(&m);
+            std::thread::spawn(move || {
+                if let Some(w) = worker {
+                    Metrics::set_worker(w);
+                }
+                for &us in micros {
+                    m.record_duration(Some("echo"), us);
+                    m.record_request(Some("echo"), 200);
+                    m.event_enqueued();
+                }
+            })
+            .join()
+            .unwrap();
+        };
+        record(Some(0), &[400, 500, 501]);
+        record(Some(1), &[9_000, 20_000_000]);
+        record(None, &[1_000]);
+        m.record_duration(None, 3_000);
+        let (cumulative, sum_us) = m.durations("echo");
+        // le 0.0005: 400, 500; le 0.001: + 501, 1000; le 0.01: + 9000; +Inf: + 20 s.
+        assert_eq!(&cumulative[..5], &[2, 4, 4, 4, 5]);
+        assert_eq!(cumulative[DURATION_BUCKETS_US.len() - 1], 5);
+        assert_eq!(cumulative[DURATION_BUCKETS_US.len()], 6);
+        assert_eq!(sum_us, 400 + 500 + 501 + 9_000 + 20_000_000 + 1_000);
+        assert_eq!(m.requests("echo", 2), 6);
+        let text = m.render();
+        for line in [
+            "tollgate_edge_request_duration_seconds_bucket{route=\"echo\",le=\"0.0005\"} 2",
+            "tollgate_edge_request_duration_seconds_bucket{route=\"echo\",le=\"0.01\"} 5",
+            "tollgate_edge_request_duration_seconds_bucket{route=\"echo\",le=\"10\"} 5",
+            "tollgate_edge_request_duration_seconds_bucket{route=\"echo\",le=\"+Inf\"} 6",
+            "tollgate_edge_request_duration_seconds_sum{route=\"echo\"} 20.011401",
+            "tollgate_edge_request_duration_seconds_count{route=\"echo\"} 6",
+            "tollgate_edge_request_duration_seconds_count{route=\"(none)\"} 1",
+            "tollgate_edge_requests_total{route=\"echo\",status_class=\"2xx\"} 6",
+            "tollgate_edge_events_enqueued_total 6",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
     }
 }

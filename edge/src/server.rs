@@ -42,7 +42,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         .map_err(|e| anyhow::anyhow!("edge.admin_listen {}: {e}", cfg.admin_listen))?;
     let (listen, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
 
-    let metrics = Arc::new(Metrics::new(cfg.routes.iter().map(|r| r.id.as_str())));
+    let metrics = Arc::new(Metrics::new(cfg.routes.iter().map(|r| r.id.as_str()), cfg.worker_threads));
     let (events_tx, producer_task) = if cfg.kafka.enabled {
         let spool = Spool::open(&cfg.spool)?;
         let _ = metrics.spool.set(Arc::clone(spool.stats()));
@@ -132,6 +132,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         drained.push(drained_rx);
         threads.push(std::thread::Builder::new().name(format!("edge-worker-{i}")).spawn(move || {
+            Metrics::set_worker(i);
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -303,12 +303,18 @@ pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net
     (proc, listen, admin)
 }
 
-/// Fetches the edge's Prometheus metrics and returns the value of `name` (without labels).
-pub async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+/// The edge's Prometheus metrics, as text.
+pub async fn metrics_text(admin: std::net::SocketAddr) -> String {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let resp = client.get(format!("http://{admin}/metrics").parse().unwrap()).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&body).into_owned();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// Fetches the edge's Prometheus metrics and returns the value of `name` (with its labels, if
+/// any, as exposed: `name{label="v"}`).
+pub async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let text = metrics_text(admin).await;
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')).map(|v| v.trim().parse().unwrap()))
         .unwrap_or_else(|| panic!("metric {name} not found"))

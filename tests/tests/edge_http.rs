@@ -247,6 +247,30 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert_eq!(posted.request_bytes, 5);
     assert!(posted.response_bytes > 0);
 
+    // The duration histogram counts each call once, with the latency its event has: every
+    // bucket holds exactly the route's events at or under its bound.
+    let echo: Vec<u64> =
+        events.values().filter(|e| e.route_id.as_deref() == Some("echo")).map(|e| e.latency_us).collect();
+    let text = metrics_text(admin).await;
+    let prefix = "tollgate_edge_request_duration_seconds_bucket{route=\"echo\",le=\"";
+    let buckets: Vec<(f64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, count.parse().unwrap()))
+        })
+        .collect();
+    assert!(buckets.len() >= 10, "{text}");
+    for (le, count) in &buckets {
+        let bound_us = if le.is_finite() { (le * 1e6).round() as u64 } else { u64::MAX };
+        let within = echo.iter().filter(|&&us| us <= bound_us).count() as u64;
+        assert_eq!(*count, within, "bucket le={le}: {text}");
+    }
+    assert_eq!(buckets.last().map(|b| b.1), Some(echo.len() as u64));
+    assert_eq!(metric(admin, "tollgate_edge_request_duration_seconds_count{route=\"echo\"}").await, echo.len() as u64);
+    // The slow calls (upstream timeout, aborted) are above the quick ones.
+    assert!(buckets.iter().any(|&(le, count)| count > 0 && count < echo.len() as u64 && le < 0.3), "{buckets:?}");
+
     // Admin endpoints.
     let health = call(admin, "GET", "/healthz", &[]).await;
     assert_eq!(health.status, 200);

@@ -117,9 +117,9 @@ impl EventSink {
         let mut payload = Vec::with_capacity(256);
         self.encoder.encode_ref_into(call, &mut payload);
         match tx.try_send(EncodedEvent { key: key.cloned(), payload }) {
-            Ok(()) => self.metrics.events_enqueued.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed),
-        };
+            Ok(()) => self.metrics.event_enqueued(),
+            Err(_) => _ = self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed),
+        }
     }
 }
 
@@ -255,10 +255,14 @@ impl Call {
         self.host.as_ref()
     }
 
-    /// Emits the call's event: encoded from the call's fields where they are, not copied.
-    /// `response_bytes` went to the client; `extra_request_bytes` came from it besides the
-    /// request body (an upgrade's tunnel).
-    fn emit(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
+    /// Ends the call: its duration goes to the metrics and its event, encoded from the call's
+    /// fields where they are (not copied), to the producer. `response_bytes` went to the
+    /// client; `extra_request_bytes` came from it besides the request body (an upgrade's
+    /// tunnel).
+    fn complete(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
+        let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let route_id = self.route.get().map(|r| r.id.as_str());
+        self.gw.metrics.record_duration(route_id, latency_us);
         let events = &self.gw.events;
         if !events.enabled() {
             return;
@@ -271,13 +275,13 @@ impl Call {
             edge_id: &self.gw.instance_id,
             consumer_id: identity.map(|i| &*i.consumer_id),
             credential_id: identity.map(|i| &*i.credential_id),
-            route_id: self.route.get().map(|r| r.id.as_str()),
+            route_id,
             method: self.method.as_str(),
             host: self.host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or_default(),
             path: self.uri.path(),
             status,
             outcome,
-            latency_us: u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_us,
             upstream_latency_us: Some(self.upstream_latency_us.load(Ordering::Relaxed)).filter(|&us| us != u64::MAX),
             request_bytes: self.request_body.bytes.load(Ordering::Relaxed) + extra_request_bytes,
             response_bytes,
@@ -309,7 +313,7 @@ impl Call {
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
             tokio::spawn(async move {
                 let (up, down) = done.await.unwrap_or((0, 0));
-                self.emit(status, outcome, down, up);
+                self.complete(status, outcome, down, up);
                 self.gw.metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             });
             return resp;
@@ -328,7 +332,7 @@ impl Drop for Call {
         // path was still working on it.
         let route_id = self.route.get().map(|r| r.id.as_str());
         self.gw.metrics.record_request(route_id, 499);
-        self.emit(499, Outcome::ClientAborted, 0, 0);
+        self.complete(499, Outcome::ClientAborted, 0, 0);
     }
 }
 
@@ -419,7 +423,7 @@ impl MeteredBody {
     fn finish(&mut self, aborted: bool) {
         if let Some(p) = self.pending.take() {
             let (status, outcome) = if aborted { (499, Outcome::ClientAborted) } else { (p.status, p.outcome) };
-            p.call.emit(status, outcome, self.bytes, 0);
+            p.call.complete(status, outcome, self.bytes, 0);
         }
     }
 }
