@@ -17,17 +17,16 @@ async fn broker_down_during_10000_requests_all_events_arrive_once() {
     create_topic_on(&broker.addr, &topic, 2).await;
     let (upstream, _) = start_echo().await;
     let key_hash = sha256_hex("key-acme");
-    // Idempotence is off in this test only: Tansu 0.6's SQLite storage panics on an idempotent
-    // producer's first batch after a broker restart ("more or less than one row" in
-    // idempotent_message_check), after which it answers nothing. Duplicates that idempotence
-    // would prevent are absorbed by the event_id deduplication this test checks.
+    // The edge's producer is not idempotent (Tansu 0.6's SQLite storage panics on an idempotent
+    // producer's first batch after a broker restart, "more or less than one row" in
+    // idempotent_message_check): the duplicates that retries make are absorbed by the event_id
+    // deduplication this test checks.
     let edge_cfg = format!(
         "[edge]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [kafka]\nbrokers = \"{}\"\ntopic = \"{topic}\"\nmessage_timeout_ms = 3000\n\
          [[routes]]\nid = \"echo\"\npath_prefix = \"/echo\"\nupstream = \"http://{upstream}\"\n\
          [plans.big]\nrate_per_second = 100000\n\
-         [[consumers]]\nid = \"acme\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{key_hash}\" }}]\n\
-         [kafka.properties]\n\"enable.idempotence\" = \"false\"\n",
+         [[consumers]]\nid = \"acme\"\nplan = \"big\"\nkeys = [{{ id = \"k\", sha256 = \"{key_hash}\" }}]\n",
         broker.addr
     );
     let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &edge_cfg).await;
