@@ -10,6 +10,7 @@
 #   bench/run.sh lag          usage and quota lag at 2,000 requests/s
 #   bench/run.sh billing      close and export a month of invoices for 10,000 consumers
 #   bench/run.sh callgrind    the edge's instructions per request (valgrind; exact, noise-free)
+#   bench/run.sh threads      the edge's CPU per request by thread: metering off / on / idempotent
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -31,6 +32,7 @@ case "${1:-all}" in
     lag) "$BIN" lag ;;
     billing) "$BIN" billing ;;
     callgrind) bench/callgrind-edge.sh ;;
+    threads) bench/edge-threads.sh ;;
     all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$0" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind|threads]" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 //! The Kafka producer task: drains the queue of encoded events (Avro single-object messages,
 //! encoded on the request path, see [`super::EventSink`]) and hands them to librdkafka
-//! (acks=all, idempotent). Nothing here waits on Kafka:
+//! (acks=all, not idempotent: `event_id` deduplication downstream). Nothing here waits on Kafka:
 //! - librdkafka's queue full → the event goes to the on-disk [`Spool`];
 //! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
 //!   delivery callback puts the message in the spool;
@@ -158,7 +158,7 @@ async fn run(
         metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
         // Let events gather: under load one wake-up per millisecond instead of one per event
         // (each a cross-thread wake-up of this task from the request path). librdkafka lingers
-        // 5 ms anyway.
+        // 20 ms anyway.
         if n < BATCH && !close.is_terminated() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
