@@ -33,28 +33,10 @@ if [ "${CALLGRIND_METERING:-0}" = 1 ]; then
 fi
 KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
-cat > "$DIR/edge.toml" <<CFG
-[edge]
-listen = "127.0.0.1:$PORT"
-admin_listen = "127.0.0.1:$ADMIN"
-[kafka]
-enabled = $METERING
-brokers = "127.0.0.1:9092"
-topic = "callgrind-bench"
-[spool]
-dir = "$DIR/spool"
-[[routes]]
-id = "up"
-path_prefix = "/"
-upstream = "http://127.0.0.1:$UP"
-auth = "api_key_or_jwt"
-[plans.big]
-rate_per_second = 10000000
-[[consumers]]
-id = "bench"
-plan = "big"
-keys = [{ id = "k", sha256 = "$HASH" }]
-CFG
+# shellcheck source=bench/edge-toml.sh
+. "$ROOT/bench/edge-toml.sh"
+bench_edge_toml "127.0.0.1:$PORT" "127.0.0.1:$ADMIN" "$METERING" callgrind-bench "$DIR/spool" "127.0.0.1:$UP" "$HASH" \
+    >"$DIR/edge.toml"
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" "$EDGE" run --config "$DIR/edge.toml" \
     >"$DIR/edge.log" 2>&1 &

@@ -15,13 +15,17 @@ command -v wrk >/dev/null 2>&1 || { s=""; [ "$(id -u)" = 0 ] || s=sudo; $s apt-g
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-8}"
 DIR="$(mktemp -d)"
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
+PIDS=()
+# The edges start in subshells (see start_edge), so they are not jobs of this shell.
+trap 'kill $(jobs -p) "${PIDS[@]}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" topic create threads-bench --partitions 4 --broker tcp://127.0.0.1:9092 \
     >/dev/null 2>&1 || true
 KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
 UP=$(free_port)
+# shellcheck source=bench/edge-toml.sh
+. "$ROOT/bench/edge-toml.sh"
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &
 
 # Starts an edge (name, metering true/false, extra [kafka.properties] lines); prints its pid
@@ -29,29 +33,8 @@ UP=$(free_port)
 start_edge() {
     local name=$1 metering=$2 props=$3 port admin
     port=$(free_port); admin=$(free_port)
-    cat >"$DIR/$name.toml" <<CFG
-[edge]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-[kafka]
-enabled = $metering
-brokers = "127.0.0.1:9092"
-topic = "threads-bench"
-[spool]
-dir = "$DIR/$name-spool"
-[[routes]]
-id = "up"
-path_prefix = "/"
-upstream = "http://127.0.0.1:$UP"
-[plans.big]
-rate_per_second = 10000000
-[[consumers]]
-id = "bench"
-plan = "big"
-keys = [{ id = "k", sha256 = "$HASH" }]
-[kafka.properties]
-$props
-CFG
+    bench_edge_toml "127.0.0.1:$port" "127.0.0.1:$admin" "$metering" threads-bench "$DIR/$name-spool" \
+        "127.0.0.1:$UP" "$HASH" "$props" >"$DIR/$name.toml"
     RUST_LOG=warn "$EDGE" run --config "$DIR/$name.toml" >"$DIR/$name.log" 2>&1 &
     local pid=$!
     for _ in $(seq 1 100); do
@@ -72,9 +55,11 @@ ticks() {
 
 NAMES=(off on idempotent)
 read -r P_OFF PORT_OFF < <(start_edge off false "")
+PIDS+=("$P_OFF")
 read -r P_ON PORT_ON < <(start_edge on true "")
+PIDS+=("$P_ON")
 read -r P_ID PORT_ID < <(start_edge idempotent true '"enable.idempotence" = "true"')
-PIDS=("$P_OFF" "$P_ON" "$P_ID")
+PIDS+=("$P_ID")
 PORTS=("$PORT_OFF" "$PORT_ON" "$PORT_ID")
 TCK=$(getconf CLK_TCK)
 for i in 0 1 2; do # warm-up

@@ -110,17 +110,13 @@ impl Metrics {
         self.shard()?.routes.get(i)
     }
 
-    pub fn record_request(&self, route: Option<&str>, status: u16) {
+    /// A completed call (its response body ended, its tunnel closed, or its client went
+    /// away): its final status and its duration, from its request's arrival.
+    pub fn record_call(&self, route: Option<&str>, status: u16, micros: u64) {
         let class = usize::from((status / 100).clamp(1, 5) - 1);
-        if let Some(stats) = self.route_stats(route) {
-            stats.by_class[class].fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// A call's duration, from its request's arrival to the end of its response body.
-    pub fn record_duration(&self, route: Option<&str>, micros: u64) {
         let bucket = DURATION_BUCKETS_US.partition_point(|&bound| bound < micros);
         if let Some(stats) = self.route_stats(route) {
+            stats.by_class[class].fetch_add(1, Ordering::Relaxed);
             stats.duration_buckets[bucket].fetch_add(1, Ordering::Relaxed);
             stats.duration_sum_us.fetch_add(micros, Ordering::Relaxed);
         }
@@ -163,7 +159,7 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(2048);
-        out.push_str("# HELP tollgate_edge_requests_total Requests answered, by route and status class.\n");
+        out.push_str("# HELP tollgate_edge_requests_total Calls completed, by route and final status class (499: the client went away).\n");
         out.push_str("# TYPE tollgate_edge_requests_total counter\n");
         for (i, id) in self.route_ids.iter().enumerate() {
             for c in 0..5 {
@@ -304,10 +300,10 @@ mod tests {
     #[test]
     fn counts_by_route_and_class() {
         let m = Metrics::new(["echo"], 2);
-        m.record_request(Some("echo"), 200);
-        m.record_request(Some("echo"), 429);
-        m.record_request(None, 404);
-        m.record_request(Some("unknown"), 502);
+        m.record_call(Some("echo"), 200, 1_000);
+        m.record_call(Some("echo"), 429, 1_000);
+        m.record_call(None, 404, 1_000);
+        m.record_call(Some("unknown"), 502, 1_000);
         assert_eq!(m.requests("echo", 2), 1);
         assert_eq!(m.requests("echo", 4), 1);
         assert_eq!(m.requests(NO_ROUTE, 4), 1);
@@ -327,8 +323,7 @@ mod tests {
                     Metrics::set_worker(w);
                 }
                 for &us in micros {
-                    m.record_duration(Some("echo"), us);
-                    m.record_request(Some("echo"), 200);
+                    m.record_call(Some("echo"), 200, us);
                     m.event_enqueued();
                 }
             })
@@ -338,7 +333,7 @@ mod tests {
         record(Some(0), &[400, 500, 501]);
         record(Some(1), &[9_000, 20_000_000]);
         record(None, &[1_000]);
-        m.record_duration(None, 3_000);
+        m.record_call(None, 404, 3_000);
         let (cumulative, sum_us) = m.durations("echo");
         // le 0.0005: 400, 500; le 0.001: + 501, 1000; le 0.01: + 9000; +Inf: + 20 s.
         assert_eq!(&cumulative[..5], &[2, 4, 4, 4, 5]);

@@ -268,6 +268,13 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     }
     assert_eq!(buckets.last().map(|b| b.1), Some(echo.len() as u64));
     assert_eq!(metric(admin, "tollgate_edge_request_duration_seconds_count{route=\"echo\"}").await, echo.len() as u64);
+    // Calls are counted by final status class when they complete, like their events (the
+    // aborted one as a 499).
+    for class in 1..=5u16 {
+        let name = format!("tollgate_edge_requests_total{{route=\"echo\",status_class=\"{class}xx\"}}");
+        let events = events.values().filter(|e| e.route_id.as_deref() == Some("echo") && e.status / 100 == class);
+        assert_eq!(metric(admin, &name).await, events.count() as u64, "{name}");
+    }
     // The slow calls (upstream timeout, aborted) are above the quick ones.
     assert!(buckets.iter().any(|&(le, count)| count > 0 && count < echo.len() as u64 && le < 0.3), "{buckets:?}");
 

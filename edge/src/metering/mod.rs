@@ -255,14 +255,14 @@ impl Call {
         self.host.as_ref()
     }
 
-    /// Ends the call: its duration goes to the metrics and its event, encoded from the call's
+    /// Ends the call: its status and duration go to the metrics and its event, encoded from the call's
     /// fields where they are (not copied), to the producer. `response_bytes` went to the
     /// client; `extra_request_bytes` came from it besides the request body (an upgrade's
     /// tunnel).
     fn complete(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let route_id = self.route.get().map(|r| r.id.as_str());
-        self.gw.metrics.record_duration(route_id, latency_us);
+        self.gw.metrics.record_call(route_id, status, latency_us);
         let events = &self.gw.events;
         if !events.enabled() {
             return;
@@ -293,17 +293,15 @@ impl Call {
         events.emit(identity.map(|i| &i.consumer_id), &call);
     }
 
-    /// Completes the response: `x-request-id`, the request metrics, and the event, emitted
-    /// when the response body ends (or the tunnel of an upgrade closes).
+    /// Completes the response: `x-request-id`; the call's metrics and event follow when the
+    /// response body ends (or the tunnel of an upgrade closes).
     pub fn finish(mut self, mut resp: Response) -> Response {
         self.finished = true;
         resp.headers_mut().insert(&REQUEST_ID, self.request_id.clone());
         let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
         let status = resp.status().as_u16();
-        let route_id = self.route.get().map(|r| r.id.as_str());
-        self.gw.metrics.record_request(route_id, status);
         if let Some(span) = &self.span {
-            let route = route_id.unwrap_or(crate::metrics::NO_ROUTE);
+            let route = self.route.get().map_or(crate::metrics::NO_ROUTE, |r| r.id.as_str());
             span.record("otel.name", format!("{} {route}", self.method));
             span.record("http.route", route);
             span.record("http.response.status_code", status);
@@ -330,8 +328,6 @@ impl Drop for Call {
         }
         // No answer was made: the client went away (its connection closed) while the request
         // path was still working on it.
-        let route_id = self.route.get().map(|r| r.id.as_str());
-        self.gw.metrics.record_request(route_id, 499);
         self.complete(499, Outcome::ClientAborted, 0, 0);
     }
 }
