@@ -89,8 +89,15 @@ echo
 echo "== aggregated usage this month: calls, errors, P50/P95/P99 from merged histograms =="
 echo "== (tollgate-aggregator usage --config config/demo/aggregator.toml) =="
 "$BIN/tollgate-aggregator" usage --config config/demo/aggregator.toml
+# Quota states are published after the minutes they count are written: wait for the state
+# that covers the demo's last minute (a consumer without calls since keeps its earlier one).
+for _ in $(seq 1 150); do
+    covered=$(q "SELECT toUInt32(max(covered_until)) FROM tollgate.quota_state FINAL" || echo 0)
+    [ "${covered:-0}" -gt "$last_minute" ] && break
+    sleep 0.2
+done
 echo "== monthly quota state (table quota_state; free plan: 1000 calls, hard) =="
-q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
+q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement, covered_until FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
 echo "== draft invoices of this month (tollgate-billing invoice --period $(date -u +%Y-%m) --format csv) =="
 "$BIN/tollgate-billing" invoice --config config/demo/billing.toml --period "$(date -u +%Y-%m)" --format csv
 echo "(JSON: --format json; a printable page per consumer: --format html > invoices.html)"
