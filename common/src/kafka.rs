@@ -27,8 +27,8 @@ pub struct GroupMember<'a> {
 /// partitions without a rebalance. It also keeps Tansu 0.6 out of a state it cannot leave by
 /// itself: when a member's session expires during an outage, Tansu drops the member but keeps
 /// it as the group's leader, and the member rejoins under a new id as a follower of that ghost,
-/// with no partitions, until Tansu restarts (reproduced with a plain librdkafka consumer: about
-/// one outage in four longer than a 10 s session). With Apache Kafka, partitions of a replica
+/// with no partitions, until Tansu restarts (reproduced with a plain librdkafka consumer: 1 of 8
+/// outages of ~15 s with a 10 s session, 0 of 10 with 45 s). With Apache Kafka, partitions of a replica
 /// that is gone for good move after this long. `kafka.properties` can override it.
 pub const SESSION_TIMEOUT_MS: &str = "45000";
 
