@@ -245,6 +245,13 @@ pub fn ingest_config(topic: &str, database: &str, group: &str, ch_url: &str) -> 
     ingest_config_on(&kafka(), topic, database, group, ch_url)
 }
 
+/// A `[kafka.properties]` table giving a consumer a 10 s group session, for tests whose group
+/// coordinator is librdkafka's mock cluster: the mock holds a JoinGroup for the session timeout
+/// less 1 s and answers nothing else on that connection meanwhile, so under the 45 s default a
+/// stall watchdog's own requests time out (and it names that as the stall); with 10 s they are
+/// answered and it can tell what is wrong. Append it to a config that has no such table.
+pub const MOCK_GROUP_SESSION: &str = "[kafka.properties]\n\"session.timeout.ms\" = \"10000\"\n";
+
 /// Like [`ingest_config`], for the broker at `brokers`.
 pub fn ingest_config_on(brokers: &str, topic: &str, database: &str, group: &str, ch_url: &str) -> String {
     format!(

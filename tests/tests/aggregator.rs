@@ -301,11 +301,7 @@ async fn a_stuck_rebalance_is_noticed_and_the_run_restarted() {
         .replace(&format!("brokers = \"{}\"", kafka()), &format!("brokers = \"{brokers}\""))
         .replace("ingest_group_id = ", "stall_timeout_ms = 2000\ningest_group_id = ")
         + &format!("[admin]\nlisten = \"127.0.0.1:{admin}\"\n")
-        // As in ingest's stuck-rebalance test: the mock holds a JoinGroup for the session
-        // timeout less 1 s and answers nothing else on that connection meanwhile, so under the
-        // 45 s default the watchdog's own requests time out (and it names that as the stall);
-        // with 10 s they are answered and it can tell what is wrong.
-        + "[kafka.properties]\n\"session.timeout.ms\" = \"10000\"\n";
+        + MOCK_GROUP_SESSION;
     let mut agg = start_aggregator(dir.path(), "aggregator", &cfg);
     let noticed = wait_until(Duration::from_secs(60), || async {
         std::fs::read_to_string(&agg.log).unwrap_or_default().contains("Kafka consumer stalled")

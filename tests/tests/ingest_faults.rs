@@ -215,12 +215,9 @@ async fn a_stuck_rebalance_is_noticed_and_the_consumer_rebuilt() {
 
     // Every SyncGroup fails for now: ingest joins, never gets an assignment.
     mock.request_errors(RDKafkaApiKey::SyncGroup, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS; 5_000]);
-    // The mock holds a JoinGroup for the session timeout less 1 s and answers nothing else on
-    // that connection meanwhile, so the watchdog's own requests would time out under the 45 s
-    // default; with 10 s they are answered and it can tell what is wrong.
     let cfg = ingest_config_on(&brokers, &topic, &db, &group, &url)
         .replace("instance_id = ", "stall_timeout_ms = 2000\ninstance_id = ")
-        + "[kafka.properties]\n\"session.timeout.ms\" = \"10000\"\n";
+        + MOCK_GROUP_SESSION;
     let mut ingest = start_ingest(dir.path(), "ingest", &cfg);
     let noticed = wait_until(Duration::from_secs(60), || async {
         std::fs::read_to_string(&ingest.log).unwrap_or_default().contains("Kafka consumer stalled")

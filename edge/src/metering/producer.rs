@@ -97,8 +97,8 @@ pub fn start(
         // Not idempotent: duplicates (retries) are removed downstream by `event_id`, and order
         // does not matter (event time), so idempotence would buy nothing here, and it costs:
         // librdkafka then caps a partition at 5 produce requests in flight and its broker
-        // thread spins while the cap is reached (with the local Tansu: 20 µs of CPU per event,
-        // against 0.6 without; docs/benchmarks.md), and Tansu 0.6's SQLite storage fails an
+        // thread spins while the cap is reached (with the local Tansu: 20–27 µs of CPU per event,
+        // against 0.6–1.1 without; docs/benchmarks.md), and Tansu 0.6's SQLite storage fails an
         // idempotent producer's first batch after a broker restart (docs/ARCHITECTURE.md).
         .set("enable.idempotence", "false")
         // Batches of 20 ms: a quarter of the produce requests of librdkafka's 5 ms default, so a
