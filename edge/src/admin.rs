@@ -18,27 +18,79 @@ pub fn app(metrics: Arc<Metrics>) -> axum::Router {
         .with_state(metrics)
 }
 
-/// Ready when events have somewhere to go: Kafka answers, or the spool is writable and has
-/// room. (With metering off, always ready.)
+/// `/readyz`. Ready while the edge takes new calls and can meter them: Kafka answers, or the
+/// spool is writable and has room ([`crate::metering::spool::READY_HEADROOM`]). Not ready once shutdown began
+/// (in-flight calls drain meanwhile). The config is always usable while the edge runs: it
+/// does not start on an invalid one, and a rejected reload keeps the running one.
+/// With metering off, ready until shutdown.
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    let (ready, body) = readiness(&m);
+    let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, [(CONTENT_TYPE, "text/plain; charset=utf-8")], body)
+}
+
+/// Whether the edge is ready, and the text saying why (one `part: state` line each).
+pub fn readiness(m: &Metrics) -> (bool, String) {
     use std::sync::atomic::Ordering;
-    let Some(spool) = m.spool.get() else {
-        return (http::StatusCode::OK, "ready: metering off\n".to_owned());
-    };
-    let kafka = m.kafka_reachable.load(Ordering::Relaxed);
-    let spool_ok = !spool.failing.load(Ordering::Relaxed);
-    let body = format!(
-        "kafka: {}\nspool: {}\n",
-        if kafka { "reachable" } else { "unreachable" },
-        if spool_ok { "ok" } else { "failing" }
-    );
-    if kafka || spool_ok {
-        (http::StatusCode::OK, format!("ready\n{body}"))
+    let draining = m.draining.load(Ordering::Relaxed);
+    let mut ok = !draining;
+    let mut body = String::new();
+    if let Some(spool) = m.spool.get() {
+        let kafka = m.kafka_reachable.load(Ordering::Relaxed);
+        let spool_state = if spool.failing.load(Ordering::Relaxed) {
+            "failing"
+        } else if spool.nearly_full() {
+            "full"
+        } else {
+            "ok"
+        };
+        ok &= kafka || spool_state == "ok";
+        body.push_str(if kafka { "kafka: reachable\n" } else { "kafka: unreachable\n" });
+        body.push_str("spool: ");
+        body.push_str(spool_state);
+        body.push('\n');
     } else {
-        (http::StatusCode::SERVICE_UNAVAILABLE, format!("not ready\n{body}"))
+        body.push_str("metering: off\n");
     }
+    if draining {
+        body.push_str("shutdown: draining\n");
+    }
+    (ok, format!("{}\n{body}", if ok { "ready" } else { "not ready" }))
 }
 
 async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::metering::spool::{READY_HEADROOM, SpoolStats};
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn ready_while_kafka_or_the_spool_can_take_events_and_not_while_draining() {
+        let m = Metrics::new(["r"], 1);
+        assert_eq!(readiness(&m), (true, "ready\nmetering: off\n".to_owned()));
+        let stats = Arc::new(SpoolStats { max_bytes: 1 << 20, ..SpoolStats::default() });
+        m.spool.set(Arc::clone(&stats)).unwrap();
+        // Kafka down, spool with room: events are spooled, nothing is lost.
+        assert_eq!(readiness(&m), (true, "ready\nkafka: unreachable\nspool: ok\n".to_owned()));
+        // Kafka down, spool (nearly) full or failing: events would be dropped.
+        stats.bytes.store((1 << 20) - READY_HEADROOM + 1, Ordering::Relaxed);
+        assert_eq!(readiness(&m), (false, "not ready\nkafka: unreachable\nspool: full\n".to_owned()));
+        stats.bytes.store((1 << 20) - READY_HEADROOM, Ordering::Relaxed);
+        assert!(readiness(&m).0, "exactly the headroom left is still room");
+        stats.failing.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(&m), (false, "not ready\nkafka: unreachable\nspool: failing\n".to_owned()));
+        // Kafka answering: ready whatever the spool's state (it is replayed meanwhile).
+        m.kafka_reachable.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(&m), (true, "ready\nkafka: reachable\nspool: failing\n".to_owned()));
+        m.draining.store(true, Ordering::Relaxed);
+        assert_eq!(
+            readiness(&m),
+            (false, "not ready\nkafka: reachable\nspool: failing\nshutdown: draining\n".to_owned())
+        );
+    }
 }

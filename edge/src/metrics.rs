@@ -78,6 +78,8 @@ pub struct Metrics {
     /// Upstream targets taken out of service by passive health checks.
     pub upstream_ejections: AtomicU64,
     pub config_reload_failures: AtomicU64,
+    /// True once shutdown began: `/readyz` answers 503 while in-flight requests drain.
+    pub draining: std::sync::atomic::AtomicBool,
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
 

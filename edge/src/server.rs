@@ -161,6 +161,9 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         })?);
     }
     shutdown.await;
+    // Load balancers polling `/readyz` see 503 from now on; the admin port stays up until the
+    // drain is over.
+    metrics.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_accepting.send(true);
     tracing::info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining in-flight requests");
     for d in drained {

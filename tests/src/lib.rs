@@ -486,12 +486,21 @@ pub fn sha256_hex(key: &str) -> String {
 /// message waited for at most 30 s). Also checks every message's key is its consumer id.
 pub async fn read_events(
     topic: &str,
+    done: impl FnMut(&[tollgate_schemas::ApiCall]) -> bool,
+) -> Vec<tollgate_schemas::ApiCall> {
+    read_events_on(&kafka(), topic, done).await
+}
+
+/// [`read_events`] from the broker at `brokers` (e.g. a [`PrivateBroker`]).
+pub async fn read_events_on(
+    brokers: &str,
+    topic: &str,
     mut done: impl FnMut(&[tollgate_schemas::ApiCall]) -> bool,
 ) -> Vec<tollgate_schemas::ApiCall> {
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
+        .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .create()

@@ -63,6 +63,19 @@ pub struct SpoolStats {
     pub corrupt: AtomicU64,
     /// True while the last write failed.
     pub failing: std::sync::atomic::AtomicBool,
+    /// The configured bound (`spool.max_bytes`).
+    pub max_bytes: u64,
+}
+
+/// Room a spool must have left to count as usable for `/readyz` (a few hundred events).
+pub const READY_HEADROOM: u64 = 64 * 1024;
+
+impl SpoolStats {
+    /// True when the spool has fewer than [`READY_HEADROOM`] bytes left: events are about to
+    /// be (or are being) dropped if Kafka cannot take them.
+    pub fn nearly_full(&self) -> bool {
+        self.bytes.load(Ordering::Relaxed).saturating_add(READY_HEADROOM) > self.max_bytes
+    }
 }
 
 /// The appending side, cheap to clone; usable from any thread.
@@ -166,7 +179,7 @@ impl Spool {
         let err = |source| SpoolError { dir: cfg.dir.display().to_string(), source };
         fs::create_dir_all(&cfg.dir).map_err(err)?;
         let existing = segments(&cfg.dir).map_err(err)?;
-        let stats = Arc::new(SpoolStats::default());
+        let stats = Arc::new(SpoolStats { max_bytes: cfg.max_bytes, ..SpoolStats::default() });
         let mut total = 0;
         for (_, p) in &existing {
             total += fs::metadata(p).map(|m| m.len()).unwrap_or(0);

@@ -1,0 +1,247 @@
+//! The edge's lifecycle through the real binary: `/readyz`, graceful shutdown (stop accepting,
+//! drain in-flight calls within `edge.shutdown_grace_ms`, close idle connections, flush the
+//! events), the spool taking what Kafka could not by shutdown and the next start replaying it,
+//! and API keys made by `tollgate-edge gen-key`, rotated and revoked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate_demo::traffic::{self, Caller};
+use tollgate_e2e::*;
+use tollgate_schemas::Outcome;
+
+fn config(brokers: &str, topic: &str, upstream: std::net::SocketAddr, spool: &std::path::Path, keys: &str) -> String {
+    format!(
+        "[edge]\ninstance_id = \"edge-life\"\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         shutdown_grace_ms = 2500\n\
+         [kafka]\nbrokers = \"{brokers}\"\ntopic = \"{topic}\"\n\
+         [spool]\ndir = \"{}\"\n\
+         [[routes]]\nid = \"echo\"\npath_prefix = \"/echo\"\nupstream = \"http://{upstream}\"\n\
+         [plans.big]\nrate_per_second = 100000\n\
+         [[consumers]]\nid = \"acme\"\nplan = \"big\"\nkeys = [{keys}]\n",
+        spool.display()
+    )
+}
+
+fn acme_key() -> String {
+    format!("{{ id = \"acme-1\", sha256 = \"{}\" }}", sha256_hex("key-acme"))
+}
+
+/// `/readyz`: (status, body).
+async fn readyz(admin: std::net::SocketAddr) -> (u16, String) {
+    let (status, _, body) = Http::new().get(admin, "/readyz", &[]).await;
+    (status, body)
+}
+
+/// One request on its own connection (`Connection: close`): the status and body, or `None`
+/// when the connection ended without a response.
+async fn request(addr: std::net::SocketAddr, path: &str, key: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: api.example\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Waits for the process to exit; its exit status, or `None` after `timeout`.
+fn wait_exit(edge: &mut Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = edge.child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn sigterm(edge: &Proc) {
+    let ok = std::process::Command::new("kill").arg("-TERM").arg(edge.child.id().to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
+    let dir = TempDir::new("e2e_lifecycle");
+    let topic = unique("life");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let (mut edge, addr, admin) =
+        start_edge(dir.path(), "edge", &config(&kafka(), &topic, upstream, &dir.path().join("spool"), &acme_key()))
+            .await;
+    // Ready once the producer's probe has reached Kafka.
+    let ready = wait_until(Duration::from_secs(10), || async {
+        readyz(admin).await == (200, "ready\nkafka: reachable\nspool: ok\n".to_owned())
+    })
+    .await;
+    assert!(ready, "{:?}\n{}", readyz(admin).await, edge.log_tail());
+
+    // An idle keep-alive connection, a call that ends within the grace and one that does not.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /echo/idle HTTP/1.1\r\nHost: api.example\r\nx-api-key: key-acme\r\n\r\n").await.unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut rest = vec![0u8; 64 * 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(300), idle.read(&mut rest)).await;
+    let quick = tokio::spawn(request(addr, "/echo/quick?delay_ms=1000", "key-acme"));
+    let slow = tokio::spawn(request(addr, "/echo/slow?delay_ms=15000", "key-acme"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    sigterm(&edge);
+    let term = Instant::now();
+    // Load balancers are told at once; the admin port stays up while the calls drain.
+    let draining = wait_until(Duration::from_secs(2), || async {
+        readyz(admin).await == (503, "not ready\nkafka: reachable\nspool: ok\nshutdown: draining\n".to_owned())
+    })
+    .await;
+    assert!(draining, "{:?}", readyz(admin).await);
+    // New connections are refused; the idle connection is closed (no request of its own
+    // in flight), long before the grace is over.
+    let refused = wait_until(Duration::from_secs(2), || async { TcpStream::connect(addr).await.is_err() }).await;
+    assert!(refused, "the edge still accepts connections after SIGTERM");
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the idle connection is still open: {closed:?}");
+
+    // The call that fits in the grace completes normally.
+    let (status, body) = quick.await.unwrap().expect("the in-flight call got no answer");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"/echo/quick\""), "{body}");
+    // The other is cut at the deadline, and the edge exits then, not when it would have ended.
+    assert_eq!(slow.await.unwrap(), None, "the call past the grace was answered");
+    let exit = wait_exit(&mut edge, Duration::from_secs(10)).expect("the edge did not exit");
+    let took = term.elapsed();
+    assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
+    assert!(took >= Duration::from_millis(2000), "exited after {took:?}: it did not wait for the in-flight call");
+    assert!(took < Duration::from_secs(9), "exited after {took:?}: the grace (2.5 s) was not enforced");
+
+    // Every call is metered, the cut one as a client abort (no answer was made), all flushed
+    // to Kafka before the exit.
+    let events = read_events(&topic, |e| e.len() >= 3).await;
+    let by_path = |p: &str| events.iter().find(|e| e.path == p).unwrap_or_else(|| panic!("no event for {p}"));
+    assert_eq!((by_path("/echo/idle").status, by_path("/echo/idle").outcome), (200, Outcome::Forwarded));
+    assert_eq!((by_path("/echo/quick").status, by_path("/echo/quick").outcome), (200, Outcome::Forwarded));
+    assert!(by_path("/echo/quick").latency_us >= 1_000_000);
+    let cut = by_path("/echo/slow");
+    assert_eq!((cut.status, cut.outcome), (499, Outcome::ClientAborted));
+    assert!(cut.latency_us >= 2_000_000 && cut.latency_us < 9_000_000, "{cut:?}");
+    assert!(edge.log_tail().contains("shutdown grace over"), "{}", edge.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_next_start() {
+    let dir = TempDir::new("e2e_lifecycle_spool");
+    let mut broker = PrivateBroker::start().await;
+    let topic = unique("life-spool");
+    create_topic_on(&broker.addr, &topic, 2).await;
+    let (upstream, _) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let cfg = config(&broker.addr, &topic, upstream, &spool, &acme_key());
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let reachable =
+        wait_until(Duration::from_secs(10), || async { readyz(admin).await.1.contains("kafka: reachable") }).await;
+    assert!(reachable, "{}", edge.log_tail());
+    let caller = |n| Caller {
+        label: "acme".into(),
+        key: Some("key-acme".into()),
+        requests: n,
+        concurrency: 2,
+        pause: Duration::ZERO,
+        path: "/echo/x".into(),
+    };
+    let before = traffic::run(&format!("http://{addr}"), vec![caller(50)]).await;
+
+    broker.stop();
+    // Kafka down: still ready, because the spool can take the events.
+    let unreachable = wait_until(Duration::from_secs(15), || async {
+        readyz(admin).await == (200, "ready\nkafka: unreachable\nspool: ok\n".to_owned())
+    })
+    .await;
+    assert!(unreachable, "{:?}", readyz(admin).await);
+    let during = traffic::run(&format!("http://{addr}"), vec![caller(300)]).await;
+    for t in [&before, &during] {
+        assert_eq!(t.transport_errors, 0);
+        assert_eq!(t.by_status.values().sum::<u64>(), t.by_status.get(&("acme".to_owned(), 200)).copied().unwrap_or(0));
+    }
+    // Shut down with the 300 events in librdkafka's queue (message timeout 30 s): the grace
+    // passes and they go to the spool, not lost.
+    sigterm(&edge);
+    let exit = wait_exit(&mut edge, Duration::from_secs(15)).expect("the edge did not exit");
+    assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
+    let segments = std::fs::read_dir(&spool).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count();
+    assert!(segments > 0, "nothing was spooled at shutdown\n{}", edge.log_tail());
+
+    // Next start, with Kafka back: the spool is replayed.
+    broker.resume().await;
+    let (mut next, _, next_admin) = start_edge(dir.path(), "edge2", &cfg).await;
+    let ids: BTreeSet<String> =
+        before.request_ids.iter().chain(&during.request_ids).map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 350);
+    let events = read_events_on(&broker.addr, &topic, |e| {
+        e.iter().map(|e| e.event_id.to_string()).collect::<BTreeSet<_>>().len() >= ids.len()
+    })
+    .await;
+    let got: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    assert_eq!(got, ids, "the events in Kafka are not the calls made");
+    assert!(metric(next_admin, "tollgate_edge_events_replayed_total").await >= 1);
+    assert_eq!(metric(next_admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert!(next.terminate(Duration::from_secs(15)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_keys_authenticate_rotate_and_revoke() {
+    let dir = TempDir::new("e2e_lifecycle_keys");
+    let topic = unique("life-keys");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let out = std::process::Command::new(bin("tollgate-edge"))
+        .args(["gen-key", "--consumer", "acme", "--key-id", "acme-2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    // The key (shown once), then the entry to paste.
+    let key = lines.iter().find(|l| l.starts_with("tg_live_")).expect("no key printed").to_string();
+    let entry = lines.iter().find(|l| l.starts_with("{ id = \"acme-2\"")).expect("no config entry printed").to_string();
+    assert!(entry.contains(&sha256_hex(&key)), "{entry}");
+    assert!(!entry.contains(&key), "the config entry holds the key itself");
+    let other = std::process::Command::new(bin("tollgate-edge"))
+        .args(["gen-key", "--consumer", "x", "--key-id", "y"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&other.stdout).contains(&key), "two runs printed the same key");
+
+    // Rotation: the old and the new key both work, each metered under its own credential id.
+    let spool = dir.path().join("spool");
+    let (mut edge, addr, _admin) = start_edge(
+        dir.path(),
+        "edge",
+        &config(&kafka(), &topic, upstream, &spool, &format!("{}, {entry}", acme_key())),
+    )
+    .await;
+    assert_eq!(request(addr, "/echo/old", "key-acme").await.unwrap().0, 200);
+    assert_eq!(request(addr, "/echo/new", &key).await.unwrap().0, 200);
+    // Revocation: the old key's entry removed, then a reload.
+    std::fs::write(dir.path().join("edge.toml"), config(&kafka(), &topic, upstream, &spool, &entry)).unwrap();
+    let _ = std::process::Command::new("kill").arg("-HUP").arg(edge.child.id().to_string()).status();
+    let revoked = wait_until(Duration::from_secs(10), || async {
+        request(addr, "/echo/old", "key-acme").await.unwrap().0 == 401
+    })
+    .await;
+    assert!(revoked, "the removed key still works\n{}", edge.log_tail());
+    assert_eq!(request(addr, "/echo/new", &key).await.unwrap().0, 200);
+    let events = read_events(&topic, |e| e.iter().any(|e| e.status == 401)).await;
+    let cred =
+        |p: &str, s: u16| events.iter().find(|e| e.path == p && e.status == s).and_then(|e| e.credential_id.clone());
+    assert_eq!(cred("/echo/old", 200).as_deref(), Some("acme-1"));
+    assert_eq!(cred("/echo/new", 200).as_deref(), Some("acme-2"));
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
