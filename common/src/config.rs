@@ -46,15 +46,232 @@ pub fn parse<T: DeserializeOwned>(
     prefix: &str,
     env: &BTreeMap<String, String>,
 ) -> Result<T, ConfigError> {
-    let mut table: toml::Table = text
+    let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax { path: origin.to_owned(), message: e.to_string() })?;
+    deserialize_table(table, origin, prefix, env)
+}
+
+/// Applies the overrides to a parsed document and deserializes it.
+fn deserialize_table<T: DeserializeOwned>(
+    mut table: toml::Table,
+    origin: &str,
+    prefix: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<T, ConfigError> {
     apply_overrides(&mut table, prefix, env)?;
     let value = toml::Value::Table(table);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::Invalid { origin: origin.to_owned(), key, reason: e.into_inner().to_string() }
     })
+}
+
+/// [`parse`] for a config whose top-level array of tables `name` (`[[name]]` sections) may be
+/// long, e.g. 100,000 `[[consumers]]`: the rest of the document is parsed as [`parse`] does,
+/// and the `[[name]]` sections (each with its sub-tables) are left in the text, to be parsed
+/// one at a time by [`ArrayTables::iter`]. The whole document's tree is never built: it costs
+/// some kilobytes per element (the `[[consumers]]` of 100,000 consumers took ~490 MB), one
+/// element's tree does not.
+///
+/// Documents that use `name` otherwise as well (an inline `name = [...]`, dotted keys, quoted
+/// headers) are parsed whole, as [`parse`] does, and their elements are in `T`.
+pub fn parse_split<'a, T: DeserializeOwned>(
+    text: &'a str,
+    origin: &'a str,
+    prefix: &str,
+    env: &BTreeMap<String, String>,
+    name: &'a str,
+) -> Result<(T, ArrayTables<'a>), ConfigError> {
+    let (main, ranges) = split_array_tables(text, name);
+    let none = ArrayTables { text, origin, name, ranges: Vec::new() };
+    let overridden = env.keys().any(|var| {
+        var.strip_prefix(prefix)
+            .is_some_and(|rest| rest.split("__").next().is_some_and(|s| s.eq_ignore_ascii_case(name)))
+    });
+    if ranges.is_empty() || overridden {
+        return Ok((parse(text, origin, prefix, env)?, none));
+    }
+    let table: toml::Table = main
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax { path: origin.to_owned(), message: e.to_string() })?;
+    if table.contains_key(name) {
+        return Ok((parse(text, origin, prefix, env)?, none));
+    }
+    Ok((deserialize_table(table, origin, prefix, env)?, ArrayTables { text, origin, name, ranges }))
+}
+
+/// The `[[name]]` sections [`parse_split`] left in a config's text.
+#[derive(Debug)]
+pub struct ArrayTables<'a> {
+    text: &'a str,
+    origin: &'a str,
+    name: &'a str,
+    /// Byte ranges of the sections, in file order: each one element, with its sub-tables.
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl ArrayTables<'_> {
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The elements, parsed one by one. Errors name the element as a whole-document parse
+    /// would (`consumers[7].plan`) and, for syntax errors, the line in the file.
+    pub fn iter<E: DeserializeOwned>(&self) -> impl Iterator<Item = Result<E, ConfigError>> + '_ {
+        self.ranges.iter().enumerate().map(|(i, range)| self.element(i, range.clone()))
+    }
+
+    fn element<E: DeserializeOwned>(&self, i: usize, range: std::ops::Range<usize>) -> Result<E, ConfigError> {
+        let section = &self.text[range.clone()];
+        let mut table: toml::Table = section.parse().map_err(|e: toml::de::Error| {
+            let at = range.start + e.span().map_or(0, |s| s.start);
+            let line = self.text[..at].matches('\n').count() + 1;
+            let column = at - self.text[..at].rfind('\n').map_or(0, |n| n + 1) + 1;
+            ConfigError::Syntax {
+                path: self.origin.to_owned(),
+                message: format!("TOML parse error at line {line}, column {column}: {}", e.message()),
+            }
+        })?;
+        let element = match table.remove(self.name) {
+            Some(toml::Value::Array(mut a)) if a.len() == 1 => a.pop(),
+            _ => None,
+        };
+        let element = element.ok_or_else(|| {
+            ConfigError::invalid(
+                self.origin,
+                format!("{}[{i}]", self.name),
+                "is not one table (a section split wrongly?)",
+            )
+        })?;
+        serde_path_to_error::deserialize(element).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." { format!("{}[{i}]", self.name) } else { format!("{}[{i}].{path}", self.name) };
+            ConfigError::Invalid { origin: self.origin.to_owned(), key, reason: e.into_inner().to_string() }
+        })
+    }
+}
+
+/// Splits the `[[name]]` sections (with the sub-tables that follow each, `[name.x]`,
+/// `[[name.x]]`) out of a TOML text: returns the rest of the text, each section replaced by its
+/// newlines (so that line numbers stay those of the file), and the sections' byte ranges.
+/// Header lines are only recognized at the start of a line, outside strings and outside
+/// arrays and inline tables spanning lines.
+fn split_array_tables<'t>(text: &'t str, name: &str) -> (std::borrow::Cow<'t, str>, Vec<std::ops::Range<usize>>) {
+    let b = text.as_bytes();
+    let mut ranges = Vec::new();
+    let mut current: Option<usize> = None;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        let line_start = i;
+        let mut j = i;
+        while j < b.len() && (b[j] == b' ' || b[j] == b'\t') {
+            j += 1;
+        }
+        if depth == 0 && b.get(j) == Some(&b'[') {
+            // A table header: what follows it on its line is whitespace or a comment.
+            let double = b.get(j + 1) == Some(&b'[');
+            let mut k = j + if double { 2 } else { 1 };
+            while k < b.len() && (b[k] == b' ' || b[k] == b'\t') {
+                k += 1;
+            }
+            let key_start = k;
+            while k < b.len() && (b[k].is_ascii_alphanumeric() || b[k] == b'_' || b[k] == b'-') {
+                k += 1;
+            }
+            let ours = &text[key_start..k] == name;
+            let mut after = k;
+            while after < b.len() && (b[after] == b' ' || b[after] == b'\t') {
+                after += 1;
+            }
+            if ours && double && b.get(after) == Some(&b']') {
+                // A new element.
+                if let Some(start) = current.replace(line_start) {
+                    ranges.push(start..line_start);
+                }
+            } else if !(ours && b.get(after) == Some(&b'.')) {
+                // Another table (a sub-table of the element stays with it).
+                if let Some(start) = current.take() {
+                    ranges.push(start..line_start);
+                }
+            }
+            i = b[j..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| j + n + 1);
+            continue;
+        }
+        i = scan_line(b, j, &mut depth);
+    }
+    if let Some(start) = current {
+        ranges.push(start..b.len());
+    }
+    if ranges.is_empty() {
+        return (std::borrow::Cow::Borrowed(text), ranges);
+    }
+    let mut rest = String::with_capacity(text.len() - ranges.iter().map(|r| r.len()).sum::<usize>() + 1024);
+    let mut at = 0;
+    for r in &ranges {
+        rest.push_str(&text[at..r.start]);
+        rest.extend(std::iter::repeat_n('\n', text[r.clone()].matches('\n').count()));
+        at = r.end;
+    }
+    rest.push_str(&text[at..]);
+    (std::borrow::Cow::Owned(rest), ranges)
+}
+
+/// Scans a line that is not a table header from `i`, through any multi-line string it opens,
+/// tracking the nesting of arrays and inline tables; returns the start of the next line.
+fn scan_line(b: &[u8], mut i: usize, depth: &mut usize) -> usize {
+    // The end of a string whose closing `quote` (1 or 3 bytes) starts its search at `i`.
+    let close = |mut i: usize, quote: &[u8], escapes: bool| -> usize {
+        while i < b.len() {
+            if escapes && b[i] == b'\\' {
+                i += 2;
+            } else if b[i..].starts_with(quote) {
+                i += quote.len();
+                // `"""a""""` ends with up to two more quotes, part of the string.
+                if quote.len() == 3 {
+                    let mut extra = 0;
+                    while extra < 2 && b.get(i) == Some(&quote[0]) {
+                        i += 1;
+                        extra += 1;
+                    }
+                }
+                return i;
+            } else if quote.len() == 1 && b[i] == b'\n' {
+                // An unterminated single-line string: the parser will say so.
+                return i;
+            } else {
+                i += 1;
+            }
+        }
+        i
+    };
+    while i < b.len() {
+        match b[i] {
+            b'\n' => return i + 1,
+            b'#' => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+            }
+            b'"' if b[i..].starts_with(b"\"\"\"") => i = close(i + 3, b"\"\"\"", true),
+            b'"' => i = close(i + 1, b"\"", true),
+            b'\'' if b[i..].starts_with(b"'''") => i = close(i + 3, b"'''", false),
+            b'\'' => i = close(i + 1, b"'", false),
+            b'[' | b'{' => {
+                *depth += 1;
+                i += 1;
+            }
+            b']' | b'}' => {
+                *depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    i
 }
 
 /// A replica's static membership id (`kafka.instance_id`): the configured one (not blank),
@@ -125,7 +342,7 @@ mod tests {
     struct Raw {
         kafka: Kafka,
     }
-    #[derive(Debug, Deserialize)]
+    #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
     struct Kafka {
         brokers: String,
@@ -148,6 +365,119 @@ mod tests {
         .unwrap();
         assert_eq!(raw.kafka.brokers, "b:2");
         assert_eq!(raw.kafka.linger_ms, 7);
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct WithItems {
+        kafka: Kafka,
+        #[serde(default)]
+        items: Vec<Item>,
+        #[serde(default)]
+        after: Option<Kafka>,
+    }
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Item {
+        id: String,
+        #[serde(default)]
+        note: String,
+        #[serde(default)]
+        tags: Vec<String>,
+        #[serde(default)]
+        limits: BTreeMap<String, u32>,
+    }
+
+    /// The items as `parse_split` gives them, and whether it split the document.
+    fn split_items(text: &str, vars: &[(&str, &str)]) -> Result<(WithItems, Vec<Item>, bool), ConfigError> {
+        let (raw, tables) = parse_split::<WithItems>(text, "t.toml", "T_", &env(vars), "items")?;
+        let split = !tables.is_empty();
+        let items = tables.iter::<Item>().collect::<Result<Vec<_>, _>>()?;
+        Ok((raw, items, split))
+    }
+
+    const HEAD: &str = "[kafka]\nbrokers = \"a\"\n";
+
+    #[test]
+    fn split_array_tables_parse_as_the_whole_document() {
+        // Header-looking lines in multi-line strings of both kinds, in an array spanning
+        // lines, in comments; escaped quotes; a header with spaces and a comment; CRLF; a
+        // sub-table of an item; a table after the items.
+        let tricky = r#"[[items]] # first
+id = "a"
+note = """
+[[items]]
+id = \"x\" """"
+tags = [
+  "[[items]]",
+  # [after]
+  '[kafka]',
+]
+  [[ items ]]
+id = 'b'
+note = '''
+[kafka]
+'''
+[items.limits]
+x = 1
+[[items]]
+id = "c]" # ] [
+tags = [ "{", "[" ]
+[after]
+brokers = "z"
+"#;
+        let docs = [
+            format!("{HEAD}[[items]]\nid = \"a\"\n[[items]]\nid = \"b\"\n[items.limits]\nx = 1\n"),
+            format!("{HEAD}{tricky}"),
+            format!("{HEAD}{}", tricky.replace('\n', "\r\n")),
+            // Items first: what follows them is tables.
+            format!("[[items]]\nid = \"a\"\ntags = [\"x\", \"y\"]\n{HEAD}"),
+        ];
+        for doc in &docs {
+            let whole: WithItems = parse(doc, "t.toml", "T_", &env(&[])).unwrap();
+            let (raw, items, split) = split_items(doc, &[]).unwrap();
+            assert!(split, "{doc}");
+            assert!(raw.items.is_empty());
+            assert_eq!((&raw.kafka, &raw.after), (&whole.kafka, &whole.after), "{doc}");
+            assert_eq!(items, whole.items, "{doc}");
+        }
+        let items = split_items(&docs[1], &[]).unwrap().1;
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["a", "b", "c]"]);
+        assert_eq!(items[0].note, "[[items]]\nid = \"x\" \"");
+        assert_eq!(items[1].limits["x"], 1);
+        assert_eq!(split_items(&docs[1], &[]).unwrap().0.after.unwrap().brokers, "z");
+        // `items` also used otherwise (inline array, quoted header, an override): parsed whole.
+        for (doc, vars) in [
+            (format!("items = [{{ id = \"a\" }}]\n{HEAD}"), vec![]),
+            (format!("{HEAD}[[items]]\nid = \"a\"\n[[\"items\"]]\nid = \"b\"\n"), vec![]),
+            (format!("{HEAD}[[items]]\nid = \"a\"\n"), vec![("T_ITEMS", "[{ id = \"o\" }]")]),
+        ] {
+            let (raw, items, split) = split_items(&doc, &vars).unwrap();
+            assert!(!split && items.is_empty(), "{doc}");
+            let whole: WithItems = parse(&doc, "t.toml", "T_", &env(&vars)).unwrap();
+            assert!(!whole.items.is_empty());
+            assert_eq!(raw, whole);
+        }
+    }
+
+    #[test]
+    fn split_array_table_errors_name_the_element_and_the_line() {
+        for bad in ["idd = \"x\"", "id = 5", "limits = { x = \"y\" }", "tags = \"x\""] {
+            let doc = format!("{HEAD}[[items]]\nid = \"a\"\n[[items]]\nid = \"b\"\n[[items]]\n{bad}\n");
+            let whole = parse::<WithItems>(&doc, "t.toml", "T_", &env(&[])).unwrap_err().to_string();
+            let split = split_items(&doc, &[]).unwrap_err().to_string();
+            // (The whole document's message adds the context "in `items`".)
+            assert_eq!(split.lines().next(), whole.lines().next(), "{bad}");
+            assert!(split.contains("items[2]"), "{split}");
+        }
+        // A syntax error in an item: the file's line.
+        let doc = format!("{HEAD}[[items]]\nid = \"a\"\n\n[[items]]\nid = \"b\nnote = \"\"\n");
+        let err = split_items(&doc, &[]).unwrap_err().to_string();
+        assert!(err.contains("t.toml") && err.contains("line 7, column"), "{err}");
+        // One in the rest of the document: the file's line too.
+        let doc = format!("[[items]]\nid = \"a\"\n[[items]]\nid = \"b\"\n{HEAD}linger_ms = 1 2\n");
+        let err = split_items(&doc, &[]).unwrap_err().to_string();
+        assert!(err.contains("line 7"), "{err}");
     }
 
     #[test]
