@@ -52,6 +52,18 @@ fn children_ticks() -> u64 {
     stat_fields("/proc/self/stat", 13)
 }
 
+/// The machine's (steal, total) CPU time from `/proc/stat`, in clock ticks: time the hypervisor
+/// gave to other guests while this one wanted to run, the shared machine's noise made visible.
+fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().take(8).sum())
+}
+
 /// The processes a nginx master started (its workers).
 fn child_pids(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -318,14 +330,19 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     }
     let mut results: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
     let mut cpu: Vec<Vec<CpuPerRequest>> = vec![Vec::new(); targets.len()];
+    let mut steal = Vec::new();
     for run in 0..runs {
         // Interleaved, so drift on the shared machine hits every target alike.
         for (i, (name, url, cred)) in targets.iter().enumerate() {
             let before = roles[i].ticks();
+            let (steal0, total0) = machine_ticks();
             let f = wrk(url, cred, seconds, connections);
             cpu[i].push(per_request(before, roles[i].ticks(), f.requests));
+            let (steal1, total1) = machine_ticks();
+            let stolen = 100.0 * steal1.saturating_sub(steal0) as f64 / total1.saturating_sub(total0).max(1) as f64;
+            steal.push(stolen);
             println!(
-                "run {}: {name:<38} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms",
+                "run {}: {name:<38} {:>9.0} req/s  P50 {:>6.2} ms  P99 {:>6.2} ms  steal {stolen:>4.1} %",
                 run + 1,
                 f.rps,
                 f.p50_ms,
@@ -334,6 +351,12 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
             results[i].push(f);
         }
     }
+    let most_stolen = steal.iter().copied().fold(0.0, f64::max);
+    println!(
+        "CPU stolen by the hypervisor (other guests) during the runs: median {:.1} %, worst run {most_stolen:.1} %{}",
+        median(&mut steal),
+        if most_stolen > 5.0 { " (a run with more than 5 % is slowed by the machine, not by the proxy)" } else { "" }
+    );
     let med: Vec<Figures> = results.iter().map(|r| median_of(r)).collect();
     let nginx = med[1];
     println!(

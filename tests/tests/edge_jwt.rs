@@ -1,11 +1,12 @@
-//! JWT authentication through the real edge: keys from a JWKS served over HTTP, consumers
-//! from the `sub` claim (configured ones keep their plan, others get the issuer's default
-//! plan), key rotation picked up on an unknown `kid`, and a flood of random `kid`s costing at
-//! most one JWKS fetch per cooldown. The token-level rules (algorithms, exp/nbf/aud/iss,
+//! JWT authentication through the real edge: keys from a JWKS served over HTTP (and, for a
+//! second issuer, from a JWKS file), consumers from the `sub` claim (configured ones keep
+//! their plan, others get the issuer's default plan), key rotation picked up on an unknown
+//! `kid`, and a flood of random `kid`s costing at most one JWKS fetch per cooldown. The token-level rules (algorithms, exp/nbf/aud/iss,
 //! leeway) are the table in `edge/src/auth/jwt.rs`; here each kind of refusal is seen as a
 //! 401 with `WWW-Authenticate` and metered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,6 +57,10 @@ fn jwk(private_pem: &[u8], alg: Algorithm, kid: &str) -> Jwk {
 }
 
 fn token(alg: Algorithm, kid: &str, private_pem: &[u8], sub: &str) -> String {
+    token_from(ISS, alg, kid, private_pem, sub)
+}
+
+fn token_from(iss: &str, alg: Algorithm, kid: &str, private_pem: &[u8], sub: &str) -> String {
     let key = match alg {
         Algorithm::EdDSA => EncodingKey::from_ed_pem(private_pem).unwrap(),
         _ => EncodingKey::from_ec_pem(private_pem).unwrap(),
@@ -63,11 +68,14 @@ fn token(alg: Algorithm, kid: &str, private_pem: &[u8], sub: &str) -> String {
     let mut h = Header::new(alg);
     h.kid = Some(kid.into());
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = serde_json::json!({ "iss": ISS, "aud": AUD, "sub": sub, "exp": now + 600, "iat": now });
+    let claims = serde_json::json!({ "iss": iss, "aud": AUD, "sub": sub, "exp": now + 600, "iat": now });
     jsonwebtoken::encode(&h, &claims, &key).unwrap()
 }
 
-fn config(topic: &str, upstream: std::net::SocketAddr, jwks: std::net::SocketAddr) -> String {
+/// The second issuer's keys: a JWKS file.
+const FILE_ISS: &str = "https://file-issuer.e2e/";
+
+fn config(topic: &str, upstream: std::net::SocketAddr, jwks: std::net::SocketAddr, jwks_file: &Path) -> String {
     let head = edge_head("edge-jwt", topic);
     format!(
         r#"{head}
@@ -101,8 +109,16 @@ algorithms = ["ES256", "EdDSA"]
 default_plan = "free"
 jwks_url = "http://{jwks}/.well-known/jwks.json"
 unknown_kid_cooldown_s = {COOLDOWN_S}
+[[jwt.issuers]]
+id = "e2e-file"
+issuer = "{FILE_ISS}"
+audiences = ["{AUD}"]
+algorithms = ["ES256"]
+default_plan = "free"
+jwks_file = "{f}"
 "#,
         a = sha256_hex("key-acme"),
+        f = jwks_file.display(),
     )
 }
 
@@ -143,7 +159,11 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
         fetches: AtomicU64::new(0),
     });
     let jwks_addr = serve_jwks(Arc::clone(&jwks)).await;
-    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, jwks_addr)).await;
+    let jwks_file = dir.path().join("jwks.json");
+    std::fs::write(&jwks_file, serde_json::json!({ "keys": [jwk(&es2, Algorithm::ES256, "file-1")] }).to_string())
+        .unwrap();
+    let (mut edge, addr, admin) =
+        start_edge(dir.path(), "edge", &config(&topic, upstream, jwks_addr, &jwks_file)).await;
     // The background refresh loads the key set at start.
     assert!(wait_until(Duration::from_secs(10), || async { jwks.fetches.load(Ordering::SeqCst) >= 1 }).await);
     let started = Instant::now();
@@ -168,6 +188,22 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
     assert_eq!(a.body["headers"]["x-consumer-id"], "newco");
     assert_eq!(a.headers["x-ratelimit-limit"], "100");
     note(&a, Some("newco"), Some("jwt:e2e"));
+    // The second issuer, keys from its JWKS file: its own key and issuer only.
+    let t = token_from(FILE_ISS, Algorithm::ES256, "file-1", &es2, "fileco");
+    let a = call(addr, "/jwt/f", &[("authorization", &bearer(&t))]).await;
+    assert_eq!(a.status, 200, "{}", a.raw);
+    assert_eq!(a.body["headers"]["x-consumer-id"], "fileco");
+    note(&a, Some("fileco"), Some("jwt:e2e-file"));
+    for (name, t) in [
+        ("signed with another key", token_from(FILE_ISS, Algorithm::ES256, "file-1", &es, "fileco")),
+        ("a kid not in the file", token_from(FILE_ISS, Algorithm::ES256, "file-2", &es2, "fileco")),
+        // (The other issuer's kid and key: that issuer's keys are not this one's.)
+        ("another issuer's key", token_from(FILE_ISS, Algorithm::ES256, "es-1", &es, "fileco")),
+    ] {
+        let a = call(addr, "/jwt/f", &[("authorization", &bearer(&t))]).await;
+        assert_eq!(a.status, 401, "{name}: {}", a.raw);
+        note(&a, None, None);
+    }
     // The API key still works where keys are accepted.
     let a = call(addr, "/any/c", &[("x-api-key", "key-acme")]).await;
     assert_eq!(a.status, 200);
@@ -225,9 +261,13 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
     let fetched = jwks.fetches.load(Ordering::SeqCst) - before;
     let allowed = 1 + flood_start.elapsed().as_secs() / COOLDOWN_S;
     assert!(fetched <= allowed, "{fetched} JWKS fetches for 60 random kids in {:?}", flood_start.elapsed());
-    assert_eq!(metric(admin, "tollgate_edge_jwks_fetches_total").await, jwks.fetches.load(Ordering::SeqCst));
-    // Limiters exist for the two consumers that got through (acme, newco), none for refusals.
-    assert_eq!(metric(admin, "tollgate_edge_limiters").await, 2);
+    // The metric also counts the file issuer's reads of its file: at start, and at most once
+    // more for its unknown kid (within the default cooldown).
+    let file_reads = metric(admin, "tollgate_edge_jwks_fetches_total").await - jwks.fetches.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&file_reads), "{file_reads} JWKS file reads");
+    // Limiters exist for the consumers that got through (acme, newco, fileco), none for
+    // refusals.
+    assert_eq!(metric(admin, "tollgate_edge_limiters").await, 3);
 
     // Every call was metered with the consumer and credential the edge decided on.
     let n = expected.len();
@@ -241,6 +281,6 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
         let outcome = if *status == 200 { Outcome::Forwarded } else { Outcome::Unauthenticated };
         assert_eq!(e.outcome, outcome, "{id}");
     }
-    assert_eq!(echo.requests.load(Ordering::SeqCst), 4, "only accepted calls reach the upstream");
+    assert_eq!(echo.requests.load(Ordering::SeqCst), 5, "only accepted calls reach the upstream");
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
