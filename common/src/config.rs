@@ -34,9 +34,12 @@ impl ConfigError {
 /// Reads `path`, applies the overrides among `env` that start with `prefix`, and deserializes
 /// into `T` (usually a raw struct with `deny_unknown_fields`).
 pub fn load<T: DeserializeOwned>(path: &Path, prefix: &str, env: &BTreeMap<String, String>) -> Result<T, ConfigError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-    parse(&text, &shown, prefix, env)
+    parse(&read(path)?, &path.display().to_string(), prefix, env)
+}
+
+/// A config file's text (for [`parse`] or [`parse_split`]).
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.display().to_string(), source })
 }
 
 /// Like [`load`], from a string; `origin` names it in errors.

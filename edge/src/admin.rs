@@ -1,5 +1,5 @@
-//! The admin port: `/healthz` (the process runs), `/readyz` (events can be taken) and
-//! Prometheus `/metrics`.
+//! The admin port: `/healthz` (the process runs), `/readyz` (new calls are taken and can be
+//! metered) and Prometheus `/metrics`.
 
 use std::sync::Arc;
 
@@ -19,10 +19,10 @@ pub fn app(metrics: Arc<Metrics>) -> axum::Router {
 }
 
 /// `/readyz`. Ready while the edge takes new calls and can meter them: Kafka answers, or the
-/// spool is writable and has room ([`crate::metering::spool::READY_HEADROOM`]). Not ready once shutdown began
-/// (in-flight calls drain meanwhile). The config is always usable while the edge runs: it
-/// does not start on an invalid one, and a rejected reload keeps the running one.
-/// With metering off, ready until shutdown.
+/// spool is writable and has room ([`crate::metering::spool::READY_HEADROOM`]). Not ready
+/// once shutdown began (in-flight calls drain meanwhile). The config is always usable while
+/// the edge runs: it does not start on an invalid one, and a rejected reload keeps the
+/// running one. With metering off, ready until shutdown.
 async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     let (ready, body) = readiness(&m);
     let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };

@@ -568,9 +568,8 @@ pub struct ApiKey {
 
 impl Config {
     pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-        Self::parse_from(&text, &shown, path.parent().unwrap_or(Path::new(".")), env)
+        let text = config::read(path)?;
+        Self::parse_from(&text, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")), env)
     }
 
     /// Parses a config text; relative file paths in it are relative to the working directory.

@@ -102,15 +102,31 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (`TERM`, `HUP`...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(sent.is_ok_and(|s| s.success()), "cannot send SIG{signal} to {}", self.name);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status, or `None`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, and wait up to `timeout` (then SIGKILL). Returns true if it exited by itself.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        self.signal("TERM");
+        if self.wait(timeout).is_some() {
+            return true;
         }
         self.kill9();
         false

@@ -50,23 +50,6 @@ async fn request(addr: std::net::SocketAddr, path: &str, key: &str) -> Option<(u
     Some((status, body))
 }
 
-/// Waits for the process to exit; its exit status, or `None` after `timeout`.
-fn wait_exit(edge: &mut Proc, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = edge.child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-fn sigterm(edge: &Proc) {
-    let ok = std::process::Command::new("kill").arg("-TERM").arg(edge.child.id().to_string()).status().unwrap();
-    assert!(ok.success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     let dir = TempDir::new("e2e_lifecycle");
@@ -95,7 +78,7 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     let slow = tokio::spawn(request(addr, "/echo/slow?delay_ms=15000", "key-acme"));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    sigterm(&edge);
+    edge.signal("TERM");
     let term = Instant::now();
     // Load balancers are told at once; the admin port stays up while the calls drain.
     let draining = wait_until(Duration::from_secs(2), || async {
@@ -116,7 +99,7 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     assert!(body.contains("\"/echo/quick\""), "{body}");
     // The other is cut at the deadline, and the edge exits then, not when it would have ended.
     assert_eq!(slow.await.unwrap(), None, "the call past the grace was answered");
-    let exit = wait_exit(&mut edge, Duration::from_secs(10)).expect("the edge did not exit");
+    let exit = edge.wait(Duration::from_secs(10)).expect("the edge did not exit");
     let took = term.elapsed();
     assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
     assert!(took >= Duration::from_millis(2000), "exited after {took:?}: it did not wait for the in-flight call");
@@ -172,8 +155,8 @@ async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_n
     }
     // Shut down with the 300 events in librdkafka's queue (message timeout 30 s): the grace
     // passes and they go to the spool, not lost.
-    sigterm(&edge);
-    let exit = wait_exit(&mut edge, Duration::from_secs(15)).expect("the edge did not exit");
+    edge.signal("TERM");
+    let exit = edge.wait(Duration::from_secs(15)).expect("the edge did not exit");
     assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
     let segments = std::fs::read_dir(&spool).unwrap().filter(|e| e.as_ref().unwrap().path().is_file()).count();
     assert!(segments > 0, "nothing was spooled at shutdown\n{}", edge.log_tail());
@@ -231,7 +214,7 @@ async fn generated_keys_authenticate_rotate_and_revoke() {
     assert_eq!(request(addr, "/echo/new", &key).await.unwrap().0, 200);
     // Revocation: the old key's entry removed, then a reload.
     std::fs::write(dir.path().join("edge.toml"), config(&kafka(), &topic, upstream, &spool, &entry)).unwrap();
-    let _ = std::process::Command::new("kill").arg("-HUP").arg(edge.child.id().to_string()).status();
+    edge.signal("HUP");
     let revoked = wait_until(Duration::from_secs(10), || async {
         request(addr, "/echo/old", "key-acme").await.unwrap().0 == 401
     })

@@ -49,12 +49,6 @@ async fn status(addr: std::net::SocketAddr, path: &str, key: &str) -> u16 {
     s
 }
 
-fn hup(proc: &Proc) {
-    assert!(
-        std::process::Command::new("kill").arg("-HUP").arg(proc.child.id().to_string()).status().unwrap().success()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
     let dir = TempDir::new("e2e_reload");
@@ -81,12 +75,12 @@ async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
     for i in 0..6u32 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         std::fs::write(&cfg_path, config(&topic, upstream, &spool, 100_000 + i, i % 2 == 1)).unwrap();
-        hup(&edge);
+        edge.signal("HUP");
     }
     // Last valid config: globex present.
     tokio::time::sleep(Duration::from_millis(250)).await;
     std::fs::write(&cfg_path, config(&topic, upstream, &spool, 100_000, true)).unwrap();
-    hup(&edge);
+    edge.signal("HUP");
     let reloaded =
         wait_until(Duration::from_secs(10), || async { status(addr, "/echo/x", "key-globex").await == 200 }).await;
     assert!(reloaded, "globex's key never became valid:\n{}", edge.log_tail());
@@ -98,7 +92,7 @@ async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
         config(&topic, upstream, &spool, 100_000, true).replace("plan = \"p\"", "plan = \"nope\""),
     )
     .unwrap();
-    hup(&edge);
+    edge.signal("HUP");
     let rejected = wait_until(Duration::from_secs(10), || async {
         metric(admin, "tollgate_edge_config_reload_failures_total").await > failures_before
     })
@@ -127,7 +121,7 @@ async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
     let with_file =
         format!("consumers_file = \"consumers.jsonl\"\n{}", config(&topic, upstream, &spool, 100_000, true));
     std::fs::write(&cfg_path, with_file).unwrap();
-    hup(&edge);
+    edge.signal("HUP");
     let from_file =
         wait_until(Duration::from_secs(10), || async { status(addr, "/echo/x", "key-initech").await == 200 }).await;
     assert!(from_file, "the consumers_file's consumer was not loaded:\n{}", edge.log_tail());
