@@ -144,16 +144,28 @@ async fn run(
         if n == 0 {
             break;
         }
+        let mut refused = Vec::new();
         for event in batch.drain(..) {
-            let key = event.key();
-            let record = BaseRecord::with_opaque_to(&topic, LIVE).key(key).payload(&event.payload);
-            if let Err((e, _)) = producer.send(record) {
+            let record = BaseRecord::with_opaque_to(&topic, LIVE).key(event.key()).payload(&event.payload);
+            let sent = producer.send(record).map_err(|(e, _)| e);
+            if let Err(e) = sent {
                 // Queue full (Kafka slow or down) or any other refusal: the disk takes it.
                 if !matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) {
                     tracing::warn!(error = %e, "producer refused an event; spooling it");
                 }
-                spool.append(key.as_bytes(), &event.payload);
+                refused.push(event);
             }
+        }
+        if !refused.is_empty() {
+            // The spool may make its caller wait (a burst): off this runtime's thread. Events
+            // meanwhile gather in the queue, which the request path never waits on.
+            let spool = spool.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for event in &refused {
+                    spool.append(event.key().as_bytes(), &event.payload);
+                }
+            })
+            .await;
         }
         metrics.events_queued_now.store(rx.len() as u64, Ordering::Relaxed);
         // Let events gather: under load one wake-up per millisecond instead of one per event
@@ -178,6 +190,11 @@ async fn run(
         Ok(Ok(())) => tracing::info!("event producer flushed"),
         Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete; the rest was spooled"),
         Err(e) => tracing::error!(error = %e, "event producer flush task failed"),
+    }
+    // The spool's last segment written, synced and closed before the process exits.
+    let closed = tokio::task::spawn_blocking(move || spool.close(Duration::from_secs(10))).await;
+    if !matches!(closed, Ok(true)) {
+        tracing::error!("the spool writer did not close its segment; the next start replays it all the same");
     }
 }
 
@@ -255,7 +272,8 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
                         // Not sent: keep it in the spool by writing it again.
                         tracing::warn!(error = %e, "replay refused; spooling the record again");
                         context.replay_pending.fetch_sub(1, Ordering::Relaxed);
-                        spool.append(&r.key, &r.payload);
+                        let (spool, r) = (spool.clone(), r.clone());
+                        let _ = tokio::task::spawn_blocking(move || spool.append(&r.key, &r.payload)).await;
                         break;
                     }
                 }

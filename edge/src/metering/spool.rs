@@ -12,7 +12,9 @@
 //!
 //! What a `kill -9` can lose: with `fsync = "always"`, nothing that was spooled; with
 //! `"interval"` (default), spooled records of the last `fsync_interval_ms`. Events still in
-//! memory (the edge's queue, librdkafka's queue) are lost in both cases.
+//! memory (the edge's queue, librdkafka's queue) are lost in both cases. The segment being
+//! written then stays marked open (`<seq>.open`); the next start closes it and replays it. A
+//! clean shutdown closes it with [`Spool::close`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -59,6 +61,9 @@ pub struct SpoolStats {
     pub dropped: AtomicU64,
     /// Bytes in segment files (closed and current).
     pub bytes: AtomicU64,
+    /// Bytes of records handed to the writer and not written yet (they count against
+    /// `max_bytes` too).
+    pub pending: AtomicU64,
     /// Records found corrupt (torn tail after a crash) and skipped.
     pub corrupt: AtomicU64,
     /// True while the last write failed.
@@ -67,6 +72,9 @@ pub struct SpoolStats {
     pub max_bytes: u64,
 }
 
+/// How long [`Spool::append`] waits for room in the writer's queue before it drops a record.
+pub const APPEND_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Room a spool must have left to count as usable for `/readyz` (a few hundred events).
 pub const READY_HEADROOM: u64 = 64 * 1024;
 
@@ -74,19 +82,29 @@ impl SpoolStats {
     /// True when the spool has fewer than [`READY_HEADROOM`] bytes left: events are about to
     /// be (or are being) dropped if Kafka cannot take them.
     pub fn nearly_full(&self) -> bool {
-        self.bytes.load(Ordering::Relaxed).saturating_add(READY_HEADROOM) > self.max_bytes
+        let used = self.bytes.load(Ordering::Relaxed) + self.pending.load(Ordering::Relaxed);
+        used.saturating_add(READY_HEADROOM) > self.max_bytes
     }
 }
 
 /// The appending side, cheap to clone; usable from any thread.
 #[derive(Clone, Debug)]
 pub struct Spool {
-    tx: mpsc::SyncSender<Record>,
+    tx: mpsc::SyncSender<Msg>,
     stats: Arc<SpoolStats>,
     dir: PathBuf,
     max_bytes: u64,
     /// Held while the writer rotates, so the replayer never reads a segment being written.
     closed: Arc<Mutex<()>>,
+}
+
+/// What the writer thread is sent.
+#[derive(Debug)]
+enum Msg {
+    Record(Record),
+    /// Close the current segment (flushed, synced, no longer marked open) and stop; then
+    /// answer.
+    Close(mpsc::Sender<()>),
 }
 
 /// Why the spool cannot start.
@@ -189,6 +207,16 @@ impl Spool {
         let probe = cfg.dir.join(".probe");
         fs::write(&probe, b"ok").map_err(err)?;
         let _ = fs::remove_file(&probe);
+        // A segment still marked open was being written when the previous run ended without
+        // closing its spool (a crash, a kill -9): nothing writes it any more, so it is closed
+        // now and replayed like the others (a torn last record is cut when it is read).
+        for (seq, _) in &existing {
+            let marker = cfg.dir.join(format!("{seq:020}.open"));
+            if marker.exists() {
+                tracing::warn!(segment = seq, "spool segment left open by the previous run; replaying it");
+                fs::remove_file(&marker).map_err(err)?;
+            }
+        }
         let next_seq = existing.last().map_or(0, |(s, _)| s + 1);
         let (tx, rx) = mpsc::sync_channel(16_384);
         let closed = Arc::new(Mutex::new(()));
@@ -204,21 +232,61 @@ impl Spool {
         Ok(Self { tx, stats, dir: cfg.dir.clone(), max_bytes: cfg.max_bytes, closed })
     }
 
-    /// Hands a record to the writer thread without waiting. Returns false (and counts a
-    /// drop) when the spool is full.
+    /// Hands a record to the writer thread. Returns false (and counts a drop) when the spool
+    /// is full (`max_bytes`, counting records not written yet) or its writer is gone.
+    ///
+    /// Waits while the writer's queue is full (a burst: librdkafka fails its whole queue at
+    /// once when it is purged at shutdown or when an outage outlives the message timeout), up
+    /// to [`APPEND_PATIENCE`]: so only for callers that may wait, the delivery callback's
+    /// thread and blocking tasks, never the request path or an async task.
     pub fn append(&self, key: &[u8], payload: &[u8]) -> bool {
         let size = (HEADER + 2 + key.len() + payload.len()) as u64;
-        if self.stats.bytes.load(Ordering::Relaxed) + size > self.max_bytes {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
+        let pending = self.stats.pending.fetch_add(size, Ordering::Relaxed) + size;
+        if self.stats.bytes.load(Ordering::Relaxed) + pending > self.max_bytes {
+            return self.refused(size);
         }
-        match self.tx.try_send(Record { key: key.to_vec(), payload: payload.to_vec() }) {
-            Ok(()) => true,
-            Err(_) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                false
+        let mut record = Msg::Record(Record { key: key.to_vec(), payload: payload.to_vec() });
+        let deadline = Instant::now() + APPEND_PATIENCE;
+        loop {
+            match self.tx.try_send(record) {
+                Ok(()) => return true,
+                Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(mpsc::TrySendError::Full(_)) => {
+                    tracing::error!("the spool writer took nothing for {APPEND_PATIENCE:?}; event dropped");
+                    return self.refused(size);
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => return self.refused(size),
             }
         }
+    }
+
+    /// Writes what the writer was given, closes its segment and stops it, waiting up to
+    /// `timeout`; at shutdown, once nothing appends any more (later appends are dropped and
+    /// counted). Returns whether the writer confirmed. Blocks: call it off async threads.
+    pub fn close(&self, timeout: Duration) -> bool {
+        let (done, confirmed) = mpsc::channel();
+        let deadline = Instant::now() + timeout;
+        let mut msg = Msg::Close(done);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => return false,
+            }
+        }
+        confirmed.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
+    }
+
+    fn refused(&self, size: u64) -> bool {
+        self.stats.pending.fetch_sub(size, Ordering::Relaxed);
+        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     pub fn stats(&self) -> &Arc<SpoolStats> {
@@ -265,22 +333,35 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Record>) {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut buf = Vec::with_capacity(64 << 10);
+        let mut closing = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(first) => {
+                Ok(Msg::Close(done)) => {
+                    self.close_current();
+                    let _ = done.send(());
+                    return;
+                }
+                Ok(Msg::Record(first)) => {
                     buf.clear();
                     let mut n = 1;
                     encode_record(&first.key, &first.payload, &mut buf);
-                    while let Ok(r) = rx.try_recv() {
-                        encode_record(&r.key, &r.payload, &mut buf);
+                    while let Ok(msg) = rx.try_recv() {
+                        match msg {
+                            Msg::Record(r) => encode_record(&r.key, &r.payload, &mut buf),
+                            Msg::Close(done) => {
+                                closing = Some(done);
+                                break;
+                            }
+                        }
                         n += 1;
                         if buf.len() > 1 << 20 {
                             break;
                         }
                     }
                     let written = self.write(&buf);
+                    self.stats.pending.fetch_sub(buf.len() as u64, Ordering::Relaxed);
                     self.stats.failing.store(written.is_err(), Ordering::Relaxed);
                     if let Err(e) = written {
                         self.stats.dropped.fetch_add(n, Ordering::Relaxed);
@@ -288,6 +369,11 @@ impl Writer {
                         self.current = None;
                     } else {
                         self.stats.spooled.fetch_add(n, Ordering::Relaxed);
+                    }
+                    if let Some(done) = closing.take() {
+                        self.close_current();
+                        let _ = done.send(());
+                        return;
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -351,7 +437,7 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     fn tmp() -> PathBuf {
@@ -411,6 +497,81 @@ mod tests {
         assert_eq!(got, (0..100).collect::<Vec<_>>());
         spool.remove(&path).unwrap();
         assert!(spool.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_burst_larger_than_the_writers_queue_is_spooled_whole() {
+        // librdkafka fails a whole queue at once (a purge at shutdown, or the message timeout
+        // of an outage): 100,000 records in a burst, far more than the writer's queue holds.
+        let d = tmp();
+        let spool = Spool::open(&SpoolConfig {
+            dir: d.clone(),
+            max_bytes: 1 << 30,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+        })
+        .unwrap();
+        let n = 100_000u64;
+        for i in 0..n {
+            assert!(spool.append(b"consumer", &[i as u8; 300]), "record {i} refused");
+        }
+        assert_eq!(spool.stats().dropped.load(Ordering::Relaxed), 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while spool.stats().spooled.load(Ordering::Relaxed) < n {
+            assert!(Instant::now() < deadline, "{} of {n} spooled", spool.stats().spooled.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(spool.stats().bytes.load(Ordering::Relaxed), n * (HEADER as u64 + 2 + 8 + 300));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_bound_counts_records_not_yet_written() {
+        let d = tmp();
+        let record = (HEADER + 2 + 1 + 100) as u64;
+        let spool = Spool::open(&SpoolConfig {
+            dir: d.clone(),
+            max_bytes: 10 * record,
+            fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
+        })
+        .unwrap();
+        // Appended faster than written: the 11th is refused all the same.
+        let taken = (0..11).filter(|_| spool.append(b"k", &[7; 100])).count();
+        assert_eq!(taken, 10);
+        assert_eq!(spool.stats().dropped.load(Ordering::Relaxed), 1);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn close_ends_the_segment_and_a_segment_left_open_is_replayed_after_a_crash() {
+        let d = tmp();
+        let cfg =
+            SpoolConfig { dir: d.clone(), max_bytes: 1 << 20, fsync: FsyncPolicy::Interval(Duration::from_secs(60)) };
+        // A run that ends without closing (kill -9): its segment stays marked open.
+        let crashed = Spool::open(&cfg).unwrap();
+        assert!(crashed.append(b"k", b"one"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while crashed.stats().spooled.load(Ordering::Relaxed) < 1 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(d.join(format!("{:020}.open", 0)).exists());
+        assert_eq!(crashed.oldest_closed().unwrap(), None, "an open segment is not replayed while written");
+        // The next run closes it and replays it; its own segment closes on `close`.
+        let next = Spool::open(&cfg).unwrap();
+        let (seq, path) = next.oldest_closed().unwrap().expect("the crashed run's segment is not replayable");
+        assert_eq!(seq, 0);
+        assert_eq!(read_segment(&path).unwrap().0, vec![Record { key: b"k".to_vec(), payload: b"one".to_vec() }]);
+        next.remove(&path).unwrap();
+        assert!(next.append(b"k", b"two"));
+        assert!(next.close(Duration::from_secs(5)));
+        let (seq, path) = next.oldest_closed().unwrap().expect("the closed segment is not replayable");
+        assert_eq!(seq, 1);
+        assert_eq!(read_segment(&path).unwrap().0, vec![Record { key: b"k".to_vec(), payload: b"two".to_vec() }]);
+        // After close, appends are refused and counted.
+        assert!(!next.append(b"k", b"late"));
+        assert_eq!(next.stats().dropped.load(Ordering::Relaxed), 1);
+        drop(crashed);
         fs::remove_dir_all(&d).unwrap();
     }
 
