@@ -311,7 +311,7 @@ impl Spool {
 
     /// True when no record is on disk or waiting for the writer.
     pub fn is_empty(&self) -> bool {
-        self.stats.bytes.load(Ordering::Relaxed) == 0
+        self.stats.bytes.load(Ordering::Relaxed) == 0 && self.stats.pending.load(Ordering::Relaxed) == 0
     }
 }
 
