@@ -196,6 +196,19 @@ impl Spool {
     pub fn open(cfg: &SpoolConfig) -> Result<Self, SpoolError> {
         let err = |source| SpoolError { dir: cfg.dir.display().to_string(), source };
         fs::create_dir_all(&cfg.dir).map_err(err)?;
+        // One edge per directory: a second one would replay (and delete) the segments the
+        // first is writing.
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(cfg.dir.join(".lock")).map_err(err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(err(std::io::Error::other(
+                    "in use by another process (its `.lock` is held); give each edge its own spool.dir",
+                )));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
         let existing = segments(&cfg.dir).map_err(err)?;
         let stats = Arc::new(SpoolStats { max_bytes: cfg.max_bytes, ..SpoolStats::default() });
         let mut total = 0;
@@ -227,6 +240,7 @@ impl Spool {
             next_seq,
             current: None,
             closed: Arc::clone(&closed),
+            lock: Some(lock),
         };
         std::thread::Builder::new().name("tollgate-spool".into()).spawn(move || writer.run(rx)).map_err(err)?;
         Ok(Self { tx, stats, dir: cfg.dir.clone(), max_bytes: cfg.max_bytes, closed })
@@ -324,6 +338,8 @@ struct Current {
 }
 
 struct Writer {
+    /// The directory's lock, held while the writer runs (released before `close` returns).
+    lock: Option<File>,
     dir: PathBuf,
     fsync: FsyncPolicy,
     stats: Arc<SpoolStats>,
@@ -338,11 +354,7 @@ impl Writer {
         let mut closing = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Msg::Close(done)) => {
-                    self.close_current();
-                    let _ = done.send(());
-                    return;
-                }
+                Ok(Msg::Close(done)) => return self.finish(&done),
                 Ok(Msg::Record(first)) => {
                     buf.clear();
                     let mut n = 1;
@@ -371,9 +383,7 @@ impl Writer {
                         self.stats.spooled.fetch_add(n, Ordering::Relaxed);
                     }
                     if let Some(done) = closing.take() {
-                        self.close_current();
-                        let _ = done.send(());
-                        return;
+                        return self.finish(&done);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -421,6 +431,14 @@ impl Writer {
         if cur.bytes >= SEGMENT_MAX_BYTES || cur.opened.elapsed() >= SEGMENT_MAX_AGE {
             self.close_current();
         }
+    }
+
+    /// Ends the writer on [`Spool::close`]: the segment closed, the directory unlocked, then
+    /// the answer.
+    fn finish(&mut self, done: &mpsc::Sender<()>) {
+        self.close_current();
+        self.lock = None;
+        let _ = done.send(());
     }
 
     fn close_current(&mut self) {
@@ -547,31 +565,30 @@ mod tests {
         let d = tmp();
         let cfg =
             SpoolConfig { dir: d.clone(), max_bytes: 1 << 20, fsync: FsyncPolicy::Interval(Duration::from_secs(60)) };
-        // A run that ends without closing (kill -9): its segment stays marked open.
-        let crashed = Spool::open(&cfg).unwrap();
-        assert!(crashed.append(b"k", b"one"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while crashed.stats().spooled.load(Ordering::Relaxed) < 1 {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(d.join(format!("{:020}.open", 0)).exists());
-        assert_eq!(crashed.oldest_closed().unwrap(), None, "an open segment is not replayed while written");
+        // What a run killed while writing leaves: its segment still marked open.
+        let mut bytes = Vec::new();
+        encode_record(b"k", b"one", &mut bytes);
+        fs::write(segment_path(&d, 0), &bytes).unwrap();
+        fs::write(d.join(format!("{:020}.open", 0)), b"").unwrap();
         // The next run closes it and replays it; its own segment closes on `close`.
         let next = Spool::open(&cfg).unwrap();
         let (seq, path) = next.oldest_closed().unwrap().expect("the crashed run's segment is not replayable");
         assert_eq!(seq, 0);
         assert_eq!(read_segment(&path).unwrap().0, vec![Record { key: b"k".to_vec(), payload: b"one".to_vec() }]);
         next.remove(&path).unwrap();
+        // One edge per directory.
+        let second = Spool::open(&cfg).unwrap_err().to_string();
+        assert!(second.contains(&d.display().to_string()) && second.contains("in use"), "{second}");
         assert!(next.append(b"k", b"two"));
         assert!(next.close(Duration::from_secs(5)));
+        assert!(!d.join(format!("{:020}.open", 1)).exists());
         let (seq, path) = next.oldest_closed().unwrap().expect("the closed segment is not replayable");
         assert_eq!(seq, 1);
         assert_eq!(read_segment(&path).unwrap().0, vec![Record { key: b"k".to_vec(), payload: b"two".to_vec() }]);
-        // After close, appends are refused and counted.
+        // After close, appends are refused and counted, and the directory is free again.
         assert!(!next.append(b"k", b"late"));
         assert_eq!(next.stats().dropped.load(Ordering::Relaxed), 1);
-        drop(crashed);
+        assert!(Spool::open(&cfg).is_ok());
         fs::remove_dir_all(&d).unwrap();
     }
 
