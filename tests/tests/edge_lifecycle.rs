@@ -161,6 +161,10 @@ async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_n
     let files: Vec<String> =
         std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(files.iter().any(|f| f.ends_with(".spool")), "nothing was spooled at shutdown\n{}", edge.log_tail());
+    // The log says why (librdkafka's error), once per interval rather than per event.
+    let log = std::fs::read_to_string(&edge.log).unwrap();
+    let lines = log.lines().filter(|l| l.contains("event deliveries failed")).count();
+    assert!((1..=3).contains(&lines), "{lines} lines about failed deliveries\n{}", edge.log_tail());
     // A clean exit closes the last segment (a `.open` marker would mean a crash).
     assert!(!files.iter().any(|f| f.ends_with(".open")), "{files:?}\n{}", edge.log_tail());
 

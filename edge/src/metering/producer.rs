@@ -37,7 +37,13 @@ pub struct Delivery {
     spool: Spool,
     /// Replayed records whose delivery report has not arrived yet.
     replay_pending: AtomicU64,
+    /// Failed deliveries not logged yet, and when the last log line was written (only the
+    /// polling thread touches it): one line per [`FAILURE_LOG_INTERVAL`], not one per event.
+    failures: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
 }
+
+/// At most one log line about failed deliveries per this interval.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl ClientContext for Delivery {}
 
@@ -54,12 +60,26 @@ impl ProducerContext for Delivery {
             }
             Err((e, msg)) => {
                 self.metrics.events_delivery_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %e, "event delivery failed; spooling it");
+                self.log_failure(e);
                 self.spool.append(msg.key().unwrap_or_default(), msg.payload().unwrap_or_default());
             }
         }
         if origin == REPLAY {
             self.replay_pending.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Delivery {
+    /// Says why deliveries fail (the metric only says how many): the first failure at once,
+    /// then a count and the latest error at most every [`FAILURE_LOG_INTERVAL`].
+    fn log_failure(&self, e: &KafkaError) {
+        let mut guard = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (unlogged, last) = &mut *guard;
+        *unlogged += 1;
+        if last.is_none_or(|t| t.elapsed() >= FAILURE_LOG_INTERVAL) {
+            tracing::warn!(error = %e, failed = *unlogged, "event deliveries failed; the events were spooled");
+            (*unlogged, *last) = (0, Some(std::time::Instant::now()));
         }
     }
 }
@@ -109,7 +129,12 @@ pub fn start(
     for (k, v) in &cfg.properties {
         cc.set(k, v);
     }
-    let context = Delivery { metrics: Arc::clone(&metrics), spool: spool.clone(), replay_pending: AtomicU64::new(0) };
+    let context = Delivery {
+        metrics: Arc::clone(&metrics),
+        spool: spool.clone(),
+        replay_pending: AtomicU64::new(0),
+        failures: std::sync::Mutex::new((0, None)),
+    };
     let producer: Arc<KafkaProducer> = Arc::new(cc.create_with_context(context)?);
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let (close, close_rx) = oneshot::channel();
