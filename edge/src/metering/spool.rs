@@ -93,7 +93,6 @@ pub struct Spool {
     tx: mpsc::SyncSender<Msg>,
     stats: Arc<SpoolStats>,
     dir: PathBuf,
-    max_bytes: u64,
     /// Held while the writer rotates, so the replayer never reads a segment being written.
     closed: Arc<Mutex<()>>,
 }
@@ -243,7 +242,7 @@ impl Spool {
             lock: Some(lock),
         };
         std::thread::Builder::new().name("tollgate-spool".into()).spawn(move || writer.run(rx)).map_err(err)?;
-        Ok(Self { tx, stats, dir: cfg.dir.clone(), max_bytes: cfg.max_bytes, closed })
+        Ok(Self { tx, stats, dir: cfg.dir.clone(), closed })
     }
 
     /// Hands a record to the writer thread. Returns false (and counts a drop) when the spool
@@ -256,23 +255,29 @@ impl Spool {
     pub fn append(&self, key: &[u8], payload: &[u8]) -> bool {
         let size = (HEADER + 2 + key.len() + payload.len()) as u64;
         let pending = self.stats.pending.fetch_add(size, Ordering::Relaxed) + size;
-        if self.stats.bytes.load(Ordering::Relaxed) + pending > self.max_bytes {
+        if self.stats.bytes.load(Ordering::Relaxed) + pending > self.stats.max_bytes {
             return self.refused(size);
         }
-        let mut record = Msg::Record(Record { key: key.to_vec(), payload: payload.to_vec() });
-        let deadline = Instant::now() + APPEND_PATIENCE;
+        let record = Msg::Record(Record { key: key.to_vec(), payload: payload.to_vec() });
+        match self.send_until(record, Instant::now() + APPEND_PATIENCE) {
+            Ok(()) => true,
+            Err(mpsc::TrySendError::Full(_)) => {
+                tracing::error!("the spool writer took nothing for {APPEND_PATIENCE:?}; event dropped");
+                self.refused(size)
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => self.refused(size),
+        }
+    }
+
+    /// Sends `msg` to the writer, waiting for room in its queue until `deadline`.
+    fn send_until(&self, mut msg: Msg, deadline: Instant) -> Result<(), mpsc::TrySendError<Msg>> {
         loop {
-            match self.tx.try_send(record) {
-                Ok(()) => return true,
+            match self.tx.try_send(msg) {
                 Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
-                    record = back;
+                    msg = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(mpsc::TrySendError::Full(_)) => {
-                    tracing::error!("the spool writer took nothing for {APPEND_PATIENCE:?}; event dropped");
-                    return self.refused(size);
-                }
-                Err(mpsc::TrySendError::Disconnected(_)) => return self.refused(size),
+                sent => return sent,
             }
         }
     }
@@ -283,18 +288,8 @@ impl Spool {
     pub fn close(&self, timeout: Duration) -> bool {
         let (done, confirmed) = mpsc::channel();
         let deadline = Instant::now() + timeout;
-        let mut msg = Msg::Close(done);
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(mpsc::TrySendError::Full(back)) if Instant::now() < deadline => {
-                    msg = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => return false,
-            }
-        }
-        confirmed.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
+        self.send_until(Msg::Close(done), deadline).is_ok()
+            && confirmed.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
     }
 
     fn refused(&self, size: u64) -> bool {
@@ -351,13 +346,12 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut buf = Vec::with_capacity(64 << 10);
-        let mut closing = None;
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Msg::Close(done)) => return self.finish(&done),
                 Ok(Msg::Record(first)) => {
                     buf.clear();
-                    let mut n = 1;
+                    let (mut n, mut closing) = (1, None);
                     encode_record(&first.key, &first.payload, &mut buf);
                     while let Ok(msg) = rx.try_recv() {
                         match msg {
@@ -382,7 +376,7 @@ impl Writer {
                     } else {
                         self.stats.spooled.fetch_add(n, Ordering::Relaxed);
                     }
-                    if let Some(done) = closing.take() {
+                    if let Some(done) = closing {
                         return self.finish(&done);
                     }
                 }
