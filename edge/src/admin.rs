@@ -18,8 +18,8 @@ pub fn app(metrics: Arc<Metrics>) -> axum::Router {
         .with_state(metrics)
 }
 
-/// `/readyz`. Ready while the edge takes new calls and can meter them: Kafka answers, or the
-/// spool is writable and has room ([`crate::metering::spool::READY_HEADROOM`]). Not ready
+/// `/readyz`. Ready while the edge takes new calls and can meter them: Kafka answers and has
+/// the event topic, or the spool is writable and has room ([`crate::metering::spool::READY_HEADROOM`]). Not ready
 /// once shutdown began (in-flight calls drain meanwhile). The config is always usable while
 /// the edge runs: it does not start on an invalid one, and a rejected reload keeps the
 /// running one. With metering off, ready until shutdown.
@@ -36,7 +36,7 @@ pub fn readiness(m: &Metrics) -> (bool, String) {
     let mut ok = !draining;
     let mut body = String::new();
     if let Some(spool) = m.spool.get() {
-        let kafka = m.kafka_reachable.load(Ordering::Relaxed);
+        let kafka = m.kafka_usable();
         let spool_state = if spool.failing.load(Ordering::Relaxed) {
             "failing"
         } else if spool.nearly_full() {
@@ -45,7 +45,13 @@ pub fn readiness(m: &Metrics) -> (bool, String) {
             "ok"
         };
         ok &= kafka || spool_state == "ok";
-        body.push_str(if kafka { "kafka: reachable\n" } else { "kafka: unreachable\n" });
+        body.push_str(if kafka {
+            "kafka: reachable\n"
+        } else if m.kafka_reachable.load(Ordering::Relaxed) {
+            "kafka: topic not found (kafka.topic)\n"
+        } else {
+            "kafka: unreachable\n"
+        });
         body.push_str("spool: ");
         body.push_str(spool_state);
         body.push('\n');
@@ -87,10 +93,16 @@ mod tests {
         // Kafka answering: ready whatever the spool's state (it is replayed meanwhile).
         m.kafka_reachable.store(true, Ordering::Relaxed);
         assert_eq!(readiness(&m), (true, "ready\nkafka: reachable\nspool: failing\n".to_owned()));
-        m.draining.store(true, Ordering::Relaxed);
+        // Kafka answering without the event topic: as if it were down (events are spooled).
+        m.kafka_topic_missing.store(true, Ordering::Relaxed);
         assert_eq!(
             readiness(&m),
-            (false, "not ready\nkafka: reachable\nspool: failing\nshutdown: draining\n".to_owned())
+            (false, "not ready\nkafka: topic not found (kafka.topic)\nspool: failing\n".to_owned())
         );
+        stats.failing.store(false, Ordering::Relaxed);
+        assert_eq!(readiness(&m), (true, "ready\nkafka: topic not found (kafka.topic)\nspool: ok\n".to_owned()));
+        m.kafka_topic_missing.store(false, Ordering::Relaxed);
+        m.draining.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(&m), (false, "not ready\nkafka: reachable\nspool: ok\nshutdown: draining\n".to_owned()));
     }
 }

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub spool_segments_replayed: AtomicU64,
     /// 1 when the last metadata request to Kafka succeeded.
     pub kafka_reachable: std::sync::atomic::AtomicBool,
+    /// Kafka answered that `kafka.topic` does not exist (events are spooled until it does).
+    pub kafka_topic_missing: std::sync::atomic::AtomicBool,
     pub config_reloads: AtomicU64,
     /// Rate limiters held now (gauge).
     pub limiters: Arc<AtomicU64>,
@@ -94,6 +96,11 @@ impl Metrics {
             .map(|_| Shard { routes: ids.iter().map(|_| RouteStats::default()).collect(), ..Default::default() })
             .collect();
         Self { route_ids: ids, index, shards, ..Default::default() }
+    }
+
+    /// Kafka answers and has the event topic: events go to librdkafka (else to the spool).
+    pub fn kafka_usable(&self) -> bool {
+        self.kafka_reachable.load(Ordering::Relaxed) && !self.kafka_topic_missing.load(Ordering::Relaxed)
     }
 
     /// Makes the calling thread count on worker `i`'s shard (`i` < the `workers` given to
@@ -256,6 +263,11 @@ impl Metrics {
             out,
             "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",
             u8::from(self.kafka_reachable.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_kafka_topic_missing 1 when Kafka answered that the event topic (kafka.topic) does not exist; events are spooled until it does.\n# TYPE tollgate_edge_kafka_topic_missing gauge\ntollgate_edge_kafka_topic_missing {}",
+            u8::from(self.kafka_topic_missing.load(Ordering::Relaxed))
         );
         let _ = writeln!(
             out,

@@ -1,7 +1,7 @@
 //! The edge's lifecycle through the real binary: `/readyz`, graceful shutdown (stop accepting,
 //! drain in-flight calls within `edge.shutdown_grace_ms`, close idle connections, flush the
-//! events), the spool taking what Kafka could not by shutdown and the next start replaying it,
-//! and API keys made by `tollgate-edge gen-key`, rotated and revoked.
+//! events), the spool taking an outage's events within seconds (a missing topic's too) and the
+//! next start replaying them, after a clean exit or a crash, and API keys made by `tollgate-edge gen-key`, rotated and revoked.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -119,7 +119,7 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_next_start() {
+async fn an_outage_is_on_disk_within_seconds_and_replayed_by_the_next_start() {
     let dir = TempDir::new("e2e_lifecycle_spool");
     let mut broker = PrivateBroker::start().await;
     let topic = unique("life-spool");
@@ -140,31 +140,50 @@ async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_n
         path: "/echo/x".into(),
     };
     let before = traffic::run(&format!("http://{addr}"), vec![caller(50)]).await;
-
-    broker.stop();
-    // Kafka down: still ready, because the spool can take the events.
-    let unreachable = wait_until(Duration::from_secs(15), || async {
-        readyz(admin).await == (200, "ready\nkafka: unreachable\nspool: ok\n".to_owned())
+    let produced = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_events_produced_total").await >= 50
     })
     .await;
-    assert!(unreachable, "{:?}", readyz(admin).await);
+    assert!(produced, "{}", edge.log_tail());
+
+    // Kafka goes down and calls go on at once: the first of them reach librdkafka's queue
+    // before the edge notices, the rest come after.
+    broker.stop();
     let during = traffic::run(&format!("http://{addr}"), vec![caller(300)]).await;
     for t in [&before, &during] {
         assert_eq!(t.transport_errors, 0);
         assert_eq!(t.by_status.values().sum::<u64>(), t.by_status.get(&("acme".to_owned(), 200)).copied().unwrap_or(0));
     }
-    // Shut down with the 300 events in librdkafka's queue (message timeout 30 s): the grace
-    // passes and they go to the spool, not lost.
+    // Within seconds every one of them is on disk: those queued in librdkafka are purged into
+    // the spool once the probe finds Kafka gone, later ones go there directly. Nothing waits
+    // in memory for the 30 s message timeout, where a crash would lose it.
+    let t0 = Instant::now();
+    let spooled = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_events_spooled_total").await >= 300
+    })
+    .await;
+    assert!(
+        spooled,
+        "{} of 300 spooled after {:?}\n{}",
+        metric(admin, "tollgate_edge_events_spooled_total").await,
+        t0.elapsed(),
+        edge.log_tail()
+    );
+    assert_eq!(metric(admin, "tollgate_edge_events_spooled_total").await, 300);
+    // Kafka down: still ready, because the spool can take the events.
+    assert_eq!(readyz(admin).await, (200, "ready\nkafka: unreachable\nspool: ok\n".to_owned()));
+    assert_eq!(metric(admin, "tollgate_edge_kafka_reachable").await, 0);
+    // A clean shutdown with the outage on: nothing is left in memory to flush.
     edge.signal("TERM");
     let exit = edge.wait(Duration::from_secs(15)).expect("the edge did not exit");
     assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
     let files: Vec<String> =
         std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(files.iter().any(|f| f.ends_with(".spool")), "nothing was spooled at shutdown\n{}", edge.log_tail());
-    // The log says why (librdkafka's error), once per interval rather than per event.
+    assert!(files.iter().any(|f| f.ends_with(".spool")), "nothing was spooled\n{}", edge.log_tail());
+    // The log says why, once: not a line per event.
     let log = std::fs::read_to_string(&edge.log).unwrap();
-    let lines = log.lines().filter(|l| l.contains("event deliveries failed")).count();
-    assert!((1..=3).contains(&lines), "{lines} lines about failed deliveries\n{}", edge.log_tail());
+    let lines = log.lines().filter(|l| l.contains("Kafka does not answer")).count();
+    assert_eq!(lines, 1, "{}", edge.log_tail());
     // A clean exit closes the last segment (a `.open` marker would mean a crash).
     assert!(!files.iter().any(|f| f.ends_with(".open")), "{files:?}\n{}", edge.log_tail());
 
@@ -182,6 +201,64 @@ async fn events_kafka_did_not_take_by_shutdown_are_spooled_and_replayed_by_the_n
     assert_eq!(got, ids, "the events in Kafka are not the calls made");
     assert!(metric(next_admin, "tollgate_edge_events_replayed_total").await >= 1);
     assert_eq!(metric(next_admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert!(next.terminate(Duration::from_secs(15)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_reported_and_its_events_survive_a_crash_until_it_exists() {
+    let dir = TempDir::new("e2e_lifecycle_topic");
+    let topic = unique("life-missing"); // not created (the local broker does not create topics)
+    let (upstream, _) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let cfg = config(&kafka(), &topic, upstream, &spool, &acme_key());
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let want = (200, "ready\nkafka: topic not found (kafka.topic)\nspool: ok\n".to_owned());
+    let reported = wait_until(Duration::from_secs(10), || async { readyz(admin).await == want }).await;
+    assert!(reported, "{:?}\n{}", readyz(admin).await, edge.log_tail());
+    assert_eq!(metric(admin, "tollgate_edge_kafka_reachable").await, 1);
+    assert_eq!(metric(admin, "tollgate_edge_kafka_topic_missing").await, 1);
+    // The log names the config key and the topic.
+    let log = std::fs::read_to_string(&edge.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("does not exist") && l.contains("(kafka.topic)") && l.contains(&topic)),
+        "{}",
+        edge.log_tail()
+    );
+
+    let caller = Caller {
+        label: "acme".into(),
+        key: Some("key-acme".into()),
+        requests: 100,
+        concurrency: 2,
+        pause: Duration::ZERO,
+        path: "/echo/x".into(),
+    };
+    let calls = traffic::run(&format!("http://{addr}"), vec![caller]).await;
+    assert_eq!(calls.transport_errors, 0);
+    assert_eq!(calls.by_status.get(&("acme".to_owned(), 200)), Some(&100));
+    // Straight to disk: not into librdkafka's queue to wait there for the topic.
+    let spooled = wait_until(Duration::from_secs(5), || async {
+        metric(admin, "tollgate_edge_events_spooled_total").await >= 100
+    })
+    .await;
+    assert!(spooled, "{}", metrics_text(admin).await);
+    assert_eq!(metric(admin, "tollgate_edge_events_spooled_total").await, 100);
+    assert_eq!(metric(admin, "tollgate_edge_events_produced_total").await, 0);
+
+    // A crash, then the topic is created: the next start replays the segment the crashed
+    // edge was writing, and the topic holds exactly the calls made.
+    edge.kill9();
+    create_topic(&topic, 1).await;
+    let (mut next, _, next_admin) = start_edge(dir.path(), "edge2", &cfg).await;
+    let ids: BTreeSet<String> = calls.request_ids.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 100);
+    let events =
+        read_events(&topic, |e| e.iter().map(|e| e.event_id.to_string()).collect::<BTreeSet<_>>().len() >= ids.len())
+            .await;
+    let got: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    assert_eq!(got, ids, "the events in Kafka are not the calls made");
+    assert_eq!(metric(next_admin, "tollgate_edge_kafka_topic_missing").await, 0);
+    assert_eq!(metric(next_admin, "tollgate_edge_events_replayed_total").await, 100);
     assert!(next.terminate(Duration::from_secs(15)));
 }
 

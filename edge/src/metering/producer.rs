@@ -2,14 +2,18 @@
 //! encoded on the request path, see [`super::EventSink`]) and hands them to librdkafka
 //! (acks=all, not idempotent: `event_id` deduplication downstream). Nothing here waits on Kafka:
 //! - librdkafka's queue full → the event goes to the on-disk [`Spool`];
+//! - Kafka not answering the probe task's metadata requests (every 2 s), or answering without
+//!   the event topic → new events go straight to the spool, and those waiting in librdkafka's
+//!   queue are purged into it, so that an outage's events are on disk (a `kill -9` keeps them)
+//!   within seconds rather than in memory for `kafka.message_timeout_ms`;
 //! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
 //!   delivery callback puts the message in the spool;
 //! - a replay task sends closed spool segments back, oldest first, while the broker answers
-//!   the probe task's metadata requests (every 2 s), and deletes a segment once every record in it was acknowledged or
+//!   the probe task's metadata requests and has the topic, and deletes a segment once every record in it was acknowledged or
 //!   spooled again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -25,6 +29,10 @@ use crate::metrics::Metrics;
 
 /// Events taken from the queue at once.
 const BATCH: usize = 1024;
+
+/// How often the probe asks Kafka for the event topic's metadata, and how long it waits.
+const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Delivery opaque of a live event.
 const LIVE: usize = 0;
@@ -139,9 +147,10 @@ pub fn start(
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let (close, close_rx) = oneshot::channel();
     let topic = cfg.topic.clone();
+    let state = Arc::new(AtomicU8::new(KafkaState::Unknown as u8));
     let replay = tokio::spawn(replay(Arc::clone(&producer), spool.clone(), topic.clone(), Arc::clone(&metrics)));
-    tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics)));
-    let task = tokio::spawn(run(producer, topic, rx, close_rx, spool, metrics, flush_timeout));
+    tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics), Arc::clone(&state)));
+    let task = tokio::spawn(run(producer, topic, rx, close_rx, spool, metrics, state, flush_timeout));
     Ok((tx, ProducerTask { task, replay, close }))
 }
 
@@ -153,6 +162,7 @@ async fn run(
     mut close: oneshot::Receiver<()>,
     spool: Spool,
     metrics: Arc<Metrics>,
+    state: Arc<AtomicU8>,
     flush_timeout: Duration,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -170,6 +180,9 @@ async fn run(
             break;
         }
         let mut refused = Vec::new();
+        if KafkaState::load(&state).spool_directly() {
+            refused.append(&mut batch);
+        }
         for event in batch.drain(..) {
             let record = BaseRecord::with_opaque_to(&topic, LIVE).key(event.key()).payload(&event.payload);
             let sent = producer.send(record).map_err(|(e, _)| e);
@@ -223,21 +236,91 @@ async fn run(
     }
 }
 
-/// Asks Kafka for the topic's metadata every 2 s, for `/readyz` and the metrics.
-async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>) {
+/// What the last metadata request said of Kafka and the event topic (an [`AtomicU8`] shared by
+/// the probe and the producer task).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum KafkaState {
+    /// Not asked yet: events go to librdkafka.
+    Unknown = 0,
+    Usable = 1,
+    Unreachable = 2,
+    /// The brokers answer but do not have `kafka.topic`.
+    TopicMissing = 3,
+}
+
+impl KafkaState {
+    fn load(a: &AtomicU8) -> Self {
+        match a.load(Ordering::Relaxed) {
+            1 => Self::Usable,
+            2 => Self::Unreachable,
+            3 => Self::TopicMissing,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// New events skip librdkafka and go straight to the spool: there they survive a
+    /// `kill -9`, while in librdkafka's queue they would wait out `kafka.message_timeout_ms`.
+    fn spool_directly(self) -> bool {
+        matches!(self, Self::Unreachable | Self::TopicMissing)
+    }
+}
+
+/// The state a metadata answer gives: the topic's entry (its error, if any), or `None` when
+/// the answer does not list the topic.
+fn topic_state(entry: Option<Option<RDKafkaErrorCode>>) -> KafkaState {
+    match entry {
+        None | Some(Some(RDKafkaErrorCode::UnknownTopicOrPartition)) => KafkaState::TopicMissing,
+        // Other topic errors (no leader yet, ...) are librdkafka's to retry.
+        Some(_) => KafkaState::Usable,
+    }
+}
+
+/// Asks Kafka for the topic's metadata every [`PROBE_INTERVAL`], for `/readyz`, the metrics,
+/// the replay task and the producer task. While Kafka is not usable, events waiting in
+/// librdkafka's queue are purged into the spool (the delivery callback writes them) rather than
+/// left in memory for the message timeout.
+async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>, state: Arc<AtomicU8>) {
     loop {
         let (p, t) = (Arc::clone(&producer), topic.clone());
-        let ok = tokio::task::spawn_blocking(move || {
-            p.client().fetch_metadata(Some(&t), Duration::from_millis(1500)).is_ok()
+        let now = tokio::task::spawn_blocking(move || match p.client().fetch_metadata(Some(&t), PROBE_TIMEOUT) {
+            Err(_) => KafkaState::Unreachable,
+            Ok(md) => {
+                topic_state(md.topics().iter().find(|x| x.name() == t).map(|x| x.error().map(RDKafkaErrorCode::from)))
+            }
         })
         .await
-        .unwrap_or(false);
-        metrics.kafka_reachable.store(ok, Ordering::Relaxed);
+        .unwrap_or(KafkaState::Unreachable);
+        metrics.kafka_reachable.store(now != KafkaState::Unreachable, Ordering::Relaxed);
+        metrics.kafka_topic_missing.store(now == KafkaState::TopicMissing, Ordering::Relaxed);
+        let before = KafkaState::load(&state);
+        state.store(now as u8, Ordering::Relaxed);
+        if now != before {
+            match now {
+                KafkaState::Unreachable => {
+                    tracing::warn!("Kafka does not answer (kafka.brokers); new events go to the spool until it does")
+                }
+                KafkaState::TopicMissing => tracing::error!(
+                    topic = %topic,
+                    "the event topic does not exist on the brokers (kafka.topic); events go to the spool until it is created"
+                ),
+                KafkaState::Usable if before != KafkaState::Unknown => {
+                    tracing::info!(topic = %topic, "Kafka usable again; events go to it and the spool is replayed")
+                }
+                _ => {}
+            }
+        }
+        // At every probe while Kafka is unusable, not only at the change: a batch the producer
+        // task was handing over meanwhile, or a retry, may have entered the queue since.
+        if now.spool_directly() {
+            let p = Arc::clone(&producer);
+            let _ = tokio::task::spawn_blocking(move || p.purge(PurgeConfig::default().queue())).await;
+        }
         // Ends with the producer: the last Arc holder besides this task is gone.
         if Arc::strong_count(&producer) == 1 {
             return;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(PROBE_INTERVAL).await;
     }
 }
 
@@ -259,9 +342,9 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
             }
             Err(_) => return,
         };
-        // Only replay when the broker answers (the probe task asks every 2 s): otherwise every
-        // record would wait out the message timeout and be spooled again.
-        if !metrics.kafka_reachable.load(Ordering::Relaxed) {
+        // Only replay when the broker answers and has the topic (the probe task asks every
+        // 2 s): otherwise every record would wait out the message timeout and be spooled again.
+        if !metrics.kafka_usable() {
             continue;
         }
         let (seq, path) = next;
@@ -317,6 +400,31 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
         .await;
         if !matches!(remove, Ok(Ok(()))) {
             tracing::error!(segment = seq, "cannot delete a replayed spool segment; it will be replayed again");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_missing_from_the_answer_or_unknown_to_it_sends_events_to_the_spool() {
+        assert_eq!(topic_state(None), KafkaState::TopicMissing);
+        assert_eq!(topic_state(Some(Some(RDKafkaErrorCode::UnknownTopicOrPartition))), KafkaState::TopicMissing);
+        assert_eq!(topic_state(Some(None)), KafkaState::Usable);
+        // Transient topic errors are librdkafka's to retry, not a reason to spool.
+        assert_eq!(topic_state(Some(Some(RDKafkaErrorCode::LeaderNotAvailable))), KafkaState::Usable);
+        let a = AtomicU8::new(0);
+        for (state, spool) in [
+            (KafkaState::Unknown, false),
+            (KafkaState::Usable, false),
+            (KafkaState::Unreachable, true),
+            (KafkaState::TopicMissing, true),
+        ] {
+            a.store(state as u8, Ordering::Relaxed);
+            assert_eq!(KafkaState::load(&a), state);
+            assert_eq!(state.spool_directly(), spool, "{state:?}");
         }
     }
 }
