@@ -1,5 +1,6 @@
 //! The on-disk spool: where events go when Kafka cannot take them (librdkafka's queue is full,
-//! or a delivery failed after `message.timeout.ms`), so that no event is lost while Kafka is
+//! a delivery failed after `message.timeout.ms`, or the producer finds Kafka down or without
+//! the event topic), so that no event is lost while Kafka is
 //! slow or down. A replay task sends them back, oldest first, once Kafka accepts messages.
 //!
 //! Layout: a directory of segment files `<seq>.spool`, each a sequence of records
@@ -10,11 +11,13 @@
 //! by Kafka or written to the spool again. The spool is bounded by `spool.max_bytes`; when
 //! full, new events are dropped and counted.
 //!
-//! What a `kill -9` can lose: with `fsync = "always"`, nothing that was spooled; with
-//! `"interval"` (default), spooled records of the last `fsync_interval_ms`. Events still in
-//! memory (the edge's queue, librdkafka's queue) are lost in both cases. The segment being
-//! written then stays marked open (`<seq>.open`); the next start closes it and replays it. A
-//! clean shutdown closes it with [`Spool::close`].
+//! What a crash can lose: a `kill -9` loses the events still in memory (the edge's queue,
+//! librdkafka's queue, this writer's channel; during a Kafka outage only those of the seconds
+//! before the producer's probe noticed it), never what the writer has written (the page cache
+//! survives the process). A power loss or kernel crash can also lose, with `fsync =
+//! "interval"` (default), the records of the last `fsync_interval_ms`; with `"always"`, none.
+//! The segment being written stays marked open (`<seq>.open`); the next start closes it and
+//! replays it. A clean shutdown closes it with [`Spool::close`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
