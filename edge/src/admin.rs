@@ -8,7 +8,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http::header::CONTENT_TYPE;
 
-use crate::metrics::Metrics;
+use crate::metrics::{KafkaState, Metrics};
 
 pub fn app(metrics: Arc<Metrics>) -> axum::Router {
     axum::Router::new()
@@ -36,7 +36,8 @@ pub fn readiness(m: &Metrics) -> (bool, String) {
     let mut ok = !draining;
     let mut body = String::new();
     if let Some(spool) = m.spool.get() {
-        let kafka = m.kafka_usable();
+        let state = m.kafka_state();
+        let kafka = state == KafkaState::Usable;
         let spool_state = if spool.failing.load(Ordering::Relaxed) {
             "failing"
         } else if spool.nearly_full() {
@@ -45,12 +46,10 @@ pub fn readiness(m: &Metrics) -> (bool, String) {
             "ok"
         };
         ok &= kafka || spool_state == "ok";
-        body.push_str(if kafka {
-            "kafka: reachable\n"
-        } else if m.kafka_reachable.load(Ordering::Relaxed) {
-            "kafka: topic not found (kafka.topic)\n"
-        } else {
-            "kafka: unreachable\n"
+        body.push_str(match state {
+            KafkaState::Usable => "kafka: reachable\n",
+            KafkaState::TopicMissing => "kafka: topic not found (kafka.topic)\n",
+            KafkaState::Unknown | KafkaState::Unreachable => "kafka: unreachable\n",
         });
         body.push_str("spool: ");
         body.push_str(spool_state);
@@ -91,17 +90,17 @@ mod tests {
         stats.failing.store(true, Ordering::Relaxed);
         assert_eq!(readiness(&m), (false, "not ready\nkafka: unreachable\nspool: failing\n".to_owned()));
         // Kafka answering: ready whatever the spool's state (it is replayed meanwhile).
-        m.kafka_reachable.store(true, Ordering::Relaxed);
+        m.set_kafka_state(KafkaState::Usable);
         assert_eq!(readiness(&m), (true, "ready\nkafka: reachable\nspool: failing\n".to_owned()));
         // Kafka answering without the event topic: as if it were down (events are spooled).
-        m.kafka_topic_missing.store(true, Ordering::Relaxed);
+        m.set_kafka_state(KafkaState::TopicMissing);
         assert_eq!(
             readiness(&m),
             (false, "not ready\nkafka: topic not found (kafka.topic)\nspool: failing\n".to_owned())
         );
         stats.failing.store(false, Ordering::Relaxed);
         assert_eq!(readiness(&m), (true, "ready\nkafka: topic not found (kafka.topic)\nspool: ok\n".to_owned()));
-        m.kafka_topic_missing.store(false, Ordering::Relaxed);
+        m.set_kafka_state(KafkaState::Usable);
         m.draining.store(true, Ordering::Relaxed);
         assert_eq!(readiness(&m), (false, "not ready\nkafka: reachable\nspool: ok\nshutdown: draining\n".to_owned()));
     }

@@ -61,10 +61,8 @@ pub struct Metrics {
     pub events_replayed: AtomicU64,
     pub events_queued_now: AtomicU64,
     pub spool_segments_replayed: AtomicU64,
-    /// 1 when the last metadata request to Kafka succeeded.
-    pub kafka_reachable: std::sync::atomic::AtomicBool,
-    /// Kafka answered that `kafka.topic` does not exist (events are spooled until it does).
-    pub kafka_topic_missing: std::sync::atomic::AtomicBool,
+    /// A [`KafkaState`]: what the producer's last metadata request said.
+    kafka: std::sync::atomic::AtomicU8,
     pub config_reloads: AtomicU64,
     /// Rate limiters held now (gauge).
     pub limiters: Arc<AtomicU64>,
@@ -85,6 +83,27 @@ pub struct Metrics {
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
 
+/// What the producer's last metadata request said of Kafka and the event topic
+/// (`tollgate_edge_kafka_reachable`, `tollgate_edge_kafka_topic_missing`, `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KafkaState {
+    /// Not asked yet (or metering off): events go to librdkafka.
+    Unknown = 0,
+    Usable = 1,
+    Unreachable = 2,
+    /// The brokers answer but do not have `kafka.topic`.
+    TopicMissing = 3,
+}
+
+impl KafkaState {
+    /// New events skip librdkafka and go straight to the spool: there they survive a
+    /// `kill -9`, while in librdkafka's queue they would wait out `kafka.message_timeout_ms`.
+    pub fn spool_directly(self) -> bool {
+        matches!(self, Self::Unreachable | Self::TopicMissing)
+    }
+}
+
 impl Metrics {
     /// Metrics for `route_ids`, counted by `workers` worker threads (each calling
     /// [`Metrics::set_worker`]) and any other thread.
@@ -98,9 +117,21 @@ impl Metrics {
         Self { route_ids: ids, index, shards, ..Default::default() }
     }
 
-    /// Kafka answers and has the event topic: events go to librdkafka (else to the spool).
-    pub fn kafka_usable(&self) -> bool {
-        self.kafka_reachable.load(Ordering::Relaxed) && !self.kafka_topic_missing.load(Ordering::Relaxed)
+    /// What the producer's last metadata request said of Kafka and the event topic.
+    pub fn kafka_state(&self) -> KafkaState {
+        match self.kafka.load(Ordering::Relaxed) {
+            1 => KafkaState::Usable,
+            2 => KafkaState::Unreachable,
+            3 => KafkaState::TopicMissing,
+            _ => KafkaState::Unknown,
+        }
+    }
+
+    /// Records the answer of a metadata request; returns the state before it.
+    pub fn set_kafka_state(&self, state: KafkaState) -> KafkaState {
+        let before = self.kafka_state();
+        self.kafka.store(state as u8, Ordering::Relaxed);
+        before
     }
 
     /// Makes the calling thread count on worker `i`'s shard (`i` < the `workers` given to
@@ -262,12 +293,12 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",
-            u8::from(self.kafka_reachable.load(Ordering::Relaxed))
+            u8::from(matches!(self.kafka_state(), KafkaState::Usable | KafkaState::TopicMissing))
         );
         let _ = writeln!(
             out,
             "# HELP tollgate_edge_kafka_topic_missing 1 when Kafka answered that the event topic (kafka.topic) does not exist; events are spooled until it does.\n# TYPE tollgate_edge_kafka_topic_missing gauge\ntollgate_edge_kafka_topic_missing {}",
-            u8::from(self.kafka_topic_missing.load(Ordering::Relaxed))
+            u8::from(self.kafka_state() == KafkaState::TopicMissing)
         );
         let _ = writeln!(
             out,

@@ -13,7 +13,7 @@
 //!   spooled again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use super::EncodedEvent;
 use super::spool::{self, Spool};
 use crate::config::KafkaConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{KafkaState, Metrics};
 
 /// Events taken from the queue at once.
 const BATCH: usize = 1024;
@@ -147,10 +147,9 @@ pub fn start(
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let (close, close_rx) = oneshot::channel();
     let topic = cfg.topic.clone();
-    let state = Arc::new(AtomicU8::new(KafkaState::Unknown as u8));
     let replay = tokio::spawn(replay(Arc::clone(&producer), spool.clone(), topic.clone(), Arc::clone(&metrics)));
-    tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics), Arc::clone(&state)));
-    let task = tokio::spawn(run(producer, topic, rx, close_rx, spool, metrics, state, flush_timeout));
+    tokio::spawn(probe(Arc::clone(&producer), topic.clone(), Arc::clone(&metrics)));
+    let task = tokio::spawn(run(producer, topic, rx, close_rx, spool, metrics, flush_timeout));
     Ok((tx, ProducerTask { task, replay, close }))
 }
 
@@ -162,7 +161,6 @@ async fn run(
     mut close: oneshot::Receiver<()>,
     spool: Spool,
     metrics: Arc<Metrics>,
-    state: Arc<AtomicU8>,
     flush_timeout: Duration,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
@@ -180,7 +178,7 @@ async fn run(
             break;
         }
         let mut refused = Vec::new();
-        if KafkaState::load(&state).spool_directly() {
+        if metrics.kafka_state().spool_directly() {
             refused.append(&mut batch);
         }
         for event in batch.drain(..) {
@@ -236,36 +234,6 @@ async fn run(
     }
 }
 
-/// What the last metadata request said of Kafka and the event topic (an [`AtomicU8`] shared by
-/// the probe and the producer task).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum KafkaState {
-    /// Not asked yet: events go to librdkafka.
-    Unknown = 0,
-    Usable = 1,
-    Unreachable = 2,
-    /// The brokers answer but do not have `kafka.topic`.
-    TopicMissing = 3,
-}
-
-impl KafkaState {
-    fn load(a: &AtomicU8) -> Self {
-        match a.load(Ordering::Relaxed) {
-            1 => Self::Usable,
-            2 => Self::Unreachable,
-            3 => Self::TopicMissing,
-            _ => Self::Unknown,
-        }
-    }
-
-    /// New events skip librdkafka and go straight to the spool: there they survive a
-    /// `kill -9`, while in librdkafka's queue they would wait out `kafka.message_timeout_ms`.
-    fn spool_directly(self) -> bool {
-        matches!(self, Self::Unreachable | Self::TopicMissing)
-    }
-}
-
 /// The state a metadata answer gives: the topic's entry (its error, if any), or `None` when
 /// the answer does not list the topic.
 fn topic_state(entry: Option<Option<RDKafkaErrorCode>>) -> KafkaState {
@@ -276,11 +244,11 @@ fn topic_state(entry: Option<Option<RDKafkaErrorCode>>) -> KafkaState {
     }
 }
 
-/// Asks Kafka for the topic's metadata every [`PROBE_INTERVAL`], for `/readyz`, the metrics,
-/// the replay task and the producer task. While Kafka is not usable, events waiting in
+/// Asks Kafka for the topic's metadata every [`PROBE_INTERVAL`] and records the answer in the
+/// metrics ([`Metrics::kafka_state`]), for `/readyz`, the replay task and the producer task. While Kafka is not usable, events waiting in
 /// librdkafka's queue are purged into the spool (the delivery callback writes them) rather than
 /// left in memory for the message timeout.
-async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>, state: Arc<AtomicU8>) {
+async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>) {
     loop {
         let (p, t) = (Arc::clone(&producer), topic.clone());
         let now = tokio::task::spawn_blocking(move || match p.client().fetch_metadata(Some(&t), PROBE_TIMEOUT) {
@@ -291,10 +259,7 @@ async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics
         })
         .await
         .unwrap_or(KafkaState::Unreachable);
-        metrics.kafka_reachable.store(now != KafkaState::Unreachable, Ordering::Relaxed);
-        metrics.kafka_topic_missing.store(now == KafkaState::TopicMissing, Ordering::Relaxed);
-        let before = KafkaState::load(&state);
-        state.store(now as u8, Ordering::Relaxed);
+        let before = metrics.set_kafka_state(now);
         if now != before {
             match now {
                 KafkaState::Unreachable => {
@@ -344,7 +309,7 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
         };
         // Only replay when the broker answers and has the topic (the probe task asks every
         // 2 s): otherwise every record would wait out the message timeout and be spooled again.
-        if !metrics.kafka_usable() {
+        if metrics.kafka_state() != KafkaState::Usable {
             continue;
         }
         let (seq, path) = next;
@@ -415,15 +380,15 @@ mod tests {
         assert_eq!(topic_state(Some(None)), KafkaState::Usable);
         // Transient topic errors are librdkafka's to retry, not a reason to spool.
         assert_eq!(topic_state(Some(Some(RDKafkaErrorCode::LeaderNotAvailable))), KafkaState::Usable);
-        let a = AtomicU8::new(0);
+        let m = Metrics::new(["r"], 1);
         for (state, spool) in [
             (KafkaState::Unknown, false),
             (KafkaState::Usable, false),
             (KafkaState::Unreachable, true),
             (KafkaState::TopicMissing, true),
         ] {
-            a.store(state as u8, Ordering::Relaxed);
-            assert_eq!(KafkaState::load(&a), state);
+            m.set_kafka_state(state);
+            assert_eq!(m.kafka_state(), state);
             assert_eq!(state.spool_directly(), spool, "{state:?}");
         }
     }
