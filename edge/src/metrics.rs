@@ -97,6 +97,15 @@ pub enum KafkaState {
 }
 
 impl KafkaState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Usable,
+            2 => Self::Unreachable,
+            3 => Self::TopicMissing,
+            _ => Self::Unknown,
+        }
+    }
+
     /// New events skip librdkafka and go straight to the spool: there they survive a
     /// `kill -9`, while in librdkafka's queue they would wait out `kafka.message_timeout_ms`.
     pub fn spool_directly(self) -> bool {
@@ -119,19 +128,12 @@ impl Metrics {
 
     /// What the producer's last metadata request said of Kafka and the event topic.
     pub fn kafka_state(&self) -> KafkaState {
-        match self.kafka.load(Ordering::Relaxed) {
-            1 => KafkaState::Usable,
-            2 => KafkaState::Unreachable,
-            3 => KafkaState::TopicMissing,
-            _ => KafkaState::Unknown,
-        }
+        KafkaState::from_u8(self.kafka.load(Ordering::Relaxed))
     }
 
     /// Records the answer of a metadata request; returns the state before it.
     pub fn set_kafka_state(&self, state: KafkaState) -> KafkaState {
-        let before = self.kafka_state();
-        self.kafka.store(state as u8, Ordering::Relaxed);
-        before
+        KafkaState::from_u8(self.kafka.swap(state as u8, Ordering::Relaxed))
     }
 
     /// Makes the calling thread count on worker `i`'s shard (`i` < the `workers` given to

@@ -9,8 +9,8 @@
 //! - a delivery that fails (e.g. Kafka down longer than `kafka.message_timeout_ms`) → the
 //!   delivery callback puts the message in the spool;
 //! - a replay task sends closed spool segments back, oldest first, while the broker answers
-//!   the probe task's metadata requests and has the topic, and deletes a segment once every record in it was acknowledged or
-//!   spooled again.
+//!   the probe task's metadata requests and has the topic, and deletes a segment once every
+//!   record in it was acknowledged or spooled again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -245,9 +245,9 @@ fn topic_state(entry: Option<Option<RDKafkaErrorCode>>) -> KafkaState {
 }
 
 /// Asks Kafka for the topic's metadata every [`PROBE_INTERVAL`] and records the answer in the
-/// metrics ([`Metrics::kafka_state`]), for `/readyz`, the replay task and the producer task. While Kafka is not usable, events waiting in
-/// librdkafka's queue are purged into the spool (the delivery callback writes them) rather than
-/// left in memory for the message timeout.
+/// metrics ([`Metrics::kafka_state`]), for `/readyz`, the replay task and the producer task.
+/// While Kafka is not usable, events waiting in librdkafka's queue are purged into the spool
+/// (the delivery callback writes them) rather than left in memory for the message timeout.
 async fn probe(producer: Arc<KafkaProducer>, topic: String, metrics: Arc<Metrics>) {
     loop {
         let (p, t) = (Arc::clone(&producer), topic.clone());
