@@ -11,6 +11,7 @@
 #   bench/run.sh billing      close and export a month of invoices for 10,000 consumers
 #   bench/run.sh callgrind    the edge's instructions per request (valgrind; exact, noise-free)
 #   bench/run.sh threads      the edge's CPU per request by thread: metering off / on / idempotent
+#   bench/run.sh spool-rss    the edge's peak RSS while its events go through the spool and back
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -33,6 +34,7 @@ case "${1:-all}" in
     billing) "$BIN" billing ;;
     callgrind) bench/callgrind-edge.sh ;;
     threads) bench/edge-threads.sh ;;
+    spool-rss) bench/spool-rss.sh ;;
     all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$0" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind|threads]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|callgrind|threads|spool-rss]" >&2; exit 2 ;;
 esac

@@ -313,12 +313,12 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
             continue;
         }
         let (seq, path) = next;
-        let read = tokio::task::spawn_blocking({
+        let opened = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || spool::read_segment(&path)
+            move || spool::SegmentReader::open(&path)
         })
         .await;
-        let (records, lost) = match read {
+        let mut reader = match opened {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, segment = seq, "cannot read spool segment");
@@ -326,37 +326,48 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
             }
             Err(_) => return,
         };
-        if lost > 0 {
-            spool.stats().corrupt.fetch_add(lost, Ordering::Relaxed);
-            tracing::error!(segment = seq, "spool segment has a torn tail; the record there is lost");
-        }
-        let context = producer.context();
-        for r in &records {
-            context.replay_pending.fetch_add(1, Ordering::Relaxed);
-            let mut record = BaseRecord::with_opaque_to(&topic, REPLAY).key(&r.key[..]).payload(&r.payload[..]);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        // Not sent: keep it in the spool by writing it again.
-                        tracing::warn!(error = %e, "replay refused; spooling the record again");
-                        context.replay_pending.fetch_sub(1, Ordering::Relaxed);
-                        let (spool, r) = (spool.clone(), r.clone());
-                        let _ = tokio::task::spawn_blocking(move || spool.append(&r.key, &r.payload)).await;
-                        break;
-                    }
-                }
+        // A batch at a time: memory holds one batch, not the segment (librdkafka copies what
+        // it is given, and a failed delivery is spooled again from librdkafka's copy).
+        let mut records = 0;
+        let ended = loop {
+            let Ok((r, batch)) = tokio::task::spawn_blocking(move || {
+                let batch = reader.next_batch(REPLAY_BATCH);
+                (reader, batch)
+            })
+            .await
+            else {
+                return;
+            };
+            reader = r;
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => break Err(e),
+            };
+            records += batch.records.len();
+            send_replayed(&producer, &spool, &topic, &batch.records).await;
+            if let Some(lost) = batch.end {
+                break Ok(lost);
+            }
+        };
+        match ended {
+            Ok(0) => {}
+            Ok(lost) => {
+                spool.stats().corrupt.fetch_add(lost, Ordering::Relaxed);
+                tracing::error!(segment = seq, "spool segment has a torn tail; the record there is lost");
+            }
+            Err(e) => {
+                // Kept for a later attempt; the records sent already then reach Kafka twice,
+                // which ingest's `event_id` deduplication absorbs.
+                tracing::error!(error = %e, segment = seq, records, "cannot read spool segment; it is replayed again later");
+                continue;
             }
         }
+        let context = producer.context();
         // Every record is now acknowledged or spooled again by the delivery callback.
         while context.replay_pending.load(Ordering::Relaxed) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tracing::info!(segment = seq, records = records.len(), "spool segment replayed");
+        tracing::info!(segment = seq, records, "spool segment replayed");
         metrics.spool_segments_replayed.fetch_add(1, Ordering::Relaxed);
         let remove = tokio::task::spawn_blocking({
             let spool = spool.clone();
@@ -365,6 +376,36 @@ async fn replay(producer: Arc<KafkaProducer>, spool: Spool, topic: String, metri
         .await;
         if !matches!(remove, Ok(Ok(()))) {
             tracing::error!(segment = seq, "cannot delete a replayed spool segment; it will be replayed again");
+        }
+    }
+}
+
+/// Records read from a spool segment at once by the replay task.
+const REPLAY_BATCH: usize = 1024;
+
+/// Hands replayed records to librdkafka, waiting while its queue is full; a record it refuses
+/// otherwise is written to the spool again.
+async fn send_replayed(producer: &KafkaProducer, spool: &Spool, topic: &str, records: &[spool::Record]) {
+    let context = producer.context();
+    for r in records {
+        context.replay_pending.fetch_add(1, Ordering::Relaxed);
+        let mut record = BaseRecord::with_opaque_to(topic, REPLAY).key(&r.key[..]).payload(&r.payload[..]);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    // Not sent: keep it in the spool by writing it again.
+                    tracing::warn!(error = %e, "replay refused; spooling the record again");
+                    context.replay_pending.fetch_sub(1, Ordering::Relaxed);
+                    let (spool, r) = (spool.clone(), r.clone());
+                    let _ = tokio::task::spawn_blocking(move || spool.append(&r.key, &r.payload)).await;
+                    break;
+                }
+            }
         }
     }
 }

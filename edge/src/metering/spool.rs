@@ -7,8 +7,9 @@
 //! `[u32 LE body length][u32 LE CRC-32 of body][body = u16 LE key length, key, payload]`.
 //! One writer thread appends (so file I/O never runs on the async runtime), rotates the
 //! segment once it is non-empty and 1 s old (or 8 MiB), and fsyncs per [`FsyncPolicy`].
-//! Closed segments are replayed and deleted only after every record in them was acknowledged
-//! by Kafka or written to the spool again. The spool is bounded by `spool.max_bytes`; when
+//! Closed segments are replayed ([`SegmentReader`]: a batch of records at a time, not the
+//! whole segment in memory) and deleted only after every record in them was acknowledged by
+//! Kafka or written to the spool again. The spool is bounded by `spool.max_bytes`; when
 //! full, new events are dropped and counted.
 //!
 //! What a crash can lose: a `kill -9` loses the events still in memory (the edge's queue,
@@ -157,39 +158,96 @@ pub fn encode_record(key: &[u8], payload: &[u8], out: &mut Vec<u8>) {
 /// Reads a segment's records. A torn or corrupt tail ends the segment; the count of records
 /// lost that way is returned (1 when the tail is unreadable).
 pub fn read_segment(path: &Path) -> std::io::Result<(Vec<Record>, u64)> {
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
+    let mut reader = SegmentReader::open(path)?;
     let mut records = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let Some(record) = decode_one(&mut rest) else {
-            return Ok((records, 1));
-        };
-        records.push(record);
+    loop {
+        let batch = reader.next_batch(usize::MAX)?;
+        records.extend(batch.records);
+        if let Some(lost) = batch.end {
+            return Ok((records, lost));
+        }
     }
-    Ok((records, 0))
 }
 
-fn decode_one(rest: &mut &[u8]) -> Option<Record> {
-    if rest.len() < HEADER {
-        return None;
+/// Reads a segment a batch of records at a time, so that replaying it holds one batch in
+/// memory rather than the whole segment (up to 8 MiB on disk, more as records).
+pub struct SegmentReader {
+    file: std::io::BufReader<File>,
+}
+
+/// Records read by [`SegmentReader::next_batch`].
+#[derive(Debug)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// `Some(lost)` once the segment ends: 0 at a clean end, 1 when a torn or corrupt tail
+    /// ended it (the record there, and whatever follows, is lost).
+    pub end: Option<u64>,
+}
+
+impl SegmentReader {
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self { file: std::io::BufReader::with_capacity(256 << 10, File::open(path)?) })
     }
-    let len = u32::from_le_bytes(rest[..4].try_into().ok()?) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().ok()?);
-    if !(2..=MAX_RECORD).contains(&len) || rest.len() < HEADER + len {
-        return None;
+
+    /// The next records, at most `max`. Only a failing read is an error; a short or corrupt
+    /// record ends the segment (`end: Some(1)`).
+    pub fn next_batch(&mut self, max: usize) -> std::io::Result<Batch> {
+        let mut records = Vec::with_capacity(max.min(1024));
+        while records.len() < max {
+            match self.next_record()? {
+                Next::Record(r) => records.push(r),
+                Next::End => return Ok(Batch { records, end: Some(0) }),
+                Next::Torn => return Ok(Batch { records, end: Some(1) }),
+            }
+        }
+        Ok(Batch { records, end: None })
     }
-    let body = &rest[HEADER..HEADER + len];
-    if crc32fast::hash(body) != crc {
-        return None;
+
+    fn next_record(&mut self) -> std::io::Result<Next> {
+        let mut header = [0u8; HEADER];
+        match read_full(&mut self.file, &mut header)? {
+            0 => return Ok(Next::End),
+            HEADER => {}
+            _ => return Ok(Next::Torn),
+        }
+        let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
+        let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+        let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+        if !(2..=MAX_RECORD).contains(&len) {
+            return Ok(Next::Torn);
+        }
+        let mut body = vec![0u8; len];
+        if read_full(&mut self.file, &mut body)? < len || crc32fast::hash(&body) != crc {
+            return Ok(Next::Torn);
+        }
+        let key_len = usize::from(u16::from_le_bytes([body[0], body[1]]));
+        if 2 + key_len > len {
+            return Ok(Next::Torn);
+        }
+        let key = body[2..2 + key_len].to_vec();
+        body.drain(..2 + key_len);
+        Ok(Next::Record(Record { key, payload: body }))
     }
-    let key_len = usize::from(u16::from_le_bytes([body[0], body[1]]));
-    if 2 + key_len > body.len() {
-        return None;
+}
+
+enum Next {
+    Record(Record),
+    End,
+    Torn,
+}
+
+/// Reads until `buf` is full or the file ends; returns how many bytes were read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    let record = Record { key: body[2..2 + key_len].to_vec(), payload: body[2 + key_len..].to_vec() };
-    *rest = &rest[HEADER + len..];
-    Some(record)
+    Ok(n)
 }
 
 impl Spool {
@@ -486,6 +544,46 @@ mod tests {
         bytes[12] ^= 1;
         fs::write(&p, &bytes).unwrap();
         assert_eq!(read_segment(&p).unwrap().0.len(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_segment_is_read_in_batches_in_order_up_to_a_torn_tail() {
+        let d = tmp();
+        let mut bytes = Vec::new();
+        for i in 0..10u32 {
+            encode_record(format!("k{i}").as_bytes(), &i.to_le_bytes(), &mut bytes);
+        }
+        let p = segment_path(&d, 0);
+        fs::write(&p, &bytes).unwrap();
+        let payloads = |b: &Batch| b.records.iter().map(|r| r.payload[0]).collect::<Vec<_>>();
+        let mut reader = SegmentReader::open(&p).unwrap();
+        let mut got = Vec::new();
+        for (want, end) in [(vec![0, 1, 2, 3], None), (vec![4, 5, 6, 7], None), (vec![8, 9], Some(0))] {
+            let batch = reader.next_batch(4).unwrap();
+            assert_eq!((payloads(&batch), batch.end), (want, end));
+            got.extend(batch.records);
+        }
+        assert_eq!(got[9], Record { key: b"k9".to_vec(), payload: 9u32.to_le_bytes().to_vec() });
+        // A segment of exactly one batch ends in the next (empty) one.
+        let mut reader = SegmentReader::open(&p).unwrap();
+        assert_eq!(reader.next_batch(10).unwrap().end, None);
+        let last = reader.next_batch(10).unwrap();
+        assert_eq!((last.records.len(), last.end), (0, Some(0)));
+        // Cut inside record 6's body: 0..=5 are read, then the tail counts as one lost.
+        let cut = bytes.len() - 4 * (HEADER + 2 + 2 + 4) + 3;
+        fs::write(&p, &bytes[..cut]).unwrap();
+        let mut reader = SegmentReader::open(&p).unwrap();
+        assert_eq!(reader.next_batch(4).unwrap().end, None);
+        let batch = reader.next_batch(4).unwrap();
+        assert_eq!((payloads(&batch), batch.end), (vec![4, 5], Some(1)));
+        // A length field beyond the limit is corruption too, not an allocation of it.
+        let mut huge = bytes[..HEADER + 2 + 2 + 4].to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        fs::write(&p, &huge).unwrap();
+        let batch = SegmentReader::open(&p).unwrap().next_batch(4).unwrap();
+        assert_eq!((payloads(&batch), batch.end), (vec![0], Some(1)));
         fs::remove_dir_all(&d).unwrap();
     }
 
