@@ -80,6 +80,9 @@ pub struct Metrics {
     pub config_reload_failures: AtomicU64,
     /// True once shutdown began: `/readyz` answers 503 while in-flight requests drain.
     pub draining: std::sync::atomic::AtomicBool,
+    /// True once the shutdown grace ran out: a call dropped from then on was cut by the edge
+    /// (outcome `edge_shutdown`), not by its client (`client_aborted`).
+    pub grace_over: std::sync::atomic::AtomicBool,
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
 }
 

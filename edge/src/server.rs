@@ -275,7 +275,10 @@ async fn accept_loop(
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => tracing::debug!("worker: all connections closed"),
-        () = tokio::time::sleep(http.grace) => tracing::warn!("shutdown grace over; closing remaining connections"),
+        () = tokio::time::sleep(http.grace) => {
+            gw.metrics.grace_over.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!("shutdown grace over; closing remaining connections (their calls are metered as edge_shutdown)");
+        }
     }
 }
 

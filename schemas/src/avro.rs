@@ -26,9 +26,13 @@ pub const CURRENT_SCHEMA: &str = include_str!("../avro/api_call.avsc");
 /// Schema v1 (until `plan_id` was added), frozen.
 pub const SCHEMA_V1: &str = include_str!("../avro/api_call.v1.avsc");
 
+/// Schema v2 (until the `edge_shutdown` outcome was added), frozen. Its body layout is the
+/// current one: v3 only appended an enum symbol.
+pub const SCHEMA_V2: &str = include_str!("../avro/api_call.v2.avsc");
+
 /// Every `ApiCall` schema version ever shipped, oldest first; the last one is
 /// [`CURRENT_SCHEMA`]. Old versions must stay here so that old messages remain decodable.
-pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, CURRENT_SCHEMA];
+pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, CURRENT_SCHEMA];
 
 /// Why an event could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -259,10 +263,15 @@ impl Decoder {
         }
         writers.insert(reader_fp, reader.clone());
         let v1 = fingerprint(&parse("api_call.v1.avsc", SCHEMA_V1)?);
-        let layouts = [(v1, crate::summary::Layout::V1), (reader_fp, crate::summary::Layout::V2)]
-            .into_iter()
-            .filter(|(fp, _)| writers.contains_key(fp))
-            .collect();
+        let v2 = fingerprint(&parse("api_call.v2.avsc", SCHEMA_V2)?);
+        let layouts = [
+            (v1, crate::summary::Layout::V1),
+            (v2, crate::summary::Layout::V2),
+            (reader_fp, crate::summary::Layout::V2),
+        ]
+        .into_iter()
+        .filter(|(fp, _)| writers.contains_key(fp))
+        .collect();
         Ok(Self { reader, reader_fp, writers, layouts })
     }
 
@@ -493,7 +502,7 @@ pub(crate) mod tests {
         let enc = Encoder::new().unwrap();
         let dec = Decoder::new().unwrap();
         let events = varied_events();
-        assert_eq!(events.len(), 120);
+        assert_eq!(events.len(), Outcome::ALL.len() * 12);
         for e in &events {
             let (mut direct, mut reference) = (Vec::new(), Vec::new());
             enc.encode_into(e, &mut direct).unwrap();

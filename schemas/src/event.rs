@@ -26,11 +26,14 @@ pub enum Outcome {
     NoRoute,
     /// The client went away before the response completed.
     ClientAborted,
+    /// The edge's shutdown grace ran out before the response completed, and the edge closed
+    /// the connection: status 503 when no response had started, else the status sent.
+    EdgeShutdown,
 }
 
 impl Outcome {
     /// All outcomes, in Avro symbol order.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Forwarded,
         Outcome::Unauthenticated,
         Outcome::Forbidden,
@@ -41,6 +44,7 @@ impl Outcome {
         Outcome::BadRequest,
         Outcome::NoRoute,
         Outcome::ClientAborted,
+        Outcome::EdgeShutdown,
     ];
 
     /// The Avro symbol, also the ClickHouse enum name.
@@ -56,6 +60,7 @@ impl Outcome {
             Outcome::BadRequest => "bad_request",
             Outcome::NoRoute => "no_route",
             Outcome::ClientAborted => "client_aborted",
+            Outcome::EdgeShutdown => "edge_shutdown",
         }
     }
 

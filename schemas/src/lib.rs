@@ -41,4 +41,5 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "0003_api_calls_plan_id.sql", include_str!("../migrations/0003_api_calls_plan_id.sql")),
     (4, "0004_quota_state.sql", include_str!("../migrations/0004_quota_state.sql")),
     (5, "0005_invoices.sql", include_str!("../migrations/0005_invoices.sql")),
+    (6, "0006_outcome_edge_shutdown.sql", include_str!("../migrations/0006_outcome_edge_shutdown.sql")),
 ];

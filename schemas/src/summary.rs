@@ -34,7 +34,7 @@ pub struct CallSummary<'a> {
 pub(crate) enum Layout {
     /// Schema v1: no `plan_id`.
     V1,
-    /// Schema v2: `plan_id` last.
+    /// Schemas v2 and v3 (v3 appended the `edge_shutdown` outcome): `plan_id` last.
     V2,
 }
 

@@ -32,8 +32,23 @@ fn v2_bytes_decode_with_the_current_reader() {
 }
 
 #[test]
+fn v3_bytes_decode_with_the_current_reader() {
+    let bytes = std::fs::read(fixture("api_call.v3.bin")).expect("fixture");
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+}
+
+#[test]
+fn v2_and_v3_differ_only_in_the_fingerprint() {
+    // v3 appended an enum symbol: the same event has the same body under both.
+    let (v2, v3) =
+        (std::fs::read(fixture("api_call.v2.bin")).unwrap(), std::fs::read(fixture("api_call.v3.bin")).unwrap());
+    assert_ne!(v2[2..10], v3[2..10]);
+    assert_eq!(v2[10..], v3[10..]);
+}
+
+#[test]
 fn the_current_writer_is_the_last_released_version() {
     // A schema change must come with a new fixture (and a SCHEMA_VERSIONS entry).
-    let last = std::fs::read(fixture("api_call.v2.bin")).expect("fixture");
+    let last = std::fs::read(fixture("api_call.v3.bin")).expect("fixture");
     assert_eq!(tollgate_schemas::Encoder::new().unwrap().encode(&fixture_event()).unwrap(), last);
 }

@@ -40,6 +40,40 @@ async fn migrations_apply_once_and_documented_queries_run_on_local_clickhouse() 
         }
     }
     assert!(ran >= 3, "documented queries not found");
+
+    // Every outcome reads back through the tables and the views with the Enum8 value that
+    // ingest and the aggregator write for it (`clickhouse_value`), and can be filtered on.
+    for o in tollgate_schemas::Outcome::ALL {
+        let (v, name) = (o.clickhouse_value(), o.as_str());
+        for insert in [
+            format!(
+                "INSERT INTO api_calls (event_id, ts, consumer_id, outcome) \
+                 VALUES ('00000000-0000-0000-0000-{v:012}', now(), 'c', '{name}')"
+            ),
+            format!(
+                "INSERT INTO usage_minute (minute, consumer_id, outcome, requests) VALUES (now(), 'c', '{name}', 1)"
+            ),
+        ] {
+            client.query(&insert).execute().await.unwrap_or_else(|e| panic!("{insert}: {e}"));
+        }
+    }
+    let want: Vec<(String, i8)> =
+        tollgate_schemas::Outcome::ALL.iter().map(|o| (o.as_str().to_owned(), o.clickhouse_value())).collect();
+    for source in ["api_calls", "api_calls_unique", "usage_minute", "usage_minute_final"] {
+        let got: Vec<(String, i8)> = client
+            .query(&format!("SELECT toString(outcome), toInt8(outcome) FROM {source} ORDER BY outcome"))
+            .fetch_all()
+            .await
+            .unwrap_or_else(|e| panic!("{source}: {e}"));
+        assert_eq!(got, want, "{source}");
+        let last = &want.last().unwrap().0;
+        let n: u64 = client
+            .query(&format!("SELECT count() FROM {source} WHERE outcome = '{last}'"))
+            .fetch_one()
+            .await
+            .unwrap_or_else(|e| panic!("{source}: {e}"));
+        assert_eq!(n, 1, "{source} filtered on {last}");
+    }
     Client::default().with_url(url()).query(&format!("DROP DATABASE {db}")).execute().await.unwrap();
 }
 

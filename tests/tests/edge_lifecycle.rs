@@ -76,6 +76,8 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     let _ = tokio::time::timeout(Duration::from_millis(300), idle.read(&mut rest)).await;
     let quick = tokio::spawn(request(addr, "/echo/quick?delay_ms=1000", "key-acme"));
     let slow = tokio::spawn(request(addr, "/echo/slow?delay_ms=15000", "key-acme"));
+    // And one whose client gives up during the drain, before the grace is over.
+    let gone = tokio::spawn(request(addr, "/echo/gone?delay_ms=15000", "key-acme"));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     edge.signal("TERM");
@@ -86,6 +88,7 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     })
     .await;
     assert!(draining, "{:?}", readyz(admin).await);
+    gone.abort();
     // New connections are refused; the idle connection is closed (no request of its own
     // in flight), long before the grace is over.
     let refused = wait_until(Duration::from_secs(2), || async { TcpStream::connect(addr).await.is_err() }).await;
@@ -105,17 +108,77 @@ async fn graceful_shutdown_drains_in_flight_calls_and_meters_them() {
     assert!(took >= Duration::from_millis(2000), "exited after {took:?}: it did not wait for the in-flight call");
     assert!(took < Duration::from_secs(9), "exited after {took:?}: the grace (2.5 s) was not enforced");
 
-    // Every call is metered, the cut one as a client abort (no answer was made), all flushed
-    // to Kafka before the exit.
-    let events = read_events(&topic, |e| e.len() >= 3).await;
+    // Every call is metered, all flushed to Kafka before the exit: the one the edge cut as
+    // the edge's doing (no answer was made: 503), the one whose client left as a client abort.
+    let events = read_events(&topic, |e| e.len() >= 4).await;
+    assert_eq!(events.len(), 4, "{events:?}");
     let by_path = |p: &str| events.iter().find(|e| e.path == p).unwrap_or_else(|| panic!("no event for {p}"));
     assert_eq!((by_path("/echo/idle").status, by_path("/echo/idle").outcome), (200, Outcome::Forwarded));
     assert_eq!((by_path("/echo/quick").status, by_path("/echo/quick").outcome), (200, Outcome::Forwarded));
     assert!(by_path("/echo/quick").latency_us >= 1_000_000);
     let cut = by_path("/echo/slow");
-    assert_eq!((cut.status, cut.outcome), (499, Outcome::ClientAborted));
+    assert_eq!((cut.status, cut.outcome), (503, Outcome::EdgeShutdown));
     assert!(cut.latency_us >= 2_000_000 && cut.latency_us < 9_000_000, "{cut:?}");
+    let gone = by_path("/echo/gone");
+    assert_eq!((gone.status, gone.outcome), (499, Outcome::ClientAborted));
+    assert!(gone.latency_us < 2_000_000, "{gone:?}");
     assert!(edge.log_tail().contains("shutdown grace over"), "{}", edge.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_mid_body_at_the_end_of_the_grace_keeps_its_status_and_bytes() {
+    // An upstream that sends its status line, headers and 10 of 1,000 body bytes, then stalls.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = stalling.local_addr().unwrap();
+    let stall = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = stalling.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789").await;
+            held.push(s);
+        }
+    });
+    let dir = TempDir::new("e2e_lifecycle_cut");
+    let topic = unique("life-cut");
+    create_topic(&topic, 1).await;
+    let (mut edge, addr, admin) =
+        start_edge(dir.path(), "edge", &config(&kafka(), &topic, upstream, &dir.path().join("spool"), &acme_key()))
+            .await;
+    let ready = wait_until(Duration::from_secs(10), || async { readyz(admin).await.0 == 200 }).await;
+    assert!(ready, "{:?}\n{}", readyz(admin).await, edge.log_tail());
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(b"GET /echo/stream HTTP/1.1\r\nHost: api.example\r\nx-api-key: key-acme\r\n\r\n").await.unwrap();
+    // The head and the first 10 bytes arrive.
+    let mut got = Vec::new();
+    let arrived = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"0123456789") {
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(arrived.is_ok() && got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+
+    edge.signal("TERM");
+    let exit = edge.wait(Duration::from_secs(10)).expect("the edge did not exit");
+    assert!(exit.success(), "{exit:?}\n{}", edge.log_tail());
+    // The client sees the connection end before the announced 1,000 bytes.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut rest)).await;
+    assert!(rest.len() < 990, "{} more bytes", rest.len());
+
+    let events = read_events(&topic, |e| !e.is_empty()).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!((e.path.as_str(), e.status, e.outcome), ("/echo/stream", 200, Outcome::EdgeShutdown));
+    assert_eq!(e.response_bytes, 10);
+    assert!(e.latency_us >= 2_000_000, "{e:?}");
+    stall.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -149,7 +149,8 @@ fn now_us() -> i64 {
 /// A call being metered: what is known when the request arrives, completed when the response
 /// body ends. A call dropped before it has an answer (the client went away while the request
 /// path, usually the upstream, was still working) is still one event: status 499,
-/// `client_aborted`.
+/// `client_aborted` (503, `edge_shutdown` when the edge cut it at the end of its shutdown
+/// grace).
 pub struct Call {
     gw: Arc<Gateway>,
     /// The route, once routing found it.
@@ -327,8 +328,13 @@ impl Drop for Call {
             return;
         }
         // No answer was made: the client went away (its connection closed) while the request
-        // path was still working on it.
-        self.complete(499, Outcome::ClientAborted, 0, 0);
+        // path was still working on it, or the edge closed the connection when its shutdown
+        // grace ran out (nothing was sent: metered as 503, the edge's failure).
+        if self.gw.metrics.grace_over.load(Ordering::Relaxed) {
+            self.complete(503, Outcome::EdgeShutdown, 0, 0);
+        } else {
+            self.complete(499, Outcome::ClientAborted, 0, 0);
+        }
     }
 }
 
@@ -408,7 +414,8 @@ struct Pending {
 }
 
 /// The response body, counting bytes; emits the event exactly once: at end of stream, on a
-/// body error, or when dropped early (client went away: status 499, `client_aborted`).
+/// body error, or when dropped early (client went away: status 499, `client_aborted`; or the
+/// edge's shutdown grace ran out: the status sent, `edge_shutdown`).
 struct MeteredBody {
     inner: Body,
     bytes: u64,
@@ -418,7 +425,12 @@ struct MeteredBody {
 impl MeteredBody {
     fn finish(&mut self, aborted: bool) {
         if let Some(p) = self.pending.take() {
-            let (status, outcome) = if aborted { (499, Outcome::ClientAborted) } else { (p.status, p.outcome) };
+            let (status, outcome) = match aborted {
+                false => (p.status, p.outcome),
+                // The status line went out already: it stays, the outcome says who cut it.
+                true if p.call.gw.metrics.grace_over.load(Ordering::Relaxed) => (p.status, Outcome::EdgeShutdown),
+                true => (499, Outcome::ClientAborted),
+            };
             p.call.complete(status, outcome, self.bytes, 0);
         }
     }
