@@ -46,8 +46,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     let (events_tx, producer_task) = if cfg.kafka.enabled {
         let spool = Spool::open(&cfg.spool)?;
         let _ = metrics.spool.set(Arc::clone(spool.stats()));
-        let (tx, task) = producer::start(&cfg.kafka, spool, Arc::clone(&metrics), cfg.shutdown_grace)?;
-        (Some(tx), Some(task))
+        let (tx, task) = producer::start(&cfg.kafka, spool.clone(), Arc::clone(&metrics), cfg.shutdown_grace)?;
+        (Some((tx, spool)), Some(task))
     } else {
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)

@@ -268,6 +268,44 @@ async fn an_outage_is_on_disk_within_seconds_and_replayed_by_the_next_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_event_queue_overflows_into_the_spool_and_nothing_is_dropped() {
+    let dir = TempDir::new("e2e_lifecycle_overflow");
+    let topic = unique("life-overflow");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    // A queue of one event between the requests and the producer task, which drains it once
+    // per millisecond: concurrent calls overflow it at once.
+    let cfg = config(&kafka(), &topic, upstream, &dir.path().join("spool"), &acme_key())
+        .replace("[kafka]\n", "[kafka]\nqueue_capacity = 1\n");
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let ready = wait_until(Duration::from_secs(10), || async { readyz(admin).await.0 == 200 }).await;
+    assert!(ready, "{:?}\n{}", readyz(admin).await, edge.log_tail());
+    let caller = Caller {
+        label: "acme".into(),
+        key: Some("key-acme".into()),
+        requests: 400,
+        concurrency: 16,
+        pause: Duration::ZERO,
+        path: "/echo/burst".into(),
+    };
+    let calls = traffic::run(&format!("http://{addr}"), vec![caller]).await;
+    assert_eq!(calls.by_status.get(&("acme".to_owned(), 200)), Some(&400), "{:?}", calls.by_status);
+    let ids: BTreeSet<String> = calls.request_ids.iter().map(|(id, _, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 400);
+
+    // Some went through the spool (the overflow happened), none was dropped, and every call is
+    // in Kafka once the spool is replayed.
+    let events = read_events(&topic, |e| e.iter().map(|e| e.event_id).collect::<BTreeSet<_>>().len() >= 400).await;
+    let got: BTreeSet<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    assert_eq!(got, ids, "the events in Kafka are not the calls made");
+    assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0, "{}", edge.log_tail());
+    let spooled = metric(admin, "tollgate_edge_events_spooled_total").await;
+    assert!(spooled > 0, "no event overflowed into the spool: the test proves nothing");
+    assert_eq!(metric(admin, "tollgate_edge_events_enqueued_total").await, 400);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_is_reported_and_its_events_survive_a_crash_until_it_exists() {
     let dir = TempDir::new("e2e_lifecycle_topic");
     let topic = unique("life-missing"); // not created (the local broker does not create topics)

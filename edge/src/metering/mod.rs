@@ -3,7 +3,9 @@
 //!
 //! The request path never waits for Kafka: [`EventSink::emit`] encodes the event (Avro, from
 //! fields borrowed from the call: no `String` per field) and `try_send`s it into a bounded
-//! queue drained by the producer task ([`producer`]). A full queue is counted as a drop in
+//! queue drained by the producer task ([`producer`]). When that queue is full (the producer
+//! task is behind), the event goes to the spool's writer instead, also without waiting; only
+//! when that is full too (or the spool is) is the event dropped, and counted in
 //! `tollgate_edge_events_dropped_total`.
 
 pub mod producer;
@@ -92,15 +94,16 @@ impl EncodedEvent {
 /// Where events go.
 #[derive(Debug)]
 pub struct EventSink {
-    tx: Option<mpsc::Sender<EncodedEvent>>,
+    /// The producer task's queue and the spool it overflows into; `None` when metering is off.
+    tx: Option<(mpsc::Sender<EncodedEvent>, spool::Spool)>,
     encoder: Encoder,
     metrics: Arc<Metrics>,
 }
 
 impl EventSink {
-    /// A sink feeding `tx`; `None` when metering is off.
+    /// A sink feeding `tx`, overflowing into the spool; `None` when metering is off.
     pub fn new(
-        tx: Option<mpsc::Sender<EncodedEvent>>,
+        tx: Option<(mpsc::Sender<EncodedEvent>, spool::Spool)>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, tollgate_schemas::EncodeError> {
         Ok(Self { tx, encoder: Encoder::new()?, metrics })
@@ -113,12 +116,21 @@ impl EventSink {
 
     /// Encodes the event and hands it to the producer without waiting.
     pub fn emit(&self, key: Option<&Arc<str>>, call: &ApiCallRef<'_>) {
-        let Some(tx) = &self.tx else { return };
+        let Some((tx, spool)) = &self.tx else { return };
         let mut payload = Vec::with_capacity(256);
         self.encoder.encode_ref_into(call, &mut payload);
-        match tx.try_send(EncodedEvent { key: key.cloned(), payload }) {
-            Ok(()) => self.metrics.event_enqueued(),
-            Err(_) => _ = self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed),
+        let accepted = match tx.try_send(EncodedEvent { key: key.cloned(), payload }) {
+            Ok(()) => true,
+            // The spool counts its own drops.
+            Err(mpsc::error::TrySendError::Full(e)) => spool.try_append(e.key().as_bytes(), &e.payload),
+            // The producer task is gone (shutdown past its deadline).
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        };
+        if accepted {
+            self.metrics.event_enqueued();
         }
     }
 }

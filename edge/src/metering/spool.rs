@@ -314,16 +314,28 @@ impl Spool {
     /// to [`APPEND_PATIENCE`]: so only for callers that may wait, the delivery callback's
     /// thread and blocking tasks, never the request path or an async task.
     pub fn append(&self, key: &[u8], payload: &[u8]) -> bool {
+        self.append_within(key, payload, APPEND_PATIENCE)
+    }
+
+    /// [`Spool::append`] without waiting, for the request path: a full writer queue is a drop
+    /// too (counted, not logged: the caller may be handling thousands of requests a second).
+    pub fn try_append(&self, key: &[u8], payload: &[u8]) -> bool {
+        self.append_within(key, payload, Duration::ZERO)
+    }
+
+    fn append_within(&self, key: &[u8], payload: &[u8], patience: Duration) -> bool {
         let size = (HEADER + 2 + key.len() + payload.len()) as u64;
         let pending = self.stats.pending.fetch_add(size, Ordering::Relaxed) + size;
         if self.stats.bytes.load(Ordering::Relaxed) + pending > self.stats.max_bytes {
             return self.refused(size);
         }
         let record = Msg::Record(Record { key: key.to_vec(), payload: payload.to_vec() });
-        match self.send_until(record, Instant::now() + APPEND_PATIENCE) {
+        match self.send_until(record, Instant::now() + patience) {
             Ok(()) => true,
             Err(mpsc::TrySendError::Full(_)) => {
-                tracing::error!("the spool writer took nothing for {APPEND_PATIENCE:?}; event dropped");
+                if !patience.is_zero() {
+                    tracing::error!("the spool writer took nothing for {patience:?}; event dropped");
+                }
                 self.refused(size)
             }
             Err(mpsc::TrySendError::Disconnected(_)) => self.refused(size),
