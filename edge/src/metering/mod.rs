@@ -114,7 +114,8 @@ impl EventSink {
         self.tx.is_some()
     }
 
-    /// Encodes the event and hands it to the producer without waiting.
+    /// Encodes the event and hands it to the producer task (to the spool when the task's queue
+    /// is full) without waiting.
     pub fn emit(&self, key: Option<&Arc<str>>, call: &ApiCallRef<'_>) {
         let Some((tx, spool)) = &self.tx else { return };
         let mut payload = Vec::with_capacity(256);
