@@ -26,6 +26,18 @@ fn config(brokers: &str, topic: &str, upstream: std::net::SocketAddr, spool: &st
     )
 }
 
+/// `requests` calls of consumer acme to `path`, `concurrency` at a time, without pauses.
+fn acme_calls(requests: usize, concurrency: usize, path: &str) -> Caller {
+    Caller {
+        label: "acme".into(),
+        key: Some("key-acme".into()),
+        requests,
+        concurrency,
+        pause: Duration::ZERO,
+        path: path.into(),
+    }
+}
+
 fn acme_key() -> String {
     format!("{{ id = \"acme-1\", sha256 = \"{}\" }}", sha256_hex("key-acme"))
 }
@@ -194,14 +206,7 @@ async fn an_outage_is_on_disk_within_seconds_and_replayed_by_the_next_start() {
     let reachable =
         wait_until(Duration::from_secs(10), || async { readyz(admin).await.1.contains("kafka: reachable") }).await;
     assert!(reachable, "{}", edge.log_tail());
-    let caller = |n| Caller {
-        label: "acme".into(),
-        key: Some("key-acme".into()),
-        requests: n,
-        concurrency: 2,
-        pause: Duration::ZERO,
-        path: "/echo/x".into(),
-    };
+    let caller = |n| acme_calls(n, 2, "/echo/x");
     let before = traffic::run(&format!("http://{addr}"), vec![caller(50)]).await;
     let produced = wait_until(Duration::from_secs(10), || async {
         metric(admin, "tollgate_edge_events_produced_total").await >= 50
@@ -280,15 +285,7 @@ async fn a_full_event_queue_overflows_into_the_spool_and_nothing_is_dropped() {
     let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
     let ready = wait_until(Duration::from_secs(10), || async { readyz(admin).await.0 == 200 }).await;
     assert!(ready, "{:?}\n{}", readyz(admin).await, edge.log_tail());
-    let caller = Caller {
-        label: "acme".into(),
-        key: Some("key-acme".into()),
-        requests: 400,
-        concurrency: 16,
-        pause: Duration::ZERO,
-        path: "/echo/burst".into(),
-    };
-    let calls = traffic::run(&format!("http://{addr}"), vec![caller]).await;
+    let calls = traffic::run(&format!("http://{addr}"), vec![acme_calls(400, 16, "/echo/burst")]).await;
     assert_eq!(calls.by_status.get(&("acme".to_owned(), 200)), Some(&400), "{:?}", calls.by_status);
     let ids: BTreeSet<String> = calls.request_ids.iter().map(|(id, _, _)| id.clone()).collect();
     assert_eq!(ids.len(), 400);
@@ -326,15 +323,7 @@ async fn a_missing_topic_is_reported_and_its_events_survive_a_crash_until_it_exi
         edge.log_tail()
     );
 
-    let caller = Caller {
-        label: "acme".into(),
-        key: Some("key-acme".into()),
-        requests: 100,
-        concurrency: 2,
-        pause: Duration::ZERO,
-        path: "/echo/x".into(),
-    };
-    let calls = traffic::run(&format!("http://{addr}"), vec![caller]).await;
+    let calls = traffic::run(&format!("http://{addr}"), vec![acme_calls(100, 2, "/echo/x")]).await;
     assert_eq!(calls.transport_errors, 0);
     assert_eq!(calls.by_status.get(&("acme".to_owned(), 200)), Some(&100));
     // Straight to disk: not into librdkafka's queue to wait there for the topic.
