@@ -21,7 +21,7 @@
 //! replays it. A clean shutdown closes it with [`Spool::close`].
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufRead, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -204,11 +204,12 @@ impl SegmentReader {
     }
 
     fn next_record(&mut self) -> std::io::Result<Next> {
+        if self.file.fill_buf()?.is_empty() {
+            return Ok(Next::End);
+        }
         let mut header = [0u8; HEADER];
-        match read_full(&mut self.file, &mut header)? {
-            0 => return Ok(Next::End),
-            HEADER => {}
-            _ => return Ok(Next::Torn),
+        if !read_or_eof(self.file.read_exact(&mut header))? {
+            return Ok(Next::Torn);
         }
         let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
         let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
@@ -217,7 +218,7 @@ impl SegmentReader {
             return Ok(Next::Torn);
         }
         let mut body = vec![0u8; len];
-        if read_full(&mut self.file, &mut body)? < len || crc32fast::hash(&body) != crc {
+        if !read_or_eof(self.file.read_exact(&mut body))? || crc32fast::hash(&body) != crc {
             return Ok(Next::Torn);
         }
         let key_len = usize::from(u16::from_le_bytes([body[0], body[1]]));
@@ -236,18 +237,13 @@ enum Next {
     Torn,
 }
 
-/// Reads until `buf` is full or the file ends; returns how many bytes were read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// A `read_exact` result: whether the buffer was filled (false when the file ended first).
+fn read_or_eof(read: std::io::Result<()>) -> std::io::Result<bool> {
+    match read {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
-    Ok(n)
 }
 
 impl Spool {
