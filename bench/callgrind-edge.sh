@@ -12,18 +12,16 @@
 # `callgrind-bench`; the count then includes librdkafka's threads in the edge process.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/edge-toml.sh
+. "$ROOT/bench/edge-toml.sh"
 EDGE="${1:-$ROOT/target/release/tollgate-edge}"
 DEMO="$ROOT/target/release/tollgate-demo"
 PROXY="$ROOT/target/release/tollgate-bench"
-for tool in valgrind wrk; do
-    command -v "$tool" >/dev/null 2>&1 || { sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd=sudo;
-        $sudo_cmd apt-get install -y -q "$tool" >/dev/null; }
-done
+need_tools valgrind wrk
 [ -x "$DEMO" ] && [ -x "$EDGE" ] && [ -x "$PROXY" ] \
     || (cd "$ROOT" && cargo build --release --quiet -p tollgate-edge -p tollgate-demo -p tollgate-bench)
 DIR="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; [ -z "${CALLGRIND_KEEP:-}" ] || cp "$DIR"/*.out* "$CALLGRIND_KEEP"/; rm -rf "$DIR"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 METERING=false
 if [ "${CALLGRIND_METERING:-0}" = 1 ]; then
@@ -33,8 +31,6 @@ if [ "${CALLGRIND_METERING:-0}" = 1 ]; then
 fi
 KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
-# shellcheck source=bench/edge-toml.sh
-. "$ROOT/bench/edge-toml.sh"
 bench_edge_toml "127.0.0.1:$PORT" "127.0.0.1:$ADMIN" "$METERING" callgrind-bench "$DIR/spool" "127.0.0.1:$UP" "$HASH" \
     >"$DIR/edge.toml"
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &

@@ -8,9 +8,11 @@
 # tests use it), topic `threads-bench`. SECONDS_PER_RUN (default 8) sets each wrk run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/edge-toml.sh
+. "$ROOT/bench/edge-toml.sh"
 EDGE="${1:-$ROOT/target/release/tollgate-edge}"
 DEMO="$ROOT/target/release/tollgate-demo"
-command -v wrk >/dev/null 2>&1 || { s=""; [ "$(id -u)" = 0 ] || s=sudo; $s apt-get install -y -q wrk >/dev/null; }
+need_tools wrk
 [ -x "$DEMO" ] && [ -x "$EDGE" ] || (cd "$ROOT" && cargo build --release --quiet -p tollgate-edge -p tollgate-demo)
 ROUNDS="${ROUNDS:-3}"
 SECS="${SECONDS_PER_RUN:-8}"
@@ -18,14 +20,11 @@ DIR="$(mktemp -d)"
 PIDS=()
 # The edges start in subshells (see start_edge), so they are not jobs of this shell.
 trap 'kill $(jobs -p) "${PIDS[@]}" 2>/dev/null || true; rm -rf "$DIR"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" topic create threads-bench --partitions 4 --broker tcp://127.0.0.1:9092 \
     >/dev/null 2>&1 || true
 KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
 UP=$(free_port)
-# shellcheck source=bench/edge-toml.sh
-. "$ROOT/bench/edge-toml.sh"
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &
 
 # Starts an edge (name, metering true/false, extra [kafka.properties] lines); prints its pid

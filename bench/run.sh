@@ -17,10 +17,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 scripts/stack.sh up
-for tool in wrk nginx; do
-    command -v "$tool" >/dev/null 2>&1 || { sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd=sudo;
-        $sudo_cmd apt-get install -y -q "$tool" >/dev/null; }
-done
+# shellcheck source=bench/edge-toml.sh
+. bench/edge-toml.sh
+need_tools wrk nginx
 cargo build --release --bins --quiet
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/tollgate-bench"
 case "${1:-all}" in

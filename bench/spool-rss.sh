@@ -12,10 +12,12 @@
 # Tansu of `scripts/stack.sh up`, topic `spool-rss-bench`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/edge-toml.sh
+. "$ROOT/bench/edge-toml.sh"
 EDGES=("$@")
 [ ${#EDGES[@]} -gt 0 ] || EDGES=("$ROOT/target/release/tollgate-edge")
 DEMO="$ROOT/target/release/tollgate-demo"
-command -v wrk >/dev/null 2>&1 || { s=""; [ "$(id -u)" = 0 ] || s=sudo; $s apt-get install -y -q wrk >/dev/null; }
+need_tools wrk
 [ -x "$DEMO" ] && [ -x "${EDGES[0]}" ] || (cd "$ROOT" && cargo build --release --quiet -p tollgate-edge -p tollgate-demo)
 ROUNDS="${ROUNDS:-2}"
 LOADS="${ROUNDS_OF_LOAD:-6}"
@@ -23,7 +25,6 @@ SECS="${SECONDS_PER_RUN:-6}"
 SETTLE="${SETTLE:-20}"
 DIR="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIR"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" topic create spool-rss-bench --partitions 1 --broker tcp://127.0.0.1:9092 \
     >/dev/null 2>&1 || true
 KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
@@ -36,8 +37,6 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"id": f"c{i}", "plan": "big", "keys": [{"id": f"k{i}", "sha256": h}]}) + "\n")
 PY
 UP=$(free_port)
-# shellcheck source=bench/edge-toml.sh
-. "$ROOT/bench/edge-toml.sh"
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &
 kib() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$2/status"; }
 mib() { awk -v k="$1" 'BEGIN {printf "%.1f", k / 1024}'; }
