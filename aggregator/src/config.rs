@@ -26,6 +26,8 @@ struct Raw {
     quota: RawQuota,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    slo: crate::slo::config::RawSlo,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +175,8 @@ pub struct Config {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub quota: QuotaConfig,
+    /// `[slo]`: objectives, alert rules, webhook (no evaluation without objectives).
+    pub slo: std::sync::Arc<crate::slo::SloConfig>,
 }
 
 /// `[quota]`: monthly quotas by plan id (plans not listed have none).
@@ -287,7 +291,9 @@ impl Config {
                 },
             );
         }
+        let slo = crate::slo::config::validate(raw.slo).map_err(|(key, reason)| invalid(&key, &reason))?;
         Ok(Config {
+            slo: std::sync::Arc::new(slo),
             quota: QuotaConfig { topic: raw.quota.topic, period_anchor_day: raw.quota.period_anchor_day, plans },
             kafka: KafkaConfig {
                 brokers: raw.kafka.brokers,
@@ -340,6 +346,30 @@ mod tests {
     }
 
     #[test]
+    fn slo_defaults_and_rules() {
+        let c = Config::parse(MINIMAL, &BTreeMap::new()).unwrap();
+        assert!(!c.slo.enabled());
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[slo]\nwebhook_url = \"https://alerts.example/hook\"\n\
+                 [[slo.objectives]]\nid = \"api\"\nkind = \"latency\"\nobjective_percent = 99.5\nlatency_threshold_ms = 250\n\
+                 route = \"echo\"\nper_consumer = true\n"
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let o = &c.slo.objectives[0];
+        assert_eq!(o.kind, crate::slo::Kind::Latency { threshold_us: 250_000 });
+        assert!((o.budget() - 0.005).abs() < 1e-12);
+        assert_eq!((o.route.as_deref(), o.per_consumer, o.min_requests), (Some("echo"), true, 10));
+        assert_eq!(c.slo.rules, crate::slo::config::default_rules());
+        assert_eq!(c.slo.windows(), vec![5, 30, 60, 360, 4320]);
+        assert_eq!(c.slo.stale_after_s, 600);
+        let hook = c.slo.webhook.as_ref().unwrap();
+        assert_eq!((hook.url.to_string().as_str(), hook.timeout.as_millis()), ("https://alerts.example/hook", 5000));
+    }
+
+    #[test]
     fn bad_values_name_their_key() {
         let cases = [
             ("[windows]\nidle_close_ms = 0\n", "windows.idle_close_ms"),
@@ -353,6 +383,43 @@ mod tests {
             ("[quota.plans.free]\nmonthly_calls = -1\n", "quota.plans.free.monthly_calls"),
             ("[quota]\ntopic = \"api-calls\"\n", "quota.topic"),
             ("[quota]\nperiod_anchor_day = 31\n", "quota.period_anchor_day"),
+            ("[slo]\nwebhook_url = \"ftp://x\"\n", "slo.webhook_url"),
+            ("[slo]\nwebhook_url = \"http://x\"\nwebhook_headers = { \"bad name\" = \"v\" }\n", "slo.webhook_headers.bad name"),
+            ("[slo]\nstale_after_s = 0\n", "slo.stale_after_s"),
+            ("[slo]\nrules = []\n", "slo.rules"),
+            (
+                "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 5\nshort_window_minutes = 5\nburn_rate = 2\n",
+                "slo.rules[0].short_window_minutes",
+            ),
+            (
+                "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 50000\nshort_window_minutes = 5\nburn_rate = 2\n",
+                "slo.rules[0].long_window_minutes",
+            ),
+            (
+                "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 60\nshort_window_minutes = 5\nburn_rate = 0\n",
+                "slo.rules[0].burn_rate",
+            ),
+            ("[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 100\n", "slo.objectives[0].objective_percent"),
+            ("[[slo.objectives]]\nid = \"a\"\nkind = \"speed\"\nobjective_percent = 99\n", "slo.objectives[0].kind"),
+            ("[[slo.objectives]]\nid = \"a\"\nkind = \"latency\"\nobjective_percent = 99\n", "slo.objectives[0].latency_threshold_ms"),
+            (
+                "[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\nlatency_threshold_ms = 5\n",
+                "slo.objectives[0].latency_threshold_ms",
+            ),
+            (
+                "[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\n\
+                 [[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99.9\n",
+                "slo.objectives[1].id",
+            ),
+            (
+                "[[slo.objectives]]\nid = \"a b\"\nkind = \"availability\"\nobjective_percent = 99\n",
+                "slo.objectives[0].id",
+            ),
+            (
+                "[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\nper_consumer = true\nconsumer = \"x\"\n",
+                "slo.objectives[0].per_consumer",
+            ),
+            ("[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective = 99\n", "objective"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{MINIMAL}{extra}"), &BTreeMap::new()).unwrap_err().to_string();

@@ -8,6 +8,7 @@
 //!   `usage_minute` (ReplacingMergeTree), read usage back;
 //! - [`histogram`]: fixed-boundary HDR buckets and nearest-rank percentiles;
 //! - [`quota`]: month-to-date usage → quota state, to ClickHouse and the topic `quota-state`;
+//! - [`slo`]: SLO burn rates over multiple windows, alerts to a webhook and `slo_alerts`;
 //! - [`pipeline`]: the loop tying them together.
 
 pub mod admin;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod quota;
+pub mod slo;
 pub mod store;
 pub mod tracker;
 

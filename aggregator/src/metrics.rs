@@ -14,6 +14,10 @@ pub struct Metrics {
     pub clickhouse_errors: AtomicU64,
     pub ingest_waits: AtomicU64,
     pub quota_states: AtomicU64,
+    pub slo_evaluations: AtomicU64,
+    pub alerts_fired: AtomicU64,
+    pub alerts_resolved: AtomicU64,
+    pub webhook_failures: AtomicU64,
     pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
 }
@@ -58,6 +62,26 @@ impl Metrics {
                 "tollgate_aggregator_quota_states_total",
                 "Quota states published to the quota-state topic.",
                 &self.quota_states,
+            ),
+            (
+                "tollgate_aggregator_slo_evaluations_total",
+                "SLO evaluations (every objective, once per closed minute, on the instance reading partition 0).",
+                &self.slo_evaluations,
+            ),
+            (
+                "tollgate_aggregator_slo_alerts_fired_total",
+                "SLO alerts that started firing (delivered to the webhook and recorded in slo_alerts).",
+                &self.alerts_fired,
+            ),
+            (
+                "tollgate_aggregator_slo_alerts_resolved_total",
+                "SLO alerts that stopped firing (delivered and recorded).",
+                &self.alerts_resolved,
+            ),
+            (
+                "tollgate_aggregator_slo_webhook_failures_total",
+                "Failed webhook deliveries (retried with backoff until delivered).",
+                &self.webhook_failures,
             ),
         ];
         for (name, help, v) in counters {

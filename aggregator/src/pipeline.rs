@@ -80,19 +80,40 @@ struct Done {
 /// Runs until `shutdown` completes; then commits what is written and returns.
 pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The SLO evaluator lives across restarts of the reader; the reader tells it the end of
+    // the last closed minute while it reads partition 0.
+    let (slo_tx, slo_rx) = watch::channel(None);
+    let slo_task = cfg.slo.enabled().then(|| {
+        tokio::spawn(crate::slo::run(
+            Arc::clone(&cfg.slo),
+            tollgate_schemas::store::client(&cfg.clickhouse),
+            Arc::clone(&metrics),
+            slo_rx,
+            stop_rx.clone(),
+            (cfg.initial_backoff, cfg.max_backoff),
+        ))
+    });
+    let slo_tx = slo_task.is_some().then_some(slo_tx);
     // A stalled consumer (see `kafka.stall_timeout_ms`) ends the run as a shutdown would
     // (written minutes committed, open ones read again) and a new run starts.
     let work = tollgate_common::kafka::restart_while_stalled(cfg.kafka.stall_timeout, |stall_timeout| {
-        start(cfg.clone(), Arc::clone(&metrics), stall_timeout, stop_rx.clone())
+        start(cfg.clone(), Arc::clone(&metrics), stall_timeout, stop_rx.clone(), slo_tx.clone())
     });
     tokio::pin!(work);
-    tokio::select! {
+    let result = tokio::select! {
         r = &mut work => r,
         () = shutdown => {
             let _ = stop_tx.send(true);
             work.await
         }
+    };
+    let _ = stop_tx.send(true);
+    if let Some(task) = slo_task
+        && let Err(e) = task.await
+    {
+        tracing::error!(error = %e, "SLO task failed");
     }
+    result
 }
 
 async fn start(
@@ -100,6 +121,7 @@ async fn start(
     metrics: Arc<Metrics>,
     stall_timeout: Option<Duration>,
     stop: watch::Receiver<bool>,
+    slo: Option<watch::Sender<Option<i64>>>,
 ) -> anyhow::Result<Option<Stalled>> {
     if cfg.clickhouse.migrate_on_start {
         let mut backoff = Backoff::new(cfg.initial_backoff, cfg.max_backoff);
@@ -138,7 +160,7 @@ async fn start(
     };
     let writer_task = tokio::spawn(writer.run(jobs_rx, done_tx));
     let mut reader =
-        Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx };
+        Reader { cfg, metrics, consumer, client, tracker, quotas, stop, jobs: Some(jobs_tx), done: done_rx, slo };
     let result = reader.consume(stall_timeout).await;
     // Let the writer finish what it has (it gives up on shutdown if ClickHouse fails), then
     // commit what is written.
@@ -167,6 +189,9 @@ struct Reader {
     stop: watch::Receiver<bool>,
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::UnboundedReceiver<Done>,
+    /// The end of the last closed minute, for the SLO evaluator (`None` when this instance
+    /// does not read partition 0).
+    slo: Option<watch::Sender<Option<i64>>>,
 }
 
 impl Reader {
@@ -248,8 +273,10 @@ impl Reader {
     /// quota states that changed and stores the offsets that are now safe. False when
     /// shutdown interrupted it.
     async fn close_due(&mut self) -> bool {
+        let mut reads_partition_0 = false;
         if let Ok(tpl) = self.consumer.assignment() {
             let parts: Vec<i32> = tpl.elements_for_topic(&self.cfg.kafka.topic).iter().map(|e| e.partition()).collect();
+            reads_partition_0 = parts.contains(&0);
             self.tracker.assigned(&parts, now_ms());
         }
         for minute in self.tracker.due(now_ms()) {
@@ -276,7 +303,24 @@ impl Reader {
             self.metrics.clock_seconds.store(c, Ordering::Relaxed);
         }
         self.store_offsets();
+        if let Some(slo) = &self.slo {
+            let end = if reads_partition_0 { self.covered() } else { None };
+            slo.send_if_modified(|v| {
+                let changed = *v != end;
+                *v = end;
+                changed
+            });
+        }
         true
+    }
+
+    /// The end of the last minute that is closed and written (quota states and SLOs are
+    /// computed up to it).
+    fn covered(&self) -> Option<i64> {
+        let clock = self.tracker.clock()?;
+        let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
+        // Minutes still with the writer are not covered yet.
+        Some(self.tracker.oldest_in_flight().map_or(covered, |m| covered.min(m)))
     }
 
     /// Takes note of the minutes written; returns how many.
@@ -293,10 +337,7 @@ impl Reader {
     /// Publishes the quota states the written minutes changed, retrying until it works. The
     /// offsets are stored only afterwards, so a crash before publication recomputes them.
     async fn publish_quotas(&mut self) -> bool {
-        let Some(clock) = self.tracker.clock() else { return true };
-        let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
-        // Minutes still with the writer are not covered yet.
-        let covered = self.tracker.oldest_in_flight().map_or(covered, |m| covered.min(m));
+        let Some(covered) = self.covered() else { return true };
         let mut backoff = Backoff::new(self.cfg.initial_backoff, self.cfg.max_backoff);
         loop {
             match self.quotas.publish(&self.client, covered, now_us() as i64).await {
@@ -318,9 +359,7 @@ impl Reader {
     }
 
     async fn publish_quotas_once(&mut self) -> bool {
-        let Some(clock) = self.tracker.clock() else { return true };
-        let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));
-        let covered = self.tracker.oldest_in_flight().map_or(covered, |m| covered.min(m));
+        let Some(covered) = self.covered() else { return true };
         match self.quotas.publish(&self.client, covered, now_us() as i64).await {
             Ok(n) => {
                 self.metrics.quota_states.fetch_add(n as u64, Ordering::Relaxed);

@@ -42,4 +42,5 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (4, "0004_quota_state.sql", include_str!("../migrations/0004_quota_state.sql")),
     (5, "0005_invoices.sql", include_str!("../migrations/0005_invoices.sql")),
     (6, "0006_outcome_edge_shutdown.sql", include_str!("../migrations/0006_outcome_edge_shutdown.sql")),
+    (7, "0007_slo.sql", include_str!("../migrations/0007_slo.sql")),
 ];

@@ -1,0 +1,281 @@
+//! `[slo]`: objectives, multiwindow burn-rate alert rules and the webhook.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSlo {
+    #[serde(default)]
+    webhook_url: Option<String>,
+    #[serde(default = "default_webhook_timeout_ms")]
+    webhook_timeout_ms: u64,
+    #[serde(default)]
+    webhook_headers: BTreeMap<String, String>,
+    #[serde(default = "default_stale_after_s")]
+    stale_after_s: u32,
+    #[serde(default)]
+    objectives: Vec<RawObjective>,
+    #[serde(default)]
+    rules: Option<Vec<RawRule>>,
+}
+
+impl Default for RawSlo {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            webhook_timeout_ms: default_webhook_timeout_ms(),
+            webhook_headers: BTreeMap::new(),
+            stale_after_s: default_stale_after_s(),
+            objectives: Vec::new(),
+            rules: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjective {
+    id: String,
+    kind: String,
+    objective_percent: f64,
+    #[serde(default)]
+    latency_threshold_ms: Option<f64>,
+    #[serde(default)]
+    route: Option<String>,
+    #[serde(default)]
+    consumer: Option<String>,
+    #[serde(default)]
+    per_consumer: bool,
+    #[serde(default = "default_min_requests")]
+    min_requests: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    severity: String,
+    long_window_minutes: u32,
+    short_window_minutes: u32,
+    burn_rate: f64,
+}
+
+fn default_webhook_timeout_ms() -> u64 {
+    5_000
+}
+fn default_stale_after_s() -> u32 {
+    600
+}
+fn default_min_requests() -> u64 {
+    10
+}
+
+/// The longest window a rule may use: 31 days.
+pub const MAX_WINDOW_MINUTES: u32 = 31 * 24 * 60;
+
+/// Validated `[slo]`.
+#[derive(Debug, Clone, Default)]
+pub struct SloConfig {
+    pub objectives: Vec<Objective>,
+    pub rules: Vec<Rule>,
+    pub webhook: Option<Webhook>,
+    /// Windows ending longer ago than this are not evaluated (a catch-up or a replay from
+    /// offset 0 does not alert on the past).
+    pub stale_after_s: i64,
+}
+
+impl SloConfig {
+    pub fn enabled(&self) -> bool {
+        !self.objectives.is_empty()
+    }
+
+    /// Every window length the rules use, ascending.
+    pub fn windows(&self) -> Vec<u32> {
+        let set: BTreeSet<u32> = self.rules.iter().flat_map(|r| [r.long_minutes, r.short_minutes]).collect();
+        set.into_iter().collect()
+    }
+}
+
+/// What an objective counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// Good: calls the upstream answered below 500. Bad: 5xx answers, upstream errors and
+    /// timeouts, calls cut by an edge's shutdown. Calls refused before forwarding (401, 403,
+    /// 429, 400, no route) and calls the client abandoned count neither way.
+    Availability,
+    /// Of the forwarded calls, bad: those slower than the threshold (µs).
+    Latency { threshold_us: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Objective {
+    pub id: String,
+    pub kind: Kind,
+    /// Target share of good calls, as a fraction (99.9 % → 0.999).
+    pub objective: f64,
+    pub route: Option<String>,
+    pub consumer: Option<String>,
+    /// One alert per consumer instead of one for all calls.
+    pub per_consumer: bool,
+    /// Fewer calls than this in a rule's long window never fire it.
+    pub min_requests: u64,
+}
+
+impl Objective {
+    /// The share of calls the objective allows to be bad.
+    pub fn budget(&self) -> f64 {
+        1.0 - self.objective
+    }
+}
+
+/// Fires when both windows burn the error budget at least `burn_rate` times as fast as the
+/// objective allows (and resolves when either stops).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub severity: String,
+    pub long_minutes: u32,
+    pub short_minutes: u32,
+    pub burn_rate: f64,
+}
+
+/// The default rules: the multiwindow, multi-burn-rate alerts of Google's SRE workbook for a
+/// 30-day budget (2 % of it burnt in an hour or 5 % in six hours pages; 10 % in three days
+/// opens a ticket).
+pub fn default_rules() -> Vec<Rule> {
+    let r = |severity: &str, long_minutes, short_minutes, burn_rate| Rule {
+        severity: severity.to_owned(),
+        long_minutes,
+        short_minutes,
+        burn_rate,
+    };
+    vec![r("page", 60, 5, 14.4), r("page", 360, 30, 6.0), r("ticket", 4320, 360, 1.0)]
+}
+
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub url: http::Uri,
+    pub timeout: Duration,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Validates `[slo]`; errors are (key, reason).
+pub(crate) fn validate(raw: RawSlo) -> Result<SloConfig, (String, String)> {
+    let err = |key: String, reason: &str| Err((key, reason.to_owned()));
+    let webhook = match raw.webhook_url {
+        None => None,
+        Some(url) => {
+            let uri: http::Uri = match url.parse() {
+                Ok(u) => u,
+                Err(_) => return err("slo.webhook_url".into(), "must be an http:// or https:// URL"),
+            };
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return err("slo.webhook_url".into(), "must be an http:// or https:// URL");
+            }
+            if raw.webhook_timeout_ms == 0 {
+                return err("slo.webhook_timeout_ms".into(), "must be at least 1");
+            }
+            let mut headers = Vec::new();
+            for (name, value) in raw.webhook_headers {
+                let key = format!("slo.webhook_headers.{name}");
+                let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                    return err(key, "is not a valid HTTP header name");
+                };
+                let Ok(mut v) = http::HeaderValue::from_str(&value) else {
+                    return err(key, "must be visible ASCII text");
+                };
+                v.set_sensitive(true);
+                headers.push((n, v));
+            }
+            Some(Webhook { url: uri, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers })
+        }
+    };
+    let rules = match raw.rules {
+        None => default_rules(),
+        Some(rules) if rules.is_empty() => return err("slo.rules".into(), "must not be empty (omit it for the defaults)"),
+        Some(rules) => {
+            let mut out = Vec::new();
+            for (i, r) in rules.into_iter().enumerate() {
+                let key = |k: &str| format!("slo.rules[{i}].{k}");
+                if !valid_id(&r.severity) {
+                    return err(key("severity"), "must be a non-empty name of letters, digits, '-', '_' or '.'");
+                }
+                if r.long_window_minutes == 0 || r.long_window_minutes > MAX_WINDOW_MINUTES {
+                    return err(key("long_window_minutes"), "must be between 1 and 44640 (31 days)");
+                }
+                if r.short_window_minutes == 0 || r.short_window_minutes >= r.long_window_minutes {
+                    return err(key("short_window_minutes"), "must be at least 1 and shorter than long_window_minutes");
+                }
+                if !(r.burn_rate.is_finite() && r.burn_rate > 0.0) {
+                    return err(key("burn_rate"), "must be a number above 0");
+                }
+                let rule = Rule {
+                    severity: r.severity,
+                    long_minutes: r.long_window_minutes,
+                    short_minutes: r.short_window_minutes,
+                    burn_rate: r.burn_rate,
+                };
+                if out.iter().any(|o: &Rule| {
+                    (o.severity.as_str(), o.long_minutes, o.short_minutes)
+                        == (rule.severity.as_str(), rule.long_minutes, rule.short_minutes)
+                }) {
+                    return err(key("severity"), "repeats the severity and windows of an earlier rule");
+                }
+                out.push(rule);
+            }
+            out
+        }
+    };
+    let mut objectives: Vec<Objective> = Vec::new();
+    for (i, o) in raw.objectives.into_iter().enumerate() {
+        let key = |k: &str| format!("slo.objectives[{i}].{k}");
+        if !valid_id(&o.id) {
+            return err(key("id"), "must be a non-empty name of letters, digits, '-', '_' or '.'");
+        }
+        if objectives.iter().any(|p| p.id == o.id) {
+            return err(key("id"), "is already the id of an earlier objective");
+        }
+        if !(o.objective_percent > 0.0 && o.objective_percent < 100.0) {
+            return err(key("objective_percent"), "must be above 0 and below 100 (e.g. 99.9)");
+        }
+        let kind = match (o.kind.as_str(), o.latency_threshold_ms) {
+            ("availability", None) => Kind::Availability,
+            ("availability", Some(_)) => {
+                return err(key("latency_threshold_ms"), "applies only to kind = \"latency\"");
+            }
+            ("latency", Some(ms)) if ms.is_finite() && ms > 0.0 && ms <= 3_600_000.0 => {
+                Kind::Latency { threshold_us: (ms * 1000.0).round() as u64 }
+            }
+            ("latency", _) => {
+                return err(key("latency_threshold_ms"), "must be set for kind = \"latency\", above 0 and at most 3600000");
+            }
+            _ => return err(key("kind"), "must be \"availability\" or \"latency\""),
+        };
+        if o.per_consumer && o.consumer.is_some() {
+            return err(key("per_consumer"), "cannot be combined with consumer (one consumer is one alert already)");
+        }
+        for (k, v) in [("route", &o.route), ("consumer", &o.consumer)] {
+            if v.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                return err(key(k), "must not be empty (omit it for all)");
+            }
+        }
+        objectives.push(Objective {
+            id: o.id,
+            kind,
+            objective: o.objective_percent / 100.0,
+            route: o.route,
+            consumer: o.consumer,
+            per_consumer: o.per_consumer,
+            min_requests: o.min_requests,
+        });
+    }
+    if raw.stale_after_s == 0 {
+        return err("slo.stale_after_s".into(), "must be at least 1");
+    }
+    Ok(SloConfig { objectives, rules, webhook, stale_after_s: i64::from(raw.stale_after_s) })
+}

@@ -1,0 +1,658 @@
+//! SLO burn rates and alerts.
+//!
+//! Whenever the pipeline closes a minute, the evaluator computes, for every objective
+//! (`[[slo.objectives]]`) and every window its rules use, the calls the objective counts and
+//! the bad ones, from `usage_minute FINAL` up to the end of the last closed minute; writes the
+//! burn rates to `slo_burn_rate`; and decides each rule's alert: firing when the burn rate of
+//! both its long and its short window is at least the rule's (and the long window holds
+//! `min_requests` calls), resolved when that stops. A change is a notification: POSTed as
+//! JSON to `slo.webhook_url` (retried until delivered), then recorded in `slo_alerts`, whose
+//! latest row per alert is the state a (re)started evaluator starts from.
+//!
+//! Only the aggregator instance that reads partition 0 of `api-calls` evaluates, so a group
+//! of aggregators sends each notification once.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clickhouse::Client;
+use http_body_util::Full;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tollgate_common::backoff::Backoff;
+use tollgate_common::time;
+
+pub use config::{Kind, Objective, Rule, SloConfig, Webhook};
+
+use crate::metrics::Metrics;
+use crate::store::USAGE_TABLE;
+
+/// Notifications waiting for the webhook at most (then evaluation waits).
+const QUEUE: usize = 1024;
+
+/// The calls an objective counts in one window, and the bad ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub total: u64,
+    pub bad: u64,
+}
+
+impl Counts {
+    /// How many times faster than the objective allows the window spends the error budget.
+    pub fn burn_rate(self, budget: f64) -> f64 {
+        if self.total == 0 { 0.0 } else { self.bad as f64 / self.total as f64 / budget }
+    }
+}
+
+/// Whether a rule fires on these windows: both burn at least the rule's rate, with enough
+/// calls in the long window to mean something.
+/// (A burn rate equal to the rule's, up to floating-point rounding, fires: 5 bad calls of 100
+/// against a 99 % objective burn at 5x.)
+pub fn fires(o: &Objective, rule: &Rule, long: Counts, short: Counts) -> bool {
+    let reaches = |c: Counts| c.burn_rate(o.budget()) >= rule.burn_rate * (1.0 - 1e-9);
+    long.total >= o.min_requests.max(1) && reaches(long) && reaches(short)
+}
+
+/// `objective/severity/LONGm-SHORTm`, with `/consumer` for per-consumer objectives.
+pub fn alert_id(o: &Objective, rule: &Rule, consumer: &str) -> String {
+    let mut id = format!("{}/{}/{}m-{}m", o.id, rule.severity, rule.long_minutes, rule.short_minutes);
+    if o.per_consumer {
+        id.push('/');
+        id.push_str(consumer);
+    }
+    id
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Firing,
+    Resolved,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WindowReport {
+    pub minutes: u32,
+    pub calls: u64,
+    pub bad_calls: u64,
+    pub burn_rate: f64,
+}
+
+/// What the webhook receives (JSON) for an alert that starts or stops firing.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Notification {
+    pub version: u32,
+    pub id: String,
+    pub status: Status,
+    pub slo: String,
+    pub kind: &'static str,
+    pub objective_percent: f64,
+    /// Set when the objective is per consumer (or for one consumer).
+    pub consumer_id: Option<String>,
+    pub route_id: Option<String>,
+    pub latency_threshold_ms: Option<f64>,
+    pub severity: String,
+    pub burn_rate_threshold: f64,
+    pub long_window: WindowReport,
+    pub short_window: WindowReport,
+    /// End (exclusive) of both windows, UTC.
+    pub window_end: String,
+    pub summary: String,
+    #[serde(skip)]
+    pub window_end_s: i64,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct WindowRow {
+    consumer_id: String,
+    totals: Vec<u64>,
+    bads: Vec<u64>,
+}
+
+#[derive(Debug, clickhouse::Row, Serialize)]
+struct BurnRow {
+    minute: u32,
+    slo_id: String,
+    consumer_id: String,
+    window_minutes: u32,
+    total: u64,
+    bad: u64,
+    burn_rate: f64,
+    evaluated_at_us: u64,
+}
+
+#[derive(Debug, clickhouse::Row, Serialize)]
+struct AlertRow {
+    at: u32,
+    at_us: u64,
+    alert_id: String,
+    slo_id: String,
+    consumer_id: String,
+    severity: String,
+    status: i8,
+    window_end: u32,
+    long_window_minutes: u32,
+    short_window_minutes: u32,
+    burn_rate_threshold: f64,
+    long_burn_rate: f64,
+    short_burn_rate: f64,
+    delivered: u8,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct StateRow {
+    alert_id: String,
+    firing: u8,
+}
+
+/// SQL: per consumer (or one row, consumer '', for all), the calls the objective counts and
+/// the bad ones in each window ending at `end_s` (`windows` in minutes, ascending).
+fn window_sql(o: &Objective, windows: &[u32], end_s: i64) -> String {
+    let (total, bad) = match o.kind {
+        Kind::Availability => (
+            "if(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout', 'edge_shutdown'), requests, 0)".to_owned(),
+            "if(outcome IN ('upstream_error', 'upstream_timeout', 'edge_shutdown') \
+             OR (outcome = 'forwarded' AND status_class = 5), requests, 0)"
+                .to_owned(),
+        ),
+        // A bucket whose upper bound is above the threshold counts as slow: calls within the
+        // bucket width (< 0.8 %) below the threshold may count as slow, never the reverse.
+        Kind::Latency { threshold_us } => (
+            "if(outcome = 'forwarded', requests, 0)".to_owned(),
+            format!(
+                "if(outcome = 'forwarded', arraySum(arrayFilter((n, le) -> le > {threshold_us}, latency_count, latency_le_us)), 0)"
+            ),
+        ),
+    };
+    let longest = windows.last().copied().unwrap_or(1);
+    let sums = |col: &str| {
+        windows
+            .iter()
+            .map(|w| format!("sumIf({col}, minute >= toDateTime({}))", end_s - i64::from(*w) * 60))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let consumer = if o.per_consumer { "consumer_id" } else { "''" };
+    let mut filter = String::new();
+    if o.route.is_some() {
+        filter.push_str(" AND route_id = ?");
+    }
+    if o.consumer.is_some() {
+        filter.push_str(" AND consumer_id = ?");
+    }
+    format!(
+        "SELECT c AS consumer_id, [{}] AS totals, [{}] AS bads FROM \
+         (SELECT {consumer} AS c, minute, {total} AS t, {bad} AS b FROM {USAGE_TABLE} FINAL \
+          WHERE minute >= toDateTime({}) AND minute < toDateTime({end_s}){filter}) \
+         GROUP BY c",
+        sums("t"),
+        sums("b"),
+        end_s - i64::from(longest) * 60,
+    )
+}
+
+/// Decides the alerts of one objective from its window counts per consumer; updates `firing`
+/// and returns the notifications of the alerts that changed.
+pub fn decide(
+    o: &Objective,
+    rules: &[Rule],
+    windows: &[u32],
+    counts: &HashMap<String, Vec<Counts>>,
+    firing: &mut HashMap<String, bool>,
+    end_s: i64,
+) -> Vec<Notification> {
+    let idx = |m: u32| windows.iter().position(|&w| w == m);
+    let mut out = Vec::new();
+    let zero = vec![Counts::default(); windows.len()];
+    // Consumers without calls in any window are evaluated too when one of their alerts fires
+    // (so that it resolves).
+    let mut consumers: Vec<&str> = counts.keys().map(String::as_str).collect();
+    if o.per_consumer {
+        let prefix = format!("{}/", o.id);
+        for (id, &on) in firing.iter() {
+            if let (true, Some(rest)) = (on, id.strip_prefix(&prefix)) {
+                // objective/severity/windows/consumer
+                if let Some(c) = rest.splitn(3, '/').nth(2)
+                    && !counts.contains_key(c)
+                {
+                    consumers.push(c);
+                }
+            }
+        }
+    } else if consumers.is_empty() {
+        consumers.push("");
+    }
+    consumers.sort_unstable();
+    consumers.dedup();
+    let consumers: Vec<String> = consumers.into_iter().map(str::to_owned).collect();
+    for c in &consumers {
+        let per = counts.get(c).unwrap_or(&zero);
+        for rule in rules {
+            let (Some(l), Some(s)) = (idx(rule.long_minutes), idx(rule.short_minutes)) else { continue };
+            let (long, short) = (per[l], per[s]);
+            let now = fires(o, rule, long, short);
+            let id = alert_id(o, rule, c);
+            let was = firing.get(&id).copied().unwrap_or(false);
+            if now == was {
+                continue;
+            }
+            firing.insert(id.clone(), now);
+            out.push(notification(o, rule, c, id, now, long, short, end_s));
+        }
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn notification(
+    o: &Objective,
+    rule: &Rule,
+    consumer: &str,
+    id: String,
+    firing: bool,
+    long: Counts,
+    short: Counts,
+    end_s: i64,
+) -> Notification {
+    let report = |minutes, c: Counts| WindowReport {
+        minutes,
+        calls: c.total,
+        bad_calls: c.bad,
+        burn_rate: c.burn_rate(o.budget()),
+    };
+    let (long_w, short_w) = (report(rule.long_minutes, long), report(rule.short_minutes, short));
+    let percent = o.objective * 100.0;
+    let who = match (o.per_consumer, &o.consumer) {
+        (true, _) => format!(" for consumer {consumer}"),
+        (false, Some(c)) => format!(" for consumer {c}"),
+        _ => String::new(),
+    };
+    let summary = if firing {
+        format!(
+            "SLO {}{who} ({percent} %) burns its error budget {:.1}x over {} min and {:.1}x over {} min (alert at {}x)",
+            o.id, long_w.burn_rate, rule.long_minutes, short_w.burn_rate, rule.short_minutes, rule.burn_rate
+        )
+    } else {
+        format!(
+            "SLO {}{who} ({percent} %) no longer burns its error budget {}x over both {} and {} min ({:.1}x and {:.1}x)",
+            o.id, rule.burn_rate, rule.long_minutes, rule.short_minutes, long_w.burn_rate, short_w.burn_rate
+        )
+    };
+    Notification {
+        version: 1,
+        id,
+        status: if firing { Status::Firing } else { Status::Resolved },
+        slo: o.id.clone(),
+        kind: match o.kind {
+            Kind::Availability => "availability",
+            Kind::Latency { .. } => "latency",
+        },
+        objective_percent: percent,
+        consumer_id: if o.per_consumer { Some(consumer.to_owned()) } else { o.consumer.clone() },
+        route_id: o.route.clone(),
+        latency_threshold_ms: match o.kind {
+            Kind::Latency { threshold_us } => Some(threshold_us as f64 / 1000.0),
+            Kind::Availability => None,
+        },
+        severity: rule.severity.clone(),
+        burn_rate_threshold: rule.burn_rate,
+        long_window: long_w,
+        short_window: short_w,
+        window_end: time::format_utc(end_s),
+        summary,
+        window_end_s: end_s,
+    }
+}
+
+/// Evaluates the objectives; owns the alerts' states.
+pub struct Evaluator {
+    cfg: Arc<SloConfig>,
+    client: Client,
+    windows: Vec<u32>,
+    firing: HashMap<String, bool>,
+}
+
+impl Evaluator {
+    pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
+        let windows = cfg.windows();
+        Self { cfg, client, windows, firing: HashMap::new() }
+    }
+
+    /// Takes the alerts' states from `slo_alerts` (the latest notification of each).
+    pub async fn load_state(&mut self) -> Result<usize, clickhouse::error::Error> {
+        let rows = self
+            .client
+            .query("SELECT alert_id, argMax(status = 'firing', at_us) AS firing FROM slo_alerts GROUP BY alert_id")
+            .fetch_all::<StateRow>()
+            .await?;
+        self.firing = rows.into_iter().map(|r| (r.alert_id, r.firing == 1)).collect();
+        Ok(self.firing.values().filter(|&&f| f).count())
+    }
+
+    /// Evaluates every objective over the windows ending at `end_s`; writes the burn rates and
+    /// returns the notifications. The states change only when all of it worked.
+    pub async fn evaluate(&mut self, end_s: i64, now_us: u64) -> Result<Vec<Notification>, clickhouse::error::Error> {
+        let mut firing = self.firing.clone();
+        let mut notes = Vec::new();
+        let mut burn = Vec::new();
+        for o in &self.cfg.objectives {
+            let mut q = self.client.query(&window_sql(o, &self.windows, end_s));
+            for v in [&o.route, &o.consumer].into_iter().flatten() {
+                q = q.bind(v.as_str());
+            }
+            let mut counts = HashMap::new();
+            for row in q.fetch_all::<WindowRow>().await? {
+                let c: Vec<Counts> =
+                    row.totals.iter().zip(&row.bads).map(|(&total, &bad)| Counts { total, bad }).collect();
+                counts.insert(row.consumer_id, c);
+            }
+            if !o.per_consumer && counts.is_empty() {
+                counts.insert(String::new(), vec![Counts::default(); self.windows.len()]);
+            }
+            for (consumer, per) in &counts {
+                for (w, c) in self.windows.iter().zip(per) {
+                    burn.push(BurnRow {
+                        minute: u32::try_from(end_s).unwrap_or(0),
+                        slo_id: o.id.clone(),
+                        consumer_id: consumer.clone(),
+                        window_minutes: *w,
+                        total: c.total,
+                        bad: c.bad,
+                        burn_rate: c.burn_rate(o.budget()),
+                        evaluated_at_us: now_us,
+                    });
+                }
+            }
+            notes.extend(decide(o, &self.cfg.rules, &self.windows, &counts, &mut firing, end_s));
+        }
+        let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;
+        for row in &burn {
+            insert.write(row).await?;
+        }
+        insert.end().await?;
+        self.firing = firing;
+        Ok(notes)
+    }
+}
+
+/// The evaluation task: evaluates at each end of closed minutes `ends` announces (`None`:
+/// this instance does not evaluate), hands notifications to the delivery task. Runs until
+/// `stop`.
+pub async fn run(
+    cfg: Arc<SloConfig>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    mut ends: watch::Receiver<Option<i64>>,
+    mut stop: watch::Receiver<bool>,
+    retry: (Duration, Duration),
+) {
+    let (tx, rx) = mpsc::channel::<Notification>(QUEUE);
+    let delivery = tokio::spawn(deliver(cfg.webhook.clone(), client.clone(), Arc::clone(&metrics), rx, stop.clone(), retry));
+    let mut evaluator = Evaluator::new(Arc::clone(&cfg), client);
+    let mut leading = false;
+    let mut last_end = i64::MIN;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            changed = ends.changed() => if changed.is_err() { break },
+        }
+        let Some(end) = *ends.borrow_and_update() else {
+            leading = false;
+            continue;
+        };
+        if !leading {
+            match evaluator.load_state().await {
+                Ok(n) => {
+                    tracing::info!(firing = n, "evaluating SLOs (this instance reads partition 0)");
+                    leading = true;
+                }
+                Err(e) => {
+                    metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "cannot read the SLO alerts' states; retried at the next minute");
+                    continue;
+                }
+            }
+        }
+        let now_s = now_us() / 1_000_000;
+        if end <= last_end || end < now_s as i64 - cfg.stale_after_s {
+            continue;
+        }
+        match evaluator.evaluate(end, now_us()).await {
+            Ok(notes) => {
+                last_end = end;
+                metrics.slo_evaluations.fetch_add(1, Ordering::Relaxed);
+                for n in notes {
+                    tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        sent = tx.send(n) => if sent.is_err() { break },
+                    }
+                }
+            }
+            Err(e) => {
+                metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, end = %time::format_utc(end), "cannot evaluate the SLOs; retried at the next minute");
+            }
+        }
+    }
+    drop(tx);
+    let _ = delivery.await;
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+type HttpClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+fn http_client() -> HttpClient {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    http.enforce_http(false);
+    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Ok(tls) => builder.with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http),
+        // Not reachable with ring's defaults; plain HTTP keeps working without it.
+        Err(_) => builder.with_webpki_roots().https_or_http().enable_http1().wrap_connector(http),
+    };
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
+}
+
+/// POSTs one notification; Err names what failed.
+async fn post(client: &HttpClient, hook: &Webhook, body: Bytes) -> Result<(), String> {
+    let mut req = http::Request::post(hook.url.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::USER_AGENT, concat!("tollgate-aggregator/", env!("CARGO_PKG_VERSION")));
+    for (k, v) in &hook.headers {
+        req = req.header(k, v);
+    }
+    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(hook.timeout, client.request(req)).await {
+        Err(_) => Err(format!("no answer within {} ms", hook.timeout.as_millis())),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+    }
+}
+
+/// The delivery task: each notification in order, to the webhook (retried with backoff until
+/// it answers 2xx), then into `slo_alerts`. What is not delivered at shutdown is not
+/// recorded, so the next evaluator finds the alert in its old state and notifies again.
+async fn deliver(
+    hook: Option<Webhook>,
+    ch: Client,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Notification>,
+    mut stop: watch::Receiver<bool>,
+    (initial, max): (Duration, Duration),
+) {
+    let http = hook.as_ref().map(|_| http_client());
+    while let Some(n) = rx.recv().await {
+        if let (Some(hook), Some(http)) = (&hook, &http) {
+            let body = match serde_json::to_vec(&n) {
+                Ok(b) => Bytes::from(b),
+                Err(e) => {
+                    tracing::error!(error = %e, alert = %n.id, "cannot encode the notification");
+                    continue;
+                }
+            };
+            let mut backoff = Backoff::new(initial, max);
+            loop {
+                match post(http, hook, body.clone()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, alert = %n.id, retry_in_ms = delay.as_millis() as u64, "SLO webhook failed");
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+        }
+        match n.status {
+            Status::Firing => metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
+            Status::Resolved => metrics.alerts_resolved.fetch_add(1, Ordering::Relaxed),
+        };
+        let at_us = now_us();
+        let row = AlertRow {
+            at: (at_us / 1_000_000) as u32,
+            at_us,
+            alert_id: n.id.clone(),
+            slo_id: n.slo.clone(),
+            consumer_id: n.consumer_id.clone().unwrap_or_default(),
+            severity: n.severity.clone(),
+            status: match n.status {
+                Status::Firing => 1,
+                Status::Resolved => 2,
+            },
+            window_end: u32::try_from(n.window_end_s).unwrap_or(0),
+            long_window_minutes: n.long_window.minutes,
+            short_window_minutes: n.short_window.minutes,
+            burn_rate_threshold: n.burn_rate_threshold,
+            long_burn_rate: n.long_window.burn_rate,
+            short_burn_rate: n.short_window.burn_rate,
+            delivered: u8::from(hook.is_some()),
+        };
+        let mut backoff = Backoff::new(initial, max);
+        loop {
+            let written = async {
+                let mut insert = ch.insert::<AlertRow>("slo_alerts").await?;
+                insert.write(&row).await?;
+                insert.end().await
+            };
+            match written.await {
+                Ok(()) => break,
+                Err(e) => {
+                    metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, alert = %n.id, retry_in_ms = delay.as_millis() as u64, "cannot record the SLO alert");
+                    tokio::select! {
+                        _ = stop.changed() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn objective(per_consumer: bool) -> Objective {
+        Objective {
+            id: "avail".into(),
+            kind: Kind::Availability,
+            objective: 0.99,
+            route: None,
+            consumer: None,
+            per_consumer,
+            min_requests: 10,
+        }
+    }
+
+    fn rule() -> Rule {
+        Rule { severity: "page".into(), long_minutes: 10, short_minutes: 2, burn_rate: 5.0 }
+    }
+
+    fn c(total: u64, bad: u64) -> Counts {
+        Counts { total, bad }
+    }
+
+    #[test]
+    fn burn_rate_is_the_bad_share_over_the_budget() {
+        assert_eq!(c(0, 0).burn_rate(0.01), 0.0);
+        assert!((c(1000, 10).burn_rate(0.01) - 1.0).abs() < 1e-12);
+        assert!((c(200, 50).burn_rate(0.001) - 250.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_rule_fires_only_when_both_windows_burn_and_the_long_one_has_enough_calls() {
+        let (o, r) = (objective(false), rule());
+        // 5 % bad = 5x a 1 % budget: exactly the threshold fires.
+        assert!(fires(&o, &r, c(100, 5), c(20, 1)));
+        assert!(!fires(&o, &r, c(100, 5), c(20, 0)), "short window recovered");
+        assert!(!fires(&o, &r, c(100, 4), c(20, 20)), "long window below the rate");
+        assert!(!fires(&o, &r, c(9, 9), c(9, 9)), "below min_requests");
+        let mut zero_min = objective(false);
+        zero_min.min_requests = 0;
+        assert!(!fires(&zero_min, &r, c(0, 0), c(0, 0)), "no calls never fire");
+    }
+
+    #[test]
+    fn decide_notifies_changes_only_and_resolves_consumers_that_went_quiet() {
+        let (o, rules, windows) = (objective(true), vec![rule()], vec![2, 10]);
+        let mut firing = HashMap::new();
+        let counts: HashMap<String, Vec<Counts>> =
+            [("acme".to_owned(), vec![c(20, 10), c(100, 30)]), ("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
+        let n = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000);
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].id, "avail/page/10m-2m/acme");
+        assert_eq!(n[0].status, Status::Firing);
+        assert_eq!(n[0].consumer_id.as_deref(), Some("acme"));
+        assert_eq!((n[0].long_window.calls, n[0].long_window.bad_calls), (100, 30));
+        assert!((n[0].short_window.burn_rate - 50.0).abs() < 1e-9);
+        assert_eq!(n[0].window_end, "2027-01-15T08:00:00Z");
+        // Same counts: nothing new.
+        assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060).is_empty());
+        // acme has no calls at all any more: its alert resolves.
+        let quiet: HashMap<String, Vec<Counts>> = [("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
+        let n = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_120);
+        assert_eq!(n.len(), 1);
+        assert_eq!((n[0].id.as_str(), n[0].status), ("avail/page/10m-2m/acme", Status::Resolved));
+        assert_eq!(firing.get("avail/page/10m-2m/acme"), Some(&false));
+    }
+
+    #[test]
+    fn window_sql_sums_each_window_from_its_start() {
+        let mut o = objective(false);
+        o.route = Some("echo".into());
+        let sql = window_sql(&o, &[5, 60], 1_800_000_000);
+        assert!(sql.contains("sumIf(t, minute >= toDateTime(1799999700)), sumIf(t, minute >= toDateTime(1799996400))"), "{sql}");
+        assert!(sql.contains("minute >= toDateTime(1799996400) AND minute < toDateTime(1800000000) AND route_id = ?"), "{sql}");
+        assert!(sql.contains("SELECT '' AS c,"), "{sql}");
+        o.kind = Kind::Latency { threshold_us: 250_000 };
+        o.per_consumer = true;
+        let sql = window_sql(&o, &[5, 60], 1_800_000_000);
+        assert!(sql.contains("le > 250000"), "{sql}");
+        assert!(sql.contains("SELECT consumer_id AS c,"), "{sql}");
+    }
+}
