@@ -384,7 +384,10 @@ mod tests {
             ("[quota]\ntopic = \"api-calls\"\n", "quota.topic"),
             ("[quota]\nperiod_anchor_day = 31\n", "quota.period_anchor_day"),
             ("[slo]\nwebhook_url = \"ftp://x\"\n", "slo.webhook_url"),
-            ("[slo]\nwebhook_url = \"http://x\"\nwebhook_headers = { \"bad name\" = \"v\" }\n", "slo.webhook_headers.bad name"),
+            (
+                "[slo]\nwebhook_url = \"http://x\"\nwebhook_headers = { \"bad name\" = \"v\" }\n",
+                "slo.webhook_headers.bad name",
+            ),
             ("[slo]\nstale_after_s = 0\n", "slo.stale_after_s"),
             ("[slo]\nrules = []\n", "slo.rules"),
             (
@@ -399,9 +402,15 @@ mod tests {
                 "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 60\nshort_window_minutes = 5\nburn_rate = 0\n",
                 "slo.rules[0].burn_rate",
             ),
-            ("[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 100\n", "slo.objectives[0].objective_percent"),
+            (
+                "[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 100\n",
+                "slo.objectives[0].objective_percent",
+            ),
             ("[[slo.objectives]]\nid = \"a\"\nkind = \"speed\"\nobjective_percent = 99\n", "slo.objectives[0].kind"),
-            ("[[slo.objectives]]\nid = \"a\"\nkind = \"latency\"\nobjective_percent = 99\n", "slo.objectives[0].latency_threshold_ms"),
+            (
+                "[[slo.objectives]]\nid = \"a\"\nkind = \"latency\"\nobjective_percent = 99\n",
+                "slo.objectives[0].latency_threshold_ms",
+            ),
             (
                 "[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\nlatency_threshold_ms = 5\n",
                 "slo.objectives[0].latency_threshold_ms",

@@ -328,10 +328,15 @@ pub async fn start_edge(dir: &Path, name: &str, config: &str) -> (Proc, std::net
 
 /// The edge's Prometheus metrics, as text.
 pub async fn metrics_text(admin: std::net::SocketAddr) -> String {
+    try_metrics_text(admin).await.unwrap()
+}
+
+/// [`metrics_text`], or the error while the admin port is not up (yet).
+pub async fn try_metrics_text(admin: std::net::SocketAddr) -> Result<String, String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = client.get(format!("http://{admin}/metrics").parse().unwrap()).await.unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8_lossy(&body).into_owned()
+    let resp = client.get(format!("http://{admin}/metrics").parse().unwrap()).await.map_err(|e| e.to_string())?;
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Fetches the edge's Prometheus metrics and returns the value of `name` (with its labels, if

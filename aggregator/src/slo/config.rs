@@ -197,7 +197,9 @@ pub(crate) fn validate(raw: RawSlo) -> Result<SloConfig, (String, String)> {
     };
     let rules = match raw.rules {
         None => default_rules(),
-        Some(rules) if rules.is_empty() => return err("slo.rules".into(), "must not be empty (omit it for the defaults)"),
+        Some(rules) if rules.is_empty() => {
+            return err("slo.rules".into(), "must not be empty (omit it for the defaults)");
+        }
         Some(rules) => {
             let mut out = Vec::new();
             for (i, r) in rules.into_iter().enumerate() {
@@ -252,7 +254,10 @@ pub(crate) fn validate(raw: RawSlo) -> Result<SloConfig, (String, String)> {
                 Kind::Latency { threshold_us: (ms * 1000.0).round() as u64 }
             }
             ("latency", _) => {
-                return err(key("latency_threshold_ms"), "must be set for kind = \"latency\", above 0 and at most 3600000");
+                return err(
+                    key("latency_threshold_ms"),
+                    "must be set for kind = \"latency\", above 0 and at most 3600000",
+                );
             }
             _ => return err(key("kind"), "must be \"availability\" or \"latency\""),
         };

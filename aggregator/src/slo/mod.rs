@@ -151,11 +151,14 @@ struct StateRow {
 }
 
 /// SQL: per consumer (or one row, consumer '', for all), the calls the objective counts and
-/// the bad ones in each window ending at `end_s` (`windows` in minutes, ascending).
-fn window_sql(o: &Objective, windows: &[u32], end_s: i64) -> String {
+/// the bad ones in each window ending at `end` (an SQL DateTime expression; `windows` in
+/// minutes, ascending). `schemas/queries/slo_window_counts.sql` holds two of them, checked on
+/// current ClickHouse.
+fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
     let (total, bad) = match o.kind {
         Kind::Availability => (
-            "if(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout', 'edge_shutdown'), requests, 0)".to_owned(),
+            "if(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout', 'edge_shutdown'), requests, 0)"
+                .to_owned(),
             "if(outcome IN ('upstream_error', 'upstream_timeout', 'edge_shutdown') \
              OR (outcome = 'forwarded' AND status_class = 5), requests, 0)"
                 .to_owned(),
@@ -171,11 +174,7 @@ fn window_sql(o: &Objective, windows: &[u32], end_s: i64) -> String {
     };
     let longest = windows.last().copied().unwrap_or(1);
     let sums = |col: &str| {
-        windows
-            .iter()
-            .map(|w| format!("sumIf({col}, minute >= toDateTime({}))", end_s - i64::from(*w) * 60))
-            .collect::<Vec<_>>()
-            .join(", ")
+        windows.iter().map(|w| format!("sumIf({col}, minute >= {end} - {})", w * 60)).collect::<Vec<_>>().join(", ")
     };
     let consumer = if o.per_consumer { "consumer_id" } else { "''" };
     let mut filter = String::new();
@@ -186,13 +185,13 @@ fn window_sql(o: &Objective, windows: &[u32], end_s: i64) -> String {
         filter.push_str(" AND consumer_id = ?");
     }
     format!(
-        "SELECT c AS consumer_id, [{}] AS totals, [{}] AS bads FROM \
-         (SELECT {consumer} AS c, minute, {total} AS t, {bad} AS b FROM {USAGE_TABLE} FINAL \
-          WHERE minute >= toDateTime({}) AND minute < toDateTime({end_s}){filter}) \
+        "SELECT c AS consumer_id, [{}] AS totals, [{}] AS bads\n\
+         FROM (SELECT {consumer} AS c, minute, {total} AS t, {bad} AS b FROM {USAGE_TABLE} FINAL\n\
+         WHERE minute >= {end} - {} AND minute < {end}{filter})\n\
          GROUP BY c",
         sums("t"),
         sums("b"),
-        end_s - i64::from(longest) * 60,
+        longest * 60,
     )
 }
 
@@ -341,7 +340,7 @@ impl Evaluator {
         let mut notes = Vec::new();
         let mut burn = Vec::new();
         for o in &self.cfg.objectives {
-            let mut q = self.client.query(&window_sql(o, &self.windows, end_s));
+            let mut q = self.client.query(&window_sql(o, &self.windows, &format!("toDateTime({end_s})")));
             for v in [&o.route, &o.consumer].into_iter().flatten() {
                 q = q.bind(v.as_str());
             }
@@ -392,7 +391,8 @@ pub async fn run(
     retry: (Duration, Duration),
 ) {
     let (tx, rx) = mpsc::channel::<Notification>(QUEUE);
-    let delivery = tokio::spawn(deliver(cfg.webhook.clone(), client.clone(), Arc::clone(&metrics), rx, stop.clone(), retry));
+    let delivery =
+        tokio::spawn(deliver(cfg.webhook.clone(), client.clone(), Arc::clone(&metrics), rx, stop.clone(), retry));
     let mut evaluator = Evaluator::new(Arc::clone(&cfg), client);
     let mut leading = false;
     let mut last_end = i64::MIN;
@@ -645,14 +645,39 @@ mod tests {
     fn window_sql_sums_each_window_from_its_start() {
         let mut o = objective(false);
         o.route = Some("echo".into());
-        let sql = window_sql(&o, &[5, 60], 1_800_000_000);
-        assert!(sql.contains("sumIf(t, minute >= toDateTime(1799999700)), sumIf(t, minute >= toDateTime(1799996400))"), "{sql}");
-        assert!(sql.contains("minute >= toDateTime(1799996400) AND minute < toDateTime(1800000000) AND route_id = ?"), "{sql}");
+        let sql = window_sql(&o, &[5, 60], "toDateTime(1800000000)");
+        assert!(
+            sql.contains(
+                "sumIf(t, minute >= toDateTime(1800000000) - 300), sumIf(t, minute >= toDateTime(1800000000) - 3600)"
+            ),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(
+                "minute >= toDateTime(1800000000) - 3600 AND minute < toDateTime(1800000000) AND route_id = ?"
+            ),
+            "{sql}"
+        );
         assert!(sql.contains("SELECT '' AS c,"), "{sql}");
-        o.kind = Kind::Latency { threshold_us: 250_000 };
-        o.per_consumer = true;
-        let sql = window_sql(&o, &[5, 60], 1_800_000_000);
-        assert!(sql.contains("le > 250000"), "{sql}");
-        assert!(sql.contains("SELECT consumer_id AS c,"), "{sql}");
+    }
+
+    /// The documented query file is the evaluator's SQL (the migrations test runs the file on
+    /// current ClickHouse; the e2e tests run the evaluator on 18.16).
+    #[test]
+    fn the_documented_window_query_is_the_evaluators() {
+        let file = include_str!("../../../schemas/queries/slo_window_counts.sql");
+        let statements: Vec<String> = file
+            .split(";\n")
+            .map(|s| s.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n"))
+            .filter(|s| !s.trim().is_empty())
+            .collect();
+        let end = "toStartOfMinute(now())";
+        let mut latency = objective(true);
+        latency.kind = Kind::Latency { threshold_us: 250_000 };
+        let want = [window_sql(&objective(false), &[5, 60], end), window_sql(&latency, &[5, 60], end)];
+        assert_eq!(statements.len(), 2, "{file}");
+        for (got, want) in statements.iter().zip(&want) {
+            assert_eq!(got.trim().trim_end_matches(';'), want, "update schemas/queries/slo_window_counts.sql");
+        }
     }
 }

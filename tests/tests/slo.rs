@@ -1,0 +1,308 @@
+//! SLO burn-rate alerts end to end: events → ingest → aggregator → `slo_burn_rate` and alert
+//! notifications on a webhook (→ `slo_alerts`).
+//!
+//! One aggregator evaluates an availability objective over all calls and a latency objective
+//! per consumer, with one rule (10-minute and 1-minute windows, 5x). History with a burst of
+//! 5xx and timeouts, then live traffic, 50 % 5xx: the availability alert fires once (after the
+//! webhook's first 500, retried), with exactly the counts of the windows it names (calls
+//! refused before forwarding count neither way); the slow consumer's latency alert fires, the
+//! fast one's does not. A restarted aggregator does not notify it again; once the live traffic
+//! is healthy for a minute it resolves. The webhook's deliveries, `slo_alerts` and
+//! `slo_burn_rate` agree with counts the test computes from its own events.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use tollgate_common::time;
+use tollgate_e2e::*;
+use tollgate_schemas::{ApiCall, Encoder, Outcome};
+
+const AVAILABILITY: &str = "api/page/10m-1m";
+const SLOW: &str = "lat/page/10m-1m/slowco";
+
+/// An event as the test remembers it: time, and whether the availability objective counts it
+/// and as bad.
+#[derive(Clone, Copy)]
+struct Seen {
+    ts_us: i64,
+    counted: bool,
+    bad: bool,
+}
+
+fn seen(e: &ApiCall) -> Seen {
+    let counted = matches!(e.outcome, Outcome::Forwarded | Outcome::UpstreamError | Outcome::UpstreamTimeout);
+    let bad = matches!(e.outcome, Outcome::UpstreamError | Outcome::UpstreamTimeout)
+        || (e.outcome == Outcome::Forwarded && e.status >= 500);
+    Seen { ts_us: e.start_time_us, counted, bad }
+}
+
+/// (calls, bad calls) the availability objective counts in `[end - minutes, end)`.
+fn expected(events: &[Seen], end_s: i64, minutes: i64) -> (u64, u64) {
+    let (from, to) = ((end_s - minutes * 60) * 1_000_000, end_s * 1_000_000);
+    let inside = events.iter().filter(|e| e.counted && e.ts_us >= from && e.ts_us < to);
+    let calls = inside.clone().count() as u64;
+    (calls, inside.filter(|e| e.bad).count() as u64)
+}
+
+fn event(consumer: &str, ts_us: i64, status: u16, outcome: Outcome, latency_us: u64) -> ApiCall {
+    let mut e = sample_event(consumer, ts_us);
+    (e.status, e.outcome, e.latency_us) = (status, outcome, latency_us);
+    e
+}
+
+/// Minutes `m0 - 10 .. m0 - 1`: acme 20 calls a minute (one a 404), plus a 429 and a 401
+/// that no objective counts; in the last 3 minutes half of acme's calls are 503s and one more
+/// times out upstream. slowco: 10 calls of 500 ms a minute in the last 3 minutes.
+fn history(m0: i64) -> Vec<ApiCall> {
+    let mut out = Vec::new();
+    for k in 1..=10 {
+        let start = (m0 - k * 60) * 1_000_000;
+        let burst = k <= 3;
+        for i in 0..20 {
+            let ts = start + i * 2_000_000;
+            let status = match i {
+                0 => 404,
+                _ if burst && i % 2 == 1 => 503,
+                _ => 200,
+            };
+            out.push(event("acme", ts, status, Outcome::Forwarded, 1_000));
+        }
+        out.push(event("acme", start + 41_000_000, 429, Outcome::RateLimited, 50));
+        let mut anon = event("acme", start + 42_000_000, 401, Outcome::Unauthenticated, 50);
+        (anon.consumer_id, anon.credential_id) = (None, None);
+        out.push(anon);
+        if burst {
+            out.push(event("acme", start + 43_000_000, 504, Outcome::UpstreamTimeout, 30_000_000));
+            for i in 0..10 {
+                out.push(event("slowco", start + 44_000_000 + i * 1_000_000, 200, Outcome::Forwarded, 500_000));
+            }
+        }
+    }
+    out.sort_by_key(|e| e.start_time_us);
+    out
+}
+
+fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
+    let enc = Encoder::new().unwrap();
+    events.iter().map(|e| (e.kafka_key().to_owned(), enc.encode(e).unwrap())).collect()
+}
+
+/// The webhook: answers the first delivery 500, then 200; keeps what it accepted.
+struct Hook {
+    attempts: AtomicUsize,
+    accepted: Mutex<Vec<Value>>,
+}
+
+impl Hook {
+    fn of(&self, id: &str) -> Vec<Value> {
+        self.accepted.lock().unwrap().iter().filter(|n| n["id"] == id).cloned().collect()
+    }
+}
+
+async fn start_hook() -> (std::net::SocketAddr, Arc<Hook>) {
+    let hook = Arc::new(Hook { attempts: AtomicUsize::new(0), accepted: Mutex::new(Vec::new()) });
+    let h = Arc::clone(&hook);
+    let addr = serve_http(move |req: http::Request<hyper::body::Incoming>| {
+        let h = Arc::clone(&h);
+        async move {
+            let token = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let status = if h.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+                500
+            } else {
+                assert_eq!(token.as_deref(), Some(&b"Bearer hook-secret"[..]));
+                h.accepted.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                200
+            };
+            http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
+        }
+    })
+    .await;
+    (addr, hook)
+}
+
+async fn wait_for(hook: &Hook, id: &str, n: usize, timeout: Duration) -> Vec<Value> {
+    let ok = wait_until(timeout, || async { hook.of(id).len() >= n }).await;
+    assert!(ok, "{id}: {} notification(s) after {timeout:?}, wanted {n}: {:?}", hook.of(id).len(), hook.of(id));
+    hook.of(id)
+}
+
+fn window_end(n: &Value) -> i64 {
+    time::parse_utc(n["window_end"].as_str().unwrap()).unwrap()
+}
+
+/// The notification's windows hold exactly the calls the test produced in them.
+fn assert_counts(n: &Value, events: &[Seen]) {
+    let end = window_end(n);
+    for (w, minutes) in [("long_window", 10), ("short_window", 1)] {
+        let (calls, bad) = expected(events, end, minutes);
+        assert_eq!(n[w]["minutes"], minutes, "{n}");
+        assert_eq!((n[w]["calls"].as_u64().unwrap(), n[w]["bad_calls"].as_u64().unwrap()), (calls, bad), "{w} of {n}");
+        let burn = if calls == 0 { 0.0 } else { bad as f64 / calls as f64 / 0.01 };
+        assert!((n[w]["burn_rate"].as_f64().unwrap() - burn).abs() < 1e-6, "{w} of {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
+    let dir = TempDir::new("slo");
+    let (topic, db) = (unique("slo_calls"), unique("slo"));
+    create_topic(&topic, 2).await;
+    let m0 = now_us() / 60_000_000 * 60;
+    let past = history(m0);
+    let events = Arc::new(Mutex::new(past.iter().map(seen).collect::<Vec<_>>()));
+    let producer = producer();
+    produce_all(&producer, &topic, &encode(&past)).await;
+
+    // Live traffic: 4 acme calls every 250 ms; half of them 503 while `failing`.
+    let failing = Arc::new(AtomicBool::new(true));
+    let live = {
+        let (events, failing, topic, producer) =
+            (Arc::clone(&events), Arc::clone(&failing), topic.clone(), producer.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = now_us();
+                let batch: Vec<ApiCall> = (0..4)
+                    .map(|i| {
+                        let status = if failing.load(Ordering::SeqCst) && i % 2 == 0 { 503 } else { 200 };
+                        event("acme", now + i, status, Outcome::Forwarded, 1_000)
+                    })
+                    .collect();
+                produce_all(&producer, &topic, &encode(&batch)).await;
+                events.lock().unwrap().extend(batch.iter().map(seen));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+
+    let (hook_addr, hook) = start_hook().await;
+    let _ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    let config = |admin: u16| {
+        aggregator_config(
+            &topic,
+            &db,
+            &format!("{db}-agg"),
+            "agg-1",
+            &format!("{db}-ingest"),
+            &format!(
+                "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [slo]\nwebhook_url = \"http://{hook_addr}/alerts\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n\
+                 [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
+                 [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\n\
+                 [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 90\nlatency_threshold_ms = 100\n\
+                 per_consumer = true\n"
+            ),
+        )
+    };
+    let admin = free_port();
+    let mut agg = start_aggregator(dir.path(), "agg-1", &config(admin));
+
+    // The availability alert fires once, after the webhook's first 500 was retried.
+    let fired = wait_for(&hook, AVAILABILITY, 1, Duration::from_secs(120)).await;
+    let n = &fired[0];
+    assert_eq!(n["status"], "firing", "{n}");
+    assert_eq!(
+        (n["slo"].as_str(), n["kind"].as_str(), n["severity"].as_str()),
+        (Some("api"), Some("availability"), Some("page"))
+    );
+    assert_eq!((n["consumer_id"].clone(), n["objective_percent"].as_f64()), (Value::Null, Some(99.0)));
+    assert_counts(n, &events.lock().unwrap());
+    assert!(
+        metric(std::net::SocketAddr::from(([127, 0, 0, 1], admin)), "tollgate_aggregator_slo_webhook_failures_total")
+            .await
+            >= 1
+    );
+    let fired_end = window_end(n);
+    // Its burn rates are in ClickHouse, for every window of the evaluation that fired it.
+    let burn = ch(
+        &clickhouse(),
+        &format!(
+            "SELECT window_minutes, total, bad FROM {db}.slo_burn_rate FINAL WHERE slo_id = 'api' AND consumer_id = '' \
+             AND minute = toDateTime({fired_end}) ORDER BY window_minutes FORMAT TSV"
+        ),
+    )
+    .await;
+    let want: String = [1, 10]
+        .iter()
+        .map(|&m| {
+            let (c, b) = expected(&events.lock().unwrap(), fired_end, m);
+            format!("{m}\t{c}\t{b}\n")
+        })
+        .collect();
+    assert_eq!(burn, want);
+
+    // The slow consumer's latency alert fires (all its calls are slow); acme's never does.
+    let slow = wait_for(&hook, SLOW, 1, Duration::from_secs(60)).await;
+    assert_eq!((slow[0]["status"].as_str(), slow[0]["consumer_id"].as_str()), (Some("firing"), Some("slowco")));
+    let (long, short) = (&slow[0]["long_window"], &slow[0]["short_window"]);
+    // 10 calls in each of its burst minutes inside the window.
+    let slow_calls = |minutes: i64| {
+        let end = window_end(&slow[0]);
+        10 * (1..=3).filter(|k| (end - minutes * 60..end).contains(&(m0 - k * 60))).count() as u64
+    };
+    assert_eq!(
+        (long["calls"].as_u64(), long["bad_calls"].as_u64()),
+        (Some(slow_calls(10)), Some(slow_calls(10))),
+        "{}",
+        slow[0]
+    );
+    assert_eq!(
+        (short["calls"].as_u64(), short["bad_calls"].as_u64()),
+        (Some(slow_calls(1)), Some(slow_calls(1))),
+        "{}",
+        slow[0]
+    );
+    assert!((long["burn_rate"].as_f64().unwrap() - 10.0).abs() < 1e-6);
+
+    // A restarted aggregator takes the state from slo_alerts: the still-burning SLO is not
+    // notified again.
+    assert!(agg.terminate(Duration::from_secs(20)), "aggregator did not stop:\n{}", agg.log_tail());
+    let admin2 = free_port();
+    let mut agg2 = start_aggregator(dir.path(), "agg-2", &config(admin2));
+    let admin2 = std::net::SocketAddr::from(([127, 0, 0, 1], admin2));
+    let evaluated = wait_until(Duration::from_secs(90), || async {
+        try_metrics_text(admin2).await.unwrap_or_default().lines().any(|l| {
+            l.strip_prefix("tollgate_aggregator_slo_evaluations_total ")
+                .is_some_and(|v| v.trim().parse::<u64>().unwrap_or(0) >= 1)
+        })
+    })
+    .await;
+    assert!(evaluated, "the restarted aggregator did not evaluate:\n{}", agg2.log_tail());
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(hook.of(AVAILABILITY).len(), 1, "notified again after the restart: {:?}", hook.of(AVAILABILITY));
+
+    // Healthy live traffic for a minute: it resolves, with the counts of its windows.
+    let notes = wait_for(&hook, AVAILABILITY, 2, Duration::from_secs(200)).await;
+    live.abort();
+    let r = &notes[1];
+    assert_eq!(r["status"], "resolved", "{r}");
+    assert!(window_end(r) > fired_end);
+    assert_counts(r, &events.lock().unwrap());
+    assert!(
+        r["short_window"]["burn_rate"].as_f64().unwrap() < 5.0 || r["long_window"]["burn_rate"].as_f64().unwrap() < 5.0
+    );
+    // Nothing for acme's latency; what was delivered is what slo_alerts holds.
+    assert!(hook.of("lat/page/10m-1m/acme").is_empty());
+    let recorded = ch(
+        &clickhouse(),
+        &format!("SELECT status, delivered, window_end FROM {db}.slo_alerts WHERE alert_id = '{AVAILABILITY}' ORDER BY at_us FORMAT TSV"),
+    )
+    .await;
+    assert_eq!(
+        recorded,
+        format!("firing\t1\t{}\nresolved\t1\t{}\n", ch_time(fired_end).await, ch_time(window_end(r)).await)
+    );
+    assert_eq!(hook.of(AVAILABILITY).len(), 2);
+    assert!(agg2.terminate(Duration::from_secs(20)));
+}
+
+/// ClickHouse's text for a DateTime of `s` (in the server's time zone).
+async fn ch_time(s: i64) -> String {
+    ch(&clickhouse(), &format!("SELECT toDateTime({s}) FORMAT TSV")).await.trim().to_owned()
+}
