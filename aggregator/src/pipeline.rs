@@ -304,7 +304,7 @@ impl Reader {
         }
         self.store_offsets();
         if let Some(slo) = &self.slo {
-            let end = if reads_partition_0 { self.covered() } else { None };
+            let end = if reads_partition_0 { self.slo_end() } else { None };
             slo.send_if_modified(|v| {
                 let changed = *v != end;
                 *v = end;
@@ -314,8 +314,21 @@ impl Reader {
         true
     }
 
-    /// The end of the last minute that is closed and written (quota states and SLOs are
-    /// computed up to it).
+    /// Where the SLO windows end: the end of the last closed and written minute; in a quiet
+    /// period (nothing read, nothing open) the wall clock moves it on, as it would close
+    /// minutes, so an alert resolves when the calls stop.
+    fn slo_end(&self) -> Option<i64> {
+        let covered = self.covered();
+        let now = now_ms();
+        if !self.tracker.quiet(now) {
+            return covered;
+        }
+        let wall = quota::covered_until(now / 1000, i64::from(self.cfg.windows.allowed_lateness_s));
+        Some(covered.map_or(wall, |c| c.max(wall)))
+    }
+
+    /// The end of the last minute that is closed and written (quota states are computed up
+    /// to it).
     fn covered(&self) -> Option<i64> {
         let clock = self.tracker.clock()?;
         let covered = quota::covered_until(clock, i64::from(self.cfg.windows.allowed_lateness_s));

@@ -290,6 +290,16 @@ impl Tracker {
         out
     }
 
+    /// Whether nothing is happening at wall-clock `now_ms`: partitions assigned, none read
+    /// within the idle interval, no minute open or with the writer. (The clock does not move
+    /// then; the SLO evaluator still needs time to pass, so that a quiet period resolves.)
+    pub fn quiet(&self, now_ms: i64) -> bool {
+        !self.watermarks.is_empty()
+            && self.pending.is_empty()
+            && self.in_flight.is_empty()
+            && self.watermarks.values().all(|&(_, seen)| now_ms - seen >= self.idle_ms)
+    }
+
     /// The clock of the last close check (seconds).
     pub fn clock(&self) -> Option<i64> {
         self.clock_s
@@ -360,6 +370,13 @@ mod tests {
         assert_eq!(t.commit_offsets(), BTreeMap::from([(0, 105)]));
         assert_eq!(t.open_minutes(), 0);
         assert_eq!(t.clock(), Some(T0 + 130));
+        // Nothing open, nothing read for the idle interval: quiet. A new event ends it, and
+        // its minute, open until written, keeps it ended after the idle interval.
+        assert!(t.quiet(ms(T0 + 130)));
+        t.observe(0, 105, &ev(T0 + 131, "e"), ms(T0 + 131));
+        assert!(!t.quiet(ms(T0 + 131)));
+        assert!(!t.quiet(ms(T0 + 131) + IDLE_MS));
+        assert!(!Tracker::new(10, 5, IDLE_MS).quiet(ms(T0)), "no partition assigned yet");
     }
 
     #[test]

@@ -92,8 +92,10 @@ fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
     events.iter().map(|e| (e.kafka_key().to_owned(), enc.encode(e).unwrap())).collect()
 }
 
-/// The webhook: answers the first delivery 500, then 200; keeps what it accepted.
+/// The webhook: answers the first `fail_first` deliveries 500, then 200; keeps what it
+/// accepted.
 struct Hook {
+    fail_first: usize,
     attempts: AtomicUsize,
     accepted: Mutex<Vec<Value>>,
 }
@@ -104,15 +106,15 @@ impl Hook {
     }
 }
 
-async fn start_hook() -> (std::net::SocketAddr, Arc<Hook>) {
-    let hook = Arc::new(Hook { attempts: AtomicUsize::new(0), accepted: Mutex::new(Vec::new()) });
+async fn start_hook(fail_first: usize) -> (std::net::SocketAddr, Arc<Hook>) {
+    let hook = Arc::new(Hook { fail_first, attempts: AtomicUsize::new(0), accepted: Mutex::new(Vec::new()) });
     let h = Arc::clone(&hook);
     let addr = serve_http(move |req: http::Request<hyper::body::Incoming>| {
         let h = Arc::clone(&h);
         async move {
             let token = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
             let body = req.into_body().collect().await.unwrap().to_bytes();
-            let status = if h.attempts.fetch_add(1, Ordering::SeqCst) == 0 {
+            let status = if h.attempts.fetch_add(1, Ordering::SeqCst) < h.fail_first {
                 500
             } else {
                 assert_eq!(token.as_deref(), Some(&b"Bearer hook-secret"[..]));
@@ -180,26 +182,10 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
         })
     };
 
-    let (hook_addr, hook) = start_hook().await;
+    let (hook_addr, hook) = start_hook(1).await;
     let _ingest =
         start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
-    let config = |admin: u16| {
-        aggregator_config(
-            &topic,
-            &db,
-            &format!("{db}-agg"),
-            "agg-1",
-            &format!("{db}-ingest"),
-            &format!(
-                "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-                 [slo]\nwebhook_url = \"http://{hook_addr}/alerts\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n\
-                 [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
-                 [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\n\
-                 [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 90\nlatency_threshold_ms = 100\n\
-                 per_consumer = true\n"
-            ),
-        )
-    };
+    let config = |admin: u16| slo_config(&topic, &db, "agg-1", admin, hook_addr);
     let admin = free_port();
     let mut agg = start_aggregator(dir.path(), "agg-1", &config(admin));
 
@@ -305,4 +291,70 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
 /// ClickHouse's text for a DateTime of `s` (in the server's time zone).
 async fn ch_time(s: i64) -> String {
     ch(&clickhouse(), &format!("SELECT toDateTime({s}) FORMAT TSV")).await.trim().to_owned()
+}
+
+/// An aggregator for `topic` → `db` (group `<db>-agg`) with an admin port, evaluating two
+/// objectives with one rule (10 and 1 minutes, 5x), notifying the webhook at `hook`.
+fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: std::net::SocketAddr) -> String {
+    aggregator_config(
+        topic,
+        db,
+        &format!("{db}-agg"),
+        instance,
+        &format!("{db}-ingest"),
+        &format!(
+            "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [slo]\nwebhook_url = \"http://{hook}/alerts\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n\
+             [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
+             [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\n\
+             [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 90\nlatency_threshold_ms = 100\n\
+             per_consumer = true\n"
+        ),
+    )
+}
+
+/// Two aggregators in one group: only the one reading partition 0 evaluates, so every alert
+/// is notified once when it fires and once when it resolves (the burst is history: one
+/// minute later the 1-minute window is empty).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_aggregators_in_a_group_notify_each_alert_once() {
+    let dir = TempDir::new("slo2");
+    let (topic, db) = (unique("slo2_calls"), unique("slo2"));
+    create_topic(&topic, 2).await;
+    let m0 = now_us() / 60_000_000 * 60;
+    let past = history(m0);
+    produce_all(&producer(), &topic, &encode(&past)).await;
+    let (hook_addr, hook) = start_hook(0).await;
+    let _ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    let (admin_a, admin_b) = (free_port(), free_port());
+    let mut a = start_aggregator(dir.path(), "agg-a", &slo_config(&topic, &db, "agg-a", admin_a, hook_addr));
+    let mut b = start_aggregator(dir.path(), "agg-b", &slo_config(&topic, &db, "agg-b", admin_b, hook_addr));
+    for id in [AVAILABILITY, SLOW] {
+        let notes = wait_for(&hook, id, 2, Duration::from_secs(180)).await;
+        assert_eq!(
+            (notes[0]["status"].as_str(), notes[1]["status"].as_str()),
+            (Some("firing"), Some("resolved")),
+            "{id}"
+        );
+    }
+    // A few more evaluations: nothing more arrives.
+    let evaluations = |admin: u16| async move {
+        let text = try_metrics_text(std::net::SocketAddr::from(([127, 0, 0, 1], admin))).await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_aggregator_slo_evaluations_total "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap_or(0))
+    };
+    let before = evaluations(admin_a).await + evaluations(admin_b).await;
+    assert!(
+        wait_until(Duration::from_secs(90), || async {
+            evaluations(admin_a).await + evaluations(admin_b).await > before
+        })
+        .await
+    );
+    for id in [AVAILABILITY, SLOW] {
+        assert_eq!(hook.of(id).len(), 2, "{id}: {:?}", hook.of(id));
+    }
+    assert_eq!(hook.accepted.lock().unwrap().len(), 4, "{:?}", hook.accepted.lock().unwrap());
+    assert!(a.terminate(Duration::from_secs(20)) && b.terminate(Duration::from_secs(20)));
 }

@@ -419,8 +419,7 @@ pub async fn run(
                 }
             }
         }
-        let now_s = now_us() / 1_000_000;
-        if end <= last_end || end < now_s as i64 - cfg.stale_after_s {
+        if !due(end, last_end, (now_us() / 1_000_000) as i64, cfg.stale_after_s) {
             continue;
         }
         match evaluator.evaluate(end, now_us()).await {
@@ -443,6 +442,12 @@ pub async fn run(
     }
     drop(tx);
     let _ = delivery.await;
+}
+
+/// Whether windows ending at `end_s` are evaluated: later than the last evaluation, and not
+/// stale (a catch-up or a replay evaluates only once it is within `stale_after_s` of now).
+fn due(end_s: i64, last_end_s: i64, now_s: i64, stale_after_s: i64) -> bool {
+    end_s > last_end_s && end_s >= now_s - stale_after_s
 }
 
 fn now_us() -> u64 {
@@ -639,6 +644,16 @@ mod tests {
         assert_eq!(n.len(), 1);
         assert_eq!((n[0].id.as_str(), n[0].status), ("avail/page/10m-2m/acme", Status::Resolved));
         assert_eq!(firing.get("avail/page/10m-2m/acme"), Some(&false));
+    }
+
+    #[test]
+    fn only_new_and_recent_window_ends_are_evaluated() {
+        let now = 1_800_000_030;
+        assert!(due(1_800_000_000, i64::MIN, now, 600));
+        assert!(!due(1_800_000_000, 1_800_000_000, now, 600), "evaluated already");
+        assert!(!due(1_799_999_940, 1_800_000_000, now, 600), "earlier than the last");
+        assert!(due(1_799_999_430, i64::MIN, now, 600), "exactly stale_after_s old");
+        assert!(!due(1_799_999_400, i64::MIN, now, 600), "a catch-up's past minute");
     }
 
     #[test]
