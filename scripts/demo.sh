@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Starts the whole tollgate pipeline on this machine with demo traffic:
-# the local stack (Tansu + ClickHouse), ingest, the aggregator, the demo upstream and the
-# edge; then sends demo traffic (four consumers, bad keys, an over-limit burst) and prints
-# usage from ClickHouse, then per-minute usage with latency percentiles from the aggregator
-# once the minute has closed. Everything keeps running afterwards.
+# the local stack (Tansu + ClickHouse), ingest, the aggregator, the demo upstream, a webhook
+# receiver for SLO alerts and the edge; then sends demo traffic (four consumers, bad keys, an
+# over-limit burst, upstream failures) and prints usage from ClickHouse, then per-minute usage
+# with latency percentiles from the aggregator once the minute has closed, quota states, SLO
+# alerts and draft invoices. Everything keeps running afterwards.
 #
 #   scripts/demo.sh          start (or restart) and run the demo traffic
 #   scripts/demo.sh stop     stop the pipeline and the stack
@@ -18,7 +19,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 log() { printf '[demo] %s\n' "$*" >&2; }
 
 stop_components() {
-    for name in edge aggregator ingest upstream; do
+    for name in edge aggregator ingest upstream webhook; do
         local pidf="$RUN/$name.pid"
         if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
             kill -TERM "$(cat "$pidf")" 2>/dev/null || true
@@ -48,6 +49,8 @@ start() { # name, command...
     echo $! > "$RUN/$name.pid"
 }
 start upstream "$BIN/tollgate-demo" upstream --listen 127.0.0.1:8081
+: > "$RUN/alerts.jsonl"
+start webhook "$BIN/tollgate-demo" webhook --listen 127.0.0.1:8082 --out "$RUN/alerts.jsonl"
 start ingest "$BIN/tollgate-ingest" run --config config/demo/ingest.toml
 start aggregator "$BIN/tollgate-aggregator" run --config config/demo/aggregator.toml
 rm -f "$RUN/edge.ready"
@@ -98,11 +101,23 @@ for _ in $(seq 1 150); do
 done
 echo "== monthly quota state (table quota_state; free plan: 1000 calls, hard) =="
 q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement, covered_until FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
+# The SLOs are evaluated when a minute closes: wait for the evaluation past the demo's last
+# minute. An alert still firing from an earlier demo run is not notified again.
+for _ in $(seq 1 150); do
+    evaluated=$(q "SELECT toUInt32(max(minute)) FROM tollgate.slo_burn_rate" || echo 0)
+    [ "${evaluated:-0}" -gt "$last_minute" ] && break
+    sleep 0.2
+done
+echo "== SLO alerts (config/demo/aggregator.toml [slo]; table slo_alerts, burn rates in slo_burn_rate) =="
+q "SELECT at, alert_id, status, round(long_burn_rate, 1) AS long_burn, round(short_burn_rate, 1) AS short_burn, window_end FROM tollgate.slo_alerts ORDER BY at_us FORMAT PrettyCompactNoEscapes" || true
+echo "webhook (tollgate-demo webhook) received $(wc -l < "$RUN/alerts.jsonl") notification(s) this run, in $RUN/alerts.jsonl:"
+sed -n 's/.*"status":"\([a-z]*\)".*"summary":"\([^"]*\)".*/  \1: \2/p' "$RUN/alerts.jsonl"
 echo "== draft invoices of this month (tollgate-billing invoice --period $(date -u +%Y-%m) --format csv) =="
 "$BIN/tollgate-billing" invoice --config config/demo/billing.toml --period "$(date -u +%Y-%m)" --format csv
 echo "(JSON: --format json; a printable page per consumer: --format html > invoices.html)"
 echo
 echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
-echo "aggregator admin http://127.0.0.1:9902/metrics, ClickHouse $CH (database tollgate),"
+echo "aggregator admin http://127.0.0.1:9902/metrics, SLO webhook receiver http://127.0.0.1:8082,"
+echo "ClickHouse $CH (database tollgate),"
 echo "Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
 echo "Stop everything with: scripts/demo.sh stop"

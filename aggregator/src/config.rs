@@ -367,6 +367,31 @@ mod tests {
         assert_eq!(c.slo.stale_after_s, 600);
         let hook = c.slo.webhook.as_ref().unwrap();
         assert_eq!((hook.url.to_string().as_str(), hook.timeout.as_millis()), ("https://alerts.example/hook", 5000));
+        // The webhook's secret from the environment.
+        let env = [
+            ("TOLLGATE_AGGREGATOR_SLO__WEBHOOK_URL".to_owned(), "http://127.0.0.1:9/x".to_owned()),
+            ("TOLLGATE_AGGREGATOR_SLO__WEBHOOK_HEADERS__AUTHORIZATION".to_owned(), "Bearer s3cret".to_owned()),
+        ]
+        .into();
+        let c = Config::parse(MINIMAL, &env).unwrap();
+        let hook = c.slo.webhook.as_ref().unwrap();
+        assert_eq!(hook.headers.len(), 1);
+        assert_eq!(
+            (hook.headers[0].0.as_str(), hook.headers[0].1.to_str().unwrap()),
+            ("authorization", "Bearer s3cret")
+        );
+        assert!(hook.headers[0].1.is_sensitive());
+    }
+
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        for (name, text) in [
+            ("config/demo/aggregator.toml", include_str!("../../config/demo/aggregator.toml")),
+            ("config/compose/aggregator.toml", include_str!("../../config/compose/aggregator.toml")),
+        ] {
+            let c = Config::parse(text, &BTreeMap::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(c.slo.enabled(), "{name}");
+        }
     }
 
     #[test]

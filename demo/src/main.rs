@@ -1,10 +1,13 @@
-//! `tollgate-demo`: the demo upstream and the demo traffic generator.
+//! `tollgate-demo`: the demo upstream, the demo traffic generator and a webhook receiver for
+//! the demo's SLO alerts.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use tollgate_demo::{traffic, upstream};
+use std::path::PathBuf;
+
+use tollgate_demo::{traffic, upstream, webhook};
 
 #[derive(Parser)]
 #[command(version, about = "tollgate demo upstream and traffic generator")]
@@ -24,9 +27,16 @@ enum Command {
     Traffic {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         edge: String,
-        /// Multiplies the mix (scale 1 = 113 requests).
+        /// Multiplies the mix (scale 1 = 117 requests).
         #[arg(long, default_value_t = 5)]
         scale: usize,
+    },
+    /// Receive SLO alert notifications (POSTed JSON) and append each as a line to a file.
+    Webhook {
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        listen: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -46,6 +56,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("{label:<10} {status:>6} {n:>6}");
             }
             println!("sent {} requests, {} without a response", tally.total(), tally.transport_errors);
+        }
+        Command::Webhook { listen, out } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tracing::info!(%listen, out = %out.display(), "demo webhook listening");
+            webhook::serve(listener, out).await?;
         }
     }
     Ok(())

@@ -113,6 +113,15 @@ pub fn demo_mix(scale: usize) -> Vec<Caller> {
             pause: Duration::ZERO,
             path: "/echo/burst".into(),
         },
+        // The upstream failing for one consumer's calls: the demo's SLO alerts fire.
+        Caller {
+            label: "globex".into(),
+            key: key(1),
+            requests: 4 * scale,
+            concurrency: 1,
+            pause: Duration::from_millis(10),
+            path: "/echo/items?status=503".into(),
+        },
     ]
 }
 

@@ -49,6 +49,24 @@ async fn every_panel_query_runs_and_returns_rows() {
         ),
     )
     .await;
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.slo_burn_rate (minute, slo_id, consumer_id, window_minutes, total, bad, burn_rate, evaluated_at_us) \
+             VALUES (toDateTime({minute}), 'api', '', 60, 12, 2, 16.7, 1), (toDateTime({minute}), 'api', '', 5, 12, 2, 16.7, 1)"
+        ),
+    )
+    .await;
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.slo_alerts (at, at_us, alert_id, slo_id, consumer_id, severity, status, window_end, \
+             long_window_minutes, short_window_minutes, burn_rate_threshold, long_burn_rate, short_burn_rate, delivered) \
+             VALUES (toDateTime({minute}), {minute}000000, 'api/page/60m-5m', 'api', '', 'page', 'firing', toDateTime({minute}), \
+             60, 5, 14.4, 16.7, 16.7, 1)"
+        ),
+    )
+    .await;
     let mut ran = 0;
     for entry in std::fs::read_dir(repo_root().join("dashboards")).unwrap() {
         let path = entry.unwrap().path();
@@ -63,7 +81,8 @@ async fn every_panel_query_runs_and_returns_rows() {
                     &url,
                     &format!("{sql}\nFORMAT TSV")
                         .replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final"))
-                        .replace("FROM quota_state", &format!("FROM {db}.quota_state")),
+                        .replace("FROM quota_state", &format!("FROM {db}.quota_state"))
+                        .replace("FROM slo_", &format!("FROM {db}.slo_")),
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{}: panel `{}`: {e}\n{sql}", path.display(), panel["title"]));
@@ -72,7 +91,7 @@ async fn every_panel_query_runs_and_returns_rows() {
             }
         }
     }
-    assert!(ran >= 6, "{ran} panel queries");
+    assert!(ran >= 8, "{ran} panel queries");
     // The latency table's percentiles come from the merged buckets: 12 calls → P50 is the
     // 6th (1.0 ms bucket), P95 and P99 the 12th (4.503 ms).
     let dash: serde_json::Value =
