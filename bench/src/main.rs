@@ -13,6 +13,8 @@
 //! `tollgate-bench billing`    close and export a month of invoices for 10,000 consumers.
 //! `tollgate-bench lag`        usage and quota lag after a minute's lateness window, at a
 //!                             fixed request rate through edge, ingest and aggregator.
+//! `tollgate-bench slo`        one SLO evaluation over 3 days of usage for N consumers;
+//!                             baseline: reading the 3-day window.
 //!
 //! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
 //! `bench/run.sh` does all of it.
@@ -27,6 +29,7 @@ mod gateway;
 mod hyper_proxy;
 mod ingest;
 mod lag;
+mod slo;
 
 use clap::{Parser, Subcommand};
 
@@ -89,6 +92,13 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// SLO evaluation time over three days of usage.
+    Slo {
+        #[arg(long, default_value_t = 1_000)]
+        consumers: u64,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Usage and quota lag after each minute's lateness window.
     Lag {
         #[arg(long, default_value_t = 2_000)]
@@ -119,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Encode { events, runs } => encode::run(events, runs),
         Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
         Command::Billing { consumers, runs } => billing::run(&cli.clickhouse, consumers, runs).await,
+        Command::Slo { consumers, runs } => slo::run(&cli.clickhouse, consumers, runs).await,
         Command::Lag { rate, minutes, lateness } => lag::run(&cli.clickhouse, rate, minutes, lateness).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
     }

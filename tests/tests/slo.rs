@@ -358,3 +358,118 @@ async fn two_aggregators_in_a_group_notify_each_alert_once() {
     assert_eq!(hook.accepted.lock().unwrap().len(), 4, "{:?}", hook.accepted.lock().unwrap());
     assert!(a.terminate(Duration::from_secs(20)) && b.terminate(Duration::from_secs(20)));
 }
+
+/// The evaluator reads whole hours from its cache and only partial hours from ClickHouse; its
+/// window counts equal one full read of each window (`window_sql`), also after a minute two
+/// hours back is rewritten (new rows, higher version: the hour is read again), and an
+/// evaluation with nothing rewritten reads no whole hour again.
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
+    let url = clickhouse();
+    let db = unique("slo_inc");
+    let cfg = tollgate_aggregator::Config::parse(
+        &format!(
+            "[kafka]\nbrokers = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\n\
+             [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 90\nshort_window_minutes = 5\nburn_rate = 2\n\
+             [[slo.rules]]\nseverity = \"ticket\"\nlong_window_minutes = 300\nshort_window_minutes = 60\nburn_rate = 1\n\
+             [[slo.objectives]]\nid = \"orders\"\nkind = \"availability\"\nobjective_percent = 99\nroute = \"orders\"\n\
+             [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 95\nlatency_threshold_ms = 250\nper_consumer = true\n"
+        ),
+        &Default::default(),
+    )
+    .unwrap();
+    tollgate_schemas::store::prepare(&cfg.clickhouse).await.unwrap();
+    let client = tollgate_schemas::store::client(&cfg.clickhouse);
+    let now = now_us() / 1_000_000;
+    let end = now - now % 60 - 7 * 60;
+    let start = end - 6 * 3600;
+    // Six hours of minutes, 4 consumers, 2 routes, a mix of outcomes; a row every 7th minute
+    // is missing so that some consumers have gaps.
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.usage_minute (minute, consumer_id, route_id, outcome, status_class, requests, errors_4xx, errors_5xx, \
+             request_bytes, response_bytes, latency_sum_us, latency_le_us, latency_count, version) \
+             SELECT toDateTime({start} + intDiv(number, 8) * 60), concat('c', toString(number % 4)), \
+             if(intDiv(number, 4) % 2 = 0, 'orders', 'search'), \
+             ['forwarded', 'forwarded', 'upstream_timeout', 'rate_limited'][number % 13 % 4 + 1], \
+             if(number % 11 = 0, 5, 2), 1 + number % 17, 0, 0, 0, 0, 0, [900, 260000], [number % 17, 1], 1 \
+             FROM numbers({}) WHERE intDiv(number, 8) % 7 != 3",
+            6 * 60 * 8 + 8 * 10
+        ),
+    )
+    .await;
+    let objectives = &cfg.slo.objectives;
+    let windows = cfg.slo.windows();
+    assert_eq!(windows, vec![5, 60, 90, 300]);
+    let mut evaluator = tollgate_aggregator::slo::Evaluator::new(std::sync::Arc::clone(&cfg.slo), client.clone());
+
+    // What the evaluator wrote to slo_burn_rate for `at`, against one full read per window.
+    let check = |at: i64| {
+        let (url, db, windows) = (url.clone(), db.clone(), windows.clone());
+        async move {
+            for o in objectives {
+                let got = ch(
+                    &url,
+                    &format!(
+                        "SELECT consumer_id, window_minutes, total, bad FROM {db}.slo_burn_rate FINAL \
+                         WHERE slo_id = '{}' AND minute = toDateTime({at}) ORDER BY consumer_id, window_minutes FORMAT TSV",
+                        o.id
+                    ),
+                )
+                .await;
+                let full = tollgate_aggregator::slo::window_sql(o, &windows, &format!("toDateTime({at})"))
+                    .replace("FROM usage_minute", &format!("FROM {db}.usage_minute"))
+                    .replace("route_id = ?", "route_id = 'orders'");
+                let rows = ch(
+                    &url,
+                    &format!("SELECT consumer_id, totals, bads FROM ({full}) ORDER BY consumer_id FORMAT TSV"),
+                )
+                .await;
+                let mut want = String::new();
+                for line in rows.lines() {
+                    let cols: Vec<&str> = line.split('\t').collect();
+                    let nums = |s: &str| -> Vec<u64> {
+                        s.trim_matches(|c| c == '[' || c == ']').split(',').map(|v| v.parse().unwrap()).collect()
+                    };
+                    let (totals, bads) = (nums(cols[1]), nums(cols[2]));
+                    if totals.iter().all(|&t| t == 0) {
+                        continue;
+                    }
+                    for (i, w) in windows.iter().enumerate() {
+                        want.push_str(&format!("{}\t{w}\t{}\t{}\n", cols[0], totals[i], bads[i]));
+                    }
+                }
+                assert!(!want.is_empty(), "{}: no calls in the data", o.id);
+                assert_eq!(got, want, "{} at {at}", o.id);
+            }
+        }
+    };
+    evaluator.evaluate(end, 1).await.unwrap();
+    check(end).await;
+    let first = evaluator.hours_read();
+    assert!(first >= 4, "whole hours read: {first}");
+
+    // Minute end - 2 h rewritten: more calls, some 5xx and slow ones (higher version).
+    let m = end - 2 * 3600 - (end - 2 * 3600) % 60;
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.usage_minute (minute, consumer_id, route_id, outcome, status_class, requests, errors_4xx, errors_5xx, \
+             request_bytes, response_bytes, latency_sum_us, latency_le_us, latency_count, version) VALUES \
+             (toDateTime({m}), 'c1', 'orders', 'forwarded', 5, 500, 0, 500, 0, 0, 0, [300000], [500], 9), \
+             (toDateTime({m}), 'c9', 'orders', 'forwarded', 2, 40, 0, 0, 0, 0, 0, [900], [40], 9)"
+        ),
+    )
+    .await;
+    evaluator.evaluate(end + 60, 2).await.unwrap();
+    check(end + 60).await;
+    let second = evaluator.hours_read();
+    assert!(second > first, "the rewritten hour was not read again");
+    // Nothing rewritten: the whole hours come from the cache (only an hour that just became
+    // whole, if the end crossed one, is read).
+    evaluator.evaluate(end + 120, 3).await.unwrap();
+    check(end + 120).await;
+    assert!(evaluator.hours_read() - second <= 1, "{} whole hours read again", evaluator.hours_read() - second);
+    ch(&url, &format!("DROP DATABASE {db}")).await;
+}

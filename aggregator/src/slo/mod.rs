@@ -13,6 +13,7 @@
 //! of aggregators sends each notification once.
 
 pub mod config;
+pub mod windows;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -107,13 +108,6 @@ pub struct Notification {
     pub window_end_s: i64,
 }
 
-#[derive(Debug, clickhouse::Row, Deserialize)]
-struct WindowRow {
-    consumer_id: String,
-    totals: Vec<u64>,
-    bads: Vec<u64>,
-}
-
 #[derive(Debug, clickhouse::Row, Serialize)]
 struct BurnRow {
     minute: u32,
@@ -150,11 +144,9 @@ struct StateRow {
     firing: u8,
 }
 
-/// SQL: per consumer (or one row, consumer '', for all), the calls the objective counts and
-/// the bad ones in each window ending at `end` (an SQL DateTime expression; `windows` in
-/// minutes, ascending). `schemas/queries/slo_window_counts.sql` holds two of them, checked on
-/// current ClickHouse.
-fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
+/// SQL expressions of what an objective counts in a `usage_minute` row: (calls, bad calls,
+/// the consumer column: the consumer id when per consumer, else '').
+pub(crate) fn counted_exprs(o: &Objective) -> (String, String, &'static str) {
     let (total, bad) = match o.kind {
         Kind::Availability => (
             "if(outcome IN ('forwarded', 'upstream_error', 'upstream_timeout', 'edge_shutdown'), requests, 0)"
@@ -172,11 +164,21 @@ fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
             ),
         ),
     };
+    (total, bad, if o.per_consumer { "consumer_id" } else { "''" })
+}
+
+/// SQL: per consumer (or one row, consumer '', for all), the calls the objective counts and
+/// the bad ones in each window ending at `end` (an SQL DateTime expression; `windows` in
+/// minutes, ascending), in one read of the longest window. The evaluator gets the same
+/// numbers incrementally ([`windows::Cache`]); this is the reference it is tested against,
+/// and `schemas/queries/slo_window_counts.sql` holds two of them (checked on current
+/// ClickHouse).
+pub fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
+    let (total, bad, consumer) = counted_exprs(o);
     let longest = windows.last().copied().unwrap_or(1);
     let sums = |col: &str| {
         windows.iter().map(|w| format!("sumIf({col}, minute >= {end} - {})", w * 60)).collect::<Vec<_>>().join(", ")
     };
-    let consumer = if o.per_consumer { "consumer_id" } else { "''" };
     let mut filter = String::new();
     if o.route.is_some() {
         filter.push_str(" AND route_id = ?");
@@ -314,12 +316,18 @@ pub struct Evaluator {
     client: Client,
     windows: Vec<u32>,
     firing: HashMap<String, bool>,
+    cache: windows::Cache,
 }
 
 impl Evaluator {
     pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
         let windows = cfg.windows();
-        Self { cfg, client, windows, firing: HashMap::new() }
+        Self { cfg, client, windows, firing: HashMap::new(), cache: windows::Cache::default() }
+    }
+
+    /// Whole hours read with `FINAL` so far (the rest came from the cache).
+    pub fn hours_read(&self) -> u64 {
+        self.cache.hours_read
     }
 
     /// Takes the alerts' states from `slo_alerts` (the latest notification of each).
@@ -339,17 +347,8 @@ impl Evaluator {
         let mut firing = self.firing.clone();
         let mut notes = Vec::new();
         let mut burn = Vec::new();
-        for o in &self.cfg.objectives {
-            let mut q = self.client.query(&window_sql(o, &self.windows, &format!("toDateTime({end_s})")));
-            for v in [&o.route, &o.consumer].into_iter().flatten() {
-                q = q.bind(v.as_str());
-            }
-            let mut counts = HashMap::new();
-            for row in q.fetch_all::<WindowRow>().await? {
-                let c: Vec<Counts> =
-                    row.totals.iter().zip(&row.bads).map(|(&total, &bad)| Counts { total, bad }).collect();
-                counts.insert(row.consumer_id, c);
-            }
+        let all = self.cache.counts(&self.client, &self.cfg.objectives, &self.windows, end_s).await?;
+        for (o, mut counts) in self.cfg.objectives.iter().zip(all) {
             if !o.per_consumer && counts.is_empty() {
                 counts.insert(String::new(), vec![Counts::default(); self.windows.len()]);
             }
@@ -689,8 +688,19 @@ mod tests {
         let end = "toStartOfMinute(now())";
         let mut latency = objective(true);
         latency.kind = Kind::Latency { threshold_us: 250_000 };
-        let want = [window_sql(&objective(false), &[5, 60], end), window_sql(&latency, &[5, 60], end)];
-        assert_eq!(statements.len(), 2, "{file}");
+        // The incremental reads of windows of 5 and 60 minutes and 3 days ending at 2026-11-26
+        // 20:25 (docs/ARCHITECTURE.md).
+        let (h, e) = (1_795_723_200, 1_795_723_200 + 25 * 60);
+        let mut avail_route = objective(false);
+        avail_route.route = Some("echo".into());
+        let want = [
+            window_sql(&objective(false), &[5, 60], end),
+            window_sql(&latency, &[5, 60], end),
+            windows::fingerprint_sql(h - 71 * 3600, h),
+            windows::hours_sql(&avail_route, h - 71 * 3600, h).replace("route_id = ?", "route_id = 'echo'"),
+            windows::ranges_sql(&latency, &windows::plan(&[5, 60, 4320], e).minute_ranges),
+        ];
+        assert_eq!(statements.len(), want.len(), "{file}");
         for (got, want) in statements.iter().zip(&want) {
             assert_eq!(got.trim().trim_end_matches(';'), want, "update schemas/queries/slo_window_counts.sql");
         }

@@ -1,0 +1,325 @@
+//! Window counts read incrementally: whole hours from a cache, only the partial hours at the
+//! windows' ends from ClickHouse.
+//!
+//! A window `[end - w, end)` is split into the minutes before its first whole hour, the whole
+//! hours, and the minutes of the current hour. Whole hours come from a per-objective cache of
+//! per-hour counts; each evaluation reads, with one cheap scan without `FINAL` (two columns),
+//! every hour's row count and sum of row versions in `usage_minute`: a rewritten minute (late
+//! events, another aggregator replica) adds a row with a new version, so its hour's
+//! fingerprint changes and the hour is read again. The partial hours are read with `FINAL` at
+//! every evaluation. With the default rules (longest window 3 days) a steady-state evaluation
+//! reads about an hour of `usage_minute` with `FINAL` per objective instead of three days.
+//! The result equals [`super::window_sql`]'s over the whole window (tested against it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use clickhouse::Client;
+use serde::Deserialize;
+
+use super::{Counts, Objective, counted_exprs};
+use crate::store::USAGE_TABLE;
+
+const HOUR: i64 = 3600;
+
+fn floor_hour(s: i64) -> i64 {
+    s - s.rem_euclid(HOUR)
+}
+
+/// How the windows ending at `end` are read: `minute_ranges` (half-open, seconds) read with
+/// `FINAL` now, and per window the indexes of its minute ranges and its whole hours.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub minute_ranges: Vec<(i64, i64)>,
+    /// Per window: (indexes into `minute_ranges`, whole hours `[from, to)`).
+    pub windows: Vec<(Vec<usize>, (i64, i64))>,
+}
+
+/// Splits each window (minutes) ending at `end` (a minute boundary) into partial-hour minute
+/// ranges and whole hours.
+pub fn plan(windows: &[u32], end: i64) -> Plan {
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    let idx = |r: (i64, i64), ranges: &mut Vec<(i64, i64)>| match ranges.iter().position(|&x| x == r) {
+        Some(i) => i,
+        None => {
+            ranges.push(r);
+            ranges.len() - 1
+        }
+    };
+    let current = floor_hour(end);
+    let mut out = Vec::new();
+    for &w in windows {
+        let start = end - i64::from(w) * 60;
+        let mut mine = Vec::new();
+        if floor_hour(start) == current || start >= current {
+            mine.push(idx((start, end), &mut ranges));
+            out.push((mine, (current, current)));
+            continue;
+        }
+        let first_whole = if start.rem_euclid(HOUR) == 0 { start } else { floor_hour(start) + HOUR };
+        if start < first_whole {
+            mine.push(idx((start, first_whole), &mut ranges));
+        }
+        if current < end {
+            mine.push(idx((current, end), &mut ranges));
+        }
+        out.push((mine, (first_whole, current)));
+    }
+    Plan { minute_ranges: ranges, windows: out }
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct Fingerprint {
+    hour: u32,
+    rows: u64,
+    versions: u64,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct HourRow {
+    consumer_id: String,
+    hour: u32,
+    total: u64,
+    bad: u64,
+}
+
+#[derive(Debug, clickhouse::Row, Deserialize)]
+struct RangeRow {
+    consumer_id: String,
+    totals: Vec<u64>,
+    bads: Vec<u64>,
+}
+
+/// Per-hour counts of every objective, and the fingerprints they were read at.
+#[derive(Debug, Default)]
+pub struct Cache {
+    fingerprints: HashMap<i64, (u64, u64)>,
+    /// Per objective (config order): hour → consumer → counts.
+    hours: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
+    /// Hours read with `FINAL` since the start (for the metrics and the benchmark).
+    pub hours_read: u64,
+}
+
+fn bind_filters(mut q: clickhouse::query::Query, o: &Objective) -> clickhouse::query::Query {
+    for v in [&o.route, &o.consumer].into_iter().flatten() {
+        q = q.bind(v.as_str());
+    }
+    q
+}
+
+fn filters(o: &Objective) -> String {
+    let mut f = String::new();
+    if o.route.is_some() {
+        f.push_str(" AND route_id = ?");
+    }
+    if o.consumer.is_some() {
+        f.push_str(" AND consumer_id = ?");
+    }
+    f
+}
+
+/// Row count and sum of row versions of every hour in `[lo, hi)` (no `FINAL`: any new row of
+/// a rewritten minute changes them).
+pub fn fingerprint_sql(lo: i64, hi: i64) -> String {
+    format!(
+        "SELECT toUInt32(intDiv(toUInt32(minute), 3600) * 3600) AS hour, count() AS rows, sum(version) AS versions \
+         FROM {USAGE_TABLE} PREWHERE minute >= toDateTime({lo}) AND minute < toDateTime({hi}) GROUP BY hour"
+    )
+}
+
+// The `FINAL` reads filter in PREWHERE: on ClickHouse 18.16 that is 3-4x faster than WHERE
+// (which reads every column before filtering), and exact here because every column filtered
+// on (minute, route_id, consumer_id) is part of the sorting key, so all versions of a row pass
+// or fail together.
+
+/// Per consumer and hour, what `o` counts in the hours `[first, end)`.
+pub fn hours_sql(o: &Objective, first: i64, end: i64) -> String {
+    let (t, b, c) = counted_exprs(o);
+    format!(
+        "SELECT c AS consumer_id, h AS hour, sum(t) AS total, sum(b) AS bad FROM \
+         (SELECT {c} AS c, toUInt32(intDiv(toUInt32(minute), 3600) * 3600) AS h, {t} AS t, {b} AS b \
+          FROM {USAGE_TABLE} FINAL PREWHERE minute >= toDateTime({first}) AND minute < toDateTime({end}){}) \
+         GROUP BY c, h",
+        filters(o)
+    )
+}
+
+/// Per consumer, what `o` counts in each of `ranges` (seconds, half-open).
+pub fn ranges_sql(o: &Objective, ranges: &[(i64, i64)]) -> String {
+    let (t, b, c) = counted_exprs(o);
+    let sums = |col: &str| {
+        ranges
+            .iter()
+            .map(|(a, z)| format!("sumIf({col}, minute >= toDateTime({a}) AND minute < toDateTime({z}))"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let any = ranges
+        .iter()
+        .map(|(a, z)| format!("(minute >= toDateTime({a}) AND minute < toDateTime({z}))"))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    format!(
+        "SELECT c AS consumer_id, [{}] AS totals, [{}] AS bads FROM \
+         (SELECT {c} AS c, minute, {t} AS t, {b} AS b FROM {USAGE_TABLE} FINAL PREWHERE ({any}){}) GROUP BY c",
+        sums("t"),
+        sums("b"),
+        filters(o)
+    )
+}
+
+impl Cache {
+    /// The counts of every window (`windows`, minutes, ascending) ending at `end_s`, per
+    /// consumer ('' unless per consumer), for each objective.
+    pub async fn counts(
+        &mut self,
+        client: &Client,
+        objectives: &[Objective],
+        windows: &[u32],
+        end_s: i64,
+    ) -> Result<Vec<HashMap<String, Vec<Counts>>>, clickhouse::error::Error> {
+        let plan = plan(windows, end_s);
+        self.hours.resize_with(objectives.len(), BTreeMap::new);
+        let (lo, hi) =
+            plan.windows.iter().fold(
+                (i64::MAX, i64::MIN),
+                |(lo, hi), (_, (a, b))| {
+                    if a < b { (lo.min(*a), hi.max(*b)) } else { (lo, hi) }
+                },
+            );
+        let mut stale: BTreeSet<i64> = BTreeSet::new();
+        if lo < hi {
+            let now: HashMap<i64, (u64, u64)> = client
+                .query(&fingerprint_sql(lo, hi))
+                .fetch_all::<Fingerprint>()
+                .await?
+                .into_iter()
+                .map(|f| (i64::from(f.hour), (f.rows, f.versions)))
+                .collect();
+            let mut h = lo;
+            while h < hi {
+                let fp = now.get(&h).copied().unwrap_or((0, 0));
+                let cached = self.fingerprints.get(&h) == Some(&fp) && self.hours.iter().all(|c| c.contains_key(&h));
+                if !cached {
+                    stale.insert(h);
+                }
+                h += HOUR;
+            }
+            if let (Some(&first), Some(&last)) = (stale.first(), stale.last()) {
+                for (o, cache) in objectives.iter().zip(self.hours.iter_mut()) {
+                    let sql = hours_sql(o, first, last + HOUR);
+                    for h in &stale {
+                        cache.insert(*h, HashMap::new());
+                    }
+                    for row in bind_filters(client.query(&sql), o).fetch_all::<HourRow>().await? {
+                        let h = i64::from(row.hour);
+                        if stale.contains(&h) {
+                            cache
+                                .entry(h)
+                                .or_default()
+                                .insert(row.consumer_id, Counts { total: row.total, bad: row.bad });
+                        }
+                    }
+                }
+                self.hours_read += stale.len() as u64;
+                for h in &stale {
+                    self.fingerprints.insert(*h, now.get(h).copied().unwrap_or((0, 0)));
+                }
+            }
+        }
+        // Hours no window reaches any more.
+        let keep_from = if lo < hi { lo } else { floor_hour(end_s) };
+        self.fingerprints.retain(|&h, _| h >= keep_from);
+        for cache in &mut self.hours {
+            cache.retain(|&h, _| h >= keep_from);
+        }
+
+        let mut out = Vec::with_capacity(objectives.len());
+        for (o, cache) in objectives.iter().zip(&self.hours) {
+            let mut counts: HashMap<String, Vec<Counts>> = HashMap::new();
+            let zero = || vec![Counts::default(); windows.len()];
+            if !plan.minute_ranges.is_empty() {
+                let sql = ranges_sql(o, &plan.minute_ranges);
+                for row in bind_filters(client.query(&sql), o).fetch_all::<RangeRow>().await? {
+                    let per = counts.entry(row.consumer_id).or_insert_with(zero);
+                    for (w, (ranges, _)) in plan.windows.iter().enumerate() {
+                        for &r in ranges {
+                            per[w].total += row.totals.get(r).copied().unwrap_or(0);
+                            per[w].bad += row.bads.get(r).copied().unwrap_or(0);
+                        }
+                    }
+                }
+            }
+            for (w, (_, (from, to))) in plan.windows.iter().enumerate() {
+                for (_, by_consumer) in cache.range(*from..*to) {
+                    for (consumer, c) in by_consumer {
+                        let per = counts.entry(consumer.clone()).or_insert_with(zero);
+                        per[w].total += c.total;
+                        per[w].bad += c.bad;
+                    }
+                }
+            }
+            counts.retain(|_, per| per.iter().any(|c| c.total > 0));
+            out.push(counts);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const H: i64 = 500_000 * 3600; // an hour boundary
+
+    #[test]
+    fn windows_split_into_partial_hours_and_whole_hours() {
+        // end = H + 25 min; windows 5 min, 60 min, 3 h.
+        let end = H + 25 * 60;
+        let p = plan(&[5, 60, 180], end);
+        assert_eq!(
+            p.minute_ranges,
+            vec![
+                (end - 300, end),               // 5 min: inside the current hour
+                (end - 3600, H),                // 60 min: 35 min of the previous hour...
+                (H, end),                       // ...and the current hour's 25
+                (end - 3 * 3600, H - 2 * 3600), // 3 h: 35 min of H-3h...
+            ]
+        );
+        assert_eq!(p.windows[0], (vec![0], (H, H)));
+        assert_eq!(p.windows[1], (vec![1, 2], (H, H)), "no whole hour in 60 min ending mid-hour");
+        assert_eq!(p.windows[2], (vec![3, 2], (H - 2 * 3600, H)), "two whole hours between");
+    }
+
+    #[test]
+    fn aligned_ends_need_no_partial_hours() {
+        let p = plan(&[60, 360], H);
+        assert!(p.minute_ranges.is_empty(), "{p:?}");
+        assert_eq!(p.windows, vec![(vec![], (H - 3600, H)), (vec![], (H - 6 * 3600, H))]);
+        // A window starting on an hour boundary but ending mid-hour.
+        let p = plan(&[90], H + 30 * 60);
+        assert_eq!(p.minute_ranges, vec![(H, H + 30 * 60)]);
+        assert_eq!(p.windows, vec![(vec![0], (H - 3600, H))]);
+    }
+
+    #[test]
+    fn every_second_of_every_window_is_counted_once() {
+        for end in (H..H + 2 * 3600).step_by(60) {
+            let windows = [1, 5, 30, 59, 60, 61, 360, 4320];
+            let p = plan(&windows, end);
+            for (w, (ranges, (from, to))) in windows.iter().zip(&p.windows) {
+                let mut covered: Vec<(i64, i64)> = ranges.iter().map(|&r| p.minute_ranges[r]).collect();
+                if from < to {
+                    covered.push((*from, *to));
+                }
+                covered.sort_unstable();
+                let mut at = end - i64::from(*w) * 60;
+                for (a, z) in covered {
+                    assert_eq!(a, at, "gap or overlap: end {end}, window {w}");
+                    at = z;
+                }
+                assert_eq!(at, end, "window {w} at {end}");
+            }
+        }
+    }
+}
