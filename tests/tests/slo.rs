@@ -252,13 +252,7 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     let admin2 = free_port();
     let mut agg2 = start_aggregator(dir.path(), "agg-2", &config(admin2));
     let admin2 = std::net::SocketAddr::from(([127, 0, 0, 1], admin2));
-    let evaluated = wait_until(Duration::from_secs(90), || async {
-        try_metrics_text(admin2).await.unwrap_or_default().lines().any(|l| {
-            l.strip_prefix("tollgate_aggregator_slo_evaluations_total ")
-                .is_some_and(|v| v.trim().parse::<u64>().unwrap_or(0) >= 1)
-        })
-    })
-    .await;
+    let evaluated = wait_until(Duration::from_secs(90), || async { evaluations(admin2).await >= 1 }).await;
     assert!(evaluated, "the restarted aggregator did not evaluate:\n{}", agg2.log_tail());
     failing.store(false, Ordering::SeqCst);
     assert_eq!(hook.of(AVAILABILITY).len(), 1, "notified again after the restart: {:?}", hook.of(AVAILABILITY));
@@ -286,6 +280,14 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     );
     assert_eq!(hook.of(AVAILABILITY).len(), 2);
     assert!(agg2.terminate(Duration::from_secs(20)));
+}
+
+/// The aggregator's SLO evaluations so far (0 while its admin port is not up).
+async fn evaluations(admin: std::net::SocketAddr) -> u64 {
+    let text = try_metrics_text(admin).await.unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("tollgate_aggregator_slo_evaluations_total "))
+        .map_or(0, |v| v.trim().parse().unwrap_or(0))
 }
 
 /// ClickHouse's text for a DateTime of `s` (in the server's time zone).
@@ -339,12 +341,8 @@ async fn two_aggregators_in_a_group_notify_each_alert_once() {
         );
     }
     // A few more evaluations: nothing more arrives.
-    let evaluations = |admin: u16| async move {
-        let text = try_metrics_text(std::net::SocketAddr::from(([127, 0, 0, 1], admin))).await.unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("tollgate_aggregator_slo_evaluations_total "))
-            .map_or(0, |v| v.trim().parse::<u64>().unwrap_or(0))
-    };
+    let (admin_a, admin_b) =
+        (std::net::SocketAddr::from(([127, 0, 0, 1], admin_a)), std::net::SocketAddr::from(([127, 0, 0, 1], admin_b)));
     let before = evaluations(admin_a).await + evaluations(admin_b).await;
     assert!(
         wait_until(Duration::from_secs(90), || async {

@@ -167,6 +167,27 @@ pub(crate) fn counted_exprs(o: &Objective) -> (String, String, &'static str) {
     (total, bad, if o.per_consumer { "consumer_id" } else { "''" })
 }
 
+/// The objective's route and consumer conditions (` AND …`), with a `?` each for
+/// [`bind_filters`].
+pub(crate) fn filters(o: &Objective) -> String {
+    let mut f = String::new();
+    if o.route.is_some() {
+        f.push_str(" AND route_id = ?");
+    }
+    if o.consumer.is_some() {
+        f.push_str(" AND consumer_id = ?");
+    }
+    f
+}
+
+/// Binds the values of [`filters`].
+pub(crate) fn bind_filters(mut q: clickhouse::query::Query, o: &Objective) -> clickhouse::query::Query {
+    for v in [&o.route, &o.consumer].into_iter().flatten() {
+        q = q.bind(v.as_str());
+    }
+    q
+}
+
 /// SQL: per consumer (or one row, consumer '', for all), the calls the objective counts and
 /// the bad ones in each window ending at `end` (an SQL DateTime expression; `windows` in
 /// minutes, ascending), in one read of the longest window. The evaluator gets the same
@@ -179,13 +200,7 @@ pub fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
     let sums = |col: &str| {
         windows.iter().map(|w| format!("sumIf({col}, minute >= {end} - {})", w * 60)).collect::<Vec<_>>().join(", ")
     };
-    let mut filter = String::new();
-    if o.route.is_some() {
-        filter.push_str(" AND route_id = ?");
-    }
-    if o.consumer.is_some() {
-        filter.push_str(" AND consumer_id = ?");
-    }
+    let filter = filters(o);
     format!(
         "SELECT c AS consumer_id, [{}] AS totals, [{}] AS bads\n\
          FROM (SELECT {consumer} AS c, minute, {total} AS t, {bad} AS b FROM {USAGE_TABLE} FINAL\n\

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use clickhouse::Client;
 use serde::Deserialize;
 
-use super::{Counts, Objective, counted_exprs};
+use super::{Counts, Objective, bind_filters, counted_exprs, filters};
 use crate::store::USAGE_TABLE;
 
 const HOUR: i64 = 3600;
@@ -97,24 +97,6 @@ pub struct Cache {
     hours: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
     /// Hours read with `FINAL` since the start (for the metrics and the benchmark).
     pub hours_read: u64,
-}
-
-fn bind_filters(mut q: clickhouse::query::Query, o: &Objective) -> clickhouse::query::Query {
-    for v in [&o.route, &o.consumer].into_iter().flatten() {
-        q = q.bind(v.as_str());
-    }
-    q
-}
-
-fn filters(o: &Objective) -> String {
-    let mut f = String::new();
-    if o.route.is_some() {
-        f.push_str(" AND route_id = ?");
-    }
-    if o.consumer.is_some() {
-        f.push_str(" AND consumer_id = ?");
-    }
-    f
 }
 
 /// Row count and sum of row versions of every hour in `[lo, hi)` (no `FINAL`: any new row of
