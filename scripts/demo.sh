@@ -94,20 +94,19 @@ echo "== (tollgate-aggregator usage --config config/demo/aggregator.toml) =="
 "$BIN/tollgate-aggregator" usage --config config/demo/aggregator.toml
 # Quota states are published after the minutes they count are written: wait for the state
 # that covers the demo's last minute (a consumer without calls since keeps its earlier one).
-for _ in $(seq 1 150); do
-    covered=$(q "SELECT toUInt32(max(covered_until)) FROM tollgate.quota_state FINAL" || echo 0)
-    [ "${covered:-0}" -gt "$last_minute" ] && break
-    sleep 0.2
-done
+# Waits (up to 30 s) until the number SQL $1 returns is past the demo's last minute.
+wait_past_last_minute() {
+    for _ in $(seq 1 150); do
+        [ "$(q "$1" || echo 0)" -gt "$last_minute" ] 2>/dev/null && return
+        sleep 0.2
+    done
+}
+wait_past_last_minute "SELECT toUInt32(max(covered_until)) FROM tollgate.quota_state FINAL"
 echo "== monthly quota state (table quota_state; free plan: 1000 calls, hard) =="
 q "SELECT consumer_id, plan_id, period, used, quota, status, enforcement, covered_until FROM tollgate.quota_state FINAL ORDER BY consumer_id FORMAT PrettyCompactNoEscapes" || true
 # The SLOs are evaluated when a minute closes: wait for the evaluation past the demo's last
 # minute. An alert still firing from an earlier demo run is not notified again.
-for _ in $(seq 1 150); do
-    evaluated=$(q "SELECT toUInt32(max(minute)) FROM tollgate.slo_burn_rate" || echo 0)
-    [ "${evaluated:-0}" -gt "$last_minute" ] && break
-    sleep 0.2
-done
+wait_past_last_minute "SELECT toUInt32(max(minute)) FROM tollgate.slo_burn_rate"
 echo "== SLO alerts (config/demo/aggregator.toml [slo]; table slo_alerts, burn rates in slo_burn_rate) =="
 q "SELECT at, alert_id, status, round(long_burn_rate, 1) AS long_burn, round(short_burn_rate, 1) AS short_burn, window_end FROM tollgate.slo_alerts ORDER BY at_us FORMAT PrettyCompactNoEscapes" || true
 echo "webhook (tollgate-demo webhook) received $(wc -l < "$RUN/alerts.jsonl") notification(s) this run, in $RUN/alerts.jsonl:"

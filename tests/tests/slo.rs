@@ -87,6 +87,18 @@ fn history(m0: i64) -> Vec<ApiCall> {
     out
 }
 
+/// A test directory, a topic of 2 partitions holding [`history`] up to the current minute
+/// `m0`, and a database name: (dir, topic, database, m0, the history).
+async fn start_with_history(prefix: &str) -> (TempDir, String, String, i64, Vec<ApiCall>) {
+    let dir = TempDir::new(prefix);
+    let (topic, db) = (unique(&format!("{prefix}_calls")), unique(prefix));
+    create_topic(&topic, 2).await;
+    let m0 = now_us() / 60_000_000 * 60;
+    let past = history(m0);
+    produce_all(&producer(), &topic, &encode(&past)).await;
+    (dir, topic, db, m0, past)
+}
+
 fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
     let enc = Encoder::new().unwrap();
     events.iter().map(|e| (e.kafka_key().to_owned(), enc.encode(e).unwrap())).collect()
@@ -152,14 +164,9 @@ fn assert_counts(n: &Value, events: &[Seen]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
-    let dir = TempDir::new("slo");
-    let (topic, db) = (unique("slo_calls"), unique("slo"));
-    create_topic(&topic, 2).await;
-    let m0 = now_us() / 60_000_000 * 60;
-    let past = history(m0);
+    let (dir, topic, db, m0, past) = start_with_history("slo").await;
     let events = Arc::new(Mutex::new(past.iter().map(seen).collect::<Vec<_>>()));
     let producer = producer();
-    produce_all(&producer, &topic, &encode(&past)).await;
 
     // Live traffic: 4 acme calls every 250 ms; half of them 503 while `failing`.
     let failing = Arc::new(AtomicBool::new(true));
@@ -320,12 +327,7 @@ fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: std::net:
 /// minute later the 1-minute window is empty).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_aggregators_in_a_group_notify_each_alert_once() {
-    let dir = TempDir::new("slo2");
-    let (topic, db) = (unique("slo2_calls"), unique("slo2"));
-    create_topic(&topic, 2).await;
-    let m0 = now_us() / 60_000_000 * 60;
-    let past = history(m0);
-    produce_all(&producer(), &topic, &encode(&past)).await;
+    let (dir, topic, db, ..) = start_with_history("slo2").await;
     let (hook_addr, hook) = start_hook(0).await;
     let _ingest =
         start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));

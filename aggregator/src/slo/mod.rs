@@ -507,6 +507,33 @@ async fn post(client: &HttpClient, hook: &Webhook, body: Bytes) -> Result<(), St
     }
 }
 
+/// Runs `attempt` until it succeeds (true) or `stop` changes (false), counting each failure
+/// in `failures`, logging it as `what`, and waiting with `backoff` between attempts.
+async fn retry<F, Fut, E>(
+    mut attempt: F,
+    mut backoff: Backoff,
+    stop: &mut watch::Receiver<bool>,
+    failures: &std::sync::atomic::AtomicU64,
+    what: &str,
+    alert: &str,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    loop {
+        let Err(e) = attempt().await else { return true };
+        failures.fetch_add(1, Ordering::Relaxed);
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %e, alert, retry_in_ms = delay.as_millis() as u64, "{what}");
+        tokio::select! {
+            _ = stop.changed() => return false,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// The delivery task: each notification in order, to the webhook (retried with backoff until
 /// it answers 2xx), then into `slo_alerts`. What is not delivered at shutdown is not
 /// recorded, so the next evaluator finds the alert in its old state and notifies again.
@@ -528,20 +555,16 @@ async fn deliver(
                     continue;
                 }
             };
-            let mut backoff = Backoff::new(initial, max);
-            loop {
-                match post(http, hook, body.clone()).await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        metrics.webhook_failures.fetch_add(1, Ordering::Relaxed);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(error = %e, alert = %n.id, retry_in_ms = delay.as_millis() as u64, "SLO webhook failed");
-                        tokio::select! {
-                            _ = stop.changed() => return,
-                            () = tokio::time::sleep(delay) => {}
-                        }
-                    }
-                }
+            let sent = retry(
+                || post(http, hook, body.clone()),
+                Backoff::new(initial, max),
+                &mut stop,
+                &metrics.webhook_failures,
+                "SLO webhook failed",
+                &n.id,
+            );
+            if !sent.await {
+                return;
             }
         }
         match n.status {
@@ -568,25 +591,20 @@ async fn deliver(
             short_burn_rate: n.short_window.burn_rate,
             delivered: u8::from(hook.is_some()),
         };
-        let mut backoff = Backoff::new(initial, max);
-        loop {
-            let written = async {
+        let written = retry(
+            || async {
                 let mut insert = ch.insert::<AlertRow>("slo_alerts").await?;
                 insert.write(&row).await?;
                 insert.end().await
-            };
-            match written.await {
-                Ok(()) => break,
-                Err(e) => {
-                    metrics.clickhouse_errors.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, alert = %n.id, retry_in_ms = delay.as_millis() as u64, "cannot record the SLO alert");
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
+            },
+            Backoff::new(initial, max),
+            &mut stop,
+            &metrics.clickhouse_errors,
+            "cannot record the SLO alert",
+            &n.id,
+        );
+        if !written.await {
+            return;
         }
     }
 }
