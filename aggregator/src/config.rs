@@ -220,16 +220,17 @@ impl Config {
     /// Loads and validates `path` with overrides from `env`.
     pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let raw: Raw = config::load(path, ENV_PREFIX, env)?;
-        Self::validate(raw, &path.display().to_string())
+        Self::validate(raw, &path.display().to_string(), path.parent().unwrap_or(Path::new(".")))
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str, env: &BTreeMap<String, String>) -> Result<Self, ConfigError> {
         let raw: Raw = config::parse(text, "<inline>", ENV_PREFIX, env)?;
-        Self::validate(raw, "<inline>")
+        Self::validate(raw, "<inline>", Path::new("."))
     }
 
-    fn validate(raw: Raw, origin: &str) -> Result<Self, ConfigError> {
+    /// `base`: the directory relative paths in the file are taken from.
+    fn validate(raw: Raw, origin: &str, base: &Path) -> Result<Self, ConfigError> {
         let invalid = |key: &str, reason: &str| ConfigError::invalid(origin, key, reason);
         if raw.kafka.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must list at least one host:port"));
@@ -291,7 +292,7 @@ impl Config {
                 },
             );
         }
-        let slo = crate::slo::config::validate(raw.slo).map_err(|(key, reason)| invalid(&key, &reason))?;
+        let slo = crate::slo::config::validate(raw.slo, base).map_err(|(key, reason)| invalid(&key, &reason))?;
         Ok(Config {
             slo: std::sync::Arc::new(slo),
             quota: QuotaConfig { topic: raw.quota.topic, period_anchor_day: raw.quota.period_anchor_day, plans },
@@ -414,6 +415,8 @@ mod tests {
                 "slo.webhook_headers.bad name",
             ),
             ("[slo]\nstale_after_s = 0\n", "slo.stale_after_s"),
+            ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"/nonexistent/ca.pem\"\n", "slo.webhook_ca_file"),
+            ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"Cargo.toml\"\n", "slo.webhook_ca_file"),
             ("[slo]\nrules = []\n", "slo.rules"),
             (
                 "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 5\nshort_window_minutes = 5\nburn_rate = 2\n",

@@ -6,7 +6,8 @@
 //! - [`logging`]: `tracing` subscriber set-up;
 //! - [`shutdown`]: SIGTERM/SIGINT as a future;
 //! - [`backoff`]: capped exponential backoff for retries;
-//! - [`time`]: UTC minutes, months and RFC 3339 timestamps on Unix seconds.
+//! - [`time`]: UTC minutes, months and RFC 3339 timestamps on Unix seconds;
+//! - [`tls`] (feature `tls`): the rustls client configuration of outgoing HTTPS.
 
 pub mod backoff;
 pub mod config;
@@ -14,3 +15,5 @@ pub mod kafka;
 pub mod logging;
 pub mod shutdown;
 pub mod time;
+#[cfg(feature = "tls")]
+pub mod tls;

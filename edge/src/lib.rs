@@ -21,7 +21,7 @@ pub mod quota;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
-pub mod tls;
+pub use tollgate_common::tls;
 pub mod upstream;
 
 use std::net::SocketAddr;

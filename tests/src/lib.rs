@@ -568,20 +568,56 @@ where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
 {
+    serve(handler, None).await
+}
+
+/// [`serve_http`] over TLS with the test certificate `tests/testdata/tls/server.pem` (for
+/// `localhost` and 127.0.0.1, signed by the test CA `ca.pem`). A client that does not trust
+/// it aborts the handshake, and the connection is dropped.
+pub async fn serve_https<F, Fut>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |name: &str| repo_root().join("tests/testdata/tls").join(name);
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls("server.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(tls("server.key.pem")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    serve(handler, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+}
+
+async fn serve<F, Fut>(handler: F, tls: Option<tokio_rustls::TlsAcceptor>) -> std::net::SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let handler = handler.clone();
+            let (handler, tls) = (handler.clone(), tls.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let fut = handler(req);
                     async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    None => http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await,
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else { return };
+                        http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await
+                    }
+                };
             });
         }
     });

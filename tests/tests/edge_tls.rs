@@ -8,11 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tollgate_e2e::*;
 
 fn tls_file(name: &str) -> std::path::PathBuf {
@@ -21,43 +19,21 @@ fn tls_file(name: &str) -> std::path::PathBuf {
 
 /// An HTTPS server with the test certificate: `/jwks.json` serves `jwks`, anything else
 /// answers `{"tls": true, "path": ...}`.
-async fn serve_https(jwks: serde_json::Value) -> u16 {
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(tls_file("server.pem")).unwrap().map(Result::unwrap).collect();
-    let key = PrivateKeyDer::from_pem_file(tls_file("server.key.pem")).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+async fn serve_jwks_https(jwks: serde_json::Value) -> u16 {
     let jwks = Arc::new(jwks.to_string());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
-            let (acceptor, jwks) = (acceptor.clone(), Arc::clone(&jwks));
-            tokio::spawn(async move {
-                // A client that does not trust the certificate aborts the handshake.
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let jwks = Arc::clone(&jwks);
-                    async move {
-                        let body = if req.uri().path() == "/jwks.json" {
-                            jwks.as_str().to_owned()
-                        } else {
-                            serde_json::json!({ "tls": true, "path": req.uri().path() }).to_string()
-                        };
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body))))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
-            });
+    serve_https(move |req: http::Request<hyper::body::Incoming>| {
+        let jwks = Arc::clone(&jwks);
+        async move {
+            let body = if req.uri().path() == "/jwks.json" {
+                jwks.as_str().to_owned()
+            } else {
+                serde_json::json!({ "tls": true, "path": req.uri().path() }).to_string()
+            };
+            http::Response::new(Full::new(Bytes::from(body)))
         }
-    });
-    port
+    })
+    .await
+    .port()
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str, auth: (&str, &str)) -> (u16, serde_json::Value) {
@@ -106,7 +82,7 @@ async fn https_upstream_and_jwks_verified_against_the_configured_ca() {
     let key = EncodingKey::from_ec_pem(&es).unwrap();
     let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
     jwk.common.key_id = Some("tls-1".into());
-    let port = serve_https(serde_json::json!({ "keys": [jwk] })).await;
+    let port = serve_jwks_https(serde_json::json!({ "keys": [jwk] })).await;
 
     // The edge trusts the test CA (`edge.tls_ca_file`): traffic flows over TLS.
     let (mut edge, addr, _) = start_edge(dir.path(), "edge", &config(&topic, port, Some(&tls_file("ca.pem")))).await;

@@ -118,10 +118,11 @@ impl Hook {
     }
 }
 
-async fn start_hook(fail_first: usize) -> (std::net::SocketAddr, Arc<Hook>) {
+/// The webhook's URL (http, or https with the test certificate) and what it received.
+async fn start_hook(fail_first: usize, https: bool) -> (String, Arc<Hook>) {
     let hook = Arc::new(Hook { fail_first, attempts: AtomicUsize::new(0), accepted: Mutex::new(Vec::new()) });
     let h = Arc::clone(&hook);
-    let addr = serve_http(move |req: http::Request<hyper::body::Incoming>| {
+    let handler = move |req: http::Request<hyper::body::Incoming>| {
         let h = Arc::clone(&h);
         async move {
             let token = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
@@ -135,9 +136,13 @@ async fn start_hook(fail_first: usize) -> (std::net::SocketAddr, Arc<Hook>) {
             };
             http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
         }
-    })
-    .await;
-    (addr, hook)
+    };
+    let url = if https {
+        format!("https://localhost:{}/alerts", serve_https(handler).await.port())
+    } else {
+        format!("http://{}/alerts", serve_http(handler).await)
+    };
+    (url, hook)
 }
 
 async fn wait_for(hook: &Hook, id: &str, n: usize, timeout: Duration) -> Vec<Value> {
@@ -189,10 +194,10 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
         })
     };
 
-    let (hook_addr, hook) = start_hook(1).await;
+    let (hook_url, hook) = start_hook(1, false).await;
     let _ingest =
         start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
-    let config = |admin: u16| slo_config(&topic, &db, "agg-1", admin, hook_addr);
+    let config = |admin: u16| slo_config(&topic, &db, "agg-1", admin, &hook_url, "");
     let admin = free_port();
     let mut agg = start_aggregator(dir.path(), "agg-1", &config(admin));
 
@@ -303,8 +308,9 @@ async fn ch_time(s: i64) -> String {
 }
 
 /// An aggregator for `topic` → `db` (group `<db>-agg`) with an admin port, evaluating two
-/// objectives with one rule (10 and 1 minutes, 5x), notifying the webhook at `hook`.
-fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: std::net::SocketAddr) -> String {
+/// objectives with one rule (10 and 1 minutes, 5x), notifying the webhook at `hook`; `slo`:
+/// more `[slo]` keys.
+fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: &str, slo: &str) -> String {
     aggregator_config(
         topic,
         db,
@@ -313,7 +319,7 @@ fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: std::net:
         &format!("{db}-ingest"),
         &format!(
             "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [slo]\nwebhook_url = \"http://{hook}/alerts\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n\
+             [slo]\nwebhook_url = \"{hook}\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n{slo}\
              [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
              [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\n\
              [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 90\nlatency_threshold_ms = 100\n\
@@ -328,12 +334,12 @@ fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: std::net:
 #[tokio::test(flavor = "multi_thread")]
 async fn two_aggregators_in_a_group_notify_each_alert_once() {
     let (dir, topic, db, ..) = start_with_history("slo2").await;
-    let (hook_addr, hook) = start_hook(0).await;
+    let (hook_url, hook) = start_hook(0, false).await;
     let _ingest =
         start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
     let (admin_a, admin_b) = (free_port(), free_port());
-    let mut a = start_aggregator(dir.path(), "agg-a", &slo_config(&topic, &db, "agg-a", admin_a, hook_addr));
-    let mut b = start_aggregator(dir.path(), "agg-b", &slo_config(&topic, &db, "agg-b", admin_b, hook_addr));
+    let mut a = start_aggregator(dir.path(), "agg-a", &slo_config(&topic, &db, "agg-a", admin_a, &hook_url, ""));
+    let mut b = start_aggregator(dir.path(), "agg-b", &slo_config(&topic, &db, "agg-b", admin_b, &hook_url, ""));
     for id in [AVAILABILITY, SLOW] {
         let notes = wait_for(&hook, id, 2, Duration::from_secs(180)).await;
         assert_eq!(
@@ -472,4 +478,38 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
     check(end + 120).await;
     assert!(evaluator.hours_read() - second <= 1, "{} whole hours read again", evaluator.hours_read() - second);
     ch(&url, &format!("DROP DATABASE {db}")).await;
+}
+
+/// An https webhook with a private CA: without `slo.webhook_ca_file` the aggregator refuses
+/// the certificate (failures counted, nothing delivered, nothing recorded); restarted with
+/// the test CA, it delivers the alert it could not.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_webhook_is_trusted_with_its_ca_file_only() {
+    let (dir, topic, db, ..) = start_with_history("slo_tls").await;
+    let (hook_url, hook) = start_hook(0, true).await;
+    let _ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    let admin = free_port();
+    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(&topic, &db, "agg-1", admin, &hook_url, ""));
+    let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let refused =
+        wait_until(Duration::from_secs(90), || async {
+            try_metrics_text(admin_addr).await.unwrap_or_default().lines().any(|l| {
+                l.strip_prefix("tollgate_aggregator_slo_webhook_failures_total ").is_some_and(|v| v.trim() != "0")
+            })
+        })
+        .await;
+    assert!(refused, "no failed delivery:\n{}", agg.log_tail());
+    assert!(hook.accepted.lock().unwrap().is_empty());
+    assert!(agg.terminate(Duration::from_secs(20)));
+    let recorded = ch(&clickhouse(), &format!("SELECT count() FROM {db}.slo_alerts FORMAT TSV")).await;
+    assert_eq!(recorded.trim(), "0", "an undelivered alert was recorded");
+
+    let ca = repo_root().join("tests/testdata/tls/ca.pem");
+    let config =
+        slo_config(&topic, &db, "agg-1", free_port(), &hook_url, &format!("webhook_ca_file = \"{}\"\n", ca.display()));
+    let mut agg = start_aggregator(dir.path(), "agg-2", &config);
+    let fired = wait_for(&hook, AVAILABILITY, 1, Duration::from_secs(90)).await;
+    assert_eq!(fired[0]["status"], "firing");
+    assert!(agg.terminate(Duration::from_secs(20)));
 }

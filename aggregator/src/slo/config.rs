@@ -14,6 +14,8 @@ pub(crate) struct RawSlo {
     webhook_timeout_ms: u64,
     #[serde(default)]
     webhook_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    webhook_ca_file: Option<String>,
     #[serde(default = "default_stale_after_s")]
     stale_after_s: u32,
     #[serde(default)]
@@ -28,6 +30,7 @@ impl Default for RawSlo {
             webhook_url: None,
             webhook_timeout_ms: default_webhook_timeout_ms(),
             webhook_headers: BTreeMap::new(),
+            webhook_ca_file: None,
             stale_after_s: default_stale_after_s(),
             objectives: Vec::new(),
             rules: None,
@@ -158,14 +161,17 @@ pub struct Webhook {
     pub url: http::Uri,
     pub timeout: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Trusts the web PKI plus `slo.webhook_ca_file`.
+    pub tls: std::sync::Arc<tollgate_common::tls::ClientConfig>,
 }
 
 fn valid_id(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-/// Validates `[slo]`; errors are (key, reason).
-pub(crate) fn validate(raw: RawSlo) -> Result<SloConfig, (String, String)> {
+/// Validates `[slo]` (relative paths from `base`, the config file's directory); errors are
+/// (key, reason).
+pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig, (String, String)> {
     let err = |key: String, reason: &str| Err((key, reason.to_owned()));
     let webhook = match raw.webhook_url {
         None => None,
@@ -192,7 +198,12 @@ pub(crate) fn validate(raw: RawSlo) -> Result<SloConfig, (String, String)> {
                 v.set_sensitive(true);
                 headers.push((n, v));
             }
-            Some(Webhook { url: uri, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers })
+            let ca = raw.webhook_ca_file.map(|f| base.join(f).display().to_string());
+            let tls = match tollgate_common::tls::client_config_with_ca_file(ca.as_deref()) {
+                Ok(tls) => tls,
+                Err(e) => return err("slo.webhook_ca_file".into(), &e),
+            };
+            Some(Webhook { url: uri, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers, tls })
         }
     };
     let rules = match raw.rules {

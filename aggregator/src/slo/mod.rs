@@ -473,20 +473,15 @@ type HttpClient = hyper_util::client::legacy::Client<
     Full<Bytes>,
 >;
 
-fn http_client() -> HttpClient {
+fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.enforce_http(false);
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let connector = match tls {
-        Ok(tls) => builder.with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http),
-        // Not reachable with ring's defaults; plain HTTP keeps working without it.
-        Err(_) => builder.with_webpki_roots().https_or_http().enable_http1().wrap_connector(http),
-    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
@@ -545,7 +540,7 @@ async fn deliver(
     mut stop: watch::Receiver<bool>,
     (initial, max): (Duration, Duration),
 ) {
-    let http = hook.as_ref().map(|_| http_client());
+    let http = hook.as_ref().map(|h| http_client(&h.tls));
     while let Some(n) = rx.recv().await {
         if let (Some(hook), Some(http)) = (&hook, &http) {
             let body = match serde_json::to_vec(&n) {

@@ -1,11 +1,12 @@
-//! TLS for the edge's outgoing connections (upstreams, JWKS URLs, the OTLP collector): rustls
-//! with the `ring` provider, trusting Mozilla's root store (`webpki-roots`) plus the
-//! certificates in `edge.tls_ca_file` (a private CA). Certificates are verified with the
-//! target's host name; there is no switch to turn verification off.
+//! TLS for outgoing connections (the edge's upstreams, JWKS URLs and OTLP collector, the
+//! aggregator's alert webhook): rustls with the `ring` provider, trusting Mozilla's root store
+//! (`webpki-roots`) plus the certificates of a configured CA file (a private CA:
+//! `edge.tls_ca_file`, `slo.webhook_ca_file`). Certificates are verified with the target's
+//! host name; there is no switch to turn verification off. (Feature `tls`.)
 
 use std::sync::Arc;
 
-use rustls::ClientConfig;
+pub use rustls::ClientConfig;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -33,4 +34,17 @@ pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<Clie
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// [`client_config`] trusting the web PKI and the certificates of the PEM file `path` (if
+/// any). Errors name the file and what is wrong with it.
+pub fn client_config_with_ca_file(path: Option<&str>) -> Result<Arc<ClientConfig>, String> {
+    let certs = match path {
+        None => Vec::new(),
+        Some(f) => {
+            let pem = std::fs::read(f).map_err(|e| format!("cannot read `{f}`: {e}"))?;
+            read_pem_certs(&pem).map_err(|e| format!("`{f}`: {e}"))?
+        }
+    };
+    client_config(&certs)
 }
