@@ -87,16 +87,27 @@ fn history(m0: i64) -> Vec<ApiCall> {
     out
 }
 
-/// A test directory, a topic of 2 partitions holding [`history`] up to the current minute
-/// `m0`, and a database name: (dir, topic, database, m0, the history).
-async fn start_with_history(prefix: &str) -> (TempDir, String, String, i64, Vec<ApiCall>) {
+/// What the tests start from: a directory, a topic of 2 partitions holding [`history`] up to
+/// the current minute `m0`, and ingest writing it to a new database.
+struct Setup {
+    dir: TempDir,
+    topic: String,
+    db: String,
+    m0: i64,
+    past: Vec<ApiCall>,
+    _ingest: Proc,
+}
+
+async fn start_with_history(prefix: &str) -> Setup {
     let dir = TempDir::new(prefix);
     let (topic, db) = (unique(&format!("{prefix}_calls")), unique(prefix));
     create_topic(&topic, 2).await;
     let m0 = now_us() / 60_000_000 * 60;
     let past = history(m0);
     produce_all(&producer(), &topic, &encode(&past)).await;
-    (dir, topic, db, m0, past)
+    let ingest =
+        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
+    Setup { dir, topic, db, m0, past, _ingest: ingest }
 }
 
 fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
@@ -169,7 +180,8 @@ fn assert_counts(n: &Value, events: &[Seen]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
-    let (dir, topic, db, m0, past) = start_with_history("slo").await;
+    let setup = start_with_history("slo").await;
+    let (dir, topic, db, m0, past) = (&setup.dir, &setup.topic, &setup.db, setup.m0, &setup.past);
     let events = Arc::new(Mutex::new(past.iter().map(seen).collect::<Vec<_>>()));
     let producer = producer();
 
@@ -195,9 +207,7 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     };
 
     let (hook_url, hook) = start_hook(1, false).await;
-    let _ingest =
-        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
-    let config = |admin: u16| slo_config(&topic, &db, "agg-1", admin, &hook_url, "");
+    let config = |admin: u16| slo_config(topic, db, "agg-1", admin, &hook_url, "");
     let admin = free_port();
     let mut agg = start_aggregator(dir.path(), "agg-1", &config(admin));
 
@@ -294,12 +304,17 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     assert!(agg2.terminate(Duration::from_secs(20)));
 }
 
-/// The aggregator's SLO evaluations so far (0 while its admin port is not up).
-async fn evaluations(admin: std::net::SocketAddr) -> u64 {
+/// The aggregator's counter `name` (0 while its admin port is not up).
+async fn agg_metric(admin: std::net::SocketAddr, name: &str) -> u64 {
     let text = try_metrics_text(admin).await.unwrap_or_default();
     text.lines()
-        .find_map(|l| l.strip_prefix("tollgate_aggregator_slo_evaluations_total "))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0, |v| v.trim().parse().unwrap_or(0))
+}
+
+/// The aggregator's SLO evaluations so far (0 while its admin port is not up).
+async fn evaluations(admin: std::net::SocketAddr) -> u64 {
+    agg_metric(admin, "tollgate_aggregator_slo_evaluations_total").await
 }
 
 /// ClickHouse's text for a DateTime of `s` (in the server's time zone).
@@ -333,13 +348,12 @@ fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: &str, slo
 /// minute later the 1-minute window is empty).
 #[tokio::test(flavor = "multi_thread")]
 async fn two_aggregators_in_a_group_notify_each_alert_once() {
-    let (dir, topic, db, ..) = start_with_history("slo2").await;
+    let setup = start_with_history("slo2").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
     let (hook_url, hook) = start_hook(0, false).await;
-    let _ingest =
-        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
     let (admin_a, admin_b) = (free_port(), free_port());
-    let mut a = start_aggregator(dir.path(), "agg-a", &slo_config(&topic, &db, "agg-a", admin_a, &hook_url, ""));
-    let mut b = start_aggregator(dir.path(), "agg-b", &slo_config(&topic, &db, "agg-b", admin_b, &hook_url, ""));
+    let mut a = start_aggregator(dir.path(), "agg-a", &slo_config(topic, db, "agg-a", admin_a, &hook_url, ""));
+    let mut b = start_aggregator(dir.path(), "agg-b", &slo_config(topic, db, "agg-b", admin_b, &hook_url, ""));
     for id in [AVAILABILITY, SLOW] {
         let notes = wait_for(&hook, id, 2, Duration::from_secs(180)).await;
         assert_eq!(
@@ -485,20 +499,16 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
 /// the test CA, it delivers the alert it could not.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_https_webhook_is_trusted_with_its_ca_file_only() {
-    let (dir, topic, db, ..) = start_with_history("slo_tls").await;
+    let setup = start_with_history("slo_tls").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
     let (hook_url, hook) = start_hook(0, true).await;
-    let _ingest =
-        start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &format!("{db}-ingest"), &clickhouse()));
     let admin = free_port();
-    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(&topic, &db, "agg-1", admin, &hook_url, ""));
+    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(topic, db, "agg-1", admin, &hook_url, ""));
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-    let refused =
-        wait_until(Duration::from_secs(90), || async {
-            try_metrics_text(admin_addr).await.unwrap_or_default().lines().any(|l| {
-                l.strip_prefix("tollgate_aggregator_slo_webhook_failures_total ").is_some_and(|v| v.trim() != "0")
-            })
-        })
-        .await;
+    let refused = wait_until(Duration::from_secs(90), || async {
+        agg_metric(admin_addr, "tollgate_aggregator_slo_webhook_failures_total").await > 0
+    })
+    .await;
     assert!(refused, "no failed delivery:\n{}", agg.log_tail());
     assert!(hook.accepted.lock().unwrap().is_empty());
     assert!(agg.terminate(Duration::from_secs(20)));
@@ -507,7 +517,7 @@ async fn an_https_webhook_is_trusted_with_its_ca_file_only() {
 
     let ca = repo_root().join("tests/testdata/tls/ca.pem");
     let config =
-        slo_config(&topic, &db, "agg-1", free_port(), &hook_url, &format!("webhook_ca_file = \"{}\"\n", ca.display()));
+        slo_config(topic, db, "agg-1", free_port(), &hook_url, &format!("webhook_ca_file = \"{}\"\n", ca.display()));
     let mut agg = start_aggregator(dir.path(), "agg-2", &config);
     let fired = wait_for(&hook, AVAILABILITY, 1, Duration::from_secs(90)).await;
     assert_eq!(fired[0]["status"], "firing");
