@@ -36,15 +36,11 @@ pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<Clie
     Ok(Arc::new(config))
 }
 
-/// [`client_config`] trusting the web PKI and the certificates of the PEM file `path` (if
-/// any). Errors name the file and what is wrong with it.
-pub fn client_config_with_ca_file(path: Option<&str>) -> Result<Arc<ClientConfig>, String> {
-    let certs = match path {
-        None => Vec::new(),
-        Some(f) => {
-            let pem = std::fs::read(f).map_err(|e| format!("cannot read `{f}`: {e}"))?;
-            read_pem_certs(&pem).map_err(|e| format!("`{f}`: {e}"))?
-        }
-    };
-    client_config(&certs)
+/// The certificates of the CA file at `path`, checked to be usable as roots; errors name the
+/// file as `shown` (the path as configured) and what is wrong with it.
+pub fn read_ca_file(path: &std::path::Path, shown: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    let certs = read_pem_certs(&pem).map_err(|e| format!("`{shown}`: {e}"))?;
+    client_config(&certs).map_err(|e| format!("`{shown}`: {e}"))?;
+    Ok(certs)
 }

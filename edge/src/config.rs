@@ -840,12 +840,7 @@ fn validate(
         None => Vec::new(),
         Some(f) => {
             let p = if Path::new(f).is_absolute() { f.into() } else { base.join(f) };
-            let pem =
-                std::fs::read(&p).map_err(|e| err("edge.tls_ca_file".into(), format!("cannot read `{f}`: {e}")))?;
-            let certs =
-                crate::tls::read_pem_certs(&pem).map_err(|e| err("edge.tls_ca_file".into(), format!("`{f}`: {e}")))?;
-            crate::tls::client_config(&certs).map_err(|e| err("edge.tls_ca_file".into(), format!("`{f}`: {e}")))?;
-            certs
+            crate::tls::read_ca_file(&p, f).map_err(|e| err("edge.tls_ca_file".into(), e))?
         }
     };
 

@@ -198,8 +198,14 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
                 v.set_sensitive(true);
                 headers.push((n, v));
             }
-            let ca = raw.webhook_ca_file.map(|f| base.join(f).display().to_string());
-            let tls = match tollgate_common::tls::client_config_with_ca_file(ca.as_deref()) {
+            let certs = match raw.webhook_ca_file {
+                None => Vec::new(),
+                Some(f) => match tollgate_common::tls::read_ca_file(&base.join(&f), &f) {
+                    Ok(certs) => certs,
+                    Err(e) => return err("slo.webhook_ca_file".into(), &e),
+                },
+            };
+            let tls = match tollgate_common::tls::client_config(&certs) {
                 Ok(tls) => tls,
                 Err(e) => return err("slo.webhook_ca_file".into(), &e),
             };
