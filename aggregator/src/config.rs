@@ -385,6 +385,45 @@ mod tests {
     }
 
     #[test]
+    fn an_objective_may_have_its_own_rules() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 60\nshort_window_minutes = 5\nburn_rate = 10\n\
+                 [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99.9\n\
+                 [[slo.objectives]]\nid = \"slow\"\nkind = \"latency\"\nobjective_percent = 99\nlatency_threshold_ms = 500\n\
+                 [[slo.objectives.rules]]\nseverity = \"ticket\"\nlong_window_minutes = 1440\nshort_window_minutes = 120\nburn_rate = 1\n"
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let rule = |severity: &str, long_minutes, short_minutes, burn_rate| crate::slo::Rule {
+            severity: severity.into(),
+            long_minutes,
+            short_minutes,
+            burn_rate,
+        };
+        assert_eq!(c.slo.objectives[0].rules, vec![rule("page", 60, 5, 10.0)]);
+        assert_eq!(c.slo.objectives[1].rules, vec![rule("ticket", 1440, 120, 1.0)]);
+        // The windows of every objective's rules are computed.
+        assert_eq!(c.slo.windows(), vec![5, 60, 120, 1440]);
+        let bad = format!(
+            "{MINIMAL}[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\n\
+             [[slo.objectives.rules]]\nseverity = \"page\"\nlong_window_minutes = 60\nshort_window_minutes = 60\nburn_rate = 1\n"
+        );
+        let e = Config::parse(&bad, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("slo.objectives[0].rules[0].short_window_minutes"), "{e}");
+        let e = Config::parse(
+            &format!(
+                "{MINIMAL}[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\nrules = []\n"
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("slo.objectives[0].rules"), "{e}");
+    }
+
+    #[test]
     fn the_shipped_configs_are_valid() {
         for (name, text) in [
             ("config/demo/aggregator.toml", include_str!("../../config/demo/aggregator.toml")),

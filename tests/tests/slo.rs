@@ -523,3 +523,72 @@ async fn an_https_webhook_is_trusted_with_its_ca_file_only() {
     assert_eq!(fired[0]["status"], "firing");
     assert!(agg.terminate(Duration::from_secs(20)));
 }
+
+/// Alerts still firing when their objective or rule leaves the configuration would never be
+/// evaluated again: the next evaluation resolves them (reason `removed`), once, and records
+/// that; alerts the configuration still has are left to their burn rates.
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_whose_objective_or_rule_was_removed_are_resolved_once() {
+    let setup = start_with_history("slo_rm").await;
+    let (dir, db) = (&setup.dir, &setup.db);
+    let url = clickhouse();
+    let exists = wait_until(Duration::from_secs(30), || async {
+        try_ch(&url, &format!("EXISTS TABLE {db}.slo_alerts FORMAT TSV")).await.is_ok_and(|s| s.trim() == "1")
+    })
+    .await;
+    assert!(exists, "no slo_alerts table");
+    // What an earlier configuration left firing: an objective that is gone (`old`, per
+    // consumer), a rule `api` no longer has (60m/5m), and `api`'s configured rule.
+    let at_us = now_us() - 600_000_000;
+    let row = |id: &str, slo: &str, consumer: &str, windows: (u32, u32)| {
+        format!(
+            "({at}, {at_us}, '{id}', '{slo}', '{consumer}', 'page', 'firing', {at}, {}, {}, 5, 7.5, 9.5, 1)",
+            windows.0,
+            windows.1,
+            at = at_us / 1_000_000
+        )
+    };
+    const OLD: &str = "old/page/10m-1m/acme";
+    const RULE: &str = "api/page/60m-5m";
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.slo_alerts VALUES {}, {}, {}",
+            row(OLD, "old", "acme", (10, 1)),
+            row(RULE, "api", "", (60, 5)),
+            row(AVAILABILITY, "api", "", (10, 1))
+        ),
+    )
+    .await;
+    let (hook_url, hook) = start_hook(0, false).await;
+    let admin = free_port();
+    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(&setup.topic, db, "agg-1", admin, &hook_url, ""));
+    for (id, kind) in [(OLD, Value::Null), (RULE, Value::from("availability"))] {
+        let n = &wait_for(&hook, id, 1, Duration::from_secs(90)).await[0];
+        assert_eq!((n["status"].as_str(), n["reason"].as_str()), (Some("resolved"), Some("removed")), "{n}");
+        assert_eq!(n["kind"], kind, "{n}");
+        assert_eq!(n["long_window"]["calls"], Value::Null, "{n}");
+    }
+    assert_eq!(hook.of(OLD)[0]["consumer_id"], "acme");
+    assert_eq!(
+        (hook.of(RULE)[0]["long_window"]["minutes"].as_u64(), hook.of(RULE)[0]["objective_percent"].as_f64()),
+        (Some(60), Some(99.0))
+    );
+    // Two more evaluations: nothing is resolved twice, and the configured alert was not
+    // resolved as removed.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let now = evaluations(admin).await;
+    assert!(wait_until(Duration::from_secs(150), || async { evaluations(admin).await >= now + 2 }).await);
+    assert_eq!((hook.of(OLD).len(), hook.of(RULE).len()), (1, 1));
+    assert!(hook.of(AVAILABILITY).iter().all(|n| n["reason"] == "burn_rate"), "{:?}", hook.of(AVAILABILITY));
+    let state = ch(
+        &url,
+        &format!(
+            "SELECT alert_id, argMax(status, at_us), argMax(delivered, at_us), count() FROM {db}.slo_alerts \
+             WHERE alert_id IN ('{OLD}', '{RULE}') GROUP BY alert_id ORDER BY alert_id FORMAT TSV"
+        ),
+    )
+    .await;
+    assert_eq!(state, format!("{RULE}\tresolved\t1\t2\n{OLD}\tresolved\t1\t2\n"));
+    assert!(agg.terminate(Duration::from_secs(20)));
+}

@@ -54,6 +54,9 @@ struct RawObjective {
     per_consumer: bool,
     #[serde(default = "default_min_requests")]
     min_requests: u64,
+    /// This objective's own rules, instead of `[[slo.rules]]`.
+    #[serde(default)]
+    rules: Option<Vec<RawRule>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -82,6 +85,7 @@ pub const MAX_WINDOW_MINUTES: u32 = 31 * 24 * 60;
 #[derive(Debug, Clone, Default)]
 pub struct SloConfig {
     pub objectives: Vec<Objective>,
+    /// `[[slo.rules]]` (or the defaults): the rules of objectives without their own.
     pub rules: Vec<Rule>,
     pub webhook: Option<Webhook>,
     /// Windows ending longer ago than this are not evaluated (a catch-up or a replay from
@@ -94,9 +98,10 @@ impl SloConfig {
         !self.objectives.is_empty()
     }
 
-    /// Every window length the rules use, ascending.
+    /// Every window length the objectives' rules use, ascending.
     pub fn windows(&self) -> Vec<u32> {
-        let set: BTreeSet<u32> = self.rules.iter().flat_map(|r| [r.long_minutes, r.short_minutes]).collect();
+        let set: BTreeSet<u32> =
+            self.objectives.iter().flat_map(|o| &o.rules).flat_map(|r| [r.long_minutes, r.short_minutes]).collect();
         set.into_iter().collect()
     }
 }
@@ -124,6 +129,8 @@ pub struct Objective {
     pub per_consumer: bool,
     /// Fewer calls than this in a rule's long window never fire it.
     pub min_requests: u64,
+    /// Its alert rules: its own `rules`, or `[[slo.rules]]`.
+    pub rules: Vec<Rule>,
 }
 
 impl Objective {
@@ -214,41 +221,7 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
     };
     let rules = match raw.rules {
         None => default_rules(),
-        Some(rules) if rules.is_empty() => {
-            return err("slo.rules".into(), "must not be empty (omit it for the defaults)");
-        }
-        Some(rules) => {
-            let mut out = Vec::new();
-            for (i, r) in rules.into_iter().enumerate() {
-                let key = |k: &str| format!("slo.rules[{i}].{k}");
-                if !valid_id(&r.severity) {
-                    return err(key("severity"), "must be a non-empty name of letters, digits, '-', '_' or '.'");
-                }
-                if r.long_window_minutes == 0 || r.long_window_minutes > MAX_WINDOW_MINUTES {
-                    return err(key("long_window_minutes"), "must be between 1 and 44640 (31 days)");
-                }
-                if r.short_window_minutes == 0 || r.short_window_minutes >= r.long_window_minutes {
-                    return err(key("short_window_minutes"), "must be at least 1 and shorter than long_window_minutes");
-                }
-                if !(r.burn_rate.is_finite() && r.burn_rate > 0.0) {
-                    return err(key("burn_rate"), "must be a number above 0");
-                }
-                let rule = Rule {
-                    severity: r.severity,
-                    long_minutes: r.long_window_minutes,
-                    short_minutes: r.short_window_minutes,
-                    burn_rate: r.burn_rate,
-                };
-                if out.iter().any(|o: &Rule| {
-                    (o.severity.as_str(), o.long_minutes, o.short_minutes)
-                        == (rule.severity.as_str(), rule.long_minutes, rule.short_minutes)
-                }) {
-                    return err(key("severity"), "repeats the severity and windows of an earlier rule");
-                }
-                out.push(rule);
-            }
-            out
-        }
+        Some(rules) => validate_rules(rules, "slo.rules")?,
     };
     let mut objectives: Vec<Objective> = Vec::new();
     for (i, o) in raw.objectives.into_iter().enumerate() {
@@ -286,6 +259,10 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
                 return err(key(k), "must not be empty (omit it for all)");
             }
         }
+        let own = match o.rules {
+            None => rules.clone(),
+            Some(r) => validate_rules(r, &key("rules"))?,
+        };
         objectives.push(Objective {
             id: o.id,
             kind,
@@ -294,10 +271,49 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
             consumer: o.consumer,
             per_consumer: o.per_consumer,
             min_requests: o.min_requests,
+            rules: own,
         });
     }
     if raw.stale_after_s == 0 {
         return err("slo.stale_after_s".into(), "must be at least 1");
     }
     Ok(SloConfig { objectives, rules, webhook, stale_after_s: i64::from(raw.stale_after_s) })
+}
+
+/// Validates a list of rules (`key`: where it is, e.g. `slo.rules`).
+fn validate_rules(rules: Vec<RawRule>, key: &str) -> Result<Vec<Rule>, (String, String)> {
+    let err = |k: String, reason: &str| Err((k, reason.to_owned()));
+    if rules.is_empty() {
+        return err(key.to_owned(), "must not be empty (omit it for the defaults)");
+    }
+    let mut out = Vec::new();
+    for (i, r) in rules.into_iter().enumerate() {
+        let key = |k: &str| format!("{key}[{i}].{k}");
+        if !valid_id(&r.severity) {
+            return err(key("severity"), "must be a non-empty name of letters, digits, '-', '_' or '.'");
+        }
+        if r.long_window_minutes == 0 || r.long_window_minutes > MAX_WINDOW_MINUTES {
+            return err(key("long_window_minutes"), "must be between 1 and 44640 (31 days)");
+        }
+        if r.short_window_minutes == 0 || r.short_window_minutes >= r.long_window_minutes {
+            return err(key("short_window_minutes"), "must be at least 1 and shorter than long_window_minutes");
+        }
+        if !(r.burn_rate.is_finite() && r.burn_rate > 0.0) {
+            return err(key("burn_rate"), "must be a number above 0");
+        }
+        let rule = Rule {
+            severity: r.severity,
+            long_minutes: r.long_window_minutes,
+            short_minutes: r.short_window_minutes,
+            burn_rate: r.burn_rate,
+        };
+        if out.iter().any(|o: &Rule| {
+            (o.severity.as_str(), o.long_minutes, o.short_minutes)
+                == (rule.severity.as_str(), rule.long_minutes, rule.short_minutes)
+        }) {
+            return err(key("severity"), "repeats the severity and windows of an earlier rule");
+        }
+        out.push(rule);
+    }
+    Ok(out)
 }

@@ -76,12 +76,34 @@ pub enum Status {
     Resolved,
 }
 
+/// Why a notification was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The burn rates crossed the rule's threshold (firing) or no longer do (resolved).
+    BurnRate,
+    /// The alert's objective or rule is no longer in the configuration, so nothing would ever
+    /// resolve it (resolved).
+    Removed,
+}
+
+/// One window of a notification. The counts are absent when the alert was resolved because
+/// its objective or rule was removed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WindowReport {
     pub minutes: u32,
-    pub calls: u64,
-    pub bad_calls: u64,
-    pub burn_rate: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bad_calls: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burn_rate: Option<f64>,
+}
+
+impl WindowReport {
+    fn uncounted(minutes: u32) -> Self {
+        Self { minutes, calls: None, bad_calls: None, burn_rate: None }
+    }
 }
 
 /// What the webhook receives (JSON) for an alert that starts or stops firing.
@@ -90,9 +112,14 @@ pub struct Notification {
     pub version: u32,
     pub id: String,
     pub status: Status,
+    pub reason: Reason,
     pub slo: String,
-    pub kind: &'static str,
-    pub objective_percent: f64,
+    /// Absent (with `objective_percent`) when the objective was removed from the
+    /// configuration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objective_percent: Option<f64>,
     /// Set when the objective is per consumer (or for one consumer).
     pub consumer_id: Option<String>,
     pub route_id: Option<String>,
@@ -138,10 +165,76 @@ struct AlertRow {
     delivered: u8,
 }
 
-#[derive(Debug, clickhouse::Row, Deserialize)]
+/// An alert's latest notification in `slo_alerts`.
+#[derive(Debug, Clone, clickhouse::Row, Deserialize)]
 struct StateRow {
     alert_id: String,
     firing: u8,
+    slo_id: String,
+    consumer_id: String,
+    severity: String,
+    long_window_minutes: u32,
+    short_window_minutes: u32,
+    burn_rate_threshold: f64,
+}
+
+impl StateRow {
+    /// Whether the configuration still evaluates this alert: its objective is there, with a
+    /// rule of its severity and windows, and the same id (an objective that stopped or started
+    /// being per consumer names its alerts differently).
+    fn configured(&self, objectives: &[Objective]) -> bool {
+        objectives.iter().filter(|o| o.id == self.slo_id).any(|o| {
+            o.rules.iter().any(|r| {
+                (r.severity.as_str(), r.long_minutes, r.short_minutes)
+                    == (self.severity.as_str(), self.long_window_minutes, self.short_window_minutes)
+                    && alert_id(o, r, &self.consumer_id) == self.alert_id
+            })
+        })
+    }
+
+    /// The notification that resolves this alert because the configuration no longer has it.
+    fn removed(&self, objectives: &[Objective], end_s: i64) -> Notification {
+        let o = objectives.iter().find(|o| o.id == self.slo_id);
+        let who =
+            if self.consumer_id.is_empty() { String::new() } else { format!(" for consumer {}", self.consumer_id) };
+        let what = if o.is_some() { "rule" } else { "objective" };
+        Notification {
+            version: 1,
+            id: self.alert_id.clone(),
+            status: Status::Resolved,
+            reason: Reason::Removed,
+            slo: self.slo_id.clone(),
+            kind: o.map(|o| kind_name(o.kind)),
+            objective_percent: o.map(|o| o.objective * 100.0),
+            consumer_id: (!self.consumer_id.is_empty()).then(|| self.consumer_id.clone()),
+            route_id: o.and_then(|o| o.route.clone()),
+            latency_threshold_ms: o.and_then(latency_threshold_ms),
+            severity: self.severity.clone(),
+            burn_rate_threshold: self.burn_rate_threshold,
+            long_window: WindowReport::uncounted(self.long_window_minutes),
+            short_window: WindowReport::uncounted(self.short_window_minutes),
+            window_end: time::format_utc(end_s),
+            summary: format!(
+                "SLO {}{who}: alert {} resolved because its {what} is no longer configured",
+                self.slo_id, self.alert_id
+            ),
+            window_end_s: end_s,
+        }
+    }
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Availability => "availability",
+        Kind::Latency { .. } => "latency",
+    }
+}
+
+fn latency_threshold_ms(o: &Objective) -> Option<f64> {
+    match o.kind {
+        Kind::Latency { threshold_us } => Some(threshold_us as f64 / 1000.0),
+        Kind::Availability => None,
+    }
 }
 
 /// SQL expressions of what an objective counts in a `usage_minute` row: (calls, bad calls,
@@ -277,10 +370,11 @@ fn notification(
 ) -> Notification {
     let report = |minutes, c: Counts| WindowReport {
         minutes,
-        calls: c.total,
-        bad_calls: c.bad,
-        burn_rate: c.burn_rate(o.budget()),
+        calls: Some(c.total),
+        bad_calls: Some(c.bad),
+        burn_rate: Some(c.burn_rate(o.budget())),
     };
+    let (long_rate, short_rate) = (long.burn_rate(o.budget()), short.burn_rate(o.budget()));
     let (long_w, short_w) = (report(rule.long_minutes, long), report(rule.short_minutes, short));
     let percent = o.objective * 100.0;
     let who = match (o.per_consumer, &o.consumer) {
@@ -291,30 +385,25 @@ fn notification(
     let summary = if firing {
         format!(
             "SLO {}{who} ({percent} %) burns its error budget {:.1}x over {} min and {:.1}x over {} min (alert at {}x)",
-            o.id, long_w.burn_rate, rule.long_minutes, short_w.burn_rate, rule.short_minutes, rule.burn_rate
+            o.id, long_rate, rule.long_minutes, short_rate, rule.short_minutes, rule.burn_rate
         )
     } else {
         format!(
             "SLO {}{who} ({percent} %) no longer burns its error budget {}x over both {} and {} min ({:.1}x and {:.1}x)",
-            o.id, rule.burn_rate, rule.long_minutes, rule.short_minutes, long_w.burn_rate, short_w.burn_rate
+            o.id, rule.burn_rate, rule.long_minutes, rule.short_minutes, long_rate, short_rate
         )
     };
     Notification {
         version: 1,
         id,
         status: if firing { Status::Firing } else { Status::Resolved },
+        reason: Reason::BurnRate,
         slo: o.id.clone(),
-        kind: match o.kind {
-            Kind::Availability => "availability",
-            Kind::Latency { .. } => "latency",
-        },
-        objective_percent: percent,
+        kind: Some(kind_name(o.kind)),
+        objective_percent: Some(percent),
         consumer_id: if o.per_consumer { Some(consumer.to_owned()) } else { o.consumer.clone() },
         route_id: o.route.clone(),
-        latency_threshold_ms: match o.kind {
-            Kind::Latency { threshold_us } => Some(threshold_us as f64 / 1000.0),
-            Kind::Availability => None,
-        },
+        latency_threshold_ms: latency_threshold_ms(o),
         severity: rule.severity.clone(),
         burn_rate_threshold: rule.burn_rate,
         long_window: long_w,
@@ -331,13 +420,15 @@ pub struct Evaluator {
     client: Client,
     windows: Vec<u32>,
     firing: HashMap<String, bool>,
+    /// The alerts' latest notifications as loaded, for those the configuration dropped.
+    loaded: Vec<StateRow>,
     cache: windows::Cache,
 }
 
 impl Evaluator {
     pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
         let windows = cfg.windows();
-        Self { cfg, client, windows, firing: HashMap::new(), cache: windows::Cache::default() }
+        Self { cfg, client, windows, firing: HashMap::new(), loaded: Vec::new(), cache: windows::Cache::default() }
     }
 
     /// Whole hours read with `FINAL` so far (the rest came from the cache).
@@ -345,22 +436,43 @@ impl Evaluator {
         self.cache.hours_read
     }
 
-    /// Takes the alerts' states from `slo_alerts` (the latest notification of each).
+    /// Takes the alerts' states from `slo_alerts` (the latest notification of each). A firing
+    /// alert the configuration no longer evaluates is resolved by the next evaluation.
     pub async fn load_state(&mut self) -> Result<usize, clickhouse::error::Error> {
         let rows = self
             .client
-            .query("SELECT alert_id, argMax(status = 'firing', at_us) AS firing FROM slo_alerts GROUP BY alert_id")
+            .query(
+                "SELECT alert_id, argMax(status = 'firing', at_us) AS firing, argMax(slo_id, at_us) AS slo_id, \
+                 argMax(consumer_id, at_us) AS consumer_id, argMax(severity, at_us) AS severity, \
+                 argMax(long_window_minutes, at_us) AS long_window_minutes, \
+                 argMax(short_window_minutes, at_us) AS short_window_minutes, \
+                 argMax(burn_rate_threshold, at_us) AS burn_rate_threshold \
+                 FROM slo_alerts GROUP BY alert_id",
+            )
             .fetch_all::<StateRow>()
             .await?;
-        self.firing = rows.into_iter().map(|r| (r.alert_id, r.firing == 1)).collect();
+        self.firing = rows.iter().map(|r| (r.alert_id.clone(), r.firing == 1)).collect();
+        self.loaded = rows.into_iter().filter(|r| r.firing == 1 && !r.configured(&self.cfg.objectives)).collect();
         Ok(self.firing.values().filter(|&&f| f).count())
+    }
+
+    /// Resolves the firing alerts the configuration no longer evaluates.
+    fn removed(&self, firing: &mut HashMap<String, bool>, end_s: i64) -> Vec<Notification> {
+        let mut out = Vec::new();
+        for r in &self.loaded {
+            if firing.get(&r.alert_id) == Some(&true) {
+                firing.insert(r.alert_id.clone(), false);
+                out.push(r.removed(&self.cfg.objectives, end_s));
+            }
+        }
+        out
     }
 
     /// Evaluates every objective over the windows ending at `end_s`; writes the burn rates and
     /// returns the notifications. The states change only when all of it worked.
     pub async fn evaluate(&mut self, end_s: i64, now_us: u64) -> Result<Vec<Notification>, clickhouse::error::Error> {
         let mut firing = self.firing.clone();
-        let mut notes = Vec::new();
+        let mut notes = self.removed(&mut firing, end_s);
         let mut burn = Vec::new();
         let all = self.cache.counts(&self.client, &self.cfg.objectives, &self.windows, end_s).await?;
         for (o, mut counts) in self.cfg.objectives.iter().zip(all) {
@@ -381,7 +493,7 @@ impl Evaluator {
                     });
                 }
             }
-            notes.extend(decide(o, &self.cfg.rules, &self.windows, &counts, &mut firing, end_s));
+            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s));
         }
         let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;
         for row in &burn {
@@ -389,6 +501,7 @@ impl Evaluator {
         }
         insert.end().await?;
         self.firing = firing;
+        self.loaded.clear();
         Ok(notes)
     }
 }
@@ -582,8 +695,8 @@ async fn deliver(
             long_window_minutes: n.long_window.minutes,
             short_window_minutes: n.short_window.minutes,
             burn_rate_threshold: n.burn_rate_threshold,
-            long_burn_rate: n.long_window.burn_rate,
-            short_burn_rate: n.short_window.burn_rate,
+            long_burn_rate: n.long_window.burn_rate.unwrap_or(0.0),
+            short_burn_rate: n.short_window.burn_rate.unwrap_or(0.0),
             delivered: u8::from(hook.is_some()),
         };
         let written = retry(
@@ -618,6 +731,7 @@ mod tests {
             consumer: None,
             per_consumer,
             min_requests: 10,
+            rules: vec![rule()],
         }
     }
 
@@ -660,8 +774,9 @@ mod tests {
         assert_eq!(n[0].id, "avail/page/10m-2m/acme");
         assert_eq!(n[0].status, Status::Firing);
         assert_eq!(n[0].consumer_id.as_deref(), Some("acme"));
-        assert_eq!((n[0].long_window.calls, n[0].long_window.bad_calls), (100, 30));
-        assert!((n[0].short_window.burn_rate - 50.0).abs() < 1e-9);
+        assert_eq!((n[0].long_window.calls, n[0].long_window.bad_calls), (Some(100), Some(30)));
+        assert!((n[0].short_window.burn_rate.unwrap() - 50.0).abs() < 1e-9);
+        assert_eq!(n[0].reason, Reason::BurnRate);
         assert_eq!(n[0].window_end, "2027-01-15T08:00:00Z");
         // Same counts: nothing new.
         assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060).is_empty());
@@ -671,6 +786,56 @@ mod tests {
         assert_eq!(n.len(), 1);
         assert_eq!((n[0].id.as_str(), n[0].status), ("avail/page/10m-2m/acme", Status::Resolved));
         assert_eq!(firing.get("avail/page/10m-2m/acme"), Some(&false));
+    }
+
+    fn state(alert_id: &str, slo_id: &str, consumer: &str, severity: &str, windows: (u32, u32)) -> StateRow {
+        StateRow {
+            alert_id: alert_id.into(),
+            firing: 1,
+            slo_id: slo_id.into(),
+            consumer_id: consumer.into(),
+            severity: severity.into(),
+            long_window_minutes: windows.0,
+            short_window_minutes: windows.1,
+            burn_rate_threshold: 5.0,
+        }
+    }
+
+    #[test]
+    fn alerts_whose_objective_or_rule_left_the_config_are_resolved_as_removed() {
+        let objectives = vec![objective(true)];
+        // Still configured: the objective, a rule of that severity and those windows, same id.
+        assert!(state("avail/page/10m-2m/acme", "avail", "acme", "page", (10, 2)).configured(&objectives));
+        // The rule's windows or severity changed, the objective is gone, or it stopped being
+        // per consumer (its alerts are named differently now).
+        let gone = [
+            state("avail/page/60m-5m/acme", "avail", "acme", "page", (60, 5)),
+            state("avail/ticket/10m-2m/acme", "avail", "acme", "ticket", (10, 2)),
+            state("old/page/10m-2m", "old", "", "page", (10, 2)),
+        ];
+        for s in &gone {
+            assert!(!s.configured(&objectives), "{}", s.alert_id);
+        }
+        let mut single = objective(false);
+        single.id = "avail".into();
+        assert!(!state("avail/page/10m-2m/acme", "avail", "acme", "page", (10, 2)).configured(&[single]));
+
+        let n = gone[0].removed(&objectives, 1_800_000_000);
+        assert_eq!((n.id.as_str(), n.status, n.reason), ("avail/page/60m-5m/acme", Status::Resolved, Reason::Removed));
+        assert_eq!((n.kind, n.objective_percent), (Some("availability"), Some(99.0)));
+        assert_eq!(n.consumer_id.as_deref(), Some("acme"));
+        assert_eq!((n.long_window.minutes, n.long_window.calls, n.short_window.minutes), (60, None, 5));
+        assert!(n.summary.contains("rule is no longer configured"), "{}", n.summary);
+        let json = serde_json::to_value(&n).unwrap();
+        assert_eq!(json["reason"], "removed");
+        assert_eq!(json["long_window"], serde_json::json!({ "minutes": 60 }));
+        // The objective itself is gone: what it was is not known any more.
+        let n = gone[2].removed(&objectives, 1_800_000_000);
+        assert_eq!((n.kind, n.objective_percent, n.consumer_id.as_deref()), (None, None, None));
+        assert!(n.summary.contains("objective is no longer configured"), "{}", n.summary);
+        let json = serde_json::to_value(&n).unwrap();
+        assert!(json.get("kind").is_none() && json.get("objective_percent").is_none(), "{json}");
+        assert_eq!(json["burn_rate_threshold"], 5.0);
     }
 
     #[test]
