@@ -382,6 +382,17 @@ mod tests {
             ("authorization", "Bearer s3cret")
         );
         assert!(hook.headers[0].1.is_sensitive());
+        // PagerDuty, its routing key from the environment.
+        let env = [("TOLLGATE_AGGREGATOR_SLO__PAGERDUTY_ROUTING_KEY".to_owned(), "0123abcd".to_owned())].into();
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[slo]\nwebhook_url = \"https://events.pagerduty.com/v2/enqueue\"\nwebhook_format = \"pagerduty\"\n"
+            ),
+            &env,
+        )
+        .unwrap();
+        let format = &c.slo.webhook.as_ref().unwrap().format;
+        assert_eq!(format, &crate::slo::Format::PagerDuty { routing_key: "0123abcd".into() });
     }
 
     #[test]
@@ -464,6 +475,14 @@ mod tests {
                 "slo.webhook_headers.bad name",
             ),
             ("[slo]\nstale_after_s = 0\n", "slo.stale_after_s"),
+            ("[slo]\nwebhook_url = \"http://x\"\nwebhook_format = \"teams\"\n", "slo.webhook_format"),
+            ("[slo]\nwebhook_format = \"slack\"\n", "slo.webhook_format"),
+            ("[slo]\nwebhook_url = \"http://x\"\nwebhook_format = \"pagerduty\"\n", "slo.pagerduty_routing_key"),
+            (
+                "[slo]\nwebhook_url = \"http://x\"\nwebhook_format = \"pagerduty\"\npagerduty_routing_key = \"a b\"\n",
+                "slo.pagerduty_routing_key",
+            ),
+            ("[slo]\nwebhook_url = \"http://x\"\npagerduty_routing_key = \"k\"\n", "slo.pagerduty_routing_key"),
             ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"/nonexistent/ca.pem\"\n", "slo.webhook_ca_file"),
             ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"Cargo.toml\"\n", "slo.webhook_ca_file"),
             ("[slo]\nrules = []\n", "slo.rules"),

@@ -125,7 +125,8 @@ struct Hook {
 
 impl Hook {
     fn of(&self, id: &str) -> Vec<Value> {
-        self.accepted.lock().unwrap().iter().filter(|n| n["id"] == id).cloned().collect()
+        // tollgate's notifications carry the alert's id; PagerDuty events as `dedup_key`.
+        self.accepted.lock().unwrap().iter().filter(|n| n["id"] == id || n["dedup_key"] == id).cloned().collect()
     }
 }
 
@@ -590,5 +591,48 @@ async fn alerts_whose_objective_or_rule_was_removed_are_resolved_once() {
     )
     .await;
     assert_eq!(state, format!("{RULE}\tresolved\t1\t2\n{OLD}\tresolved\t1\t2\n"));
+    assert!(agg.terminate(Duration::from_secs(20)));
+}
+
+/// `webhook_format = "pagerduty"`: each alert is a PagerDuty Events API v2 trigger, then a
+/// resolve, deduplicated by the alert's id, with the routing key and the notification (exact
+/// counts) as its details.
+#[tokio::test(flavor = "multi_thread")]
+async fn pagerduty_receives_a_trigger_then_a_resolve_per_alert() {
+    let setup = start_with_history("slo_pd").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
+    let (hook_url, hook) = start_hook(0, false).await;
+    let pd = "webhook_format = \"pagerduty\"\npagerduty_routing_key = \"pd-routing-key\"\n";
+    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(topic, db, "agg-1", free_port(), &hook_url, pd));
+    let past: Vec<Seen> = setup.past.iter().map(seen).collect();
+    for (id, severity) in [(AVAILABILITY, "critical"), (SLOW, "critical")] {
+        let events = wait_for(&hook, id, 2, Duration::from_secs(180)).await;
+        let (t, r) = (&events[0], &events[1]);
+        assert_eq!(
+            (t["event_action"].as_str(), r["event_action"].as_str()),
+            (Some("trigger"), Some("resolve")),
+            "{id}"
+        );
+        for e in [t, r] {
+            assert_eq!((e["routing_key"].as_str(), e["client"].as_str()), (Some("pd-routing-key"), Some("tollgate")));
+        }
+        assert_eq!(t["payload"]["severity"], severity);
+        assert_eq!(t["payload"]["source"], "tollgate-aggregator");
+        let details = &t["payload"]["custom_details"];
+        assert_eq!((details["id"].as_str(), details["status"].as_str()), (Some(id), Some("firing")));
+        assert_eq!(t["payload"]["summary"], details["summary"]);
+        if id == AVAILABILITY {
+            assert_counts(details, &past);
+        }
+    }
+    // What was delivered is recorded as usual.
+    let recorded = ch(
+        &clickhouse(),
+        &format!(
+            "SELECT status, delivered FROM {db}.slo_alerts WHERE alert_id = '{AVAILABILITY}' ORDER BY at_us FORMAT TSV"
+        ),
+    )
+    .await;
+    assert_eq!(recorded, "firing\t1\nresolved\t1\n");
     assert!(agg.terminate(Duration::from_secs(20)));
 }

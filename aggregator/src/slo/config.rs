@@ -16,6 +16,10 @@ pub(crate) struct RawSlo {
     webhook_headers: BTreeMap<String, String>,
     #[serde(default)]
     webhook_ca_file: Option<String>,
+    #[serde(default)]
+    webhook_format: Option<String>,
+    #[serde(default)]
+    pagerduty_routing_key: Option<String>,
     #[serde(default = "default_stale_after_s")]
     stale_after_s: u32,
     #[serde(default)]
@@ -31,6 +35,8 @@ impl Default for RawSlo {
             webhook_timeout_ms: default_webhook_timeout_ms(),
             webhook_headers: BTreeMap::new(),
             webhook_ca_file: None,
+            webhook_format: None,
+            pagerduty_routing_key: None,
             stale_after_s: default_stale_after_s(),
             objectives: Vec::new(),
             rules: None,
@@ -163,9 +169,33 @@ pub fn default_rules() -> Vec<Rule> {
     vec![r("page", 60, 5, 14.4), r("page", 360, 30, 6.0), r("ticket", 4320, 360, 1.0)]
 }
 
+/// What the webhook receives.
+#[derive(Clone, PartialEq)]
+pub enum Format {
+    /// tollgate's notification (docs/ARCHITECTURE.md, "SLOs and alerts").
+    Json,
+    /// A Slack incoming webhook's `{"text": …}` (also Mattermost, Rocket.Chat).
+    Slack,
+    /// A PagerDuty Events API v2 event: trigger on firing, resolve on resolved, deduplicated
+    /// by the alert's id.
+    PagerDuty { routing_key: String },
+}
+
+impl std::fmt::Debug for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Format::Json => f.write_str("Json"),
+            Format::Slack => f.write_str("Slack"),
+            // The routing key is a secret.
+            Format::PagerDuty { .. } => f.write_str("PagerDuty { routing_key: <redacted> }"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Webhook {
     pub url: http::Uri,
+    pub format: Format,
     pub timeout: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
     /// Trusts the web PKI plus `slo.webhook_ca_file`.
@@ -180,6 +210,27 @@ fn valid_id(s: &str) -> bool {
 /// (key, reason).
 pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig, (String, String)> {
     let err = |key: String, reason: &str| Err((key, reason.to_owned()));
+    let format = match (raw.webhook_format.as_deref().unwrap_or("json"), raw.pagerduty_routing_key) {
+        ("json", None) => Format::Json,
+        ("slack", None) => Format::Slack,
+        ("pagerduty", Some(key)) if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()) => {
+            Format::PagerDuty { routing_key: key }
+        }
+        ("pagerduty", _) => {
+            return err(
+                "slo.pagerduty_routing_key".into(),
+                "must be set for webhook_format = \"pagerduty\": the integration key of a PagerDuty Events API v2 \
+                 service (visible ASCII; set it from TOLLGATE_AGGREGATOR_SLO__PAGERDUTY_ROUTING_KEY)",
+            );
+        }
+        ("json" | "slack", Some(_)) => {
+            return err("slo.pagerduty_routing_key".into(), "applies only to webhook_format = \"pagerduty\"");
+        }
+        _ => return err("slo.webhook_format".into(), "must be \"json\", \"slack\" or \"pagerduty\""),
+    };
+    if raw.webhook_url.is_none() && format != Format::Json {
+        return err("slo.webhook_format".into(), "needs slo.webhook_url");
+    }
     let webhook = match raw.webhook_url {
         None => None,
         Some(url) => {
@@ -216,7 +267,7 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
                 Ok(tls) => tls,
                 Err(e) => return err("slo.webhook_ca_file".into(), &e),
             };
-            Some(Webhook { url: uri, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers, tls })
+            Some(Webhook { url: uri, format, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers, tls })
         }
     };
     let rules = match raw.rules {

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
 use tollgate_common::time;
 
-pub use config::{Kind, Objective, Rule, SloConfig, Webhook};
+pub use config::{Format, Kind, Objective, Rule, SloConfig, Webhook};
 
 use crate::metrics::Metrics;
 use crate::store::USAGE_TABLE;
@@ -598,6 +598,61 @@ fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
+/// The body the webhook receives for `n` in its format.
+pub fn render(n: &Notification, format: &Format) -> serde_json::Result<Vec<u8>> {
+    match format {
+        Format::Json => serde_json::to_vec(n),
+        Format::Slack => serde_json::to_vec(&serde_json::json!({ "text": slack_text(n) })),
+        Format::PagerDuty { routing_key } => {
+            let mut event = serde_json::json!({
+                "routing_key": routing_key,
+                "dedup_key": n.id,
+                "client": "tollgate",
+            });
+            match n.status {
+                Status::Firing => {
+                    event["event_action"] = "trigger".into();
+                    event["payload"] = serde_json::json!({
+                        // PagerDuty's limit.
+                        "summary": n.summary.chars().take(1024).collect::<String>(),
+                        "source": "tollgate-aggregator",
+                        "severity": pagerduty_severity(&n.severity),
+                        "timestamp": n.window_end,
+                        "group": n.slo,
+                        "class": n.kind,
+                        "component": n.route_id,
+                        "custom_details": n,
+                    });
+                }
+                Status::Resolved => event["event_action"] = "resolve".into(),
+            }
+            serde_json::to_vec(&event)
+        }
+    }
+}
+
+/// A rule's severity as PagerDuty's: `page` → critical, `ticket` → warning, PagerDuty's own
+/// names as they are, anything else → error.
+fn pagerduty_severity(severity: &str) -> &str {
+    match severity {
+        "page" => "critical",
+        "ticket" => "warning",
+        s @ ("critical" | "error" | "warning" | "info") => s,
+        _ => "error",
+    }
+}
+
+/// One line of Slack mrkdwn: status, severity, id, then the summary (`&`, `<`, `>` escaped
+/// as Slack requires).
+fn slack_text(n: &Notification) -> String {
+    let status = match n.status {
+        Status::Firing => "FIRING",
+        Status::Resolved => "RESOLVED",
+    };
+    let text = format!("*[{status}] {}* `{}`: {}", n.severity, n.id, n.summary);
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 /// POSTs one notification; Err names what failed.
 async fn post(client: &HttpClient, hook: &Webhook, body: Bytes) -> Result<(), String> {
     let mut req = http::Request::post(hook.url.clone())
@@ -656,7 +711,7 @@ async fn deliver(
     let http = hook.as_ref().map(|h| http_client(&h.tls));
     while let Some(n) = rx.recv().await {
         if let (Some(hook), Some(http)) = (&hook, &http) {
-            let body = match serde_json::to_vec(&n) {
+            let body = match render(&n, &hook.format) {
                 Ok(b) => Bytes::from(b),
                 Err(e) => {
                     tracing::error!(error = %e, alert = %n.id, "cannot encode the notification");
@@ -836,6 +891,52 @@ mod tests {
         let json = serde_json::to_value(&n).unwrap();
         assert!(json.get("kind").is_none() && json.get("objective_percent").is_none(), "{json}");
         assert_eq!(json["burn_rate_threshold"], 5.0);
+    }
+
+    #[test]
+    fn notifications_render_as_slack_and_pagerduty_events() {
+        let (o, rules, windows) = (objective(true), vec![rule()], vec![2, 10]);
+        let mut firing = HashMap::new();
+        let burning: HashMap<String, Vec<Counts>> = [("a<b&c".to_owned(), vec![c(20, 10), c(100, 30)])].into();
+        let fired = decide(&o, &rules, &windows, &burning, &mut firing, 1_800_000_000).remove(0);
+        let json = |f: &Format, n: &Notification| -> serde_json::Value {
+            serde_json::from_slice(&render(n, f).unwrap()).unwrap()
+        };
+        // json: the notification itself.
+        assert_eq!(json(&Format::Json, &fired), serde_json::to_value(&fired).unwrap());
+        // Slack: one escaped mrkdwn line.
+        let text = json(&Format::Slack, &fired)["text"].as_str().unwrap().to_owned();
+        assert!(
+            text.starts_with("*[FIRING] page* `avail/page/10m-2m/a&lt;b&amp;c`: SLO avail for consumer a&lt;b&amp;c"),
+            "{text}"
+        );
+        assert!(!text.contains('<') && !text.contains('>'), "{text}");
+        // PagerDuty: trigger, then resolve, with the alert's id as the dedup key.
+        let pd = Format::PagerDuty { routing_key: "R0UTING".into() };
+        let t = json(&pd, &fired);
+        assert_eq!(
+            (t["routing_key"].as_str(), t["event_action"].as_str(), t["dedup_key"].as_str()),
+            (Some("R0UTING"), Some("trigger"), Some("avail/page/10m-2m/a<b&c"))
+        );
+        assert_eq!(t["payload"]["severity"], "critical");
+        assert_eq!(t["payload"]["summary"], fired.summary.as_str());
+        assert_eq!(t["payload"]["timestamp"], "2027-01-15T08:00:00Z");
+        assert_eq!(t["payload"]["custom_details"]["long_window"]["bad_calls"], 30);
+        let quiet: HashMap<String, Vec<Counts>> = HashMap::new();
+        let resolved = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_060).remove(0);
+        let r = json(&pd, &resolved);
+        assert_eq!(
+            (r["event_action"].as_str(), r["dedup_key"].as_str()),
+            (Some("resolve"), Some("avail/page/10m-2m/a<b&c"))
+        );
+        assert!(r.get("payload").is_none());
+        assert!(json(&Format::Slack, &resolved)["text"].as_str().unwrap().starts_with("*[RESOLVED] page*"));
+        assert_eq!(
+            ["page", "ticket", "info", "sev1"].map(pagerduty_severity),
+            ["critical", "warning", "info", "error"]
+        );
+        // The key never shows in logs.
+        assert!(!format!("{pd:?}").contains("R0UTING"));
     }
 
     #[test]
