@@ -437,7 +437,7 @@ mod tests {
     #[test]
     fn the_readmes_slo_example_is_valid() {
         let readme = include_str!("../../README.md");
-        let start = readme.find("```toml\n[slo]\n").expect("README has the [slo] example") + "```toml\n".len();
+        let start = readme.find("```toml\n[slo]\n").unwrap() + "```toml\n".len();
         let len = readme[start..].find("```").unwrap();
         let c = Config::parse(&format!("{MINIMAL}{}", &readme[start..start + len]), &BTreeMap::new()).unwrap();
         assert_eq!(c.slo.objectives.len(), 2);
