@@ -2,7 +2,8 @@
 # tollgate's local stack: the Tansu Kafka broker and ClickHouse, on 127.0.0.1, with every
 # byte under $TOLLGATE_STACK_DIR (default: <repo>/.stack, git-ignored).
 #
-#   scripts/stack.sh install   install what is missing (apt ClickHouse, Tansu from crates.io, chdb)
+#   scripts/stack.sh install   install what is missing (apt ClickHouse and Alertmanager, Tansu
+#                              from crates.io, chdb)
 #   scripts/stack.sh up        install, start both servers, wait until ready, create topics
 #   scripts/stack.sh down      stop both servers (data is kept)
 #   scripts/stack.sh status    show what runs
@@ -35,6 +36,17 @@ install_clickhouse() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q clickhouse-server clickhouse-client >/dev/null
 }
 
+# Prometheus Alertmanager: not part of the stack; the tests start their own to check the
+# aggregator's `webhook_format = "alertmanager"` against the real API.
+install_alertmanager() {
+    if command -v prometheus-alertmanager >/dev/null 2>&1; then return; fi
+    log "installing prometheus-alertmanager (Debian package; the tests run their own instance)"
+    as_root apt-get update -q >/dev/null
+    # On a machine with systemd the package also starts its own service (port 9093); the tests
+    # do not use it (their instances take free ports and their own data directories).
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q prometheus-alertmanager >/dev/null
+}
+
 install_tansu() {
     if command -v tansu >/dev/null 2>&1; then return; fi
     log "building the Tansu broker from crates.io (once; about 20 minutes on 2 cores; cached in $CARGO_BIN)"
@@ -47,7 +59,7 @@ install_chdb() {
     python3 -m pip install --quiet --disable-pip-version-check chdb-core
 }
 
-cmd_install() { install_clickhouse; install_chdb; install_tansu; }
+cmd_install() { install_clickhouse; install_alertmanager; install_chdb; install_tansu; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 

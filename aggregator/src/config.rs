@@ -393,6 +393,12 @@ mod tests {
         .unwrap();
         let format = &c.slo.webhook.as_ref().unwrap().format;
         assert_eq!(format, &crate::slo::Format::PagerDuty { routing_key: "0123abcd".into() });
+        let c = Config::parse(
+            &format!("{MINIMAL}[slo]\nwebhook_url = \"http://127.0.0.1:9093/api/v2/alerts\"\nwebhook_format = \"alertmanager\"\n"),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(c.slo.webhook.as_ref().unwrap().format, crate::slo::Format::Alertmanager);
     }
 
     #[test]

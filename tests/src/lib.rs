@@ -333,10 +333,17 @@ pub async fn metrics_text(admin: std::net::SocketAddr) -> String {
 
 /// [`metrics_text`], or the error while the admin port is not up (yet).
 pub async fn try_metrics_text(admin: std::net::SocketAddr) -> Result<String, String> {
+    try_get(&format!("http://{admin}/metrics")).await.map(|(_, body)| body)
+}
+
+/// GET `url` (http): status and body, or the error (e.g. while the server is not up yet).
+pub async fn try_get(url: &str) -> Result<(u16, String), String> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let resp = client.get(format!("http://{admin}/metrics").parse().unwrap()).await.map_err(|e| e.to_string())?;
+    let uri = url.parse().map_err(|e: http::uri::InvalidUri| e.to_string())?;
+    let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Fetches the edge's Prometheus metrics and returns the value of `name` (with its labels, if

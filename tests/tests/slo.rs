@@ -183,29 +183,7 @@ fn assert_counts(n: &Value, events: &[Seen]) {
 async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     let setup = start_with_history("slo").await;
     let (dir, topic, db, m0, past) = (&setup.dir, &setup.topic, &setup.db, setup.m0, &setup.past);
-    let events = Arc::new(Mutex::new(past.iter().map(seen).collect::<Vec<_>>()));
-    let producer = producer();
-
-    // Live traffic: 4 acme calls every 250 ms; half of them 503 while `failing`.
-    let failing = Arc::new(AtomicBool::new(true));
-    let live = {
-        let (events, failing, topic, producer) =
-            (Arc::clone(&events), Arc::clone(&failing), topic.clone(), producer.clone());
-        tokio::spawn(async move {
-            loop {
-                let now = now_us();
-                let batch: Vec<ApiCall> = (0..4)
-                    .map(|i| {
-                        let status = if failing.load(Ordering::SeqCst) && i % 2 == 0 { 503 } else { 200 };
-                        event("acme", now + i, status, Outcome::Forwarded, 1_000)
-                    })
-                    .collect();
-                produce_all(&producer, &topic, &encode(&batch)).await;
-                events.lock().unwrap().extend(batch.iter().map(seen));
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    };
+    let (events, failing, live) = live_traffic(topic, past);
 
     let (hook_url, hook) = start_hook(1, false).await;
     let config = |admin: u16| slo_config(topic, db, "agg-1", admin, &hook_url, "");
@@ -303,6 +281,35 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     );
     assert_eq!(hook.of(AVAILABILITY).len(), 2);
     assert!(agg2.terminate(Duration::from_secs(20)));
+}
+
+/// Live traffic: 4 acme calls every 250 ms, half of them 503 while `failing` (true at first),
+/// remembered after `past` in `events`.
+fn live_traffic(
+    topic: &str,
+    past: &[ApiCall],
+) -> (Arc<Mutex<Vec<Seen>>>, Arc<AtomicBool>, tokio::task::JoinHandle<()>) {
+    let events = Arc::new(Mutex::new(past.iter().map(seen).collect::<Vec<_>>()));
+    let failing = Arc::new(AtomicBool::new(true));
+    let live = {
+        let (events, failing, topic, producer) =
+            (Arc::clone(&events), Arc::clone(&failing), topic.to_owned(), producer());
+        tokio::spawn(async move {
+            loop {
+                let now = now_us();
+                let batch: Vec<ApiCall> = (0..4)
+                    .map(|i| {
+                        let status = if failing.load(Ordering::SeqCst) && i % 2 == 0 { 503 } else { 200 };
+                        event("acme", now + i, status, Outcome::Forwarded, 1_000)
+                    })
+                    .collect();
+                produce_all(&producer, &topic, &encode(&batch)).await;
+                events.lock().unwrap().extend(batch.iter().map(seen));
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    (events, failing, live)
 }
 
 /// The aggregator's counter `name` (0 while its admin port is not up).
@@ -634,5 +641,105 @@ async fn pagerduty_receives_a_trigger_then_a_resolve_per_alert() {
     )
     .await;
     assert_eq!(recorded, "firing\t1\nresolved\t1\n");
+    assert!(agg.terminate(Duration::from_secs(20)));
+}
+
+/// A Prometheus Alertmanager of its own (free port, data in `dir`), routing to no receiver:
+/// its base URL.
+async fn start_alertmanager(dir: &std::path::Path) -> (Proc, String) {
+    let cfg = dir.join("alertmanager.yml");
+    std::fs::write(&cfg, "route:\n  receiver: none\nreceivers:\n  - name: none\n").unwrap();
+    let port = free_port();
+    let am = Proc::spawn(
+        "alertmanager",
+        std::process::Command::new("prometheus-alertmanager")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.path={}", dir.join("alertmanager-data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address="),
+        dir.join("alertmanager.log"),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let ready = wait_until(Duration::from_secs(30), || async {
+        try_get(&format!("{url}/-/ready")).await.is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    assert!(ready, "Alertmanager did not start:\n{}", am.log_tail());
+    (am, url)
+}
+
+/// The alert `alert_id` as Alertmanager lists it (active ones only), if it does.
+async fn alertmanager_alert(url: &str, alert_id: &str) -> Option<Value> {
+    let (status, body) = try_get(&format!("{url}/api/v2/alerts")).await.ok()?;
+    assert_eq!(status, 200, "{body}");
+    let all: Vec<Value> = serde_json::from_str(&body).ok()?;
+    all.into_iter().find(|a| a["labels"]["alert_id"] == alert_id)
+}
+
+/// `webhook_format = "alertmanager"` against a real Alertmanager: the burning SLO becomes an
+/// active alert with the alert's labels; while it keeps firing every evaluation sends it again
+/// (its `endsAt` moves on, so Alertmanager does not resolve it on its own); when the calls are
+/// healthy again it is resolved. `slo_alerts` holds the two changes only.
+#[tokio::test(flavor = "multi_thread")]
+async fn alertmanager_keeps_a_firing_alert_active_and_resolves_it() {
+    let setup = start_with_history("slo_am").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
+    let (_am, am_url) = start_alertmanager(dir.path()).await;
+    let (_events, failing, live) = live_traffic(topic, &setup.past);
+    let admin = free_port();
+    let config = aggregator_config(
+        topic,
+        db,
+        &format!("{db}-agg"),
+        "agg-1",
+        &format!("{db}-ingest"),
+        &format!(
+            "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [slo]\nwebhook_url = \"{am_url}/api/v2/alerts\"\nwebhook_format = \"alertmanager\"\n\
+             [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
+             [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\nroute = \"echo\"\n"
+        ),
+    );
+    let mut agg = start_aggregator(dir.path(), "agg-1", &config);
+    let fired =
+        wait_until(Duration::from_secs(120), || async { alertmanager_alert(&am_url, AVAILABILITY).await.is_some() })
+            .await;
+    assert!(fired, "no active alert in Alertmanager:\n{}", agg.log_tail());
+    let a = alertmanager_alert(&am_url, AVAILABILITY).await.unwrap();
+    assert_eq!(a["status"]["state"], "active", "{a}");
+    assert_eq!(
+        a["labels"],
+        serde_json::json!({
+            "alertname": "TollgateSLOBurnRate", "alert_id": AVAILABILITY, "slo": "api", "severity": "page",
+            "windows": "10m-1m"
+        })
+    );
+    assert_eq!(a["annotations"]["route_id"], "echo");
+    assert!(a["annotations"]["summary"].as_str().unwrap().starts_with("SLO api (99 %) burns its error budget"), "{a}");
+    let ends = |a: &Value| time::parse_utc(&a["endsAt"].as_str().unwrap()[..19]).unwrap();
+    let first_end = ends(&a);
+    assert!(first_end > now_us() / 1_000_000 + 200, "{a}");
+    // Still burning: the next evaluations send it again, later endsAt each time.
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let now = evaluations(admin).await;
+    assert!(wait_until(Duration::from_secs(120), || async { evaluations(admin).await >= now + 2 }).await);
+    let again = alertmanager_alert(&am_url, AVAILABILITY).await.expect("still active");
+    assert!(ends(&again) > first_end, "not sent again: {a} then {again}");
+    assert_eq!(again["startsAt"], a["startsAt"]);
+    // Healthy calls: resolved, and no longer active.
+    failing.store(false, Ordering::SeqCst);
+    let resolved =
+        wait_until(Duration::from_secs(200), || async { alertmanager_alert(&am_url, AVAILABILITY).await.is_none() })
+            .await;
+    assert!(resolved, "still active in Alertmanager:\n{}", agg.log_tail());
+    live.abort();
+    // Recorded once delivered (just after Alertmanager took it).
+    let sql = format!("SELECT status FROM {db}.slo_alerts WHERE alert_id = '{AVAILABILITY}' ORDER BY at_us FORMAT TSV");
+    let recorded = wait_until(Duration::from_secs(10), || async {
+        ch(&clickhouse(), &sql).await.lines().last() == Some("resolved")
+    })
+    .await;
+    assert!(recorded);
+    assert_eq!(ch(&clickhouse(), &sql).await, "firing\nresolved\n");
     assert!(agg.terminate(Duration::from_secs(20)));
 }

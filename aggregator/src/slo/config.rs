@@ -179,6 +179,9 @@ pub enum Format {
     /// A PagerDuty Events API v2 event: trigger on firing, resolve on resolved, deduplicated
     /// by the alert's id.
     PagerDuty { routing_key: String },
+    /// Prometheus Alertmanager's API (`POST /api/v2/alerts`): firing alerts are sent again at
+    /// every evaluation, since Alertmanager resolves an alert that is not.
+    Alertmanager,
 }
 
 impl std::fmt::Debug for Format {
@@ -186,6 +189,7 @@ impl std::fmt::Debug for Format {
         match self {
             Format::Json => f.write_str("Json"),
             Format::Slack => f.write_str("Slack"),
+            Format::Alertmanager => f.write_str("Alertmanager"),
             // The routing key is a secret.
             Format::PagerDuty { .. } => f.write_str("PagerDuty { routing_key: <redacted> }"),
         }
@@ -213,6 +217,7 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
     let format = match (raw.webhook_format.as_deref().unwrap_or("json"), raw.pagerduty_routing_key) {
         ("json", None) => Format::Json,
         ("slack", None) => Format::Slack,
+        ("alertmanager", None) => Format::Alertmanager,
         ("pagerduty", Some(key)) if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()) => {
             Format::PagerDuty { routing_key: key }
         }
@@ -223,10 +228,12 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
                  service (visible ASCII; set it from TOLLGATE_AGGREGATOR_SLO__PAGERDUTY_ROUTING_KEY)",
             );
         }
-        ("json" | "slack", Some(_)) => {
+        ("json" | "slack" | "alertmanager", Some(_)) => {
             return err("slo.pagerduty_routing_key".into(), "applies only to webhook_format = \"pagerduty\"");
         }
-        _ => return err("slo.webhook_format".into(), "must be \"json\", \"slack\" or \"pagerduty\""),
+        _ => {
+            return err("slo.webhook_format".into(), "must be \"json\", \"slack\", \"pagerduty\" or \"alertmanager\"");
+        }
     };
     if raw.webhook_url.is_none() && format != Format::Json {
         return err("slo.webhook_format".into(), "needs slo.webhook_url");

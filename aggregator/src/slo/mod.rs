@@ -36,6 +36,11 @@ use crate::store::USAGE_TABLE;
 /// Notifications waiting for the webhook at most (then evaluation waits).
 const QUEUE: usize = 1024;
 
+/// How long Alertmanager keeps a firing alert that is not sent again (`endsAt`): five
+/// evaluations. An aggregator that stops evaluating (stopped, or ClickHouse unreachable) lets
+/// its alerts resolve in Alertmanager after this.
+pub const ALERTMANAGER_LIFETIME_S: i64 = 300;
+
 /// The calls an objective counts in one window, and the bad ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Counts {
@@ -306,7 +311,8 @@ pub fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
 }
 
 /// Decides the alerts of one objective from its window counts per consumer; updates `firing`
-/// and returns the notifications of the alerts that changed.
+/// and returns the notifications of the alerts that changed. Alerts that keep firing are
+/// pushed to `still` (with their current counts), for receivers that need them repeated.
 pub fn decide(
     o: &Objective,
     rules: &[Rule],
@@ -314,6 +320,7 @@ pub fn decide(
     counts: &HashMap<String, Vec<Counts>>,
     firing: &mut HashMap<String, bool>,
     end_s: i64,
+    still: &mut Vec<Notification>,
 ) -> Vec<Notification> {
     let idx = |m: u32| windows.iter().position(|&w| w == m);
     let mut out = Vec::new();
@@ -348,6 +355,9 @@ pub fn decide(
             let id = alert_id(o, rule, c);
             let was = firing.get(&id).copied().unwrap_or(false);
             if now == was {
+                if now {
+                    still.push(notification(o, rule, c, id, true, long, short, end_s));
+                }
                 continue;
             }
             firing.insert(id.clone(), now);
@@ -422,13 +432,23 @@ pub struct Evaluator {
     firing: HashMap<String, bool>,
     /// The alerts' latest notifications as loaded, for those the configuration dropped.
     loaded: Vec<StateRow>,
+    /// The alerts that kept firing at the last evaluation.
+    still: Vec<Notification>,
     cache: windows::Cache,
 }
 
 impl Evaluator {
     pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
         let windows = cfg.windows();
-        Self { cfg, client, windows, firing: HashMap::new(), loaded: Vec::new(), cache: windows::Cache::default() }
+        Self {
+            cfg,
+            client,
+            windows,
+            firing: HashMap::new(),
+            loaded: Vec::new(),
+            still: Vec::new(),
+            cache: windows::Cache::default(),
+        }
     }
 
     /// Whole hours read with `FINAL` so far (the rest came from the cache).
@@ -473,6 +493,7 @@ impl Evaluator {
     pub async fn evaluate(&mut self, end_s: i64, now_us: u64) -> Result<Vec<Notification>, clickhouse::error::Error> {
         let mut firing = self.firing.clone();
         let mut notes = self.removed(&mut firing, end_s);
+        let mut still = Vec::new();
         let mut burn = Vec::new();
         let all = self.cache.counts(&self.client, &self.cfg.objectives, &self.windows, end_s).await?;
         for (o, mut counts) in self.cfg.objectives.iter().zip(all) {
@@ -493,7 +514,7 @@ impl Evaluator {
                     });
                 }
             }
-            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s));
+            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s, &mut still));
         }
         let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;
         for row in &burn {
@@ -502,7 +523,13 @@ impl Evaluator {
         insert.end().await?;
         self.firing = firing;
         self.loaded.clear();
+        self.still = still;
         Ok(notes)
+    }
+
+    /// The alerts that kept firing at the last evaluation (not in its notifications).
+    pub fn still_firing(&self) -> &[Notification] {
+        &self.still
     }
 }
 
@@ -517,7 +544,8 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     retry: (Duration, Duration),
 ) {
-    let (tx, rx) = mpsc::channel::<Notification>(QUEUE);
+    let (tx, rx) = mpsc::channel::<Message>(QUEUE);
+    let repeat = cfg.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager);
     let delivery =
         tokio::spawn(deliver(cfg.webhook.clone(), client.clone(), Arc::clone(&metrics), rx, stop.clone(), retry));
     let mut evaluator = Evaluator::new(Arc::clone(&cfg), client);
@@ -553,11 +581,18 @@ pub async fn run(
             Ok(notes) => {
                 last_end = end;
                 metrics.slo_evaluations.fetch_add(1, Ordering::Relaxed);
-                for n in notes {
-                    tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert");
+                let mut messages: Vec<Message> = notes
+                    .into_iter()
+                    .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
+                    .map(Message::Change)
+                    .collect();
+                if repeat && !evaluator.still_firing().is_empty() {
+                    messages.push(Message::Repeat(evaluator.still_firing().to_vec()));
+                }
+                for m in messages {
                     tokio::select! {
                         _ = stop.changed() => break,
-                        sent = tx.send(n) => if sent.is_err() { break },
+                        sent = tx.send(m) => if sent.is_err() { break },
                     }
                 }
             }
@@ -598,9 +633,19 @@ fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
+/// What the delivery task sends.
+#[derive(Debug)]
+enum Message {
+    /// An alert that started or stopped firing: delivered, then recorded.
+    Change(Notification),
+    /// Alerts that keep firing, sent again to Alertmanager (not recorded).
+    Repeat(Vec<Notification>),
+}
+
 /// The body the webhook receives for `n` in its format.
 pub fn render(n: &Notification, format: &Format) -> serde_json::Result<Vec<u8>> {
     match format {
+        Format::Alertmanager => serde_json::to_vec(&[alertmanager_alert(n, now_us() as i64 / 1_000_000)]),
         Format::Json => serde_json::to_vec(n),
         Format::Slack => serde_json::to_vec(&serde_json::json!({ "text": slack_text(n) })),
         Format::PagerDuty { routing_key } => {
@@ -629,6 +674,42 @@ pub fn render(n: &Notification, format: &Format) -> serde_json::Result<Vec<u8>> 
             serde_json::to_vec(&event)
         }
     }
+}
+
+/// One alert of Alertmanager's `POST /api/v2/alerts` for `n` at `now_s`. The labels identify
+/// the alert and are the same for its firing and its resolved notification (so Alertmanager
+/// matches them); what changes goes into the annotations. Firing: `startsAt` = the end of the
+/// windows that fired it (Alertmanager keeps the earliest), `endsAt` = now + the lifetime.
+/// Resolved: `endsAt` = the end of the windows that resolved it.
+pub fn alertmanager_alert(n: &Notification, now_s: i64) -> serde_json::Value {
+    let mut labels = serde_json::json!({
+        "alertname": "TollgateSLOBurnRate",
+        "alert_id": n.id,
+        "slo": n.slo,
+        "severity": n.severity,
+        "windows": format!("{}m-{}m", n.long_window.minutes, n.short_window.minutes),
+    });
+    if let Some(c) = &n.consumer_id {
+        labels["consumer_id"] = c.as_str().into();
+    }
+    let mut annotations = serde_json::json!({ "summary": n.summary, "window_end": n.window_end });
+    if let Some(r) = &n.route_id {
+        annotations["route_id"] = r.as_str().into();
+    }
+    for (name, w) in [("long_window_burn_rate", &n.long_window), ("short_window_burn_rate", &n.short_window)] {
+        if let Some(rate) = w.burn_rate {
+            annotations[name] = format!("{rate:.2}").into();
+        }
+    }
+    let mut alert = serde_json::json!({ "labels": labels, "annotations": annotations });
+    match n.status {
+        Status::Firing => {
+            alert["startsAt"] = n.window_end.as_str().into();
+            alert["endsAt"] = time::format_utc(now_s + ALERTMANAGER_LIFETIME_S).into();
+        }
+        Status::Resolved => alert["endsAt"] = n.window_end.as_str().into(),
+    }
+    alert
 }
 
 /// A rule's severity as PagerDuty's: `page` → critical, `ticket` → warning, PagerDuty's own
@@ -704,12 +785,39 @@ async fn deliver(
     hook: Option<Webhook>,
     ch: Client,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Notification>,
+    mut rx: mpsc::Receiver<Message>,
     mut stop: watch::Receiver<bool>,
     (initial, max): (Duration, Duration),
 ) {
     let http = hook.as_ref().map(|h| http_client(&h.tls));
-    while let Some(n) = rx.recv().await {
+    while let Some(m) = rx.recv().await {
+        let n = match m {
+            Message::Change(n) => n,
+            Message::Repeat(alerts) => {
+                let (Some(hook), Some(http)) = (&hook, &http) else { continue };
+                let now_s = now_us() as i64 / 1_000_000;
+                let all: Vec<serde_json::Value> = alerts.iter().map(|n| alertmanager_alert(n, now_s)).collect();
+                let body = match serde_json::to_vec(&all) {
+                    Ok(b) => Bytes::from(b),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode the firing alerts");
+                        continue;
+                    }
+                };
+                let sent = retry(
+                    || post(http, hook, body.clone()),
+                    Backoff::new(initial, max),
+                    &mut stop,
+                    &metrics.webhook_failures,
+                    "SLO webhook failed (firing alerts sent again)",
+                    "",
+                );
+                if !sent.await {
+                    return;
+                }
+                continue;
+            }
+        };
         if let (Some(hook), Some(http)) = (&hook, &http) {
             let body = match render(&n, &hook.format) {
                 Ok(b) => Bytes::from(b),
@@ -824,7 +932,8 @@ mod tests {
         let mut firing = HashMap::new();
         let counts: HashMap<String, Vec<Counts>> =
             [("acme".to_owned(), vec![c(20, 10), c(100, 30)]), ("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
-        let n = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000);
+        let mut still = Vec::new();
+        let n = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, &mut still);
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].id, "avail/page/10m-2m/acme");
         assert_eq!(n[0].status, Status::Firing);
@@ -833,11 +942,17 @@ mod tests {
         assert!((n[0].short_window.burn_rate.unwrap() - 50.0).abs() < 1e-9);
         assert_eq!(n[0].reason, Reason::BurnRate);
         assert_eq!(n[0].window_end, "2027-01-15T08:00:00Z");
-        // Same counts: nothing new.
-        assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060).is_empty());
+        assert!(still.is_empty());
+        // Same counts: nothing new; it keeps firing (with its current counts).
+        assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060, &mut still).is_empty());
+        assert_eq!(still.len(), 1);
+        assert_eq!((still[0].id.as_str(), still[0].status), ("avail/page/10m-2m/acme", Status::Firing));
+        assert_eq!(still[0].window_end, "2027-01-15T08:01:00Z");
+        still.clear();
         // acme has no calls at all any more: its alert resolves.
         let quiet: HashMap<String, Vec<Counts>> = [("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
-        let n = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_120);
+        let n = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_120, &mut still);
+        assert!(still.is_empty());
         assert_eq!(n.len(), 1);
         assert_eq!((n[0].id.as_str(), n[0].status), ("avail/page/10m-2m/acme", Status::Resolved));
         assert_eq!(firing.get("avail/page/10m-2m/acme"), Some(&false));
@@ -898,7 +1013,7 @@ mod tests {
         let (o, rules, windows) = (objective(true), vec![rule()], vec![2, 10]);
         let mut firing = HashMap::new();
         let burning: HashMap<String, Vec<Counts>> = [("a<b&c".to_owned(), vec![c(20, 10), c(100, 30)])].into();
-        let fired = decide(&o, &rules, &windows, &burning, &mut firing, 1_800_000_000).remove(0);
+        let fired = decide(&o, &rules, &windows, &burning, &mut firing, 1_800_000_000, &mut Vec::new()).remove(0);
         let json = |f: &Format, n: &Notification| -> serde_json::Value {
             serde_json::from_slice(&render(n, f).unwrap()).unwrap()
         };
@@ -923,7 +1038,7 @@ mod tests {
         assert_eq!(t["payload"]["timestamp"], "2027-01-15T08:00:00Z");
         assert_eq!(t["payload"]["custom_details"]["long_window"]["bad_calls"], 30);
         let quiet: HashMap<String, Vec<Counts>> = HashMap::new();
-        let resolved = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_060).remove(0);
+        let resolved = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_060, &mut Vec::new()).remove(0);
         let r = json(&pd, &resolved);
         assert_eq!(
             (r["event_action"].as_str(), r["dedup_key"].as_str()),
@@ -937,6 +1052,28 @@ mod tests {
         );
         // The key never shows in logs.
         assert!(!format!("{pd:?}").contains("R0UTING"));
+        // Alertmanager: the same labels firing and resolved; firing until now + the lifetime.
+        let now = 1_800_000_100;
+        let f = alertmanager_alert(&fired, now);
+        let r = alertmanager_alert(&resolved, now);
+        assert_eq!(f["labels"], r["labels"]);
+        assert_eq!(
+            f["labels"],
+            serde_json::json!({
+                "alertname": "TollgateSLOBurnRate", "alert_id": "avail/page/10m-2m/a<b&c", "slo": "avail",
+                "severity": "page", "windows": "10m-2m", "consumer_id": "a<b&c"
+            })
+        );
+        assert_eq!(
+            (f["startsAt"].as_str(), f["endsAt"].as_str()),
+            (Some("2027-01-15T08:00:00Z"), Some("2027-01-15T08:06:40Z"))
+        );
+        assert_eq!(f["annotations"]["long_window_burn_rate"], "30.00");
+        assert_eq!(f["annotations"]["summary"], fired.summary.as_str());
+        assert_eq!((r.get("startsAt"), r["endsAt"].as_str()), (None, Some("2027-01-15T08:01:00Z")));
+        let body: serde_json::Value = serde_json::from_slice(&render(&fired, &Format::Alertmanager).unwrap()).unwrap();
+        assert_eq!(body.as_array().map(|a| a.len()), Some(1));
+        assert_eq!(body[0]["labels"], f["labels"]);
     }
 
     #[test]
