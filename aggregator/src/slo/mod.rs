@@ -584,7 +584,7 @@ pub async fn run(
                 let mut messages: Vec<Message> = notes
                     .into_iter()
                     .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
-                    .map(Message::Change)
+                    .map(|n| Message::Change(Box::new(n)))
                     .collect();
                 if repeat && !evaluator.still_firing().is_empty() {
                     messages.push(Message::Repeat(evaluator.still_firing().to_vec()));
@@ -637,7 +637,7 @@ fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
 #[derive(Debug)]
 enum Message {
     /// An alert that started or stopped firing: delivered, then recorded.
-    Change(Notification),
+    Change(Box<Notification>),
     /// Alerts that keep firing, sent again to Alertmanager (not recorded).
     Repeat(Vec<Notification>),
 }
@@ -792,7 +792,7 @@ async fn deliver(
     let http = hook.as_ref().map(|h| http_client(&h.tls));
     while let Some(m) = rx.recv().await {
         let n = match m {
-            Message::Change(n) => n,
+            Message::Change(n) => *n,
             Message::Repeat(alerts) => {
                 let (Some(hook), Some(http)) = (&hook, &http) else { continue };
                 let now_s = now_us() as i64 / 1_000_000;
