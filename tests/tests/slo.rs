@@ -644,11 +644,10 @@ async fn pagerduty_receives_a_trigger_then_a_resolve_per_alert() {
     assert!(agg.terminate(Duration::from_secs(20)));
 }
 
-/// A Prometheus Alertmanager of its own (free port, data in `dir`), routing to no receiver:
-/// its base URL.
+/// A Prometheus Alertmanager of its own (free port, data in `dir`) with the configuration
+/// docker-compose.yml ships: its base URL.
 async fn start_alertmanager(dir: &std::path::Path) -> (Proc, String) {
-    let cfg = dir.join("alertmanager.yml");
-    std::fs::write(&cfg, "route:\n  receiver: none\nreceivers:\n  - name: none\n").unwrap();
+    let cfg = repo_root().join("config/compose/alertmanager.yml");
     let port = free_port();
     let am = Proc::spawn(
         "alertmanager",

@@ -645,7 +645,7 @@ enum Message {
 /// The body the webhook receives for `n` in its format.
 pub fn render(n: &Notification, format: &Format) -> serde_json::Result<Vec<u8>> {
     match format {
-        Format::Alertmanager => serde_json::to_vec(&[alertmanager_alert(n, now_us() as i64 / 1_000_000)]),
+        Format::Alertmanager => render_alertmanager(std::slice::from_ref(n)),
         Format::Json => serde_json::to_vec(n),
         Format::Slack => serde_json::to_vec(&serde_json::json!({ "text": slack_text(n) })),
         Format::PagerDuty { routing_key } => {
@@ -674,6 +674,12 @@ pub fn render(n: &Notification, format: &Format) -> serde_json::Result<Vec<u8>> 
             serde_json::to_vec(&event)
         }
     }
+}
+
+/// Alertmanager's `POST /api/v2/alerts` body for `alerts`, now.
+fn render_alertmanager(alerts: &[Notification]) -> serde_json::Result<Vec<u8>> {
+    let now_s = now_us() as i64 / 1_000_000;
+    serde_json::to_vec(&alerts.iter().map(|n| alertmanager_alert(n, now_s)).collect::<Vec<_>>())
 }
 
 /// One alert of Alertmanager's `POST /api/v2/alerts` for `n` at `now_s`. The labels identify
@@ -791,38 +797,15 @@ async fn deliver(
 ) {
     let http = hook.as_ref().map(|h| http_client(&h.tls));
     while let Some(m) = rx.recv().await {
-        let n = match m {
-            Message::Change(n) => *n,
-            Message::Repeat(alerts) => {
-                let (Some(hook), Some(http)) = (&hook, &http) else { continue };
-                let now_s = now_us() as i64 / 1_000_000;
-                let all: Vec<serde_json::Value> = alerts.iter().map(|n| alertmanager_alert(n, now_s)).collect();
-                let body = match serde_json::to_vec(&all) {
-                    Ok(b) => Bytes::from(b),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode the firing alerts");
-                        continue;
-                    }
-                };
-                let sent = retry(
-                    || post(http, hook, body.clone()),
-                    Backoff::new(initial, max),
-                    &mut stop,
-                    &metrics.webhook_failures,
-                    "SLO webhook failed (firing alerts sent again)",
-                    "",
-                );
-                if !sent.await {
-                    return;
-                }
-                continue;
-            }
-        };
         if let (Some(hook), Some(http)) = (&hook, &http) {
-            let body = match render(&n, &hook.format) {
+            let (body, alert) = match &m {
+                Message::Change(n) => (render(n, &hook.format), n.id.as_str()),
+                Message::Repeat(alerts) => (render_alertmanager(alerts), "(firing alerts sent again)"),
+            };
+            let body = match body {
                 Ok(b) => Bytes::from(b),
                 Err(e) => {
-                    tracing::error!(error = %e, alert = %n.id, "cannot encode the notification");
+                    tracing::error!(error = %e, alert, "cannot encode the notification");
                     continue;
                 }
             };
@@ -832,12 +815,14 @@ async fn deliver(
                 &mut stop,
                 &metrics.webhook_failures,
                 "SLO webhook failed",
-                &n.id,
+                alert,
             );
             if !sent.await {
                 return;
             }
         }
+        // Repeats are not changes: nothing to record.
+        let Message::Change(n) = m else { continue };
         match n.status {
             Status::Firing => metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
             Status::Resolved => metrics.alerts_resolved.fetch_add(1, Ordering::Relaxed),
