@@ -247,6 +247,11 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     );
     assert!((long["burn_rate"].as_f64().unwrap() - 10.0).abs() < 1e-6);
 
+    // The documented query lists it as firing (recorded just after the webhook took it).
+    let listed =
+        wait_until(Duration::from_secs(10), || async { firing_now(db).await.contains(&AVAILABILITY.to_owned()) }).await;
+    assert!(listed, "{:?}", firing_now(db).await);
+
     // A restarted aggregator takes the state from slo_alerts: the still-burning SLO is not
     // notified again.
     assert!(agg.terminate(Duration::from_secs(20)), "aggregator did not stop:\n{}", agg.log_tail());
@@ -280,7 +285,16 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
         format!("firing\t1\t{}\nresolved\t1\t{}\n", ch_time(fired_end).await, ch_time(window_end(r)).await)
     );
     assert_eq!(hook.of(AVAILABILITY).len(), 2);
+    assert!(!firing_now(db).await.contains(&AVAILABILITY.to_owned()));
     assert!(agg2.terminate(Duration::from_secs(20)));
+}
+
+/// The alert ids `schemas/queries/slo_alerts_firing.sql` lists for `db`.
+async fn firing_now(db: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(repo_root().join("schemas/queries/slo_alerts_firing.sql")).unwrap();
+    let sql = doc.replace("FROM slo_alerts", &format!("FROM {db}.slo_alerts"));
+    let rows = ch(&clickhouse(), &format!("SELECT alert_id FROM ({sql}) FORMAT TSV")).await;
+    rows.lines().map(str::to_owned).collect()
 }
 
 /// Live traffic: 4 acme calls every 250 ms, half of them 503 while `failing` (true at first),
