@@ -546,8 +546,15 @@ pub async fn run(
 ) {
     let (tx, rx) = mpsc::channel::<Message>(QUEUE);
     let repeat = cfg.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager);
-    let delivery =
-        tokio::spawn(deliver(cfg.webhook.clone(), client.clone(), Arc::clone(&metrics), rx, stop.clone(), retry));
+    let firing = Arc::new(StillFiring::default());
+    let delivery = tokio::spawn(deliver(
+        cfg.webhook.clone(),
+        client.clone(),
+        Arc::clone(&metrics),
+        (rx, Arc::clone(&firing)),
+        stop.clone(),
+        retry,
+    ));
     let mut evaluator = Evaluator::new(Arc::clone(&cfg), client);
     let mut leading = false;
     let mut last_end = i64::MIN;
@@ -586,8 +593,8 @@ pub async fn run(
                     .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
                     .map(|n| Message::Change(Box::new(n)))
                     .collect();
-                if repeat && !evaluator.still_firing().is_empty() {
-                    messages.push(Message::Repeat(evaluator.still_firing().to_vec()));
+                if repeat && firing.set(evaluator.still_firing()) {
+                    messages.push(Message::Repeat);
                 }
                 for m in messages {
                     tokio::select! {
@@ -638,8 +645,33 @@ fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
 enum Message {
     /// An alert that started or stopped firing: delivered, then recorded.
     Change(Box<Notification>),
-    /// Alerts that keep firing, sent again to Alertmanager (not recorded).
-    Repeat(Vec<Notification>),
+    /// Send the alerts that keep firing ([`StillFiring`]) to Alertmanager again (not recorded).
+    Repeat,
+}
+
+/// The alerts that kept firing at the latest evaluation, for the delivery task to send again.
+/// At most one [`Message::Repeat`] waits in the queue: while a webhook is down the queue does
+/// not fill with repeats (which would stop the evaluations), and the repeat sends the latest
+/// alerts when it is delivered.
+#[derive(Default)]
+struct StillFiring {
+    alerts: std::sync::Mutex<Vec<Notification>>,
+    queued: std::sync::atomic::AtomicBool,
+}
+
+impl StillFiring {
+    /// Keeps the latest alerts; true when a repeat must be queued (there are alerts and none
+    /// is queued yet).
+    fn set(&self, alerts: &[Notification]) -> bool {
+        *self.alerts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = alerts.to_vec();
+        !alerts.is_empty() && !self.queued.swap(true, Ordering::AcqRel)
+    }
+
+    /// The alerts to send now (the queued repeat is taken).
+    fn take(&self) -> Vec<Notification> {
+        self.queued.store(false, Ordering::Release);
+        self.alerts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
 }
 
 /// The body the webhook receives for `n` in its format.
@@ -791,7 +823,7 @@ async fn deliver(
     hook: Option<Webhook>,
     ch: Client,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Message>,
+    (mut rx, firing): (mpsc::Receiver<Message>, Arc<StillFiring>),
     mut stop: watch::Receiver<bool>,
     (initial, max): (Duration, Duration),
 ) {
@@ -800,7 +832,13 @@ async fn deliver(
         if let (Some(hook), Some(http)) = (&hook, &http) {
             let (body, alert) = match &m {
                 Message::Change(n) => (render(n, &hook.format), n.id.as_str()),
-                Message::Repeat(alerts) => (render_alertmanager(alerts), "(firing alerts sent again)"),
+                Message::Repeat => {
+                    let alerts = firing.take();
+                    if alerts.is_empty() {
+                        continue;
+                    }
+                    (render_alertmanager(&alerts), "(firing alerts sent again)")
+                }
             };
             let body = match body {
                 Ok(b) => Bytes::from(b),
@@ -1059,6 +1097,25 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&render(&fired, &Format::Alertmanager).unwrap()).unwrap();
         assert_eq!(body.as_array().map(|a| a.len()), Some(1));
         assert_eq!(body[0]["labels"], f["labels"]);
+    }
+
+    #[test]
+    fn at_most_one_repeat_waits_and_it_sends_the_latest_alerts() {
+        let (o, rules, windows) = (objective(true), vec![rule()], vec![2, 10]);
+        let counts: HashMap<String, Vec<Counts>> =
+            ["a", "b"].iter().map(|k| ((*k).to_owned(), vec![c(20, 10), c(100, 30)])).collect();
+        let mut firing = HashMap::new();
+        let two = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, &mut Vec::new());
+        let ids = |v: &[Notification]| v.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+        let s = StillFiring::default();
+        assert!(!s.set(&[]), "nothing firing: no repeat");
+        assert!(s.set(&two[..1]), "the first repeat is queued");
+        assert!(!s.set(&two), "one is queued already");
+        // Delivered: the latest alerts; then the next evaluation queues one again.
+        assert_eq!(ids(&s.take()), ids(&two));
+        assert!(s.set(&two[1..]));
+        assert!(!s.set(&[]));
+        assert!(s.take().is_empty(), "everything resolved meanwhile: nothing to send");
     }
 
     #[test]
