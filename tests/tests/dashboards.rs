@@ -91,7 +91,15 @@ async fn every_panel_query_runs_and_returns_rows() {
             }
         }
     }
-    assert!(ran >= 8, "{ran} panel queries");
+    assert!(ran >= 9, "{ran} panel queries");
+    // The firing-alerts panel is the documented query.
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("dashboards/tollgate-usage.json")).unwrap())
+            .unwrap();
+    let doc = std::fs::read_to_string(repo_root().join("schemas/queries/slo_alerts_firing.sql")).unwrap();
+    let doc = doc.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
+    let panel = dash["panels"].as_array().unwrap().iter().find(|p| p["title"] == "SLO alerts firing now").unwrap();
+    assert_eq!(panel["targets"][0]["rawSql"].as_str().unwrap(), doc.trim());
     // The latency table's percentiles come from the merged buckets: 12 calls → P50 is the
     // 6th (1.0 ms bucket), P95 and P99 the 12th (4.503 ms).
     let dash: serde_json::Value =
