@@ -66,10 +66,10 @@ pub async fn run(ch_url: &str, consumers: u64, runs: usize) -> anyhow::Result<()
     let now_us =
         || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
     let t = Instant::now();
-    let fired = eval_all.evaluate(first_end, now_us()).await?;
+    let fired = eval_all.evaluate(first_end, now_us()).await?.changes;
     let cold_all = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let fired_per = eval_per.evaluate(first_end, now_us()).await?;
+    let fired_per = eval_per.evaluate(first_end, now_us()).await?.changes;
     let cold_per = t.elapsed().as_secs_f64();
     println!(
         "cold (first evaluation, {} whole hours read): availability {cold_all:.2} s ({} alerts changed), latency per consumer {cold_per:.2} s ({} alerts changed)",

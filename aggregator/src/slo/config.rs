@@ -104,6 +104,12 @@ impl SloConfig {
         !self.objectives.is_empty()
     }
 
+    /// Whether the alerts that keep firing are sent again at every evaluation (Alertmanager
+    /// forgets an alert that is not).
+    pub fn repeats_firing(&self) -> bool {
+        self.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager)
+    }
+
     /// Every window length the objectives' rules use, ascending.
     pub fn windows(&self) -> Vec<u32> {
         let set: BTreeSet<u32> =

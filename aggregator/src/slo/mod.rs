@@ -312,7 +312,8 @@ pub fn window_sql(o: &Objective, windows: &[u32], end: &str) -> String {
 
 /// Decides the alerts of one objective from its window counts per consumer; updates `firing`
 /// and returns the notifications of the alerts that changed. Alerts that keep firing are
-/// pushed to `still` (with their current counts), for receivers that need them repeated.
+/// pushed to `still`, if given (with their current counts), for receivers that need them
+/// repeated.
 pub fn decide(
     o: &Objective,
     rules: &[Rule],
@@ -320,7 +321,7 @@ pub fn decide(
     counts: &HashMap<String, Vec<Counts>>,
     firing: &mut HashMap<String, bool>,
     end_s: i64,
-    still: &mut Vec<Notification>,
+    mut still: Option<&mut Vec<Notification>>,
 ) -> Vec<Notification> {
     let idx = |m: u32| windows.iter().position(|&w| w == m);
     let mut out = Vec::new();
@@ -355,7 +356,7 @@ pub fn decide(
             let id = alert_id(o, rule, c);
             let was = firing.get(&id).copied().unwrap_or(false);
             if now == was {
-                if now {
+                if let (true, Some(still)) = (now, still.as_deref_mut()) {
                     still.push(notification(o, rule, c, id, true, long, short, end_s));
                 }
                 continue;
@@ -432,23 +433,23 @@ pub struct Evaluator {
     firing: HashMap<String, bool>,
     /// The alerts' latest notifications as loaded, for those the configuration dropped.
     loaded: Vec<StateRow>,
-    /// The alerts that kept firing at the last evaluation.
-    still: Vec<Notification>,
     cache: windows::Cache,
+}
+
+/// What one evaluation decided.
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    /// The alerts that started or stopped firing.
+    pub changes: Vec<Notification>,
+    /// The alerts that keep firing, when the webhook needs them repeated
+    /// ([`SloConfig::repeats_firing`]; empty otherwise).
+    pub still_firing: Vec<Notification>,
 }
 
 impl Evaluator {
     pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
         let windows = cfg.windows();
-        Self {
-            cfg,
-            client,
-            windows,
-            firing: HashMap::new(),
-            loaded: Vec::new(),
-            still: Vec::new(),
-            cache: windows::Cache::default(),
-        }
+        Self { cfg, client, windows, firing: HashMap::new(), loaded: Vec::new(), cache: windows::Cache::default() }
     }
 
     /// Whole hours read with `FINAL` so far (the rest came from the cache).
@@ -490,10 +491,11 @@ impl Evaluator {
 
     /// Evaluates every objective over the windows ending at `end_s`; writes the burn rates and
     /// returns the notifications. The states change only when all of it worked.
-    pub async fn evaluate(&mut self, end_s: i64, now_us: u64) -> Result<Vec<Notification>, clickhouse::error::Error> {
+    pub async fn evaluate(&mut self, end_s: i64, now_us: u64) -> Result<Evaluation, clickhouse::error::Error> {
         let mut firing = self.firing.clone();
         let mut notes = self.removed(&mut firing, end_s);
         let mut still = Vec::new();
+        let repeats = self.cfg.repeats_firing();
         let mut burn = Vec::new();
         let all = self.cache.counts(&self.client, &self.cfg.objectives, &self.windows, end_s).await?;
         for (o, mut counts) in self.cfg.objectives.iter().zip(all) {
@@ -514,7 +516,8 @@ impl Evaluator {
                     });
                 }
             }
-            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s, &mut still));
+            let still = repeats.then_some(&mut still);
+            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s, still));
         }
         let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;
         for row in &burn {
@@ -523,13 +526,7 @@ impl Evaluator {
         insert.end().await?;
         self.firing = firing;
         self.loaded.clear();
-        self.still = still;
-        Ok(notes)
-    }
-
-    /// The alerts that kept firing at the last evaluation (not in its notifications).
-    pub fn still_firing(&self) -> &[Notification] {
-        &self.still
+        Ok(Evaluation { changes: notes, still_firing: still })
     }
 }
 
@@ -545,7 +542,6 @@ pub async fn run(
     retry: (Duration, Duration),
 ) {
     let (tx, rx) = mpsc::channel::<Message>(QUEUE);
-    let repeat = cfg.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager);
     let firing = Arc::new(StillFiring::default());
     let delivery = tokio::spawn(deliver(
         cfg.webhook.clone(),
@@ -585,15 +581,15 @@ pub async fn run(
             continue;
         }
         match evaluator.evaluate(end, now_us()).await {
-            Ok(notes) => {
+            Ok(Evaluation { changes, still_firing }) => {
                 last_end = end;
                 metrics.slo_evaluations.fetch_add(1, Ordering::Relaxed);
-                let mut messages: Vec<Message> = notes
+                let mut messages: Vec<Message> = changes
                     .into_iter()
                     .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
                     .map(|n| Message::Change(Box::new(n)))
                     .collect();
-                if repeat && firing.set(evaluator.still_firing()) {
+                if cfg.repeats_firing() && firing.set(still_firing) {
                     messages.push(Message::Repeat);
                 }
                 for m in messages {
@@ -662,9 +658,10 @@ struct StillFiring {
 impl StillFiring {
     /// Keeps the latest alerts; true when a repeat must be queued (there are alerts and none
     /// is queued yet).
-    fn set(&self, alerts: &[Notification]) -> bool {
-        *self.alerts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = alerts.to_vec();
-        !alerts.is_empty() && !self.queued.swap(true, Ordering::AcqRel)
+    fn set(&self, alerts: Vec<Notification>) -> bool {
+        let any = !alerts.is_empty();
+        *self.alerts.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = alerts;
+        any && !self.queued.swap(true, Ordering::AcqRel)
     }
 
     /// The alerts to send now (the queued repeat is taken).
@@ -956,7 +953,7 @@ mod tests {
         let counts: HashMap<String, Vec<Counts>> =
             [("acme".to_owned(), vec![c(20, 10), c(100, 30)]), ("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
         let mut still = Vec::new();
-        let n = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, &mut still);
+        let n = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, Some(&mut still));
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].id, "avail/page/10m-2m/acme");
         assert_eq!(n[0].status, Status::Firing);
@@ -967,14 +964,14 @@ mod tests {
         assert_eq!(n[0].window_end, "2027-01-15T08:00:00Z");
         assert!(still.is_empty());
         // Same counts: nothing new; it keeps firing (with its current counts).
-        assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060, &mut still).is_empty());
+        assert!(decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_060, Some(&mut still)).is_empty());
         assert_eq!(still.len(), 1);
         assert_eq!((still[0].id.as_str(), still[0].status), ("avail/page/10m-2m/acme", Status::Firing));
         assert_eq!(still[0].window_end, "2027-01-15T08:01:00Z");
         still.clear();
         // acme has no calls at all any more: its alert resolves.
         let quiet: HashMap<String, Vec<Counts>> = [("beta".to_owned(), vec![c(20, 0), c(100, 0)])].into();
-        let n = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_120, &mut still);
+        let n = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_120, Some(&mut still));
         assert!(still.is_empty());
         assert_eq!(n.len(), 1);
         assert_eq!((n[0].id.as_str(), n[0].status), ("avail/page/10m-2m/acme", Status::Resolved));
@@ -1036,7 +1033,7 @@ mod tests {
         let (o, rules, windows) = (objective(true), vec![rule()], vec![2, 10]);
         let mut firing = HashMap::new();
         let burning: HashMap<String, Vec<Counts>> = [("a<b&c".to_owned(), vec![c(20, 10), c(100, 30)])].into();
-        let fired = decide(&o, &rules, &windows, &burning, &mut firing, 1_800_000_000, &mut Vec::new()).remove(0);
+        let fired = decide(&o, &rules, &windows, &burning, &mut firing, 1_800_000_000, None).remove(0);
         let json = |f: &Format, n: &Notification| -> serde_json::Value {
             serde_json::from_slice(&render(n, f).unwrap()).unwrap()
         };
@@ -1061,7 +1058,7 @@ mod tests {
         assert_eq!(t["payload"]["timestamp"], "2027-01-15T08:00:00Z");
         assert_eq!(t["payload"]["custom_details"]["long_window"]["bad_calls"], 30);
         let quiet: HashMap<String, Vec<Counts>> = HashMap::new();
-        let resolved = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_060, &mut Vec::new()).remove(0);
+        let resolved = decide(&o, &rules, &windows, &quiet, &mut firing, 1_800_000_060, None).remove(0);
         let r = json(&pd, &resolved);
         assert_eq!(
             (r["event_action"].as_str(), r["dedup_key"].as_str()),
@@ -1105,16 +1102,16 @@ mod tests {
         let counts: HashMap<String, Vec<Counts>> =
             ["a", "b"].iter().map(|k| ((*k).to_owned(), vec![c(20, 10), c(100, 30)])).collect();
         let mut firing = HashMap::new();
-        let two = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, &mut Vec::new());
+        let two = decide(&o, &rules, &windows, &counts, &mut firing, 1_800_000_000, None);
         let ids = |v: &[Notification]| v.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
         let s = StillFiring::default();
-        assert!(!s.set(&[]), "nothing firing: no repeat");
-        assert!(s.set(&two[..1]), "the first repeat is queued");
-        assert!(!s.set(&two), "one is queued already");
+        assert!(!s.set(Vec::new()), "nothing firing: no repeat");
+        assert!(s.set(two[..1].to_vec()), "the first repeat is queued");
+        assert!(!s.set(two.clone()), "one is queued already");
         // Delivered: the latest alerts; then the next evaluation queues one again.
         assert_eq!(ids(&s.take()), ids(&two));
-        assert!(s.set(&two[1..]));
-        assert!(!s.set(&[]));
+        assert!(s.set(two[1..].to_vec()));
+        assert!(!s.set(Vec::new()));
         assert!(s.take().is_empty(), "everything resolved meanwhile: nothing to send");
     }
 
