@@ -363,7 +363,7 @@ mod tests {
         assert_eq!(o.kind, crate::slo::Kind::Latency { threshold_us: 250_000 });
         assert!((o.budget() - 0.005).abs() < 1e-12);
         assert_eq!((o.route.as_deref(), o.per_consumer, o.min_requests), (Some("echo"), true, 10));
-        assert_eq!(c.slo.rules, crate::slo::config::default_rules());
+        assert_eq!(o.rules, crate::slo::config::default_rules());
         assert_eq!(c.slo.windows(), vec![5, 30, 60, 360, 4320]);
         assert_eq!(c.slo.stale_after_s, 600);
         let hook = c.slo.webhook.as_ref().unwrap();

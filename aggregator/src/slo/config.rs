@@ -90,9 +90,8 @@ pub const MAX_WINDOW_MINUTES: u32 = 31 * 24 * 60;
 /// Validated `[slo]`.
 #[derive(Debug, Clone, Default)]
 pub struct SloConfig {
+    /// Each with its rules: its own, or `[[slo.rules]]` (or the defaults).
     pub objectives: Vec<Objective>,
-    /// `[[slo.rules]]` (or the defaults): the rules of objectives without their own.
-    pub rules: Vec<Rule>,
     pub webhook: Option<Webhook>,
     /// Windows ending longer ago than this are not evaluated (a catch-up or a replay from
     /// offset 0 does not alert on the past).
@@ -341,7 +340,7 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
     if raw.stale_after_s == 0 {
         return err("slo.stale_after_s".into(), "must be at least 1");
     }
-    Ok(SloConfig { objectives, rules, webhook, stale_after_s: i64::from(raw.stale_after_s) })
+    Ok(SloConfig { objectives, webhook, stale_after_s: i64::from(raw.stale_after_s) })
 }
 
 /// Validates a list of rules (`key`: where it is, e.g. `slo.rules`).
