@@ -44,3 +44,38 @@ pub fn read_ca_file(path: &std::path::Path, shown: &str) -> Result<Vec<Certifica
     client_config(&certs).map_err(|e| format!("`{shown}`: {e}"))?;
     Ok(certs)
 }
+
+pub use rustls::ServerConfig;
+
+/// A server configuration (TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`) with the certificate
+/// chain of the PEM file at `cert` and the private key (PKCS#8, PKCS#1 or SEC1 PEM) at `key`,
+/// checked to belong together. Errors: (which file, as `cert_shown` or `key_shown`, and what
+/// is wrong with it): 0 for the certificate file, 1 for the key file.
+pub fn server_config(
+    (cert, cert_shown): (&std::path::Path, &str),
+    (key, key_shown): (&std::path::Path, &str),
+) -> Result<Arc<ServerConfig>, (usize, String)> {
+    use rustls::pki_types::PrivateKeyDer;
+    let pem = std::fs::read(cert).map_err(|e| (0, format!("cannot read `{cert_shown}`: {e}")))?;
+    let chain = read_pem_certs(&pem).map_err(|e| (0, format!("`{cert_shown}`: {e}")))?;
+    let pem = std::fs::read(key).map_err(|e| (1, format!("cannot read `{key_shown}`: {e}")))?;
+    let private = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| (1, format!("`{key_shown}`: no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let signer = provider
+        .key_provider
+        .load_private_key(private.clone_key())
+        .map_err(|e| (1, format!("`{key_shown}`: unusable private key: {e}")))?;
+    // The key must be the certificate's (rustls would only find out in a handshake).
+    rustls::sign::CertifiedKey::new(chain.clone(), signer)
+        .keys_match()
+        .map_err(|e| (1, format!("`{key_shown}` is not the key of the certificate in `{cert_shown}`: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| (0, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| (0, format!("`{cert_shown}` with `{key_shown}`: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}

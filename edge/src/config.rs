@@ -206,6 +206,10 @@ struct RawEdge {
     #[serde(default)]
     tls_ca_file: Option<String>,
     #[serde(default)]
+    tls_cert_file: Option<String>,
+    #[serde(default)]
+    tls_key_file: Option<String>,
+    #[serde(default)]
     worker_threads: Option<usize>,
 }
 
@@ -223,6 +227,8 @@ impl Default for RawEdge {
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
             tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             worker_threads: None,
         }
     }
@@ -391,6 +397,9 @@ pub struct Config {
     /// Extra trusted CA certificates for https upstreams, JWKS URLs and the OTLP collector
     /// (`edge.tls_ca_file`), besides Mozilla's roots.
     pub tls_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// HTTPS on the traffic port (`edge.tls_cert_file` and `edge.tls_key_file`); `None`:
+    /// plain HTTP.
+    pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// Threads serving requests, each with its own runtime, listener and upstream pools.
     pub worker_threads: usize,
     pub kafka: KafkaConfig,
@@ -836,12 +845,19 @@ fn validate(
         export_timeout: Duration::from_millis(t.export_timeout_ms.max(1)),
     };
 
+    let path = |f: &str| -> PathBuf { if Path::new(f).is_absolute() { f.into() } else { base.join(f) } };
     let tls_ca = match &raw.edge.tls_ca_file {
         None => Vec::new(),
-        Some(f) => {
-            let p = if Path::new(f).is_absolute() { f.into() } else { base.join(f) };
-            crate::tls::read_ca_file(&p, f).map_err(|e| err("edge.tls_ca_file".into(), e))?
-        }
+        Some(f) => crate::tls::read_ca_file(&path(f), f).map_err(|e| err("edge.tls_ca_file".into(), e))?,
+    };
+
+    let tls_server = match (&raw.edge.tls_cert_file, &raw.edge.tls_key_file) {
+        (None, None) => None,
+        (Some(_), None) => return Err(err("edge.tls_key_file".into(), "must be set with edge.tls_cert_file".into())),
+        (None, Some(_)) => return Err(err("edge.tls_cert_file".into(), "must be set with edge.tls_key_file".into())),
+        (Some(c), Some(k)) => Some(crate::tls::server_config((&path(c), c), (&path(k), k)).map_err(|(which, e)| {
+            err(if which == 0 { "edge.tls_cert_file" } else { "edge.tls_key_file" }.into(), e)
+        })?),
     };
 
     let worker_threads = match raw.edge.worker_threads {
@@ -853,6 +869,7 @@ fn validate(
     Ok(Config {
         worker_threads,
         tls_ca,
+        tls_server,
         telemetry,
         jwt_issuers,
         instance_id,
@@ -1145,6 +1162,36 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         }
         let env = [("TOLLGATE_EDGE_EDGE__LISTEN".to_owned(), "nope".to_owned())].into();
         assert!(Config::parse(BASE, &env).unwrap_err().to_string().contains("edge.listen"));
+    }
+
+    #[test]
+    fn https_needs_a_certificate_and_its_key() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
+        let with = |cert: &str, key: &str| {
+            let mut edge = String::from("[edge]\n");
+            for (k, f) in [("tls_cert_file", cert), ("tls_key_file", key)] {
+                if !f.is_empty() {
+                    edge.push_str(&format!("{k} = \"{}\"\n", dir.join(f).display()));
+                }
+            }
+            Config::parse(&format!("{edge}{BASE}"), &BTreeMap::new())
+        };
+        let c = with("server.pem", "server.key.pem").unwrap();
+        let tls = c.tls_server.unwrap();
+        assert_eq!(tls.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(with("other.pem", "other.key.pem").unwrap().tls_server.is_some(), "an ECDSA key");
+        assert!(Config::parse(BASE, &BTreeMap::new()).unwrap().tls_server.is_none());
+        for (cert, key, names, says) in [
+            ("server.pem", "", "edge.tls_key_file", "must be set"),
+            ("", "server.key.pem", "edge.tls_cert_file", "must be set"),
+            ("server.pem", "other.key.pem", "edge.tls_key_file", "is not the key of the certificate"),
+            ("server.pem", "server.pem", "edge.tls_key_file", "no PEM private key"),
+            ("server.key.pem", "server.key.pem", "edge.tls_cert_file", "no certificate"),
+            ("missing.pem", "server.key.pem", "edge.tls_cert_file", "cannot read"),
+        ] {
+            let msg = with(cert, key).unwrap_err().to_string();
+            assert!(msg.contains(names) && msg.contains(says), "{cert} + {key}: {msg}");
+        }
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct Runtime {
     pub limiters: limit::LimiterCache,
     /// Upstream targets and their health, by route id; a reload starts them healthy.
     pub pools: upstream::Pools,
+    /// HTTPS on the traffic port: a reload rotates the certificate for new connections.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Runtime {
@@ -53,6 +55,7 @@ impl Runtime {
     pub fn new(cfg: &mut Config, metrics: &metrics::Metrics, previous: Option<&Runtime>) -> Self {
         Self {
             pools: upstream::pools(&cfg.routes),
+            tls: cfg.tls_server.clone(),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(&cfg.plans, std::mem::take(&mut cfg.consumers)),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
@@ -123,6 +126,8 @@ impl CallInfo {
 pub struct Peer {
     pub addr: SocketAddr,
     pub ip_text: http::HeaderValue,
+    /// The connection is HTTPS (the edge terminated TLS).
+    pub tls: bool,
 }
 
 impl Peer {
@@ -130,7 +135,7 @@ impl Peer {
         let text = forwarded::ip_text(addr.ip());
         let ip_text = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
             .unwrap_or_else(|_| http::HeaderValue::from_static(""));
-        Self { addr, ip_text }
+        Self { addr, ip_text, tls: false }
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Metrics {
     /// Upstream targets taken out of service by passive health checks.
     pub upstream_ejections: AtomicU64,
     pub config_reload_failures: AtomicU64,
+    /// TLS handshakes on the traffic port that failed or did not finish in time.
+    pub tls_handshake_failures: AtomicU64,
     /// True once shutdown began: `/readyz` answers 503 while in-flight requests drain.
     pub draining: std::sync::atomic::AtomicBool,
     /// True once the shutdown grace ran out: a call dropped from then on was cut by the edge
@@ -290,6 +292,11 @@ impl Metrics {
                 "tollgate_edge_config_reload_failures_total",
                 "Config reloads rejected (the running config stayed).",
                 load(&self.config_reload_failures),
+            ),
+            (
+                "tollgate_edge_tls_handshake_failures_total",
+                "TLS handshakes on the traffic port that failed or did not finish within header_read_timeout_ms.",
+                load(&self.tls_handshake_failures),
             ),
         ];
         for (name, help, value) in counters {

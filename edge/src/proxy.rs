@@ -162,8 +162,8 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     if let Some(chain) = forwarded_for(headers, ctx.peer, gw.trusted_hops) {
         headers.insert(&X_FORWARDED_FOR, chain);
     }
-    // The edge listens in plain HTTP (TLS terminates in front of it, if at all).
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // The client's scheme at the edge (TLS in front of the edge is not seen).
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(if ctx.peer.tls { "https" } else { "http" }));
     if let Some(h) = ctx.call.host() {
         headers.insert(&X_FORWARDED_HOST, h.clone());
     }

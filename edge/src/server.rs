@@ -255,20 +255,36 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let gw = Arc::clone(&gw);
-                let peer_addr = peer;
-                let peer = crate::Peer::new(peer);
-                let svc = hyper::service::service_fn(move |req| {
-                    let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
-                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, peer = %peer_addr, "connection ended with an error");
+                match gw.runtime().tls.clone() {
+                    None => {
+                        let peer = crate::Peer::new(peer);
+                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, graceful.watcher()));
                     }
-                });
+                    Some(tls) => {
+                        // The handshake runs in the connection's task, within the time a client
+                        // has for its request head.
+                        let (builder, gw, watcher) = (builder.clone(), Arc::clone(&gw), graceful.watcher());
+                        let deadline = http.header_read_timeout;
+                        tokio::spawn(async move {
+                            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                            let stream = match tokio::time::timeout(deadline, handshake).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    tracing::debug!(%peer, "TLS handshake not done in time");
+                                    return;
+                                }
+                            };
+                            let peer = crate::Peer { tls: true, ..crate::Peer::new(peer) };
+                            serve_connection(&builder, stream, gw, peer, watcher).await;
+                        });
+                    }
+                }
             }
         }
     }
@@ -278,6 +294,31 @@ async fn accept_loop(
         () = tokio::time::sleep(http.grace) => {
             gw.metrics.grace_over.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("shutdown grace over; closing remaining connections (their calls are metered as edge_shutdown)");
+        }
+    }
+}
+
+/// One client connection (plain or TLS) served by the gateway, HTTP/1.1 or HTTP/2, watched
+/// for graceful shutdown.
+fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    gw: Arc<Gateway>,
+    peer: crate::Peer,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> impl Future<Output = ()> + Send + use<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let addr = peer.addr;
+    let svc = hyper::service::service_fn(move |req| {
+        let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+    });
+    let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());
+    async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
         }
     }
 }
@@ -296,7 +337,7 @@ async fn refresh_jwks(gw: Arc<Gateway>) {
     }
 }
 
-/// Reloads routes, plans and consumers on SIGHUP and when the file's modification time
+/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the file's modification time
 /// changes (checked every second). An invalid file is rejected with a log line naming the key;
 /// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
 /// the HTTP parser) are reported and ignored.
@@ -337,6 +378,10 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     ("spool", next.spool != current.spool),
                     ("telemetry", next.telemetry != current.telemetry),
                     (
+                        "edge.tls_cert_file (turning HTTPS on or off; a new certificate is taken)",
+                        next.tls_server.is_some() != current.tls_server.is_some(),
+                    ),
+                    (
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout
                             || next.max_headers != current.max_headers
@@ -353,6 +398,9 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                 }
                 let consumers = next.consumers.len();
                 let mut next = next;
+                if next.tls_server.is_some() != current.tls_server.is_some() {
+                    next.tls_server.clone_from(&current.tls_server);
+                }
                 gw.swap_runtime(Runtime::new(&mut next, &gw.metrics, Some(&gw.runtime())));
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(trigger, routes = next.routes.len(), consumers, "config reloaded");
