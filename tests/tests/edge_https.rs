@@ -1,0 +1,138 @@
+//! HTTPS at the edge (`edge.tls_cert_file` / `edge.tls_key_file`): HTTP/1.1 and HTTP/2 (ALPN)
+//! over TLS reach the upstream with `X-Forwarded-Proto: https`; plain HTTP on the port gets no
+//! HTTP answer; a client that never finishes its handshake is disconnected after
+//! `header_read_timeout_ms`; both are counted; a reload (SIGHUP) puts a new certificate in
+//! service for new connections.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate_e2e::*;
+
+fn tls_file(name: &str) -> std::path::PathBuf {
+    repo_root().join("tests/testdata/tls").join(name)
+}
+
+/// GET `path` over TLS to `addr` as `localhost`, trusting only the certificates in `roots`,
+/// offering HTTP/2 (`h2`) or HTTP/1.1 by ALPN: status, HTTP version, body as JSON; `Err` when
+/// the handshake or the request fails.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    roots: &str,
+    h2: bool,
+    path: &str,
+) -> Result<(u16, http::Version, serde_json::Value), String> {
+    let mut store = rustls::RootCertStore::empty();
+    for cert in tollgate_common::tls::read_pem_certs(&std::fs::read(tls_file(roots)).unwrap()).unwrap() {
+        store.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let io = TokioIo::new(tls);
+    let req = http::Request::get(format!("https://localhost{path}"))
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut req = req;
+        req.headers_mut().insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+        send.send_request(req).await.map_err(|e| e.to_string())?
+    };
+    let (status, version) = (resp.status().as_u16(), resp.version());
+    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, version, serde_json::from_slice(&body).unwrap_or_default()))
+}
+
+fn config(topic: &str, upstream: std::net::SocketAddr, cert: &str, key: &str) -> String {
+    let head = edge_head("edge-https", topic).replacen(
+        "[edge]\n",
+        &format!(
+            "[edge]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nheader_read_timeout_ms = 1000\n",
+            tls_file(cert).display(),
+            tls_file(key).display()
+        ),
+        1,
+    );
+    format!(
+        "{head}[[routes]]\nid = \"app\"\npath_prefix = \"/app\"\nupstream = \"http://{upstream}\"\n{}",
+        acme_with_key(1000)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
+    let dir = TempDir::new("e2e_edge_https");
+    let topic = unique("edge_https");
+    create_topic(&topic, 1).await;
+    // The upstream answers with what the edge told it.
+    let upstream = serve_http(|req: http::Request<hyper::body::Incoming>| async move {
+        let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let body = serde_json::json!({ "proto": h("x-forwarded-proto"), "consumer": h("x-consumer-id") });
+        http::Response::new(Full::new(Bytes::from(body.to_string())))
+    })
+    .await;
+    let (edge, addr, admin) =
+        start_edge(dir.path(), "edge", &config(&topic, upstream, "server.pem", "server.key.pem")).await;
+
+    for (h2, version) in [(false, http::Version::HTTP_11), (true, http::Version::HTTP_2)] {
+        let (status, v, body) = https_get(addr, "ca.pem", h2, "/app/x").await.unwrap();
+        assert_eq!((status, v), (200, version), "{body}");
+        assert_eq!(body, serde_json::json!({ "proto": "https", "consumer": "acme" }));
+    }
+
+    // Plain HTTP on the HTTPS port: no HTTP answer.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(b"GET /app/x HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-acme\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(!got.starts_with(b"HTTP/"), "{}", String::from_utf8_lossy(&got));
+
+    // A client that opens a connection and never sends its handshake is cut after 1 s.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut [0u8; 16])).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "still open after {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(metric(admin, "tollgate_edge_tls_handshake_failures_total").await, 2);
+
+    // Rotation: the config now names another certificate; after SIGHUP new connections get it
+    // (a client trusting only the test CA refuses it).
+    std::fs::write(
+        dir.path().join("edge.toml"),
+        format!(
+            "{}\n[spool]\ndir = \"{}\"\n",
+            config(&topic, upstream, "other.pem", "other.key.pem"),
+            dir.path().join("edge-spool").display()
+        ),
+    )
+    .unwrap();
+    edge.signal("HUP");
+    let rotated =
+        wait_until(Duration::from_secs(10), || async { https_get(addr, "other.pem", false, "/app/x").await.is_ok() })
+            .await;
+    assert!(rotated, "the new certificate is not served:\n{}", edge.log_tail());
+    let (status, _, body) = https_get(addr, "other.pem", true, "/app/x").await.unwrap();
+    assert_eq!((status, body["proto"].as_str()), (200, Some("https")));
+    let refused = https_get(addr, "ca.pem", false, "/app/x").await.unwrap_err();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+}
