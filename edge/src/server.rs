@@ -267,16 +267,14 @@ async fn accept_loop(
                         let deadline = http.header_read_timeout;
                         tokio::spawn(async move {
                             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-                            let stream = match tokio::time::timeout(deadline, handshake).await {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
+                            let done = tokio::time::timeout(deadline, handshake).await.unwrap_or_else(|_| {
+                                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "not done in header_read_timeout_ms"))
+                            });
+                            let stream = match done {
+                                Ok(s) => s,
+                                Err(e) => {
                                     gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                                    return;
-                                }
-                                Err(_) => {
-                                    gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    tracing::debug!(%peer, "TLS handshake not done in time");
                                     return;
                                 }
                             };
@@ -337,8 +335,8 @@ async fn refresh_jwks(gw: Arc<Gateway>) {
     }
 }
 
-/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the file's modification time
-/// changes (checked every second). An invalid file is rejected with a log line naming the key;
+/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the file's
+/// modification time changes (checked every second). An invalid file is rejected with a log line naming the key;
 /// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
 /// the HTTP parser) are reported and ignored.
 async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTreeMap<String, String>) {
