@@ -400,6 +400,8 @@ pub struct Config {
     /// HTTPS on the traffic port (`edge.tls_cert_file` and `edge.tls_key_file`); `None`:
     /// plain HTTP.
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate and key files of `tls_server` (reloads watch them).
+    pub tls_files: Vec<PathBuf>,
     /// Threads serving requests, each with its own runtime, listener and upstream pools.
     pub worker_threads: usize,
     pub kafka: KafkaConfig,
@@ -851,6 +853,8 @@ fn validate(
         Some(f) => crate::tls::read_ca_file(&path(f), f).map_err(|e| err("edge.tls_ca_file".into(), e))?,
     };
 
+    let tls_files: Vec<PathBuf> =
+        [&raw.edge.tls_cert_file, &raw.edge.tls_key_file].into_iter().flatten().map(|f| path(f)).collect();
     let tls_server = match (&raw.edge.tls_cert_file, &raw.edge.tls_key_file) {
         (None, None) => None,
         (Some(_), None) => return Err(err("edge.tls_key_file".into(), "must be set with edge.tls_cert_file".into())),
@@ -870,6 +874,7 @@ fn validate(
         worker_threads,
         tls_ca,
         tls_server,
+        tls_files,
         telemetry,
         jwt_issuers,
         instance_id,

@@ -335,8 +335,9 @@ async fn refresh_jwks(gw: Arc<Gateway>) {
     }
 }
 
-/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the file's
-/// modification time changes (checked every second). An invalid file is rejected with a log line naming the key;
+/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the
+/// modification time of the config file, its consumers file or the certificate or key file
+/// changes (checked every second). An invalid file is rejected with a log line naming the key;
 /// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
 /// the HTTP parser) are reported and ignored.
 async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTreeMap<String, String>) {
@@ -348,21 +349,26 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
         }
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    // The config file's and the consumers file's modification times.
-    let stamp = |consumers: Option<&Path>| -> (Option<SystemTime>, Option<SystemTime>) {
-        (mtime(&path), consumers.and_then(mtime))
+    // The modification times of the config file and the files it names that a reload reads
+    // again (the consumers file, the TLS certificate and key).
+    let stamp = |cfg: &Config| -> Vec<Option<SystemTime>> {
+        std::iter::once(path.as_path())
+            .chain(cfg.consumers_file.as_deref())
+            .chain(cfg.tls_files.iter().map(PathBuf::as_path))
+            .map(mtime)
+            .collect()
     };
-    let mut seen = stamp(current.consumers_file.as_deref());
+    let mut seen = stamp(&current);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let trigger = tokio::select! {
             _ = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             _ = tick.tick() => {
-                if stamp(current.consumers_file.as_deref()) == seen { continue; }
+                if stamp(&current) == seen { continue; }
                 "file change"
             }
         };
-        seen = stamp(current.consumers_file.as_deref());
+        seen = stamp(&current);
         let loaded = {
             let (path, env) = (path.clone(), env.clone());
             tokio::task::spawn_blocking(move || Config::load(&path, &env)).await
@@ -403,7 +409,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(trigger, routes = next.routes.len(), consumers, "config reloaded");
                 // Only the restart-only settings are compared next time.
-                seen = stamp(next.consumers_file.as_deref());
+                seen = stamp(&next);
                 current = next;
             }
             Ok(Err(e)) => {

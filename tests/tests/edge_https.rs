@@ -1,8 +1,8 @@
 //! HTTPS at the edge (`edge.tls_cert_file` / `edge.tls_key_file`): HTTP/1.1 and HTTP/2 (ALPN)
 //! over TLS reach the upstream with `X-Forwarded-Proto: https`; plain HTTP on the port gets no
 //! HTTP answer; a client that never finishes its handshake is disconnected after
-//! `header_read_timeout_ms`; both are counted; a reload (SIGHUP) puts a new certificate in
-//! service for new connections.
+//! `header_read_timeout_ms`; both are counted; a new certificate goes into service for new
+//! connections when its files change (renewed in place) and on a reload (SIGHUP).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -63,13 +63,13 @@ async fn https_get(
     Ok((status, version, serde_json::from_slice(&body).unwrap_or_default()))
 }
 
-fn config(topic: &str, upstream: std::net::SocketAddr, cert: &str, key: &str) -> String {
+fn config(topic: &str, upstream: std::net::SocketAddr, cert: &std::path::Path, key: &std::path::Path) -> String {
     let head = edge_head("edge-https", topic).replacen(
         "[edge]\n",
         &format!(
             "[edge]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nheader_read_timeout_ms = 1000\n",
-            tls_file(cert).display(),
-            tls_file(key).display()
+            cert.display(),
+            key.display()
         ),
         1,
     );
@@ -91,8 +91,11 @@ async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
         http::Response::new(Full::new(Bytes::from(body.to_string())))
     })
     .await;
-    let (edge, addr, admin) =
-        start_edge(dir.path(), "edge", &config(&topic, upstream, "server.pem", "server.key.pem")).await;
+    // The certificate and key the edge reads are copies, renewed in place below.
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(tls_file("server.pem"), &cert).unwrap();
+    std::fs::copy(tls_file("server.key.pem"), &key).unwrap();
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream, &cert, &key)).await;
 
     for (h2, version) in [(false, http::Version::HTTP_11), (true, http::Version::HTTP_2)] {
         let (status, v, body) = https_get(addr, "ca.pem", h2, "/app/x").await.unwrap();
@@ -115,24 +118,32 @@ async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
     assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(metric(admin, "tollgate_edge_tls_handshake_failures_total").await, 2);
 
-    // Rotation: the config now names another certificate; after SIGHUP new connections get it
-    // (a client trusting only the test CA refuses it).
+    // Renewed in place (no signal): new connections get the new certificate, and a client
+    // trusting only the test CA refuses it.
+    std::fs::copy(tls_file("other.key.pem"), &key).unwrap();
+    std::fs::copy(tls_file("other.pem"), &cert).unwrap();
+    let rotated =
+        wait_until(Duration::from_secs(10), || async { https_get(addr, "other.pem", false, "/app/x").await.is_ok() })
+            .await;
+    assert!(rotated, "the renewed certificate is not served:\n{}", edge.log_tail());
+    let (status, _, body) = https_get(addr, "other.pem", true, "/app/x").await.unwrap();
+    assert_eq!((status, body["proto"].as_str()), (200, Some("https")));
+    let refused = https_get(addr, "ca.pem", false, "/app/x").await.unwrap_err();
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+
+    // SIGHUP after the config names other files: the CA-signed certificate again.
     std::fs::write(
         dir.path().join("edge.toml"),
         format!(
             "{}\n[spool]\ndir = \"{}\"\n",
-            config(&topic, upstream, "other.pem", "other.key.pem"),
+            config(&topic, upstream, &tls_file("server.pem"), &tls_file("server.key.pem")),
             dir.path().join("edge-spool").display()
         ),
     )
     .unwrap();
     edge.signal("HUP");
-    let rotated =
-        wait_until(Duration::from_secs(10), || async { https_get(addr, "other.pem", false, "/app/x").await.is_ok() })
-            .await;
-    assert!(rotated, "the new certificate is not served:\n{}", edge.log_tail());
-    let (status, _, body) = https_get(addr, "other.pem", true, "/app/x").await.unwrap();
-    assert_eq!((status, body["proto"].as_str()), (200, Some("https")));
-    let refused = https_get(addr, "ca.pem", false, "/app/x").await.unwrap_err();
-    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    let back =
+        wait_until(Duration::from_secs(10), || async { https_get(addr, "ca.pem", true, "/app/x").await.is_ok() }).await;
+    assert!(back, "the configured certificate is not served after SIGHUP:\n{}", edge.log_tail());
+    assert!(https_get(addr, "other.pem", false, "/app/x").await.is_err());
 }
