@@ -1,12 +1,14 @@
-//! TLS for outgoing connections (the edge's upstreams, JWKS URLs and OTLP collector, the
-//! aggregator's alert webhook): rustls with the `ring` provider, trusting Mozilla's root store
-//! (`webpki-roots`) plus the certificates of a configured CA file (a private CA:
-//! `edge.tls_ca_file`, `slo.webhook_ca_file`). Certificates are verified with the target's
-//! host name; there is no switch to turn verification off. (Feature `tls`.)
+//! TLS with rustls and the `ring` provider (feature `tls`).
+//!
+//! Outgoing connections (the edge's upstreams, JWKS URLs and OTLP collector, the aggregator's
+//! alert webhook) trust Mozilla's root store (`webpki-roots`) plus the certificates of a
+//! configured CA file (a private CA: `edge.tls_ca_file`, `slo.webhook_ca_file`). Certificates
+//! are verified with the target's host name; there is no switch to turn verification off.
+//! The edge's HTTPS listener uses [`server_config`].
 
 use std::sync::Arc;
 
-pub use rustls::ClientConfig;
+pub use rustls::{ClientConfig, ServerConfig};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -45,7 +47,6 @@ pub fn read_ca_file(path: &std::path::Path, shown: &str) -> Result<Vec<Certifica
     Ok(certs)
 }
 
-pub use rustls::ServerConfig;
 
 /// A server configuration (TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`) with the certificate
 /// chain of the PEM file at `cert` and the private key (PKCS#8, PKCS#1 or SEC1 PEM) at `key`,
