@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-pub use rustls::{ClientConfig, ServerConfig};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+pub use rustls::{ClientConfig, ServerConfig};
 
 /// The certificates of a PEM file (at least one).
 pub fn read_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -46,7 +46,6 @@ pub fn read_ca_file(path: &std::path::Path, shown: &str) -> Result<Vec<Certifica
     client_config(&certs).map_err(|e| format!("`{shown}`: {e}"))?;
     Ok(certs)
 }
-
 
 /// A server configuration (TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`) with the certificate
 /// chain of the PEM file at `cert` and the private key (PKCS#8, PKCS#1 or SEC1 PEM) at `key`,

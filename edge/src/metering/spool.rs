@@ -72,8 +72,16 @@ pub struct SpoolStats {
     pub corrupt: AtomicU64,
     /// True while the last write failed.
     pub failing: std::sync::atomic::AtomicBool,
+    /// True once the writer has stopped ([`Spool::close`]): appends are refused and counted.
+    pub stopped: std::sync::atomic::AtomicBool,
     /// The configured bound (`spool.max_bytes`).
     pub max_bytes: u64,
+}
+
+/// Bytes a record takes in a segment (and counts against `max_bytes`).
+/// (A key is cut at `u16::MAX` bytes, as [`encode_record`] does.)
+fn record_size(key: &[u8], payload: &[u8]) -> u64 {
+    (HEADER + 2 + key.len().min(usize::from(u16::MAX)) + payload.len()) as u64
 }
 
 /// How long [`Spool::append`] waits for room in the writer's queue before it drops a record.
@@ -320,9 +328,11 @@ impl Spool {
     }
 
     fn append_within(&self, key: &[u8], payload: &[u8], patience: Duration) -> bool {
-        let size = (HEADER + 2 + key.len() + payload.len()) as u64;
+        let size = record_size(key, payload);
         let pending = self.stats.pending.fetch_add(size, Ordering::Relaxed) + size;
-        if self.stats.bytes.load(Ordering::Relaxed) + pending > self.stats.max_bytes {
+        if self.stats.stopped.load(Ordering::Acquire)
+            || self.stats.bytes.load(Ordering::Relaxed) + pending > self.stats.max_bytes
+        {
             return self.refused(size);
         }
         let record = Msg::Record(Record { key: key.to_vec(), payload: payload.to_vec() });
@@ -417,7 +427,7 @@ impl Writer {
         let mut buf = Vec::with_capacity(64 << 10);
         loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Msg::Close(done)) => return self.finish(&done),
+                Ok(Msg::Close(done)) => return self.finish(&done, &rx),
                 Ok(Msg::Record(first)) => {
                     buf.clear();
                     let (mut n, mut closing) = (1, None);
@@ -446,7 +456,7 @@ impl Writer {
                         self.stats.spooled.fetch_add(n, Ordering::Relaxed);
                     }
                     if let Some(done) = closing {
-                        return self.finish(&done);
+                        return self.finish(&done, &rx);
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -496,9 +506,18 @@ impl Writer {
         }
     }
 
-    /// Ends the writer on [`Spool::close`]: the segment closed, the directory unlocked, then
-    /// the answer.
-    fn finish(&mut self, done: &mpsc::Sender<()>) {
+    /// Ends the writer on [`Spool::close`]: later appends refused, records that raced the close
+    /// into the queue counted as dropped (never lost silently), the segment closed, the
+    /// directory unlocked, then the answer.
+    fn finish(&mut self, done: &mpsc::Sender<()>, rx: &mpsc::Receiver<Msg>) {
+        self.stats.stopped.store(true, Ordering::Release);
+        while let Ok(msg) = rx.try_recv() {
+            if let Msg::Record(r) = msg {
+                let size = record_size(&r.key, &r.payload);
+                self.stats.pending.fetch_sub(size, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.close_current();
         self.lock = None;
         let _ = done.send(());
