@@ -18,6 +18,7 @@ pub struct Metrics {
     pub alerts_fired: AtomicU64,
     pub alerts_resolved: AtomicU64,
     pub webhook_failures: AtomicU64,
+    pub webhook_rejected: AtomicU64,
     pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
 }
@@ -80,8 +81,13 @@ impl Metrics {
             ),
             (
                 "tollgate_aggregator_slo_webhook_failures_total",
-                "Failed webhook deliveries (retried with backoff until delivered).",
+                "Failed webhook deliveries (retried with backoff until delivered, unless rejected).",
                 &self.webhook_failures,
+            ),
+            (
+                "tollgate_aggregator_slo_webhook_rejected_total",
+                "Notifications the webhook rejected with a 4xx other than 408, 425 and 429 (not retried; recorded in slo_alerts with delivered = 0).",
+                &self.webhook_rejected,
             ),
         ];
         for (name, help, v) in counters {

@@ -115,12 +115,14 @@ fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
     events.iter().map(|e| (e.kafka_key().to_owned(), enc.encode(e).unwrap())).collect()
 }
 
-/// The webhook: answers the first `fail_first` deliveries 500, then 200; keeps what it
-/// accepted.
+/// The webhook: answers the first `fail_first` deliveries `fail_status`, then 200; keeps what
+/// it accepted and what it refused.
 struct Hook {
     fail_first: usize,
+    fail_status: u16,
     attempts: AtomicUsize,
     accepted: Mutex<Vec<Value>>,
+    refused: Mutex<Vec<Value>>,
 }
 
 impl Hook {
@@ -130,23 +132,38 @@ impl Hook {
     }
 }
 
-/// The webhook's URL (http, or https with the test certificate) and what it received.
+/// The webhook's URL (http, or https with the test certificate) and what it received; its
+/// first `fail_first` answers are 500s.
 async fn start_hook(fail_first: usize, https: bool) -> (String, Arc<Hook>) {
-    let hook = Arc::new(Hook { fail_first, attempts: AtomicUsize::new(0), accepted: Mutex::new(Vec::new()) });
+    start_hook_failing(fail_first, 500, https).await
+}
+
+/// [`start_hook`] answering its first `fail_first` deliveries `status` (with a reason in the
+/// body, as receivers do).
+async fn start_hook_failing(fail_first: usize, status: u16, https: bool) -> (String, Arc<Hook>) {
+    let hook = Arc::new(Hook {
+        fail_first,
+        fail_status: status,
+        attempts: AtomicUsize::new(0),
+        accepted: Mutex::new(Vec::new()),
+        refused: Mutex::new(Vec::new()),
+    });
     let h = Arc::clone(&hook);
     let handler = move |req: http::Request<hyper::body::Incoming>| {
         let h = Arc::clone(&h);
         async move {
             let token = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
             let body = req.into_body().collect().await.unwrap().to_bytes();
-            let status = if h.attempts.fetch_add(1, Ordering::SeqCst) < h.fail_first {
-                500
+            let body: Value = serde_json::from_slice(&body).unwrap();
+            let (status, reason) = if h.attempts.fetch_add(1, Ordering::SeqCst) < h.fail_first {
+                h.refused.lock().unwrap().push(body);
+                (h.fail_status, "{\"message\": \"Event object is invalid\"}")
             } else {
                 assert_eq!(token.as_deref(), Some(&b"Bearer hook-secret"[..]));
-                h.accepted.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
-                200
+                h.accepted.lock().unwrap().push(body);
+                (200, "")
             };
-            http::Response::builder().status(status).body(Full::new(Bytes::new())).unwrap()
+            http::Response::builder().status(status).body(Full::new(Bytes::from(reason))).unwrap()
         }
     };
     let url = if https {
@@ -514,6 +531,57 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
     check(end + 120).await;
     assert!(evaluator.hours_read() - second <= 1, "{} whole hours read again", evaluator.hours_read() - second);
     ch(&url, &format!("DROP DATABASE {db}")).await;
+}
+
+/// A webhook that rejects a notification with a 4xx (PagerDuty answers 400 to a wrong routing
+/// key) would reject it again: it is tried once, the notification after it is still delivered
+/// (a retried rejection would block every later alert), the rejection is counted, and
+/// `slo_alerts` records the alert's state with `delivered` = 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_notification_is_not_retried_and_does_not_hold_up_the_next() {
+    let setup = start_with_history("slo_rej").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
+    let (hook_url, hook) = start_hook_failing(1, 400, false).await;
+    let admin = free_port();
+    let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(topic, db, "agg-1", admin, &hook_url, ""));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    // The history fires both alerts at the first evaluation: the first notification is
+    // rejected, the second delivered.
+    let both = wait_until(Duration::from_secs(120), || async {
+        !hook.refused.lock().unwrap().is_empty() && !hook.accepted.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(both, "refused {:?}, accepted {:?}:\n{}", hook.refused.lock(), hook.accepted.lock(), agg.log_tail());
+    let rejected = hook.refused.lock().unwrap()[0].clone();
+    let delivered = hook.accepted.lock().unwrap()[0].clone();
+    let mut ids = [rejected["id"].as_str().unwrap(), delivered["id"].as_str().unwrap()];
+    ids.sort_unstable();
+    assert_eq!(ids, [AVAILABILITY, SLOW]);
+    assert_eq!((rejected["status"].as_str(), delivered["status"].as_str()), (Some("firing"), Some("firing")));
+    let rejected_id = rejected["id"].as_str().unwrap();
+    let recorded = |id: &str| {
+        let sql = format!(
+            "SELECT status, delivered FROM {db}.slo_alerts WHERE alert_id = '{id}' AND status = 'firing' FORMAT TSV"
+        );
+        async move { try_ch(&clickhouse(), &sql).await.unwrap_or_default() }
+    };
+    let both_recorded = wait_until(Duration::from_secs(20), || async {
+        !recorded(rejected_id).await.is_empty() && !recorded(delivered["id"].as_str().unwrap()).await.is_empty()
+    })
+    .await;
+    assert!(both_recorded, "not recorded:\n{}", agg.log_tail());
+    assert_eq!(recorded(rejected_id).await, "firing\t0\n");
+    assert_eq!(recorded(delivered["id"].as_str().unwrap()).await, "firing\t1\n");
+    // Not retried: after many retry intervals (`[retry]` starts at 100 ms) the webhook has
+    // seen the rejected alert's firing once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(hook.of(rejected_id).iter().all(|n| n["status"] != "firing"), "{:?}", hook.of(rejected_id));
+    assert_eq!(hook.refused.lock().unwrap().len(), 1);
+    assert_eq!(agg_metric(admin, "tollgate_aggregator_slo_webhook_rejected_total").await, 1);
+    assert_eq!(agg_metric(admin, "tollgate_aggregator_slo_webhook_failures_total").await, 1);
+    let log = std::fs::read_to_string(&agg.log).unwrap();
+    assert!(log.contains("Event object is invalid"), "the receiver's reason is not logged:\n{}", agg.log_tail());
+    assert!(agg.terminate(Duration::from_secs(20)));
 }
 
 /// An https webhook with a private CA: without `slo.webhook_ca_file` the aggregator refuses

@@ -6,7 +6,8 @@
 //! burn rates to `slo_burn_rate`; and decides each rule's alert: firing when the burn rate of
 //! both its long and its short window is at least the rule's (and the long window holds
 //! `min_requests` calls), resolved when that stops. A change is a notification: POSTed as
-//! JSON to `slo.webhook_url` (retried until delivered), then recorded in `slo_alerts`, whose
+//! JSON to `slo.webhook_url` (retried until delivered, unless the webhook rejects it with a
+//! 4xx, see [`rejects`]), then recorded in `slo_alerts`, whose
 //! latest row per alert is the state a (re)started evaluator starts from.
 //!
 //! Only the aggregator instance that reads partition 0 of `api-calls` evaluates, so a group
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clickhouse::Client;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
@@ -769,25 +770,88 @@ fn slack_text(n: &Notification) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-/// POSTs one notification; Err names what failed.
-async fn post(client: &HttpClient, hook: &Webhook, body: Bytes) -> Result<(), String> {
+/// Why a delivery attempt failed, and whether trying again can help.
+trait Failure: std::fmt::Display {
+    /// True when the receiver refused the request itself: the same request would be refused
+    /// again, so it is not retried.
+    fn permanent(&self) -> bool {
+        false
+    }
+}
+
+impl Failure for clickhouse::error::Error {}
+
+/// A failed webhook POST.
+#[derive(Debug)]
+struct PostError {
+    message: String,
+    /// A 4xx other than 408, 425 and 429: the receiver refused this notification (a wrong
+    /// routing key, a malformed payload for its format, a revoked token).
+    rejected: bool,
+}
+
+impl std::fmt::Display for PostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Failure for PostError {
+    fn permanent(&self) -> bool {
+        self.rejected
+    }
+}
+
+/// Whether a webhook's answer `status` refuses the request for good. 408 (timeout), 425 (too
+/// early) and 429 (rate limited) ask for a retry, as do 5xx.
+fn rejects(status: http::StatusCode) -> bool {
+    status.is_client_error()
+        && ![http::StatusCode::REQUEST_TIMEOUT, http::StatusCode::TOO_EARLY, http::StatusCode::TOO_MANY_REQUESTS]
+            .contains(&status)
+}
+
+/// The start of an error answer's body, for the log (receivers explain rejections there).
+const ANSWER_EXCERPT: usize = 300;
+
+/// POSTs one notification; Err names what failed, with the start of the receiver's answer.
+async fn post(client: &HttpClient, hook: &Webhook, body: Bytes) -> Result<(), PostError> {
+    let failed = |message: String| PostError { message, rejected: false };
     let mut req = http::Request::post(hook.url.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::USER_AGENT, concat!("tollgate-aggregator/", env!("CARGO_PKG_VERSION")));
     for (k, v) in &hook.headers {
         req = req.header(k, v);
     }
-    let req = req.body(Full::new(body)).map_err(|e| e.to_string())?;
-    match tokio::time::timeout(hook.timeout, client.request(req)).await {
-        Err(_) => Err(format!("no answer within {} ms", hook.timeout.as_millis())),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
-        Ok(Ok(resp)) => Err(format!("answered {}", resp.status())),
+    let req = req.body(Full::new(body)).map_err(|e| failed(e.to_string()))?;
+    let answer = async {
+        let resp = client.request(req).await.map_err(|e| failed(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = http_body_util::Limited::new(resp.into_body(), 16 << 10)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let text = text.trim();
+        let cut = text.char_indices().nth(ANSWER_EXCERPT).map_or(text.len(), |(i, _)| i);
+        let mut message = format!("answered {status}");
+        if !text.is_empty() {
+            message = format!("{message}: {}", &text[..cut]);
+        }
+        Err(PostError { message, rejected: rejects(status) })
+    };
+    match tokio::time::timeout(hook.timeout, answer).await {
+        Err(_) => Err(failed(format!("no answer within {} ms", hook.timeout.as_millis()))),
+        Ok(done) => done,
     }
 }
 
-/// Runs `attempt` until it succeeds (true) or `stop` changes (false), counting each failure
-/// in `failures`, logging it as `what`, and waiting with `backoff` between attempts.
+/// Runs `attempt` until it succeeds (`Ok(true)`), fails for good (`Err`, see
+/// [`Failure::permanent`]) or `stop` changes (`Ok(false)`), counting each failure in
+/// `failures`, logging the retried ones as `what`, and waiting with `backoff` between attempts.
 async fn retry<F, Fut, E>(
     mut attempt: F,
     mut backoff: Backoff,
@@ -795,26 +859,30 @@ async fn retry<F, Fut, E>(
     failures: &std::sync::atomic::AtomicU64,
     what: &str,
     alert: &str,
-) -> bool
+) -> Result<bool, E>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    E: Failure,
 {
     loop {
-        let Err(e) = attempt().await else { return true };
+        let Err(e) = attempt().await else { return Ok(true) };
         failures.fetch_add(1, Ordering::Relaxed);
+        if e.permanent() {
+            return Err(e);
+        }
         let delay = backoff.next_delay();
         tracing::warn!(error = %e, alert, retry_in_ms = delay.as_millis() as u64, "{what}");
         tokio::select! {
-            _ = stop.changed() => return false,
+            _ = stop.changed() => return Ok(false),
             () = tokio::time::sleep(delay) => {}
         }
     }
 }
 
 /// The delivery task: each notification in order, to the webhook (retried with backoff until
-/// it answers 2xx), then into `slo_alerts`. What is not delivered at shutdown is not
+/// it answers 2xx, or given up at once when it rejects it, see [`rejects`]), then into
+/// `slo_alerts` (`delivered` = 0 when rejected or when there is no webhook). What is not delivered at shutdown is not
 /// recorded, so the next evaluator finds the alert in its old state and notifies again.
 async fn deliver(
     hook: Option<Webhook>,
@@ -826,6 +894,7 @@ async fn deliver(
 ) {
     let http = hook.as_ref().map(|h| http_client(&h.tls));
     while let Some(m) = rx.recv().await {
+        let mut delivered = false;
         if let (Some(hook), Some(http)) = (&hook, &http) {
             let (body, alert) = match &m {
                 Message::Change(n) => (render(n, &hook.format), n.id.as_str()),
@@ -852,8 +921,18 @@ async fn deliver(
                 "SLO webhook failed",
                 alert,
             );
-            if !sent.await {
-                return;
+            match sent.await {
+                Ok(true) => delivered = true,
+                Ok(false) => return,
+                Err(e) => {
+                    metrics.webhook_rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        error = %e,
+                        alert,
+                        "the SLO webhook rejected the notification; not retried (check the webhook's \
+                         configuration: URL, headers, routing key)"
+                    );
+                }
             }
         }
         // Repeats are not changes: nothing to record.
@@ -880,7 +959,7 @@ async fn deliver(
             burn_rate_threshold: n.burn_rate_threshold,
             long_burn_rate: n.long_window.burn_rate.unwrap_or(0.0),
             short_burn_rate: n.short_window.burn_rate.unwrap_or(0.0),
-            delivered: u8::from(hook.is_some()),
+            delivered: u8::from(delivered),
         };
         let written = retry(
             || async {
@@ -894,7 +973,7 @@ async fn deliver(
             "cannot record the SLO alert",
             &n.id,
         );
-        if !written.await {
+        if !matches!(written.await, Ok(true)) {
             return;
         }
     }
@@ -1094,6 +1173,13 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&render(&fired, &Format::Alertmanager).unwrap()).unwrap();
         assert_eq!(body.as_array().map(|a| a.len()), Some(1));
         assert_eq!(body[0]["labels"], f["labels"]);
+    }
+
+    #[test]
+    fn only_4xx_that_refuse_the_request_itself_are_not_retried() {
+        let rejected: Vec<u16> = (100..600).filter(|&c| http::StatusCode::from_u16(c).is_ok_and(rejects)).collect();
+        let want: Vec<u16> = (400..500).filter(|c| ![408, 425, 429].contains(c)).collect();
+        assert_eq!(rejected, want);
     }
 
     #[test]
