@@ -210,6 +210,10 @@ struct RawEdge {
     #[serde(default)]
     tls_key_file: Option<String>,
     #[serde(default)]
+    http_redirect_listen: Option<String>,
+    #[serde(default)]
+    https_public_port: Option<u16>,
+    #[serde(default)]
     worker_threads: Option<usize>,
 }
 
@@ -229,6 +233,8 @@ impl Default for RawEdge {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            http_redirect_listen: None,
+            https_public_port: None,
             worker_threads: None,
         }
     }
@@ -402,6 +408,9 @@ pub struct Config {
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
     /// The certificate and key files of `tls_server` (reloads watch them).
     pub tls_files: Vec<PathBuf>,
+    /// A plain-HTTP port answering every request with a redirect to HTTPS
+    /// (`edge.http_redirect_listen`).
+    pub http_redirect: Option<crate::redirect::HttpRedirect>,
     /// Threads serving requests, each with its own runtime, listener and upstream pools.
     pub worker_threads: usize,
     pub kafka: KafkaConfig,
@@ -864,6 +873,31 @@ fn validate(
         })?),
     };
 
+    let http_redirect = match (&raw.edge.http_redirect_listen, raw.edge.https_public_port) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(err("edge.https_public_port".into(), "is only used with edge.http_redirect_listen".into()));
+        }
+        (Some(_), _) if tls_server.is_none() => {
+            return Err(err(
+                "edge.http_redirect_listen".into(),
+                "redirects to HTTPS, which needs edge.tls_cert_file and edge.tls_key_file".into(),
+            ));
+        }
+        (Some(_), Some(0)) => return Err(err("edge.https_public_port".into(), "must be between 1 and 65535".into())),
+        (Some(l), public) => {
+            let redirect_listen = addr("edge.http_redirect_listen", l)?;
+            if redirect_listen.port() != 0 && [listen, admin_listen].iter().any(|a| a.port() == redirect_listen.port())
+            {
+                return Err(err(
+                    "edge.http_redirect_listen".into(),
+                    format!("port {} is already edge.listen's or edge.admin_listen's", redirect_listen.port()),
+                ));
+            }
+            Some(crate::redirect::HttpRedirect { listen: redirect_listen, https_port: public.unwrap_or(listen.port()) })
+        }
+    };
+
     let worker_threads = match raw.edge.worker_threads {
         None => std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
         Some(n) if (1..=256).contains(&n) => n,
@@ -875,6 +909,7 @@ fn validate(
         tls_ca,
         tls_server,
         tls_files,
+        http_redirect,
         telemetry,
         jwt_issuers,
         instance_id,
@@ -1196,6 +1231,40 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         ] {
             let msg = with(cert, key).unwrap_err().to_string();
             assert!(msg.contains(names) && msg.contains(says), "{cert} + {key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn the_redirect_port_needs_https_and_a_port_of_its_own() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
+        let tls = format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            dir.join("server.pem").display(),
+            dir.join("server.key.pem").display()
+        );
+        let with =
+            |edge: &str| Config::parse(&format!("[edge]\nlisten = \"127.0.0.1:8443\"\n{edge}{BASE}"), &BTreeMap::new());
+        let r = with(&format!("{tls}http_redirect_listen = \"127.0.0.1:8080\"\n")).unwrap().http_redirect.unwrap();
+        assert_eq!((r.listen.port(), r.https_port), (8080, 8443), "edge.listen's port by default");
+        let r = with(&format!("{tls}http_redirect_listen = \"127.0.0.1:8080\"\nhttps_public_port = 443\n"))
+            .unwrap()
+            .http_redirect
+            .unwrap();
+        assert_eq!(r.https_port, 443);
+        assert!(with(&tls).unwrap().http_redirect.is_none());
+        for (edge, names, says) in [
+            ("http_redirect_listen = \"127.0.0.1:8080\"\n".to_owned(), "edge.http_redirect_listen", "tls_cert_file"),
+            (format!("{tls}https_public_port = 443\n"), "edge.https_public_port", "only used with"),
+            (
+                format!("{tls}http_redirect_listen = \"127.0.0.1:8080\"\nhttps_public_port = 0\n"),
+                "edge.https_public_port",
+                "between 1 and 65535",
+            ),
+            (format!("{tls}http_redirect_listen = \"127.0.0.1:8443\"\n"), "edge.http_redirect_listen", "already"),
+            (format!("{tls}http_redirect_listen = \"8080\"\n"), "edge.http_redirect_listen", "ip:port"),
+        ] {
+            let msg = with(&edge).unwrap_err().to_string();
+            assert!(msg.contains(names) && msg.contains(says), "{edge}: {msg}");
         }
     }
 

@@ -80,6 +80,8 @@ pub struct Metrics {
     pub config_reload_failures: AtomicU64,
     /// TLS handshakes on the traffic port that failed or did not finish in time.
     pub tls_handshake_failures: AtomicU64,
+    /// Requests on `edge.http_redirect_listen` sent to HTTPS.
+    pub https_redirects: AtomicU64,
     /// True once shutdown began: `/readyz` answers 503 while in-flight requests drain.
     pub draining: std::sync::atomic::AtomicBool,
     /// True once the shutdown grace ran out: a call dropped from then on was cut by the edge
@@ -297,6 +299,11 @@ impl Metrics {
                 "tollgate_edge_tls_handshake_failures_total",
                 "TLS handshakes on the traffic port that failed or did not finish within header_read_timeout_ms.",
                 load(&self.tls_handshake_failures),
+            ),
+            (
+                "tollgate_edge_https_redirects_total",
+                "Requests on edge.http_redirect_listen answered 308 to HTTPS.",
+                load(&self.https_redirects),
             ),
         ];
         for (name, help, value) in counters {

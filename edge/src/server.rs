@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
 use crate::metrics::Metrics;
+use crate::silent::FirstBytes;
 use crate::{Gateway, Runtime, admin, proxy};
 
 /// How [`serve`] is run.
@@ -41,6 +42,15 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         .await
         .map_err(|e| anyhow::anyhow!("edge.admin_listen {}: {e}", cfg.admin_listen))?;
     let (listen, admin_addr) = (listener.local_addr()?, admin_listener.local_addr()?);
+    let redirect_listener = match cfg.http_redirect {
+        Some(r) => Some(
+            TcpListener::bind(r.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("edge.http_redirect_listen {}: {e}", r.listen))?,
+        ),
+        None => None,
+    };
+    let redirect_addr = redirect_listener.as_ref().map(TcpListener::local_addr).transpose()?;
 
     let metrics = Arc::new(Metrics::new(cfg.routes.iter().map(|r| r.id.as_str()), cfg.worker_threads));
     let (events_tx, producer_task) = if cfg.kafka.enabled {
@@ -99,12 +109,28 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         }
     });
 
+    // A port 0 in edge.listen (tests) is the port it was given.
+    let https_port = cfg.http_redirect.map(|r| if r.https_port == 0 { listen.port() } else { r.https_port });
+    let redirect_task = redirect_listener
+        .zip(https_port)
+        .map(|(l, port)| tokio::spawn(crate::redirect::serve(l, port, cfg.header_read_timeout, Arc::clone(&metrics))));
+
     if let Some(path) = ready_file {
-        let body = serde_json::json!({ "listen": listen.to_string(), "admin": admin_addr.to_string() });
+        let mut body = serde_json::json!({ "listen": listen.to_string(), "admin": admin_addr.to_string() });
+        if let Some(a) = redirect_addr {
+            body["http_redirect"] = a.to_string().into();
+        }
         std::fs::write(path, body.to_string())
             .map_err(|e| anyhow::anyhow!("cannot write ready file {}: {e}", path.display()))?;
     }
-    tracing::info!(%listen, admin = %admin_addr, routes = cfg.routes.len(), consumers, "edge started");
+    tracing::info!(
+        %listen,
+        admin = %admin_addr,
+        http_redirect = ?redirect_addr,
+        routes = cfg.routes.len(),
+        consumers,
+        "edge started"
+    );
 
     // Thread per core: each worker thread runs its own current-thread runtime, accepts on its
     // own SO_REUSEPORT listener (the kernel spreads connections) and keeps its own upstream
@@ -165,6 +191,9 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     // drain is over.
     metrics.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop_accepting.send(true);
+    if let Some(t) = redirect_task {
+        t.abort();
+    }
     tracing::info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining in-flight requests");
     for d in drained {
         let _ = d.await;
@@ -258,6 +287,7 @@ async fn accept_loop(
                 match gw.runtime().tls.clone() {
                     None => {
                         let peer = crate::Peer::new(peer);
+                        let stream = FirstBytes::new(stream, http.header_read_timeout);
                         tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, graceful.watcher()));
                     }
                     Some(tls) => {
@@ -279,6 +309,7 @@ async fn accept_loop(
                                 }
                             };
                             let peer = crate::Peer { tls: true, ..crate::Peer::new(peer) };
+                            let stream = FirstBytes::new(stream, deadline);
                             serve_connection(&builder, stream, gw, peer, watcher).await;
                         });
                     }
@@ -378,6 +409,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                 let restart_only = [
                     ("edge.listen", next.listen != current.listen),
                     ("edge.admin_listen", next.admin_listen != current.admin_listen),
+                    ("edge.http_redirect_listen / edge.https_public_port", next.http_redirect != current.http_redirect),
                     ("kafka", next.kafka != current.kafka),
                     ("spool", next.spool != current.spool),
                     ("telemetry", next.telemetry != current.telemetry),

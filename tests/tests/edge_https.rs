@@ -18,15 +18,13 @@ fn tls_file(name: &str) -> std::path::PathBuf {
     repo_root().join("tests/testdata/tls").join(name)
 }
 
-/// GET `path` over TLS to `addr` as `localhost`, trusting only the certificates in `roots`,
-/// offering HTTP/2 (`h2`) or HTTP/1.1 by ALPN: status, HTTP version, body as JSON; `Err` when
-/// the handshake or the request fails.
-async fn https_get(
+/// A TLS connection to `addr` as `localhost`, trusting only the certificates in `roots`,
+/// offering `h2` or `http/1.1` by ALPN.
+async fn tls_connect(
     addr: std::net::SocketAddr,
     roots: &str,
     h2: bool,
-    path: &str,
-) -> Result<(u16, http::Version, serde_json::Value), String> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut store = rustls::RootCertStore::empty();
     for cert in tollgate_common::tls::read_pem_certs(&std::fs::read(tls_file(roots)).unwrap()).unwrap() {
         store.add(cert).unwrap();
@@ -40,8 +38,19 @@ async fn https_get(
     config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
-    let io = TokioIo::new(tls);
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())
+}
+
+/// GET `path` over TLS to `addr` as `localhost`, trusting only the certificates in `roots`,
+/// offering HTTP/2 (`h2`) or HTTP/1.1 by ALPN: status, HTTP version, body as JSON; `Err` when
+/// the handshake or the request fails.
+async fn https_get(
+    addr: std::net::SocketAddr,
+    roots: &str,
+    h2: bool,
+    path: &str,
+) -> Result<(u16, http::Version, serde_json::Value), String> {
+    let io = TokioIo::new(tls_connect(addr, roots, h2).await?);
     let req = http::Request::get(format!("https://localhost{path}"))
         .header("x-api-key", "key-acme")
         .body(Full::new(Bytes::new()))
@@ -117,6 +126,15 @@ async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
     assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "still open after {:?}", t.elapsed());
     assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(metric(admin, "tollgate_edge_tls_handshake_failures_total").await, 2);
+    // A client that finishes its handshake and then sends nothing (HTTP/1.1 or HTTP/2, whose
+    // preface never comes) is cut after 1 s too.
+    for h2 in [false, true] {
+        let mut silent = tls_connect(addr, "ca.pem", h2).await.unwrap();
+        let t = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut [0u8; 16])).await;
+        assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "h2 {h2}: still open after {:?}", t.elapsed());
+        assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
 
     // Renewed in place (no signal): new connections get the new certificate, and a client
     // trusting only the test CA refuses it.
@@ -146,4 +164,80 @@ async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
         wait_until(Duration::from_secs(10), || async { https_get(addr, "ca.pem", true, "/app/x").await.is_ok() }).await;
     assert!(back, "the configured certificate is not served after SIGHUP:\n{}", edge.log_tail());
     assert!(https_get(addr, "other.pem", false, "/app/x").await.is_err());
+}
+
+/// Sends `request` on a new connection to `addr` and reads the answer until the server closes
+/// the connection (the requests ask it to) or 5 s pass.
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// `edge.http_redirect_listen`: every request on the plain port gets a 308 to the same host,
+/// path and query on the HTTPS port (method kept), a request without a host a 400 problem;
+/// nothing reaches the upstream from there, the redirects are counted, and a slow client is
+/// cut after `header_read_timeout_ms` as on the traffic port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_http_port_redirects_to_https() {
+    let dir = TempDir::new("e2e_edge_redirect");
+    let topic = unique("edge_redirect");
+    create_topic(&topic, 1).await;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let upstream = serve_http(move |_req: http::Request<hyper::body::Incoming>| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { http::Response::new(Full::new(Bytes::from_static(b"{}"))) }
+    })
+    .await;
+    let config = config(&topic, upstream, &tls_file("server.pem"), &tls_file("server.key.pem")).replacen(
+        "[edge]\n",
+        "[edge]\nhttp_redirect_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &config).await;
+    let ready: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("edge.ready")).unwrap()).unwrap();
+    let plain: std::net::SocketAddr = ready["http_redirect"].as_str().unwrap().parse().unwrap();
+    assert_ne!(plain.port(), addr.port());
+
+    // POST with a body: 308 (the method and body are kept by the client), the client's port
+    // replaced by the HTTPS one, path and query as sent.
+    let answer = raw(
+        plain,
+        "POST /app/x?a=1&b=%20 HTTP/1.1\r\nHost: api.example.com:8080\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"), "{answer}");
+    let location = format!("location: https://api.example.com:{}/app/x?a=1&b=%20\r\n", addr.port());
+    assert!(answer.to_ascii_lowercase().contains(&location), "{answer}");
+    // An IPv6 literal host keeps its brackets.
+    let answer = raw(plain, "GET / HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.to_ascii_lowercase().contains(&format!("location: https://[::1]:{}/\r\n", addr.port())), "{answer}");
+    // No host (HTTP/1.0), or one that is not a host: 400 problem, no Location.
+    for request in [
+        "GET /app/x HTTP/1.0\r\n\r\n",
+        "GET /app/x HTTP/1.1\r\nHost: evil@api.example.com\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw(plain, request).await;
+        assert!(answer.starts_with("HTTP/1.") && answer.contains(" 400 "), "{request:?}: {answer}");
+        assert!(answer.contains("application/problem+json") && !answer.to_ascii_lowercase().contains("location:"));
+    }
+    assert_eq!(metric(admin, "tollgate_edge_https_redirects_total").await, 2);
+
+    // A client that sends no request head is cut after 1 s.
+    let mut idle = tokio::net::TcpStream::connect(plain).await.unwrap();
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut [0u8; 16])).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "still open after {:?}", t.elapsed());
+    assert!(t.elapsed() >= Duration::from_millis(900) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // Nothing went upstream from the plain port; the HTTPS port still serves.
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let (status, _, _) = https_get(addr, "ca.pem", false, "/app/x").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(edge);
 }
