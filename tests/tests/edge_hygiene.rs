@@ -158,6 +158,27 @@ async fn smuggling_limits_and_header_hygiene() {
         );
     }
 
+    // A keep-alive connection left idle after its answer is closed once the next head has not
+    // come within the same timeout (hyper restarts its header timer after every response).
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /echo/idle HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(outcome.is_ok(), "idle keep-alive connection still open after 5 s");
+    assert!(t.elapsed() >= Duration::from_millis(400) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
     // Header limits: 431 as a problem document, metered (ids checked against events below).
     let many: String = (0..60).map(|i| format!("x-h{i}: v\r\n")).collect();
     let (status, too_many, _) =
