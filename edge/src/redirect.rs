@@ -32,11 +32,14 @@ pub struct HttpRedirect {
 /// a port) and `path_and_query`, on `https_port`. `None` when `host` is not a valid host.
 pub fn location(host: &str, path_and_query: &str, https_port: u16) -> Option<http::HeaderValue> {
     let authority: http::uri::Authority = host.parse().ok()?;
-    // Userinfo (`user@host`) has no place in a Host header.
+    // Userinfo (`user@host`) has no place in a Host header; a port must be a number.
+    if authority.as_str().contains('@') {
+        return None;
+    }
     let host = authority.host();
     let port = &authority.as_str()[host.len()..];
     let port_ok = port.is_empty() || port.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
-    if authority.as_str().contains('@') || host.is_empty() || !port_ok {
+    if host.is_empty() || !port_ok {
         return None;
     }
     let url = if https_port == 443 {
