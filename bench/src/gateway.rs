@@ -3,8 +3,10 @@
 //! hyper reverse proxy on the edge's own server and upstream-pool code (the ceiling of this
 //! stack, see `hyper_proxy`), the edge with metering off, the edge with API key + limits +
 //! metering (Tansu on memory storage), and the same edge authenticating an ES256 JWT instead
-//! of the key. Then the edge's RSS with 100,000 consumers configured (in a `consumers_file`,
-//! and as `[[consumers]]` tables).
+//! of the key; then HTTPS (TLS 1.3, the test certificate, HTTP/1.1, keep-alive connections so
+//! the figure is the record layer's cost, not handshakes): nginx with `ssl` against the edge
+//! with `edge.tls_cert_file`, key + limits + metering. Then the edge's RSS with 100,000
+//! consumers configured (in a `consumers_file`, and as `[[consumers]]` tables).
 //!
 //! wrk and nginx come from Debian (`bench/run.sh` installs them). The machine has 2 cores
 //! shared by wrk, the upstream, the proxy and (for metering) Tansu: figures are comparable
@@ -172,7 +174,14 @@ fn wait_port(addr: &str) {
     panic!("{addr} did not open");
 }
 
-fn nginx_conf(dir: &Path, port: u16, upstream: u16, workers: usize) -> String {
+/// The test certificate and key (`tests/testdata/tls`, for `localhost` and 127.0.0.1).
+fn tls_files() -> (std::path::PathBuf, std::path::PathBuf) {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
+    (d.join("server.pem"), d.join("server.key.pem"))
+}
+
+fn nginx_conf(dir: &Path, (port, tls_port): (u16, u16), upstream: u16, workers: usize) -> String {
+    let (cert, key) = tls_files();
     format!(
         "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
@@ -180,8 +189,14 @@ fn nginx_conf(dir: &Path, port: u16, upstream: u16, workers: usize) -> String {
            fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
            upstream u {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n\
            server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://u;\n\
-               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-        d = dir.display()
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n\
+           server {{\n    listen 127.0.0.1:{tls_port} ssl;\n    ssl_certificate {cert};\n\
+             ssl_certificate_key {key};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    location / {{\n\
+               proxy_pass http://u;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n\
+               proxy_set_header X-Forwarded-Proto https;\n    }}\n  }}\n}}\n",
+        d = dir.display(),
+        cert = cert.display(),
+        key = key.display()
     )
 }
 
@@ -267,18 +282,25 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         &dir.join("upstream.log"),
     );
     wait_port(&format!("127.0.0.1:{up_port}"));
-    let ng_port = free_port();
-    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, ng_port, up_port, threads))?;
+    let (ng_port, ng_tls_port) = (free_port(), free_port());
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, (ng_port, ng_tls_port), up_port, threads))?;
     let ng =
         spawn(Command::new("nginx").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(&dir), &dir.join("nginx.out"));
     wait_port(&format!("127.0.0.1:{ng_port}"));
+    wait_port(&format!("127.0.0.1:{ng_tls_port}"));
     let broker = Broker::start(&dir).await;
     broker.create_topic("bench-gw", 4).await;
 
-    let start_edge = |name: &str, kafka: Option<&str>| {
+    let start_edge = |name: &str, kafka: Option<&str>, tls: bool| {
         let (port, admin) = (free_port(), free_port());
         let cfg = dir.join(format!("{name}.toml"));
-        std::fs::write(&cfg, edge_config(port, admin, up_port, kafka, &dir.join(format!("{name}-spool")), 1)).unwrap();
+        let mut text = edge_config(port, admin, up_port, kafka, &dir.join(format!("{name}-spool")), 1);
+        if tls {
+            let (cert, key) = tls_files();
+            let files = format!("[edge]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", cert.display(), key.display());
+            text = text.replacen("[edge]\n", &files, 1);
+        }
+        std::fs::write(&cfg, text).unwrap();
         let p = spawn(
             Command::new(release_bin("tollgate-edge")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "warn"),
             &dir.join(format!("{name}.log")),
@@ -301,8 +323,9 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         &dir.join("hyper-proxy.log"),
     );
     wait_port(&format!("127.0.0.1:{hp_port}"));
-    let (e1, off_port) = start_edge("edge-off", None);
-    let (e2, on_port) = start_edge("edge-on", Some(&broker.addr));
+    let (e1, off_port) = start_edge("edge-off", None, false);
+    let (e2, on_port) = start_edge("edge-on", Some(&broker.addr), false);
+    let (e3, tls_port) = start_edge("edge-tls", Some(&broker.addr), true);
 
     let path = "/bench?bytes=64";
     let jwt = tollgate_demo::traffic::demo_jwt("bench").ok_or_else(|| anyhow::anyhow!("cannot sign the demo JWT"))?;
@@ -313,6 +336,8 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         ("edge, key + limits, metering off", format!("http://127.0.0.1:{off_port}{path}"), Cred::ApiKey),
         ("edge, key + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::ApiKey),
         ("edge, ES256 JWT + limits + metering", format!("http://127.0.0.1:{on_port}{path}"), Cred::Jwt(jwt)),
+        ("nginx reverse proxy, HTTPS", format!("https://127.0.0.1:{ng_tls_port}{path}"), Cred::None),
+        ("edge HTTPS, key + limits + metering", format!("https://127.0.0.1:{tls_port}{path}"), Cred::ApiKey),
     ];
     let (up_pid, broker_pid) = (up.0.id(), broker.proc.0.id());
     let roles = |proxy: Vec<u32>| Roles { proxy, upstream: up_pid, broker: broker_pid };
@@ -323,6 +348,8 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         roles(vec![e1.0.id()]),
         roles(vec![e2.0.id()]),
         roles(vec![e2.0.id()]),
+        roles(child_pids(ng.0.id())),
+        roles(vec![e3.0.id()]),
     ];
     // Warm-up: connection pools, page cache.
     for (_, url, cred) in &targets {
@@ -387,6 +414,13 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
     }
     println!("metering cost: {:.1} % of throughput", (1.0 - med[4].rps / med[3].rps) * 100.0);
     println!("JWT path vs API-key path: {:.2}x throughput (goal >= 0.8x)", med[5].rps / med[4].rps);
+    println!(
+        "HTTPS: edge {:.2}x nginx's throughput, P99 {:+.2} ms against nginx's; TLS costs the edge {:.1} % and nginx {:.1} %",
+        med[7].rps / med[6].rps,
+        med[7].p99_ms - med[6].p99_ms,
+        (1.0 - med[7].rps / med[4].rps) * 100.0,
+        (1.0 - med[6].rps / nginx.rps) * 100.0
+    );
 
     // RSS with 100,000 consumers: in a consumers_file (JSON Lines, the way documented for
     // large lists), and as [[consumers]] tables for comparison.
