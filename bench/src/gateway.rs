@@ -297,7 +297,8 @@ pub async fn run(seconds: u64, runs: usize, connections: u32) -> anyhow::Result<
         let mut text = edge_config(port, admin, up_port, kafka, &dir.join(format!("{name}-spool")), 1);
         if tls {
             let (cert, key) = tls_files();
-            let files = format!("[edge]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", cert.display(), key.display());
+            let files =
+                format!("[edge]\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", cert.display(), key.display());
             text = text.replacen("[edge]\n", &files, 1);
         }
         std::fs::write(&cfg, text).unwrap();
