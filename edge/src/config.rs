@@ -929,7 +929,23 @@ fn validate(
             queue_capacity: raw.kafka.queue_capacity,
             message_timeout,
             quota_topic: raw.kafka.quota_topic,
-            properties: raw.kafka.properties,
+            properties: {
+                // Only partitioners that keep every event of a key, the empty one included, in
+                // one partition: aggregator replicas own whole consumers (docs/ARCHITECTURE.md).
+                if let Some(p) = raw.kafka.properties.get("partitioner")
+                    && !["consistent", "murmur2", "fnv1a"].contains(&p.as_str())
+                {
+                    return Err(err(
+                        "kafka.properties.partitioner".into(),
+                        format!(
+                            "`{p}` spreads events without a consumer (empty key) over partitions, and aggregator \
+                             replicas would then each count a part of them; use consistent (the default), murmur2 \
+                             or fnv1a"
+                        ),
+                    ));
+                }
+                raw.kafka.properties
+            },
         },
         routes,
         plans,
@@ -1231,6 +1247,19 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         ] {
             let msg = with(cert, key).unwrap_err().to_string();
             assert!(msg.contains(names) && msg.contains(says), "{cert} + {key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn only_partitioners_that_keep_an_empty_key_in_one_partition_are_accepted() {
+        let with =
+            |p: &str| Config::parse(&format!("{BASE}\n[kafka.properties]\npartitioner = \"{p}\"\n"), &BTreeMap::new());
+        for ok in ["consistent", "murmur2", "fnv1a"] {
+            assert_eq!(with(ok).unwrap().kafka.properties["partitioner"], ok);
+        }
+        for bad in ["consistent_random", "murmur2_random", "random", "fnv1a_random"] {
+            let msg = with(bad).unwrap_err().to_string();
+            assert!(msg.contains("kafka.properties.partitioner") && msg.contains(bad), "{bad}: {msg}");
         }
     }
 

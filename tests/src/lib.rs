@@ -173,6 +173,9 @@ pub fn producer() -> FutureProducer {
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // As the edge: anonymous events (empty key) in one partition, so that aggregator
+        // replicas own whole consumers (tollgate_edge::metering::producer).
+        .set("partitioner", "consistent")
         .create()
         .unwrap()
 }

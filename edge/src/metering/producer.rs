@@ -133,7 +133,13 @@ pub fn start(
         // quarter of the broker's per-request work (docs/benchmarks.md); +15 ms to freshness.
         .set("linger.ms", "20")
         .set("message.timeout.ms", cfg.message_timeout.as_millis().to_string())
-        .set("queue.buffering.max.messages", "200000");
+        .set("queue.buffering.max.messages", "200000")
+        // Events are keyed by consumer so that each aggregator replica owns whole consumers.
+        // Unauthenticated calls have an empty key, which librdkafka's default partitioner
+        // (`consistent_random`) spreads at random: two replicas would then each write a part
+        // of the anonymous usage rows of a minute, and one part would replace the other.
+        // `consistent` hashes keys the same way (CRC32) and puts empty keys in one partition.
+        .set("partitioner", "consistent");
     for (k, v) in &cfg.properties {
         cc.set(k, v);
     }
