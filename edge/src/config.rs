@@ -898,6 +898,20 @@ fn validate(
         }
     };
 
+    // Only partitioners that keep every event of a key, the empty one included, in one
+    // partition: aggregator replicas own whole consumers (docs/ARCHITECTURE.md).
+    if let Some(p) = raw.kafka.properties.get("partitioner")
+        && !["consistent", "murmur2", "fnv1a"].contains(&p.as_str())
+    {
+        return Err(err(
+            "kafka.properties.partitioner".into(),
+            format!(
+                "`{p}` spreads events without a consumer (empty key) over partitions, and aggregator replicas \
+                 would then each count a part of them; use consistent (the default), murmur2 or fnv1a"
+            ),
+        ));
+    }
+
     let worker_threads = match raw.edge.worker_threads {
         None => std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
         Some(n) if (1..=256).contains(&n) => n,
@@ -929,23 +943,7 @@ fn validate(
             queue_capacity: raw.kafka.queue_capacity,
             message_timeout,
             quota_topic: raw.kafka.quota_topic,
-            properties: {
-                // Only partitioners that keep every event of a key, the empty one included, in
-                // one partition: aggregator replicas own whole consumers (docs/ARCHITECTURE.md).
-                if let Some(p) = raw.kafka.properties.get("partitioner")
-                    && !["consistent", "murmur2", "fnv1a"].contains(&p.as_str())
-                {
-                    return Err(err(
-                        "kafka.properties.partitioner".into(),
-                        format!(
-                            "`{p}` spreads events without a consumer (empty key) over partitions, and aggregator \
-                             replicas would then each count a part of them; use consistent (the default), murmur2 \
-                             or fnv1a"
-                        ),
-                    ));
-                }
-                raw.kafka.properties
-            },
+            properties: raw.kafka.properties,
         },
         routes,
         plans,
