@@ -82,12 +82,45 @@ pub struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
     pub https_redirects: AtomicU64,
+    /// Connections accepted on the traffic port (plain and TLS).
+    pub connections_accepted: AtomicU64,
+    /// Connections on the traffic port open now, TLS handshakes included (gauge).
+    pub connections_open: AtomicU64,
+    /// Connections on the traffic port the edge closed because a request did not come in
+    /// time, by [`ConnTimeout`].
+    pub connections_timed_out: [AtomicU64; 3],
     /// True once shutdown began: `/readyz` answers 503 while in-flight requests drain.
     pub draining: std::sync::atomic::AtomicBool,
     /// True once the shutdown grace ran out: a call dropped from then on was cut by the edge
     /// (outcome `edge_shutdown`), not by its client (`client_aborted`).
     pub grace_over: std::sync::atomic::AtomicBool,
     pub spool: std::sync::OnceLock<Arc<SpoolStats>>,
+}
+
+/// Why the edge closed a connection whose request did not come in time
+/// (`tollgate_edge_connections_timed_out_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnTimeout {
+    /// Nothing that tells HTTP/1 from HTTP/2 within `header_read_timeout_ms` of connecting
+    /// (silent, or a stalled HTTP/2 preface: `silent::FirstBytes`).
+    FirstBytes,
+    /// The first request's head was started but not finished in time (slow headers).
+    RequestHead,
+    /// After at least one answer, the next request's head did not finish in time: an idle
+    /// keep-alive connection (or a client that turned slow).
+    Idle,
+}
+
+impl ConnTimeout {
+    pub const ALL: [ConnTimeout; 3] = [Self::FirstBytes, Self::RequestHead, Self::Idle];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::FirstBytes => "first_bytes",
+            Self::RequestHead => "request_head",
+            Self::Idle => "idle",
+        }
+    }
 }
 
 /// What the producer's last metadata request said of Kafka and the event topic
@@ -301,6 +334,11 @@ impl Metrics {
                 load(&self.tls_handshake_failures),
             ),
             (
+                "tollgate_edge_connections_accepted_total",
+                "Connections accepted on the traffic port (plain and TLS).",
+                load(&self.connections_accepted),
+            ),
+            (
                 "tollgate_edge_https_redirects_total",
                 "Requests on edge.http_redirect_listen answered 308 to HTTPS.",
                 load(&self.https_redirects),
@@ -309,6 +347,24 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
+        let name = "tollgate_edge_connections_timed_out_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Connections on the traffic port closed because a request did not come within header_read_timeout_ms: reason first_bytes (silent after connecting), request_head (slow first request head), idle (keep-alive connection with no next request).\n# TYPE {name} counter"
+        );
+        for reason in ConnTimeout::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.label(),
+                load(&self.connections_timed_out[reason as usize])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_connections_open Connections on the traffic port open now (TLS handshakes included).\n# TYPE tollgate_edge_connections_open gauge\ntollgate_edge_connections_open {}",
+            load(&self.connections_open)
+        );
         let _ = writeln!(
             out,
             "# HELP tollgate_edge_kafka_reachable 1 when Kafka answered the last metadata request.\n# TYPE tollgate_edge_kafka_reachable gauge\ntollgate_edge_kafka_reachable {}",

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -17,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
-use crate::metrics::Metrics;
+use crate::metrics::{ConnTimeout, Metrics};
 use crate::silent::FirstBytes;
 use crate::{Gateway, Runtime, admin, proxy};
 
@@ -284,11 +285,13 @@ async fn accept_loop(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                gw.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let open = OpenConnection::new(&gw.metrics);
                 match gw.runtime().tls.clone() {
                     None => {
                         let peer = crate::Peer::new(peer);
                         let stream = FirstBytes::new(stream, http.header_read_timeout);
-                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, graceful.watcher()));
+                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, graceful.watcher(), open));
                     }
                     Some(tls) => {
                         // The handshake runs in the connection's task, within the time a client
@@ -310,7 +313,7 @@ async fn accept_loop(
                             };
                             let peer = crate::Peer { tls: true, ..crate::Peer::new(peer) };
                             let stream = FirstBytes::new(stream, deadline);
-                            serve_connection(&builder, stream, gw, peer, watcher).await;
+                            serve_connection(&builder, stream, gw, peer, watcher, open).await;
                         });
                     }
                 }
@@ -327,6 +330,37 @@ async fn accept_loop(
     }
 }
 
+/// A connection on the traffic port, counted in `tollgate_edge_connections_open` from its
+/// accept until its task ends (however it ends).
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(Arc::clone(metrics))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a connection's error is the edge closing it because a request did not come in
+/// time, and which wait it was (`served`: a request head had been read on it before).
+fn timed_out(e: &(dyn std::error::Error + 'static), served: bool) -> Option<ConnTimeout> {
+    // `FirstBytes`'s error, returned before hyper knew the protocol.
+    if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+        return Some(ConnTimeout::FirstBytes);
+    }
+    // hyper's `header_read_timeout` (HTTP/1).
+    if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_timeout) {
+        return Some(if served { ConnTimeout::Idle } else { ConnTimeout::RequestHead });
+    }
+    None
+}
+
 /// One client connection (plain or TLS) served by the gateway, HTTP/1.1 or HTTP/2, watched
 /// for graceful shutdown.
 fn serve_connection<I>(
@@ -335,20 +369,31 @@ fn serve_connection<I>(
     gw: Arc<Gateway>,
     peer: crate::Peer,
     watcher: hyper_util::server::graceful::Watcher,
+    open: OpenConnection,
 ) -> impl Future<Output = ()> + Send + use<I>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let addr = peer.addr;
-    let svc = hyper::service::service_fn(move |req| {
-        let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+    // Set once a request head was read (a plain store: only this connection's task writes it).
+    let served = Arc::new(AtomicBool::new(false));
+    let svc = hyper::service::service_fn({
+        let served = Arc::clone(&served);
+        move |req| {
+            served.store(true, Ordering::Relaxed);
+            let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
+            async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        }
     });
     let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());
     async move {
         if let Err(e) = conn.await {
+            if let Some(reason) = timed_out(&*e, served.load(Ordering::Relaxed)) {
+                open.0.connections_timed_out[reason as usize].fetch_add(1, Ordering::Relaxed);
+            }
             tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
         }
+        drop(open);
     }
 }
 
@@ -450,5 +495,22 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
             }
             Err(e) => tracing::error!(error = %e, "config reload task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_timed_out_read_before_the_protocol_is_known_is_first_bytes() {
+        let io = |kind| std::io::Error::new(kind, "x");
+        assert_eq!(timed_out(&io(std::io::ErrorKind::TimedOut), false), Some(ConnTimeout::FirstBytes));
+        assert_eq!(timed_out(&io(std::io::ErrorKind::TimedOut), true), Some(ConnTimeout::FirstBytes));
+        assert_eq!(timed_out(&io(std::io::ErrorKind::ConnectionReset), false), None);
+        assert_eq!(timed_out(&io(std::io::ErrorKind::UnexpectedEof), true), None);
+        // Any other error (hyper's parse errors and the like) is not a timeout.
+        let other: Box<dyn std::error::Error + Send + Sync> = "invalid header".into();
+        assert_eq!(timed_out(&*other, true), None);
     }
 }

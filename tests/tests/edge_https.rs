@@ -143,6 +143,8 @@ async fn https_at_the_edge_http1_h2_timeouts_and_certificate_rotation() {
         assert_cut_after_1s(&mut silent, if h2 { "silent after an h2 handshake" } else { "silent after a handshake" })
             .await;
     }
+    // Both counted as connections that sent no request (the handshake failures are not).
+    assert_eq!(metric(admin, "tollgate_edge_connections_timed_out_total{reason=\"first_bytes\"}").await, 2);
 
     // Renewed in place (no signal): new connections get the new certificate, and a client
     // trusting only the test CA refuses it.

@@ -150,6 +150,15 @@ async fn smuggling_limits_and_header_hygiene() {
     // Slow headers: a client that never finishes its head is disconnected after 500 ms; so is
     // one that sends nothing at all, or only the start of the HTTP/2 preface (hyper's own timer
     // starts only once the protocol is known: `tollgate_edge::silent`).
+    let timed_out = |reason: &'static str| async move {
+        metric(admin, &format!("tollgate_edge_connections_timed_out_total{{reason=\"{reason}\"}}")).await
+    };
+    let reasons = ["first_bytes", "request_head", "idle"];
+    let mut before = Vec::new();
+    for r in reasons {
+        before.push(timed_out(r).await);
+    }
+    let accepted_before = metric(admin, "tollgate_edge_connections_accepted_total").await;
     for (name, sent) in [
         ("unfinished head", &b"GET /echo/slow HTTP/1.1\r\nHost: x\r\n"[..]),
         ("nothing", &b""[..]),
@@ -170,6 +179,14 @@ async fn smuggling_limits_and_header_hygiene() {
     assert_eq!(&first, b"HTTP/1.1 200");
     let waited = closed_after(&mut s, "idle keep-alive connection").await;
     assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{waited:?}");
+    // Each of those closes is counted once, under its reason; none of them is open any more.
+    let mut counted = Vec::new();
+    for (r, b) in reasons.iter().zip(&before) {
+        counted.push(timed_out(r).await - b);
+    }
+    assert_eq!(counted, [2, 1, 1], "timed-out connections by reason {reasons:?}");
+    assert_eq!(metric(admin, "tollgate_edge_connections_accepted_total").await - accepted_before, 4);
+    assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 0);
 
     // Header limits: 431 as a problem document, metered (ids checked against events below).
     let many: String = (0..60).map(|i| format!("x-h{i}: v\r\n")).collect();
