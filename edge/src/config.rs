@@ -195,6 +195,8 @@ struct RawEdge {
     connect_timeout_ms: u64,
     #[serde(default = "default_header_read_timeout_ms")]
     header_read_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout_ms")]
+    idle_timeout_ms: u64,
     #[serde(default = "default_max_headers")]
     max_headers: usize,
     #[serde(default = "default_max_header_bytes")]
@@ -226,6 +228,7 @@ impl Default for RawEdge {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
             max_headers: default_max_headers(),
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
@@ -348,6 +351,10 @@ fn default_shutdown_grace_ms() -> u64 {
 fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
+fn default_idle_timeout_ms() -> u64 {
+    // nginx's former `http2_idle_timeout`.
+    180_000
+}
 fn default_max_headers() -> usize {
     // Below the parser's own default (100), which then needs no per-request buffer
     // (see `hygiene::parser_max_headers`).
@@ -391,6 +398,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// A client must send the whole request head within this time, or is disconnected.
     pub header_read_timeout: Duration,
+    /// A connection on which no request has started for this long is closed gracefully
+    /// (HTTP/2's idle connections; HTTP/1.1's are closed by `header_read_timeout` first).
+    pub idle_timeout: Duration,
     /// More header fields than this: 431.
     pub max_headers: usize,
     /// A request head larger than this: 431.
@@ -657,6 +667,9 @@ fn validate(
         return Err(err("edge.header_read_timeout_ms".into(), "must be at least 1".into()));
     }
     let header_read_timeout = Duration::from_millis(raw.edge.header_read_timeout_ms);
+    if raw.edge.idle_timeout_ms == 0 {
+        return Err(err("edge.idle_timeout_ms".into(), "must be at least 1".into()));
+    }
     if !(1..=1000).contains(&raw.edge.max_headers) {
         return Err(err("edge.max_headers".into(), "must be between 1 and 1000".into()));
     }
@@ -932,6 +945,7 @@ fn validate(
         shutdown_grace: Duration::from_millis(raw.edge.shutdown_grace_ms),
         connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
         header_read_timeout,
+        idle_timeout: Duration::from_millis(raw.edge.idle_timeout_ms),
         max_headers: raw.edge.max_headers,
         max_header_bytes: raw.edge.max_header_bytes,
         max_body_bytes: raw.edge.max_body_bytes,
@@ -1216,6 +1230,11 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         }
         let env = [("TOLLGATE_EDGE_EDGE__LISTEN".to_owned(), "nope".to_owned())].into();
         assert!(Config::parse(BASE, &env).unwrap_err().to_string().contains("edge.listen"));
+        let edge = |line: &str| Config::parse(&format!("[edge]\n{line}\n{BASE}"), &BTreeMap::new());
+        assert_eq!(edge("").unwrap().idle_timeout, Duration::from_secs(180));
+        assert_eq!(edge("idle_timeout_ms = 2500").unwrap().idle_timeout, Duration::from_millis(2500));
+        let msg = edge("idle_timeout_ms = 0").unwrap_err().to_string();
+        assert!(msg.contains("edge.idle_timeout_ms") && msg.contains("at least 1"), "{msg}");
     }
 
     #[test]

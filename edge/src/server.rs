@@ -7,12 +7,11 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -138,6 +137,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     // connection pools, so a request never crosses threads (docs/benchmarks.md).
     let http = HttpSettings {
         header_read_timeout: cfg.header_read_timeout,
+        idle_timeout: cfg.idle_timeout,
         // hyper's parser is the backstop; the configured limits are checked (and metered) by
         // the hygiene layer.
         max_headers: crate::hygiene::parser_max_headers(cfg.max_headers),
@@ -238,6 +238,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
 #[derive(Debug, Clone)]
 struct HttpSettings {
     header_read_timeout: Duration,
+    idle_timeout: Duration,
     /// The parser's field limit; `None`: hyper's default.
     max_headers: Option<usize>,
     max_buf_size: usize,
@@ -270,7 +271,9 @@ async fn accept_loop(
     if let Some(n) = http.max_headers {
         builder.http1().max_headers(n);
     }
-    let graceful = GracefulShutdown::new();
+    // Each connection's task holds a sender: the drain is over when the last one is dropped.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let told_to_stop = stop.clone();
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -286,17 +289,17 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 gw.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let open = OpenConnection::new(&gw.metrics);
+                let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone());
                 match gw.runtime().tls.clone() {
                     None => {
                         let peer = crate::Peer::new(peer);
                         let stream = FirstBytes::new(stream, http.header_read_timeout);
-                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, graceful.watcher(), open));
+                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, life));
                     }
                     Some(tls) => {
                         // The handshake runs in the connection's task, within the time a client
                         // has for its request head.
-                        let (builder, gw, watcher) = (builder.clone(), Arc::clone(&gw), graceful.watcher());
+                        let (builder, gw) = (builder.clone(), Arc::clone(&gw));
                         let deadline = http.header_read_timeout;
                         tokio::spawn(async move {
                             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
@@ -313,7 +316,7 @@ async fn accept_loop(
                             };
                             let peer = crate::Peer { tls: true, ..crate::Peer::new(peer) };
                             let stream = FirstBytes::new(stream, deadline);
-                            serve_connection(&builder, stream, gw, peer, watcher, open).await;
+                            serve_connection(&builder, stream, gw, peer, life).await;
                         });
                     }
                 }
@@ -321,8 +324,9 @@ async fn accept_loop(
         }
     }
     drop(listener);
+    drop(alive);
     tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("worker: all connections closed"),
+        _ = all_closed.recv() => tracing::debug!("worker: all connections closed"),
         () = tokio::time::sleep(http.grace) => {
             gw.metrics.grace_over.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("shutdown grace over; closing remaining connections (their calls are metered as edge_shutdown)");
@@ -330,20 +334,33 @@ async fn accept_loop(
     }
 }
 
-/// A connection on the traffic port, counted in `tollgate_edge_connections_open` from its
-/// accept until its task ends (however it ends).
-struct OpenConnection(Arc<Metrics>);
+/// A connection on the traffic port from its accept until its task ends (however it ends):
+/// counted in `tollgate_edge_connections_open`, waited for by the worker's drain, and closed
+/// gracefully when the worker stops accepting or when no request has started on it for
+/// `edge.idle_timeout_ms`.
+struct ConnLife {
+    metrics: Arc<Metrics>,
+    /// Turns true when the worker stops accepting.
+    stop: tokio::sync::watch::Receiver<bool>,
+    idle_timeout: Duration,
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
 
-impl OpenConnection {
-    fn new(metrics: &Arc<Metrics>) -> Self {
-        metrics.connections_open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(Arc::clone(metrics))
+impl ConnLife {
+    fn new(
+        metrics: &Arc<Metrics>,
+        stop: tokio::sync::watch::Receiver<bool>,
+        idle_timeout: Duration,
+        alive: tokio::sync::mpsc::Sender<()>,
+    ) -> Self {
+        metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self { metrics: Arc::clone(metrics), stop, idle_timeout, _alive: alive }
     }
 }
 
-impl Drop for OpenConnection {
+impl Drop for ConnLife {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -361,39 +378,72 @@ fn timed_out(e: &(dyn std::error::Error + 'static), served: bool) -> Option<Conn
     None
 }
 
-/// One client connection (plain or TLS) served by the gateway, HTTP/1.1 or HTTP/2, watched
-/// for graceful shutdown.
+/// One client connection (plain or TLS) served by the gateway, HTTP/1.1 or HTTP/2, until the
+/// client closes it, a timeout cuts it, or it is closed gracefully (in-flight requests
+/// finish): at shutdown, or once idle for `edge.idle_timeout_ms`.
 fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     gw: Arc<Gateway>,
     peer: crate::Peer,
-    watcher: hyper_util::server::graceful::Watcher,
-    open: OpenConnection,
+    life: ConnLife,
 ) -> impl Future<Output = ()> + Send + use<I>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let addr = peer.addr;
-    // Set once a request head was read (a plain store: only this connection's task writes it).
-    let served = Arc::new(AtomicBool::new(false));
+    // Requests started on this connection (load and store: only this connection's task
+    // writes it, so no read-modify-write is needed).
+    let requests = Arc::new(AtomicU64::new(0));
     let svc = hyper::service::service_fn({
-        let served = Arc::clone(&served);
+        let requests = Arc::clone(&requests);
         move |req| {
-            served.store(true, Ordering::Relaxed);
+            requests.store(requests.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
             let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
             async move { Ok::<_, std::convert::Infallible>(fut.await) }
         }
     });
-    let conn = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
     async move {
-        if let Err(e) = conn.await {
-            if let Some(reason) = timed_out(&*e, served.load(Ordering::Relaxed)) {
-                open.0.connections_timed_out[reason as usize].fetch_add(1, Ordering::Relaxed);
+        let mut life = life;
+        let mut conn = std::pin::pin!(conn);
+        // Idleness is checked every quarter of the timeout: a connection is closed after
+        // between 1 and 1.25 times `idle_timeout` without a new request.
+        let step = (life.idle_timeout / 4).max(Duration::from_millis(1));
+        let idle_check = tokio::time::sleep(step);
+        let mut idle_check = std::pin::pin!(idle_check);
+        let (mut seen, mut quiet_since) = (0, tokio::time::Instant::now());
+        let mut closing = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => break r,
+                _ = life.stop.wait_for(|s| *s), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                () = idle_check.as_mut(), if !closing => {
+                    let now = tokio::time::Instant::now();
+                    let n = requests.load(Ordering::Relaxed);
+                    if n != seen {
+                        (seen, quiet_since) = (n, now);
+                    }
+                    if now.duration_since(quiet_since) >= life.idle_timeout {
+                        closing = true;
+                        life.metrics.connections_timed_out[ConnTimeout::Idle as usize].fetch_add(1, Ordering::Relaxed);
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        idle_check.as_mut().reset(now + step);
+                    }
+                }
+            }
+        };
+        if let Err(e) = result {
+            if let Some(reason) = timed_out(&*e, requests.load(Ordering::Relaxed) > 0) {
+                life.metrics.connections_timed_out[reason as usize].fetch_add(1, Ordering::Relaxed);
             }
             tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
         }
-        drop(open);
     }
 }
 
@@ -465,6 +515,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     (
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout
+                            || next.idle_timeout != current.idle_timeout
                             || next.max_headers != current.max_headers
                             || next.max_header_bytes != current.max_header_bytes
                             || next.max_body_bytes != current.max_body_bytes

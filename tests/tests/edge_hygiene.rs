@@ -7,6 +7,7 @@
 //! most the one request the client sent.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -249,5 +250,103 @@ async fn smuggling_limits_and_header_hygiene() {
         assert_eq!((e.status, e.outcome), (431, tollgate_schemas::Outcome::BadRequest));
     }
     assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
+
+/// An HTTP/2 connection (h2c) to the edge: the sender and a flag that turns true once the
+/// edge has closed the connection.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> (hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>, Arc<std::sync::atomic::AtomicBool>)
+{
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&closed);
+    tokio::spawn(async move {
+        let _ = conn.await;
+        flag.store(true, Ordering::SeqCst);
+    });
+    (sender, closed)
+}
+
+async fn h2_get(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> u16 {
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header("x-api-key", KEY)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+    status
+}
+
+/// Waits until `closed` turns true (at most 5 s): how long that took.
+async fn until_closed(closed: &std::sync::atomic::AtomicBool, what: &str) -> Duration {
+    let t = Instant::now();
+    while !closed.load(Ordering::SeqCst) {
+        assert!(t.elapsed() < Duration::from_secs(5), "{what}: still open after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_gracefully_after_idle_timeout() {
+    let dir = TempDir::new("e2e_idle");
+    let topic = unique("idle");
+    create_topic(&topic, 1).await;
+    let (upstream, _echo) = start_echo().await;
+    // The header timeout (10 s) is far above the idle timeout: what closes these connections
+    // is `idle_timeout_ms`.
+    let cfg = config(&topic, upstream)
+        .replace("header_read_timeout_ms = 500", "header_read_timeout_ms = 10000\nidle_timeout_ms = 1000");
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let idle = || metric(admin, "tollgate_edge_connections_timed_out_total{reason=\"idle\"}");
+
+    // An HTTP/2 connection used every 250 ms for 2.5 s stays open: each request restarts the
+    // idle time.
+    let (mut busy, busy_closed) = h2c(addr).await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(h2_get(&mut busy, addr, "/echo/busy").await, 200);
+        assert!(!busy_closed.load(Ordering::SeqCst), "closed while in use after {:?}", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(idle().await, 0);
+    // Left alone, it is closed 1 to 1.25 s after its last request.
+    let waited = until_closed(&busy_closed, "idle HTTP/2 connection").await;
+    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(idle().await, 1);
+
+    // Closed gracefully: a request still waiting for its upstream (2.5 s) when the connection's
+    // idle time runs out is answered before the connection closes.
+    let (mut slow, slow_closed) = h2c(addr).await;
+    let t = Instant::now();
+    assert_eq!(h2_get(&mut slow, addr, "/echo/slow?delay_ms=2500").await, 200);
+    assert!(t.elapsed() >= Duration::from_millis(2500));
+    until_closed(&slow_closed, "HTTP/2 connection after its slow request").await;
+    assert_eq!(idle().await, 2);
+    // The edge said GOAWAY, so no new stream is accepted on it.
+    assert!(
+        slow.send_request(http::Request::get(format!("http://{addr}/echo/x")).body(Default::default()).unwrap())
+            .await
+            .is_err()
+    );
+
+    // HTTP/1.1 keep-alive connections too, when the header timeout is the longer one.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET /echo/h1 HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let waited = closed_after(&mut s, "idle HTTP/1.1 connection").await;
+    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(3), "{waited:?}");
+    assert_eq!(idle().await, 3);
+    assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 0);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
