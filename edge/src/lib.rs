@@ -123,21 +123,47 @@ impl CallInfo {
 }
 
 /// A connection's TCP peer, with its address as text made once per connection (for the
-/// event and `X-Forwarded-For`), not once per request.
+/// event and `X-Forwarded-For`), not once per request. Shared by the connection's requests
+/// (one reference count per request, as a `HeaderValue` clone would be).
 #[derive(Debug, Clone)]
-pub struct Peer {
+pub struct Peer(Arc<PeerInfo>);
+
+#[derive(Debug)]
+pub struct PeerInfo {
     pub addr: SocketAddr,
     pub ip_text: http::HeaderValue,
     /// The connection is HTTPS (the edge terminated TLS).
     pub tls: bool,
+    /// Requests started on the connection (its idle timer and timeout reasons read it).
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, tls: bool) -> Self {
         let text = forwarded::ip_text(addr.ip());
         let ip_text = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
             .unwrap_or_else(|_| http::HeaderValue::from_static(""));
-        Self { addr, ip_text, tls: false }
+        Self(Arc::new(PeerInfo { addr, ip_text, tls, requests: std::sync::atomic::AtomicU64::new(0) }))
+    }
+
+    /// Counts a request started on the connection. A load and a store, not a read-modify-write:
+    /// only the connection's task writes it.
+    fn request_started(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.requests.store(self.0.requests.load(Relaxed) + 1, Relaxed);
+    }
+
+    /// Requests started on the connection so far.
+    pub fn requests(&self) -> u64 {
+        self.0.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl std::ops::Deref for Peer {
+    type Target = PeerInfo;
+
+    fn deref(&self) -> &PeerInfo {
+        &self.0
     }
 }
 
@@ -155,6 +181,7 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
 /// and the monthly quota; forwarding. Every answer — refusals included — goes back through
 /// metering, which emits the call's event when the response body ends.
 pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body::Incoming>) -> Response {
+    peer.request_started();
     let call = metering::Call::begin(gw, &peer, &req);
     // One await point (with a disabled span when telemetry is off): each await of the request
     // path is a slot in the connection's future, moved on every request.
@@ -228,7 +255,7 @@ mod tests {
 
     #[test]
     fn peer_text_is_the_address_without_port() {
-        assert_eq!(Peer::new("192.0.2.7:4000".parse().unwrap()).ip_text, "192.0.2.7");
-        assert_eq!(Peer::new("[2001:db8::7]:4000".parse().unwrap()).ip_text, "2001:db8::7");
+        assert_eq!(Peer::new("192.0.2.7:4000".parse().unwrap(), false).ip_text, "192.0.2.7");
+        assert_eq!(Peer::new("[2001:db8::7]:4000".parse().unwrap(), false).ip_text, "2001:db8::7");
     }
 }

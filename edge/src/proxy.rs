@@ -398,7 +398,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_replaces_untrusted_claims_and_extends_trusted_chains() {
-        let peer = crate::Peer::new("10.0.0.7:5000".parse().unwrap());
+        let peer = crate::Peer::new("10.0.0.7:5000".parse().unwrap(), false);
         let mut h = HeaderMap::new();
         assert_eq!(forwarded_for(&h, &peer, 0).unwrap(), "10.0.0.7");
         assert_eq!(forwarded_for(&h, &peer, 1).unwrap(), "10.0.0.7");
@@ -407,7 +407,7 @@ mod tests {
         assert_eq!(forwarded_for(&h, &peer, 1).unwrap(), "6.6.6.6, 203.0.113.9, 10.0.0.7");
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.2"));
         assert_eq!(forwarded_for(&h, &peer, 2).unwrap(), "6.6.6.6, 203.0.113.9, 198.51.100.2, 10.0.0.7");
-        let v6 = crate::Peer::new("[2001:db8::1]:443".parse().unwrap());
+        let v6 = crate::Peer::new("[2001:db8::1]:443".parse().unwrap(), false);
         assert_eq!(forwarded_for(&HeaderMap::new(), &v6, 0).unwrap(), "2001:db8::1");
     }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -292,7 +292,7 @@ async fn accept_loop(
                 let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone());
                 match gw.runtime().tls.clone() {
                     None => {
-                        let peer = crate::Peer::new(peer);
+                        let peer = crate::Peer::new(peer, false);
                         let stream = FirstBytes::new(stream, http.header_read_timeout);
                         tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, life));
                     }
@@ -314,7 +314,7 @@ async fn accept_loop(
                                     return;
                                 }
                             };
-                            let peer = crate::Peer { tls: true, ..crate::Peer::new(peer) };
+                            let peer = crate::Peer::new(peer, true);
                             let stream = FirstBytes::new(stream, deadline);
                             serve_connection(&builder, stream, gw, peer, life).await;
                         });
@@ -392,16 +392,11 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let addr = peer.addr;
-    // Requests started on this connection (load and store: only this connection's task
-    // writes it, so no read-modify-write is needed).
-    let requests = Arc::new(AtomicU64::new(0));
-    let svc = hyper::service::service_fn({
-        let requests = Arc::clone(&requests);
-        move |req| {
-            requests.store(requests.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
-            async move { Ok::<_, std::convert::Infallible>(fut.await) }
-        }
+    // Counts the requests started on the connection (`handle`).
+    let requests = peer.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let fut = crate::handle(Arc::clone(&gw), peer.clone(), req);
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned();
     async move {
@@ -424,7 +419,7 @@ where
                 }
                 () = idle_check.as_mut(), if !closing => {
                     let now = tokio::time::Instant::now();
-                    let n = requests.load(Ordering::Relaxed);
+                    let n = requests.requests();
                     if n != seen {
                         (seen, quiet_since) = (n, now);
                     }
@@ -439,7 +434,7 @@ where
             }
         };
         if let Err(e) = result {
-            if let Some(reason) = timed_out(&*e, requests.load(Ordering::Relaxed) > 0) {
+            if let Some(reason) = timed_out(&*e, requests.requests() > 0) {
                 life.metrics.connections_timed_out[reason as usize].fetch_add(1, Ordering::Relaxed);
             }
             tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
