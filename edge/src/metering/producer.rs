@@ -418,7 +418,86 @@ async fn send_replayed(producer: &KafkaProducer, spool: &Spool, topic: &str, rec
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The scale-out contract (docs/ARCHITECTURE.md): an aggregator replica owns whole
+    /// consumers, so all the events of one key — and all the unauthenticated calls, whose key
+    /// is empty — go to one partition. Produced through the edge's own producer to librdkafka's
+    /// mock cluster with 4 partitions, then read back by partition.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_key_and_all_anonymous_events_land_in_one_partition() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+        mock.create_topic("calls", 4, 1).unwrap();
+        let dir = std::env::temp_dir().join(format!("tollgate-partitions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spool = Spool::open(&spool::SpoolConfig {
+            dir: dir.clone(),
+            max_bytes: 64 << 20,
+            fsync: spool::FsyncPolicy::Always,
+        })
+        .unwrap();
+        let metrics = Arc::new(Metrics::new(["r"], 1));
+        let cfg = crate::config::KafkaConfig {
+            enabled: true,
+            brokers: mock.bootstrap_servers(),
+            topic: "calls".into(),
+            queue_capacity: 1000,
+            message_timeout: Duration::from_secs(30),
+            quota_topic: String::new(),
+            properties: Default::default(),
+        };
+        let (tx, task) = start(&cfg, spool, Arc::clone(&metrics), Duration::from_secs(5)).unwrap();
+        let keys = ["", "acme", "globex", "initech", "umbrella", "hooli"];
+        let n = 120;
+        for i in 0..n {
+            let key = keys[i % keys.len()];
+            let event =
+                EncodedEvent { key: (!key.is_empty()).then(|| Arc::from(key)), payload: i.to_string().into_bytes() };
+            tx.send(event).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while metrics.events_produced.load(Ordering::Relaxed) < n as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {} produced",
+                metrics.events_produced.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(tx);
+        task.close().await.unwrap();
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", "partition-check")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for p in 0..4 {
+            assignment.add_partition_offset("calls", p, rdkafka::Offset::Beginning).unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut partitions: std::collections::BTreeMap<String, std::collections::BTreeSet<i32>> = Default::default();
+        let mut read = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while read < n && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                partitions.entry(key).or_default().insert(m.partition());
+                read += 1;
+            }
+        }
+        assert_eq!(read, n, "events read back");
+        for key in keys {
+            assert_eq!(partitions[key].len(), 1, "key {key:?} spread over partitions {:?}", partitions[key]);
+        }
+        let used: std::collections::BTreeSet<i32> = partitions.values().flatten().copied().collect();
+        assert!(used.len() > 1, "the keys should spread over the partitions: {partitions:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_topic_missing_from_the_answer_or_unknown_to_it_sends_events_to_the_spool() {
