@@ -116,7 +116,8 @@ echo "== draft invoices of this month (tollgate-billing invoice --period $(date 
 echo "(JSON: --format json; a printable page per consumer: --format html > invoices.html)"
 echo
 echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0.0.1:9901/metrics),"
-echo "aggregator admin http://127.0.0.1:9902/metrics, SLO webhook receiver http://127.0.0.1:8082,"
+echo "ingest admin http://127.0.0.1:9903/metrics, aggregator admin http://127.0.0.1:9902/metrics,"
+echo "SLO webhook receiver http://127.0.0.1:8082,"
 echo "ClickHouse $CH (database tollgate),"
 echo "Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
 echo "Stop everything with: scripts/demo.sh stop"

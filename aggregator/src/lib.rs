@@ -11,7 +11,6 @@
 //! - [`slo`]: SLO burn rates over multiple windows, alerts to a webhook and `slo_alerts`;
 //! - [`pipeline`]: the loop tying them together.
 
-pub mod admin;
 pub mod config;
 pub mod histogram;
 pub mod metrics;

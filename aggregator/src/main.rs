@@ -119,11 +119,8 @@ fn main() -> ExitCode {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(tollgate_aggregator::metrics::Metrics::default());
     if let Some(addr) = cfg.admin_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("admin.listen {addr}: cannot listen: {e}"))?;
-        tracing::info!(%addr, "admin port listening");
-        tokio::spawn(tollgate_aggregator::admin::serve(listener, Arc::clone(&metrics)));
+        let listener = tollgate_common::admin::listen(addr).await.map_err(anyhow::Error::msg)?;
+        tokio::spawn(tollgate_common::admin::serve(listener, Arc::clone(&metrics)));
     }
     tollgate_aggregator::pipeline::run(cfg, metrics, tollgate_common::shutdown::signal()).await
 }

@@ -21,10 +21,12 @@ pub struct Metrics {
     pub webhook_rejected: AtomicU64,
     pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
+    /// Partitions of the events topic this replica holds now.
+    pub partitions_assigned: std::sync::Arc<AtomicI64>,
 }
 
-impl Metrics {
-    pub fn render(&self) -> String {
+impl tollgate_common::admin::Render for Metrics {
+    fn render(&self) -> String {
         let mut out = String::new();
         let counters = [
             ("tollgate_aggregator_events_total", "Events read from api-calls (duplicates included).", &self.events),
@@ -100,6 +102,11 @@ impl Metrics {
                 &self.clock_seconds,
             ),
             ("tollgate_aggregator_open_minutes", "Minutes with events not yet written.", &self.open_minutes),
+            (
+                "tollgate_aggregator_partitions_assigned",
+                "Partitions of the events topic this replica holds now.",
+                &*self.partitions_assigned,
+            ),
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));

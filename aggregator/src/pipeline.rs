@@ -17,10 +17,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
+use tollgate_common::kafka::GroupConsumer;
 use tollgate_common::kafka::{StallWatch, Stalled};
 use tollgate_schemas::Decoder;
 
@@ -49,7 +50,10 @@ fn now_us() -> u64 {
 /// The group consumer (static membership). Offsets are stored by the reader once the minutes
 /// before them are written, and committed by librdkafka every `kafka.commit_interval_ms` and
 /// at shutdown.
-fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+fn consumer(
+    cfg: &KafkaConfig,
+    assigned: &Arc<std::sync::atomic::AtomicI64>,
+) -> Result<GroupConsumer, rdkafka::error::KafkaError> {
     tollgate_common::kafka::group_consumer(&tollgate_common::kafka::GroupMember {
         brokers: &cfg.brokers,
         topic: &cfg.topic,
@@ -57,6 +61,7 @@ fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaEr
         instance_id: &cfg.instance_id,
         commit_interval: cfg.commit_interval,
         properties: &cfg.properties,
+        assigned,
     })
 }
 
@@ -139,7 +144,7 @@ async fn start(
             }
         }
     }
-    let consumer = Arc::new(consumer(&cfg.kafka)?);
+    let consumer = Arc::new(consumer(&cfg.kafka, &metrics.partitions_assigned)?);
     let client = tollgate_schemas::store::client(&cfg.clickhouse);
     let w = &cfg.windows;
     let tracker =
@@ -182,7 +187,7 @@ async fn start(
 struct Reader {
     cfg: Config,
     metrics: Arc<Metrics>,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GroupConsumer>,
     client: clickhouse::Client,
     tracker: Tracker,
     quotas: Quotas,

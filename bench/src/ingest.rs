@@ -11,7 +11,6 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use tollgate_ingest::sink::{self, RawRow};
@@ -96,7 +95,7 @@ async fn consume_only(broker: &str, topic: &str, n: usize) -> f64 {
         stall_timeout: None,
         properties: Default::default(),
     };
-    let c: StreamConsumer = tollgate_ingest::source::consumer(&cfg).unwrap();
+    let c = tollgate_ingest::source::consumer(&cfg, &Default::default()).unwrap();
     let first = c.recv().await.unwrap();
     let mut bytes = first.payload().map_or(0, <[u8]>::len);
     drop(first);

@@ -2,10 +2,39 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::{ClientConfig, ClientContext};
+
+/// A pipeline stage's group consumer.
+pub type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// Logs each rebalance (which partitions came and went) and keeps the number of partitions
+/// the member holds in a gauge, so an operator sees how the replicas share the topic.
+#[derive(Debug, Clone, Default)]
+pub struct GroupContext {
+    /// Partitions assigned to this member now.
+    pub assigned: Arc<AtomicI64>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let list = |tpl: &rdkafka::TopicPartitionList| -> Vec<i32> {
+            tpl.elements().iter().map(rdkafka::topic_partition_list::TopicPartitionListElem::partition).collect()
+        };
+        let held = consumer.assignment().map(|tpl| list(&tpl)).unwrap_or_default();
+        self.assigned.store(held.len() as i64, Ordering::Relaxed);
+        match rebalance {
+            Rebalance::Assign(tpl) => tracing::info!(assigned = ?list(tpl), held = ?held, "partitions assigned"),
+            Rebalance::Revoke(tpl) => tracing::info!(revoked = ?list(tpl), held = ?held, "partitions revoked"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, held = ?held, "rebalance failed"),
+        }
+    }
+}
 
 /// Where and how a stage reads its topic.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +49,8 @@ pub struct GroupMember<'a> {
     pub commit_interval: Duration,
     /// Extra librdkafka properties, applied last.
     pub properties: &'a BTreeMap<String, String>,
+    /// Set to the number of partitions the member holds after each rebalance.
+    pub assigned: &'a Arc<AtomicI64>,
 }
 
 /// The group session timeout: Kafka's default since 3.0, and what static membership wants.
@@ -35,7 +66,7 @@ pub const SESSION_TIMEOUT_MS: &str = "45000";
 /// A subscribed group consumer whose offsets are *stored by the stage* once what precedes
 /// them is durably written (`enable.auto.offset.store=false`) and committed by librdkafka in
 /// the background every `commit_interval`, and by the stage at shutdown.
-pub fn group_consumer(m: &GroupMember<'_>) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+pub fn group_consumer(m: &GroupMember<'_>) -> Result<GroupConsumer, rdkafka::error::KafkaError> {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", m.brokers)
         .set("group.id", m.group_id)
@@ -50,7 +81,7 @@ pub fn group_consumer(m: &GroupMember<'_>) -> Result<StreamConsumer, rdkafka::er
     for (k, v) in m.properties {
         cc.set(k, v);
     }
-    let consumer: StreamConsumer = cc.create()?;
+    let consumer: GroupConsumer = cc.create_with_context(GroupContext { assigned: Arc::clone(m.assigned) })?;
     consumer.subscribe(&[m.topic])?;
     Ok(consumer)
 }
@@ -118,7 +149,7 @@ impl Standing {
 
 /// Reads `consumer`'s [`Standing`] on `topic` from the broker. Blocking (metadata, watermarks
 /// and committed offsets are requests): call it from a blocking thread.
-pub fn standing(consumer: &StreamConsumer, topic: &str, timeout: Duration) -> rdkafka::error::KafkaResult<Standing> {
+pub fn standing(consumer: &GroupConsumer, topic: &str, timeout: Duration) -> rdkafka::error::KafkaResult<Standing> {
     use rdkafka::{Offset, TopicPartitionList};
     let offset = |o: Offset| match o {
         Offset::Offset(n) => Some(n),
@@ -188,7 +219,7 @@ impl StallWatch {
 
     /// Why `consumer` is stalled, if it is. Asks the broker (in a blocking thread) only once
     /// nothing has arrived for the timeout.
-    pub async fn check(&mut self, consumer: &Arc<StreamConsumer>) -> Option<String> {
+    pub async fn check(&mut self, consumer: &Arc<GroupConsumer>) -> Option<String> {
         let t = self.timeout.filter(|&t| self.last_progress.elapsed() >= t)?;
         let (c, topic) = (Arc::clone(consumer), self.topic.clone());
         let standing = tokio::task::spawn_blocking(move || standing(&c, &topic, Duration::from_secs(5))).await;
@@ -247,7 +278,7 @@ where
 
 /// Closes a consumer (which waits for the broker) off the runtime, giving up after 10 s: a
 /// stalled one may never manage.
-pub async fn close(consumer: Arc<StreamConsumer>) {
+pub async fn close(consumer: Arc<GroupConsumer>) {
     let close = tokio::task::spawn_blocking(move || drop(consumer));
     if tokio::time::timeout(Duration::from_secs(10), close).await.is_err() {
         tracing::warn!("the consumer did not close within 10 s; going on without it");

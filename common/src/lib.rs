@@ -7,8 +7,11 @@
 //! - [`shutdown`]: SIGTERM/SIGINT as a future;
 //! - [`backoff`]: capped exponential backoff for retries;
 //! - [`time`]: UTC minutes, months and RFC 3339 timestamps on Unix seconds;
-//! - [`tls`] (feature `tls`): the rustls client configuration of outgoing HTTPS.
+//! - [`tls`] (feature `tls`): the rustls client configuration of outgoing HTTPS;
+//! - [`admin`] (feature `admin`): the `/healthz` and `/metrics` port of ingest and the aggregator.
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod backoff;
 pub mod config;
 pub mod kafka;

@@ -22,6 +22,15 @@ struct Raw {
     batch: RawBatch,
     #[serde(default)]
     retry: RawRetry,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    listen: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +123,8 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     pub batch: BatchConfig,
     pub retry: RetryConfig,
+    /// Where `/healthz` and `/metrics` listen (no admin port when unset).
+    pub admin_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -189,7 +200,12 @@ impl Config {
         if raw.retry.initial_backoff_ms == 0 || raw.retry.max_backoff_ms < raw.retry.initial_backoff_ms {
             return Err(invalid("retry.max_backoff_ms", "must be >= retry.initial_backoff_ms >= 1"));
         }
+        let admin_listen = match raw.admin.listen {
+            None => None,
+            Some(s) => Some(s.parse().map_err(|_| invalid("admin.listen", "must be an address like 127.0.0.1:9182"))?),
+        };
         Ok(Config {
+            admin_listen,
             kafka: KafkaConfig {
                 brokers: raw.kafka.brokers,
                 topic: raw.kafka.topic,
@@ -229,6 +245,9 @@ mod tests {
         let off =
             Config::parse(&MINIMAL.replace("[clickhouse]", "stall_timeout_ms = 0\n[clickhouse]"), &BTreeMap::new());
         assert_eq!(off.unwrap().kafka.stall_timeout, None);
+        assert_eq!(c.admin_listen, None);
+        let admin = Config::parse(&format!("{MINIMAL}[admin]\nlisten = \"127.0.0.1:9182\"\n"), &BTreeMap::new());
+        assert_eq!(admin.unwrap().admin_listen, Some("127.0.0.1:9182".parse().unwrap()));
     }
 
     #[test]
@@ -238,6 +257,7 @@ mod tests {
             ("[batch]\nmax_wait_ms = 0\n", "batch.max_wait_ms"),
             ("[retry]\ninitial_backoff_ms = 10\nmax_backoff_ms = 5\n", "retry.max_backoff_ms"),
             ("[batch]\nmax_rowz = 1\n", "max_rowz"),
+            ("[admin]\nlisten = \"9182\"\n", "admin.listen"),
         ];
         for (extra, key) in cases {
             let err = Config::parse(&format!("{MINIMAL}{extra}"), &BTreeMap::new()).unwrap_err().to_string();

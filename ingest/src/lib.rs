@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod dlq;
+pub mod metrics;
 pub mod pipeline;
 pub mod sink;
 pub mod source;

@@ -48,7 +48,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Run { .. } => tollgate_ingest::run(cfg, tollgate_common::shutdown::signal()).await,
+            Command::Run { .. } => {
+                let metrics = std::sync::Arc::new(tollgate_ingest::metrics::Metrics::default());
+                if let Some(addr) = cfg.admin_listen {
+                    let listener = tollgate_common::admin::listen(addr).await.map_err(anyhow::Error::msg)?;
+                    tokio::spawn(tollgate_common::admin::serve(listener, std::sync::Arc::clone(&metrics)));
+                }
+                tollgate_ingest::run(cfg, metrics, tollgate_common::shutdown::signal()).await
+            }
             Command::Migrate { .. } => {
                 tollgate_ingest::sink::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from)
             }

@@ -3,23 +3,25 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use tokio::sync::{mpsc, watch};
 use tollgate_common::backoff::Backoff;
-use tollgate_common::kafka::{StallWatch, Stalled};
+use tollgate_common::kafka::{GroupConsumer, StallWatch, Stalled};
 use tollgate_schemas::Decoder;
 
 use crate::config::Config;
 use crate::dlq::{self, Dlq};
+use crate::metrics::Metrics;
 use crate::sink;
 use crate::source::{self, Batch, Decoded};
 
 /// Runs until `shutdown` completes, then finishes the pending batch (within
-/// `retry.shutdown_grace`), commits and returns.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+/// `retry.shutdown_grace`), commits and returns. Counts what it does in `metrics`.
+pub async fn run(cfg: Config, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     if cfg.clickhouse.migrate_on_start {
         let mut backoff = Backoff::new(cfg.retry.initial_backoff, cfg.retry.max_backoff);
         loop {
@@ -38,8 +40,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     let client = sink::client(&cfg.clickhouse);
     let (stop_tx, stop_rx) = watch::channel(false);
     tracing::info!(topic = %cfg.kafka.topic, group = %cfg.kafka.group_id, database = %cfg.clickhouse.database, "ingest started");
+    let mut first = true;
     let sessions = tollgate_common::kafka::restart_while_stalled(cfg.kafka.stall_timeout, |stall_timeout| {
-        session(&cfg, &client, &dlq, &decoder, stall_timeout, stop_rx.clone())
+        if !std::mem::take(&mut first) {
+            metrics.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        let io = Io { cfg: &cfg, client: &client, dlq: &dlq, decoder: &decoder, metrics: &metrics };
+        session(io, stall_timeout, stop_rx.clone())
     });
     tokio::pin!(sessions);
     tokio::select! {
@@ -51,23 +58,36 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send) -> anyh
     }
 }
 
+/// What every consumer's life works with.
+#[derive(Clone, Copy)]
+struct Io<'a> {
+    cfg: &'a Config,
+    client: &'a clickhouse::Client,
+    dlq: &'a Dlq,
+    decoder: &'a Decoder,
+    metrics: &'a Arc<Metrics>,
+}
+
 /// One consumer's life: a reader cutting batches and a writer inserting them, until shutdown
 /// (`None`) or a stall; then the pending batch is written (or left for redelivery at shutdown)
 /// and the stored offsets are committed.
 async fn session(
-    cfg: &Config,
-    client: &clickhouse::Client,
-    dlq: &Dlq,
-    decoder: &Decoder,
+    io: Io<'_>,
     stall_timeout: Option<Duration>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Stalled>> {
-    let consumer = Arc::new(source::consumer(&cfg.kafka)?);
+    let consumer = Arc::new(source::consumer(&io.cfg.kafka, &io.metrics.partitions_assigned)?);
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
-    let writer =
-        tokio::spawn(write_batches(cfg.clone(), client.clone(), Arc::clone(&consumer), batch_rx, stop_rx.clone()));
+    let writer = tokio::spawn(write_batches(
+        io.cfg.clone(),
+        io.client.clone(),
+        Arc::clone(&consumer),
+        batch_rx,
+        stop_rx.clone(),
+        Arc::clone(io.metrics),
+    ));
     // The reader hands its last batch over and drops the sender: the writer then ends.
-    let ended = read_batches(cfg, &consumer, dlq, decoder, batch_tx, stall_timeout, stop_rx).await;
+    let ended = read_batches(io, &consumer, batch_tx, stall_timeout, stop_rx).await;
     writer.await??;
     let ended = ended?;
     let c = Arc::clone(&consumer);
@@ -81,14 +101,13 @@ async fn session(
 }
 
 async fn read_batches(
-    cfg: &Config,
-    consumer: &Arc<StreamConsumer>,
-    dlq: &Dlq,
-    decoder: &Decoder,
+    io: Io<'_>,
+    consumer: &Arc<GroupConsumer>,
     batch_tx: mpsc::Sender<Batch>,
     stall_timeout: Option<Duration>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Stalled>> {
+    let Io { cfg, dlq, decoder, metrics, .. } = io;
     let mut batch = Batch::default();
     let max_rows = cfg.batch.max_rows.get();
     // The watchdog: when nothing has arrived for `stall_timeout`, ask the broker whether there
@@ -127,15 +146,20 @@ async fn read_batches(
                     Ok(msg) => {
                         watchdog.progressed();
                         read_any = true;
+                        metrics.messages.fetch_add(1, Ordering::Relaxed);
                         let (partition, offset) = (msg.partition(), msg.offset());
                         match source::decode(decoder, &msg) {
-                            Decoded::Row(row) => batch.rows.push(*row),
+                            Decoded::Row(row) => {
+                                batch.rows.push(*row);
+                                metrics.pending_rows.fetch_add(1, Ordering::Relaxed);
+                            }
                             Decoded::Poison(error) => {
                                 let src = dlq::Source { topic: msg.topic(), partition, offset };
                                 if !dead_letter(cfg, dlq, &msg, &error, src, &mut stop).await {
                                     return Ok(None);
                                 }
                                 batch.dead_lettered += 1;
+                                metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                         batch.track(partition, offset);
@@ -200,9 +224,10 @@ async fn dead_letter(
 async fn write_batches(
     cfg: Config,
     client: clickhouse::Client,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<GroupConsumer>,
     mut batches: mpsc::Receiver<Batch>,
     stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut backoff = Backoff::new(cfg.retry.initial_backoff, cfg.retry.max_backoff);
     while let Some(batch) = batches.recv().await {
@@ -212,9 +237,15 @@ async fn write_batches(
             match sink::insert(&client, &batch.rows).await {
                 Ok(()) => {
                     backoff.reset();
+                    let rows = batch.rows.len() as u64;
+                    metrics.rows_written.fetch_add(rows, Ordering::Relaxed);
+                    metrics.batches_written.fetch_add(1, Ordering::Relaxed);
+                    metrics.pending_rows.fetch_sub(rows as i64, Ordering::Relaxed);
+                    metrics.last_write_seconds.store(unix_now(), Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
+                    metrics.insert_failures.fetch_add(1, Ordering::Relaxed);
                     if *stop.borrow() {
                         let deadline = *stop_deadline
                             .get_or_insert_with(|| tokio::time::Instant::now() + cfg.retry.shutdown_grace);
@@ -246,4 +277,8 @@ async fn write_batches(
         );
     }
     Ok(())
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tollgate_common::kafka::GroupConsumer;
 use tollgate_schemas::Decoder;
 
 use crate::config::KafkaConfig;
@@ -15,7 +15,10 @@ use crate::sink::RawRow;
 /// subscribes it. Offsets are stored by the pipeline after a
 /// batch is written (`enable.auto.offset.store=false`) and committed by librdkafka's
 /// background auto-commit, and synchronously at shutdown.
-pub fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+pub fn consumer(
+    cfg: &KafkaConfig,
+    assigned: &std::sync::Arc<std::sync::atomic::AtomicI64>,
+) -> Result<GroupConsumer, rdkafka::error::KafkaError> {
     tollgate_common::kafka::group_consumer(&tollgate_common::kafka::GroupMember {
         brokers: &cfg.brokers,
         topic: &cfg.topic,
@@ -23,6 +26,7 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<StreamConsumer, rdkafka::error::Kaf
         instance_id: &cfg.instance_id,
         commit_interval: std::time::Duration::from_secs(1),
         properties: &cfg.properties,
+        assigned,
     })
 }
 

@@ -282,6 +282,13 @@ pub fn ingest_config_on(brokers: &str, topic: &str, database: &str, group: &str,
     )
 }
 
+/// `config` (of ingest or the aggregator) with an admin port on a free local port, and that
+/// port's address.
+pub fn with_admin(config: &str) -> (String, std::net::SocketAddr) {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (format!("{config}\n[admin]\nlisten = \"{addr}\"\n"), addr)
+}
+
 /// Starts `tollgate-ingest run` with `config` (TOML text).
 pub fn start_ingest(dir: &Path, name: &str, config: &str) -> Proc {
     let cfg = dir.join(format!("{name}.toml"));

@@ -163,6 +163,7 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     let agg1 = start_aggregator(dir.path(), "agg1-restarted", &agg1_config);
     wait_complete(&db1, events.len() as u64, &[&agg1, &ingest1]).await;
     let admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    assert_eq!(metric(admin, "tollgate_aggregator_partitions_assigned").await, PARTITIONS as u64);
     let (written, recomputed) = (
         metric(admin, "tollgate_aggregator_minutes_written_total").await,
         metric(admin, "tollgate_aggregator_minutes_recomputed_total").await,
@@ -221,13 +222,19 @@ async fn kill9_catch_up_equals_replay_equals_two_instances_equals_sql() {
     assert_eq!(replay, sql, "from-scratch replay vs direct SQL");
     assert_eq!(two_instances, sql, "two instances in one group vs direct SQL");
     // Both instances did work: each owns some partitions, and together they read every event.
-    let mut read = 0;
+    let (mut read, mut held) = (0, 0);
     for (p, port) in two.iter().zip(ports) {
-        let events = metric(format!("127.0.0.1:{port}").parse().unwrap(), "tollgate_aggregator_events_total").await;
+        let admin = format!("127.0.0.1:{port}").parse().unwrap();
+        let events = metric(admin, "tollgate_aggregator_events_total").await;
         assert!(events > 0, "{} read nothing\n{}", p.name, p.log_tail());
         read += events;
+        let partitions = metric(admin, "tollgate_aggregator_partitions_assigned").await;
+        assert!(partitions > 0, "{} holds no partition\n{}", p.name, p.log_tail());
+        held += partitions;
+        assert!(std::fs::read_to_string(&p.log).unwrap().contains("partitions assigned"), "{}", p.log_tail());
     }
     assert!(read >= distinct, "{read} events read by the two instances, {distinct} distinct");
+    assert_eq!(held, PARTITIONS as u64, "the two instances share the topic's partitions");
 
     // The usage CLI: counts equal the raw table's; percentiles within 1/128 above the exact
     // nearest-rank percentiles of the raw latencies.

@@ -96,9 +96,30 @@ async fn poison_messages_go_to_the_dlq_and_the_partition_keeps_flowing() {
     let p = producer();
     produce_all(&p, &topic, &items).await;
 
-    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &group, &url));
+    let (cfg, admin) = with_admin(&ingest_config(&topic, &db, &group, &url));
+    let started = now_us() / 1_000_000;
+    let mut ingest = start_ingest(dir.path(), "ingest", &cfg);
     let done = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 10 }).await;
     assert!(done, "good messages not ingested:\n{}", ingest.log_tail());
+    // The admin port counts what happened: 13 messages, 10 rows, 3 dead letters.
+    let written = wait_until(Duration::from_secs(5), || async {
+        metric(admin, "tollgate_ingest_rows_written_total").await == 10
+    })
+    .await;
+    assert!(written, "{}", metrics_text(admin).await);
+    for (name, value) in [
+        ("tollgate_ingest_messages_total", 13),
+        ("tollgate_ingest_dead_lettered_total", 3),
+        ("tollgate_ingest_pending_rows", 0),
+        ("tollgate_ingest_insert_failures_total", 0),
+        ("tollgate_ingest_consumer_restarts_total", 0),
+        ("tollgate_ingest_partitions_assigned", 1),
+    ] {
+        assert_eq!(metric(admin, name).await, value, "{name}");
+    }
+    let last = metric(admin, "tollgate_ingest_last_write_seconds").await as i64;
+    assert!(last >= started && last <= now_us() / 1_000_000, "{last}");
+    assert_eq!(try_get(&format!("http://{admin}/healthz")).await.unwrap(), (200, "ok\n".to_owned()));
 
     // The DLQ holds the three poison messages, payload intact, with the error and source.
     let consumer: StreamConsumer = ClientConfig::new()
@@ -162,7 +183,8 @@ async fn clickhouse_down_then_up_all_events_arrive_once() {
     create_topic(&topic, 2).await;
     let p = producer();
     produce_all(&p, &topic, &encoded_events(5_000, &["a", "b"])).await;
-    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &group, &url));
+    let (cfg, admin) = with_admin(&ingest_config(&topic, &db, &group, &url));
+    let mut ingest = start_ingest(dir.path(), "ingest", &cfg);
     let first = wait_until(Duration::from_secs(60), || async { count_final(&url, &db).await >= 5_000 }).await;
     assert!(first, "first half not ingested:\n{}", ingest.log_tail());
 
@@ -187,6 +209,14 @@ async fn clickhouse_down_then_up_all_events_arrive_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(count_final(&url, &db).await, 10_000);
     assert_eq!(ch_u64(&url, &format!("SELECT uniqExact(event_id) FROM {db}.api_calls")).await, 10_000);
+    // The failed inserts are counted; every message was read once and every row written (a
+    // row may be written twice if ClickHouse took an insert that then failed for ingest).
+    assert!(metric(admin, "tollgate_ingest_insert_failures_total").await >= 1);
+    assert_eq!(metric(admin, "tollgate_ingest_messages_total").await, 10_000);
+    assert_eq!(metric(admin, "tollgate_ingest_consumer_restarts_total").await, 0);
+    assert!(metric(admin, "tollgate_ingest_rows_written_total").await >= 10_000);
+    assert_eq!(metric(admin, "tollgate_ingest_pending_rows").await, 0);
+    assert_eq!(metric(admin, "tollgate_ingest_partitions_assigned").await, 2);
     assert!(ingest.terminate(Duration::from_secs(15)));
 }
 
@@ -218,6 +248,7 @@ async fn a_stuck_rebalance_is_noticed_and_the_consumer_rebuilt() {
     let cfg = ingest_config_on(&brokers, &topic, &db, &group, &url)
         .replace("instance_id = ", "stall_timeout_ms = 2000\ninstance_id = ")
         + MOCK_GROUP_SESSION;
+    let (cfg, admin) = with_admin(&cfg);
     let mut ingest = start_ingest(dir.path(), "ingest", &cfg);
     let noticed = wait_until(Duration::from_secs(60), || async {
         std::fs::read_to_string(&ingest.log).unwrap_or_default().contains("Kafka consumer stalled")
@@ -227,6 +258,12 @@ async fn a_stuck_rebalance_is_noticed_and_the_consumer_rebuilt() {
     assert_eq!(count_final(&url, &db).await, 0, "nothing can have been read without an assignment");
     let log = std::fs::read_to_string(&ingest.log).unwrap();
     assert!(log.contains("no partition assigned while partition"), "{log}");
+    let rebuilt = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_ingest_consumer_restarts_total").await >= 1
+    })
+    .await;
+    assert!(rebuilt, "{}", metrics_text(admin).await);
+    assert_eq!(metric(admin, "tollgate_ingest_partitions_assigned").await, 0);
 
     // The coordinator behaves again: the rebuilt consumer gets the partitions.
     mock.clear_request_errors(RDKafkaApiKey::SyncGroup);
