@@ -28,6 +28,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Validate a config file and exit (0 when valid, 2 with the error naming the key).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Print calls, errors and P50/P95/P99 latency per consumer over a window, from the
     /// merged per-minute histograms.
     Usage {
@@ -64,7 +69,10 @@ fn main() -> ExitCode {
         _ => tollgate_common::logging::init(),
     }
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Migrate { config } | Command::Usage { config, .. } => config,
+        Command::Run { config }
+        | Command::Migrate { config }
+        | Command::CheckConfig { config }
+        | Command::Usage { config, .. } => config,
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
@@ -73,6 +81,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::CheckConfig { .. }) {
+        println!("{}: ok ({} SLO objectives)", config_path.display(), cfg.slo.objectives.len());
+        return ExitCode::SUCCESS;
+    }
     let filter = match &cli.command {
         Command::Usage { consumer, route, from, to, .. } => match window(from.as_deref(), to.as_deref()) {
             Ok((from, to)) => Some(UsageFilter { consumer: consumer.clone(), route: route.clone(), from, to }),
@@ -93,7 +105,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Run { .. } => run(cfg).await,
-            Command::Migrate { .. } => {
+            Command::Migrate { .. } | Command::CheckConfig { .. } => {
                 tollgate_schemas::store::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from)
             }
             Command::Usage { format, .. } => {

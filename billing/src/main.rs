@@ -44,6 +44,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Validate a config file and exit (0 when valid, 2 with the error naming the key).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -57,7 +62,10 @@ fn main() -> ExitCode {
     tollgate_common::logging::init_cli();
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Invoice { config, .. } | Command::Close { config, .. } | Command::Migrate { config } => config,
+        Command::Invoice { config, .. }
+        | Command::Close { config, .. }
+        | Command::Migrate { config }
+        | Command::CheckConfig { config } => config,
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
@@ -66,6 +74,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::CheckConfig { .. }) {
+        println!("{}: ok", config_path.display());
+        return ExitCode::SUCCESS;
+    }
     let period = match &cli.command {
         Command::Invoice { period, .. } | Command::Close { period, .. } => match Period::parse(period) {
             Some(p) => Some(p),
@@ -74,7 +86,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Migrate { .. } => None,
+        Command::Migrate { .. } | Command::CheckConfig { .. } => None,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

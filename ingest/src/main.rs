@@ -24,13 +24,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Validate a config file and exit (0 when valid, 2 with the error naming the key).
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     tollgate_common::logging::init();
     let cli = Cli::parse();
     let config_path = match &cli.command {
-        Command::Run { config } | Command::Migrate { config } => config,
+        Command::Run { config } | Command::Migrate { config } | Command::CheckConfig { config } => config,
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
@@ -39,6 +44,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::CheckConfig { .. }) {
+        println!("{}: ok", config_path.display());
+        return std::process::ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -56,7 +65,7 @@ fn main() -> std::process::ExitCode {
                 }
                 tollgate_ingest::run(cfg, metrics, tollgate_common::shutdown::signal()).await
             }
-            Command::Migrate { .. } => {
+            Command::Migrate { .. } | Command::CheckConfig { .. } => {
                 tollgate_ingest::sink::prepare(&cfg.clickhouse).await.map_err(anyhow::Error::from)
             }
         }
