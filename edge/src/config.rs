@@ -212,11 +212,21 @@ struct RawEdge {
     #[serde(default)]
     tls_key_file: Option<String>,
     #[serde(default)]
+    tls_certificates: Vec<RawTlsCertificate>,
+    #[serde(default)]
     http_redirect_listen: Option<String>,
     #[serde(default)]
     https_public_port: Option<u16>,
     #[serde(default)]
     worker_threads: Option<usize>,
+}
+
+/// `[[edge.tls_certificates]]`: a certificate chosen by the name the client asks for (SNI).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTlsCertificate {
+    cert_file: String,
+    key_file: String,
 }
 
 impl Default for RawEdge {
@@ -236,6 +246,7 @@ impl Default for RawEdge {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_certificates: Vec::new(),
             http_redirect_listen: None,
             https_public_port: None,
             worker_threads: None,
@@ -875,15 +886,43 @@ fn validate(
         Some(f) => crate::tls::read_ca_file(&path(f), f).map_err(|e| err("edge.tls_ca_file".into(), e))?,
     };
 
-    let tls_files: Vec<PathBuf> =
-        [&raw.edge.tls_cert_file, &raw.edge.tls_key_file].into_iter().flatten().map(|f| path(f)).collect();
+    let extra = &raw.edge.tls_certificates;
+    let tls_files: Vec<PathBuf> = [&raw.edge.tls_cert_file, &raw.edge.tls_key_file]
+        .into_iter()
+        .flatten()
+        .chain(extra.iter().flat_map(|c| [&c.cert_file, &c.key_file]))
+        .map(|f| path(f))
+        .collect();
     let tls_server = match (&raw.edge.tls_cert_file, &raw.edge.tls_key_file) {
-        (None, None) => None,
+        (None, None) if extra.is_empty() => None,
+        (None, None) => {
+            return Err(err(
+                "edge.tls_certificates".into(),
+                "needs edge.tls_cert_file and edge.tls_key_file (the default certificate)".into(),
+            ));
+        }
         (Some(_), None) => return Err(err("edge.tls_key_file".into(), "must be set with edge.tls_cert_file".into())),
         (None, Some(_)) => return Err(err("edge.tls_cert_file".into(), "must be set with edge.tls_key_file".into())),
-        (Some(c), Some(k)) => Some(crate::tls::server_config((&path(c), c), (&path(k), k)).map_err(|(which, e)| {
-            err(if which == 0 { "edge.tls_cert_file" } else { "edge.tls_key_file" }.into(), e)
-        })?),
+        (Some(c), Some(k)) => {
+            let default = crate::tls::certified_key((&path(c), c), (&path(k), k)).map_err(|(which, e)| {
+                err(if which == 0 { "edge.tls_cert_file" } else { "edge.tls_key_file" }.into(), e)
+            })?;
+            let mut others = Vec::with_capacity(extra.len());
+            for (i, t) in extra.iter().enumerate() {
+                let key =
+                    crate::tls::certified_key((&path(&t.cert_file), &t.cert_file), (&path(&t.key_file), &t.key_file))
+                        .map_err(|(which, e)| {
+                        err(
+                            format!("edge.tls_certificates[{i}].{}", if which == 0 { "cert_file" } else { "key_file" }),
+                            e,
+                        )
+                    })?;
+                others.push((key, t.cert_file.clone()));
+            }
+            let resolver = crate::tls::SniResolver::new(default, &others)
+                .map_err(|(i, e)| err(format!("edge.tls_certificates[{i}].cert_file"), e))?;
+            Some(crate::tls::server_config(resolver).map_err(|e| err("edge.tls_cert_file".into(), e))?)
+        }
     };
 
     let http_redirect = match (&raw.edge.http_redirect_listen, raw.edge.https_public_port) {
@@ -1264,6 +1303,41 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         ] {
             let msg = with(cert, key).unwrap_err().to_string();
             assert!(msg.contains(names) && msg.contains(says), "{cert} + {key}: {msg}");
+        }
+    }
+
+    #[test]
+    fn sni_certificates_need_the_default_one_and_errors_name_their_entry() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
+        let file = |f: &str| dir.join(f).display().to_string();
+        let default =
+            format!("tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", file("server.pem"), file("server.key.pem"));
+        let entry = |cert: &str, key: &str| {
+            format!("[[edge.tls_certificates]]\ncert_file = \"{}\"\nkey_file = \"{}\"\n", file(cert), file(key))
+        };
+        let with =
+            |edge: &str, entries: &str| Config::parse(&format!("[edge]\n{edge}{BASE}\n{entries}"), &BTreeMap::new());
+        let ok = with(&default, &(entry("api.pem", "api.key.pem") + &entry("wild.pem", "wild.key.pem"))).unwrap();
+        assert!(ok.tls_server.is_some());
+        assert_eq!(ok.tls_files.len(), 6, "every certificate and key file is watched for reloads");
+        for (edge, entries, names, says) in [
+            ("", entry("api.pem", "api.key.pem"), "edge.tls_certificates", "needs edge.tls_cert_file"),
+            (&default[..], entry("api.pem", "wild.key.pem"), "edge.tls_certificates[0].key_file", "is not the key"),
+            (
+                &default[..],
+                entry("api.pem", "api.key.pem") + &entry("missing.pem", "api.key.pem"),
+                "edge.tls_certificates[1].cert_file",
+                "cannot read",
+            ),
+            (
+                &default[..],
+                entry("api.pem", "api.key.pem") + &entry("iponly.pem", "iponly.key.pem"),
+                "edge.tls_certificates[1].cert_file",
+                "no DNS host",
+            ),
+        ] {
+            let msg = with(edge, &entries).unwrap_err().to_string();
+            assert!(msg.contains(names) && msg.contains(says), "{entries}: {msg}");
         }
     }
 

@@ -25,6 +25,17 @@ async fn tls_connect(
     roots: &str,
     h2: bool,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    tls_connect_as(addr, "localhost", roots, h2).await
+}
+
+/// [`tls_connect`] asking for `name` (SNI, and the name the certificate is checked against;
+/// an IP address sends no SNI).
+async fn tls_connect_as(
+    addr: std::net::SocketAddr,
+    name: &str,
+    roots: &str,
+    h2: bool,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut store = rustls::RootCertStore::empty();
     for cert in tollgate_common::tls::read_pem_certs(&std::fs::read(tls_file(roots)).unwrap()).unwrap() {
         store.add(cert).unwrap();
@@ -37,7 +48,7 @@ async fn tls_connect(
         .with_no_client_auth();
     config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())
 }
 
@@ -247,4 +258,76 @@ async fn the_plain_http_port_redirects_to_https() {
     assert_eq!(status, 200);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     drop(edge);
+}
+
+/// `[[edge.tls_certificates]]`: the edge serves the certificate for the name the client asks
+/// for (SNI) — exact, then one-label wildcard, else the default — and requests go through on
+/// each. The names are resolved to 127.0.0.1 by the client itself (it connects to `addr` and
+/// asks for the name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate_for_the_name_asked() {
+    let dir = TempDir::new("e2e_edge_sni");
+    let topic = unique("edge_sni");
+    create_topic(&topic, 1).await;
+    let upstream = serve_http(|req: http::Request<hyper::body::Incoming>| async move {
+        let host = req.headers().get("x-forwarded-host").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        http::Response::new(Full::new(Bytes::from(serde_json::json!({ "host": host }).to_string())))
+    })
+    .await;
+    let mut cfg = config(&topic, upstream, &tls_file("server.pem"), &tls_file("server.key.pem"));
+    for name in ["api", "wild"] {
+        cfg.push_str(&format!(
+            "[[edge.tls_certificates]]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            tls_file(&format!("{name}.pem")).display(),
+            tls_file(&format!("{name}.key.pem")).display()
+        ));
+    }
+    let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let leaf =
+        |file: &str| tollgate_common::tls::read_pem_certs(&std::fs::read(tls_file(file)).unwrap()).unwrap()[0].clone();
+    for (asked, roots, served) in [
+        ("api.example.test", "sni-ca.pem", "api.pem"),
+        ("API.Example.TEST", "sni-ca.pem", "api.pem"),
+        ("shop.eu.example.test", "sni-ca.pem", "wild.pem"),
+        ("localhost", "ca.pem", "server.pem"),
+        // No SNI (an IP address): the default certificate.
+        ("127.0.0.1", "ca.pem", "server.pem"),
+    ] {
+        for h2 in [false, true] {
+            let tls = tls_connect_as(addr, asked, roots, h2).await.unwrap_or_else(|e| panic!("{asked}: {e}"));
+            let got = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+            assert!(got == leaf(served), "{asked}: not the certificate of {served}");
+            // And a request goes through on it.
+            let io = TokioIo::new(tls);
+            let req = http::Request::get(format!("https://{asked}/app/x"))
+                .header("x-api-key", "key-acme")
+                .header(http::header::HOST, asked)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = if h2 {
+                let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+                tokio::spawn(conn);
+                let mut req = req;
+                req.headers_mut().remove(http::header::HOST);
+                send.send_request(req).await.unwrap()
+            } else {
+                let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                send.send_request(req).await.unwrap()
+            };
+            assert_eq!(resp.status(), 200, "{asked}");
+            let body: serde_json::Value =
+                serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            assert_eq!(body["host"].as_str().map(str::to_ascii_lowercase), Some(asked.to_ascii_lowercase()));
+        }
+    }
+    // A name no certificate covers (a wildcard covers one label only) gets the default one,
+    // which the client then refuses for that name.
+    for asked in ["other.example.test", "a.b.eu.example.test"] {
+        let refused = tls_connect_as(addr, asked, "sni-ca.pem", false).await.unwrap_err();
+        assert!(refused.to_lowercase().contains("certificate"), "{asked}: {refused}");
+        let tls = tls_connect_as(addr, "localhost", "ca.pem", false).await.unwrap();
+        assert!(tls.get_ref().1.peer_certificates().unwrap()[0] == leaf("server.pem"));
+    }
+    assert!(edge.terminate(Duration::from_secs(15)));
 }
