@@ -364,7 +364,10 @@ mod tests {
         assert!((o.budget() - 0.005).abs() < 1e-12);
         assert_eq!((o.route.as_deref(), o.per_consumer, o.min_requests), (Some("echo"), true, 10));
         assert_eq!(o.rules, crate::slo::config::default_rules());
+        // The rules' windows; the 30-day budget period is only evaluated for objectives over
+        // all calls, and this one is per consumer.
         assert_eq!(c.slo.windows(), vec![5, 30, 60, 360, 4320]);
+        assert_eq!(c.slo.windows_for(false), Vec::<u32>::new());
         assert_eq!(c.slo.stale_after_s, 600);
         let hook = c.slo.webhook.as_ref().unwrap();
         assert_eq!((hook.url.to_string().as_str(), hook.timeout.as_millis()), ("https://alerts.example/hook", 5000));
@@ -421,8 +424,24 @@ mod tests {
         };
         assert_eq!(c.slo.objectives[0].rules, vec![rule("page", 60, 5, 10.0)]);
         assert_eq!(c.slo.objectives[1].rules, vec![rule("ticket", 1440, 120, 1.0)]);
-        // The windows of every objective's rules are computed.
-        assert_eq!(c.slo.windows(), vec![5, 60, 120, 1440]);
+        // The windows of every objective's rules are computed, and the budget period's.
+        assert_eq!(c.slo.windows(), vec![5, 60, 120, 1440, 43200]);
+        let off = Config::parse(
+            &format!(
+                "{MINIMAL}[slo]\nbudget_period_days = 7\n[[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99.9\n"
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(off.slo.windows(), vec![5, 30, 60, 360, 4320, 7 * 1440]);
+        let off = Config::parse(
+            &format!(
+                "{MINIMAL}[slo]\nbudget_period_days = 0\n[[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99.9\n"
+            ),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(off.slo.windows(), vec![5, 30, 60, 360, 4320], "0: no budget period");
         let bad = format!(
             "{MINIMAL}[[slo.objectives]]\nid = \"a\"\nkind = \"availability\"\nobjective_percent = 99\n\
              [[slo.objectives.rules]]\nseverity = \"page\"\nlong_window_minutes = 60\nshort_window_minutes = 60\nburn_rate = 1\n"
@@ -481,6 +500,7 @@ mod tests {
                 "slo.webhook_headers.bad name",
             ),
             ("[slo]\nstale_after_s = 0\n", "slo.stale_after_s"),
+            ("[slo]\nbudget_period_days = 32\n", "slo.budget_period_days"),
             ("[slo]\nwebhook_url = \"http://x\"\nwebhook_format = \"teams\"\n", "slo.webhook_format"),
             ("[slo]\nwebhook_format = \"slack\"\n", "slo.webhook_format"),
             ("[slo]\nwebhook_url = \"http://x\"\nwebhook_format = \"pagerduty\"\n", "slo.pagerduty_routing_key"),

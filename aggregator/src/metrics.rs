@@ -23,6 +23,9 @@ pub struct Metrics {
     pub open_minutes: AtomicI64,
     /// Partitions of the events topic this replica holds now.
     pub partitions_assigned: std::sync::Arc<AtomicI64>,
+    /// Per objective (not per consumer): the share of the error budget left over the budget
+    /// period, from the last evaluation.
+    pub slo_budget_remaining: std::sync::Mutex<Vec<(String, f64)>>,
 }
 
 impl tollgate_common::admin::Render for Metrics {
@@ -110,6 +113,17 @@ impl tollgate_common::admin::Render for Metrics {
         ];
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        let budgets = self.slo_budget_remaining.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !budgets.is_empty() {
+            let name = "tollgate_aggregator_slo_budget_remaining";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Share of each SLO's error budget left over slo.budget_period_days (1: untouched, 0: spent, below 0: overspent), from the last evaluation; objectives over all calls only.\n# TYPE {name} gauge"
+            );
+            for (slo, left) in budgets.iter() {
+                let _ = writeln!(out, "{name}{{slo=\"{slo}\"}} {left:.6}");
+            }
         }
         out
     }

@@ -232,7 +232,8 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
         ),
     )
     .await;
-    let want: String = [1, 10]
+    // Its windows: the rules' 1 and 10 minutes and the 30-day budget period (every event).
+    let want: String = [1, 10, 43_200]
         .iter()
         .map(|&m| {
             let (c, b) = expected(&events.lock().unwrap(), fired_end, m);
@@ -240,6 +241,27 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
         })
         .collect();
     assert_eq!(burn, want);
+    // The budget left over the period is exported, from an evaluation's period window: overspent
+    // here (the bursts' bad calls are far beyond 1 % of all calls).
+    let text = metrics_text(std::net::SocketAddr::from(([127, 0, 0, 1], admin))).await;
+    let left: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_aggregator_slo_budget_remaining{slo=\"api\"} "))
+        .unwrap_or_else(|| panic!("no budget metric:\n{text}"))
+        .parse()
+        .unwrap();
+    let rows = ch(
+        &clickhouse(),
+        &format!(
+            "SELECT 1 - burn_rate FROM {db}.slo_burn_rate FINAL WHERE slo_id = 'api' AND consumer_id = '' \
+             AND window_minutes = 43200 FORMAT TSV"
+        ),
+    )
+    .await;
+    assert!(left < 0.0, "{left}");
+    assert!(rows.lines().any(|r| (r.parse::<f64>().unwrap() - left).abs() < 1e-5), "{left} not in {rows}");
+    // Per-consumer objectives have no such gauge (one series per consumer would be unbounded).
+    assert!(!text.contains("slo_budget_remaining{slo=\"lat\"}"), "{text}");
 
     // The slow consumer's latency alert fires (all its calls are slow); acme's never does.
     let slow = wait_for(&hook, SLOW, 1, Duration::from_secs(60)).await;
@@ -459,15 +481,17 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
     )
     .await;
     let objectives = &cfg.slo.objectives;
-    let windows = cfg.slo.windows();
-    assert_eq!(windows, vec![5, 60, 90, 300]);
+    // The budget period (30 days) is evaluated for the objective over all calls only.
+    assert_eq!(cfg.slo.windows_for(false), vec![5, 60, 90, 300, 43_200]);
+    assert_eq!(cfg.slo.windows_for(true), vec![5, 60, 90, 300]);
     let mut evaluator = tollgate_aggregator::slo::Evaluator::new(std::sync::Arc::clone(&cfg.slo), client.clone());
 
     // What the evaluator wrote to slo_burn_rate for `at`, against one full read per window.
     let check = |at: i64| {
-        let (url, db, windows) = (url.clone(), db.clone(), windows.clone());
+        let (url, db, slo) = (url.clone(), db.clone(), std::sync::Arc::clone(&cfg.slo));
         async move {
             for o in objectives {
+                let windows = slo.windows_for(o.per_consumer);
                 let got = ch(
                     &url,
                     &format!(

@@ -22,6 +22,8 @@ pub(crate) struct RawSlo {
     pagerduty_routing_key: Option<String>,
     #[serde(default = "default_stale_after_s")]
     stale_after_s: u32,
+    #[serde(default = "default_budget_period_days")]
+    budget_period_days: u32,
     #[serde(default)]
     objectives: Vec<RawObjective>,
     #[serde(default)]
@@ -38,6 +40,7 @@ impl Default for RawSlo {
             webhook_format: None,
             pagerduty_routing_key: None,
             stale_after_s: default_stale_after_s(),
+            budget_period_days: default_budget_period_days(),
             objectives: Vec::new(),
             rules: None,
         }
@@ -80,6 +83,9 @@ fn default_webhook_timeout_ms() -> u64 {
 fn default_stale_after_s() -> u32 {
     600
 }
+fn default_budget_period_days() -> u32 {
+    30
+}
 fn default_min_requests() -> u64 {
     10
 }
@@ -96,6 +102,10 @@ pub struct SloConfig {
     /// Windows ending longer ago than this are not evaluated (a catch-up or a replay from
     /// offset 0 does not alert on the past).
     pub stale_after_s: i64,
+    /// The error budget's period in minutes (`slo.budget_period_days`; 0: not computed): its
+    /// window is evaluated with the rules' windows, so `slo_burn_rate` holds the share of the
+    /// period's budget spent (1 − it is what is left).
+    pub budget_period_minutes: u32,
 }
 
 impl SloConfig {
@@ -109,10 +119,23 @@ impl SloConfig {
         self.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager)
     }
 
-    /// Every window length the objectives' rules use, ascending.
+    /// Every window length evaluated for objectives over all calls (`per_consumer` false) or
+    /// per consumer, ascending: the windows of those objectives' rules, and for objectives
+    /// over all calls the budget period. (Not per consumer: its hour cache would hold a
+    /// period's hours for every consumer.)
+    pub fn windows_for(&self, per_consumer: bool) -> Vec<u32> {
+        let mine = || self.objectives.iter().filter(move |o| o.per_consumer == per_consumer);
+        let mut set: BTreeSet<u32> =
+            mine().flat_map(|o| &o.rules).flat_map(|r| [r.long_minutes, r.short_minutes]).collect();
+        if !per_consumer && self.budget_period_minutes > 0 && mine().next().is_some() {
+            set.insert(self.budget_period_minutes);
+        }
+        set.into_iter().collect()
+    }
+
+    /// Every window length evaluated, ascending.
     pub fn windows(&self) -> Vec<u32> {
-        let set: BTreeSet<u32> =
-            self.objectives.iter().flat_map(|o| &o.rules).flat_map(|r| [r.long_minutes, r.short_minutes]).collect();
+        let set: BTreeSet<u32> = self.windows_for(false).into_iter().chain(self.windows_for(true)).collect();
         set.into_iter().collect()
     }
 }
@@ -340,7 +363,15 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
     if raw.stale_after_s == 0 {
         return err("slo.stale_after_s".into(), "must be at least 1");
     }
-    Ok(SloConfig { objectives, webhook, stale_after_s: i64::from(raw.stale_after_s) })
+    if raw.budget_period_days > MAX_WINDOW_MINUTES / (24 * 60) {
+        return err("slo.budget_period_days".into(), "must be between 0 (off) and 31");
+    }
+    Ok(SloConfig {
+        objectives,
+        webhook,
+        stale_after_s: i64::from(raw.stale_after_s),
+        budget_period_minutes: raw.budget_period_days * 24 * 60,
+    })
 }
 
 /// Validates a list of rules (`key`: where it is, e.g. `slo.rules`).

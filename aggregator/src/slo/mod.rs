@@ -430,11 +430,28 @@ fn notification(
 pub struct Evaluator {
     cfg: Arc<SloConfig>,
     client: Client,
-    windows: Vec<u32>,
+    /// The objectives over all calls, then those per consumer: each group with its windows,
+    /// its hour cache and the objectives' indexes in the configuration.
+    groups: [Group; 2],
     firing: HashMap<String, bool>,
     /// The alerts' latest notifications as loaded, for those the configuration dropped.
     loaded: Vec<StateRow>,
+}
+
+struct Group {
+    objectives: Vec<Objective>,
+    windows: Vec<u32>,
     cache: windows::Cache,
+}
+
+impl Group {
+    fn new(cfg: &SloConfig, per_consumer: bool) -> Self {
+        Self {
+            objectives: cfg.objectives.iter().filter(|o| o.per_consumer == per_consumer).cloned().collect(),
+            windows: cfg.windows_for(per_consumer),
+            cache: windows::Cache::default(),
+        }
+    }
 }
 
 /// What one evaluation decided.
@@ -445,17 +462,21 @@ pub struct Evaluation {
     /// The alerts that keep firing, when the webhook needs them repeated
     /// ([`SloConfig::repeats_firing`]; empty otherwise).
     pub still_firing: Vec<Notification>,
+    /// Per objective over all calls (not per consumer): the share of its error budget left
+    /// over the budget period (`slo.budget_period_days`), 1 − the period window's burn rate;
+    /// negative once overspent.
+    pub budget_remaining: Vec<(String, f64)>,
 }
 
 impl Evaluator {
     pub fn new(cfg: Arc<SloConfig>, client: Client) -> Self {
-        let windows = cfg.windows();
-        Self { cfg, client, windows, firing: HashMap::new(), loaded: Vec::new(), cache: windows::Cache::default() }
+        let groups = [Group::new(&cfg, false), Group::new(&cfg, true)];
+        Self { cfg, client, groups, firing: HashMap::new(), loaded: Vec::new() }
     }
 
     /// Whole hours read with `FINAL` so far (the rest came from the cache).
     pub fn hours_read(&self) -> u64 {
-        self.cache.hours_read
+        self.groups.iter().map(|g| g.cache.hours_read).sum()
     }
 
     /// Takes the alerts' states from `slo_alerts` (the latest notification of each). A firing
@@ -498,27 +519,39 @@ impl Evaluator {
         let mut still = Vec::new();
         let repeats = self.cfg.repeats_firing();
         let mut burn = Vec::new();
-        let all = self.cache.counts(&self.client, &self.cfg.objectives, &self.windows, end_s).await?;
-        for (o, mut counts) in self.cfg.objectives.iter().zip(all) {
-            if !o.per_consumer && counts.is_empty() {
-                counts.insert(String::new(), vec![Counts::default(); self.windows.len()]);
+        let mut budget_remaining = Vec::new();
+        for group in &mut self.groups {
+            if group.objectives.is_empty() {
+                continue;
             }
-            for (consumer, per) in &counts {
-                for (w, c) in self.windows.iter().zip(per) {
-                    burn.push(BurnRow {
-                        minute: u32::try_from(end_s).unwrap_or(0),
-                        slo_id: o.id.clone(),
-                        consumer_id: consumer.clone(),
-                        window_minutes: *w,
-                        total: c.total,
-                        bad: c.bad,
-                        burn_rate: c.burn_rate(o.budget()),
-                        evaluated_at_us: now_us,
-                    });
+            let windows = &group.windows;
+            let period = windows.iter().position(|&w| w == self.cfg.budget_period_minutes);
+            let all = group.cache.counts(&self.client, &group.objectives, windows, end_s).await?;
+            for (o, mut counts) in group.objectives.iter().zip(all) {
+                if !o.per_consumer && counts.is_empty() {
+                    counts.insert(String::new(), vec![Counts::default(); windows.len()]);
                 }
+                for (consumer, per) in &counts {
+                    for (w, c) in windows.iter().zip(per) {
+                        burn.push(BurnRow {
+                            minute: u32::try_from(end_s).unwrap_or(0),
+                            slo_id: o.id.clone(),
+                            consumer_id: consumer.clone(),
+                            window_minutes: *w,
+                            total: c.total,
+                            bad: c.bad,
+                            burn_rate: c.burn_rate(o.budget()),
+                            evaluated_at_us: now_us,
+                        });
+                    }
+                }
+                if let (false, Some(p)) = (o.per_consumer, period) {
+                    let spent = counts.get("").and_then(|per| per.get(p)).map_or(0.0, |c| c.burn_rate(o.budget()));
+                    budget_remaining.push((o.id.clone(), 1.0 - spent));
+                }
+                let still = repeats.then_some(&mut still);
+                notes.extend(decide(o, &o.rules, windows, &counts, &mut firing, end_s, still));
             }
-            let still = repeats.then_some(&mut still);
-            notes.extend(decide(o, &o.rules, &self.windows, &counts, &mut firing, end_s, still));
         }
         let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;
         for row in &burn {
@@ -527,7 +560,7 @@ impl Evaluator {
         insert.end().await?;
         self.firing = firing;
         self.loaded.clear();
-        Ok(Evaluation { changes: notes, still_firing: still })
+        Ok(Evaluation { changes: notes, still_firing: still, budget_remaining })
     }
 }
 
@@ -582,9 +615,11 @@ pub async fn run(
             continue;
         }
         match evaluator.evaluate(end, now_us()).await {
-            Ok(Evaluation { changes, still_firing }) => {
+            Ok(Evaluation { changes, still_firing, budget_remaining }) => {
                 last_end = end;
                 metrics.slo_evaluations.fetch_add(1, Ordering::Relaxed);
+                *metrics.slo_budget_remaining.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    budget_remaining;
                 let mut messages: Vec<Message> = changes
                     .into_iter()
                     .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
