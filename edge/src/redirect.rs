@@ -77,8 +77,7 @@ pub async fn serve(listener: TcpListener, https_port: u16, header_read_timeout: 
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed on edge.http_redirect_listen");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::server::accept_failed(&e, "edge.http_redirect_listen").await;
                 continue;
             }
         };

@@ -245,6 +245,13 @@ struct HttpSettings {
     grace: Duration,
 }
 
+/// After a failed accept (out of file descriptors and the like): logs it and backs off for a
+/// moment instead of spinning on the error.
+pub(crate) async fn accept_failed(e: &std::io::Error, listener: &str) {
+    tracing::warn!(error = %e, listener, "accept failed");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// A listener with SO_REUSEPORT (and SO_REUSEADDR), so every worker can bind the same port.
 pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
@@ -281,9 +288,7 @@ async fn accept_loop(
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors and similar: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        accept_failed(&e, "edge.listen").await;
                         continue;
                     }
                 };
