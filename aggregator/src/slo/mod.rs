@@ -430,8 +430,8 @@ fn notification(
 pub struct Evaluator {
     cfg: Arc<SloConfig>,
     client: Client,
-    /// The objectives over all calls, then those per consumer: each group with its windows,
-    /// its hour cache and the objectives' indexes in the configuration.
+    /// The objectives over all calls (their windows include the budget period), then those
+    /// per consumer: each group with its windows and its hour cache.
     groups: [Group; 2],
     firing: HashMap<String, bool>,
     /// The alerts' latest notifications as loaded, for those the configuration dropped.
