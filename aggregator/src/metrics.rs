@@ -95,9 +95,8 @@ impl tollgate_common::admin::Render for Metrics {
                 &self.webhook_rejected,
             ),
         ];
-        for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
-        }
+        let counters = counters.map(|(name, help, v)| (name, help, v.load(Ordering::Relaxed).to_string()));
+        tollgate_common::admin::write_family(&mut out, "counter", &counters);
         let gauges = [
             (
                 "tollgate_aggregator_clock_seconds",
@@ -111,9 +110,8 @@ impl tollgate_common::admin::Render for Metrics {
                 &*self.partitions_assigned,
             ),
         ];
-        for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", v.load(Ordering::Relaxed));
-        }
+        let gauges = gauges.map(|(name, help, v)| (name, help, v.load(Ordering::Relaxed).to_string()));
+        tollgate_common::admin::write_family(&mut out, "gauge", &gauges);
         let budgets = self.slo_budget_remaining.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !budgets.is_empty() {
             let name = "tollgate_aggregator_slo_budget_remaining";
