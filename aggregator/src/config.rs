@@ -369,8 +369,11 @@ mod tests {
         assert_eq!(c.slo.windows(), vec![5, 30, 60, 360, 4320]);
         assert_eq!(c.slo.windows_for(false), Vec::<u32>::new());
         assert_eq!(c.slo.stale_after_s, 600);
-        let hook = c.slo.webhook.as_ref().unwrap();
+        assert_eq!(c.slo.receivers.len(), 1);
+        let hook = &c.slo.receivers[0];
         assert_eq!((hook.url.to_string().as_str(), hook.timeout.as_millis()), ("https://alerts.example/hook", 5000));
+        // `slo.webhook_url` is one receiver, `webhook`, of every severity.
+        assert_eq!((hook.name.as_str(), hook.takes("page"), hook.takes("anything")), ("webhook", true, true));
         // The webhook's secret from the environment.
         let env = [
             ("TOLLGATE_AGGREGATOR_SLO__WEBHOOK_URL".to_owned(), "http://127.0.0.1:9/x".to_owned()),
@@ -378,7 +381,7 @@ mod tests {
         ]
         .into();
         let c = Config::parse(MINIMAL, &env).unwrap();
-        let hook = c.slo.webhook.as_ref().unwrap();
+        let hook = &c.slo.receivers[0];
         assert_eq!(hook.headers.len(), 1);
         assert_eq!(
             (hook.headers[0].0.as_str(), hook.headers[0].1.to_str().unwrap()),
@@ -394,14 +397,51 @@ mod tests {
             &env,
         )
         .unwrap();
-        let format = &c.slo.webhook.as_ref().unwrap().format;
+        let format = &c.slo.receivers[0].format;
         assert_eq!(format, &crate::slo::Format::PagerDuty { routing_key: "0123abcd".into() });
         let c = Config::parse(
             &format!("{MINIMAL}[slo]\nwebhook_url = \"http://127.0.0.1:9093/api/v2/alerts\"\nwebhook_format = \"alertmanager\"\n"),
             &BTreeMap::new(),
         )
         .unwrap();
-        assert_eq!(c.slo.webhook.as_ref().unwrap().format, crate::slo::Format::Alertmanager);
+        assert_eq!(c.slo.receivers[0].format, crate::slo::Format::Alertmanager);
+        assert!(c.slo.repeats_firing());
+    }
+
+    #[test]
+    fn slo_receivers_each_with_their_severities_and_secrets_from_the_environment() {
+        let env = [
+            ("TOLLGATE_AGGREGATOR_SLO__RECEIVERS__ONCALL__PAGERDUTY_ROUTING_KEY".to_owned(), "pd-key".to_owned()),
+            ("TOLLGATE_AGGREGATOR_SLO__RECEIVERS__CHAT__HEADERS__AUTHORIZATION".to_owned(), "Bearer t".to_owned()),
+        ]
+        .into();
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}[slo.receivers.oncall]\nurl = \"https://events.pagerduty.com/v2/enqueue\"\nformat = \"pagerduty\"\n\
+                 severities = [\"page\"]\n\
+                 [slo.receivers.chat]\nurl = \"https://hooks.example/T1\"\nformat = \"slack\"\ntimeout_ms = 1500\n"
+            ),
+            &env,
+        )
+        .unwrap();
+        let names: Vec<&str> = c.slo.receivers.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["chat", "oncall"]);
+        let (chat, oncall) = (&c.slo.receivers[0], &c.slo.receivers[1]);
+        assert_eq!(oncall.format, crate::slo::Format::PagerDuty { routing_key: "pd-key".into() });
+        assert!(oncall.takes("page") && !oncall.takes("ticket"));
+        assert_eq!((chat.format.clone(), chat.timeout.as_millis()), (crate::slo::Format::Slack, 1500));
+        assert!(chat.takes("page") && chat.takes("ticket"));
+        assert_eq!(chat.headers[0].1.to_str().unwrap(), "Bearer t");
+        assert!(!c.slo.repeats_firing());
+        // The PagerDuty receiver without its key names the variable that sets it.
+        let err = Config::parse(
+            &format!("{MINIMAL}[slo.receivers.oncall]\nurl = \"https://pd.example/\"\nformat = \"pagerduty\"\n"),
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("slo.receivers.oncall.pagerduty_routing_key"), "{err}");
+        assert!(err.contains("TOLLGATE_AGGREGATOR_SLO__RECEIVERS__ONCALL__PAGERDUTY_ROUTING_KEY"), "{err}");
     }
 
     #[test]
@@ -512,6 +552,17 @@ mod tests {
             ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"/nonexistent/ca.pem\"\n", "slo.webhook_ca_file"),
             ("[slo]\nwebhook_url = \"https://x\"\nwebhook_ca_file = \"Cargo.toml\"\n", "slo.webhook_ca_file"),
             ("[slo]\nrules = []\n", "slo.rules"),
+            ("[slo.receivers.a]\nurl = \"ftp://x\"\n", "slo.receivers.a.url"),
+            ("[slo.receivers.a]\nformat = \"slack\"\n", "slo.receivers.a"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\nformat = \"teams\"\n", "slo.receivers.a.format"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\ntimeout_ms = 0\n", "slo.receivers.a.timeout_ms"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\nheaders = { \"a b\" = \"v\" }\n", "slo.receivers.a.headers.a b"),
+            ("[slo.receivers.a]\nurl = \"https://x\"\nca_file = \"Cargo.toml\"\n", "slo.receivers.a.ca_file"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\nseverities = []\n", "slo.receivers.a.severities"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\nseverities = [\"pgae\"]\n", "slo.receivers.a.severities"),
+            ("[slo.receivers.a]\nurl = \"http://x\"\ncolour = \"red\"\n", "slo.receivers.a.colour"),
+            ("[slo.receivers.On-Call]\nurl = \"http://x\"\n", "slo.receivers.On-Call"),
+            ("[slo]\nwebhook_url = \"http://x\"\n[slo.receivers.a]\nurl = \"http://y\"\n", "slo.receivers.a"),
             (
                 "[[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 5\nshort_window_minutes = 5\nburn_rate = 2\n",
                 "slo.rules[0].short_window_minutes",

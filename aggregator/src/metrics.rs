@@ -17,8 +17,6 @@ pub struct Metrics {
     pub slo_evaluations: AtomicU64,
     pub alerts_fired: AtomicU64,
     pub alerts_resolved: AtomicU64,
-    pub webhook_failures: AtomicU64,
-    pub webhook_rejected: AtomicU64,
     pub clock_seconds: AtomicI64,
     pub open_minutes: AtomicI64,
     /// Partitions of the events topic this replica holds now.
@@ -26,6 +24,34 @@ pub struct Metrics {
     /// Per objective (not per consumer): the share of the error budget left over the budget
     /// period, from the last evaluation.
     pub slo_budget_remaining: std::sync::Mutex<Vec<(String, f64)>>,
+    /// Each alert receiver's deliveries, by its name (registered when the evaluator starts).
+    pub receivers: std::sync::Mutex<Vec<(String, std::sync::Arc<ReceiverStats>)>>,
+}
+
+/// One alert receiver's deliveries.
+#[derive(Debug, Default)]
+pub struct ReceiverStats {
+    /// Notifications it took (2xx), repeats to Alertmanager included.
+    pub delivered: AtomicU64,
+    /// Failed attempts (retried with backoff until delivered, unless rejected).
+    pub failures: AtomicU64,
+    /// Notifications it rejected for good (a 4xx other than 408, 425, 429): not retried.
+    pub rejected: AtomicU64,
+    /// Notifications waiting for it, the one being sent included.
+    pub queued: AtomicI64,
+}
+
+impl Metrics {
+    /// The counters of receiver `name`, registered for rendering.
+    pub fn receiver(&self, name: &str) -> std::sync::Arc<ReceiverStats> {
+        let mut all = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, s)) = all.iter().find(|(n, _)| n == name) {
+            return std::sync::Arc::clone(s);
+        }
+        let stats = std::sync::Arc::new(ReceiverStats::default());
+        all.push((name.to_owned(), std::sync::Arc::clone(&stats)));
+        stats
+    }
 }
 
 impl tollgate_common::admin::Render for Metrics {
@@ -76,23 +102,13 @@ impl tollgate_common::admin::Render for Metrics {
             ),
             (
                 "tollgate_aggregator_slo_alerts_fired_total",
-                "SLO alerts that started firing (delivered to the webhook and recorded in slo_alerts).",
+                "SLO alerts that started firing (handed to their receivers and recorded in slo_alerts).",
                 &self.alerts_fired,
             ),
             (
                 "tollgate_aggregator_slo_alerts_resolved_total",
-                "SLO alerts that stopped firing (delivered and recorded).",
+                "SLO alerts that stopped firing (handed to their receivers and recorded).",
                 &self.alerts_resolved,
-            ),
-            (
-                "tollgate_aggregator_slo_webhook_failures_total",
-                "Failed webhook deliveries (retried with backoff until delivered, unless rejected).",
-                &self.webhook_failures,
-            ),
-            (
-                "tollgate_aggregator_slo_webhook_rejected_total",
-                "Notifications the webhook rejected with a 4xx other than 408, 425 and 429 (not retried; recorded in slo_alerts with delivered = 0).",
-                &self.webhook_rejected,
             ),
         ];
         let counters = counters.map(|(name, help, v)| (name, help, v.load(Ordering::Relaxed).to_string()));
@@ -121,6 +137,41 @@ impl tollgate_common::admin::Render for Metrics {
             );
             for (slo, left) in budgets.iter() {
                 let _ = writeln!(out, "{name}{{slo=\"{slo}\"}} {left:.6}");
+            }
+        }
+        let receivers = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !receivers.is_empty() {
+            let families: [(&str, &str, &str, fn(&ReceiverStats) -> i64); 4] = [
+                (
+                    "tollgate_aggregator_slo_notifications_delivered_total",
+                    "counter",
+                    "Notifications each alert receiver took (2xx), repeats to Alertmanager included.",
+                    |s| s.delivered.load(Ordering::Relaxed) as i64,
+                ),
+                (
+                    "tollgate_aggregator_slo_webhook_failures_total",
+                    "counter",
+                    "Failed deliveries to each alert receiver (retried with backoff until delivered, unless rejected).",
+                    |s| s.failures.load(Ordering::Relaxed) as i64,
+                ),
+                (
+                    "tollgate_aggregator_slo_webhook_rejected_total",
+                    "counter",
+                    "Notifications each alert receiver rejected with a 4xx other than 408, 425 and 429 (not retried; recorded in slo_alerts with delivered = 0).",
+                    |s| s.rejected.load(Ordering::Relaxed) as i64,
+                ),
+                (
+                    "tollgate_aggregator_slo_notifications_queued",
+                    "gauge",
+                    "Notifications waiting for each alert receiver, the one being sent included (grows while a receiver is down).",
+                    |s| s.queued.load(Ordering::Relaxed),
+                ),
+            ];
+            for (name, kind, help, value) in families {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for (receiver, stats) in receivers.iter() {
+                    let _ = writeln!(out, "{name}{{receiver=\"{receiver}\"}} {}", value(stats));
+                }
             }
         }
         out

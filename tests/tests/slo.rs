@@ -118,7 +118,8 @@ fn encode(events: &[ApiCall]) -> Vec<(String, Vec<u8>)> {
 /// The webhook: answers the first `fail_first` deliveries `fail_status`, then 200; keeps what
 /// it accepted and what it refused.
 struct Hook {
-    fail_first: usize,
+    /// Set to 0 to make a failing webhook recover.
+    fail_first: AtomicUsize,
     fail_status: u16,
     attempts: AtomicUsize,
     accepted: Mutex<Vec<Value>>,
@@ -142,7 +143,7 @@ async fn start_hook(fail_first: usize, https: bool) -> (String, Arc<Hook>) {
 /// body, as receivers do).
 async fn start_hook_failing(fail_first: usize, status: u16, https: bool) -> (String, Arc<Hook>) {
     let hook = Arc::new(Hook {
-        fail_first,
+        fail_first: AtomicUsize::new(fail_first),
         fail_status: status,
         attempts: AtomicUsize::new(0),
         accepted: Mutex::new(Vec::new()),
@@ -155,7 +156,7 @@ async fn start_hook_failing(fail_first: usize, status: u16, https: bool) -> (Str
             let token = req.headers().get("authorization").map(|v| v.as_bytes().to_vec());
             let body = req.into_body().collect().await.unwrap().to_bytes();
             let body: Value = serde_json::from_slice(&body).unwrap();
-            let (status, reason) = if h.attempts.fetch_add(1, Ordering::SeqCst) < h.fail_first {
+            let (status, reason) = if h.attempts.fetch_add(1, Ordering::SeqCst) < h.fail_first.load(Ordering::SeqCst) {
                 h.refused.lock().unwrap().push(body);
                 (h.fail_status, "{\"message\": \"Event object is invalid\"}")
             } else {
@@ -387,6 +388,18 @@ async fn ch_time(s: i64) -> String {
 /// objectives with one rule (10 and 1 minutes, 5x), notifying the webhook at `hook`; `slo`:
 /// more `[slo]` keys.
 fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: &str, slo: &str) -> String {
+    slo_config_receiving(
+        topic,
+        db,
+        instance,
+        admin,
+        &format!("webhook_url = \"{hook}\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n{slo}"),
+        "",
+    )
+}
+
+/// [`slo_config`] with `slo`: the `[slo]` keys and receivers; `rules`: more `[[slo.rules]]`.
+fn slo_config_receiving(topic: &str, db: &str, instance: &str, admin: u16, slo: &str, rules: &str) -> String {
     aggregator_config(
         topic,
         db,
@@ -395,8 +408,8 @@ fn slo_config(topic: &str, db: &str, instance: &str, admin: u16, hook: &str, slo
         &format!("{db}-ingest"),
         &format!(
             "[windows]\nallowed_lateness_s = 2\nidle_close_ms = 1500\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [slo]\nwebhook_url = \"{hook}\"\nwebhook_headers = {{ authorization = \"Bearer hook-secret\" }}\n{slo}\
-             [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n\
+             [slo]\n{slo}\
+             [[slo.rules]]\nseverity = \"page\"\nlong_window_minutes = 10\nshort_window_minutes = 1\nburn_rate = 5\n{rules}\
              [[slo.objectives]]\nid = \"api\"\nkind = \"availability\"\nobjective_percent = 99\n\
              [[slo.objectives]]\nid = \"lat\"\nkind = \"latency\"\nobjective_percent = 90\nlatency_threshold_ms = 100\n\
              per_consumer = true\n"
@@ -605,6 +618,96 @@ async fn a_rejected_notification_is_not_retried_and_does_not_hold_up_the_next() 
     assert_eq!(agg_metric(admin, "tollgate_aggregator_slo_webhook_failures_total").await, 1);
     let log = std::fs::read_to_string(&agg.log).unwrap();
     assert!(log.contains("Event object is invalid"), "the receiver's reason is not logged:\n{}", agg.log_tail());
+    assert!(agg.terminate(Duration::from_secs(20)));
+}
+
+/// Two receivers: `oncall` takes `page` alerts only, `chat` every severity. While `oncall` is
+/// down, `chat` still gets every alert at once (each receiver has its own queue), the `ticket`
+/// alerts (which only `chat` takes) are recorded, and the `page` alerts are not yet (they are
+/// recorded once every receiver of theirs is done); once `oncall` is back, it gets exactly the
+/// page alerts, each recorded once, delivered. The per-receiver metrics agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_receiver_gets_its_severities_and_one_that_is_down_holds_up_only_itself() {
+    let setup = start_with_history("slo_rcv").await;
+    let (dir, topic, db) = (&setup.dir, &setup.topic, &setup.db);
+    let (oncall_url, oncall) = start_hook(usize::MAX, false).await;
+    let (chat_url, chat) = start_hook(0, false).await;
+    let receivers = format!(
+        "[slo.receivers.oncall]\nurl = \"{oncall_url}\"\nseverities = [\"page\"]\n\
+         headers = {{ authorization = \"Bearer hook-secret\" }}\n\
+         [slo.receivers.chat]\nurl = \"{chat_url}\"\nheaders = {{ authorization = \"Bearer hook-secret\" }}\n"
+    );
+    let ticket = "[[slo.rules]]\nseverity = \"ticket\"\nlong_window_minutes = 10\nshort_window_minutes = 2\nburn_rate = 2\n";
+    let admin = free_port();
+    let config = slo_config_receiving(topic, db, "agg-1", admin, &receivers, ticket);
+    let mut agg = start_aggregator(dir.path(), "agg-1", &config);
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    const AVAILABILITY_TICKET: &str = "api/ticket/10m-2m";
+    const SLOW_TICKET: &str = "lat/ticket/10m-2m/slowco";
+    let pages = [AVAILABILITY, SLOW];
+    let tickets = [AVAILABILITY_TICKET, SLOW_TICKET];
+    // The history fires all four at the first evaluation; chat gets them while oncall fails.
+    for id in pages.iter().chain(&tickets) {
+        let n = wait_for(&chat, id, 1, Duration::from_secs(120)).await;
+        assert_eq!(n[0]["status"], "firing", "{id}");
+    }
+    assert!(oncall.accepted.lock().unwrap().is_empty());
+    let failures = r#"tollgate_aggregator_slo_webhook_failures_total{receiver="oncall"}"#;
+    assert!(wait_until(Duration::from_secs(10), || async { agg_metric(admin, failures).await >= 1 }).await);
+    let firing_rows = |ids: &[&str]| {
+        let list = ids.iter().map(|id| format!("'{id}'")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT alert_id, delivered FROM {db}.slo_alerts WHERE alert_id IN ({list}) AND status = 'firing' \
+             ORDER BY alert_id FORMAT TSV"
+        );
+        async move { try_ch(&clickhouse(), &sql).await.unwrap_or_default() }
+    };
+    let tickets_recorded = format!("{AVAILABILITY_TICKET}\t1\n{SLOW_TICKET}\t1\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { firing_rows(&tickets).await == tickets_recorded }).await,
+        "{:?}\n{}",
+        firing_rows(&tickets).await,
+        agg.log_tail()
+    );
+    // Several retries later the page alerts are still waiting for oncall: not recorded, queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(firing_rows(&pages).await, "");
+    let queued = r#"tollgate_aggregator_slo_notifications_queued{receiver="oncall"}"#;
+    assert!(agg_metric(admin, queued).await >= 2, "{}", metrics_text(admin).await);
+    assert_eq!(agg_metric(admin, r#"tollgate_aggregator_slo_notifications_queued{receiver="chat"}"#).await, 0);
+
+    // oncall is back: it gets the page alerts (in order, firing first), and nothing else.
+    oncall.fail_first.store(0, Ordering::SeqCst);
+    for id in pages {
+        let n = wait_for(&oncall, id, 1, Duration::from_secs(30)).await;
+        assert_eq!(n[0]["status"], "firing", "{id}: {n:?}");
+    }
+    let pages_recorded = format!("{AVAILABILITY}\t1\n{SLOW}\t1\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || async { firing_rows(&pages).await == pages_recorded }).await,
+        "{:?}",
+        firing_rows(&pages).await
+    );
+    assert!(oncall.accepted.lock().unwrap().iter().all(|n| n["severity"] == "page"), "{:?}", oncall.accepted.lock());
+    assert!(oncall.of(AVAILABILITY_TICKET).is_empty() && oncall.of(SLOW_TICKET).is_empty());
+    // Each receiver's delivered counter is what it accepted (resolutions may follow: the burst
+    // is history); nothing is left queued once they are.
+    for (name, hook) in [("oncall", &oncall), ("chat", &chat)] {
+        let delivered = format!("tollgate_aggregator_slo_notifications_delivered_total{{receiver=\"{name}\"}}");
+        let agree = wait_until(Duration::from_secs(10), || async {
+            agg_metric(admin, &delivered).await == hook.accepted.lock().unwrap().len() as u64
+        })
+        .await;
+        assert!(agree, "{name}: {} vs {:?}", agg_metric(admin, &delivered).await, hook.accepted.lock());
+    }
+    assert!(wait_until(Duration::from_secs(10), || async { agg_metric(admin, queued).await == 0 }).await);
+    // Every firing recorded once, whatever resolved meanwhile.
+    let once = ch(
+        &clickhouse(),
+        &format!("SELECT count(), uniqExact(alert_id) FROM {db}.slo_alerts WHERE status = 'firing' FORMAT TSV"),
+    )
+    .await;
+    assert_eq!(once, "4\t4\n");
     assert!(agg.terminate(Duration::from_secs(20)));
 }
 

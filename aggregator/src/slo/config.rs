@@ -1,4 +1,4 @@
-//! `[slo]`: objectives, multiwindow burn-rate alert rules and the webhook.
+//! `[slo]`: objectives, multiwindow burn-rate alert rules and the receivers of the alerts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -20,6 +20,9 @@ pub(crate) struct RawSlo {
     webhook_format: Option<String>,
     #[serde(default)]
     pagerduty_routing_key: Option<String>,
+    /// `[slo.receivers.<name>]`: several receivers, each for some severities.
+    #[serde(default)]
+    receivers: BTreeMap<String, RawReceiver>,
     #[serde(default = "default_stale_after_s")]
     stale_after_s: u32,
     #[serde(default = "default_budget_period_days")]
@@ -39,12 +42,32 @@ impl Default for RawSlo {
             webhook_ca_file: None,
             webhook_format: None,
             pagerduty_routing_key: None,
+            receivers: BTreeMap::new(),
             stale_after_s: default_stale_after_s(),
             budget_period_days: default_budget_period_days(),
             objectives: Vec::new(),
             rules: None,
         }
     }
+}
+
+/// `[slo.receivers.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReceiver {
+    url: String,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    pagerduty_routing_key: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    ca_file: Option<String>,
+    #[serde(default = "default_webhook_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default)]
+    severities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,7 +121,9 @@ pub const MAX_WINDOW_MINUTES: u32 = 31 * 24 * 60;
 pub struct SloConfig {
     /// Each with its rules: its own, or `[[slo.rules]]` (or the defaults).
     pub objectives: Vec<Objective>,
-    pub webhook: Option<Webhook>,
+    /// Where notifications go: `[slo.receivers.<name>]`, or the one receiver `webhook` of
+    /// `slo.webhook_url`; none: they are only recorded.
+    pub receivers: Vec<Webhook>,
     /// Windows ending longer ago than this are not evaluated (a catch-up or a replay from
     /// offset 0 does not alert on the past).
     pub stale_after_s: i64,
@@ -116,7 +141,7 @@ impl SloConfig {
     /// Whether the alerts that keep firing are sent again at every evaluation (Alertmanager
     /// forgets an alert that is not).
     pub fn repeats_firing(&self) -> bool {
-        self.webhook.as_ref().is_some_and(|h| h.format == Format::Alertmanager)
+        self.receivers.iter().any(|h| h.format == Format::Alertmanager)
     }
 
     /// Every window length evaluated for objectives over all calls (`per_consumer` false) or
@@ -224,14 +249,105 @@ impl std::fmt::Debug for Format {
     }
 }
 
+/// One receiver of the notifications.
 #[derive(Debug, Clone)]
 pub struct Webhook {
+    /// `webhook` for `slo.webhook_url`, else its name in `[slo.receivers.<name>]`: in logs and
+    /// metrics.
+    pub name: String,
     pub url: http::Uri,
     pub format: Format,
     pub timeout: Duration,
     pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// Trusts the web PKI plus `slo.webhook_ca_file`.
+    /// Trusts the web PKI plus its CA file (`slo.webhook_ca_file`, `ca_file`).
     pub tls: std::sync::Arc<tollgate_common::tls::ClientConfig>,
+    /// The severities it receives; empty: all.
+    pub severities: Vec<String>,
+}
+
+impl Webhook {
+    /// Whether alerts of `severity` go to this receiver.
+    pub fn takes(&self, severity: &str) -> bool {
+        self.severities.is_empty() || self.severities.iter().any(|s| s == severity)
+    }
+}
+
+/// A receiver's name is a key of `[slo.receivers]`: lower case, so that
+/// `TOLLGATE_AGGREGATOR_SLO__RECEIVERS__<NAME>__<KEY>` (read in lower case) can set its keys.
+fn valid_receiver_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Validates one receiver; `key` names each of its fields as the configuration spells it
+/// (`url` → `slo.webhook_url` or `slo.receivers.<name>.url`).
+fn receiver(
+    name: String,
+    raw: RawReceiver,
+    key: &dyn Fn(&str) -> String,
+    base: &std::path::Path,
+) -> Result<Webhook, (String, String)> {
+    let err = |k: &str, reason: &str| Err((key(k), reason.to_owned()));
+    let format = match (raw.format.as_deref().unwrap_or("json"), raw.pagerduty_routing_key) {
+        ("json", None) => Format::Json,
+        ("slack", None) => Format::Slack,
+        ("alertmanager", None) => Format::Alertmanager,
+        ("pagerduty", Some(k)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Format::PagerDuty { routing_key: k }
+        }
+        ("pagerduty", _) => {
+            let var = format!("TOLLGATE_AGGREGATOR_{}", key("pagerduty_routing_key").replace('.', "__").to_uppercase());
+            return Err((
+                key("pagerduty_routing_key"),
+                format!(
+                    "must be set for format \"pagerduty\": the integration key of a PagerDuty Events API v2 \
+                     service (visible ASCII; set it from {var})"
+                ),
+            ));
+        }
+        ("json" | "slack" | "alertmanager", Some(_)) => {
+            return err("pagerduty_routing_key", "applies only to the \"pagerduty\" format");
+        }
+        _ => return err("format", "must be \"json\", \"slack\", \"pagerduty\" or \"alertmanager\""),
+    };
+    let url: http::Uri = match raw.url.parse() {
+        Ok(u) => u,
+        Err(_) => return err("url", "must be an http:// or https:// URL"),
+    };
+    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+        return err("url", "must be an http:// or https:// URL");
+    }
+    if raw.timeout_ms == 0 {
+        return err("timeout_ms", "must be at least 1");
+    }
+    let mut headers = Vec::new();
+    for (h, value) in raw.headers {
+        let k = format!("{}.{h}", key("headers"));
+        let Ok(n) = http::HeaderName::from_bytes(h.as_bytes()) else {
+            return Err((k, "is not a valid HTTP header name".into()));
+        };
+        let Ok(mut v) = http::HeaderValue::from_str(&value) else {
+            return Err((k, "must be visible ASCII text".into()));
+        };
+        v.set_sensitive(true);
+        headers.push((n, v));
+    }
+    let certs = match raw.ca_file {
+        None => Vec::new(),
+        Some(f) => match tollgate_common::tls::read_ca_file(&base.join(&f), &f) {
+            Ok(certs) => certs,
+            Err(e) => return err("ca_file", &e),
+        },
+    };
+    let tls = match tollgate_common::tls::client_config(&certs) {
+        Ok(tls) => tls,
+        Err(e) => return err("ca_file", &e),
+    };
+    let severities = match raw.severities {
+        None => Vec::new(),
+        Some(s) if s.is_empty() => return err("severities", "must not be empty (omit it for every severity)"),
+        Some(s) => s,
+    };
+    Ok(Webhook { name, url, format, timeout: Duration::from_millis(raw.timeout_ms), headers, tls, severities })
 }
 
 fn valid_id(s: &str) -> bool {
@@ -242,69 +358,54 @@ fn valid_id(s: &str) -> bool {
 /// (key, reason).
 pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig, (String, String)> {
     let err = |key: String, reason: &str| Err((key, reason.to_owned()));
-    let format = match (raw.webhook_format.as_deref().unwrap_or("json"), raw.pagerduty_routing_key) {
-        ("json", None) => Format::Json,
-        ("slack", None) => Format::Slack,
-        ("alertmanager", None) => Format::Alertmanager,
-        ("pagerduty", Some(key)) if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()) => {
-            Format::PagerDuty { routing_key: key }
-        }
-        ("pagerduty", _) => {
-            return err(
-                "slo.pagerduty_routing_key".into(),
-                "must be set for webhook_format = \"pagerduty\": the integration key of a PagerDuty Events API v2 \
-                 service (visible ASCII; set it from TOLLGATE_AGGREGATOR_SLO__PAGERDUTY_ROUTING_KEY)",
-            );
-        }
-        ("json" | "slack" | "alertmanager", Some(_)) => {
-            return err("slo.pagerduty_routing_key".into(), "applies only to webhook_format = \"pagerduty\"");
-        }
-        _ => {
-            return err("slo.webhook_format".into(), "must be \"json\", \"slack\", \"pagerduty\" or \"alertmanager\"");
-        }
-    };
-    if raw.webhook_url.is_none() && format != Format::Json {
-        return err("slo.webhook_format".into(), "needs slo.webhook_url");
-    }
-    let webhook = match raw.webhook_url {
-        None => None,
+    let mut receivers = Vec::new();
+    match raw.webhook_url {
         Some(url) => {
-            let uri: http::Uri = match url.parse() {
-                Ok(u) => u,
-                Err(_) => return err("slo.webhook_url".into(), "must be an http:// or https:// URL"),
-            };
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return err("slo.webhook_url".into(), "must be an http:// or https:// URL");
+            if let Some(name) = raw.receivers.keys().next() {
+                return err(
+                    format!("slo.receivers.{name}"),
+                    "cannot be combined with slo.webhook_url (make that receiver one of [slo.receivers])",
+                );
             }
-            if raw.webhook_timeout_ms == 0 {
-                return err("slo.webhook_timeout_ms".into(), "must be at least 1");
-            }
-            let mut headers = Vec::new();
-            for (name, value) in raw.webhook_headers {
-                let key = format!("slo.webhook_headers.{name}");
-                let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) else {
-                    return err(key, "is not a valid HTTP header name");
-                };
-                let Ok(mut v) = http::HeaderValue::from_str(&value) else {
-                    return err(key, "must be visible ASCII text");
-                };
-                v.set_sensitive(true);
-                headers.push((n, v));
-            }
-            let certs = match raw.webhook_ca_file {
-                None => Vec::new(),
-                Some(f) => match tollgate_common::tls::read_ca_file(&base.join(&f), &f) {
-                    Ok(certs) => certs,
-                    Err(e) => return err("slo.webhook_ca_file".into(), &e),
-                },
+            let legacy = RawReceiver {
+                url,
+                format: raw.webhook_format,
+                pagerduty_routing_key: raw.pagerduty_routing_key,
+                headers: raw.webhook_headers,
+                ca_file: raw.webhook_ca_file,
+                timeout_ms: raw.webhook_timeout_ms,
+                severities: None,
             };
-            let tls = match tollgate_common::tls::client_config(&certs) {
-                Ok(tls) => tls,
-                Err(e) => return err("slo.webhook_ca_file".into(), &e),
+            let key = |k: &str| match k {
+                "pagerduty_routing_key" => "slo.pagerduty_routing_key".to_owned(),
+                k => format!("slo.webhook_{k}"),
             };
-            Some(Webhook { url: uri, format, timeout: Duration::from_millis(raw.webhook_timeout_ms), headers, tls })
+            receivers.push(receiver("webhook".into(), legacy, &key, base)?);
         }
-    };
+        None => {
+            for (k, set) in [
+                ("slo.webhook_format", raw.webhook_format.is_some()),
+                ("slo.pagerduty_routing_key", raw.pagerduty_routing_key.is_some()),
+                ("slo.webhook_headers", !raw.webhook_headers.is_empty()),
+                ("slo.webhook_ca_file", raw.webhook_ca_file.is_some()),
+            ] {
+                if set {
+                    return err(k.into(), "needs slo.webhook_url (or set it on a receiver of [slo.receivers])");
+                }
+            }
+            for (name, r) in raw.receivers {
+                if !valid_receiver_name(&name) {
+                    return err(
+                        format!("slo.receivers.{name}"),
+                        "a receiver's name must be lower-case letters, digits or '_' (so that \
+                         TOLLGATE_AGGREGATOR_SLO__RECEIVERS__<NAME>__<KEY> can set its keys)",
+                    );
+                }
+                let prefix = format!("slo.receivers.{name}");
+                receivers.push(receiver(name, r, &|k: &str| format!("{prefix}.{k}"), base)?);
+            }
+        }
+    }
     let rules = match raw.rules {
         None => default_rules(),
         Some(rules) => validate_rules(rules, "slo.rules")?,
@@ -366,9 +467,25 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
     if raw.budget_period_days > MAX_WINDOW_MINUTES / (24 * 60) {
         return err("slo.budget_period_days".into(), "must be between 0 (off) and 31");
     }
+    // A severity no rule has would route nothing to its receiver: a typo, said at start.
+    let in_effect: Vec<&Rule> = if objectives.is_empty() {
+        rules.iter().collect()
+    } else {
+        objectives.iter().flat_map(|o| &o.rules).collect()
+    };
+    let severities: BTreeSet<&str> = in_effect.iter().map(|r| r.severity.as_str()).collect();
+    for r in &receivers {
+        if let Some(s) = r.severities.iter().find(|s| !severities.contains(s.as_str())) {
+            let known = severities.iter().copied().collect::<Vec<_>>().join(", ");
+            return err(
+                format!("slo.receivers.{}.severities", r.name),
+                &format!("no alert rule has severity \"{s}\" (the rules' severities: {known})"),
+            );
+        }
+    }
     Ok(SloConfig {
         objectives,
-        webhook,
+        receivers,
         stale_after_s: i64::from(raw.stale_after_s),
         budget_period_minutes: raw.budget_period_days * 24 * 60,
     })

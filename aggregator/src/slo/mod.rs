@@ -5,10 +5,12 @@
 //! the bad ones, from `usage_minute FINAL` up to the end of the last closed minute; writes the
 //! burn rates to `slo_burn_rate`; and decides each rule's alert: firing when the burn rate of
 //! both its long and its short window is at least the rule's (and the long window holds
-//! `min_requests` calls), resolved when that stops. A change is a notification: POSTed as
-//! JSON to `slo.webhook_url` (retried until delivered, unless the webhook rejects it with a
-//! 4xx, see [`rejects`]), then recorded in `slo_alerts`, whose
-//! latest row per alert is the state a (re)started evaluator starts from.
+//! `min_requests` calls), resolved when that stops. A change is a notification: POSTed to
+//! each receiver that takes its severity (`[slo.receivers.<name>]`, or the one of
+//! `slo.webhook_url`), in that receiver's format, retried until delivered unless the receiver
+//! rejects it with a 4xx (see [`rejects`]); each receiver has its own queue, so one that is
+//! down holds up only itself. Once every receiver is done with it, it is recorded in
+//! `slo_alerts`, whose latest row per alert is the state a (re)started evaluator starts from.
 //!
 //! Only the aggregator instance that reads partition 0 of `api-calls` evaluates, so a group
 //! of aggregators sends each notification once.
@@ -31,10 +33,10 @@ use tollgate_common::time;
 
 pub use config::{Format, Kind, Objective, Rule, SloConfig, Webhook};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReceiverStats};
 use crate::store::USAGE_TABLE;
 
-/// Notifications waiting for the webhook at most (then evaluation waits).
+/// Notifications waiting for one receiver at most (then evaluation waits).
 const QUEUE: usize = 1024;
 
 /// How long Alertmanager keeps a firing alert that is not sent again (`endsAt`): five
@@ -575,16 +577,31 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     retry: (Duration, Duration),
 ) {
-    let (tx, rx) = mpsc::channel::<Message>(QUEUE);
-    let firing = Arc::new(StillFiring::default());
-    let delivery = tokio::spawn(deliver(
-        cfg.webhook.clone(),
-        client.clone(),
-        Arc::clone(&metrics),
-        (rx, Arc::clone(&firing)),
-        stop.clone(),
-        retry,
-    ));
+    // One delivery task per receiver, each with its own queue (a receiver that is down holds
+    // up only its own notifications), and one task that records each notification once its
+    // receivers are done with it.
+    let (record_tx, record_rx) = mpsc::channel::<Arc<Pending>>(QUEUE);
+    let recorder = tokio::spawn(record(client.clone(), Arc::clone(&metrics), record_rx, stop.clone(), retry));
+    let mut routes = Vec::new();
+    let mut deliveries = Vec::new();
+    for hook in &cfg.receivers {
+        let (tx, rx) = mpsc::channel::<Message>(QUEUE);
+        let route = Route {
+            hook: Arc::new(hook.clone()),
+            tx,
+            firing: Arc::new(StillFiring::default()),
+            stats: metrics.receiver(&hook.name),
+        };
+        deliveries.push(tokio::spawn(deliver(
+            Arc::clone(&route.hook),
+            (rx, Arc::clone(&route.firing)),
+            record_tx.clone(),
+            Arc::clone(&route.stats),
+            stop.clone(),
+            retry,
+        )));
+        routes.push(route);
+    }
     let mut evaluator = Evaluator::new(Arc::clone(&cfg), client);
     let mut leading = false;
     let mut last_end = i64::MIN;
@@ -620,18 +637,20 @@ pub async fn run(
                 metrics.slo_evaluations.fetch_add(1, Ordering::Relaxed);
                 *metrics.slo_budget_remaining.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                     budget_remaining;
-                let mut messages: Vec<Message> = changes
-                    .into_iter()
-                    .inspect(|n| tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert"))
-                    .map(|n| Message::Change(Box::new(n)))
-                    .collect();
-                if cfg.repeats_firing() && firing.set(still_firing) {
-                    messages.push(Message::Repeat);
+                for n in changes {
+                    tracing::info!(alert = %n.id, status = ?n.status, summary = %n.summary, "SLO alert");
+                    if !dispatch(n, &routes, &record_tx, &mut stop).await {
+                        break;
+                    }
                 }
-                for m in messages {
-                    tokio::select! {
-                        _ = stop.changed() => break,
-                        sent = tx.send(m) => if sent.is_err() { break },
+                for r in routes.iter().filter(|r| r.hook.format == Format::Alertmanager) {
+                    let mine = still_firing.iter().filter(|n| r.hook.takes(&n.severity)).cloned().collect();
+                    if r.firing.set(mine) {
+                        r.stats.queued.fetch_add(1, Ordering::Relaxed);
+                        tokio::select! {
+                            _ = stop.changed() => break,
+                            sent = r.tx.send(Message::Repeat) => if sent.is_err() { break },
+                        }
                     }
                 }
             }
@@ -641,8 +660,51 @@ pub async fn run(
             }
         }
     }
-    drop(tx);
-    let _ = delivery.await;
+    drop(routes);
+    drop(record_tx);
+    for d in deliveries {
+        let _ = d.await;
+    }
+    let _ = recorder.await;
+}
+
+/// A receiver's delivery task, as the evaluation task sees it.
+struct Route {
+    hook: Arc<Webhook>,
+    tx: mpsc::Sender<Message>,
+    /// Its alerts that keep firing (Alertmanager receivers).
+    firing: Arc<StillFiring>,
+    stats: Arc<ReceiverStats>,
+}
+
+/// Hands notification `n` to the receivers that take its severity, or straight to the
+/// recorder when none does. False when the tasks are stopping.
+async fn dispatch(
+    n: Notification,
+    routes: &[Route],
+    record_tx: &mpsc::Sender<Arc<Pending>>,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let targets: Vec<&Route> = routes.iter().filter(|r| r.hook.takes(&n.severity)).collect();
+    let pending = Arc::new(Pending {
+        left: std::sync::atomic::AtomicUsize::new(targets.len()),
+        delivered: std::sync::atomic::AtomicBool::new(!targets.is_empty()),
+        n,
+    });
+    if targets.is_empty() {
+        return tokio::select! {
+            _ = stop.changed() => false,
+            sent = record_tx.send(pending) => sent.is_ok(),
+        };
+    }
+    for r in targets {
+        r.stats.queued.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = stop.changed() => return false,
+            sent = r.tx.send(Message::Change(Arc::clone(&pending))) => if sent.is_err() { return false },
+        }
+    }
+    true
 }
 
 /// Whether windows ending at `end_s` are evaluated: later than the last evaluation, and not
@@ -672,11 +734,25 @@ fn http_client(tls: &tollgate_common::tls::ClientConfig) -> HttpClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector)
 }
 
-/// What the delivery task sends.
+/// A notification on its way to its receivers. Each receiver's task takes its notifications in
+/// order, and the one that finishes with a notification last hands it to the recorder before
+/// it goes on: so two notifications of one alert (which go to the same receivers, by its
+/// severity) are recorded in the order they were decided.
+#[derive(Debug)]
+struct Pending {
+    n: Notification,
+    /// Receivers not done with it yet (delivered, rejected).
+    left: std::sync::atomic::AtomicUsize,
+    /// Every receiver done so far took it (2xx); false when it had no receiver.
+    delivered: std::sync::atomic::AtomicBool,
+}
+
+/// What a delivery task sends.
 #[derive(Debug)]
 enum Message {
-    /// An alert that started or stopped firing: delivered, then recorded.
-    Change(Box<Notification>),
+    /// An alert that started or stopped firing: delivered, then recorded once every receiver
+    /// of its severity is done with it.
+    Change(Arc<Pending>),
     /// Send the alerts that keep firing ([`StillFiring`]) to Alertmanager again (not recorded).
     Repeat,
 }
@@ -893,7 +969,7 @@ async fn retry<F, Fut, E>(
     stop: &mut watch::Receiver<bool>,
     failures: &std::sync::atomic::AtomicU64,
     what: &str,
-    alert: &str,
+    (to, alert): (&str, &str),
 ) -> Result<bool, E>
 where
     F: FnMut() -> Fut,
@@ -907,7 +983,7 @@ where
             return Err(e);
         }
         let delay = backoff.next_delay();
-        tracing::warn!(error = %e, alert, retry_in_ms = delay.as_millis() as u64, "{what}");
+        tracing::warn!(error = %e, to, alert, retry_in_ms = delay.as_millis() as u64, "{what}");
         tokio::select! {
             _ = stop.changed() => return Ok(false),
             () = tokio::time::sleep(delay) => {}
@@ -915,63 +991,90 @@ where
     }
 }
 
-/// The delivery task: each notification in order, to the webhook (retried with backoff until
-/// it answers 2xx, or given up at once when it rejects it, see [`rejects`]), then into
-/// `slo_alerts` (`delivered` = 0 when rejected or when there is no webhook). What is not delivered at shutdown is not
-/// recorded, so the next evaluator finds the alert in its old state and notifies again.
+/// A receiver's delivery task: each notification in order (retried with backoff until it
+/// answers 2xx, or given up at once when it rejects it, see [`rejects`]); then, when no other
+/// receiver still has it, to the recorder. What is not delivered at shutdown is not recorded,
+/// so the next evaluator finds the alert in its old state and notifies again.
 async fn deliver(
-    hook: Option<Webhook>,
-    ch: Client,
-    metrics: Arc<Metrics>,
+    hook: Arc<Webhook>,
     (mut rx, firing): (mpsc::Receiver<Message>, Arc<StillFiring>),
+    record_tx: mpsc::Sender<Arc<Pending>>,
+    stats: Arc<ReceiverStats>,
     mut stop: watch::Receiver<bool>,
     (initial, max): (Duration, Duration),
 ) {
-    let http = hook.as_ref().map(|h| http_client(&h.tls));
+    let http = http_client(&hook.tls);
     while let Some(m) = rx.recv().await {
-        let mut delivered = false;
-        if let (Some(hook), Some(http)) = (&hook, &http) {
-            let (body, alert) = match &m {
-                Message::Change(n) => (render(n, &hook.format), n.id.as_str()),
-                Message::Repeat => {
-                    let alerts = firing.take();
-                    if alerts.is_empty() {
-                        continue;
-                    }
-                    (render_alertmanager(&alerts), "(firing alerts sent again)")
-                }
-            };
-            let body = match body {
-                Ok(b) => Bytes::from(b),
-                Err(e) => {
-                    tracing::error!(error = %e, alert, "cannot encode the notification");
+        let (body, alert) = match &m {
+            Message::Change(p) => (render(&p.n, &hook.format), p.n.id.as_str()),
+            Message::Repeat => {
+                let alerts = firing.take();
+                if alerts.is_empty() {
+                    stats.queued.fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
-            };
-            let sent = retry(
-                || post(http, hook, body.clone()),
-                Backoff::new(initial, max),
-                &mut stop,
-                &metrics.webhook_failures,
-                "SLO webhook failed",
-                alert,
-            );
-            match sent.await {
-                Ok(true) => delivered = true,
-                Ok(false) => return,
-                Err(e) => {
-                    metrics.webhook_rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        error = %e,
-                        alert,
-                        "the SLO webhook rejected the notification; not retried (check the webhook's \
-                         configuration: URL, headers, routing key)"
-                    );
+                (render_alertmanager(&alerts), "(firing alerts sent again)")
+            }
+        };
+        let taken = match body {
+            Ok(body) => {
+                let body = Bytes::from(body);
+                let sent = retry(
+                    || post(&http, &hook, body.clone()),
+                    Backoff::new(initial, max),
+                    &mut stop,
+                    &stats.failures,
+                    "SLO webhook failed",
+                    (&hook.name, alert),
+                );
+                match sent.await {
+                    Ok(true) => {
+                        stats.delivered.fetch_add(1, Ordering::Relaxed);
+                        true
+                    }
+                    Ok(false) => return,
+                    Err(e) => {
+                        stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            error = %e,
+                            receiver = %hook.name,
+                            alert,
+                            "the SLO webhook rejected the notification; not retried (check the receiver's \
+                             configuration: URL, headers, routing key)"
+                        );
+                        false
+                    }
                 }
             }
-        }
+            Err(e) => {
+                tracing::error!(error = %e, receiver = %hook.name, alert, "cannot encode the notification");
+                false
+            }
+        };
+        stats.queued.fetch_sub(1, Ordering::Relaxed);
         // Repeats are not changes: nothing to record.
-        let Message::Change(n) = m else { continue };
+        let Message::Change(p) = m else { continue };
+        if !taken {
+            p.delivered.store(false, Ordering::Release);
+        }
+        if p.left.fetch_sub(1, Ordering::AcqRel) == 1 && record_tx.send(p).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The recording task: each notification its receivers are done with into `slo_alerts`
+/// (`delivered` = 0 when a receiver rejected it or none takes its severity), retried until
+/// written or stopped.
+async fn record(
+    ch: Client,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Arc<Pending>>,
+    mut stop: watch::Receiver<bool>,
+    (initial, max): (Duration, Duration),
+) {
+    while let Some(p) = rx.recv().await {
+        let n = &p.n;
         match n.status {
             Status::Firing => metrics.alerts_fired.fetch_add(1, Ordering::Relaxed),
             Status::Resolved => metrics.alerts_resolved.fetch_add(1, Ordering::Relaxed),
@@ -994,7 +1097,7 @@ async fn deliver(
             burn_rate_threshold: n.burn_rate_threshold,
             long_burn_rate: n.long_window.burn_rate.unwrap_or(0.0),
             short_burn_rate: n.short_window.burn_rate.unwrap_or(0.0),
-            delivered: u8::from(delivered),
+            delivered: u8::from(p.delivered.load(Ordering::Acquire)),
         };
         let written = retry(
             || async {
@@ -1006,7 +1109,7 @@ async fn deliver(
             &mut stop,
             &metrics.clickhouse_errors,
             "cannot record the SLO alert",
-            &n.id,
+            ("slo_alerts", &n.id),
         );
         if !matches!(written.await, Ok(true)) {
             return;
