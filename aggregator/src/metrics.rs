@@ -28,6 +28,9 @@ pub struct Metrics {
     pub receivers: std::sync::Mutex<Vec<(String, std::sync::Arc<ReceiverStats>)>>,
 }
 
+/// A per-receiver metric: name, type, help, value.
+type Family = (&'static str, &'static str, &'static str, fn(&ReceiverStats) -> i64);
+
 /// One alert receiver's deliveries.
 #[derive(Debug, Default)]
 pub struct ReceiverStats {
@@ -141,7 +144,7 @@ impl tollgate_common::admin::Render for Metrics {
         }
         let receivers = self.receivers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !receivers.is_empty() {
-            let families: [(&str, &str, &str, fn(&ReceiverStats) -> i64); 4] = [
+            let families: [Family; 4] = [
                 (
                     "tollgate_aggregator_slo_notifications_delivered_total",
                     "counter",

@@ -219,8 +219,11 @@ async fn burning_slos_fire_once_survive_a_restart_and_resolve() {
     assert_eq!((n["consumer_id"].clone(), n["objective_percent"].as_f64()), (Value::Null, Some(99.0)));
     assert_counts(n, &events.lock().unwrap());
     assert!(
-        metric(std::net::SocketAddr::from(([127, 0, 0, 1], admin)), "tollgate_aggregator_slo_webhook_failures_total")
-            .await
+        metric(
+            std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
+            r#"tollgate_aggregator_slo_webhook_failures_total{receiver="webhook"}"#
+        )
+        .await
             >= 1
     );
     let fired_end = window_end(n);
@@ -614,8 +617,8 @@ async fn a_rejected_notification_is_not_retried_and_does_not_hold_up_the_next() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(hook.of(rejected_id).iter().all(|n| n["status"] != "firing"), "{:?}", hook.of(rejected_id));
     assert_eq!(hook.refused.lock().unwrap().len(), 1);
-    assert_eq!(agg_metric(admin, "tollgate_aggregator_slo_webhook_rejected_total").await, 1);
-    assert_eq!(agg_metric(admin, "tollgate_aggregator_slo_webhook_failures_total").await, 1);
+    assert_eq!(agg_metric(admin, r#"tollgate_aggregator_slo_webhook_rejected_total{receiver="webhook"}"#).await, 1);
+    assert_eq!(agg_metric(admin, r#"tollgate_aggregator_slo_webhook_failures_total{receiver="webhook"}"#).await, 1);
     let log = std::fs::read_to_string(&agg.log).unwrap();
     assert!(log.contains("Event object is invalid"), "the receiver's reason is not logged:\n{}", agg.log_tail());
     assert!(agg.terminate(Duration::from_secs(20)));
@@ -637,7 +640,8 @@ async fn each_receiver_gets_its_severities_and_one_that_is_down_holds_up_only_it
          headers = {{ authorization = \"Bearer hook-secret\" }}\n\
          [slo.receivers.chat]\nurl = \"{chat_url}\"\nheaders = {{ authorization = \"Bearer hook-secret\" }}\n"
     );
-    let ticket = "[[slo.rules]]\nseverity = \"ticket\"\nlong_window_minutes = 10\nshort_window_minutes = 2\nburn_rate = 2\n";
+    let ticket =
+        "[[slo.rules]]\nseverity = \"ticket\"\nlong_window_minutes = 10\nshort_window_minutes = 2\nburn_rate = 2\n";
     let admin = free_port();
     let config = slo_config_receiving(topic, db, "agg-1", admin, &receivers, ticket);
     let mut agg = start_aggregator(dir.path(), "agg-1", &config);
@@ -723,7 +727,7 @@ async fn an_https_webhook_is_trusted_with_its_ca_file_only() {
     let mut agg = start_aggregator(dir.path(), "agg-1", &slo_config(topic, db, "agg-1", admin, &hook_url, ""));
     let admin_addr = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
     let refused = wait_until(Duration::from_secs(90), || async {
-        agg_metric(admin_addr, "tollgate_aggregator_slo_webhook_failures_total").await > 0
+        agg_metric(admin_addr, r#"tollgate_aggregator_slo_webhook_failures_total{receiver="webhook"}"#).await > 0
     })
     .await;
     assert!(refused, "no failed delivery:\n{}", agg.log_tail());

@@ -468,11 +468,8 @@ pub(crate) fn validate(raw: RawSlo, base: &std::path::Path) -> Result<SloConfig,
         return err("slo.budget_period_days".into(), "must be between 0 (off) and 31");
     }
     // A severity no rule has would route nothing to its receiver: a typo, said at start.
-    let in_effect: Vec<&Rule> = if objectives.is_empty() {
-        rules.iter().collect()
-    } else {
-        objectives.iter().flat_map(|o| &o.rules).collect()
-    };
+    let in_effect: Vec<&Rule> =
+        if objectives.is_empty() { rules.iter().collect() } else { objectives.iter().flat_map(|o| &o.rules).collect() };
     let severities: BTreeSet<&str> = in_effect.iter().map(|r| r.severity.as_str()).collect();
     for r in &receivers {
         if let Some(s) = r.severities.iter().find(|s| !severities.contains(s.as_str())) {

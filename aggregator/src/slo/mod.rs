@@ -1399,4 +1399,54 @@ mod tests {
             assert_eq!(got.trim().trim_end_matches(';'), want, "update schemas/queries/slo_window_counts.sql");
         }
     }
+
+    #[tokio::test]
+    async fn dispatch_routes_by_severity_and_records_directly_what_no_receiver_takes() {
+        let tls = tollgate_common::tls::client_config(&[]).unwrap();
+        let route = |name: &str, severities: &[&str]| {
+            let (tx, rx) = mpsc::channel(8);
+            let hook = Webhook {
+                name: name.into(),
+                url: "http://127.0.0.1:9/".parse().unwrap(),
+                format: Format::Json,
+                timeout: Duration::from_secs(1),
+                headers: Vec::new(),
+                tls: Arc::clone(&tls),
+                severities: severities.iter().map(|s| (*s).to_owned()).collect(),
+            };
+            let r = Route { hook: Arc::new(hook), tx, firing: Arc::default(), stats: Arc::default() };
+            (r, rx)
+        };
+        let (oncall, mut oncall_rx) = route("oncall", &["page"]);
+        let (chat, mut chat_rx) = route("chat", &[]);
+        let routes = [oncall, chat];
+        let (record_tx, mut record_rx) = mpsc::channel(8);
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let (o, mut firing) = (objective(false), HashMap::new());
+        let burning: HashMap<String, Vec<Counts>> = [(String::new(), vec![c(20, 10), c(100, 30)])].into();
+        let page = decide(&o, &[rule()], &[2, 10], &burning, &mut firing, 1_800_000_000, None).remove(0);
+        let mut ticket = page.clone();
+        ticket.severity = "ticket".into();
+        let pending = |m: Option<Message>| match m {
+            Some(Message::Change(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        // A page goes to both, one shared notification that two receivers still have.
+        assert!(dispatch(page, &routes, &record_tx, &mut stop).await);
+        let (a, b) = (pending(oncall_rx.try_recv().ok()), pending(chat_rx.try_recv().ok()));
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!((a.left.load(Ordering::Acquire), a.delivered.load(Ordering::Acquire)), (2, true));
+        // A ticket only to chat.
+        assert!(dispatch(ticket.clone(), &routes, &record_tx, &mut stop).await);
+        assert!(oncall_rx.try_recv().is_err());
+        let t = pending(chat_rx.try_recv().ok());
+        assert_eq!((t.n.severity.as_str(), t.left.load(Ordering::Acquire)), ("ticket", 1));
+        assert!(record_rx.try_recv().is_err());
+        assert_eq!(routes.iter().map(|r| r.stats.queued.load(Ordering::Relaxed)).collect::<Vec<_>>(), [1, 2]);
+        // With only the page receiver, a ticket is recorded at once, as not delivered.
+        assert!(dispatch(ticket, &routes[..1], &record_tx, &mut stop).await);
+        assert!(oncall_rx.try_recv().is_err());
+        let r = record_rx.try_recv().unwrap();
+        assert_eq!((r.left.load(Ordering::Acquire), r.delivered.load(Ordering::Acquire)), (0, false));
+    }
 }
