@@ -197,6 +197,10 @@ struct RawEdge {
     header_read_timeout_ms: u64,
     #[serde(default = "default_idle_timeout_ms")]
     idle_timeout_ms: u64,
+    #[serde(default = "default_http2_keepalive_interval_ms")]
+    http2_keepalive_interval_ms: u64,
+    #[serde(default = "default_http2_keepalive_timeout_ms")]
+    http2_keepalive_timeout_ms: u64,
     #[serde(default = "default_max_headers")]
     max_headers: usize,
     #[serde(default = "default_max_header_bytes")]
@@ -239,6 +243,8 @@ impl Default for RawEdge {
             connect_timeout_ms: default_connect_timeout_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
+            http2_keepalive_interval_ms: default_http2_keepalive_interval_ms(),
+            http2_keepalive_timeout_ms: default_http2_keepalive_timeout_ms(),
             max_headers: default_max_headers(),
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
@@ -362,6 +368,13 @@ fn default_shutdown_grace_ms() -> u64 {
 fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
+fn default_http2_keepalive_interval_ms() -> u64 {
+    30_000
+}
+fn default_http2_keepalive_timeout_ms() -> u64 {
+    // hyper's.
+    20_000
+}
 fn default_idle_timeout_ms() -> u64 {
     // nginx's former `http2_idle_timeout`.
     180_000
@@ -412,6 +425,10 @@ pub struct Config {
     /// A connection on which no request has started for this long is closed gracefully
     /// (HTTP/2's idle connections; HTTP/1.1's are closed by `header_read_timeout` first).
     pub idle_timeout: Duration,
+    /// HTTP/2: a PING after this long without a frame from the client (`None`: never), and
+    /// the connection closed when its answer does not come within `http2_keepalive_timeout`.
+    pub http2_keepalive_interval: Option<Duration>,
+    pub http2_keepalive_timeout: Duration,
     /// More header fields than this: 431.
     pub max_headers: usize,
     /// A request head larger than this: 431.
@@ -680,6 +697,9 @@ fn validate(
     let header_read_timeout = Duration::from_millis(raw.edge.header_read_timeout_ms);
     if raw.edge.idle_timeout_ms == 0 {
         return Err(err("edge.idle_timeout_ms".into(), "must be at least 1".into()));
+    }
+    if raw.edge.http2_keepalive_timeout_ms == 0 {
+        return Err(err("edge.http2_keepalive_timeout_ms".into(), "must be at least 1".into()));
     }
     if !(1..=1000).contains(&raw.edge.max_headers) {
         return Err(err("edge.max_headers".into(), "must be between 1 and 1000".into()));
@@ -985,6 +1005,9 @@ fn validate(
         connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
         header_read_timeout,
         idle_timeout: Duration::from_millis(raw.edge.idle_timeout_ms),
+        http2_keepalive_interval: (raw.edge.http2_keepalive_interval_ms > 0)
+            .then(|| Duration::from_millis(raw.edge.http2_keepalive_interval_ms)),
+        http2_keepalive_timeout: Duration::from_millis(raw.edge.http2_keepalive_timeout_ms),
         max_headers: raw.edge.max_headers,
         max_header_bytes: raw.edge.max_header_bytes,
         max_body_bytes: raw.edge.max_body_bytes,
@@ -1274,6 +1297,20 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(edge("idle_timeout_ms = 2500").unwrap().idle_timeout, Duration::from_millis(2500));
         let msg = edge("idle_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.idle_timeout_ms") && msg.contains("at least 1"), "{msg}");
+        let c = edge("").unwrap();
+        assert_eq!(
+            (c.http2_keepalive_interval, c.http2_keepalive_timeout),
+            (Some(Duration::from_secs(30)), Duration::from_secs(20))
+        );
+        let c = edge("http2_keepalive_interval_ms = 0").unwrap();
+        assert_eq!(c.http2_keepalive_interval, None);
+        let c = edge("http2_keepalive_interval_ms = 1500\nhttp2_keepalive_timeout_ms = 700").unwrap();
+        assert_eq!(
+            (c.http2_keepalive_interval, c.http2_keepalive_timeout),
+            (Some(Duration::from_millis(1500)), Duration::from_millis(700))
+        );
+        let msg = edge("http2_keepalive_timeout_ms = 0").unwrap_err().to_string();
+        assert!(msg.contains("edge.http2_keepalive_timeout_ms"), "{msg}");
     }
 
     #[test]

@@ -142,6 +142,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         // the hygiene layer.
         max_headers: crate::hygiene::parser_max_headers(cfg.max_headers),
         max_buf_size: (cfg.max_header_bytes * crate::hygiene::PARSER_HEADROOM).max(8192),
+        http2_keepalive: (cfg.http2_keepalive_interval, cfg.http2_keepalive_timeout),
         grace: cfg.shutdown_grace,
     };
     let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
@@ -242,6 +243,7 @@ struct HttpSettings {
     /// The parser's field limit; `None`: hyper's default.
     max_headers: Option<usize>,
     max_buf_size: usize,
+    http2_keepalive: (Option<Duration>, Duration),
     grace: Duration,
 }
 
@@ -278,6 +280,15 @@ async fn accept_loop(
     if let Some(n) = http.max_headers {
         builder.http1().max_headers(n);
     }
+    // HTTP/2: the same backstop for the head as HTTP/1's buffer (hyper's default is 16 KiB,
+    // which would refuse heads between it and `max_header_bytes` before the edge's 431), and
+    // keep-alive PINGs, which find a client that is gone while its streams wait upstream.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(http.max_buf_size).unwrap_or(u32::MAX))
+        .keep_alive_interval(http.http2_keepalive.0)
+        .keep_alive_timeout(http.http2_keepalive.1);
     // Each connection's task holds a sender: the drain is over when the last one is dropped.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let told_to_stop = stop.clone();
@@ -516,6 +527,8 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout
                             || next.idle_timeout != current.idle_timeout
+                            || next.http2_keepalive_interval != current.http2_keepalive_interval
+                            || next.http2_keepalive_timeout != current.http2_keepalive_timeout
                             || next.max_headers != current.max_headers
                             || next.max_header_bytes != current.max_header_bytes
                             || next.max_body_bytes != current.max_body_bytes

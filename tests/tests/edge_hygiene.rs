@@ -350,3 +350,105 @@ async fn idle_connections_are_closed_gracefully_after_idle_timeout() {
     assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 0);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// HTTP/2 keep-alive (`edge.http2_keepalive_interval_ms`, `_timeout_ms`): a client that
+/// answers the edge's PINGs (hyper's) keeps its connection through a request longer than
+/// both; a client that has a request waiting upstream but has stopped answering (a peer gone
+/// without a FIN) gets a PING after the interval and is disconnected once the timeout has
+/// passed without its answer, long before its upstream would have answered. And an HTTP/2
+/// head over `max_header_bytes` reaches the edge's own (metered) 431, as over HTTP/1.1,
+/// instead of being refused by the HTTP/2 layer's smaller default limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_clients_that_stop_answering_pings_are_disconnected() {
+    let dir = TempDir::new("e2e_h2ping");
+    let topic = unique("h2ping");
+    create_topic(&topic, 1).await;
+    let (upstream, _echo) = start_echo().await;
+    let cfg = config(&topic, upstream).replace(
+        "header_read_timeout_ms = 500",
+        "header_read_timeout_ms = 10000\nhttp2_keepalive_interval_ms = 500\nhttp2_keepalive_timeout_ms = 500",
+    );
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+
+    let (mut alive, alive_closed) = h2c(addr).await;
+    assert_eq!(h2_get(&mut alive, addr, "/echo/slow?delay_ms=3000").await, 200);
+    assert!(!alive_closed.load(Ordering::SeqCst), "a client answering PINGs was disconnected");
+
+    // 20 KiB of one header: over max_header_bytes (8192) and over the HTTP/2 layer's default limit
+    // (16 KiB), under the backstop the edge sets (4x max_header_bytes).
+    let req = http::Request::get(format!("http://{addr}/echo/big"))
+        .header("x-api-key", KEY)
+        .header("x-big", "b".repeat(20 * 1024))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = alive.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 431);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    drop(resp);
+
+    // The silent client: the preface, empty SETTINGS, then GET /echo/slow (10 s upstream) as
+    // one HEADERS frame (HPACK: indexed :method GET and :scheme http, literal :path,
+    // :authority and x-api-key), then it only reads.
+    let mut block = vec![0x82, 0x86];
+    let literal = |block: &mut Vec<u8>, index: u8, value: &str| {
+        block.push(index);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    };
+    literal(&mut block, 0x04, "/echo/slow?delay_ms=10000");
+    literal(&mut block, 0x01, &addr.to_string());
+    block.extend_from_slice(&[0x00, 9]);
+    block.extend_from_slice(b"x-api-key");
+    block.push(KEY.len() as u8);
+    block.extend_from_slice(KEY.as_bytes());
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    // END_STREAM | END_HEADERS on stream 1.
+    hello.extend(frame(0x1, 0x5, 1, &block));
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    let t = Instant::now();
+    let (mut got, mut buf, mut ping_at) = (Vec::new(), [0u8; 4096], None);
+    let ended = tokio::time::timeout(Duration::from_secs(8), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            // Frames so far: note when the first PING (type 6, not an ACK) came.
+            let mut at = 0;
+            while got.len() >= at + 9 {
+                let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                if got[at + 3] == 0x6 && got[at + 4] & 0x1 == 0 && ping_at.is_none() {
+                    ping_at = Some(t.elapsed());
+                }
+                at += 9 + len;
+            }
+        }
+    })
+    .await;
+    let closed_at = t.elapsed();
+    assert!(ended.is_ok(), "a client not answering PINGs still connected after 8 s");
+    let ping_at = ping_at.expect("no PING from the edge");
+    assert!(ping_at >= Duration::from_millis(400) && ping_at < Duration::from_millis(2500), "PING after {ping_at:?}");
+    assert!(
+        closed_at >= ping_at + Duration::from_millis(400) && closed_at < Duration::from_secs(5),
+        "PING at {ping_at:?}, closed at {closed_at:?}"
+    );
+    // The answering client is still fine, and once it goes nothing is left open (the silent
+    // client's socket is still open on its side: the edge let go of it).
+    assert_eq!(h2_get(&mut alive, addr, "/echo/again").await, 200);
+    drop(alive);
+    let none_open =
+        wait_until(Duration::from_secs(5), || async { metric(admin, "tollgate_edge_connections_open").await == 0 })
+            .await;
+    assert!(none_open, "connections left open");
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
