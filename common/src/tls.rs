@@ -137,16 +137,39 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// A server configuration (TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`) serving the
-/// certificates of `resolver`.
-pub fn server_config(resolver: SniResolver) -> Result<Arc<ServerConfig>, String> {
+/// certificates of `resolver`; with `client_roots`, mutual TLS ([`client_verifier`]).
+pub fn server_config(
+    resolver: SniResolver,
+    client_roots: Option<&[CertificateDer<'static>]>,
+) -> Result<Arc<ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .map_err(|e| e.to_string())?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(certs) => builder.with_client_cert_verifier(client_verifier(certs, provider)?),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Mutual TLS: a client may present a certificate, which must then chain to one of `roots`
+/// (and be valid now, for client authentication), or the handshake fails; a client without
+/// one is still served (what it may call is the routes' business).
+fn client_verifier(
+    roots: &[CertificateDer<'static>],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in roots {
+        store.add(c.clone()).map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

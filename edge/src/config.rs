@@ -218,6 +218,8 @@ struct RawEdge {
     #[serde(default)]
     tls_certificates: Vec<RawTlsCertificate>,
     #[serde(default)]
+    tls_client_ca_file: Option<String>,
+    #[serde(default)]
     http_redirect_listen: Option<String>,
     #[serde(default)]
     https_public_port: Option<u16>,
@@ -253,6 +255,7 @@ impl Default for RawEdge {
             tls_cert_file: None,
             tls_key_file: None,
             tls_certificates: Vec::new(),
+            tls_client_ca_file: None,
             http_redirect_listen: None,
             https_public_port: None,
             worker_threads: None,
@@ -298,7 +301,7 @@ struct RawRoute {
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default = "default_auth")]
-    auth: String,
+    auth: AuthNames,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default)]
@@ -347,6 +350,9 @@ struct RawConsumer {
     plan: String,
     #[serde(default)]
     keys: Vec<RawKey>,
+    /// Client certificates (mutual TLS), by fingerprint.
+    #[serde(default)]
+    certificates: Vec<RawKey>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,8 +411,28 @@ fn default_quota_topic() -> String {
 fn default_queue_capacity() -> usize {
     65_536
 }
-fn default_auth() -> String {
-    "api_key".to_owned()
+fn default_auth() -> AuthNames {
+    AuthNames(vec!["api_key".to_owned()])
+}
+
+/// `routes[].auth`: one name or a list of names.
+#[derive(Debug)]
+struct AuthNames(Vec<String>);
+
+impl<'de> Deserialize<'de> for AuthNames {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        match OneOrMany::deserialize(d) {
+            Ok(OneOrMany::One(s)) => Ok(Self(vec![s])),
+            Ok(OneOrMany::Many(v)) => Ok(Self(v)),
+            Err(_) => Err(serde::de::Error::custom("must be a name or a list of names (api_key, jwt, mtls, none)")),
+        }
+    }
 }
 fn default_timeout_ms() -> u64 {
     30_000
@@ -444,8 +470,11 @@ pub struct Config {
     /// HTTPS on the traffic port (`edge.tls_cert_file` and `edge.tls_key_file`); `None`:
     /// plain HTTP.
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
-    /// The certificate and key files of `tls_server` (reloads watch them).
+    /// The certificate and key files of `tls_server`, and its client CA file (reloads watch
+    /// them).
     pub tls_files: Vec<PathBuf>,
+    /// `tls_server` asks clients for a certificate (`edge.tls_client_ca_file`).
+    pub mutual_tls: bool,
     /// A plain-HTTP port answering every request with a redirect to HTTPS
     /// (`edge.http_redirect_listen`).
     pub http_redirect: Option<crate::redirect::HttpRedirect>,
@@ -523,25 +552,69 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
-/// Which credential a route needs.
+/// Which credentials a route accepts: any one of them is needed, unless it is public.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthMode {
-    /// A configured API key is required.
-    ApiKey,
-    /// A JWT from a configured issuer is required.
-    Jwt,
-    /// Either an API key or a JWT.
-    ApiKeyOrJwt,
-    /// Public route: no credential needed (any credential sent is still checked).
-    None,
-}
+pub struct AuthMode(u8);
 
 impl AuthMode {
+    pub const API_KEY: Self = Self(1);
+    pub const JWT: Self = Self(2);
+    /// A client certificate (mutual TLS) registered to a consumer.
+    pub const MTLS: Self = Self(4);
+    pub const API_KEY_OR_JWT: Self = Self(1 | 2);
+    /// Public route: no credential needed (an API key or JWT sent is still checked; a client
+    /// certificate is not looked at).
+    pub const NONE: Self = Self(8 | 1 | 2);
+
+    /// The mode of `auth = "…"` (one name) or `auth = ["…", …]` (any of them).
+    pub fn parse(names: &[String]) -> Result<Self, String> {
+        let mut bits = 0;
+        for n in names {
+            bits |= match n.as_str() {
+                "api_key" => Self::API_KEY.0,
+                "jwt" => Self::JWT.0,
+                "mtls" => Self::MTLS.0,
+                "api_key_or_jwt" => Self::API_KEY_OR_JWT.0,
+                "none" if names.len() == 1 => Self::NONE.0,
+                "none" => return Err("`none` (a public route) cannot be combined with credentials".into()),
+                other => return Err(format!("`{other}` is not one of api_key, jwt, mtls, api_key_or_jwt, none")),
+            };
+        }
+        if bits == 0 {
+            return Err("must name at least one of api_key, jwt, mtls (or none)".into());
+        }
+        Ok(Self(bits))
+    }
+
     pub fn accepts_api_key(self) -> bool {
-        matches!(self, AuthMode::ApiKey | AuthMode::ApiKeyOrJwt | AuthMode::None)
+        self.0 & Self::API_KEY.0 != 0
     }
     pub fn accepts_jwt(self) -> bool {
-        matches!(self, AuthMode::Jwt | AuthMode::ApiKeyOrJwt | AuthMode::None)
+        self.0 & Self::JWT.0 != 0
+    }
+    pub fn accepts_mtls(self) -> bool {
+        self.0 & Self::MTLS.0 != 0
+    }
+    /// A request without any credential passes.
+    pub fn is_public(self) -> bool {
+        self.0 & 8 != 0
+    }
+    /// Only JWTs: needs an issuer.
+    pub fn jwt_only(self) -> bool {
+        self == Self::JWT
+    }
+
+    /// What the route accepts, for refusals: "API keys", "JWTs or client certificates"…
+    pub fn accepted(self) -> &'static str {
+        match (self.accepts_api_key(), self.accepts_jwt(), self.accepts_mtls()) {
+            (true, false, false) => "API keys",
+            (false, true, false) => "JWT bearer tokens",
+            (false, false, true) => "client certificates (mutual TLS)",
+            (true, true, false) => "API keys and JWTs",
+            (true, false, true) => "API keys and client certificates",
+            (false, true, true) => "JWTs and client certificates",
+            _ => "API keys, JWTs and client certificates",
+        }
     }
 }
 
@@ -585,7 +658,7 @@ impl Route {
             methods: Vec::new(),
             upstreams: upstreams.iter().map(|u| u.parse()).collect::<Result<_, _>>()?,
             strip_prefix: false,
-            auth: AuthMode::ApiKey,
+            auth: AuthMode::API_KEY,
             timeout: Duration::from_millis(default_timeout_ms()),
             connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
             retries: default_retries(),
@@ -615,12 +688,16 @@ pub struct Consumer {
     pub id: String,
     pub plan: String,
     pub keys: Vec<ApiKey>,
+    /// Client certificates (mutual TLS): `sha256` is the certificate's fingerprint.
+    pub certificates: Vec<ApiKey>,
 }
 
+/// A credential registered by its SHA-256: an API key's, or a client certificate's (of its DER
+/// encoding).
 #[derive(Debug, Clone)]
 pub struct ApiKey {
     pub id: String,
-    /// SHA-256 of the key as the client sends it.
+    /// SHA-256 of the key as the client sends it, or of the certificate.
     pub sha256: [u8; 32],
 }
 
@@ -800,15 +877,7 @@ fn validate(
                 .map_err(|_| err(key("methods"), format!("`{m}` is not an HTTP method")))?;
             methods.push(method);
         }
-        let auth = match r.auth.as_str() {
-            "api_key" => AuthMode::ApiKey,
-            "jwt" => AuthMode::Jwt,
-            "api_key_or_jwt" => AuthMode::ApiKeyOrJwt,
-            "none" => AuthMode::None,
-            other => {
-                return Err(err(key("auth"), format!("`{other}` is not one of api_key, jwt, api_key_or_jwt, none")));
-            }
-        };
+        let auth = AuthMode::parse(&r.auth.0).map_err(|e| err(key("auth"), e))?;
         if r.timeout_ms == 0 {
             return Err(err(key("timeout_ms"), "must be at least 1".into()));
         }
@@ -867,7 +936,7 @@ fn validate(
         jwt_issuers.push(Arc::new(validate_issuer(raw_issuer, &prefix, origin, base, env)?));
     }
     if jwt_issuers.is_empty()
-        && let Some(r) = routes.iter().find(|r| matches!(r.auth, AuthMode::Jwt))
+        && let Some(r) = routes.iter().find(|r| r.auth.jwt_only())
     {
         return Err(err(format!("routes (id `{}`).auth", r.id), "`jwt` needs at least one [[jwt.issuers]]".into()));
     }
@@ -907,12 +976,22 @@ fn validate(
     };
 
     let extra = &raw.edge.tls_certificates;
-    let tls_files: Vec<PathBuf> = [&raw.edge.tls_cert_file, &raw.edge.tls_key_file]
+    let tls_files: Vec<PathBuf> = [&raw.edge.tls_cert_file, &raw.edge.tls_key_file, &raw.edge.tls_client_ca_file]
         .into_iter()
         .flatten()
         .chain(extra.iter().flat_map(|c| [&c.cert_file, &c.key_file]))
         .map(|f| path(f))
         .collect();
+    let client_roots = match &raw.edge.tls_client_ca_file {
+        None => None,
+        Some(_) if raw.edge.tls_cert_file.is_none() => {
+            return Err(err(
+                "edge.tls_client_ca_file".into(),
+                "client certificates are part of HTTPS, which needs edge.tls_cert_file and edge.tls_key_file".into(),
+            ));
+        }
+        Some(f) => Some(crate::tls::read_ca_file(&path(f), f).map_err(|e| err("edge.tls_client_ca_file".into(), e))?),
+    };
     let tls_server = match (&raw.edge.tls_cert_file, &raw.edge.tls_key_file) {
         (None, None) if extra.is_empty() => None,
         (None, None) => {
@@ -941,9 +1020,29 @@ fn validate(
             }
             let resolver = crate::tls::SniResolver::new(default, &others)
                 .map_err(|(i, e)| err(format!("edge.tls_certificates[{i}].cert_file"), e))?;
-            Some(crate::tls::server_config(resolver).map_err(|e| err("edge.tls_cert_file".into(), e))?)
+            let config = crate::tls::server_config(resolver, client_roots.as_deref()).map_err(|e| {
+                err(if client_roots.is_some() { "edge.tls_client_ca_file" } else { "edge.tls_cert_file" }.into(), e)
+            })?;
+            Some(config)
         }
     };
+
+    // Client certificates are only asked for with a client CA: without one, `mtls` routes and
+    // registered certificates could never match.
+    if client_roots.is_none() {
+        if let Some(r) = routes.iter().find(|r| r.auth.accepts_mtls()) {
+            return Err(err(
+                format!("routes (id `{}`).auth", r.id),
+                "`mtls` needs edge.tls_client_ca_file (the CA that signs client certificates)".into(),
+            ));
+        }
+        if let Some(c) = consumers.iter().find(|c| !c.certificates.is_empty()) {
+            return Err(err(
+                format!("consumers (id `{}`).certificates", c.id),
+                "client certificates need edge.tls_client_ca_file (the CA that signs them)".into(),
+            ));
+        }
+    }
 
     let http_redirect = match (&raw.edge.http_redirect_listen, raw.edge.https_public_port) {
         (None, None) => None,
@@ -993,6 +1092,7 @@ fn validate(
     Ok(Config {
         worker_threads,
         tls_ca,
+        mutual_tls: client_roots.is_some(),
         tls_server,
         tls_files,
         http_redirect,
@@ -1052,7 +1152,19 @@ fn consumer(
         })?;
         keys.push(ApiKey { id: k.id, sha256: bytes });
     }
-    Ok(Consumer { id: c.id, plan: c.plan, keys })
+    let mut certificates = Vec::with_capacity(c.certificates.len());
+    for (j, k) in c.certificates.into_iter().enumerate() {
+        let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+            err(
+                key(&format!("certificates[{j}].sha256")),
+                "must be the 64 hex digits of the certificate's SHA-256 fingerprint (see `tollgate-edge \
+                 cert-fingerprint`)"
+                    .into(),
+            )
+        })?;
+        certificates.push(ApiKey { id: k.id, sha256: bytes });
+    }
+    Ok(Consumer { id: c.id, plan: c.plan, keys, certificates })
 }
 
 /// Reads `consumers_file`: one consumer per line as a JSON object with the fields of
@@ -1131,16 +1243,21 @@ fn check_unique(
         return Err(ConfigError::invalid(&origin, key, format!("duplicate consumer id `{}`", w[0].0)));
     }
     drop(ids);
-    let mut hashes: Vec<(&[u8; 32], usize, usize)> = consumers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, c)| c.keys.iter().enumerate().map(move |(j, k)| (&k.sha256, i, j)))
-        .collect();
-    hashes.sort_unstable();
-    if let Some(w) = hashes.windows(2).find(|w| w[0].0 == w[1].0) {
-        let (_, i, j) = w[0].max(w[1]);
-        let (origin, key) = place(i, &format!("keys[{j}].sha256"));
-        return Err(ConfigError::invalid(&origin, key, "this key hash is already used by another key"));
+    for (field, what, of) in [
+        ("keys", "key hash", (|c: &Consumer| &c.keys) as fn(&Consumer) -> &Vec<ApiKey>),
+        ("certificates", "certificate fingerprint", |c: &Consumer| &c.certificates),
+    ] {
+        let mut hashes: Vec<(&[u8; 32], usize, usize)> = consumers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| of(c).iter().enumerate().map(move |(j, k)| (&k.sha256, i, j)))
+            .collect();
+        hashes.sort_unstable();
+        if let Some(w) = hashes.windows(2).find(|w| w[0].0 == w[1].0) {
+            let (_, i, j) = w[0].max(w[1]);
+            let (origin, key) = place(i, &format!("{field}[{j}].sha256"));
+            return Err(ConfigError::invalid(&origin, key, format!("this {what} is already registered")));
+        }
     }
     Ok(())
 }
@@ -1344,6 +1461,73 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
     }
 
     #[test]
+    fn route_auth_is_a_name_or_a_list_of_them() {
+        let parse = |names: &[&str]| AuthMode::parse(&names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(parse(&["api_key"]), Ok(AuthMode::API_KEY));
+        assert_eq!(parse(&["api_key_or_jwt"]), Ok(AuthMode::API_KEY_OR_JWT));
+        assert_eq!(parse(&["jwt", "api_key"]), Ok(AuthMode::API_KEY_OR_JWT));
+        let both = parse(&["mtls", "api_key"]).unwrap();
+        assert!(both.accepts_mtls() && both.accepts_api_key() && !both.accepts_jwt() && !both.is_public());
+        assert_eq!(both.accepted(), "API keys and client certificates");
+        let public = parse(&["none"]).unwrap();
+        assert!(public.is_public() && public.accepts_api_key() && public.accepts_jwt() && !public.accepts_mtls());
+        assert!(parse(&["jwt"]).unwrap().jwt_only() && !parse(&["jwt", "mtls"]).unwrap().jwt_only());
+        for bad in [&["none", "mtls"][..], &[], &["basic"]] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let c =
+            Config::parse(&BASE.replace("upstream = ", "auth = [\"api_key\", \"jwt\"]\nupstream = "), &BTreeMap::new());
+        assert!(c.is_ok_and(|c| c.routes[0].auth == AuthMode::API_KEY_OR_JWT));
+        let msg = Config::parse(&BASE.replace("upstream = ", "auth = 3\nupstream = "), &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("routes[0].auth") && msg.contains("a name or a list"), "{msg}");
+    }
+
+    #[test]
+    fn mutual_tls_needs_https_and_a_client_ca_for_its_routes_and_certificates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
+        let file = |f: &str| dir.join(f).display().to_string();
+        let https =
+            format!("tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n", file("server.pem"), file("server.key.pem"));
+        let ca = format!("tls_client_ca_file = \"{}\"\n", file("client-ca.pem"));
+        let fp = "63eaafb16ff36a76b60dcce5cb06ce73f16ced28389d848ba8b2dd6e24352d27";
+        let cert = format!("certificates = [{{ id = \"c1\", sha256 = \"{fp}\" }}]\n");
+        let with = |edge: &str, route_auth: &str, consumer: &str| {
+            let base = BASE.replace("upstream = ", &format!("auth = {route_auth}\nupstream = "));
+            let base = base.replace("keys = [", &format!("{consumer}keys = ["));
+            Config::parse(&format!("[edge]\n{edge}{base}"), &BTreeMap::new())
+        };
+        let ok = with(&format!("{https}{ca}"), "[\"mtls\", \"api_key\"]", &cert).unwrap();
+        assert!(ok.mutual_tls && ok.tls_server.is_some());
+        assert_eq!(ok.consumers[0].certificates[0].sha256[..2], [0x63, 0xea]);
+        assert_eq!(ok.tls_files.len(), 3, "the client CA file is watched too");
+        assert!(!with(&https, "\"api_key\"", "").unwrap().mutual_tls);
+        for (edge, auth, consumer, names, says) in [
+            (ca.clone(), "\"api_key\"", String::new(), "edge.tls_client_ca_file", "needs edge.tls_cert_file"),
+            (https.clone(), "\"mtls\"", String::new(), ".auth", "needs edge.tls_client_ca_file"),
+            (https.clone(), "\"api_key\"", cert.clone(), ".certificates", "need edge.tls_client_ca_file"),
+            (
+                format!("{https}tls_client_ca_file = \"{}\"\n", file("nope.pem")),
+                "\"api_key\"",
+                String::new(),
+                "edge.tls_client_ca_file",
+                "cannot read",
+            ),
+            (
+                format!("{https}{ca}"),
+                "\"mtls\"",
+                cert.replace(fp, "abc"),
+                "consumers[0].certificates[0].sha256",
+                "cert-fingerprint",
+            ),
+        ] {
+            let msg = with(&edge, auth, &consumer).unwrap_err().to_string();
+            assert!(msg.contains(names) && msg.contains(says), "{auth} {consumer}: {msg}");
+        }
+    }
+
+    #[test]
     fn sni_certificates_need_the_default_one_and_errors_name_their_entry() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testdata/tls");
         let file = |f: &str| dir.join(f).display().to_string();
@@ -1457,7 +1641,7 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(e.contains("(consumer 2 of the file)") && e.contains("duplicate consumer id `acme`"), "{e}");
         let acme_hash = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
         let e = err(&[line("globex", 1).replace(&hash(1), acme_hash)]);
-        assert!(e.contains("keys[0].sha256") && e.contains("already used"), "{e}");
+        assert!(e.contains("keys[0].sha256") && e.contains("already registered"), "{e}");
         let e = err(&[line("globex", 1), line("initech", 1)]);
         assert!(e.contains("(consumer 2 of the file)") && e.contains("keys[0].sha256"), "{e}");
         std::fs::remove_file(dir.join("consumers.jsonl")).unwrap();

@@ -134,16 +134,23 @@ pub struct PeerInfo {
     pub ip_text: http::HeaderValue,
     /// The connection is HTTPS (the edge terminated TLS).
     pub tls: bool,
+    /// SHA-256 fingerprint of the client certificate the TLS handshake verified (mutual TLS).
+    pub client_cert: Option<[u8; 32]>,
     /// Requests started on the connection (its idle timer and timeout reasons read it).
     requests: std::sync::atomic::AtomicU64,
 }
 
 impl Peer {
     pub fn new(addr: SocketAddr, tls: bool) -> Self {
+        Self::with_client_cert(addr, tls, None)
+    }
+
+    /// A TLS connection's peer with the fingerprint of its verified client certificate.
+    pub fn with_client_cert(addr: SocketAddr, tls: bool, client_cert: Option<[u8; 32]>) -> Self {
         let text = forwarded::ip_text(addr.ip());
         let ip_text = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
             .unwrap_or_else(|_| http::HeaderValue::from_static(""));
-        Self(Arc::new(PeerInfo { addr, ip_text, tls, requests: std::sync::atomic::AtomicU64::new(0) }))
+        Self(Arc::new(PeerInfo { addr, ip_text, tls, client_cert, requests: std::sync::atomic::AtomicU64::new(0) }))
     }
 
     /// Counts a request started on the connection. A load and a store, not a read-modify-write:
@@ -208,7 +215,7 @@ async fn admit_and_forward(
         Err(no_match) => return routing::refusal(no_match, req.uri().path()),
     };
     let _ = call.route.set(Arc::clone(&route));
-    let identity = match auth::admit(gw, &runtime, &route, &mut req).await {
+    let identity = match auth::admit(gw, &runtime, &route, peer, &mut req).await {
         Ok(identity) => identity,
         Err(refused) => return refused,
     };

@@ -35,6 +35,16 @@ enum Command {
     },
     /// Print the SHA-256 of an API key, as `consumers[].keys[].sha256` wants it.
     HashKey { key: String },
+    /// Print the SHA-256 fingerprint of a client certificate (the first in a PEM file), as
+    /// `consumers[].certificates[].sha256` wants it, with the config entry to add.
+    CertFingerprint {
+        /// PEM file holding the client's certificate.
+        #[arg(long)]
+        cert: PathBuf,
+        /// Credential id recorded in events (e.g. `acme-cert-2026`).
+        #[arg(long, default_value = "cert-1")]
+        cert_id: String,
+    },
     /// Generate a new API key: prints the key once, and the config entry (its hash) to add.
     GenKey {
         /// The consumer the key is for (only printed in the instructions).
@@ -59,6 +69,29 @@ fn main() -> ExitCode {
         Command::HashKey { key } => {
             println!("{}", tollgate_edge::auth::hash_key(&key));
             ExitCode::SUCCESS
+        }
+        Command::CertFingerprint { cert, cert_id } => {
+            let certs = std::fs::read(&cert)
+                .map_err(|e| format!("cannot read it: {e}"))
+                .and_then(|pem| tollgate_edge::tls::read_pem_certs(&pem));
+            match certs.as_deref() {
+                Ok([first, ..]) => {
+                    let hex = hex::encode(tollgate_edge::auth::fingerprint(first));
+                    println!("{hex}");
+                    println!("Add to the consumer's `certificates` in the edge config, then reload the edge:");
+                    println!("  {{ id = \"{cert_id}\", sha256 = \"{hex}\" }}");
+                    println!("(the edge must trust its issuer: edge.tls_client_ca_file). To revoke it, remove that entry.");
+                    ExitCode::SUCCESS
+                }
+                Ok([]) => {
+                    eprintln!("tollgate-edge: {}: no PEM certificate in it", cert.display());
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    eprintln!("tollgate-edge: {}: {e}", cert.display());
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::GenKey { consumer, key_id, env } => {
             let key = tollgate_edge::auth::generate_key(&env);

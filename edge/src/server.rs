@@ -330,7 +330,10 @@ async fn accept_loop(
                                     return;
                                 }
                             };
-                            let peer = crate::Peer::new(peer, true);
+                            // The client certificate, if any, was verified against
+                            // `edge.tls_client_ca_file` by the handshake.
+                            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                            let peer = crate::Peer::with_client_cert(peer, true, cert.map(|c| crate::auth::fingerprint(c)));
                             let stream = FirstBytes::new(stream, deadline);
                             serve_connection(&builder, stream, gw, peer, life).await;
                         });

@@ -1,12 +1,16 @@
-//! Authentication: API keys and JWTs. On success the request path gets a typed [`Identity`],
-//! and the credential headers are removed before forwarding.
+//! Authentication: API keys, JWTs and client certificates (mutual TLS). On success the request
+//! path gets a typed [`Identity`], and the credential headers are removed before forwarding.
 //!
 //! A request carries at most one credential: `Authorization: Bearer <key or JWT>` or
-//! `x-api-key: <key>`; sending two (of either kind) is ambiguous and refused. A bearer value
-//! with three dot-separated parts is a JWT ([`jwt`]), anything else an API key.
+//! `x-api-key: <key>`, or, on a route that accepts them, the client certificate of its TLS
+//! connection; sending two (of any kinds) is ambiguous and refused. A bearer value with three
+//! dot-separated parts is a JWT ([`jwt`]), anything else an API key.
 //!
 //! API keys: consumers in the config carry the SHA-256 of each key, never the key; a request's
-//! key is hashed and looked up.
+//! key is hashed and looked up. Client certificates: the TLS handshake has verified the chain
+//! to `edge.tls_client_ca_file`; the certificate's SHA-256 fingerprint is looked up among the
+//! consumers' `certificates`, so removing one revokes it at the next reload (also on open
+//! connections: the lookup is per request).
 
 pub mod jwt;
 
@@ -28,15 +32,16 @@ pub static API_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-a
 #[derive(Debug)]
 pub struct Identity {
     pub consumer_id: Arc<str>,
-    /// The API key's id, or `jwt:<issuer id>`.
+    /// The API key's or client certificate's id, or `jwt:<issuer id>`.
     pub credential_id: Arc<str>,
     pub plan: Arc<Plan>,
 }
 
-/// Key hash → identity; consumer id → plan.
+/// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
 #[derive(Debug, Default)]
 pub struct KeyStore {
     by_hash: HashMap<[u8; 32], Arc<Identity>, foldhash::fast::RandomState>,
+    by_certificate: HashMap<[u8; 32], Arc<Identity>, foldhash::fast::RandomState>,
     /// An identity of each consumer (its first key's), found by consumer id: a set of
     /// pointers to identities the key map holds anyway (8 bytes an entry, not a second copy
     /// of every id and plan).
@@ -74,6 +79,7 @@ impl KeyStore {
     pub fn new(plans_by_name: &HashMap<String, Arc<Plan>>, consumers: Vec<Consumer>) -> Self {
         let mut by_hash = HashMap::with_capacity_and_hasher(consumers.len(), Default::default());
         let mut by_consumer = HashSet::with_capacity_and_hasher(consumers.len(), Default::default());
+        let mut by_certificate = HashMap::default();
         for c in consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
             let Some(plan) = plans_by_name.get(&c.plan) else { continue };
@@ -90,15 +96,25 @@ impl KeyStore {
                 first.get_or_insert_with(|| Arc::clone(&id));
                 by_hash.insert(k.sha256, id);
             }
+            for k in &c.certificates {
+                let id = identity(&k.id);
+                first.get_or_insert_with(|| Arc::clone(&id));
+                by_certificate.insert(k.sha256, id);
+            }
             // A consumer without keys (JWT only) still has its plan.
             by_consumer.insert(ByConsumer(first.unwrap_or_else(|| identity(""))));
         }
-        Self { by_hash, consumers: by_consumer }
+        Self { by_hash, by_certificate, consumers: by_consumer }
     }
 
     pub fn lookup(&self, key: &str) -> Option<Arc<Identity>> {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         self.by_hash.get(&digest).cloned()
+    }
+
+    /// The identity of the client certificate with this fingerprint.
+    pub fn lookup_certificate(&self, fingerprint: &[u8; 32]) -> Option<Arc<Identity>> {
+        self.by_certificate.get(fingerprint).cloned()
     }
 
     /// The configured consumer's id and plan.
@@ -125,6 +141,12 @@ pub fn generate_key(env: &str) -> String {
     key
 }
 
+/// SHA-256 of a certificate's DER encoding: how a client certificate is registered
+/// (`consumers[].certificates[].sha256`).
+pub fn fingerprint(der: &[u8]) -> [u8; 32] {
+    Sha256::digest(der).into()
+}
+
 /// Hex SHA-256 of a key, as the config wants it.
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
@@ -135,6 +157,10 @@ pub fn hash_key(key: &str) -> String {
 pub enum AuthError {
     #[error("missing credential: send `Authorization: Bearer <credential>` or `x-api-key: <key>`")]
     Missing,
+    #[error("missing credential: this route needs a client certificate (mutual TLS)")]
+    MissingCertificate,
+    #[error("the client certificate is not registered")]
+    CertificateNotRegistered,
     #[error("more than one credential in the request")]
     Ambiguous,
     #[error("unsupported Authorization scheme; use Bearer")]
@@ -179,23 +205,28 @@ pub fn extract(headers: &HeaderMap) -> Result<Option<Credential>, AuthError> {
     }
 }
 
-/// Authenticates against the runtime's keys and issuers; `Ok(None)` for a public route
-/// without credential.
+/// Authenticates against the runtime's keys, certificates and issuers (`client_cert`: the
+/// fingerprint of the connection's client certificate); `Ok(None)` for a public route without
+/// credential.
 pub async fn authenticate(
     runtime: &Runtime,
     route: &Route,
     headers: &HeaderMap,
+    client_cert: Option<&[u8; 32]>,
     client: &crate::proxy::HttpClient,
 ) -> Result<Option<Arc<Identity>>, AuthError> {
-    let accepted = match route.auth {
-        AuthMode::ApiKey => "API keys",
-        AuthMode::Jwt => "JWT bearer tokens",
-        AuthMode::ApiKeyOrJwt | AuthMode::None => "API keys and JWTs",
-    };
-    match extract(headers)? {
-        None if route.auth == AuthMode::None => Ok(None),
-        None => Err(AuthError::Missing),
-        Some(Credential::ApiKey(key)) => {
+    let accepted = route.auth.accepted();
+    // The connection's certificate is a credential only where the route takes one.
+    let cert = client_cert.filter(|_| route.auth.accepts_mtls());
+    match (extract(headers)?, cert) {
+        (Some(_), Some(_)) => Err(AuthError::Ambiguous),
+        (None, Some(fingerprint)) => {
+            runtime.keys.lookup_certificate(fingerprint).map(Some).ok_or(AuthError::CertificateNotRegistered)
+        }
+        (None, None) if route.auth.is_public() => Ok(None),
+        (None, None) if route.auth == AuthMode::MTLS => Err(AuthError::MissingCertificate),
+        (None, None) => Err(AuthError::Missing),
+        (Some(Credential::ApiKey(key)), None) => {
             if !route.auth.accepts_api_key() {
                 return Err(AuthError::WrongKind(accepted));
             }
@@ -204,7 +235,7 @@ pub async fn authenticate(
             }
             runtime.keys.lookup(&key).map(Some).ok_or(AuthError::Invalid)
         }
-        Some(Credential::Jwt(token)) => {
+        (Some(Credential::Jwt(token)), None) => {
             if !route.auth.accepts_jwt() {
                 return Err(AuthError::WrongKind(accepted));
             }
@@ -232,9 +263,10 @@ pub async fn admit<B>(
     gw: &Gateway,
     runtime: &Runtime,
     route: &Route,
+    peer: &crate::Peer,
     req: &mut http::Request<B>,
 ) -> Result<Option<Arc<Identity>>, Response> {
-    match authenticate(runtime, route, req.headers(), &gw.client).await {
+    match authenticate(runtime, route, req.headers(), peer.client_cert.as_ref(), &gw.client).await {
         Err(AuthError::NotRegistered) => Err(Problem::forbidden(AuthError::NotRegistered.to_string()).into_response()),
         Err(e @ AuthError::Jwt(_)) => Err(Problem::invalid_token(e.to_string()).into_response()),
         Err(e) => Err(Problem::unauthenticated(e.to_string()).into_response()),
@@ -312,13 +344,24 @@ mod tests {
             [("gold".to_owned(), plan("gold")), ("free".to_owned(), plan("free"))].into();
         let key = |id: &str, k: &str| ApiKey { id: id.into(), sha256: Sha256::digest(k.as_bytes()).into() };
         let consumers = vec![
-            Consumer { id: "acme".into(), plan: "gold".into(), keys: vec![key("a1", "key-1"), key("a2", "key-2")] },
-            Consumer { id: "jwt-only".into(), plan: "free".into(), keys: vec![] },
+            Consumer {
+                id: "acme".into(),
+                plan: "gold".into(),
+                keys: vec![key("a1", "key-1"), key("a2", "key-2")],
+                certificates: vec![key("c1", "cert-1")],
+            },
+            Consumer { id: "jwt-only".into(), plan: "free".into(), keys: vec![], certificates: vec![] },
         ];
         let store = KeyStore::new(&plans, consumers);
         let found = store.lookup("key-2").unwrap();
         assert_eq!((&*found.consumer_id, &*found.credential_id, found.plan.name.as_str()), ("acme", "a2", "gold"));
         assert!(store.lookup("key-3").is_none());
+        // Certificates by fingerprint, apart from keys: a key whose hash is a certificate's
+        // fingerprint finds nothing.
+        let c1 = store.lookup_certificate(&Sha256::digest(b"cert-1").into()).unwrap();
+        assert_eq!((&*c1.consumer_id, &*c1.credential_id), ("acme", "c1"));
+        assert!(store.lookup("cert-1").is_none());
+        assert!(store.lookup_certificate(&Sha256::digest(b"key-1").into()).is_none());
         let (id, plan) = store.consumer("acme").unwrap();
         assert_eq!((&**id, plan.name.as_str()), ("acme", "gold"));
         let (id, plan) = store.consumer("jwt-only").unwrap();
