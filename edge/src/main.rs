@@ -80,7 +80,9 @@ fn main() -> ExitCode {
                     println!("{hex}");
                     println!("Add to the consumer's `certificates` in the edge config, then reload the edge:");
                     println!("  {{ id = \"{cert_id}\", sha256 = \"{hex}\" }}");
-                    println!("(the edge must trust its issuer: edge.tls_client_ca_file). To revoke it, remove that entry.");
+                    println!(
+                        "(the edge must trust its issuer: edge.tls_client_ca_file). To revoke it, remove that entry."
+                    );
                     ExitCode::SUCCESS
                 }
                 Ok([]) => {
