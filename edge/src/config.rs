@@ -312,6 +312,27 @@ struct RawRoute {
     max_fails: u32,
     #[serde(default = "default_fail_timeout_ms")]
     fail_timeout_ms: u64,
+    #[serde(default)]
+    cors: Option<RawCors>,
+}
+
+/// `routes[].cors`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    allow_origins: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default = "default_cors_max_age_s")]
+    max_age_s: u32,
+    #[serde(default)]
+    allow_credentials: bool,
+}
+
+fn default_cors_max_age_s() -> u32 {
+    600
 }
 
 fn default_retries() -> u32 {
@@ -644,6 +665,8 @@ pub struct Route {
     pub max_fails: u32,
     /// How long an ejected target is left alone before a probe request.
     pub fail_timeout: Duration,
+    /// Browser clients from other origins (`routes[].cors`).
+    pub cors: Option<Arc<crate::cors::Cors>>,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -664,6 +687,7 @@ impl Route {
             retries: default_retries(),
             max_fails: default_max_fails(),
             fail_timeout: Duration::from_millis(default_fail_timeout_ms()),
+            cors: None,
         })
     }
 }
@@ -881,6 +905,21 @@ fn validate(
         if r.timeout_ms == 0 {
             return Err(err(key("timeout_ms"), "must be at least 1".into()));
         }
+        let cors = match r.cors {
+            None => None,
+            Some(c) => {
+                let settings = crate::cors::CorsSettings {
+                    allow_origins: c.allow_origins,
+                    allow_headers: c.allow_headers,
+                    expose_headers: c.expose_headers,
+                    max_age_s: c.max_age_s,
+                    allow_credentials: c.allow_credentials,
+                };
+                let cors = crate::cors::Cors::new(settings, &methods)
+                    .map_err(|(field, reason)| err(key(&format!("cors.{field}")), reason))?;
+                Some(Arc::new(cors))
+            }
+        };
         routes.push(Arc::new(Route {
             id: r.id,
             host: r.host.map(|h| h.to_ascii_lowercase()),
@@ -895,6 +934,7 @@ fn validate(
             retries: r.retries,
             max_fails: r.max_fails,
             fail_timeout: Duration::from_millis(r.fail_timeout_ms),
+            cors,
         }));
     }
 

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod cors;
 pub mod forwarded;
 pub mod hygiene;
 pub mod limit;
@@ -101,6 +102,8 @@ pub struct Gateway {
 #[derive(Debug, Clone, Default)]
 pub struct CallInfo {
     pub outcome: Option<Outcome>,
+    /// Not a call: no event, no request metrics (a CORS preflight the edge answered).
+    pub unmetered: bool,
 }
 
 impl Gateway {
@@ -210,14 +213,32 @@ async fn admit_and_forward(
     // One config snapshot per request: in-flight requests finish with the config they
     // started with.
     let runtime = gw.runtime();
+    // A CORS preflight for a route with a policy is answered here: not forwarded, not a call.
+    if let Some((origin, method)) = cors::preflight_of(&req)
+        && let Ok(route) = routing::route_as(&runtime, &req, &method)
+        && let Some(policy) = &route.cors
+    {
+        let mut resp = policy.preflight(&origin);
+        let refused = resp.status() != http::StatusCode::NO_CONTENT;
+        gw.metrics.cors_preflights[usize::from(refused)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CallInfo::of(&mut resp).unmetered = true;
+        return resp;
+    }
     let route = match routing::route(&runtime, &req) {
         Ok(route) => route,
         Err(no_match) => return routing::refusal(no_match, req.uri().path()),
     };
     let _ = call.route.set(Arc::clone(&route));
+    // Only routes with a CORS policy look at `Origin`.
+    let origin = route.cors.as_ref().and_then(|_| req.headers().get(http::header::ORIGIN).cloned());
     let identity = match auth::admit(gw, &runtime, &route, peer, &mut req).await {
         Ok(identity) => identity,
-        Err(refused) => return refused,
+        Err(mut refused) => {
+            if let Some(policy) = &route.cors {
+                policy.decorate(origin.as_ref(), refused.headers_mut());
+            }
+            return refused;
+        }
     };
     if let Some(i) = &identity {
         let _ = call.identity.set(Arc::clone(i));
@@ -233,6 +254,9 @@ async fn admit_and_forward(
         // Room for the rate-limit, quota and request-id headers: one allocation, not several.
         resp.headers_mut().reserve(10);
         admission.write_headers(resp.headers_mut());
+    }
+    if let Some(policy) = &route.cors {
+        policy.decorate(origin.as_ref(), resp.headers_mut());
     }
     resp
 }

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
     pub https_redirects: AtomicU64,
+    /// CORS preflights the edge answered: [allowed (204), refused (403)].
+    pub cors_preflights: [AtomicU64; 2],
     /// Connections accepted on the traffic port (plain and TLS).
     pub connections_accepted: AtomicU64,
     /// Connections on the traffic port open now, TLS handshakes included (gauge).
@@ -346,6 +348,14 @@ impl Metrics {
         ];
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let name = "tollgate_edge_cors_preflights_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).\n# TYPE {name} counter"
+        );
+        for (i, result) in ["allowed", "refused"].iter().enumerate() {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(&self.cors_preflights[i]));
         }
         let name = "tollgate_edge_connections_timed_out_total";
         let _ = writeln!(

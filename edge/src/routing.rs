@@ -82,12 +82,18 @@ impl RouteTable {
 
 /// The request's route in `runtime`.
 pub fn route<B>(runtime: &Runtime, req: &http::Request<B>) -> Result<Arc<Route>, NoMatch> {
+    route_as(runtime, req, req.method())
+}
+
+/// The route `req` would take with `method` (a CORS preflight is routed by the method it asks
+/// for).
+pub fn route_as<B>(runtime: &Runtime, req: &http::Request<B>, method: &Method) -> Result<Arc<Route>, NoMatch> {
     let host = if runtime.routes.by_host {
         crate::request_host(req).as_ref().and_then(|h| h.to_str().ok()).map(normalize_host).unwrap_or_default()
     } else {
         String::new()
     };
-    runtime.routes.find(&host, req.uri().path(), req.method())
+    runtime.routes.find(&host, req.uri().path(), method)
 }
 
 /// The 404 / 405 answer for a request without a route.

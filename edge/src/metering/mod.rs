@@ -313,6 +313,9 @@ impl Call {
         self.finished = true;
         resp.headers_mut().insert(&REQUEST_ID, self.request_id.clone());
         let info = resp.extensions_mut().remove::<CallInfo>().unwrap_or_default();
+        if info.unmetered {
+            return resp;
+        }
         let status = resp.status().as_u16();
         if let Some(span) = &self.span {
             let route = self.route.get().map_or(crate::metrics::NO_ROUTE, |r| r.id.as_str());
