@@ -29,6 +29,15 @@ pub fn read_pem_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String
 
 /// A client configuration trusting the web PKI and `extra_roots`.
 pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<ClientConfig>, String> {
+    client_config_with(extra_roots, None)
+}
+
+/// [`client_config`] presenting `identity` (a certificate and its key) to servers that ask for
+/// a client certificate (mutual TLS).
+pub fn client_config_with(
+    extra_roots: &[CertificateDer<'static>],
+    identity: Option<Arc<CertifiedKey>>,
+) -> Result<Arc<ClientConfig>, String> {
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     for cert in extra_roots {
         roots.add(cert.clone()).map_err(|e| format!("unusable CA certificate: {e}"))?;
@@ -37,9 +46,26 @@ pub fn client_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<Clie
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => config.with_no_client_auth(),
+        Some(key) => config.with_client_cert_resolver(Arc::new(ClientIdentity(key))),
+    };
     Ok(Arc::new(config))
+}
+
+/// Always the same client certificate, whatever CAs the server names.
+#[derive(Debug)]
+struct ClientIdentity(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for ClientIdentity {
+    fn resolve(&self, _issuers: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// The certificates of the CA file at `path`, checked to be usable as roots; errors name the

@@ -220,6 +220,10 @@ struct RawEdge {
     #[serde(default)]
     tls_client_ca_file: Option<String>,
     #[serde(default)]
+    upstream_tls_cert_file: Option<String>,
+    #[serde(default)]
+    upstream_tls_key_file: Option<String>,
+    #[serde(default)]
     http_redirect_listen: Option<String>,
     #[serde(default)]
     https_public_port: Option<u16>,
@@ -256,6 +260,8 @@ impl Default for RawEdge {
             tls_key_file: None,
             tls_certificates: Vec::new(),
             tls_client_ca_file: None,
+            upstream_tls_cert_file: None,
+            upstream_tls_key_file: None,
             http_redirect_listen: None,
             https_public_port: None,
             worker_threads: None,
@@ -496,6 +502,9 @@ pub struct Config {
     pub tls_files: Vec<PathBuf>,
     /// `tls_server` asks clients for a certificate (`edge.tls_client_ca_file`).
     pub mutual_tls: bool,
+    /// The client certificate the edge presents to https upstreams that ask for one
+    /// (`edge.upstream_tls_cert_file` and `_key_file`).
+    pub upstream_identity: Option<Arc<rustls::sign::CertifiedKey>>,
     /// A plain-HTTP port answering every request with a redirect to HTTPS
     /// (`edge.http_redirect_listen`).
     pub http_redirect: Option<crate::redirect::HttpRedirect>,
@@ -1022,6 +1031,24 @@ fn validate(
         .chain(extra.iter().flat_map(|c| [&c.cert_file, &c.key_file]))
         .map(|f| path(f))
         .collect();
+    let upstream_identity = match (&raw.edge.upstream_tls_cert_file, &raw.edge.upstream_tls_key_file) {
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(err(
+                "edge.upstream_tls_key_file".into(),
+                "must be set with edge.upstream_tls_cert_file".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(err(
+                "edge.upstream_tls_cert_file".into(),
+                "must be set with edge.upstream_tls_key_file".into(),
+            ));
+        }
+        (Some(c), Some(k)) => Some(crate::tls::certified_key((&path(c), c), (&path(k), k)).map_err(|(which, e)| {
+            err(if which == 0 { "edge.upstream_tls_cert_file" } else { "edge.upstream_tls_key_file" }.into(), e)
+        })?),
+    };
     let client_roots = match &raw.edge.tls_client_ca_file {
         None => None,
         Some(_) if raw.edge.tls_cert_file.is_none() => {
@@ -1133,6 +1160,7 @@ fn validate(
         worker_threads,
         tls_ca,
         mutual_tls: client_roots.is_some(),
+        upstream_identity,
         tls_server,
         tls_files,
         http_redirect,

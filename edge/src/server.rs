@@ -62,7 +62,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)
     };
-    let tls = crate::tls::client_config(&cfg.tls_ca).map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
+    let tls = crate::tls::client_config_with(&cfg.tls_ca, cfg.upstream_identity.clone())
+        .map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
     let clients = crate::upstream::Clients::new(Arc::clone(&tls));
     // The runtime takes the consumers (possibly 100,000s): reloads read the files again.
     let consumers = cfg.consumers.len();
@@ -525,6 +526,11 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     (
                         "edge.tls_cert_file (turning HTTPS on or off; a new certificate is taken)",
                         next.tls_server.is_some() != current.tls_server.is_some(),
+                    ),
+                    (
+                        "edge.upstream_tls_cert_file / edge.upstream_tls_key_file",
+                        next.upstream_identity.as_ref().map(|k| &k.cert)
+                            != current.upstream_identity.as_ref().map(|k| &k.cert),
                     ),
                     (
                         "edge (HTTP limits, timeouts, trusted_hops)",

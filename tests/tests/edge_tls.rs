@@ -111,3 +111,105 @@ async fn https_upstream_and_jwks_verified_against_the_configured_ca() {
     assert_eq!(status, 502, "{body}");
     assert!(untrusting.terminate(Duration::from_secs(15)));
 }
+
+/// An https upstream that requires a client certificate from `client-ca.pem` (mutual TLS): it
+/// refuses handshakes without one, and answers with the SHA-256 fingerprint of the certificate
+/// the edge presented.
+async fn serve_mtls_upstream() -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(tls_file("client-ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .build()
+        .unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_file("server.pem")).unwrap().map(Result::unwrap).collect();
+    let key = PrivateKeyDer::from_pem_file(tls_file("server.key.pem")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let presented = tls.get_ref().1.peer_certificates().map(|c| {
+                    use sha2::Digest;
+                    hex::encode(sha2::Sha256::digest(&c[0]))
+                });
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = serde_json::json!({ "client_cert": presented }).to_string();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// `edge.upstream_tls_cert_file` / `_key_file`: the edge presents its client certificate to
+/// an upstream that requires one; without it the upstream refuses the handshake (502). A key
+/// that is not the certificate's is refused at start, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_presents_its_client_certificate_to_upstreams_that_require_one() {
+    let dir = TempDir::new("e2e_edge_upstream_mtls");
+    let topic = unique("edge_upstream_mtls");
+    create_topic(&topic, 1).await;
+    let port = serve_mtls_upstream().await;
+    let with_identity = |cert: &str, key: &str| {
+        config(&topic, port, Some(&tls_file("ca.pem"))).replacen(
+            "[edge]\n",
+            &format!(
+                "[edge]\nupstream_tls_cert_file = \"{}\"\nupstream_tls_key_file = \"{}\"\n",
+                tls_file(cert).display(),
+                tls_file(key).display()
+            ),
+            1,
+        )
+    };
+    let (mut edge, addr, _) =
+        start_edge(dir.path(), "edge", &with_identity("client-acme.pem", "client-acme.key.pem")).await;
+    let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
+    assert_eq!(status, 200, "{body}\n{}", edge.log_tail());
+    let expected = {
+        use sha2::Digest;
+        let pem = std::fs::read(tls_file("client-acme.pem")).unwrap();
+        hex::encode(sha2::Sha256::digest(&tollgate_common::tls::read_pem_certs(&pem).unwrap()[0]))
+    };
+    assert_eq!(body["client_cert"].as_str(), Some(expected.as_str()));
+    assert!(edge.terminate(Duration::from_secs(15)));
+
+    // Without a client certificate the upstream refuses the edge.
+    let (mut bare, addr, _) =
+        start_edge(dir.path(), "edge-bare", &config(&topic, port, Some(&tls_file("ca.pem")))).await;
+    let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(bare.terminate(Duration::from_secs(15)));
+
+    // A key that is not the certificate's: the config is refused, naming the key.
+    let cfg = dir.path().join("mismatch.toml");
+    std::fs::write(&cfg, with_identity("client-acme.pem", "client-other.key.pem")).unwrap();
+    let out = std::process::Command::new(bin("tollgate-edge"))
+        .arg("check-config")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("edge.upstream_tls_key_file") && stderr.contains("is not the key"), "{stderr}");
+}
