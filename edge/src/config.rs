@@ -320,6 +320,8 @@ struct RawRoute {
     fail_timeout_ms: u64,
     #[serde(default)]
     cors: Option<RawCors>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
 }
 
 /// `routes[].cors`.
@@ -380,6 +382,8 @@ struct RawConsumer {
     /// Client certificates (mutual TLS), by fingerprint.
     #[serde(default)]
     certificates: Vec<RawKey>,
+    #[serde(default)]
+    allowed_ips: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -676,6 +680,8 @@ pub struct Route {
     pub fail_timeout: Duration,
     /// Browser clients from other origins (`routes[].cors`).
     pub cors: Option<Arc<crate::cors::Cors>>,
+    /// Addresses that may call the route (`None`: any).
+    pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -697,6 +703,7 @@ impl Route {
             max_fails: default_max_fails(),
             fail_timeout: Duration::from_millis(default_fail_timeout_ms()),
             cors: None,
+            allowed_ips: None,
         })
     }
 }
@@ -723,6 +730,8 @@ pub struct Consumer {
     pub keys: Vec<ApiKey>,
     /// Client certificates (mutual TLS): `sha256` is the certificate's fingerprint.
     pub certificates: Vec<ApiKey>,
+    /// Addresses the consumer may call from (empty: any).
+    pub allowed_ips: Vec<crate::forwarded::IpNet>,
 }
 
 /// A credential registered by its SHA-256: an API key's, or a client certificate's (of its DER
@@ -929,6 +938,7 @@ fn validate(
                 Some(Arc::new(cors))
             }
         };
+        let allowed_ips = ip_nets(&r.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
         routes.push(Arc::new(Route {
             id: r.id,
             host: r.host.map(|h| h.to_ascii_lowercase()),
@@ -944,6 +954,7 @@ fn validate(
             max_fails: r.max_fails,
             fail_timeout: Duration::from_millis(r.fail_timeout_ms),
             cors,
+            allowed_ips: (!allowed_ips.is_empty()).then(|| allowed_ips.into()),
         }));
     }
 
@@ -1232,7 +1243,21 @@ fn consumer(
         })?;
         certificates.push(ApiKey { id: k.id, sha256: bytes });
     }
-    Ok(Consumer { id: c.id, plan: c.plan, keys, certificates })
+    let allowed_ips = ip_nets(&c.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
+    Ok(Consumer { id: c.id, plan: c.plan, keys, certificates, allowed_ips })
+}
+
+/// `allowed_ips` entries as address blocks; `key(j)` names entry `j` in errors.
+fn ip_nets(
+    entries: &[String],
+    key: &dyn Fn(usize) -> String,
+    origin: &str,
+) -> Result<Vec<crate::forwarded::IpNet>, ConfigError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(j, e)| e.parse().map_err(|reason| ConfigError::invalid(origin, key(j), reason)))
+        .collect()
 }
 
 /// Reads `consumers_file`: one consumer per line as a JSON object with the fields of
@@ -1468,6 +1493,8 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             ("plan = \"free\"", "plan = \"gold\"", "consumers[0].plan"),
             ("rate_per_second = 5", "rate_per_second = 0", "plans.free.rate_per_second"),
             ("sha256 = \"2c26", "sha256 = \"zz26", "consumers[0].keys[0].sha256"),
+            ("keys = [", "allowed_ips = [\"10.0.0.1/8\"]\nkeys = [", "consumers[0].allowed_ips[0]"),
+            ("upstream = ", "allowed_ips = [\"10.0.0.0/8\", \"example.com\"]\nupstream = ", "routes[0].allowed_ips[1]"),
             ("[kafka]", "[kafka]\nbrokerz = 1", "brokerz"),
         ];
         for (from, to, key) in cases {

@@ -45,11 +45,86 @@ pub fn ip_text(ip: IpAddr) -> String {
     }
 }
 
+/// An address block, `203.0.113.0/24` or `2001:db8::/32` (a bare address is a block of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("`{s}` is not an IP address or a CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("`{s}`: the prefix length must be 0..={max}")),
+            },
+        };
+        let net = Self { addr, prefix };
+        if net.masked(addr) != addr {
+            return Err(format!(
+                "`{s}` has bits set past its prefix length (the block starts at {})",
+                net.masked(addr)
+            ));
+        }
+        Ok(net)
+    }
+}
+
+impl IpNet {
+    /// `ip` with the bits past the prefix cleared.
+    fn masked(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+
+    /// Whether `ip` is in the block (an IPv4 address written as IPv6, `::ffff:a.b.c.d`, counts
+    /// as the IPv4 address: what a dual-stack listener reports).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn address_blocks_contain_their_addresses_only() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net("203.0.113.0/24").contains(ip("203.0.113.255")));
+        assert!(!net("203.0.113.0/24").contains(ip("203.0.114.0")));
+        assert!(net("203.0.113.0/24").contains(ip("::ffff:203.0.113.9")), "IPv4-mapped");
+        assert!(net("198.51.100.7").contains(ip("198.51.100.7")) && !net("198.51.100.7").contains(ip("198.51.100.8")));
+        assert!(net("0.0.0.0/0").contains(ip("8.8.8.8")) && !net("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(net("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
+        assert!(!net("2001:db8::/32").contains(ip("2001:db9::1")));
+        assert!(net("::/0").contains(ip("::1")));
+        for bad in ["203.0.113.1/24", "203.0.113.0/33", "2001:db8::/129", "example.com", "10.0.0.0/x", ""] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+    }
 
     fn h(xff: &[&str]) -> HeaderMap {
         let mut m = HeaderMap::new();

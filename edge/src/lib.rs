@@ -231,17 +231,28 @@ async fn admit_and_forward(
     let _ = call.route.set(Arc::clone(&route));
     // Only routes with a CORS policy look at `Origin`.
     let origin = route.cors.as_ref().and_then(|_| req.headers().get(http::header::ORIGIN).cloned());
-    let identity = match auth::admit(gw, &runtime, &route, peer, &mut req).await {
-        Ok(identity) => identity,
-        Err(mut refused) => {
-            if let Some(policy) = &route.cors {
-                policy.decorate(origin.as_ref(), refused.headers_mut());
-            }
-            return refused;
+    // The route's and the consumer's address lists (`allowed_ips`), and authentication: a
+    // refusal here gets the route's CORS headers too.
+    let mut refusal =
+        route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, client_addr(gw, peer, &req), "this route"));
+    let mut identity = None;
+    if refusal.is_none() {
+        match auth::admit(gw, &runtime, &route, peer, &mut req).await {
+            Ok(admitted) => identity = admitted,
+            Err(refused) => refusal = Some(refused),
         }
-    };
+    }
     if let Some(i) = &identity {
         let _ = call.identity.set(Arc::clone(i));
+        if let Some(nets) = &i.allowed_ips {
+            refusal = address_refusal(nets, client_addr(gw, peer, &req), "this consumer");
+        }
+    }
+    if let Some(mut refused) = refusal {
+        if let Some(policy) = &route.cors {
+            policy.decorate(origin.as_ref(), refused.headers_mut());
+        }
+        return refused;
     }
     let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer };
     // Rate limits after authentication, so unauthenticated floods create no limiter state.
@@ -259,6 +270,19 @@ async fn admit_and_forward(
         policy.decorate(origin.as_ref(), resp.headers_mut());
     }
     resp
+}
+
+/// The client's address: the TCP peer, or what `edge.trusted_hops` proxies say.
+fn client_addr<B>(gw: &Gateway, peer: &Peer, req: &http::Request<B>) -> std::net::IpAddr {
+    forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops)
+}
+
+/// 403 when `ip` is in none of `nets` (`whose`: whose list it is, for the detail).
+fn address_refusal(nets: &[forwarded::IpNet], ip: std::net::IpAddr, whose: &str) -> Option<Response> {
+    use axum::response::IntoResponse;
+    (!nets.iter().any(|n| n.contains(ip))).then(|| {
+        problem::Problem::forbidden(format!("{whose} may not be called from {ip} (allowed_ips)")).into_response()
+    })
 }
 
 #[cfg(test)]

@@ -368,7 +368,12 @@ mod tests {
     #[test]
     fn route_limit_applies_on_its_route_only_and_both_show_in_headers() {
         let plan = Plan { name: "p".into(), limit: rate(1, 5), routes: [("slow".to_owned(), rate(1, 2))].into() };
-        let id = Identity { consumer_id: Arc::from("acme"), credential_id: Arc::from("k"), plan: Arc::new(plan) };
+        let id = Identity {
+            consumer_id: Arc::from("acme"),
+            credential_id: Arc::from("k"),
+            plan: Arc::new(plan),
+            allowed_ips: None,
+        };
         let cache = LimiterCache::default();
         let (slow, fast) = (route("slow"), route("fast"));
         let allowed: Vec<bool> = (0..3).map(|_| check(&cache, &id, &slow).allowed()).collect();
@@ -404,6 +409,7 @@ mod tests {
                 consumer_id: Arc::from(format!("c{i}")),
                 credential_id: Arc::from("k"),
                 plan: Arc::clone(&plan),
+                allowed_ips: None,
             };
             assert!(check(&cache, &id, &r).allowed());
         }
@@ -416,7 +422,7 @@ mod tests {
         assert_eq!(cache.len(), 0);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
         // A dropped generation (config reload) takes its limiters off the gauge.
-        let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan };
+        let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan, allowed_ips: None };
         check(&cache, &id, &r);
         assert_eq!(gauge.load(Ordering::Relaxed), 1);
         drop(cache);

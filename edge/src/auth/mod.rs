@@ -35,6 +35,15 @@ pub struct Identity {
     /// The API key's or client certificate's id, or `jwt:<issuer id>`.
     pub credential_id: Arc<str>,
     pub plan: Arc<Plan>,
+    /// The consumer's `allowed_ips` (`None`: any address).
+    pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
+}
+
+impl Identity {
+    /// Whether the consumer may call from `ip`.
+    pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.allowed_ips.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(ip)))
+    }
 }
 
 /// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
@@ -83,11 +92,14 @@ impl KeyStore {
         for c in consumers {
             let consumer_id: Arc<str> = Arc::from(c.id.as_str());
             let Some(plan) = plans_by_name.get(&c.plan) else { continue };
+            let allowed_ips: Option<Arc<[crate::forwarded::IpNet]>> =
+                (!c.allowed_ips.is_empty()).then(|| c.allowed_ips.as_slice().into());
             let identity = |credential_id: &str| {
                 Arc::new(Identity {
                     consumer_id: Arc::clone(&consumer_id),
                     credential_id: Arc::from(credential_id),
                     plan: Arc::clone(plan),
+                    allowed_ips: allowed_ips.clone(),
                 })
             };
             let mut first = None;
@@ -117,9 +129,9 @@ impl KeyStore {
         self.by_certificate.get(fingerprint).cloned()
     }
 
-    /// The configured consumer's id and plan.
-    pub fn consumer(&self, id: &str) -> Option<(&Arc<str>, &Arc<Plan>)> {
-        self.consumers.get(id).map(|c| (&c.0.consumer_id, &c.0.plan))
+    /// An identity of the configured consumer (its id, plan and allowed addresses).
+    pub fn consumer(&self, id: &str) -> Option<&Identity> {
+        self.consumers.get(id).map(|c| &*c.0)
     }
 }
 
@@ -244,15 +256,15 @@ pub async fn authenticate(
                 return Err(AuthError::Invalid);
             }
             let v = runtime.jwt.verify(&token, client).await?;
-            let (consumer_id, plan) = match runtime.keys.consumer(&v.consumer_id) {
-                Some((id, plan)) => (Arc::clone(id), Arc::clone(plan)),
+            let (consumer_id, plan, allowed_ips) = match runtime.keys.consumer(&v.consumer_id) {
+                Some(c) => (Arc::clone(&c.consumer_id), Arc::clone(&c.plan), c.allowed_ips.clone()),
                 None => {
                     let plan =
                         v.default_plan.as_ref().and_then(|p| runtime.plans.get(p)).ok_or(AuthError::NotRegistered)?;
-                    (Arc::from(v.consumer_id.as_str()), Arc::clone(plan))
+                    (Arc::from(v.consumer_id.as_str()), Arc::clone(plan), None)
                 }
             };
-            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan })))
+            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan, allowed_ips })))
         }
     }
 }
@@ -349,8 +361,15 @@ mod tests {
                 plan: "gold".into(),
                 keys: vec![key("a1", "key-1"), key("a2", "key-2")],
                 certificates: vec![key("c1", "cert-1")],
+                allowed_ips: vec![],
             },
-            Consumer { id: "jwt-only".into(), plan: "free".into(), keys: vec![], certificates: vec![] },
+            Consumer {
+                id: "jwt-only".into(),
+                plan: "free".into(),
+                keys: vec![],
+                certificates: vec![],
+                allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
+            },
         ];
         let store = KeyStore::new(&plans, consumers);
         let found = store.lookup("key-2").unwrap();
@@ -362,10 +381,12 @@ mod tests {
         assert_eq!((&*c1.consumer_id, &*c1.credential_id), ("acme", "c1"));
         assert!(store.lookup("cert-1").is_none());
         assert!(store.lookup_certificate(&Sha256::digest(b"key-1").into()).is_none());
-        let (id, plan) = store.consumer("acme").unwrap();
-        assert_eq!((&**id, plan.name.as_str()), ("acme", "gold"));
-        let (id, plan) = store.consumer("jwt-only").unwrap();
-        assert_eq!((&**id, plan.name.as_str()), ("jwt-only", "free"));
+        let c = store.consumer("acme").unwrap();
+        assert_eq!((&*c.consumer_id, c.plan.name.as_str()), ("acme", "gold"));
+        assert!(c.allows_ip("192.0.2.1".parse().unwrap()), "no allowed_ips: any address");
+        let c = store.consumer("jwt-only").unwrap();
+        assert_eq!((&*c.consumer_id, c.plan.name.as_str()), ("jwt-only", "free"));
+        assert!(!c.allows_ip("192.0.2.1".parse().unwrap()) && c.allows_ip("10.1.2.3".parse().unwrap()));
         assert!(store.consumer("nobody").is_none());
     }
 }
