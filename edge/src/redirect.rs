@@ -4,6 +4,11 @@
 //! port: 308 keeps the method and body (a 301 turns a POST into a GET in many clients). Nothing
 //! is forwarded or metered here: no call reaches an upstream over plain HTTP. A request
 //! without a usable host gets a 400 problem.
+//!
+//! The port speaks HTTP/1 only and closes each connection after its answer: a redirected
+//! client goes to the HTTPS port anyway, so nothing is gained by keeping plain connections
+//! open, and an HTTP/2 (h2c) client, which no header timer covers once its preface has come,
+//! cannot hold one.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -65,14 +70,15 @@ fn answer<B>(req: &http::Request<B>, https_port: u16, metrics: &Metrics) -> Resp
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
     resp.headers_mut().insert(http::header::LOCATION, target);
+    resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
     resp
 }
 
 /// Serves the redirect port until the task is aborted. A client must send its request head
 /// within `header_read_timeout`, as on the traffic port.
 pub async fn serve(listener: TcpListener, https_port: u16, header_read_timeout: Duration, metrics: Arc<Metrics>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(false);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

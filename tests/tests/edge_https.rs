@@ -251,6 +251,31 @@ async fn the_plain_http_port_redirects_to_https() {
     // A client that sends no request head is cut after 1 s.
     let mut idle = tokio::net::TcpStream::connect(plain).await.unwrap();
     assert_cut_after_1s(&mut idle, "no request on the redirect port").await;
+    // Each connection closes after its answer, even when the client asks to keep it.
+    let t = Instant::now();
+    let answer = raw(
+        plain,
+        "GET /k HTTP/1.1
+Host: api.example.com
+Connection: keep-alive
+
+",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 308") && answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "the connection stayed open: {:?}", t.elapsed());
+    // HTTP/2 is not spoken there: a client's preface gets the connection closed at once, so no
+    // h2c client can hold one (HTTP/2 has no header timer once its preface is in).
+    let mut h2 = tokio::net::TcpStream::connect(plain).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), h2.read_to_end(&mut buf)).await;
+    assert!(read.is_ok() && t.elapsed() < Duration::from_millis(900), "h2c held: {:?}", t.elapsed());
+    assert!(!buf.starts_with(b"\x00"), "an HTTP/2 frame came back: {buf:?}");
 
     // Nothing went upstream from the plain port; the HTTPS port still serves.
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
