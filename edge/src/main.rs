@@ -81,6 +81,9 @@ fn main() -> ExitCode {
                     println!("Add to the consumer's `certificates` in the edge config, then reload the edge:");
                     println!("  {{ id = \"{cert_id}\", sha256 = \"{hex}\" }}");
                     println!(
+                        "(in a `consumers_file`: \"certificates\": [{{\"id\": \"{cert_id}\", \"sha256\": \"{hex}\"}}])"
+                    );
+                    println!(
                         "(the edge must trust its issuer: edge.tls_client_ca_file). To revoke it, remove that entry."
                     );
                     ExitCode::SUCCESS
