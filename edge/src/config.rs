@@ -1223,26 +1223,24 @@ fn consumer(
     if !plans.contains_key(&c.plan) {
         return Err(err(key("plan"), format!("unknown plan `{}`", c.plan)));
     }
-    let mut keys = Vec::with_capacity(c.keys.len());
-    for (j, k) in c.keys.into_iter().enumerate() {
-        let kkey = key(&format!("keys[{j}].sha256"));
-        let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
-            err(kkey.clone(), "must be the 64 hex digits of the key's SHA-256 (see `tollgate-edge hash-key`)".into())
-        })?;
-        keys.push(ApiKey { id: k.id, sha256: bytes });
-    }
-    let mut certificates = Vec::with_capacity(c.certificates.len());
-    for (j, k) in c.certificates.into_iter().enumerate() {
-        let bytes = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
-            err(
-                key(&format!("certificates[{j}].sha256")),
-                "must be the 64 hex digits of the certificate's SHA-256 fingerprint (see `tollgate-edge \
-                 cert-fingerprint`)"
-                    .into(),
-            )
-        })?;
-        certificates.push(ApiKey { id: k.id, sha256: bytes });
-    }
+    // Each entry of `field` with its SHA-256 (64 hex digits) decoded; `what` says what was
+    // hashed and how to get the hash, for the error.
+    let hashed = |entries: Vec<RawKey>, field: &str, what: &str| -> Result<Vec<ApiKey>, ConfigError> {
+        let mut out = Vec::with_capacity(entries.len());
+        for (j, k) in entries.into_iter().enumerate() {
+            let sha256 = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
+                err(key(&format!("{field}[{j}].sha256")), format!("must be the 64 hex digits of {what}"))
+            })?;
+            out.push(ApiKey { id: k.id, sha256 });
+        }
+        Ok(out)
+    };
+    let keys = hashed(c.keys, "keys", "the key's SHA-256 (see `tollgate-edge hash-key`)")?;
+    let certificates = hashed(
+        c.certificates,
+        "certificates",
+        "the certificate's SHA-256 fingerprint (see `tollgate-edge cert-fingerprint`)",
+    )?;
     let allowed_ips = ip_nets(&c.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
     Ok(Consumer { id: c.id, plan: c.plan, keys, certificates, allowed_ips })
 }
