@@ -608,7 +608,7 @@ pub async fn run(
     loop {
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.wait_for(|s| *s) => break,
             changed = ends.changed() => if changed.is_err() { break },
         }
         let Some(end) = *ends.borrow_and_update() else {
@@ -648,7 +648,7 @@ pub async fn run(
                     if r.firing.set(mine) {
                         r.stats.queued.fetch_add(1, Ordering::Relaxed);
                         tokio::select! {
-                            _ = stop.changed() => break,
+                            _ = stop.wait_for(|s| *s) => break,
                             sent = r.tx.send(Message::Repeat) => if sent.is_err() { break },
                         }
                     }
@@ -693,14 +693,14 @@ async fn dispatch(
     });
     if targets.is_empty() {
         return tokio::select! {
-            _ = stop.changed() => false,
+            _ = stop.wait_for(|s| *s) => false,
             sent = record_tx.send(pending) => sent.is_ok(),
         };
     }
     for r in targets {
         r.stats.queued.fetch_add(1, Ordering::Relaxed);
         tokio::select! {
-            _ = stop.changed() => return false,
+            _ = stop.wait_for(|s| *s) => return false,
             sent = r.tx.send(Message::Change(Arc::clone(&pending))) => if sent.is_err() { return false },
         }
     }
