@@ -39,13 +39,6 @@ pub struct Identity {
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
 }
 
-impl Identity {
-    /// Whether the consumer may call from `ip`.
-    pub fn allows_ip(&self, ip: std::net::IpAddr) -> bool {
-        self.allowed_ips.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(ip)))
-    }
-}
-
 /// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
 #[derive(Debug, Default)]
 pub struct KeyStore {
@@ -383,10 +376,10 @@ mod tests {
         assert!(store.lookup_certificate(&Sha256::digest(b"key-1").into()).is_none());
         let c = store.consumer("acme").unwrap();
         assert_eq!((&*c.consumer_id, c.plan.name.as_str()), ("acme", "gold"));
-        assert!(c.allows_ip("192.0.2.1".parse().unwrap()), "no allowed_ips: any address");
+        assert!(c.allowed_ips.is_none(), "no allowed_ips: any address");
         let c = store.consumer("jwt-only").unwrap();
         assert_eq!((&*c.consumer_id, c.plan.name.as_str()), ("jwt-only", "free"));
-        assert!(!c.allows_ip("192.0.2.1".parse().unwrap()) && c.allows_ip("10.1.2.3".parse().unwrap()));
+        assert_eq!(c.allowed_ips.as_deref(), Some(&["10.0.0.0/8".parse().unwrap()][..]));
         assert!(store.consumer("nobody").is_none());
     }
 }
