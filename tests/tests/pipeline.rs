@@ -148,3 +148,82 @@ async fn thousand_requests_one_row_each_counts_match_the_client() {
     assert!(ingest.terminate(Duration::from_secs(15)), "ingest did not stop on SIGTERM");
     let _ = ch(&ch_url, &format!("DROP DATABASE IF EXISTS {db}")).await;
 }
+
+/// Two edge replicas in front of one pipeline (edges are stateless replicas): each meters its
+/// own calls under its `edge_id`, and ClickHouse holds every call of both once, with the
+/// counts the clients saw per edge and per consumer. Rate limits are per replica (README): a
+/// consumer's burst of 20 is granted by each edge, so the two together let 2 × 20 through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edge_replicas_meter_into_one_pipeline_each_call_once() {
+    let dir = TempDir::new("e2e_two_edges");
+    let topic = unique("api_calls_2e");
+    let db = unique("e2e2e");
+    let ch_url = clickhouse();
+    create_topic(&topic, 3).await;
+    let (upstream, echo) = start_echo().await;
+    let mut ingest = start_ingest(dir.path(), "ingest", &ingest_config(&topic, &db, &unique("g"), &ch_url));
+    let mut edges = Vec::new();
+    for id in ["edge-a", "edge-b"] {
+        let cfg =
+            edge_config(&topic, upstream).replace("instance_id = \"edge-e2e\"", &format!("instance_id = \"{id}\""));
+        edges.push((id, start_edge(dir.path(), id, &cfg).await));
+    }
+    let caller = |label: &str, key: &str, n: usize| Caller {
+        label: label.into(),
+        key: Some(key.to_owned()),
+        requests: n,
+        concurrency: 4,
+        pause: Duration::ZERO,
+        path: "/echo/two".into(),
+    };
+    // Per edge: acme 150 calls; initech 60 at once against its burst of 20 at 1/s.
+    let mut want: BTreeMap<(String, String, u16), u64> = BTreeMap::new();
+    let (mut initech_ok, mut elapsed) = (0, 0.0);
+    for (id, (_, addr, _)) in &edges {
+        let t = std::time::Instant::now();
+        let tally = traffic::run(
+            &format!("http://{addr}"),
+            vec![caller("acme", "key-acme", 150), caller("initech", "key-initech", 60)],
+        )
+        .await;
+        let took = t.elapsed().as_secs_f64();
+        assert_eq!((tally.total(), tally.transport_errors), (210, 0));
+        for ((label, status), n) in &tally.by_status {
+            *want.entry(((*id).to_owned(), label.clone(), *status)).or_default() += n;
+        }
+        // This replica grants the burst, plus what refills at 1/s while the calls run.
+        let ok = tally.by_status.get(&("initech".to_owned(), 200)).copied().unwrap_or(0);
+        assert!(ok >= 20 && ok as f64 <= 20.0 + took + 1.0, "{id}: initech got {ok} in {took:.1} s");
+        (initech_ok, elapsed) = (initech_ok + ok, elapsed + took);
+    }
+    // More than one limiter could have granted over the whole time: each replica has its own.
+    assert!(initech_ok as f64 > 20.0 + elapsed + 1.0, "initech got {initech_ok} in {elapsed:.1} s");
+    assert_eq!(echo.requests.load(std::sync::atomic::Ordering::Relaxed), 300 + initech_ok);
+
+    let arrived = wait_until(Duration::from_secs(60), || async {
+        try_ch(&ch_url, &format!("SELECT count() FROM {db}.api_calls FINAL")).await.is_ok_and(|s| s.trim() == "420")
+    })
+    .await;
+    assert!(arrived, "not all events arrived; ingest log:\n{}", ingest.log_tail());
+    assert_eq!(ch_u64(&ch_url, &format!("SELECT count() FROM {db}.api_calls")).await, 420, "a call twice");
+    let rows = ch(
+        &ch_url,
+        &format!(
+            "SELECT edge_id, consumer_id, status, count() FROM {db}.api_calls FINAL \
+             GROUP BY edge_id, consumer_id, status FORMAT TSV"
+        ),
+    )
+    .await;
+    let mut got: BTreeMap<(String, String, u16), u64> = BTreeMap::new();
+    for line in rows.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        got.insert((f[0].to_owned(), f[1].to_owned(), f[2].parse().unwrap()), f[3].parse().unwrap());
+    }
+    assert_eq!(got, want);
+    for (_, (mut edge, _, admin)) in edges {
+        assert_eq!(metric(admin, "tollgate_edge_events_produced_total").await, 210);
+        assert!(edge.terminate(Duration::from_secs(15)));
+    }
+    assert!(ingest.terminate(Duration::from_secs(15)));
+    let _ = ch(&ch_url, &format!("DROP DATABASE IF EXISTS {db}")).await;
+}
