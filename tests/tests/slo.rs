@@ -496,23 +496,58 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
         ),
     )
     .await;
+    // The days before: a few hundred minutes of calls spread over the last 6 days, c4 only
+    // there (it has calls in the budget period, none in the rules' windows).
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.usage_minute (minute, consumer_id, route_id, outcome, status_class, requests, errors_4xx, errors_5xx, \
+             request_bytes, response_bytes, latency_sum_us, latency_le_us, latency_count, version) \
+             SELECT toDateTime({start} - 3600 - (number % 6) * 86400 - intDiv(number, 6) * 97 * 60), \
+             concat('c', toString(number % 5)), 'orders', 'forwarded', 2, 3, 0, 0, 0, 0, 0, [900, 260000], [number % 3, 1], 1 \
+             FROM numbers(300)"
+        ),
+    )
+    .await;
+    // At the far end of the period: a minute inside the first evaluation's 30 days (and the
+    // second's, on its first second), and one just before them.
+    let far = end - 43_200 * 60;
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.usage_minute (minute, consumer_id, route_id, outcome, status_class, requests, errors_4xx, errors_5xx, \
+             request_bytes, response_bytes, latency_sum_us, latency_le_us, latency_count, version) VALUES \
+             (toDateTime({}), 'c2', 'orders', 'forwarded', 2, 11, 0, 0, 0, 0, 0, [300000], [11], 1), \
+             (toDateTime({}), 'c2', 'orders', 'forwarded', 2, 13, 0, 0, 0, 0, 0, [300000], [13], 1)",
+            far + 60,
+            far - 60
+        ),
+    )
+    .await;
     let objectives = &cfg.slo.objectives;
-    // The budget period (30 days) is evaluated for the objective over all calls only.
+    // The budget period (30 days) is one of the windows of the objective over all calls; per
+    // consumer it is read apart (by days).
     assert_eq!(cfg.slo.windows_for(false), vec![5, 60, 90, 300, 43_200]);
     assert_eq!(cfg.slo.windows_for(true), vec![5, 60, 90, 300]);
     let mut evaluator = tollgate_aggregator::slo::Evaluator::new(std::sync::Arc::clone(&cfg.slo), client.clone());
 
-    // What the evaluator wrote to slo_burn_rate for `at`, against one full read per window.
+    // What the evaluator wrote to slo_burn_rate for `at`, against one full read per window: the
+    // rules' windows (and the period, over all calls) for the consumers with calls in them,
+    // and per consumer the period for the consumers with calls in it.
     let check = |at: i64| {
         let (url, db, slo) = (url.clone(), db.clone(), std::sync::Arc::clone(&cfg.slo));
         async move {
-            for o in objectives {
-                let windows = slo.windows_for(o.per_consumer);
+            let per_consumer_period = objectives.iter().filter(|o| o.per_consumer).map(|o| (o, vec![43_200]));
+            for (o, windows) in
+                objectives.iter().map(|o| (o, slo.windows_for(o.per_consumer))).chain(per_consumer_period)
+            {
+                let list = windows.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
                 let got = ch(
                     &url,
                     &format!(
                         "SELECT consumer_id, window_minutes, total, bad FROM {db}.slo_burn_rate FINAL \
-                         WHERE slo_id = '{}' AND minute = toDateTime({at}) ORDER BY consumer_id, window_minutes FORMAT TSV",
+                         WHERE slo_id = '{}' AND minute = toDateTime({at}) AND window_minutes IN ({list}) \
+                         ORDER BY consumer_id, window_minutes FORMAT TSV",
                         o.id
                     ),
                 )
@@ -540,7 +575,10 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
                     }
                 }
                 assert!(!want.is_empty(), "{}: no calls in the data", o.id);
-                assert_eq!(got, want, "{} at {at}", o.id);
+                assert_eq!(got, want, "{} at {at}, windows {list}", o.id);
+                if windows == [43_200] {
+                    assert!(want.contains("c4\t43200"), "c4's calls before the rules' windows: {want}");
+                }
             }
         }
     };
@@ -570,6 +608,22 @@ async fn incremental_window_counts_equal_a_full_read_also_after_a_rewrite() {
     evaluator.evaluate(end + 120, 3).await.unwrap();
     check(end + 120).await;
     assert!(evaluator.hours_read() - second <= 1, "{} whole hours read again", evaluator.hours_read() - second);
+
+    // A minute three days back rewritten (a late replay): per consumer, the period's whole days
+    // are fingerprinted again within the hour, and the period counts it.
+    let old = start - 3600 - 3 * 86400;
+    let old = old - old % 60;
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.usage_minute (minute, consumer_id, route_id, outcome, status_class, requests, errors_4xx, errors_5xx, \
+             request_bytes, response_bytes, latency_sum_us, latency_le_us, latency_count, version) VALUES \
+             (toDateTime({old}), 'c4', 'orders', 'forwarded', 2, 70, 0, 0, 0, 0, 0, [300000], [70], 9)"
+        ),
+    )
+    .await;
+    evaluator.evaluate(end + 3720, 4).await.unwrap();
+    check(end + 3720).await;
     ch(&url, &format!("DROP DATABASE {db}")).await;
 }
 

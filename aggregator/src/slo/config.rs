@@ -146,8 +146,9 @@ impl SloConfig {
 
     /// Every window length evaluated for objectives over all calls (`per_consumer` false) or
     /// per consumer, ascending: the windows of those objectives' rules, and for objectives
-    /// over all calls the budget period. (Not per consumer: its hour cache would hold a
-    /// period's hours for every consumer.)
+    /// over all calls the budget period. (Per consumer the period is read apart, by days:
+    /// `windows::PeriodCache`; the rules' hour cache would hold a period's hours of every
+    /// consumer.)
     pub fn windows_for(&self, per_consumer: bool) -> Vec<u32> {
         let mine = || self.objectives.iter().filter(move |o| o.per_consumer == per_consumer);
         let mut set: BTreeSet<u32> =

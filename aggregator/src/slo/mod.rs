@@ -444,6 +444,9 @@ struct Group {
     objectives: Vec<Objective>,
     windows: Vec<u32>,
     cache: windows::Cache,
+    /// Per consumer: the budget period (minutes) and its reader, apart from the rules' windows
+    /// (whose hour cache would otherwise hold a period's hours of every consumer).
+    period: Option<(u32, windows::PeriodCache)>,
 }
 
 impl Group {
@@ -452,6 +455,8 @@ impl Group {
             objectives: cfg.objectives.iter().filter(|o| o.per_consumer == per_consumer).cloned().collect(),
             windows: cfg.windows_for(per_consumer),
             cache: windows::Cache::default(),
+            period: (per_consumer && cfg.budget_period_minutes > 0)
+                .then(|| (cfg.budget_period_minutes, windows::PeriodCache::default())),
         }
     }
 }
@@ -553,6 +558,23 @@ impl Evaluator {
                 }
                 let still = repeats.then_some(&mut still);
                 notes.extend(decide(o, &o.rules, windows, &counts, &mut firing, end_s, still));
+            }
+            if let Some((minutes, cache)) = &mut group.period {
+                let all = cache.counts(&self.client, &group.objectives, *minutes, end_s).await?;
+                for (o, counts) in group.objectives.iter().zip(all) {
+                    for (consumer, c) in counts {
+                        burn.push(BurnRow {
+                            minute: u32::try_from(end_s).unwrap_or(0),
+                            slo_id: o.id.clone(),
+                            consumer_id: consumer,
+                            window_minutes: *minutes,
+                            total: c.total,
+                            bad: c.bad,
+                            burn_rate: c.burn_rate(o.budget()),
+                            evaluated_at_us: now_us,
+                        });
+                    }
+                }
             }
         }
         let mut insert = self.client.insert::<BurnRow>("slo_burn_rate").await?;

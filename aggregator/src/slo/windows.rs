@@ -20,9 +20,38 @@ use super::{Counts, Objective, bind_filters, counted_exprs, filters};
 use crate::store::USAGE_TABLE;
 
 const HOUR: i64 = 3600;
+const DAY: i64 = 86_400;
 
 fn floor_hour(s: i64) -> i64 {
     s - s.rem_euclid(HOUR)
+}
+
+fn floor_day(s: i64) -> i64 {
+    s - s.rem_euclid(DAY)
+}
+
+/// How a long window `[start, end)` (the error budget's period, per consumer) is read: the
+/// hours and minutes before its first whole UTC day (`head`, ending at that day), its whole
+/// days (`days`), and the hours and minutes after them (`tail`, ending at `end`). Without a
+/// whole day inside, it is all `tail`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PeriodParts {
+    pub head: Option<(i64, i64)>,
+    pub days: Option<(i64, i64)>,
+    pub tail: Option<(i64, i64)>,
+}
+
+pub fn period_parts(start: i64, end: i64) -> PeriodParts {
+    let first_day = if start.rem_euclid(DAY) == 0 { start } else { floor_day(start) + DAY };
+    let last_day = floor_day(end);
+    if first_day >= last_day {
+        return PeriodParts { head: None, days: None, tail: (start < end).then_some((start, end)) };
+    }
+    PeriodParts {
+        head: (start < first_day).then_some((start, first_day)),
+        days: Some((first_day, last_day)),
+        tail: (last_day < end).then_some((last_day, end)),
+    }
 }
 
 /// How the windows ending at `end` are read: `minute_ranges` (half-open, seconds) read with
@@ -102,8 +131,13 @@ pub struct Cache {
 /// Row count and sum of row versions of every hour in `[lo, hi)` (no `FINAL`: any new row of
 /// a rewritten minute changes them).
 pub fn fingerprint_sql(lo: i64, hi: i64) -> String {
+    fingerprint_sql_by(lo, hi, HOUR)
+}
+
+/// [`fingerprint_sql`] per `unit` (an hour or a day, seconds); the bucket's start is `hour`.
+fn fingerprint_sql_by(lo: i64, hi: i64, unit: i64) -> String {
     format!(
-        "SELECT toUInt32(intDiv(toUInt32(minute), 3600) * 3600) AS hour, count() AS rows, sum(version) AS versions \
+        "SELECT toUInt32(intDiv(toUInt32(minute), {unit}) * {unit}) AS hour, count() AS rows, sum(version) AS versions \
          FROM {USAGE_TABLE} PREWHERE minute >= toDateTime({lo}) AND minute < toDateTime({hi}) GROUP BY hour"
     )
 }
@@ -115,10 +149,15 @@ pub fn fingerprint_sql(lo: i64, hi: i64) -> String {
 
 /// Per consumer and hour, what `o` counts in the hours `[first, end)`.
 pub fn hours_sql(o: &Objective, first: i64, end: i64) -> String {
+    buckets_sql(o, first, end, HOUR)
+}
+
+/// [`hours_sql`] per `unit` (an hour or a day, seconds); the bucket's start is `hour`.
+fn buckets_sql(o: &Objective, first: i64, end: i64, unit: i64) -> String {
     let (t, b, c) = counted_exprs(o);
     format!(
         "SELECT c AS consumer_id, h AS hour, sum(t) AS total, sum(b) AS bad FROM \
-         (SELECT {c} AS c, toUInt32(intDiv(toUInt32(minute), 3600) * 3600) AS h, {t} AS t, {b} AS b \
+         (SELECT {c} AS c, toUInt32(intDiv(toUInt32(minute), {unit}) * {unit}) AS h, {t} AS t, {b} AS b \
           FROM {USAGE_TABLE} FINAL PREWHERE minute >= toDateTime({first}) AND minute < toDateTime({end}){}) \
          GROUP BY c, h",
         filters(o)
@@ -247,10 +286,174 @@ impl Cache {
     }
 }
 
+/// Per-day counts of every objective over whole UTC days, for the error budget's period per
+/// consumer (an hour cache would hold 720 hours of every consumer). Days are fingerprinted like
+/// hours, but all of them at most once an hour (a scan of a month of rows each minute would
+/// cost more than the evaluation): a day rewritten after it ended (late events, a spool replay,
+/// another replica) is read again within the hour. A day missing from the cache is read at once.
+#[derive(Debug, Default)]
+pub struct DayCache {
+    fingerprints: HashMap<i64, (u64, u64)>,
+    /// Per objective (config order): day → consumer → counts.
+    days: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
+    /// `end` of the evaluation that last fingerprinted every day.
+    checked_at: Option<i64>,
+    /// Days read with `FINAL` since the start.
+    pub days_read: u64,
+}
+
+impl DayCache {
+    /// Per objective, per consumer, what it counts in the whole days `[from, to)`, for the
+    /// evaluation ending at `end_s`.
+    pub async fn counts(
+        &mut self,
+        client: &Client,
+        objectives: &[Objective],
+        (from, to): (i64, i64),
+        end_s: i64,
+    ) -> Result<Vec<HashMap<String, Counts>>, clickhouse::error::Error> {
+        self.days.resize_with(objectives.len(), BTreeMap::new);
+        let wanted: Vec<i64> = (0..).map(|i| from + i * DAY).take_while(|&d| d < to).collect();
+        let missing =
+            wanted.iter().any(|d| !self.fingerprints.contains_key(d) || self.days.iter().any(|c| !c.contains_key(d)));
+        let due = self.checked_at.is_none_or(|at| end_s - at >= HOUR);
+        if missing || due {
+            let now: HashMap<i64, (u64, u64)> = client
+                .query(&fingerprint_sql_by(from, to, DAY))
+                .fetch_all::<Fingerprint>()
+                .await?
+                .into_iter()
+                .map(|f| (i64::from(f.hour), (f.rows, f.versions)))
+                .collect();
+            let stale: BTreeSet<i64> = wanted
+                .iter()
+                .copied()
+                .filter(|d| {
+                    let fp = now.get(d).copied().unwrap_or((0, 0));
+                    self.fingerprints.get(d) != Some(&fp) || self.days.iter().any(|c| !c.contains_key(d))
+                })
+                .collect();
+            if let (Some(&first), Some(&last)) = (stale.first(), stale.last()) {
+                for (o, cache) in objectives.iter().zip(self.days.iter_mut()) {
+                    for d in &stale {
+                        cache.insert(*d, HashMap::new());
+                    }
+                    let sql = buckets_sql(o, first, last + DAY, DAY);
+                    for row in bind_filters(client.query(&sql), o).fetch_all::<HourRow>().await? {
+                        let d = i64::from(row.hour);
+                        if stale.contains(&d) {
+                            cache
+                                .entry(d)
+                                .or_default()
+                                .insert(row.consumer_id, Counts { total: row.total, bad: row.bad });
+                        }
+                    }
+                }
+                self.days_read += stale.len() as u64;
+                for d in &stale {
+                    self.fingerprints.insert(*d, now.get(d).copied().unwrap_or((0, 0)));
+                }
+            }
+            if due {
+                self.checked_at = Some(end_s);
+            }
+        }
+        self.fingerprints.retain(|&d, _| d >= from);
+        let mut out = Vec::with_capacity(objectives.len());
+        for cache in &mut self.days {
+            cache.retain(|&d, _| d >= from);
+            let mut counts: HashMap<String, Counts> = HashMap::new();
+            for (_, by_consumer) in cache.range(from..to) {
+                for (consumer, c) in by_consumer {
+                    let sum = counts.entry(consumer.clone()).or_default();
+                    sum.total += c.total;
+                    sum.bad += c.bad;
+                }
+            }
+            out.push(counts);
+        }
+        Ok(out)
+    }
+}
+
+/// The error budget's period per consumer: its head and tail through hour caches of their
+/// own, its whole days through a [`DayCache`] (see [`period_parts`]).
+#[derive(Debug, Default)]
+pub struct PeriodCache {
+    head: Cache,
+    tail: Cache,
+    days: DayCache,
+}
+
+impl PeriodCache {
+    /// Per objective, per consumer (with calls), what it counts in the `minutes` ending at
+    /// `end_s`.
+    pub async fn counts(
+        &mut self,
+        client: &Client,
+        objectives: &[Objective],
+        minutes: u32,
+        end_s: i64,
+    ) -> Result<Vec<HashMap<String, Counts>>, clickhouse::error::Error> {
+        let parts = period_parts(end_s - i64::from(minutes) * 60, end_s);
+        let mut out: Vec<HashMap<String, Counts>> = vec![HashMap::new(); objectives.len()];
+        let mut add = |part: Vec<HashMap<String, Counts>>| {
+            for (sum, part) in out.iter_mut().zip(part) {
+                for (consumer, c) in part {
+                    let s = sum.entry(consumer).or_default();
+                    s.total += c.total;
+                    s.bad += c.bad;
+                }
+            }
+        };
+        let minutes_of = |(a, z): (i64, i64)| u32::try_from((z - a) / 60).unwrap_or(u32::MAX);
+        for (cache, part) in [(&mut self.head, parts.head), (&mut self.tail, parts.tail)] {
+            if let Some(range) = part {
+                let counts = cache.counts(client, objectives, &[minutes_of(range)], range.1).await?;
+                add(counts.into_iter().map(|per| per.into_iter().map(|(k, v)| (k, v[0])).collect()).collect());
+            }
+        }
+        if let Some(range) = parts.days {
+            add(self.days.counts(client, objectives, range, end_s).await?);
+        }
+        for counts in &mut out {
+            counts.retain(|_, c| c.total > 0);
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_period_splits_into_a_head_whole_days_and_a_tail_that_cover_it_once() {
+        const D: i64 = 20_000 * DAY;
+        // 30 days ending mid-day: a head of the rest of the first day, 29 whole days, a tail.
+        let end = D + 10 * HOUR + 25 * 60;
+        let p = period_parts(end - 30 * DAY, end);
+        assert_eq!(p.head, Some((end - 30 * DAY, D - 29 * DAY)));
+        assert_eq!(p.days, Some((D - 29 * DAY, D)));
+        assert_eq!(p.tail, Some((D, end)));
+        // Ending on a day boundary: whole days only.
+        assert_eq!(period_parts(D - 7 * DAY, D), PeriodParts { head: None, days: Some((D - 7 * DAY, D)), tail: None });
+        // One day ending mid-day holds no whole day: all tail.
+        assert_eq!(period_parts(end - DAY, end), PeriodParts { head: None, days: None, tail: Some((end - DAY, end)) });
+        // Every second once, for ends all through two days.
+        for end in (D..D + 2 * DAY).step_by(1800) {
+            for days in [1, 2, 30] {
+                let p = period_parts(end - days * DAY, end);
+                let mut at = end - days * DAY;
+                for (a, z) in [p.head, p.days, p.tail].into_iter().flatten() {
+                    assert_eq!(a, at, "gap or overlap at {end}, {days} days");
+                    at = z;
+                }
+                assert_eq!(at, end);
+            }
+        }
+    }
 
     const H: i64 = 500_000 * 3600; // an hour boundary
 
