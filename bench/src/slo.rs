@@ -111,7 +111,7 @@ pub async fn run(ch_url: &str, consumers: u64, runs: usize) -> anyhow::Result<()
     }
     let (b, a, p) = (median(&mut base), median(&mut all), median(&mut per));
     println!(
-        "\nmedian of {runs} runs, {consumers} consumers, windows of 5 min to 3 days (the default rules), and for the objective over all calls the 30-day budget period:"
+        "\nmedian of {runs} runs, {consumers} consumers, windows of 5 min to 3 days (the default rules), and the 30-day budget period (per consumer for the latency objective):"
     );
     println!("  baseline: reading the 3-day window once {b:.2} s");
     println!("  evaluate availability over all calls {a:.3} s = {:.3}x the baseline (cold: {cold_all:.2} s)", a / b);
