@@ -118,12 +118,79 @@ struct RangeRow {
     bads: Vec<u64>,
 }
 
+/// Counts per bucket (an hour or a day) of every objective, and the fingerprints they were
+/// read at: what [`Cache`] and [`DayCache`] keep.
+#[derive(Debug, Default)]
+struct Buckets {
+    fingerprints: HashMap<i64, (u64, u64)>,
+    /// Per objective (config order): bucket start → consumer → counts.
+    counts: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
+}
+
+impl Buckets {
+    /// The fingerprint of every `unit` bucket in `[lo, hi)` now.
+    async fn fingerprints_now(
+        client: &Client,
+        (lo, hi): (i64, i64),
+        unit: i64,
+    ) -> Result<HashMap<i64, (u64, u64)>, clickhouse::error::Error> {
+        Ok(client
+            .query(&fingerprint_sql_by(lo, hi, unit))
+            .fetch_all::<Fingerprint>()
+            .await?
+            .into_iter()
+            .map(|f| (i64::from(f.hour), (f.rows, f.versions)))
+            .collect())
+    }
+
+    /// Whether bucket `b` is held, for every objective, at fingerprint `now` (`None`: any).
+    fn holds(&self, b: i64, now: Option<(u64, u64)>) -> bool {
+        self.fingerprints.get(&b).is_some_and(|fp| now.is_none_or(|n| *fp == n))
+            && self.counts.iter().all(|c| c.contains_key(&b))
+    }
+
+    /// Reads the `stale` buckets of `unit` with `FINAL` for every objective, and keeps them
+    /// with their fingerprints `now`.
+    async fn read(
+        &mut self,
+        client: &Client,
+        objectives: &[Objective],
+        stale: &BTreeSet<i64>,
+        now: &HashMap<i64, (u64, u64)>,
+        unit: i64,
+    ) -> Result<(), clickhouse::error::Error> {
+        let (Some(&first), Some(&last)) = (stale.first(), stale.last()) else { return Ok(()) };
+        for (o, cache) in objectives.iter().zip(self.counts.iter_mut()) {
+            let sql = buckets_sql(o, first, last + unit, unit);
+            for b in stale {
+                cache.insert(*b, HashMap::new());
+            }
+            for row in bind_filters(client.query(&sql), o).fetch_all::<HourRow>().await? {
+                let b = i64::from(row.hour);
+                if stale.contains(&b) {
+                    cache.entry(b).or_default().insert(row.consumer_id, Counts { total: row.total, bad: row.bad });
+                }
+            }
+        }
+        for b in stale {
+            self.fingerprints.insert(*b, now.get(b).copied().unwrap_or((0, 0)));
+        }
+        Ok(())
+    }
+
+    /// Forgets the buckets before `from`.
+    fn retain_from(&mut self, from: i64) {
+        self.fingerprints.retain(|&b, _| b >= from);
+        for cache in &mut self.counts {
+            cache.retain(|&b, _| b >= from);
+        }
+    }
+}
+
 /// Per-hour counts of every objective, and the fingerprints they were read at.
 #[derive(Debug, Default)]
 pub struct Cache {
-    fingerprints: HashMap<i64, (u64, u64)>,
-    /// Per objective (config order): hour → consumer → counts.
-    hours: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
+    hours: Buckets,
     /// Hours read with `FINAL` since the start (for the metrics and the benchmark).
     pub hours_read: u64,
 }
@@ -199,7 +266,7 @@ impl Cache {
         end_s: i64,
     ) -> Result<Vec<HashMap<String, Vec<Counts>>>, clickhouse::error::Error> {
         let plan = plan(windows, end_s);
-        self.hours.resize_with(objectives.len(), BTreeMap::new);
+        self.hours.counts.resize_with(objectives.len(), BTreeMap::new);
         let (lo, hi) =
             plan.windows.iter().fold(
                 (i64::MAX, i64::MIN),
@@ -207,55 +274,21 @@ impl Cache {
                     if a < b { (lo.min(*a), hi.max(*b)) } else { (lo, hi) }
                 },
             );
-        let mut stale: BTreeSet<i64> = BTreeSet::new();
         if lo < hi {
-            let now: HashMap<i64, (u64, u64)> = client
-                .query(&fingerprint_sql(lo, hi))
-                .fetch_all::<Fingerprint>()
-                .await?
-                .into_iter()
-                .map(|f| (i64::from(f.hour), (f.rows, f.versions)))
+            let now = Buckets::fingerprints_now(client, (lo, hi), HOUR).await?;
+            let stale: BTreeSet<i64> = (0..)
+                .map(|i| lo + i * HOUR)
+                .take_while(|&h| h < hi)
+                .filter(|h| !self.hours.holds(*h, Some(now.get(h).copied().unwrap_or((0, 0)))))
                 .collect();
-            let mut h = lo;
-            while h < hi {
-                let fp = now.get(&h).copied().unwrap_or((0, 0));
-                let cached = self.fingerprints.get(&h) == Some(&fp) && self.hours.iter().all(|c| c.contains_key(&h));
-                if !cached {
-                    stale.insert(h);
-                }
-                h += HOUR;
-            }
-            if let (Some(&first), Some(&last)) = (stale.first(), stale.last()) {
-                for (o, cache) in objectives.iter().zip(self.hours.iter_mut()) {
-                    let sql = hours_sql(o, first, last + HOUR);
-                    for h in &stale {
-                        cache.insert(*h, HashMap::new());
-                    }
-                    for row in bind_filters(client.query(&sql), o).fetch_all::<HourRow>().await? {
-                        let h = i64::from(row.hour);
-                        if stale.contains(&h) {
-                            cache
-                                .entry(h)
-                                .or_default()
-                                .insert(row.consumer_id, Counts { total: row.total, bad: row.bad });
-                        }
-                    }
-                }
-                self.hours_read += stale.len() as u64;
-                for h in &stale {
-                    self.fingerprints.insert(*h, now.get(h).copied().unwrap_or((0, 0)));
-                }
-            }
+            self.hours.read(client, objectives, &stale, &now, HOUR).await?;
+            self.hours_read += stale.len() as u64;
         }
         // Hours no window reaches any more.
-        let keep_from = if lo < hi { lo } else { floor_hour(end_s) };
-        self.fingerprints.retain(|&h, _| h >= keep_from);
-        for cache in &mut self.hours {
-            cache.retain(|&h, _| h >= keep_from);
-        }
+        self.hours.retain_from(if lo < hi { lo } else { floor_hour(end_s) });
 
         let mut out = Vec::with_capacity(objectives.len());
-        for (o, cache) in objectives.iter().zip(&self.hours) {
+        for (o, cache) in objectives.iter().zip(&self.hours.counts) {
             let mut counts: HashMap<String, Vec<Counts>> = HashMap::new();
             let zero = || vec![Counts::default(); windows.len()];
             if !plan.minute_ranges.is_empty() {
@@ -293,9 +326,7 @@ impl Cache {
 /// another replica) is read again within the hour. A day missing from the cache is read at once.
 #[derive(Debug, Default)]
 pub struct DayCache {
-    fingerprints: HashMap<i64, (u64, u64)>,
-    /// Per objective (config order): day → consumer → counts.
-    days: Vec<BTreeMap<i64, HashMap<String, Counts>>>,
+    days: Buckets,
     /// `end` of the evaluation that last fingerprinted every day.
     checked_at: Option<i64>,
     /// Days read with `FINAL` since the start.
@@ -312,56 +343,25 @@ impl DayCache {
         (from, to): (i64, i64),
         end_s: i64,
     ) -> Result<Vec<HashMap<String, Counts>>, clickhouse::error::Error> {
-        self.days.resize_with(objectives.len(), BTreeMap::new);
+        self.days.counts.resize_with(objectives.len(), BTreeMap::new);
         let wanted: Vec<i64> = (0..).map(|i| from + i * DAY).take_while(|&d| d < to).collect();
-        let missing =
-            wanted.iter().any(|d| !self.fingerprints.contains_key(d) || self.days.iter().any(|c| !c.contains_key(d)));
+        let missing = wanted.iter().any(|d| !self.days.holds(*d, None));
         let due = self.checked_at.is_none_or(|at| end_s - at >= HOUR);
         if missing || due {
-            let now: HashMap<i64, (u64, u64)> = client
-                .query(&fingerprint_sql_by(from, to, DAY))
-                .fetch_all::<Fingerprint>()
-                .await?
-                .into_iter()
-                .map(|f| (i64::from(f.hour), (f.rows, f.versions)))
-                .collect();
+            let now = Buckets::fingerprints_now(client, (from, to), DAY).await?;
             let stale: BTreeSet<i64> = wanted
-                .iter()
-                .copied()
-                .filter(|d| {
-                    let fp = now.get(d).copied().unwrap_or((0, 0));
-                    self.fingerprints.get(d) != Some(&fp) || self.days.iter().any(|c| !c.contains_key(d))
-                })
+                .into_iter()
+                .filter(|d| !self.days.holds(*d, Some(now.get(d).copied().unwrap_or((0, 0)))))
                 .collect();
-            if let (Some(&first), Some(&last)) = (stale.first(), stale.last()) {
-                for (o, cache) in objectives.iter().zip(self.days.iter_mut()) {
-                    for d in &stale {
-                        cache.insert(*d, HashMap::new());
-                    }
-                    let sql = buckets_sql(o, first, last + DAY, DAY);
-                    for row in bind_filters(client.query(&sql), o).fetch_all::<HourRow>().await? {
-                        let d = i64::from(row.hour);
-                        if stale.contains(&d) {
-                            cache
-                                .entry(d)
-                                .or_default()
-                                .insert(row.consumer_id, Counts { total: row.total, bad: row.bad });
-                        }
-                    }
-                }
-                self.days_read += stale.len() as u64;
-                for d in &stale {
-                    self.fingerprints.insert(*d, now.get(d).copied().unwrap_or((0, 0)));
-                }
-            }
+            self.days.read(client, objectives, &stale, &now, DAY).await?;
+            self.days_read += stale.len() as u64;
             if due {
                 self.checked_at = Some(end_s);
             }
         }
-        self.fingerprints.retain(|&d, _| d >= from);
+        self.days.retain_from(from);
         let mut out = Vec::with_capacity(objectives.len());
-        for cache in &mut self.days {
-            cache.retain(|&d, _| d >= from);
+        for cache in &self.days.counts {
             let mut counts: HashMap<String, Counts> = HashMap::new();
             for (_, by_consumer) in cache.range(from..to) {
                 for (consumer, c) in by_consumer {
