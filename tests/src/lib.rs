@@ -520,6 +520,14 @@ pub fn sha256_hex(key: &str) -> String {
     hex::encode(sha2::Sha256::digest(key.as_bytes()))
 }
 
+/// Hex SHA-256 of the first certificate (its DER) in the PEM file at `path`: a client
+/// certificate's fingerprint, as `consumers[].certificates[].sha256` wants it.
+pub fn cert_fingerprint_hex(path: &Path) -> String {
+    use sha2::Digest;
+    let pem = std::fs::read(path).unwrap();
+    hex::encode(sha2::Sha256::digest(&tollgate_common::tls::read_pem_certs(&pem).unwrap()[0]))
+}
+
 /// Reads `topic` from the beginning and decodes `ApiCall`s until `done` says enough (each
 /// message waited for at most 30 s). Also checks every message's key is its consumer id.
 pub async fn read_events(

@@ -114,11 +114,7 @@ fn config(topic: &str, upstream: std::net::SocketAddr, with_certificate: bool) -
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let printed = String::from_utf8(out.stdout).unwrap();
     let fingerprint = printed.lines().next().unwrap().to_owned();
-    let der = {
-        use sha2::Digest;
-        let pem = std::fs::read(tls_file("client-acme.pem")).unwrap();
-        hex::encode(sha2::Sha256::digest(&tollgate_common::tls::read_pem_certs(&pem).unwrap()[0]))
-    };
+    let der = cert_fingerprint_hex(&tls_file("client-acme.pem"));
     assert_eq!(fingerprint, der);
     assert!(printed.contains(&format!("{{ id = \"acme-cert\", sha256 = \"{der}\" }}")), "{printed}");
     let head = edge_head("edge-mtls", topic).replacen(

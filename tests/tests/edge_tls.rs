@@ -185,11 +185,7 @@ async fn the_edge_presents_its_client_certificate_to_upstreams_that_require_one(
         start_edge(dir.path(), "edge", &with_identity("client-acme.pem", "client-acme.key.pem")).await;
     let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
     assert_eq!(status, 200, "{body}\n{}", edge.log_tail());
-    let expected = {
-        use sha2::Digest;
-        let pem = std::fs::read(tls_file("client-acme.pem")).unwrap();
-        hex::encode(sha2::Sha256::digest(&tollgate_common::tls::read_pem_certs(&pem).unwrap()[0]))
-    };
+    let expected = cert_fingerprint_hex(&tls_file("client-acme.pem"));
     assert_eq!(body["client_cert"].as_str(), Some(expected.as_str()));
     assert!(edge.terminate(Duration::from_secs(15)));
 
