@@ -44,7 +44,7 @@ const ANY_METHOD: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// A route's CORS policy, its header values made once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
-    /// Allowed origins as browsers send them (`scheme://host[:port]`, lower case); empty with
+    /// Allowed origins as browsers send them (`scheme://host[:port]`, compared without regard to case); empty with
     /// `any`.
     origins: Vec<String>,
     /// `*`: every origin.
@@ -96,7 +96,7 @@ impl Cors {
                     ),
                 ));
             }
-            origins.push(o.to_ascii_lowercase());
+            origins.push(o.clone());
         }
         let list = |names: &[String], defaults: &[&str], field: &'static str| -> Result<HeaderValue, _> {
             let mut all: Vec<String> = defaults.iter().map(|s| (*s).to_owned()).collect();
