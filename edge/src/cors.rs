@@ -44,8 +44,8 @@ const ANY_METHOD: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 /// A route's CORS policy, its header values made once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cors {
-    /// Allowed origins as browsers send them (`scheme://host[:port]`, compared without regard to case); empty with
-    /// `any`.
+    /// Allowed origins as browsers send them (`scheme://host[:port]`, compared without regard
+    /// to case); empty with `any`.
     origins: Vec<String>,
     /// `*`: every origin.
     any: bool,
