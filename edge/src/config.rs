@@ -501,14 +501,18 @@ pub struct Config {
     /// HTTPS on the traffic port (`edge.tls_cert_file` and `edge.tls_key_file`); `None`:
     /// plain HTTP.
     pub tls_server: Option<Arc<rustls::ServerConfig>>,
-    /// The certificate and key files of `tls_server`, and its client CA file (reloads watch
-    /// them).
+    /// The TLS files a reload reads again, so reloads watch them: the certificate and key
+    /// files of `tls_server` and its client CA file, `edge.tls_ca_file` and the upstream
+    /// client certificate and key.
     pub tls_files: Vec<PathBuf>,
     /// `tls_server` asks clients for a certificate (`edge.tls_client_ca_file`).
     pub mutual_tls: bool,
     /// The client certificate the edge presents to https upstreams that ask for one
     /// (`edge.upstream_tls_cert_file` and `_key_file`).
     pub upstream_identity: Option<Arc<rustls::sign::CertifiedKey>>,
+    /// The TLS client configuration of upstream connections and the edge's own requests
+    /// (JWKS): `tls_ca` and `upstream_identity`. Applied by reloads to new connections.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
     /// A plain-HTTP port answering every request with a redirect to HTTPS
     /// (`edge.http_redirect_listen`).
     pub http_redirect: Option<crate::redirect::HttpRedirect>,
@@ -1036,12 +1040,19 @@ fn validate(
     };
 
     let extra = &raw.edge.tls_certificates;
-    let tls_files: Vec<PathBuf> = [&raw.edge.tls_cert_file, &raw.edge.tls_key_file, &raw.edge.tls_client_ca_file]
-        .into_iter()
-        .flatten()
-        .chain(extra.iter().flat_map(|c| [&c.cert_file, &c.key_file]))
-        .map(|f| path(f))
-        .collect();
+    let tls_files: Vec<PathBuf> = [
+        &raw.edge.tls_cert_file,
+        &raw.edge.tls_key_file,
+        &raw.edge.tls_client_ca_file,
+        &raw.edge.tls_ca_file,
+        &raw.edge.upstream_tls_cert_file,
+        &raw.edge.upstream_tls_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .chain(extra.iter().flat_map(|c| [&c.cert_file, &c.key_file]))
+    .map(|f| path(f))
+    .collect();
     let upstream_identity = match (&raw.edge.upstream_tls_cert_file, &raw.edge.upstream_tls_key_file) {
         (None, None) => None,
         (Some(_), None) => {
@@ -1060,6 +1071,8 @@ fn validate(
             err(if which == 0 { "edge.upstream_tls_cert_file" } else { "edge.upstream_tls_key_file" }.into(), e)
         })?),
     };
+    let upstream_tls = crate::tls::client_config_with(&tls_ca, upstream_identity.clone())
+        .map_err(|e| err("edge.tls_ca_file".into(), e))?;
     let client_roots = match &raw.edge.tls_client_ca_file {
         None => None,
         Some(_) if raw.edge.tls_cert_file.is_none() => {
@@ -1172,6 +1185,7 @@ fn validate(
         tls_ca,
         mutual_tls: client_roots.is_some(),
         upstream_identity,
+        upstream_tls,
         tls_server,
         tls_files,
         http_redirect,

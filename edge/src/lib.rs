@@ -49,6 +49,8 @@ pub struct Runtime {
     pub pools: upstream::Pools,
     /// HTTPS on the traffic port: a reload rotates the certificate for new connections.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Client for the edge's own requests (JWKS), with the config's TLS settings.
+    pub client: proxy::HttpClient,
 }
 
 impl Runtime {
@@ -59,6 +61,7 @@ impl Runtime {
         Self {
             pools: upstream::pools(&cfg.routes),
             tls: cfg.tls_server.clone(),
+            client: proxy::client(cfg.connect_timeout, &cfg.upstream_tls),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(&cfg.plans, std::mem::take(&mut cfg.consumers)),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
@@ -75,8 +78,6 @@ pub struct Gateway {
     /// Routes, keys and limiters; swapped on reload. A request takes one snapshot and keeps it,
     /// so in-flight requests finish with the config they started with.
     pub runtime: std::sync::RwLock<Arc<Runtime>>,
-    /// Client for the edge's own requests (JWKS).
-    pub client: proxy::HttpClient,
     /// Upstream clients (per worker thread and connect timeout), kept across reloads.
     pub clients: upstream::Clients,
     pub events: metering::EventSink,
@@ -237,7 +238,7 @@ async fn admit_and_forward(
         route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, client_addr(gw, peer, &req), "this route"));
     let mut identity = None;
     if refusal.is_none() {
-        match auth::admit(gw, &runtime, &route, peer, &mut req).await {
+        match auth::admit(&runtime, &route, peer, &mut req).await {
             Ok(admitted) => identity = admitted,
             Err(refused) => refusal = Some(refused),
         }

@@ -19,7 +19,7 @@ use crate::metering::spool::Spool;
 use crate::metering::{EventSink, producer};
 use crate::metrics::{ConnTimeout, Metrics};
 use crate::silent::FirstBytes;
-use crate::{Gateway, Runtime, admin, proxy};
+use crate::{Gateway, Runtime, admin};
 
 /// How [`serve`] is run.
 #[derive(Debug, Default, Clone)]
@@ -62,16 +62,13 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)
     };
-    let tls = crate::tls::client_config_with(&cfg.tls_ca, cfg.upstream_identity.clone())
-        .map_err(|e| anyhow::anyhow!("edge.tls_ca_file: {e}"))?;
-    let clients = crate::upstream::Clients::new(Arc::clone(&tls));
+    let clients = crate::upstream::Clients::new(Arc::clone(&cfg.upstream_tls));
     // The runtime takes the consumers (possibly 100,000s): reloads read the files again.
     let consumers = cfg.consumers.len();
     let runtime = Runtime::new(&mut cfg, &metrics, None);
     let gw = Arc::new(Gateway {
         instance_id: cfg.instance_id.clone(),
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
-        client: proxy::client(cfg.connect_timeout, &tls),
         clients,
         events: EventSink::new(events_tx, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("event encoder: {e}"))?,
         metrics: Arc::clone(&metrics),
@@ -471,14 +468,14 @@ async fn refresh_jwks(gw: Arc<Gateway>) {
         tick.tick().await;
         let runtime = gw.runtime();
         if !runtime.jwt.is_empty() {
-            runtime.jwt.refresh_due(&gw.client).await;
+            runtime.jwt.refresh_due(&runtime.client).await;
         }
     }
 }
 
-/// Reloads routes, plans, consumers and the TLS certificate on SIGHUP and when the
-/// modification time of the config file, its consumers file or the certificate or key file
-/// changes (checked every second). An invalid file is rejected with a log line naming the key;
+/// Reloads routes, plans, consumers and the TLS settings on SIGHUP and when the modification
+/// time of the config file, its consumers file or one of its TLS files changes (checked every
+/// second). An invalid file is rejected with a log line naming the key;
 /// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
 /// the HTTP parser) are reported and ignored.
 async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTreeMap<String, String>) {
@@ -491,7 +488,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
     };
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     // The modification times of the config file and the files it names that a reload reads
-    // again (the consumers file, the TLS certificate and key).
+    // again (the consumers file, the TLS files).
     let stamp = |cfg: &Config| -> Vec<Option<SystemTime>> {
         std::iter::once(path.as_path())
             .chain(cfg.consumers_file.as_deref())
@@ -528,11 +525,6 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         next.tls_server.is_some() != current.tls_server.is_some(),
                     ),
                     (
-                        "edge.upstream_tls_cert_file / edge.upstream_tls_key_file",
-                        next.upstream_identity.as_ref().map(|k| &k.cert)
-                            != current.upstream_identity.as_ref().map(|k| &k.cert),
-                    ),
-                    (
                         "edge (HTTP limits, timeouts, trusted_hops)",
                         next.header_read_timeout != current.header_read_timeout
                             || next.idle_timeout != current.idle_timeout
@@ -549,6 +541,15 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     if changed {
                         tracing::warn!(key, "config change needs a restart; ignored until then");
                     }
+                }
+                // The CA list or the upstream client certificate changed: new upstream
+                // connections use them; pooled https connections are closed.
+                if next.tls_ca != current.tls_ca
+                    || next.upstream_identity.as_ref().map(|k| &k.cert)
+                        != current.upstream_identity.as_ref().map(|k| &k.cert)
+                {
+                    gw.clients.set_tls(Arc::clone(&next.upstream_tls));
+                    tracing::info!("upstream TLS settings changed: https upstream connections are made anew");
                 }
                 let consumers = next.consumers.len();
                 let mut next = next;

@@ -154,10 +154,14 @@ impl Pool {
 /// runtime. A connection goes back to its thread's pool when its response body has been read
 /// to the end; one whose response was abandoned (client gone, timeout) is closed. Idle
 /// connections are closed after [`IDLE_TIMEOUT`]; at most [`MAX_IDLE_PER_TARGET`] are kept per
-/// target. Kept across reloads (the pools are keyed by the target's scheme and authority).
+/// target. Kept across reloads (the pools are keyed by the target's scheme and authority),
+/// except https connections when a reload changes the TLS settings ([`Clients::set_tls`]).
 #[derive(Debug)]
 pub struct Clients {
-    tls: Arc<rustls::ClientConfig>,
+    tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
+    /// Bumped by each [`Clients::set_tls`]: threads drop their https connections and their
+    /// connectors when they see a new value.
+    generation: AtomicU64,
 }
 
 /// Idle upstream connections are closed after this long.
@@ -184,11 +188,26 @@ struct Idle {
     since: Instant,
 }
 
-/// One worker thread's connectors (by connect timeout) and idle connections (by target).
+/// One worker thread's connectors (by connect timeout) and idle connections (by target),
+/// made with the TLS settings of `generation`.
 #[derive(Default)]
 struct Local {
+    generation: u64,
     connectors: Vec<(Duration, Connector)>,
     idle: HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>,
+}
+
+impl Local {
+    /// Forgets what was made with older TLS settings: the connectors, and the idle https
+    /// connections (closed as they drop), so no request goes out on a connection whose server
+    /// certificate the new CA list would refuse, or with the client certificate replaced.
+    fn sync(&mut self, generation: u64) {
+        if self.generation != generation {
+            self.generation = generation;
+            self.connectors.clear();
+            self.idle.retain(|key, _| !key.starts_with("https:"));
+        }
+    }
 }
 
 thread_local! {
@@ -197,7 +216,16 @@ thread_local! {
 
 impl Clients {
     pub fn new(tls: Arc<rustls::ClientConfig>) -> Self {
-        Self { tls }
+        Self { tls: std::sync::RwLock::new(tls), generation: AtomicU64::new(0) }
+    }
+
+    /// New TLS settings (a reload changed `edge.tls_ca_file` or the upstream client
+    /// certificate): new connections use them, and each thread closes its idle https
+    /// connections at its next upstream request. Connections busy with a request finish it and
+    /// are then closed instead of pooled.
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Sends `req` (origin-form URI, `Host` set) to `target` (keyed `key`): on an idle pooled
@@ -210,12 +238,13 @@ impl Clients {
         connect_timeout: Duration,
         mut req: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, SendError> {
-        while let Some(mut sender) = checkout(key) {
+        let generation = self.generation.load(Ordering::Acquire);
+        while let Some(mut sender) = checkout(key, generation) {
             if sender.ready().await.is_err() {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(returning(resp, sender, key)),
+                Ok(resp) => return Ok(returning(resp, sender, key, generation)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(SendError::Request(e.into_error())),
@@ -226,7 +255,7 @@ impl Clients {
         // enlarge every request's.)
         let mut sender = Box::pin(self.connect(target, connect_timeout)).await?;
         let resp = sender.send_request(req).await?;
-        Ok(returning(resp, sender, key))
+        Ok(returning(resp, sender, key, generation))
     }
 
     async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Sender, SendError> {
@@ -236,7 +265,7 @@ impl Clients {
             if let Some((_, c)) = l.connectors.iter().find(|(t, _)| *t == connect_timeout) {
                 return c.clone();
             }
-            let c = connector(connect_timeout, &self.tls);
+            let c = connector(connect_timeout, &self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner));
             l.connectors.push((connect_timeout, c.clone()));
             c
         });
@@ -282,10 +311,12 @@ pub fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> 
         .wrap_connector(http)
 }
 
-/// The newest idle connection for `key` that is still open.
-fn checkout(key: &str) -> Option<Sender> {
+/// The newest idle connection for `key` that is still open (and made with the TLS settings of
+/// `generation`).
+fn checkout(key: &str, generation: u64) -> Option<Sender> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
+        l.sync(generation);
         let conns = l.idle.get_mut(key)?;
         while let Some(c) = conns.pop() {
             if c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed() {
@@ -296,12 +327,16 @@ fn checkout(key: &str) -> Option<Sender> {
     })
 }
 
-fn checkin(key: &Arc<str>, sender: Sender) {
+/// Pools a connection made with the TLS settings of `generation`, unless they are outdated.
+fn checkin(key: &Arc<str>, sender: Sender, generation: u64) {
     if sender.is_closed() {
         return;
     }
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
+        if l.generation != generation && key.starts_with("https:") {
+            return;
+        }
         let conns = l.idle.entry(Arc::clone(key)).or_default();
         if conns.len() < MAX_IDLE_PER_TARGET {
             conns.push(Idle { sender, since: Instant::now() });
@@ -315,18 +350,19 @@ fn returning(
     resp: http::Response<hyper::body::Incoming>,
     sender: Sender,
     key: &Arc<str>,
+    generation: u64,
 ) -> http::Response<axum::body::Body> {
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         return resp.map(axum::body::Body::new);
     }
     let key = Arc::clone(key);
-    resp.map(|inner| axum::body::Body::new(ReturningBody { inner, conn: Some((sender, key)) }))
+    resp.map(|inner| axum::body::Body::new(ReturningBody { inner, conn: Some((sender, key, generation)) }))
 }
 
 /// An upstream response body that gives its connection back when it ends.
 struct ReturningBody {
     inner: hyper::body::Incoming,
-    conn: Option<(Sender, Arc<str>)>,
+    conn: Option<(Sender, Arc<str>, u64)>,
 }
 
 impl http_body::Body for ReturningBody {
@@ -359,8 +395,8 @@ impl http_body::Body for ReturningBody {
 
 impl ReturningBody {
     fn release(&mut self) {
-        if let Some((sender, key)) = self.conn.take() {
-            checkin(&key, sender);
+        if let Some((sender, key, generation)) = self.conn.take() {
+            checkin(&key, sender, generation);
         }
     }
 }

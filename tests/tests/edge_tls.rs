@@ -209,3 +209,69 @@ async fn the_edge_presents_its_client_certificate_to_upstreams_that_require_one(
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("edge.upstream_tls_key_file") && stderr.contains("is not the key"), "{stderr}");
 }
+
+/// Reloads apply new upstream TLS settings, also to connections already pooled: the upstream
+/// client certificate rotated in place (its files rewritten, no signal) is presented from the
+/// next request on, and with `edge.tls_ca_file` removed (SIGHUP) the upstream's certificate is
+/// no longer trusted, even on the connection the edge already had open to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_apply_new_upstream_tls_settings_to_pooled_connections_too() {
+    let dir = TempDir::new("e2e_edge_upstream_tls_reload");
+    let topic = unique("edge_upstream_tls_reload");
+    create_topic(&topic, 1).await;
+    let port = serve_mtls_upstream().await;
+    let (cert, key) = (dir.path().join("upstream.pem"), dir.path().join("upstream.key.pem"));
+    std::fs::copy(tls_file("client-acme.pem"), &cert).unwrap();
+    std::fs::copy(tls_file("client-acme.key.pem"), &key).unwrap();
+    let cfg = config(&topic, port, Some(&tls_file("ca.pem"))).replacen(
+        "[edge]\n",
+        &format!(
+            "[edge]\nupstream_tls_cert_file = \"{}\"\nupstream_tls_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        1,
+    );
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let presented = || async {
+        let (status, body) = get(addr, "/secure/x", ("x-api-key", "key-acme")).await;
+        (status, body["client_cert"].as_str().map(str::to_owned))
+    };
+    let acme = cert_fingerprint_hex(&tls_file("client-acme.pem"));
+    let other = cert_fingerprint_hex(&tls_file("client-other.pem"));
+    // Several requests, one after the other: one pooled connection, with acme's certificate.
+    for _ in 0..3 {
+        assert_eq!(presented().await, (200, Some(acme.clone())), "{}", edge.log_tail());
+    }
+
+    // The certificate rotated in place: the file watch reloads it.
+    std::fs::copy(tls_file("client-other.key.pem"), &key).unwrap();
+    std::fs::copy(tls_file("client-other.pem"), &cert).unwrap();
+    let rotated = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reloads_total").await >= 1
+    })
+    .await;
+    assert!(rotated, "no reload after the certificate files changed\n{}", edge.log_tail());
+    // From the first request after the reload on: the new certificate, on a new connection.
+    for _ in 0..3 {
+        assert_eq!(presented().await, (200, Some(other.clone())), "{}", edge.log_tail());
+    }
+
+    // The CA file removed from the config: the upstream's certificate is no longer trusted,
+    // also not on the connection the edge has pooled to it.
+    let path = dir.path().join("edge.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let without_ca: String = text.lines().filter(|l| !l.starts_with("tls_ca_file")).map(|l| format!("{l}\n")).collect();
+    assert_ne!(text, without_ca);
+    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
+    std::fs::write(&path, without_ca).unwrap();
+    edge.signal("HUP");
+    let reloaded = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
+    })
+    .await;
+    assert!(reloaded, "{}", edge.log_tail());
+    let (status, _) = presented().await;
+    assert_eq!(status, 502, "{}", edge.log_tail());
+    assert!(edge.terminate(Duration::from_secs(15)));
+}

@@ -21,9 +21,9 @@ use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
+use crate::Runtime;
 use crate::config::{AuthMode, Consumer, Plan, Route};
 use crate::problem::Problem;
-use crate::{Gateway, Runtime};
 
 /// Header carrying an API key, as an alternative to `Authorization: Bearer`.
 pub static API_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-api-key");
@@ -265,13 +265,12 @@ pub async fn authenticate(
 /// Authenticates the request for `route` and strips its credential headers; the refusal
 /// (401 / 403) as an answer.
 pub async fn admit<B>(
-    gw: &Gateway,
     runtime: &Runtime,
     route: &Route,
     peer: &crate::Peer,
     req: &mut http::Request<B>,
 ) -> Result<Option<Arc<Identity>>, Response> {
-    match authenticate(runtime, route, req.headers(), peer.client_cert.as_ref(), &gw.client).await {
+    match authenticate(runtime, route, req.headers(), peer.client_cert.as_ref(), &runtime.client).await {
         Err(AuthError::NotRegistered) => Err(Problem::forbidden(AuthError::NotRegistered.to_string()).into_response()),
         Err(e @ AuthError::Jwt(_)) => Err(Problem::invalid_token(e.to_string()).into_response()),
         Err(e) => Err(Problem::unauthenticated(e.to_string()).into_response()),
