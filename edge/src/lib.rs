@@ -234,8 +234,7 @@ async fn admit_and_forward(
     let origin = route.cors.as_ref().and_then(|_| req.headers().get(http::header::ORIGIN).cloned());
     // The route's and the consumer's address lists (`allowed_ips`), and authentication: a
     // refusal here gets the route's CORS headers too.
-    let mut refusal =
-        route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, client_addr(gw, peer, &req), "this route"));
+    let mut refusal = route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, call.client_addr, "this route"));
     let mut identity = None;
     if refusal.is_none() {
         match auth::admit(&runtime, &route, peer, &mut req).await {
@@ -246,7 +245,7 @@ async fn admit_and_forward(
     if let Some(i) = &identity {
         let _ = call.identity.set(Arc::clone(i));
         if let Some(nets) = &i.allowed_ips {
-            refusal = address_refusal(nets, client_addr(gw, peer, &req), "this consumer");
+            refusal = address_refusal(nets, call.client_addr, "this consumer");
         }
     }
     if let Some(mut refused) = refusal {
@@ -271,11 +270,6 @@ async fn admit_and_forward(
         policy.decorate(origin.as_ref(), resp.headers_mut());
     }
     resp
-}
-
-/// The client's address: the TCP peer, or what `edge.trusted_hops` proxies say.
-fn client_addr<B>(gw: &Gateway, peer: &Peer, req: &http::Request<B>) -> std::net::IpAddr {
-    forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops)
 }
 
 /// 403 when `ip` is in none of `nets` (`whose`: whose list it is, for the detail).

@@ -174,7 +174,9 @@ pub struct Call {
     pub meta: CallMeta,
     /// `x-request-id` (the event id), for the upstream and the client.
     pub request_id: HeaderValue,
-    /// The client's address (the peer, or what a trusted hop says), as text.
+    /// The client's address: the peer, or what a trusted hop says (`edge.trusted_hops`).
+    pub client_addr: std::net::IpAddr,
+    /// `client_addr` as text.
     client_ip: HeaderValue,
     /// Request body bytes, counted as they stream to the upstream.
     pub request_body: Arc<BodyCounter>,
@@ -234,7 +236,8 @@ impl Call {
         let mut id_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut id_buf))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
-        let client_ip = match crate::forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops) {
+        let client_addr = crate::forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops);
+        let client_ip = match client_addr {
             ip if ip == peer.addr.ip() => peer.ip_text.clone(),
             ip => HeaderValue::from_maybe_shared(Bytes::from(crate::forwarded::ip_text(ip)))
                 .unwrap_or_else(|_| peer.ip_text.clone()),
@@ -246,6 +249,7 @@ impl Call {
             finished: false,
             meta: CallMeta { event_id, trace_id, traceparent, otel },
             request_id,
+            client_addr,
             client_ip,
             request_body: Arc::new(BodyCounter::default()),
             span,
