@@ -391,6 +391,9 @@ struct RawConsumer {
 struct RawKey {
     id: String,
     sha256: String,
+    /// Addresses this credential works from, within the consumer's (empty: the consumer's).
+    #[serde(default)]
+    allowed_ips: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -745,6 +748,8 @@ pub struct ApiKey {
     pub id: String,
     /// SHA-256 of the key as the client sends it, or of the certificate.
     pub sha256: [u8; 32],
+    /// Addresses this credential works from, on top of the consumer's list (empty: any).
+    pub allowed_ips: Vec<crate::forwarded::IpNet>,
 }
 
 impl Config {
@@ -1245,7 +1250,8 @@ fn consumer(
             let sha256 = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
                 err(key(&format!("{field}[{j}].sha256")), format!("must be the 64 hex digits of {what}"))
             })?;
-            out.push(ApiKey { id: k.id, sha256 });
+            let allowed_ips = ip_nets(&k.allowed_ips, &|i| key(&format!("{field}[{j}].allowed_ips[{i}]")), origin)?;
+            out.push(ApiKey { id: k.id, sha256, allowed_ips });
         }
         Ok(out)
     };
@@ -1505,6 +1511,11 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             ("plan = \"free\"", "plan = \"gold\"", "consumers[0].plan"),
             ("rate_per_second = 5", "rate_per_second = 0", "plans.free.rate_per_second"),
             ("sha256 = \"2c26", "sha256 = \"zz26", "consumers[0].keys[0].sha256"),
+            (
+                "sha256 = \"2c26",
+                "allowed_ips = [\"10.0.0.0/33\"], sha256 = \"2c26",
+                "consumers[0].keys[0].allowed_ips[0]",
+            ),
             ("keys = [", "allowed_ips = [\"10.0.0.1/8\"]\nkeys = [", "consumers[0].allowed_ips[0]"),
             ("upstream = ", "allowed_ips = [\"10.0.0.0/8\", \"example.com\"]\nupstream = ", "routes[0].allowed_ips[1]"),
             ("[kafka]", "[kafka]\nbrokerz = 1", "brokerz"),

@@ -247,6 +247,9 @@ async fn admit_and_forward(
         if let Some(nets) = &i.allowed_ips {
             refusal = address_refusal(nets, call.client_addr, "this consumer");
         }
+        if let Some(nets) = i.credential_ips.as_ref().filter(|_| refusal.is_none()) {
+            refusal = address_refusal(nets, call.client_addr, "this credential");
+        }
     }
     if let Some(mut refused) = refusal {
         if let Some(policy) = &route.cors {

@@ -37,6 +37,8 @@ pub struct Identity {
     pub plan: Arc<Plan>,
     /// The consumer's `allowed_ips` (`None`: any address).
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
+    /// The credential's own `allowed_ips`, which the address must be in too (`None`: any).
+    pub credential_ips: Option<Arc<[crate::forwarded::IpNet]>>,
 }
 
 /// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
@@ -87,27 +89,30 @@ impl KeyStore {
             let Some(plan) = plans_by_name.get(&c.plan) else { continue };
             let allowed_ips: Option<Arc<[crate::forwarded::IpNet]>> =
                 (!c.allowed_ips.is_empty()).then(|| c.allowed_ips.as_slice().into());
-            let identity = |credential_id: &str| {
+            let identity = |credential_id: &str, credential_ips: &[crate::forwarded::IpNet]| {
                 Arc::new(Identity {
                     consumer_id: Arc::clone(&consumer_id),
                     credential_id: Arc::from(credential_id),
                     plan: Arc::clone(plan),
                     allowed_ips: allowed_ips.clone(),
+                    credential_ips: (!credential_ips.is_empty()).then(|| credential_ips.into()),
                 })
             };
             let mut first = None;
             for k in &c.keys {
-                let id = identity(&k.id);
+                let id = identity(&k.id, &k.allowed_ips);
                 first.get_or_insert_with(|| Arc::clone(&id));
                 by_hash.insert(k.sha256, id);
             }
             for k in &c.certificates {
-                let id = identity(&k.id);
+                let id = identity(&k.id, &k.allowed_ips);
                 first.get_or_insert_with(|| Arc::clone(&id));
                 by_certificate.insert(k.sha256, id);
             }
-            // A consumer without keys (JWT only) still has its plan.
-            by_consumer.insert(ByConsumer(first.unwrap_or_else(|| identity(""))));
+            // A consumer without keys (JWT only) still has its plan. (`consumer` answers
+            // for the consumer, whichever of its credentials is first here: without the
+            // credential's list.)
+            by_consumer.insert(ByConsumer(first.unwrap_or_else(|| identity("", &[]))));
         }
         Self { by_hash, by_certificate, consumers: by_consumer }
     }
@@ -257,7 +262,13 @@ pub async fn authenticate(
                     (Arc::from(v.consumer_id.as_str()), Arc::clone(plan), None)
                 }
             };
-            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan, allowed_ips })))
+            Ok(Some(Arc::new(Identity {
+                consumer_id,
+                credential_id: v.credential_id,
+                plan,
+                allowed_ips,
+                credential_ips: None,
+            })))
         }
     }
 }
@@ -346,7 +357,11 @@ mod tests {
         let plan = |name: &str| Arc::new(Plan { name: name.into(), limit: rate, routes: HashMap::new() });
         let plans: HashMap<String, Arc<Plan>> =
             [("gold".to_owned(), plan("gold")), ("free".to_owned(), plan("free"))].into();
-        let key = |id: &str, k: &str| ApiKey { id: id.into(), sha256: Sha256::digest(k.as_bytes()).into() };
+        let key = |id: &str, k: &str| ApiKey {
+            id: id.into(),
+            sha256: Sha256::digest(k.as_bytes()).into(),
+            allowed_ips: vec![],
+        };
         let consumers = vec![
             Consumer {
                 id: "acme".into(),
