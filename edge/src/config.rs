@@ -28,6 +28,9 @@ struct Raw {
     kafka: RawKafka,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    /// CORS policies routes name in `cors_policy`.
+    #[serde(default)]
+    cors_policies: BTreeMap<String, RawCors>,
     #[serde(default)]
     plans: BTreeMap<String, RawPlan>,
     #[serde(default)]
@@ -320,12 +323,15 @@ struct RawRoute {
     fail_timeout_ms: u64,
     #[serde(default)]
     cors: Option<RawCors>,
+    /// The name of a `[cors_policies.<name>]` table, instead of `cors`.
+    #[serde(default)]
+    cors_policy: Option<String>,
     #[serde(default)]
     allowed_ips: Vec<String>,
 }
 
-/// `routes[].cors`.
-#[derive(Debug, Deserialize)]
+/// `routes[].cors`, or a `[cors_policies.<name>]` table.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCors {
     allow_origins: Vec<String>,
@@ -341,6 +347,18 @@ struct RawCors {
 
 fn default_cors_max_age_s() -> u32 {
     600
+}
+
+impl From<RawCors> for crate::cors::CorsSettings {
+    fn from(c: RawCors) -> Self {
+        Self {
+            allow_origins: c.allow_origins,
+            allow_headers: c.allow_headers,
+            expose_headers: c.expose_headers,
+            max_age_s: c.max_age_s,
+            allow_credentials: c.allow_credentials,
+        }
+    }
 }
 
 fn default_retries() -> u32 {
@@ -869,6 +887,11 @@ fn validate(
         plans.insert(name.clone(), Arc::new(Plan { name, limit, routes }));
     }
 
+    // Every policy is checked, also one no route uses yet (a typo there would otherwise wait).
+    for (name, c) in &raw.cors_policies {
+        crate::cors::Cors::new(c.clone().into(), &[])
+            .map_err(|(field, reason)| err(format!("cors_policies.{name}.{field}"), reason))?;
+    }
     let mut routes = Vec::new();
     let mut route_ids = HashSet::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
@@ -932,20 +955,32 @@ fn validate(
         if r.timeout_ms == 0 {
             return Err(err(key("timeout_ms"), "must be at least 1".into()));
         }
-        let cors = match r.cors {
-            None => None,
-            Some(c) => {
-                let settings = crate::cors::CorsSettings {
-                    allow_origins: c.allow_origins,
-                    allow_headers: c.allow_headers,
-                    expose_headers: c.expose_headers,
-                    max_age_s: c.max_age_s,
-                    allow_credentials: c.allow_credentials,
-                };
-                let cors = crate::cors::Cors::new(settings, &methods)
-                    .map_err(|(field, reason)| err(key(&format!("cors.{field}")), reason))?;
-                Some(Arc::new(cors))
+        // The policy (inline, or named), and the key that names it in errors.
+        let policy = match (r.cors, r.cors_policy) {
+            (None, None) => None,
+            (Some(c), None) => Some((c, key("cors"))),
+            (None, Some(name)) => match raw.cors_policies.get(&name) {
+                Some(c) => Some((c.clone(), format!("cors_policies.{name}"))),
+                None => {
+                    return Err(err(
+                        key("cors_policy"),
+                        format!("unknown CORS policy `{name}` (define it as a [cors_policies.{name}] table)"),
+                    ));
+                }
+            },
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    key("cors_policy"),
+                    "set either cors (inline) or cors_policy (a name), not both".into(),
+                ));
             }
+        };
+        let cors = match policy {
+            None => None,
+            Some((c, at)) => Some(Arc::new(
+                crate::cors::Cors::new(c.into(), &methods)
+                    .map_err(|(field, reason)| err(format!("{at}.{field}"), reason))?,
+            )),
         };
         let allowed_ips = ip_nets(&r.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
         routes.push(Arc::new(Route {
@@ -1519,6 +1554,18 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             ("keys = [", "allowed_ips = [\"10.0.0.1/8\"]\nkeys = [", "consumers[0].allowed_ips[0]"),
             ("upstream = ", "allowed_ips = [\"10.0.0.0/8\", \"example.com\"]\nupstream = ", "routes[0].allowed_ips[1]"),
             ("[kafka]", "[kafka]\nbrokerz = 1", "brokerz"),
+            ("upstream = ", "cors_policy = \"web\"\nupstream = ", "routes[0].cors_policy"),
+            (
+                "upstream = ",
+                "cors_policy = \"web\"\ncors = { allow_origins = [\"*\"] }\nupstream = ",
+                "either cors (inline) or cors_policy",
+            ),
+            (
+                "[kafka]",
+                "[cors_policies.web]\nallow_origins = [\"app.example\"]\n[kafka]",
+                "cors_policies.web.allow_origins",
+            ),
+            ("upstream = ", "cors_policy = \"web\"\nupstream = ", "define it as a [cors_policies.web] table"),
         ];
         for (from, to, key) in cases {
             let text = BASE.replace(from, to);

@@ -133,3 +133,39 @@ async fn browsers_get_preflights_and_cors_headers_on_every_answer_of_a_route_wit
     assert_eq!(events.iter().filter(|e| e.method == "OPTIONS").count(), 2, "the 405 and the plain route's 401");
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// A policy defined once (`[cors_policies.web]`) and named by several routes
+/// (`cors_policy = "web"`): each route answers preflights for the policy's origins with its own
+/// methods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_policy_serves_every_route_that_names_it() {
+    let dir = TempDir::new("e2e_edge_cors_named");
+    let topic = unique("edge_cors_named");
+    create_topic(&topic, 1).await;
+    let (upstream, _echo) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"read\"\npath_prefix = \"/read\"\nmethods = [\"GET\"]\nupstream = \"http://{upstream}\"\n\
+         cors_policy = \"web\"\n\
+         [[routes]]\nid = \"write\"\npath_prefix = \"/write\"\nmethods = [\"GET\", \"PUT\"]\nupstream = \"http://{upstream}\"\n\
+         cors_policy = \"web\"\n{}\
+         [cors_policies.web]\nallow_origins = [\"{APP}\"]\nmax_age_s = 60\n",
+        edge_head("edge-cors-named", &topic),
+        acme_with_key(1000),
+    );
+    let (mut edge, addr, _) = start_edge(dir.path(), "edge", &cfg).await;
+    let preflight = |origin: &'static str, method: &'static str| {
+        [("origin", origin), ("access-control-request-method", method), ("access-control-request-headers", "x-api-key")]
+    };
+    for (path, method, methods) in [("/read/x", "GET", "GET"), ("/write/x", "PUT", "GET, PUT")] {
+        let (status, h, _) = call(addr, "OPTIONS", path, &preflight(APP, method)).await;
+        assert_eq!(status, 204, "{path} {h:?}");
+        assert_eq!(header(&h, "access-control-allow-methods"), Some(methods), "{path}");
+        assert_eq!(header(&h, "access-control-max-age"), Some("60"), "{path}");
+        assert_eq!(call(addr, "OPTIONS", path, &preflight(EVIL, method)).await.0, 403, "{path}");
+        let (status, h, _) = call(addr, "GET", path, &[("origin", APP), ("x-api-key", "key-acme")]).await;
+        assert_eq!((status, header(&h, "access-control-allow-origin")), (200, Some(APP)), "{path}");
+    }
+    // PUT is not a method of `read`: no grant there.
+    assert_eq!(call(addr, "OPTIONS", "/read/x", &preflight(APP, "PUT")).await.0, 405);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
