@@ -551,6 +551,12 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     gw.clients.set_tls(Arc::clone(&next.upstream_tls));
                     tracing::info!("upstream TLS settings changed: https upstream connections are made anew");
                 }
+                if next.tls_ca != current.tls_ca && current.telemetry.otlp_endpoint.is_some() {
+                    tracing::warn!(
+                        key = "edge.tls_ca_file",
+                        "the OTLP exporter keeps the CA list it started with until a restart"
+                    );
+                }
                 let consumers = next.consumers.len();
                 let mut next = next;
                 if next.tls_server.is_some() != current.tls_server.is_some() {
