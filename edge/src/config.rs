@@ -766,8 +766,9 @@ pub struct ApiKey {
     pub id: String,
     /// SHA-256 of the key as the client sends it, or of the certificate.
     pub sha256: [u8; 32],
-    /// Addresses this credential works from, on top of the consumer's list (empty: any).
-    pub allowed_ips: Vec<crate::forwarded::IpNet>,
+    /// Addresses this credential works from (its own list within the consumer's; empty: the
+    /// consumer's list).
+    pub allowed_ips: Box<[crate::forwarded::IpNet]>,
 }
 
 impl Config {
@@ -1277,6 +1278,7 @@ fn consumer(
     if !plans.contains_key(&c.plan) {
         return Err(err(key("plan"), format!("unknown plan `{}`", c.plan)));
     }
+    let consumer_ips = ip_nets(&c.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
     // Each entry of `field` with its SHA-256 (64 hex digits) decoded; `what` says what was
     // hashed and how to get the hash, for the error.
     let hashed = |entries: Vec<RawKey>, field: &str, what: &str| -> Result<Vec<ApiKey>, ConfigError> {
@@ -1285,8 +1287,22 @@ fn consumer(
             let sha256 = hex::decode(&k.sha256).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()).ok_or_else(|| {
                 err(key(&format!("{field}[{j}].sha256")), format!("must be the 64 hex digits of {what}"))
             })?;
-            let allowed_ips = ip_nets(&k.allowed_ips, &|i| key(&format!("{field}[{j}].allowed_ips[{i}]")), origin)?;
-            out.push(ApiKey { id: k.id, sha256, allowed_ips });
+            let own = ip_nets(&k.allowed_ips, &|i| key(&format!("{field}[{j}].allowed_ips[{i}]")), origin)?;
+            // Within the consumer's list: the addresses in both.
+            let allowed_ips = if own.is_empty() || consumer_ips.is_empty() {
+                own
+            } else {
+                let both = crate::forwarded::intersect(&consumer_ips, &own);
+                if both.is_empty() {
+                    return Err(err(
+                        key(&format!("{field}[{j}].allowed_ips")),
+                        "no address of this list is in the consumer's allowed_ips: the credential could never be used"
+                            .into(),
+                    ));
+                }
+                both
+            };
+            out.push(ApiKey { id: k.id, sha256, allowed_ips: allowed_ips.into() });
         }
         Ok(out)
     };
@@ -1296,8 +1312,7 @@ fn consumer(
         "certificates",
         "the certificate's SHA-256 fingerprint (see `tollgate-edge cert-fingerprint`)",
     )?;
-    let allowed_ips = ip_nets(&c.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
-    Ok(Consumer { id: c.id, plan: c.plan, keys, certificates, allowed_ips })
+    Ok(Consumer { id: c.id, plan: c.plan, keys, certificates, allowed_ips: consumer_ips })
 }
 
 /// `allowed_ips` entries as address blocks; `key(j)` names entry `j` in errors.
@@ -1552,6 +1567,14 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
                 "consumers[0].keys[0].allowed_ips[0]",
             ),
             ("keys = [", "allowed_ips = [\"10.0.0.1/8\"]\nkeys = [", "consumers[0].allowed_ips[0]"),
+            (
+                "keys = [",
+                &format!(
+                    "allowed_ips = [\"10.0.0.0/8\"]\nkeys = [{{ id = \"k0\", sha256 = \"{}\", allowed_ips = [\"11.0.0.0/8\"] }}, ",
+                    "a".repeat(64)
+                ),
+                "consumers[0].keys[0].allowed_ips`: no address of this list is in the consumer's",
+            ),
             ("upstream = ", "allowed_ips = [\"10.0.0.0/8\", \"example.com\"]\nupstream = ", "routes[0].allowed_ips[1]"),
             ("[kafka]", "[kafka]\nbrokerz = 1", "brokerz"),
             ("upstream = ", "cors_policy = \"web\"\nupstream = ", "routes[0].cors_policy"),

@@ -101,6 +101,34 @@ impl IpNet {
         let ip = ip.to_canonical();
         ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == self.addr
     }
+
+    /// Whether every address of `other` is in the block.
+    fn covers(&self, other: &IpNet) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && self.prefix <= other.prefix
+            && self.masked(other.addr) == self.addr
+    }
+}
+
+/// The addresses in both lists, as blocks. (Two blocks are nested or apart: where they meet,
+/// the smaller one is what both hold.)
+pub fn intersect(a: &[IpNet], b: &[IpNet]) -> Vec<IpNet> {
+    let mut both = Vec::new();
+    for x in a {
+        for y in b {
+            let inner = if x.covers(y) {
+                y
+            } else if y.covers(x) {
+                x
+            } else {
+                continue;
+            };
+            if !both.contains(inner) {
+                both.push(*inner);
+            }
+        }
+    }
+    both
 }
 
 #[cfg(test)]
@@ -123,6 +151,24 @@ mod tests {
         assert!(net("::/0").contains(ip("::1")));
         for bad in ["203.0.113.1/24", "203.0.113.0/33", "2001:db8::/129", "example.com", "10.0.0.0/x", ""] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn intersections_keep_the_inner_blocks_of_nested_pairs() {
+        let nets = |s: &[&str]| s.iter().map(|n| n.parse::<IpNet>().unwrap()).collect::<Vec<_>>();
+        let a = nets(&["10.0.0.0/8", "203.0.113.0/24", "2001:db8::/32"]);
+        // Inside, around, apart, the other family.
+        let b = nets(&["10.1.0.0/16", "203.0.0.0/16", "192.0.2.0/24", "2001:db8:1::/48", "0.0.0.0/0"]);
+        assert_eq!(intersect(&a, &b), nets(&["10.1.0.0/16", "10.0.0.0/8", "203.0.113.0/24", "2001:db8:1::/48"]));
+        assert_eq!(intersect(&b, &a), nets(&["10.1.0.0/16", "203.0.113.0/24", "2001:db8:1::/48", "10.0.0.0/8"]));
+        assert!(intersect(&nets(&["10.0.0.0/8"]), &nets(&["11.0.0.0/8", "::/0"])).is_empty());
+        // An address in the result is in both lists, and the other way round.
+        let both = intersect(&a, &b);
+        for ip in ["10.1.2.3", "10.2.0.1", "203.0.113.9", "192.0.2.1", "2001:db8:1::5", "2001:db8:2::5", "8.8.8.8"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let in_both = a.iter().any(|n| n.contains(ip)) && b.iter().any(|n| n.contains(ip));
+            assert_eq!(both.iter().any(|n| n.contains(ip)), in_both, "{ip}");
         }
     }
 

@@ -232,7 +232,7 @@ async fn admit_and_forward(
     let _ = call.route.set(Arc::clone(&route));
     // Only routes with a CORS policy look at `Origin`.
     let origin = route.cors.as_ref().and_then(|_| req.headers().get(http::header::ORIGIN).cloned());
-    // The route's and the consumer's address lists (`allowed_ips`), and authentication: a
+    // The route's and the credential's address lists (`allowed_ips`), and authentication: a
     // refusal here gets the route's CORS headers too.
     let mut refusal = route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, call.client_addr, "this route"));
     let mut identity = None;
@@ -245,9 +245,6 @@ async fn admit_and_forward(
     if let Some(i) = &identity {
         let _ = call.identity.set(Arc::clone(i));
         if let Some(nets) = &i.allowed_ips {
-            refusal = address_refusal(nets, call.client_addr, "this consumer");
-        }
-        if let Some(nets) = i.credential_ips.as_ref().filter(|_| refusal.is_none()) {
             refusal = address_refusal(nets, call.client_addr, "this credential");
         }
     }

@@ -373,7 +373,6 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::new(plan),
             allowed_ips: None,
-            credential_ips: None,
         };
         let cache = LimiterCache::default();
         let (slow, fast) = (route("slow"), route("fast"));
@@ -411,7 +410,6 @@ mod tests {
                 credential_id: Arc::from("k"),
                 plan: Arc::clone(&plan),
                 allowed_ips: None,
-                credential_ips: None,
             };
             assert!(check(&cache, &id, &r).allowed());
         }
@@ -424,13 +422,7 @@ mod tests {
         assert_eq!(cache.len(), 0);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
         // A dropped generation (config reload) takes its limiters off the gauge.
-        let id = Identity {
-            consumer_id: Arc::from("x"),
-            credential_id: Arc::from("k"),
-            plan,
-            allowed_ips: None,
-            credential_ips: None,
-        };
+        let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan, allowed_ips: None };
         check(&cache, &id, &r);
         assert_eq!(gauge.load(Ordering::Relaxed), 1);
         drop(cache);

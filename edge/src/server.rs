@@ -475,9 +475,9 @@ async fn refresh_jwks(gw: Arc<Gateway>) {
 
 /// Reloads routes, plans, consumers and the TLS settings on SIGHUP and when the modification
 /// time of the config file, its consumers file or one of its TLS files changes (checked every
-/// second). An invalid file is rejected with a log line naming the key;
-/// the running config stays. Settings that need a restart (listeners, Kafka, spool, limits of
-/// the HTTP parser) are reported and ignored.
+/// second). An invalid file is rejected with a log line naming the key; the running config
+/// stays. Settings that need a restart (listeners, Kafka, spool, limits of the HTTP parser)
+/// are reported and ignored.
 async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTreeMap<String, String>) {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),

@@ -39,7 +39,7 @@ async fn consumers_and_routes_are_called_only_from_their_address_blocks() {
          allowed_ips = [\"10.0.0.0/8\"]\n\
          [plans.big]\nrate_per_second = 1000\n\
          [[consumers]]\nid = \"acme\"\nplan = \"big\"\nkeys = [{{ id = \"acme-1\", sha256 = \"{}\" }}, \
-         {{ id = \"acme-2\", sha256 = \"{}\", allowed_ips = [\"203.0.113.128/25\"] }}]\n\
+         {{ id = \"acme-2\", sha256 = \"{}\", allowed_ips = [\"203.0.113.128/25\", \"192.0.2.0/24\"] }}]\n\
          allowed_ips = [\"203.0.113.0/24\", \"2001:db8::/32\"]\n\
          [[consumers]]\nid = \"beta\"\nplan = \"big\"\nkeys = [{{ id = \"beta-1\", sha256 = \"{}\" }}, \
          {{ id = \"beta-ci\", sha256 = \"{}\", allowed_ips = [\"192.0.2.0/24\"] }}]\n",
@@ -57,7 +57,7 @@ async fn consumers_and_routes_are_called_only_from_their_address_blocks() {
     let (status, body) = get(addr, "/api/c", "198.51.100.1", Some("key-acme")).await;
     assert_eq!(status, 403, "{body}");
     let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("this consumer") && detail.contains("198.51.100.1"), "{detail}");
+    assert!(detail.contains("this credential") && detail.contains("198.51.100.1"), "{detail}");
     // A client that writes an allowed address into X-Forwarded-For itself: the trusted proxy
     // appends the real one, which decides.
     assert_eq!(get(addr, "/api/d", "203.0.113.7, 198.51.100.1", Some("key-acme")).await.0, 403);
@@ -74,9 +74,9 @@ async fn consumers_and_routes_are_called_only_from_their_address_blocks() {
     assert_eq!(get(addr, "/api/k3", "203.0.113.200", Some("key-acme-2")).await.0, 200);
     let (status, body) = get(addr, "/api/k4", "203.0.113.7", Some("key-acme-2")).await;
     assert_eq!((status, body["detail"].as_str().unwrap().contains("this credential")), (403, true), "{body}");
-    // Outside acme's blocks the consumer's list refuses first.
+    // A key's list does not widen the consumer's: 192.0.2.0/24 is on acme-2's, not on acme's.
     let (status, body) = get(addr, "/api/k5", "192.0.2.9", Some("key-acme-2")).await;
-    assert_eq!((status, body["detail"].as_str().unwrap().contains("this consumer")), (403, true), "{body}");
+    assert_eq!((status, body["detail"].as_str().unwrap().contains("this credential")), (403, true), "{body}");
 
     // The route's list comes first: outside it, 403 even without a credential.
     assert_eq!(get(addr, "/internal/f", "10.1.2.3", Some("key-beta")).await.0, 200);

@@ -35,10 +35,9 @@ pub struct Identity {
     /// The API key's or client certificate's id, or `jwt:<issuer id>`.
     pub credential_id: Arc<str>,
     pub plan: Arc<Plan>,
-    /// The consumer's `allowed_ips` (`None`: any address).
+    /// Where the credential may be used from (`None`: any address): the consumer's
+    /// `allowed_ips`, or the key's or certificate's own list within them.
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
-    /// The credential's own `allowed_ips`, which the address must be in too (`None`: any).
-    pub credential_ips: Option<Arc<[crate::forwarded::IpNet]>>,
 }
 
 /// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
@@ -89,29 +88,33 @@ impl KeyStore {
             let Some(plan) = plans_by_name.get(&c.plan) else { continue };
             let allowed_ips: Option<Arc<[crate::forwarded::IpNet]>> =
                 (!c.allowed_ips.is_empty()).then(|| c.allowed_ips.as_slice().into());
-            let identity = |credential_id: &str, credential_ips: &[crate::forwarded::IpNet]| {
+            let identity = |credential_id: &str, own: &[crate::forwarded::IpNet]| {
                 Arc::new(Identity {
                     consumer_id: Arc::clone(&consumer_id),
                     credential_id: Arc::from(credential_id),
                     plan: Arc::clone(plan),
-                    allowed_ips: allowed_ips.clone(),
-                    credential_ips: (!credential_ips.is_empty()).then(|| credential_ips.into()),
+                    // The credential's own list is already within the consumer's (config).
+                    allowed_ips: if own.is_empty() { allowed_ips.clone() } else { Some(own.into()) },
                 })
             };
+            // The consumer's entry shares a credential's identity (one allocation less per
+            // consumer) if one has the consumer's address list, not a list of its own.
             let mut first = None;
             for k in &c.keys {
                 let id = identity(&k.id, &k.allowed_ips);
-                first.get_or_insert_with(|| Arc::clone(&id));
+                if k.allowed_ips.is_empty() {
+                    first.get_or_insert_with(|| Arc::clone(&id));
+                }
                 by_hash.insert(k.sha256, id);
             }
             for k in &c.certificates {
                 let id = identity(&k.id, &k.allowed_ips);
-                first.get_or_insert_with(|| Arc::clone(&id));
+                if k.allowed_ips.is_empty() {
+                    first.get_or_insert_with(|| Arc::clone(&id));
+                }
                 by_certificate.insert(k.sha256, id);
             }
-            // A consumer without keys (JWT only) still has its plan. (`consumer` answers
-            // for the consumer, whichever of its credentials is first here: without the
-            // credential's list.)
+            // A consumer without keys (JWT only) still has its plan and address list.
             by_consumer.insert(ByConsumer(first.unwrap_or_else(|| identity("", &[]))));
         }
         Self { by_hash, by_certificate, consumers: by_consumer }
@@ -262,13 +265,7 @@ pub async fn authenticate(
                     (Arc::from(v.consumer_id.as_str()), Arc::clone(plan), None)
                 }
             };
-            Ok(Some(Arc::new(Identity {
-                consumer_id,
-                credential_id: v.credential_id,
-                plan,
-                allowed_ips,
-                credential_ips: None,
-            })))
+            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan, allowed_ips })))
         }
     }
 }
@@ -360,7 +357,7 @@ mod tests {
         let key = |id: &str, k: &str| ApiKey {
             id: id.into(),
             sha256: Sha256::digest(k.as_bytes()).into(),
-            allowed_ips: vec![],
+            allowed_ips: Box::default(),
         };
         let consumers = vec![
             Consumer {
@@ -369,6 +366,13 @@ mod tests {
                 keys: vec![key("a1", "key-1"), key("a2", "key-2")],
                 certificates: vec![key("c1", "cert-1")],
                 allowed_ips: vec![],
+            },
+            Consumer {
+                id: "ci".into(),
+                plan: "free".into(),
+                keys: vec![ApiKey { allowed_ips: ["10.1.0.0/16".parse().unwrap()].into(), ..key("ci-1", "key-ci") }],
+                certificates: vec![],
+                allowed_ips: vec!["10.0.0.0/8".parse().unwrap()],
             },
             Consumer {
                 id: "jwt-only".into(),
@@ -393,6 +397,12 @@ mod tests {
         assert!(c.allowed_ips.is_none(), "no allowed_ips: any address");
         let c = store.consumer("jwt-only").unwrap();
         assert_eq!((&*c.consumer_id, c.plan.name.as_str()), ("jwt-only", "free"));
+        assert_eq!(c.allowed_ips.as_deref(), Some(&["10.0.0.0/8".parse().unwrap()][..]));
+        // A key with a list of its own: the key's list for the key, the consumer's for the
+        // consumer (JWTs).
+        let ci = store.lookup("key-ci").unwrap();
+        assert_eq!(ci.allowed_ips.as_deref(), Some(&["10.1.0.0/16".parse().unwrap()][..]));
+        let c = store.consumer("ci").unwrap();
         assert_eq!(c.allowed_ips.as_deref(), Some(&["10.0.0.0/8".parse().unwrap()][..]));
         assert!(store.consumer("nobody").is_none());
     }
