@@ -82,6 +82,11 @@ pub struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
     pub https_redirects: AtomicU64,
+    /// Connections accepted on `edge.http_redirect_listen`.
+    pub redirect_connections_accepted: AtomicU64,
+    /// Connections on `edge.http_redirect_listen` closed because no request head came in
+    /// time (`header_read_timeout_ms`).
+    pub redirect_connections_timed_out: AtomicU64,
     /// CORS preflights the edge answered: [allowed (204), refused (403)].
     pub cors_preflights: [AtomicU64; 2],
     /// Connections accepted on the traffic port (plain and TLS).
@@ -344,6 +349,16 @@ impl Metrics {
                 "tollgate_edge_https_redirects_total",
                 "Requests on edge.http_redirect_listen answered 308 to HTTPS.",
                 load(&self.https_redirects),
+            ),
+            (
+                "tollgate_edge_redirect_connections_accepted_total",
+                "Connections accepted on edge.http_redirect_listen.",
+                load(&self.redirect_connections_accepted),
+            ),
+            (
+                "tollgate_edge_redirect_connections_timed_out_total",
+                "Connections on edge.http_redirect_listen closed because no request head came within header_read_timeout_ms.",
+                load(&self.redirect_connections_timed_out),
             ),
         ];
         for (name, help, value) in counters {

@@ -87,15 +87,26 @@ pub async fn serve(listener: TcpListener, https_port: u16, header_read_timeout: 
                 continue;
             }
         };
-        let metrics = Arc::clone(&metrics);
+        metrics.redirect_connections_accepted.fetch_add(1, Ordering::Relaxed);
+        let served = Arc::clone(&metrics);
         let svc = hyper::service::service_fn(move |req| {
-            let resp = answer(&req, https_port, &metrics);
+            let resp = answer(&req, https_port, &served);
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
-        let stream = crate::silent::FirstBytes::new(stream, header_read_timeout);
+        let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stream = crate::silent::FirstBytes::new(stream, header_read_timeout).flagging(Arc::clone(&expired));
         let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = conn.await;
+            // Nothing came in time (hyper ends such a connection without an error), or only
+            // part of a request head (hyper's timer).
+            let cut = expired.load(Ordering::Relaxed)
+                || result.as_ref().is_err_and(|e| crate::server::timed_out(&**e, true).is_some());
+            if cut {
+                metrics.redirect_connections_timed_out.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "redirect connection ended with an error");
             }
         });

@@ -383,7 +383,7 @@ impl Drop for ConnLife {
 
 /// Whether a connection's error is the edge closing it because a request did not come in
 /// time, and which wait it was (`served`: a request head had been read on it before).
-fn timed_out(e: &(dyn std::error::Error + 'static), served: bool) -> Option<ConnTimeout> {
+pub(crate) fn timed_out(e: &(dyn std::error::Error + 'static), served: bool) -> Option<ConnTimeout> {
     // `FirstBytes`'s error, returned before hyper knew the protocol.
     if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
         return Some(ConnTimeout::FirstBytes);

@@ -27,11 +27,20 @@ pub struct FirstBytes<S> {
     deadline: Option<(Duration, Option<Pin<Box<tokio::time::Sleep>>>)>,
     /// Bytes read so far, all of them the preface's.
     matched: usize,
+    /// Set when the deadline passes (for servers that do not see the error: hyper's HTTP/1
+    /// server takes a failed read before any byte for a connection closed by the client).
+    expired: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<S> FirstBytes<S> {
     pub fn new(inner: S, within: Duration) -> Self {
-        Self { inner, deadline: Some((within, None)), matched: 0 }
+        Self { inner, deadline: Some((within, None)), matched: 0, expired: None }
+    }
+
+    /// Also sets `expired` when the deadline passes.
+    pub fn flagging(mut self, expired: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.expired = Some(expired);
+        self
     }
 
     /// Takes the bytes a read returned: once they are enough to tell the protocol, the
@@ -63,6 +72,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstBytes<S> {
                 let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(*within)));
                 if sleep.as_mut().poll(cx).is_ready() {
                     this.deadline = None;
+                    if let Some(flag) = &this.expired {
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no request within header_read_timeout_ms of connecting",

@@ -199,8 +199,8 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
 
 /// `edge.http_redirect_listen`: every request on the plain port gets a 308 to the same host,
 /// path and query on the HTTPS port (method kept), a request without a host a 400 problem;
-/// nothing reaches the upstream from there, the redirects are counted, and a slow client is
-/// cut after `header_read_timeout_ms` as on the traffic port.
+/// nothing reaches the upstream from there, the redirects and the port's connections are
+/// counted, and a slow client is cut after `header_read_timeout_ms` as on the traffic port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_plain_http_port_redirects_to_https() {
     let dir = TempDir::new("e2e_edge_redirect");
@@ -282,6 +282,9 @@ Connection: keep-alive
     let (status, _, _) = https_get(addr, "ca.pem", false, "/app/x").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The port's connections are counted: seven, one of them (the silent one) timed out.
+    assert_eq!(metric(admin, "tollgate_edge_redirect_connections_accepted_total").await, 7);
+    assert_eq!(metric(admin, "tollgate_edge_redirect_connections_timed_out_total").await, 1, "{}", edge.log_tail());
     drop(edge);
 }
 
