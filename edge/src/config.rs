@@ -198,6 +198,8 @@ struct RawEdge {
     connect_timeout_ms: u64,
     #[serde(default = "default_header_read_timeout_ms")]
     header_read_timeout_ms: u64,
+    #[serde(default = "default_body_read_timeout_ms")]
+    body_read_timeout_ms: u64,
     #[serde(default = "default_idle_timeout_ms")]
     idle_timeout_ms: u64,
     #[serde(default = "default_http2_keepalive_interval_ms")]
@@ -251,6 +253,7 @@ impl Default for RawEdge {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             connect_timeout_ms: default_connect_timeout_ms(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
             idle_timeout_ms: default_idle_timeout_ms(),
             http2_keepalive_interval_ms: default_http2_keepalive_interval_ms(),
             http2_keepalive_timeout_ms: default_http2_keepalive_timeout_ms(),
@@ -426,6 +429,9 @@ fn default_shutdown_grace_ms() -> u64 {
 fn default_header_read_timeout_ms() -> u64 {
     10_000
 }
+fn default_body_read_timeout_ms() -> u64 {
+    10_000
+}
 fn default_http2_keepalive_interval_ms() -> u64 {
     30_000
 }
@@ -500,6 +506,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// A client must send the whole request head within this time, or is disconnected.
     pub header_read_timeout: Duration,
+    /// A request body with no bytes for this long fails the call (408).
+    pub body_read_timeout: Duration,
     /// A connection on which no request has started for this long is closed gracefully
     /// (HTTP/2's idle connections; HTTP/1.1's are closed by `header_read_timeout` first).
     pub idle_timeout: Duration,
@@ -842,6 +850,9 @@ fn validate(
         return Err(err("edge.header_read_timeout_ms".into(), "must be at least 1".into()));
     }
     let header_read_timeout = Duration::from_millis(raw.edge.header_read_timeout_ms);
+    if raw.edge.body_read_timeout_ms == 0 {
+        return Err(err("edge.body_read_timeout_ms".into(), "must be at least 1".into()));
+    }
     if raw.edge.idle_timeout_ms == 0 {
         return Err(err("edge.idle_timeout_ms".into(), "must be at least 1".into()));
     }
@@ -1238,6 +1249,7 @@ fn validate(
         shutdown_grace: Duration::from_millis(raw.edge.shutdown_grace_ms),
         connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
         header_read_timeout,
+        body_read_timeout: Duration::from_millis(raw.edge.body_read_timeout_ms),
         idle_timeout: Duration::from_millis(raw.edge.idle_timeout_ms),
         http2_keepalive_interval: (raw.edge.http2_keepalive_interval_ms > 0)
             .then(|| Duration::from_millis(raw.edge.http2_keepalive_interval_ms)),
@@ -1602,6 +1614,9 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(edge("idle_timeout_ms = 2500").unwrap().idle_timeout, Duration::from_millis(2500));
         let msg = edge("idle_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.idle_timeout_ms") && msg.contains("at least 1"), "{msg}");
+        assert_eq!(edge("").unwrap().body_read_timeout, Duration::from_secs(10));
+        let msg = edge("body_read_timeout_ms = 0").unwrap_err().to_string();
+        assert!(msg.contains("edge.body_read_timeout_ms") && msg.contains("at least 1"), "{msg}");
         let c = edge("").unwrap();
         assert_eq!(
             (c.http2_keepalive_interval, c.http2_keepalive_timeout),

@@ -88,6 +88,8 @@ pub struct Gateway {
     pub trusted_hops: usize,
     /// See `edge.max_body_bytes`.
     pub max_body_bytes: u64,
+    /// See `edge.body_read_timeout_ms`.
+    pub body_read_timeout: std::time::Duration,
     /// See `edge.max_headers` (checked by the hygiene layer).
     pub max_headers: usize,
     /// See `edge.max_header_bytes` (checked by the hygiene layer).

@@ -136,6 +136,11 @@ impl Problem {
         )
     }
 
+    /// 408: the request body did not arrive in time.
+    pub fn request_timeout(detail: impl Into<String>) -> Self {
+        Problem::new(StatusCode::REQUEST_TIMEOUT, "request-timeout", "Request Timeout", Outcome::BadRequest, detail)
+    }
+
     pub fn header_fields_too_large(detail: impl Into<String>) -> Self {
         Problem::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

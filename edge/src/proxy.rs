@@ -151,7 +151,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
     let counter = &ctx.call.request_body;
-    let body = Body::new(RequestBody::new(body, Arc::clone(counter), gw.max_body_bytes));
+    let body = Body::new(RequestBody::new(body, Arc::clone(counter), gw.max_body_bytes, gw.body_read_timeout));
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
@@ -196,7 +196,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     // A retry goes to another target: never more attempts than targets.
     let attempts =
         if bodiless && idempotent(&parts.method) { (1 + route.retries as usize).min(pool.targets.len()) } else { 1 };
-    let method = parts.method.clone();
+    let (method, version) = (parts.method.clone(), parts.version);
     let mut body = Some(body);
     let mut tried = Vec::with_capacity(attempts);
     let sent = Instant::now();
@@ -220,6 +220,20 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         let result = tokio::time::timeout(left, pool.send(&gw.clients, target, req)).await;
         let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
+            // The client's, not the upstream's: its body stopped coming, or was still coming
+            // when the route's time ran out. No failure of the target.
+            Ok(Err(_)) if counter.timed_out.load(Ordering::Relaxed) => {
+                return request_timeout(
+                    format!("no request body bytes came for {} ms", gw.body_read_timeout.as_millis()),
+                    version,
+                );
+            }
+            Err(_) if !counter.complete.load(Ordering::Relaxed) => {
+                return request_timeout(
+                    format!("the request body was not complete within {} ms", route.timeout.as_millis()),
+                    version,
+                );
+            }
             Err(_) => {
                 tracing::warn!(route = %route.id, target = %pool.targets[target], timeout_ms = route.timeout.as_millis() as u64, "upstream timeout");
                 if pool.failure(target) {
@@ -257,6 +271,16 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             }
         }
     }
+}
+
+/// 408 for a request whose body did not come in time; an HTTP/1 connection is closed after it
+/// (RFC 9110 §15.5.9: the rest of the body may still be on its way).
+fn request_timeout(detail: String, version: Version) -> Response {
+    let mut resp = Problem::request_timeout(detail).into_response();
+    if version < Version::HTTP_2 {
+        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade`, HTTP/1.1).

@@ -75,6 +75,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         quotas: Arc::clone(&metrics.quota),
         trusted_hops: cfg.trusted_hops,
         max_body_bytes: cfg.max_body_bytes,
+        body_read_timeout: cfg.body_read_timeout,
         max_headers: cfg.max_headers,
         max_header_bytes: cfg.max_header_bytes,
         tunnels: tokio::sync::watch::channel(false).0,
@@ -533,6 +534,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                             || next.max_headers != current.max_headers
                             || next.max_header_bytes != current.max_header_bytes
                             || next.max_body_bytes != current.max_body_bytes
+                            || next.body_read_timeout != current.body_read_timeout
                             || next.trusted_hops != current.trusted_hops
                             || next.worker_threads != current.worker_threads,
                     ),

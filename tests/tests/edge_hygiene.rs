@@ -452,3 +452,78 @@ async fn http2_clients_that_stop_answering_pings_are_disconnected() {
     assert!(none_open, "connections left open");
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// A request body that stops coming (`edge.body_read_timeout_ms`), or is still coming when the
+/// route's `timeout_ms` runs out, is the client's fault: 408 problem (the HTTP/1 connection
+/// closed after it), metered as `bad_request`, and no failure of the upstream target — with
+/// `max_fails = 1` a single misattributed failure would eject it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_bodies_get_408_and_are_not_blamed_on_the_upstream() {
+    let dir = TempDir::new("e2e_edge_slow_body");
+    let topic = unique("edge_slow_body");
+    create_topic(&topic, 1).await;
+    let (upstream, _echo) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"up\"\npath_prefix = \"/up\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 1500\nmax_fails = 1\n{}",
+        edge_head("edge-slow-body", &topic).replacen("[edge]\n", "[edge]\nbody_read_timeout_ms = 500\n", 1),
+        acme_with_key(1000),
+    );
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let head = |path: &str| {
+        format!("POST {path} HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nContent-Length: 100\r\n\r\n").into_bytes()
+    };
+
+    // 10 of 100 bytes, then nothing: 408 after the body timeout, and the connection closes.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&head("/up/stalled")).await.unwrap();
+    s.write_all(&[b'x'; 10]).await.unwrap();
+    let t = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(read.is_ok(), "the connection stayed open: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("no request body bytes came for 500 ms"), "{answer}");
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_millis(1400), "{waited:?}");
+
+    // A byte every 300 ms: never idle for 500 ms, but not complete when the route's 1.5 s end.
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(&head("/up/trickle")).await.unwrap();
+    let t = Instant::now();
+    let writer = tokio::spawn(async move {
+        for _ in 0..100 {
+            if wr.write_all(b"y").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), rd.read(&mut answer)).await.unwrap().unwrap();
+    writer.abort();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("not complete within 1500 ms"), "{answer}");
+    assert!(t.elapsed() >= Duration::from_millis(1400), "{:?}", t.elapsed());
+
+    // The upstream was not blamed: not ejected, and it serves the next call.
+    assert_eq!(metric(admin, "tollgate_edge_upstream_ejections_total").await, 0, "{}", edge.log_tail());
+    let (status, _, _) = raw(
+        addr,
+        format!("GET /up/ok HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status, Some(200));
+
+    // Metered as the client's: 408, bad_request, with the bytes that came.
+    let events = read_events(&topic, |e| e.iter().any(|e| e.path == "/up/ok")).await;
+    for (path, min_bytes) in [("/up/stalled", 10), ("/up/trickle", 4)] {
+        let e = events.iter().find(|e| e.path == path).unwrap();
+        assert_eq!((e.status, e.outcome), (408, tollgate_schemas::Outcome::BadRequest), "{path}");
+        assert!(e.request_bytes >= min_bytes && e.request_bytes < 100, "{path}: {}", e.request_bytes);
+    }
+    assert!(edge.terminate(Duration::from_secs(15)));
+}

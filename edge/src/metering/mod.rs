@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::response::Response;
@@ -364,20 +364,31 @@ impl Drop for Call {
 pub struct BodyCounter {
     pub bytes: AtomicU64,
     pub over_limit: AtomicBool,
+    /// The whole body went through.
+    pub complete: AtomicBool,
+    /// No body bytes came for `edge.body_read_timeout_ms`.
+    pub timed_out: AtomicBool,
 }
 
-/// The request body as it streams to the upstream: counted for the event, and failing once
-/// more than `left` bytes went through (bodies without a `Content-Length`, which is checked
-/// before forwarding).
+/// The request body as it streams to the upstream: counted for the event, failing once more
+/// than `left` bytes went through (bodies without a `Content-Length`, which is checked before
+/// forwarding), or once no bytes came for `idle` (a client that stops sending would otherwise
+/// hold its upstream connection until the route's timeout, and have it blamed on the upstream).
 pub struct RequestBody {
     inner: hyper::body::Incoming,
     counter: Arc<BodyCounter>,
     left: u64,
+    idle: Duration,
+    /// The idle timer (only once a read had to wait), and whether it runs from the last wait.
+    timer: Option<(Pin<Box<tokio::time::Sleep>>, bool)>,
 }
 
 impl RequestBody {
-    pub fn new(inner: hyper::body::Incoming, counter: Arc<BodyCounter>, limit: u64) -> Self {
-        Self { inner, counter, left: limit }
+    pub fn new(inner: hyper::body::Incoming, counter: Arc<BodyCounter>, limit: u64, idle: Duration) -> Self {
+        if inner.is_end_stream() {
+            counter.complete.store(true, Ordering::Relaxed);
+        }
+        Self { inner, counter, left: limit, idle, timer: None }
     }
 }
 
@@ -385,23 +396,48 @@ impl HttpBody for RequestBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
-                    if n > self.left {
-                        self.counter.over_limit.store(true, Ordering::Relaxed);
+                    if n > this.left {
+                        this.counter.over_limit.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(axum::Error::new("request body over edge.max_body_bytes"))));
                     }
-                    self.left -= n;
-                    self.counter.bytes.fetch_add(n, Ordering::Relaxed);
+                    this.left -= n;
+                    this.counter.bytes.fetch_add(n, Ordering::Relaxed);
+                }
+                if let Some((_, running)) = &mut this.timer {
+                    *running = false;
+                }
+                if this.inner.is_end_stream() {
+                    this.counter.complete.store(true, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(axum::Error::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.counter.complete.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let (sleep, running) = this.timer.get_or_insert_with(|| (Box::pin(tokio::time::sleep(idle)), true));
+                if !*running {
+                    // Bytes came since the timer was set: it runs from this wait.
+                    sleep.as_mut().reset(tokio::time::Instant::now() + idle);
+                    *running = true;
+                }
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.counter.timed_out.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(axum::Error::new(
+                        "no request body bytes within edge.body_read_timeout_ms",
+                    ))));
+                }
+                Poll::Pending
+            }
         }
     }
 
