@@ -329,6 +329,9 @@ struct RawRoute {
     /// The name of a `[cors_policies.<name>]` table, instead of `cors`.
     #[serde(default)]
     cors_policy: Option<String>,
+    /// Overrides `edge.max_body_bytes` for the route.
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
     #[serde(default)]
     allowed_ips: Vec<String>,
 }
@@ -519,8 +522,6 @@ pub struct Config {
     pub max_headers: usize,
     /// A request head larger than this: 431.
     pub max_header_bytes: usize,
-    /// A request body larger than this: 413.
-    pub max_body_bytes: u64,
     /// Proxies in front of the edge whose `X-Forwarded-For` entries are trusted (0: use the
     /// TCP peer).
     pub trusted_hops: usize,
@@ -715,6 +716,8 @@ pub struct Route {
     pub cors: Option<Arc<crate::cors::Cors>>,
     /// Addresses that may call the route (`None`: any).
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
+    /// A larger request body gets 413 (`routes[].max_body_bytes`, else `edge.max_body_bytes`).
+    pub max_body_bytes: u64,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -737,6 +740,7 @@ impl Route {
             fail_timeout: Duration::from_millis(default_fail_timeout_ms()),
             cors: None,
             allowed_ips: None,
+            max_body_bytes: default_max_body_bytes(),
         })
     }
 }
@@ -1011,6 +1015,7 @@ fn validate(
             fail_timeout: Duration::from_millis(r.fail_timeout_ms),
             cors,
             allowed_ips: (!allowed_ips.is_empty()).then(|| allowed_ips.into()),
+            max_body_bytes: r.max_body_bytes.unwrap_or(raw.edge.max_body_bytes),
         }));
     }
 
@@ -1256,7 +1261,6 @@ fn validate(
         http2_keepalive_timeout: Duration::from_millis(raw.edge.http2_keepalive_timeout_ms),
         max_headers: raw.edge.max_headers,
         max_header_bytes: raw.edge.max_header_bytes,
-        max_body_bytes: raw.edge.max_body_bytes,
         trusted_hops: raw.edge.trusted_hops,
         kafka: KafkaConfig {
             enabled: raw.kafka.enabled,
@@ -1561,6 +1565,16 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(c.routes[0].path_prefix, "/echo");
         assert_eq!(c.plans["free"].limit.burst.get(), 5);
         assert_eq!(c.consumers[0].keys[0].sha256[0], 0x2c);
+        // A route's body limit: its own, else the edge's.
+        assert_eq!(c.routes[0].max_body_bytes, 10 * 1024 * 1024);
+        let edge_wide = Config::parse(&format!("[edge]\nmax_body_bytes = 7\n{BASE}"), &BTreeMap::new()).unwrap();
+        assert_eq!(edge_wide.routes[0].max_body_bytes, 7);
+        let own = BASE.replace("upstream = ", "max_body_bytes = 5\nupstream = ");
+        assert_eq!(
+            Config::parse(&format!("[edge]\nmax_body_bytes = 7\n{own}"), &BTreeMap::new()).unwrap().routes[0]
+                .max_body_bytes,
+            5
+        );
     }
 
     #[test]

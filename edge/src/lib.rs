@@ -86,8 +86,6 @@ pub struct Gateway {
     pub quotas: Arc<quota::QuotaTable>,
     /// See `edge.trusted_hops`.
     pub trusted_hops: usize,
-    /// See `edge.max_body_bytes`.
-    pub max_body_bytes: u64,
     /// See `edge.body_read_timeout_ms`.
     pub body_read_timeout: std::time::Duration,
     /// See `edge.max_headers` (checked by the hygiene layer).

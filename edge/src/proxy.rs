@@ -137,8 +137,8 @@ pub struct Forward<'a> {
 pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<Incoming>) -> Response {
     let route = ctx.route;
     let declared = req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > gw.max_body_bytes) {
-        return Problem::payload_too_large(gw.max_body_bytes).into_response();
+    if declared.is_some_and(|n| n > route.max_body_bytes) {
+        return Problem::payload_too_large(route.max_body_bytes).into_response();
     }
     let Some(pool) = ctx.runtime.pools.get(&route.id) else {
         return Problem::upstream_unreachable().into_response();
@@ -151,7 +151,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
     let counter = &ctx.call.request_body;
-    let body = Body::new(RequestBody::new(body, Arc::clone(counter), gw.max_body_bytes, gw.body_read_timeout));
+    let body = Body::new(RequestBody::new(body, Arc::clone(counter), route.max_body_bytes, gw.body_read_timeout));
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
@@ -242,7 +242,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 return Problem::upstream_timeout(route.timeout.as_millis()).into_response();
             }
             Ok(Err(_)) if counter.over_limit.load(Ordering::Relaxed) => {
-                return Problem::payload_too_large(gw.max_body_bytes).into_response();
+                return Problem::payload_too_large(route.max_body_bytes).into_response();
             }
             Ok(Err(e)) => {
                 let connect = matches!(e, SendError::Connect(_));

@@ -74,7 +74,6 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         metrics: Arc::clone(&metrics),
         quotas: Arc::clone(&metrics.quota),
         trusted_hops: cfg.trusted_hops,
-        max_body_bytes: cfg.max_body_bytes,
         body_read_timeout: cfg.body_read_timeout,
         max_headers: cfg.max_headers,
         max_header_bytes: cfg.max_header_bytes,
@@ -533,7 +532,6 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                             || next.http2_keepalive_timeout != current.http2_keepalive_timeout
                             || next.max_headers != current.max_headers
                             || next.max_header_bytes != current.max_header_bytes
-                            || next.max_body_bytes != current.max_body_bytes
                             || next.body_read_timeout != current.body_read_timeout
                             || next.trusted_hops != current.trusted_hops
                             || next.worker_threads != current.worker_threads,

@@ -527,3 +527,50 @@ async fn slow_request_bodies_get_408_and_are_not_blamed_on_the_upstream() {
     }
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// `routes[].max_body_bytes` overrides `edge.max_body_bytes` for its route, by `Content-Length`
+/// up front and while a chunked body streams; other routes keep the edge's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_can_set_its_own_body_limit() {
+    let dir = TempDir::new("e2e_edge_route_body_limit");
+    let topic = unique("edge_route_body_limit");
+    create_topic(&topic, 1).await;
+    let (upstream, echo) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"small\"\npath_prefix = \"/small\"\nupstream = \"http://{upstream}\"\nmax_body_bytes = 10\n\
+         [[routes]]\nid = \"up\"\npath_prefix = \"/up\"\nupstream = \"http://{upstream}\"\n{}",
+        edge_head("edge-route-body-limit", &topic).replacen("[edge]\n", "[edge]\nmax_body_bytes = 100\n", 1),
+        acme_with_key(1000),
+    );
+    let (mut edge, addr, _) = start_edge(dir.path(), "edge", &cfg).await;
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let chunked = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        )
+    };
+    let forwarded = || echo.requests.load(Ordering::SeqCst);
+    let before = forwarded();
+    assert_eq!(raw(addr, post("/small/a", &"x".repeat(10)).as_bytes()).await.0, Some(200));
+    let (status, answer, _) = raw(addr, post("/small/b", &"x".repeat(11)).as_bytes()).await;
+    assert_eq!(status, Some(413), "{answer}");
+    assert!(answer.contains("larger than 10 bytes"), "{answer}");
+    assert_eq!(raw(addr, chunked("/small/c", &"x".repeat(20)).as_bytes()).await.0, Some(413));
+    // By `Content-Length` up front: answered without waiting for the body (none is sent).
+    let head_only = format!("POST /small/h HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nContent-Length: 11\r\n\r\n");
+    assert_eq!(raw(addr, head_only.as_bytes()).await.0, Some(413));
+    // The other route: the edge's 100 bytes.
+    assert_eq!(raw(addr, post("/up/d", &"x".repeat(50)).as_bytes()).await.0, Some(200));
+    let (status, answer, _) = raw(addr, post("/up/e", &"x".repeat(101)).as_bytes()).await;
+    assert_eq!(status, Some(413), "{answer}");
+    assert!(answer.contains("larger than 100 bytes"), "{answer}");
+    // The refused bodies declared by Content-Length never went upstream.
+    assert!(forwarded() - before <= 3, "{} requests reached the upstream", forwarded() - before);
+    assert!(edge.terminate(Duration::from_secs(15)));
+}

@@ -358,8 +358,8 @@ impl Drop for Call {
     }
 }
 
-/// Request body bytes that went to the upstream, and whether the body went over
-/// `edge.max_body_bytes`.
+/// Request body bytes that went to the upstream, whether the body went over the route's
+/// `max_body_bytes`, came whole, or stopped coming.
 #[derive(Debug, Default)]
 pub struct BodyCounter {
     pub bytes: AtomicU64,
@@ -404,7 +404,7 @@ impl HttpBody for RequestBody {
                     let n = data.len() as u64;
                     if n > this.left {
                         this.counter.over_limit.store(true, Ordering::Relaxed);
-                        return Poll::Ready(Some(Err(axum::Error::new("request body over edge.max_body_bytes"))));
+                        return Poll::Ready(Some(Err(axum::Error::new("request body over max_body_bytes"))));
                     }
                     this.left -= n;
                     this.counter.bytes.fetch_add(n, Ordering::Relaxed);
