@@ -221,14 +221,17 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         let upstream_latency_us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             // The client's, not the upstream's: its body stopped coming, or was still coming
-            // when the route's time ran out. No failure of the target.
+            // when the route's time ran out, and the edge was waiting for it (not for the
+            // upstream to take more). No failure of the target.
             Ok(Err(_)) if counter.timed_out.load(Ordering::Relaxed) => {
                 return request_timeout(
                     format!("no request body bytes came for {} ms", gw.body_read_timeout.as_millis()),
                     version,
                 );
             }
-            Err(_) if !counter.complete.load(Ordering::Relaxed) => {
+            Err(_)
+                if !counter.complete.load(Ordering::Relaxed) && counter.waiting_on_client.load(Ordering::Relaxed) =>
+            {
                 return request_timeout(
                     format!("the request body was not complete within {} ms", route.timeout.as_millis()),
                     version,

@@ -184,8 +184,32 @@ pub enum SendError {
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
+}
+
+/// An upstream connection: its request side, and the task that drives it. The task is aborted
+/// when the connection is dropped — an abandoned request (timeout, client gone), a broken
+/// body, an idle connection let go — so a connection stuck on an upstream that stopped reading
+/// is closed with its request, not left to wait (with the client's request body it holds).
+struct Conn {
+    sender: Sender,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Conn {
+    /// Lets the task run on after the connection is dropped (an upgrade takes its socket).
+    fn let_run(mut self) {
+        self.task = None;
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 /// One worker thread's connectors (by connect timeout) and idle connections (by target),
@@ -239,12 +263,12 @@ impl Clients {
         mut req: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, SendError> {
         let generation = self.generation.load(Ordering::Acquire);
-        while let Some(mut sender) = checkout(key, generation) {
-            if sender.ready().await.is_err() {
+        while let Some(mut conn) = checkout(key, generation) {
+            if conn.sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(returning(resp, sender, key, generation)),
+            match conn.sender.try_send_request(req).await {
+                Ok(resp) => return Ok(returning(resp, conn, key, generation)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => return Err(SendError::Request(e.into_error())),
@@ -253,12 +277,12 @@ impl Clients {
         }
         // (Boxed: connecting is rare on pooled connections, and its future would otherwise
         // enlarge every request's.)
-        let mut sender = Box::pin(self.connect(target, connect_timeout)).await?;
-        let resp = sender.send_request(req).await?;
-        Ok(returning(resp, sender, key, generation))
+        let mut conn = Box::pin(self.connect(target, connect_timeout)).await?;
+        let resp = conn.sender.send_request(req).await?;
+        Ok(returning(resp, conn, key, generation))
     }
 
-    async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Sender, SendError> {
+    async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Conn, SendError> {
         use tower::ServiceExt;
         let connector = LOCAL.with(|l| {
             let mut l = l.borrow_mut();
@@ -271,12 +295,12 @@ impl Clients {
         });
         let io = connector.oneshot(target.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Conn { sender, task: Some(task.abort_handle()) })
     }
 
     /// Closes this thread's connections idle longer than [`IDLE_TIMEOUT`] (or closed by the
@@ -285,7 +309,7 @@ impl Clients {
         LOCAL.with(|l| {
             let mut l = l.borrow_mut();
             l.idle.retain(|_, conns| {
-                conns.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed());
+                conns.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed());
                 !conns.is_empty()
             });
         });
@@ -313,14 +337,14 @@ pub fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> 
 
 /// The newest idle connection for `key` that is still open (and made with the TLS settings of
 /// `generation`).
-fn checkout(key: &str, generation: u64) -> Option<Sender> {
+fn checkout(key: &str, generation: u64) -> Option<Conn> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
         l.sync(generation);
         let conns = l.idle.get_mut(key)?;
         while let Some(c) = conns.pop() {
-            if c.since.elapsed() < IDLE_TIMEOUT && !c.sender.is_closed() {
-                return Some(c.sender);
+            if c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed() {
+                return Some(c.conn);
             }
         }
         None
@@ -328,8 +352,8 @@ fn checkout(key: &str, generation: u64) -> Option<Sender> {
 }
 
 /// Pools a connection made with the TLS settings of `generation`, unless they are outdated.
-fn checkin(key: &Arc<str>, sender: Sender, generation: u64) {
-    if sender.is_closed() {
+fn checkin(key: &Arc<str>, conn: Conn, generation: u64) {
+    if conn.sender.is_closed() {
         return;
     }
     LOCAL.with(|l| {
@@ -339,7 +363,7 @@ fn checkin(key: &Arc<str>, sender: Sender, generation: u64) {
         }
         let conns = l.idle.entry(Arc::clone(key)).or_default();
         if conns.len() < MAX_IDLE_PER_TARGET {
-            conns.push(Idle { sender, since: Instant::now() });
+            conns.push(Idle { conn, since: Instant::now() });
         }
     });
 }
@@ -348,21 +372,22 @@ fn checkin(key: &Arc<str>, sender: Sender, generation: u64) {
 /// A `101 Switching Protocols` keeps nothing: the connection becomes the upgrade's.
 fn returning(
     resp: http::Response<hyper::body::Incoming>,
-    sender: Sender,
+    conn: Conn,
     key: &Arc<str>,
     generation: u64,
 ) -> http::Response<axum::body::Body> {
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        conn.let_run();
         return resp.map(axum::body::Body::new);
     }
     let key = Arc::clone(key);
-    resp.map(|inner| axum::body::Body::new(ReturningBody { inner, conn: Some((sender, key, generation)) }))
+    resp.map(|inner| axum::body::Body::new(ReturningBody { inner, conn: Some((conn, key, generation)) }))
 }
 
 /// An upstream response body that gives its connection back when it ends.
 struct ReturningBody {
     inner: hyper::body::Incoming,
-    conn: Option<(Sender, Arc<str>, u64)>,
+    conn: Option<(Conn, Arc<str>, u64)>,
 }
 
 impl http_body::Body for ReturningBody {
@@ -395,8 +420,8 @@ impl http_body::Body for ReturningBody {
 
 impl ReturningBody {
     fn release(&mut self) {
-        if let Some((sender, key, generation)) = self.conn.take() {
-            checkin(&key, sender, generation);
+        if let Some((conn, key, generation)) = self.conn.take() {
+            checkin(&key, conn, generation);
         }
     }
 }

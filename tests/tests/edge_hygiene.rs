@@ -574,3 +574,64 @@ async fn a_route_can_set_its_own_body_limit() {
     assert!(forwarded() - before <= 3, "{} requests reached the upstream", forwarded() - before);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// The other way round: an upstream that stops reading a large request body (the client has
+/// sent it all) is the upstream's timeout, 504, counted against the target — not a 408; and the
+/// abandoned upstream connection is closed, not left waiting with the client's body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stops_reading_the_body_is_the_upstreams_timeout() {
+    let dir = TempDir::new("e2e_edge_stuck_upstream");
+    let topic = unique("edge_stuck_upstream");
+    create_topic(&topic, 1).await;
+    // Accepts connections and never reads from them.
+    let stuck = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = stuck.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stuck.accept().await {
+            held.push(s);
+        }
+    });
+    let cfg = format!(
+        "{}[[routes]]\nid = \"up\"\npath_prefix = \"/up\"\nupstream = \"http://{upstream}\"\ntimeout_ms = 1500\nmax_fails = 1\n\
+         max_body_bytes = 100000000\n{}",
+        edge_head("edge-stuck-upstream", &topic).replacen("[edge]\n", "[edge]\nbody_read_timeout_ms = 500\n", 1),
+        acme_with_key(1000),
+    );
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    // 48 MB: more than the socket buffers between the edge and the upstream hold, so the edge
+    // stops reading the client's body because the upstream does not take it.
+    let size = 48_000_000usize;
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /up/big HTTP/1.1\r\nHost: edge\r\nx-api-key: {KEY}\r\nContent-Length: {size}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'z'; 1 << 16];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if wr.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+            left -= n;
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), rd.read(&mut answer)).await.unwrap().unwrap();
+    writer.abort();
+    let _ = writer.await;
+    drop(rd);
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 504 "), "{answer}\n{}", edge.log_tail());
+    assert_eq!(metric(admin, "tollgate_edge_upstream_ejections_total").await, 1);
+    // The abandoned upstream connection is closed with its request: it does not go on waiting
+    // on the stuck upstream with the client's body, so the client's connection ends too.
+    let closed =
+        wait_until(Duration::from_secs(3), || async { metric(admin, "tollgate_edge_connections_open").await == 0 })
+            .await;
+    assert!(closed, "the client's connection is still open\n{}", edge.log_tail());
+    let t = Instant::now();
+    assert!(edge.terminate(Duration::from_secs(15)));
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown waited for a connection: {:?}", t.elapsed());
+}

@@ -366,6 +366,9 @@ pub struct BodyCounter {
     pub over_limit: AtomicBool,
     /// The whole body went through.
     pub complete: AtomicBool,
+    /// The last read of the body waited on the client (rather than returning bytes): what an
+    /// unfinished body at the route's timeout is blamed on.
+    pub waiting_on_client: AtomicBool,
     /// No body bytes came for `edge.body_read_timeout_ms`.
     pub timed_out: AtomicBool,
 }
@@ -411,6 +414,7 @@ impl HttpBody for RequestBody {
                 }
                 if let Some((_, running)) = &mut this.timer {
                     *running = false;
+                    this.counter.waiting_on_client.store(false, Ordering::Relaxed);
                 }
                 if this.inner.is_end_stream() {
                     this.counter.complete.store(true, Ordering::Relaxed);
@@ -423,6 +427,7 @@ impl HttpBody for RequestBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                this.counter.waiting_on_client.store(true, Ordering::Relaxed);
                 let idle = this.idle;
                 let (sleep, running) = this.timer.get_or_insert_with(|| (Box::pin(tokio::time::sleep(idle)), true));
                 if !*running {
