@@ -69,6 +69,12 @@ impl std::str::FromStr for IpNet {
                 _ => return Err(format!("`{s}`: the prefix length must be 0..={max}")),
             },
         };
+        // An IPv4 block written IPv4-mapped (`::ffff:10.0.0.0/104`) is that IPv4 block: addresses
+        // are compared in their canonical form (`contains`), so it would otherwise match none.
+        let (addr, prefix) = match addr {
+            IpAddr::V6(v6) if prefix >= 96 && v6.to_ipv4_mapped().is_some() => (addr.to_canonical(), prefix - 96),
+            _ => (addr, prefix),
+        };
         let net = Self { addr, prefix };
         if net.masked(addr) != addr {
             return Err(format!(
@@ -149,6 +155,12 @@ mod tests {
         assert!(net("2001:db8::/32").contains(ip("2001:db8:ffff::1")));
         assert!(!net("2001:db8::/32").contains(ip("2001:db9::1")));
         assert!(net("::/0").contains(ip("::1")));
+        // IPv4 blocks written IPv4-mapped are IPv4 blocks.
+        assert_eq!(net("::ffff:203.0.113.0/120"), net("203.0.113.0/24"));
+        assert!(net("::ffff:203.0.113.0/120").contains(ip("203.0.113.9")));
+        assert!(net("::ffff:203.0.113.0/120").contains(ip("::ffff:203.0.113.9")));
+        assert!(!net("::ffff:203.0.113.0/120").contains(ip("203.0.114.9")));
+        assert_eq!(net("::ffff:198.51.100.7"), net("198.51.100.7"));
         for bad in ["203.0.113.1/24", "203.0.113.0/33", "2001:db8::/129", "example.com", "10.0.0.0/x", ""] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
