@@ -229,9 +229,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                     version,
                 );
             }
-            Err(_)
-                if !counter.complete.load(Ordering::Relaxed) && counter.waiting_on_client.load(Ordering::Relaxed) =>
-            {
+            Err(_) if counter.waiting_on_client.load(Ordering::Relaxed) => {
                 return request_timeout(
                     format!("the request body was not complete within {} ms", route.timeout.as_millis()),
                     version,

@@ -359,15 +359,13 @@ impl Drop for Call {
 }
 
 /// Request body bytes that went to the upstream, whether the body went over the route's
-/// `max_body_bytes`, came whole, or stopped coming.
+/// `max_body_bytes`, and whether the edge is (or was, at its end) waiting on the client for it.
 #[derive(Debug, Default)]
 pub struct BodyCounter {
     pub bytes: AtomicU64,
     pub over_limit: AtomicBool,
-    /// The whole body went through.
-    pub complete: AtomicBool,
-    /// The last read of the body waited on the client (rather than returning bytes): what an
-    /// unfinished body at the route's timeout is blamed on.
+    /// The last read of the body waited on the client (it neither returned bytes nor ended):
+    /// what an unfinished body at the route's timeout is blamed on.
     pub waiting_on_client: AtomicBool,
     /// No body bytes came for `edge.body_read_timeout_ms`.
     pub timed_out: AtomicBool,
@@ -388,9 +386,6 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: hyper::body::Incoming, counter: Arc<BodyCounter>, limit: u64, idle: Duration) -> Self {
-        if inner.is_end_stream() {
-            counter.complete.store(true, Ordering::Relaxed);
-        }
         Self { inner, counter, left: limit, idle, timer: None }
     }
 }
@@ -401,7 +396,16 @@ impl HttpBody for RequestBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // Bytes, the end or an error: not waiting on the client (any more). Only a body that
+        // has waited before has anything to reset.
+        if polled.is_ready()
+            && let Some((_, running)) = &mut this.timer
+        {
+            *running = false;
+            this.counter.waiting_on_client.store(false, Ordering::Relaxed);
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;
@@ -412,20 +416,10 @@ impl HttpBody for RequestBody {
                     this.left -= n;
                     this.counter.bytes.fetch_add(n, Ordering::Relaxed);
                 }
-                if let Some((_, running)) = &mut this.timer {
-                    *running = false;
-                    this.counter.waiting_on_client.store(false, Ordering::Relaxed);
-                }
-                if this.inner.is_end_stream() {
-                    this.counter.complete.store(true, Ordering::Relaxed);
-                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(axum::Error::new(e)))),
-            Poll::Ready(None) => {
-                this.counter.complete.store(true, Ordering::Relaxed);
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 this.counter.waiting_on_client.store(true, Ordering::Relaxed);
                 let idle = this.idle;
