@@ -453,6 +453,25 @@ async fn http2_clients_that_stop_answering_pings_are_disconnected() {
     assert!(edge.terminate(Duration::from_secs(15)));
 }
 
+/// A request body that sends 10 bytes, then nothing more (and never wakes its task).
+struct Stalls(bool);
+
+impl hyper::body::Body for Stalls {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(b"0123456789")))))
+    }
+}
+
 /// A request body that stops coming (`edge.body_read_timeout_ms`), or is still coming when the
 /// route's `timeout_ms` runs out, is the client's fault: 408 problem (the HTTP/1 connection
 /// closed after it), metered as `bad_request`, and no failure of the upstream target — with
@@ -509,6 +528,22 @@ async fn slow_request_bodies_get_408_and_are_not_blamed_on_the_upstream() {
     assert!(answer.contains("not complete within 1500 ms"), "{answer}");
     assert!(t.elapsed() >= Duration::from_millis(1400), "{:?}", t.elapsed());
 
+    // HTTP/2 (h2c): a stream whose body stalls gets the same 408 (no `Connection` header there).
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/up/h2-stalled"))
+        .header("x-api-key", KEY)
+        .header("content-length", "100")
+        .body(Stalls(false))
+        .unwrap();
+    let t = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 408);
+    assert!(resp.headers().get("connection").is_none(), "{:?}", resp.headers());
+    let waited = t.elapsed();
+    assert!(waited >= Duration::from_millis(400) && waited < Duration::from_millis(1400), "{waited:?}");
+
     // The upstream was not blamed: not ejected, and it serves the next call.
     assert_eq!(metric(admin, "tollgate_edge_upstream_ejections_total").await, 0, "{}", edge.log_tail());
     let (status, _, _) = raw(
@@ -520,7 +555,7 @@ async fn slow_request_bodies_get_408_and_are_not_blamed_on_the_upstream() {
 
     // Metered as the client's: 408, bad_request, with the bytes that came.
     let events = read_events(&topic, |e| e.iter().any(|e| e.path == "/up/ok")).await;
-    for (path, min_bytes) in [("/up/stalled", 10), ("/up/trickle", 4)] {
+    for (path, min_bytes) in [("/up/stalled", 10), ("/up/trickle", 4), ("/up/h2-stalled", 10)] {
         let e = events.iter().find(|e| e.path == path).unwrap();
         assert_eq!((e.status, e.outcome), (408, tollgate_schemas::Outcome::BadRequest), "{path}");
         assert!(e.request_bytes >= min_bytes && e.request_bytes < 100, "{path}: {}", e.request_bytes);
