@@ -499,14 +499,12 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
-/// Validated edge configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub instance_id: String,
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub shutdown_grace: Duration,
-    pub connect_timeout: Duration,
+/// The `[edge]` settings for client connections and requests. A reload applies them: per
+/// request (the header limits, `trusted_hops`, `body_read_timeout`) or to the connections
+/// accepted after it (the header-read and idle timeouts, HTTP/2 keep-alive, the parser's
+/// backstop limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
     /// A client must send the whole request head within this time, or is disconnected.
     pub header_read_timeout: Duration,
     /// A request body with no bytes for this long fails the call (408).
@@ -525,6 +523,18 @@ pub struct Config {
     /// Proxies in front of the edge whose `X-Forwarded-For` entries are trusted (0: use the
     /// TCP peer).
     pub trusted_hops: usize,
+}
+
+/// Validated edge configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub instance_id: String,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub shutdown_grace: Duration,
+    pub connect_timeout: Duration,
+    /// The HTTP limits and timeouts of `[edge]` (applied by reloads too).
+    pub http: HttpSettings,
     /// Extra trusted CA certificates for https upstreams, JWKS URLs and the OTLP collector
     /// (`edge.tls_ca_file`), besides Mozilla's roots.
     pub tls_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -1253,15 +1263,17 @@ fn validate(
         admin_listen,
         shutdown_grace: Duration::from_millis(raw.edge.shutdown_grace_ms),
         connect_timeout: Duration::from_millis(raw.edge.connect_timeout_ms.max(1)),
-        header_read_timeout,
-        body_read_timeout: Duration::from_millis(raw.edge.body_read_timeout_ms),
-        idle_timeout: Duration::from_millis(raw.edge.idle_timeout_ms),
-        http2_keepalive_interval: (raw.edge.http2_keepalive_interval_ms > 0)
-            .then(|| Duration::from_millis(raw.edge.http2_keepalive_interval_ms)),
-        http2_keepalive_timeout: Duration::from_millis(raw.edge.http2_keepalive_timeout_ms),
-        max_headers: raw.edge.max_headers,
-        max_header_bytes: raw.edge.max_header_bytes,
-        trusted_hops: raw.edge.trusted_hops,
+        http: HttpSettings {
+            header_read_timeout,
+            body_read_timeout: Duration::from_millis(raw.edge.body_read_timeout_ms),
+            idle_timeout: Duration::from_millis(raw.edge.idle_timeout_ms),
+            http2_keepalive_interval: (raw.edge.http2_keepalive_interval_ms > 0)
+                .then(|| Duration::from_millis(raw.edge.http2_keepalive_interval_ms)),
+            http2_keepalive_timeout: Duration::from_millis(raw.edge.http2_keepalive_timeout_ms),
+            max_headers: raw.edge.max_headers,
+            max_header_bytes: raw.edge.max_header_bytes,
+            trusted_hops: raw.edge.trusted_hops,
+        },
         kafka: KafkaConfig {
             enabled: raw.kafka.enabled,
             brokers: raw.kafka.brokers,
@@ -1624,23 +1636,23 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         let env = [("TOLLGATE_EDGE_EDGE__LISTEN".to_owned(), "nope".to_owned())].into();
         assert!(Config::parse(BASE, &env).unwrap_err().to_string().contains("edge.listen"));
         let edge = |line: &str| Config::parse(&format!("[edge]\n{line}\n{BASE}"), &BTreeMap::new());
-        assert_eq!(edge("").unwrap().idle_timeout, Duration::from_secs(180));
-        assert_eq!(edge("idle_timeout_ms = 2500").unwrap().idle_timeout, Duration::from_millis(2500));
+        assert_eq!(edge("").unwrap().http.idle_timeout, Duration::from_secs(180));
+        assert_eq!(edge("idle_timeout_ms = 2500").unwrap().http.idle_timeout, Duration::from_millis(2500));
         let msg = edge("idle_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.idle_timeout_ms") && msg.contains("at least 1"), "{msg}");
-        assert_eq!(edge("").unwrap().body_read_timeout, Duration::from_secs(10));
+        assert_eq!(edge("").unwrap().http.body_read_timeout, Duration::from_secs(10));
         let msg = edge("body_read_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.body_read_timeout_ms") && msg.contains("at least 1"), "{msg}");
         let c = edge("").unwrap();
         assert_eq!(
-            (c.http2_keepalive_interval, c.http2_keepalive_timeout),
+            (c.http.http2_keepalive_interval, c.http.http2_keepalive_timeout),
             (Some(Duration::from_secs(30)), Duration::from_secs(20))
         );
         let c = edge("http2_keepalive_interval_ms = 0").unwrap();
-        assert_eq!(c.http2_keepalive_interval, None);
+        assert_eq!(c.http.http2_keepalive_interval, None);
         let c = edge("http2_keepalive_interval_ms = 1500\nhttp2_keepalive_timeout_ms = 700").unwrap();
         assert_eq!(
-            (c.http2_keepalive_interval, c.http2_keepalive_timeout),
+            (c.http.http2_keepalive_interval, c.http.http2_keepalive_timeout),
             (Some(Duration::from_millis(1500)), Duration::from_millis(700))
         );
         let msg = edge("http2_keepalive_timeout_ms = 0").unwrap_err().to_string();

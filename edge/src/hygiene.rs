@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Version};
 
-use crate::Gateway;
+use crate::config::HttpSettings;
 use crate::problem::Problem;
 
 /// Why a request's framing is refused, or `None` when it is acceptable.
@@ -70,8 +70,8 @@ pub fn header_limit_error<B>(req: &http::Request<B>, max_headers: usize, max_hea
 
 /// 431 for heads over the limits; 400 and `Connection: close` for ambiguous framing; `None`
 /// when the request may go on.
-pub fn check<B>(gw: &Gateway, req: &http::Request<B>) -> Option<Response> {
-    if let Some(reason) = header_limit_error(req, gw.max_headers, gw.max_header_bytes) {
+pub fn check<B>(limits: &HttpSettings, req: &http::Request<B>) -> Option<Response> {
+    if let Some(reason) = header_limit_error(req, limits.max_headers, limits.max_header_bytes) {
         return Some(Problem::header_fields_too_large(reason).into_response());
     }
     if let Some(reason) = framing_error(req.version(), req.headers()) {

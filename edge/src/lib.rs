@@ -51,6 +51,8 @@ pub struct Runtime {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Client for the edge's own requests (JWKS), with the config's TLS settings.
     pub client: proxy::HttpClient,
+    /// The HTTP limits and timeouts: per request, and for connections accepted from now on.
+    pub http: config::HttpSettings,
 }
 
 impl Runtime {
@@ -67,6 +69,7 @@ impl Runtime {
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
             plans: cfg.plans.clone(),
             limiters: limit::LimiterCache::new(Arc::clone(&metrics.limiters)),
+            http: cfg.http.clone(),
         }
     }
 }
@@ -84,14 +87,6 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
     /// Monthly quota states from `quota-state` (kept across reloads).
     pub quotas: Arc<quota::QuotaTable>,
-    /// See `edge.trusted_hops`.
-    pub trusted_hops: usize,
-    /// See `edge.body_read_timeout_ms`.
-    pub body_read_timeout: std::time::Duration,
-    /// See `edge.max_headers` (checked by the hygiene layer).
-    pub max_headers: usize,
-    /// See `edge.max_header_bytes` (checked by the hygiene layer).
-    pub max_header_bytes: usize,
     /// OpenTelemetry spans are made (`telemetry.otlp_endpoint` set).
     pub telemetry: bool,
     /// Set to true at shutdown: open upgrade tunnels close.
@@ -193,27 +188,28 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
 /// metering, which emits the call's event when the response body ends.
 pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body::Incoming>) -> Response {
     peer.request_started();
-    let call = metering::Call::begin(gw, &peer, &req);
+    // One config snapshot per request: in-flight requests finish with the config they
+    // started with.
+    let runtime = gw.runtime();
+    let call = metering::Call::begin(gw, &runtime, &peer, &req);
     // One await point (with a disabled span when telemetry is off): each await of the request
     // path is a slot in the connection's future, moved on every request.
     let span = call.span.clone().unwrap_or_else(tracing::Span::none);
-    let resp = tracing::Instrument::instrument(admit_and_forward(&call, &peer, req), span).await;
+    let resp = tracing::Instrument::instrument(admit_and_forward(&call, runtime, &peer, req), span).await;
     call.finish(resp)
 }
 
 async fn admit_and_forward(
     call: &metering::Call,
+    runtime: Arc<Runtime>,
     peer: &Peer,
     mut req: http::Request<hyper::body::Incoming>,
 ) -> Response {
     let gw = call.gw();
     // Framing checks first: refuse smuggling-prone requests before anything acts on them.
-    if let Some(refused) = hygiene::check(gw, &req) {
+    if let Some(refused) = hygiene::check(&runtime.http, &req) {
         return refused;
     }
-    // One config snapshot per request: in-flight requests finish with the config they
-    // started with.
-    let runtime = gw.runtime();
     // A CORS preflight for a route with a policy is answered here: not forwarded, not a call.
     if let Some((origin, method)) = cors::preflight_of(&req)
         && let Ok(route) = routing::route_as(&runtime, &req, &method)

@@ -151,7 +151,12 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
     let counter = &ctx.call.request_body;
-    let body = Body::new(RequestBody::new(body, Arc::clone(counter), route.max_body_bytes, gw.body_read_timeout));
+    let body = Body::new(RequestBody::new(
+        body,
+        Arc::clone(counter),
+        route.max_body_bytes,
+        ctx.runtime.http.body_read_timeout,
+    ));
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
@@ -159,7 +164,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
     }
-    if let Some(chain) = forwarded_for(headers, ctx.peer, gw.trusted_hops) {
+    if let Some(chain) = forwarded_for(headers, ctx.peer, ctx.runtime.http.trusted_hops) {
         headers.insert(&X_FORWARDED_FOR, chain);
     }
     // The client's scheme at the edge (TLS in front of the edge is not seen).
@@ -225,7 +230,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             // upstream to take more). No failure of the target.
             Ok(Err(_)) if counter.timed_out.load(Ordering::Relaxed) => {
                 return request_timeout(
-                    format!("no request body bytes came for {} ms", gw.body_read_timeout.as_millis()),
+                    format!("no request body bytes came for {} ms", ctx.runtime.http.body_read_timeout.as_millis()),
                     version,
                 );
             }

@@ -12,7 +12,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -75,10 +74,10 @@ fn answer<B>(req: &http::Request<B>, https_port: u16, metrics: &Metrics) -> Resp
 }
 
 /// Serves the redirect port until the task is aborted. A client must send its request head
-/// within `header_read_timeout`, as on the traffic port.
-pub async fn serve(listener: TcpListener, https_port: u16, header_read_timeout: Duration, metrics: Arc<Metrics>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(false);
+/// within `edge.header_read_timeout_ms`, as on the traffic port (the current config's value,
+/// read at each connection).
+pub async fn serve(listener: TcpListener, https_port: u16, gw: Arc<crate::Gateway>) {
+    let metrics = Arc::clone(&gw.metrics);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -88,6 +87,9 @@ pub async fn serve(listener: TcpListener, https_port: u16, header_read_timeout: 
             }
         };
         metrics.redirect_connections_accepted.fetch_add(1, Ordering::Relaxed);
+        let header_read_timeout = gw.runtime().http.header_read_timeout;
+        let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(false);
         let served = Arc::clone(&metrics);
         let svc = hyper::service::service_fn(move |req| {
             let resp = answer(&req, https_port, &served);

@@ -73,10 +73,6 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         events: EventSink::new(events_tx, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("event encoder: {e}"))?,
         metrics: Arc::clone(&metrics),
         quotas: Arc::clone(&metrics.quota),
-        trusted_hops: cfg.trusted_hops,
-        body_read_timeout: cfg.body_read_timeout,
-        max_headers: cfg.max_headers,
-        max_header_bytes: cfg.max_header_bytes,
         tunnels: tokio::sync::watch::channel(false).0,
         telemetry: cfg.telemetry.otlp_endpoint.is_some(),
     });
@@ -111,7 +107,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     let https_port = cfg.http_redirect.map(|r| if r.https_port == 0 { listen.port() } else { r.https_port });
     let redirect_task = redirect_listener
         .zip(https_port)
-        .map(|(l, port)| tokio::spawn(crate::redirect::serve(l, port, cfg.header_read_timeout, Arc::clone(&metrics))));
+        .map(|(l, port)| tokio::spawn(crate::redirect::serve(l, port, Arc::clone(&for_workers))));
 
     if let Some(path) = ready_file {
         let mut body = serde_json::json!({ "listen": listen.to_string(), "admin": admin_addr.to_string() });
@@ -133,16 +129,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     // Thread per core: each worker thread runs its own current-thread runtime, accepts on its
     // own SO_REUSEPORT listener (the kernel spreads connections) and keeps its own upstream
     // connection pools, so a request never crosses threads (docs/benchmarks.md).
-    let http = HttpSettings {
-        header_read_timeout: cfg.header_read_timeout,
-        idle_timeout: cfg.idle_timeout,
-        // hyper's parser is the backstop; the configured limits are checked (and metered) by
-        // the hygiene layer.
-        max_headers: crate::hygiene::parser_max_headers(cfg.max_headers),
-        max_buf_size: (cfg.max_header_bytes * crate::hygiene::PARSER_HEADROOM).max(8192),
-        http2_keepalive: (cfg.http2_keepalive_interval, cfg.http2_keepalive_timeout),
-        grace: cfg.shutdown_grace,
-    };
+    let grace = cfg.shutdown_grace;
     let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
     let (release, release_rx) = tokio::sync::watch::channel(false);
     let mut drained = Vec::new();
@@ -153,8 +140,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
             Some(l) => l,
             None => bind_reuseport(listen)?.into_std()?,
         };
-        let (for_workers, http, mut stop_rx, mut release_rx) =
-            (for_workers.clone(), http.clone(), stop_rx.clone(), release_rx.clone());
+        let (for_workers, mut stop_rx, mut release_rx) = (for_workers.clone(), stop_rx.clone(), release_rx.clone());
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         drained.push(drained_rx);
         threads.push(std::thread::Builder::new().name(format!("edge-worker-{i}")).spawn(move || {
@@ -176,7 +162,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
                     }
                 });
                 match TcpListener::from_std(std_listener) {
-                    Ok(l) => accept_loop(l, for_workers, &http, &mut stop_rx).await,
+                    Ok(l) => accept_loop(l, for_workers, grace, &mut stop_rx).await,
                     Err(e) => tracing::error!(error = %e, "worker listener"),
                 }
                 let _ = drained_tx.send(());
@@ -233,16 +219,26 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     Ok(())
 }
 
-/// What each worker's HTTP server needs.
-#[derive(Debug, Clone)]
-struct HttpSettings {
-    header_read_timeout: Duration,
-    idle_timeout: Duration,
-    /// The parser's field limit; `None`: hyper's default.
-    max_headers: Option<usize>,
-    max_buf_size: usize,
-    http2_keepalive: (Option<Duration>, Duration),
-    grace: Duration,
+/// The HTTP/1 and HTTP/2 server for connections with these settings.
+fn connection_builder(http: &crate::config::HttpSettings) -> auto::Builder<TokioExecutor> {
+    // hyper's parser is the backstop; the configured limits are checked (and metered) by the
+    // hygiene layer.
+    let max_buf_size = (http.max_header_bytes * crate::hygiene::PARSER_HEADROOM).max(8192);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(http.header_read_timeout).max_buf_size(max_buf_size);
+    if let Some(n) = crate::hygiene::parser_max_headers(http.max_headers) {
+        builder.http1().max_headers(n);
+    }
+    // HTTP/2: the same backstop for the head as HTTP/1's buffer (hyper's default is 16 KiB,
+    // which would refuse heads between it and `max_header_bytes` before the edge's 431), and
+    // keep-alive PINGs, which find a client that is gone while its streams wait upstream.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_buf_size).unwrap_or(u32::MAX))
+        .keep_alive_interval(http.http2_keepalive_interval)
+        .keep_alive_timeout(http.http2_keepalive_timeout);
+    builder
 }
 
 /// After a failed accept (out of file descriptors and the like): logs it and backs off for a
@@ -266,27 +262,13 @@ pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener
 async fn accept_loop(
     listener: TcpListener,
     gw: Arc<Gateway>,
-    http: &HttpSettings,
+    grace: Duration,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(http.header_read_timeout)
-        .max_buf_size(http.max_buf_size);
-    if let Some(n) = http.max_headers {
-        builder.http1().max_headers(n);
-    }
-    // HTTP/2: the same backstop for the head as HTTP/1's buffer (hyper's default is 16 KiB,
-    // which would refuse heads between it and `max_header_bytes` before the edge's 431), and
-    // keep-alive PINGs, which find a client that is gone while its streams wait upstream.
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(http.max_buf_size).unwrap_or(u32::MAX))
-        .keep_alive_interval(http.http2_keepalive.0)
-        .keep_alive_timeout(http.http2_keepalive.1);
+    // Rebuilt when a reload changes the settings: new connections get them, open ones keep
+    // theirs.
+    let mut http = gw.runtime().http.clone();
+    let mut builder = connection_builder(&http);
     // Each connection's task holds a sender: the drain is over when the last one is dropped.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let told_to_stop = stop.clone();
@@ -303,8 +285,13 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 gw.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let runtime = gw.runtime();
+                if runtime.http != http {
+                    http = runtime.http.clone();
+                    builder = connection_builder(&http);
+                }
                 let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone());
-                match gw.runtime().tls.clone() {
+                match runtime.tls.clone() {
                     None => {
                         let peer = crate::Peer::new(peer, false);
                         let stream = FirstBytes::new(stream, http.header_read_timeout);
@@ -344,7 +331,7 @@ async fn accept_loop(
     drop(alive);
     tokio::select! {
         _ = all_closed.recv() => tracing::debug!("worker: all connections closed"),
-        () = tokio::time::sleep(http.grace) => {
+        () = tokio::time::sleep(grace) => {
             gw.metrics.grace_over.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("shutdown grace over; closing remaining connections (their calls are metered as edge_shutdown)");
         }
@@ -524,18 +511,9 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         "edge.tls_cert_file (turning HTTPS on or off; a new certificate is taken)",
                         next.tls_server.is_some() != current.tls_server.is_some(),
                     ),
-                    (
-                        "edge (HTTP limits, timeouts, trusted_hops)",
-                        next.header_read_timeout != current.header_read_timeout
-                            || next.idle_timeout != current.idle_timeout
-                            || next.http2_keepalive_interval != current.http2_keepalive_interval
-                            || next.http2_keepalive_timeout != current.http2_keepalive_timeout
-                            || next.max_headers != current.max_headers
-                            || next.max_header_bytes != current.max_header_bytes
-                            || next.body_read_timeout != current.body_read_timeout
-                            || next.trusted_hops != current.trusted_hops
-                            || next.worker_threads != current.worker_threads,
-                    ),
+                    ("edge.worker_threads", next.worker_threads != current.worker_threads),
+                    ("edge.shutdown_grace_ms", next.shutdown_grace != current.shutdown_grace),
+                    ("edge.instance_id", next.instance_id != current.instance_id),
                 ];
                 for (key, changed) in restart_only {
                     if changed {

@@ -147,3 +147,85 @@ async fn reload_under_load_fails_no_request_and_rejects_a_bad_file() {
     assert_eq!(status(addr, "/echo/x", "key-umbrella").await, 200);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// One HTTP/1.1 exchange on a fresh connection (`request` sent whole, or head then nothing):
+/// the status line's code and the whole answer, read until the edge closes or 5 s pass.
+async fn exchange(addr: std::net::SocketAddr, request: &[u8]) -> (u16, String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text, t.elapsed())
+}
+
+/// `[edge]`'s HTTP limits and timeouts are applied by a reload (they needed a restart before):
+/// `trusted_hops`, the header limits and `body_read_timeout_ms` from the next request,
+/// `header_read_timeout_ms` for connections accepted after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_limits_and_timeouts_apply_at_reload() {
+    let dir = TempDir::new("e2e_reload_http");
+    let topic = unique("reload_http");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let config = |edge_settings: &str| {
+        format!(
+            "{}[spool]\ndir = \"{}\"\n[[routes]]\nid = \"echo\"\npath_prefix = \"/echo\"\nupstream = \"http://{upstream}\"\n{}",
+            edge_head("edge-reload-http", &topic).replacen("[edge]\n", &format!("[edge]\n{edge_settings}"), 1),
+            spool.display(),
+            acme_with_key(1000)
+        )
+    };
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config("")).await;
+    let cfg_path = dir.path().join("edge.toml");
+    let get = |extra: &str| {
+        format!("GET /echo/x HTTP/1.1\r\nHost: edge\r\nx-api-key: key-acme\r\nConnection: close\r\n{extra}\r\n")
+            .into_bytes()
+    };
+    let post_10_of_100 =
+        b"POST /echo/x HTTP/1.1\r\nHost: edge\r\nx-api-key: key-acme\r\nContent-Length: 100\r\n\r\n0123456789";
+    let spoofed = "X-Forwarded-For: 198.51.100.7\r\n";
+    let big = format!("x-big: {}\r\n", "b".repeat(2000));
+
+    // Before: no trusted hop (the spoofed entry is replaced by the peer), 2 KB of headers pass,
+    // and a stalled body waits out the default 10 s (not waited for here).
+    let (status, answer, _) = exchange(addr, &get(spoofed)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"x-forwarded-for\":\"127.0.0.1\""), "{answer}");
+    assert_eq!(exchange(addr, &get(&big)).await.0, 200);
+
+    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
+    std::fs::write(
+        &cfg_path,
+        config("trusted_hops = 1\nmax_header_bytes = 1024\nbody_read_timeout_ms = 300\nheader_read_timeout_ms = 400\n"),
+    )
+    .unwrap();
+    edge.signal("HUP");
+    let reloaded = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
+    })
+    .await;
+    assert!(reloaded, "no reload:\n{}", edge.log_tail());
+    assert!(!edge.log_tail().contains("needs a restart"), "{}", edge.log_tail());
+
+    // After: the trusted hop's entry is the client (kept in the chain), 2 KB of headers are
+    // over the new limit, a stalled body is cut after 300 ms, and a connection that sends
+    // half a head is closed after 400 ms.
+    let (status, answer, _) = exchange(addr, &get(spoofed)).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"x-forwarded-for\":\"198.51.100.7, 127.0.0.1\""), "{answer}");
+    let (status, answer, _) = exchange(addr, &get(&big)).await;
+    assert_eq!(status, 431, "{answer}");
+    assert!(answer.contains("the limit is 1024"), "{answer}");
+    let (status, answer, waited) = exchange(addr, post_10_of_100).await;
+    assert_eq!(status, 408, "{answer}");
+    assert!(answer.contains("no request body bytes came for 300 ms"), "{answer}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    let (status, answer, waited) = exchange(addr, b"GET /echo/x HTTP/1.1\r\nHost: ed").await;
+    assert!(waited < Duration::from_secs(3), "the half head was waited for {waited:?}: {status} {answer}");
+    assert!(metric(admin, "tollgate_edge_connections_timed_out_total{reason=\"request_head\"}").await >= 1);
+}

@@ -196,7 +196,7 @@ pub struct Call {
 
 impl Call {
     /// Assigns the event id and trace, and notes the request's facts.
-    pub fn begin<B>(gw: Arc<Gateway>, peer: &crate::Peer, req: &http::Request<B>) -> Self {
+    pub fn begin<B>(gw: Arc<Gateway>, runtime: &crate::Runtime, peer: &crate::Peer, req: &http::Request<B>) -> Self {
         let start = Instant::now();
         let start_time_us = now_us();
         let event_id = Uuid::now_v7();
@@ -236,7 +236,7 @@ impl Call {
         let mut id_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = HeaderValue::from_str(event_id.hyphenated().encode_lower(&mut id_buf))
             .unwrap_or_else(|_| HeaderValue::from_static(""));
-        let client_addr = crate::forwarded::client_ip(peer.addr.ip(), req.headers(), gw.trusted_hops);
+        let client_addr = crate::forwarded::client_ip(peer.addr.ip(), req.headers(), runtime.http.trusted_hops);
         let client_ip = match client_addr {
             ip if ip == peer.addr.ip() => peer.ip_text.clone(),
             ip => HeaderValue::from_maybe_shared(Bytes::from(crate::forwarded::ip_text(ip)))
