@@ -180,7 +180,7 @@ async fn http_limits_and_timeouts_apply_at_reload() {
             acme_with_key(1000)
         )
     };
-    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config("")).await;
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &config("")).await;
     let cfg_path = dir.path().join("edge.toml");
     let get = |extra: &str| {
         format!("GET /echo/x HTTP/1.1\r\nHost: edge\r\nx-api-key: key-acme\r\nConnection: close\r\n{extra}\r\n")
