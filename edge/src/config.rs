@@ -309,7 +309,7 @@ struct RawRoute {
     #[serde(default)]
     upstream: Option<String>,
     #[serde(default)]
-    upstreams: Vec<String>,
+    upstreams: Vec<RawTarget>,
     #[serde(default)]
     strip_prefix: bool,
     #[serde(default = "default_auth")]
@@ -495,6 +495,42 @@ impl<'de> Deserialize<'de> for AuthNames {
         }
     }
 }
+/// `routes[].upstreams[]`: a URL, or `{ url, weight }`.
+#[derive(Debug)]
+struct RawTarget {
+    url: String,
+    weight: u32,
+}
+
+impl<'de> Deserialize<'de> for RawTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Weighted {
+            url: String,
+            #[serde(default = "default_weight")]
+            weight: u32,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum UrlOrTable {
+            Url(String),
+            Weighted(Weighted),
+        }
+        match UrlOrTable::deserialize(d) {
+            Ok(UrlOrTable::Url(url)) => Ok(Self { url, weight: default_weight() }),
+            Ok(UrlOrTable::Weighted(w)) => Ok(Self { url: w.url, weight: w.weight }),
+            Err(_) => Err(serde::de::Error::custom(
+                "must be a URL or a table { url = \"http(s)://host[:port][/base]\", weight = N }",
+            )),
+        }
+    }
+}
+fn default_weight() -> u32 {
+    1
+}
+/// The largest `routes[].upstreams[].weight`.
+pub const MAX_WEIGHT: u32 = 1000;
 fn default_timeout_ms() -> u64 {
     30_000
 }
@@ -709,6 +745,9 @@ pub struct Route {
     pub methods: Vec<Method>,
     /// Targets, `http://authority[/base]` without query, chosen round robin.
     pub upstreams: Vec<Uri>,
+    /// Each target's share of the requests, relative to the others' (weighted round robin;
+    /// 0: none, a drained target).
+    pub weights: Vec<u32>,
     pub strip_prefix: bool,
     pub auth: AuthMode,
     /// Time allowed for the upstream's response head (over all attempts).
@@ -741,6 +780,7 @@ impl Route {
             exact: false,
             methods: Vec::new(),
             upstreams: upstreams.iter().map(|u| u.parse()).collect::<Result<_, _>>()?,
+            weights: vec![1; upstreams.len()],
             strip_prefix: false,
             auth: AuthMode::API_KEY,
             timeout: Duration::from_millis(default_timeout_ms()),
@@ -944,7 +984,7 @@ fn validate(
         let path_prefix =
             if !exact && raw_path.len() > 1 { raw_path.trim_end_matches('/').to_owned() } else { raw_path };
         let (upstream_key, raw_upstreams) = match (r.upstream, r.upstreams.is_empty()) {
-            (Some(u), true) => ("upstream", vec![u]),
+            (Some(url), true) => ("upstream", vec![RawTarget { url, weight: 1 }]),
             (None, false) => ("upstreams", r.upstreams),
             _ => {
                 return Err(err(
@@ -954,7 +994,8 @@ fn validate(
             }
         };
         let mut upstreams = Vec::with_capacity(raw_upstreams.len());
-        for u in raw_upstreams {
+        let mut weights = Vec::with_capacity(raw_upstreams.len());
+        for RawTarget { url: u, weight } in raw_upstreams {
             let uri: Uri = u.parse().map_err(|e| err(key(upstream_key), format!("`{u}` is not a URL: {e}")))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() || uri.query().is_some()
             {
@@ -963,7 +1004,14 @@ fn validate(
                     format!("`{u}` must be http(s)://host[:port][/base] without query"),
                 ));
             }
+            if weight > MAX_WEIGHT {
+                return Err(err(key(upstream_key), format!("`{u}`: weight must be between 0 and {MAX_WEIGHT}")));
+            }
             upstreams.push(uri);
+            weights.push(weight);
+        }
+        if weights.iter().all(|&w| w == 0) {
+            return Err(err(key(upstream_key), "at least one target needs a weight above 0".into()));
         }
         if r.max_fails == 0 {
             return Err(err(key("max_fails"), "must be at least 1".into()));
@@ -1016,6 +1064,7 @@ fn validate(
             exact,
             methods,
             upstreams,
+            weights,
             strip_prefix: r.strip_prefix,
             auth,
             timeout: Duration::from_millis(r.timeout_ms),
@@ -1657,6 +1706,41 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         );
         let msg = edge("http2_keepalive_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.http2_keepalive_timeout_ms"), "{msg}");
+    }
+
+    #[test]
+    fn targets_are_urls_or_tables_with_a_weight() {
+        let with = |list: &str| {
+            Config::parse(
+                &BASE.replace("upstream = \"http://127.0.0.1:8081\"", &format!("upstreams = {list}")),
+                &BTreeMap::new(),
+            )
+        };
+        let c = with(r#"["http://a:1", { url = "http://b:2", weight = 9 }, { url = "http://c:3" }, { url = "http://d:4", weight = 0 }]"#)
+            .unwrap();
+        assert_eq!(
+            c.routes[0].upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["http://a:1/", "http://b:2/", "http://c:3/", "http://d:4/"]
+        );
+        assert_eq!(c.routes[0].weights, [1, 9, 1, 0]);
+        assert_eq!(Config::parse(BASE, &BTreeMap::new()).unwrap().routes[0].weights, [1]);
+        for (list, expected) in [
+            (
+                r#"[{ url = "http://a:1", weight = 1001 }]"#,
+                "routes[0].upstreams`: `http://a:1`: weight must be between 0 and 1000",
+            ),
+            (
+                r#"[{ url = "http://a:1", weight = 0 }]"#,
+                "routes[0].upstreams`: at least one target needs a weight above 0",
+            ),
+            (r#"[{ url = "http://a:1", weigth = 2 }]"#, "routes[0].upstreams[0]`: must be a URL or a table"),
+            (r#"[{ url = "http://a:1", weight = -1 }]"#, "routes[0].upstreams[0]`: must be a URL or a table"),
+            (r#"["http://a:1", 7]"#, "routes[0].upstreams[1]`: must be a URL or a table"),
+            (r#"[{ url = "ftp://a:1" }]"#, "routes[0].upstreams`: `ftp://a:1` must be http(s)"),
+        ] {
+            let msg = with(list).unwrap_err().to_string();
+            assert!(msg.contains(expected), "{list}: {msg}");
+        }
     }
 
     #[test]

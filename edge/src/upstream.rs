@@ -33,6 +33,11 @@ pub struct Pool {
     /// Each target's connection-pool key: `scheme://authority`.
     pub keys: Vec<Arc<str>>,
     health: Vec<Health>,
+    /// Each target's weight (0: never picked).
+    weights: Vec<u32>,
+    /// One cycle of weighted round robin (target indexes), `None` when the weights are all
+    /// equal (plain round robin).
+    schedule: Option<Box<[u32]>>,
     next: AtomicU64,
     epoch: Instant,
     max_fails: u32,
@@ -65,6 +70,8 @@ impl Pool {
                 .iter()
                 .map(|_| Health { consecutive_failures: AtomicU32::new(0), ejected_until_ms: AtomicU64::new(0) })
                 .collect(),
+            weights: route.weights.clone(),
+            schedule: schedule(&route.weights),
             next: AtomicU64::new(0),
             epoch: Instant::now(),
             max_fails: route.max_fails,
@@ -87,14 +94,19 @@ impl Pool {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// The next target in round-robin order that is in service (or due a probe), skipping
-    /// `tried`. `None` when every target was tried.
+    /// The next target in (weighted) round-robin order that is in service (or due a probe),
+    /// skipping `tried` and targets of weight 0; when that one is not, the next such target
+    /// by index. `None` when every target was tried.
     pub fn pick(&self, tried: &[usize]) -> Option<usize> {
         let n = self.targets.len();
-        let start = (self.next.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = match &self.schedule {
+            Some(cycle) => cycle[(turn % cycle.len() as u64) as usize] as usize,
+            None => (turn % n as u64) as usize,
+        };
         let now = self.now_ms();
         let mut fallback = None;
-        for i in (0..n).map(|k| (start + k) % n).filter(|i| !tried.contains(i)) {
+        for i in (0..n).map(|k| (start + k) % n).filter(|&i| self.weights[i] > 0 && !tried.contains(&i)) {
             let h = &self.health[i];
             let until = h.ejected_until_ms.load(Ordering::Acquire);
             if until == 0 {
@@ -147,6 +159,39 @@ impl Pool {
         let until = self.health[i].ejected_until_ms.load(Ordering::Acquire);
         until != 0 && until > self.now_ms()
     }
+}
+
+/// One cycle of smooth weighted round robin (nginx's): at each turn every target gains its
+/// weight, the one with the most (the first on a tie) is picked and loses the sum of the
+/// weights. A target of weight w gets w turns of the cycle, spread out rather than bunched (5,
+/// 1, 1: a a b a c a a). The weights are divided by their greatest common divisor first. `None`
+/// when they are all equal: plain round robin.
+fn schedule(weights: &[u32]) -> Option<Box<[u32]>> {
+    fn gcd(a: u32, b: u32) -> u32 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    if weights.windows(2).all(|w| w[0] == w[1]) {
+        return None;
+    }
+    let g = weights.iter().copied().fold(0, gcd).max(1);
+    let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
+    let total: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut cycle = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        for (c, w) in current.iter_mut().zip(&weights) {
+            *c += w;
+        }
+        let mut best = 0;
+        for (i, c) in current.iter().enumerate() {
+            if *c > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        cycle.push(u32::try_from(best).unwrap_or(0));
+    }
+    Some(cycle.into_boxed_slice())
 }
 
 /// Upstream connections: HTTP/1.1 keep-alive connections pooled per worker thread and
@@ -487,6 +532,40 @@ mod tests {
             pool.failure(i);
         }
         assert!(pool.pick(&[]).is_some());
+    }
+
+    #[test]
+    fn weighted_round_robin_spreads_each_targets_turns_over_the_cycle() {
+        assert_eq!(schedule(&[1, 1, 1]), None);
+        assert_eq!(schedule(&[5, 5]), None);
+        assert_eq!(schedule(&[5, 1, 1]).as_deref(), Some(&[0, 0, 1, 0, 2, 0, 0][..]));
+        // Divided by the common divisor: 30:10 is 3:1.
+        assert_eq!(schedule(&[30, 10]).as_deref(), Some(&[0, 0, 1, 0][..]));
+        // A drained target gets no turn.
+        assert_eq!(schedule(&[2, 0, 1]).as_deref(), Some(&[0, 2, 0][..]));
+        // Any weights: each target's share of a cycle is its weight over the sum.
+        let weights = [7, 3, 0, 11, 1];
+        let cycle = schedule(&weights).unwrap();
+        assert_eq!(cycle.len(), 22);
+        for (i, w) in weights.iter().enumerate() {
+            assert_eq!(cycle.iter().filter(|&&t| t as usize == i).count(), *w as usize, "target {i}");
+        }
+    }
+
+    #[test]
+    fn picks_follow_the_weights_and_skip_drained_and_ejected_targets() {
+        let mut r = route(3, 1, Duration::from_secs(60));
+        r.weights = vec![3, 0, 1];
+        let pool = Pool::new(&r);
+        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
+        assert_eq!(picks, vec![0, 0, 2, 0, 0, 0, 2, 0]);
+        // A retry goes to another target in service, never to the drained one.
+        assert_eq!(pool.pick(&[0]), Some(2));
+        assert_eq!(pool.pick(&[0, 2]), None);
+        // The heavy target ejected: its turns go to the next target in service.
+        assert!(pool.failure(0));
+        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i == 2), "{picks:?}");
     }
 
     #[tokio::test(flavor = "current_thread")]

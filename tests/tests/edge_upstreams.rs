@@ -89,3 +89,52 @@ async fn round_robin_retry_and_passive_health() {
     assert!((1..=10).contains(&retries), "{retries} retries");
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
+
+/// Weighted targets (a canary): each target gets its weight's share of the requests, a target
+/// of weight 0 none (drained), and a reload moves the shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them() {
+    let dir = TempDir::new("e2e_edge_weights");
+    let topic = unique("edge_weights");
+    create_topic(&topic, 1).await;
+    let (stable, stable_stats) = start_echo().await;
+    let (canary, canary_stats) = start_echo().await;
+    let (drained, drained_stats) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let config = |w_stable: u32, w_canary: u32| {
+        format!(
+            "{}[spool]\ndir = \"{}\"\n[[routes]]\nid = \"w\"\npath_prefix = \"/w\"\nauth = \"none\"\n\
+             upstreams = [{{ url = \"http://{stable}\", weight = {w_stable} }}, {{ url = \"http://{canary}\", weight = {w_canary} }}, \
+             {{ url = \"http://{drained}\", weight = 0 }}]\n",
+            edge_head("edge-weights", &topic),
+            spool.display()
+        )
+    };
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &config(9, 1)).await;
+    let counts = || [&stable_stats, &canary_stats, &drained_stats].map(|s| s.requests.load(Ordering::SeqCst));
+
+    // 9:1:0 over 200 calls (whole cycles of 10): exactly 180, 20 and none, on any mix of the
+    // edge's worker threads.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        calls.spawn(async move { send(addr, "GET", &format!("/w/{i}"), b"").await });
+    }
+    while let Some(status) = calls.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(counts(), [180, 20, 0]);
+
+    // Promote the canary: 0:1 after a reload; the stable target gets nothing more.
+    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
+    std::fs::write(dir.path().join("edge.toml"), config(0, 1)).unwrap();
+    edge.signal("HUP");
+    let reloaded = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
+    })
+    .await;
+    assert!(reloaded, "no reload:\n{}", edge.log_tail());
+    for i in 0..20 {
+        assert_eq!(send(addr, "GET", "/w/after", b"").await, 200, "call {i}");
+    }
+    assert_eq!(counts(), [180, 40, 0]);
+}
