@@ -28,6 +28,7 @@ fn event(i: u64) -> ApiCall {
         user_agent: Some("wrk/4.1.0".into()),
         trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
         plan_id: Some("pro".into()),
+        upstream_target: Some("http://10.0.0.5:8080".into()),
     }
 }
 

@@ -748,6 +748,9 @@ pub struct Route {
     /// Each target's share of the requests, relative to the others' (weighted round robin;
     /// 0: none, a drained target).
     pub weights: Vec<u32>,
+    /// Each target as `scheme://authority`: its connection-pool key and its name in events
+    /// (`upstream_target`).
+    pub target_keys: Vec<Arc<str>>,
     pub strip_prefix: bool,
     pub auth: AuthMode,
     /// Time allowed for the upstream's response head (over all attempts).
@@ -773,7 +776,7 @@ pub struct Route {
 impl Route {
     /// A route to `upstreams` on `path_prefix` with default settings (tests).
     pub fn with_defaults(id: &str, path_prefix: &str, upstreams: &[&str]) -> Result<Self, http::uri::InvalidUri> {
-        Ok(Self {
+        let route = Self {
             id: id.into(),
             host: None,
             path_prefix: path_prefix.into(),
@@ -781,6 +784,7 @@ impl Route {
             methods: Vec::new(),
             upstreams: upstreams.iter().map(|u| u.parse()).collect::<Result<_, _>>()?,
             weights: vec![1; upstreams.len()],
+            target_keys: Vec::new(),
             strip_prefix: false,
             auth: AuthMode::API_KEY,
             timeout: Duration::from_millis(default_timeout_ms()),
@@ -791,7 +795,24 @@ impl Route {
             cors: None,
             allowed_ips: None,
             max_body_bytes: default_max_body_bytes(),
-        })
+        };
+        Ok(route.with_target_keys())
+    }
+
+    /// The route with its `target_keys` made from its targets.
+    fn with_target_keys(mut self) -> Self {
+        self.target_keys = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                Arc::from(format!(
+                    "{}://{}",
+                    u.scheme_str().unwrap_or("http"),
+                    u.authority().map_or("", |a| a.as_str())
+                ))
+            })
+            .collect();
+        self
     }
 }
 
@@ -1057,25 +1078,31 @@ fn validate(
             )),
         };
         let allowed_ips = ip_nets(&r.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
-        routes.push(Arc::new(Route {
-            id: r.id,
-            host: r.host.map(|h| h.to_ascii_lowercase()),
-            path_prefix,
-            exact,
-            methods,
-            upstreams,
-            weights,
-            strip_prefix: r.strip_prefix,
-            auth,
-            timeout: Duration::from_millis(r.timeout_ms),
-            connect_timeout: Duration::from_millis(r.connect_timeout_ms.unwrap_or(raw.edge.connect_timeout_ms).max(1)),
-            retries: r.retries,
-            max_fails: r.max_fails,
-            fail_timeout: Duration::from_millis(r.fail_timeout_ms),
-            cors,
-            allowed_ips: (!allowed_ips.is_empty()).then(|| allowed_ips.into()),
-            max_body_bytes: r.max_body_bytes.unwrap_or(raw.edge.max_body_bytes),
-        }));
+        routes.push(Arc::new(
+            Route {
+                id: r.id,
+                host: r.host.map(|h| h.to_ascii_lowercase()),
+                path_prefix,
+                exact,
+                methods,
+                upstreams,
+                weights,
+                target_keys: Vec::new(),
+                strip_prefix: r.strip_prefix,
+                auth,
+                timeout: Duration::from_millis(r.timeout_ms),
+                connect_timeout: Duration::from_millis(
+                    r.connect_timeout_ms.unwrap_or(raw.edge.connect_timeout_ms).max(1),
+                ),
+                retries: r.retries,
+                max_fails: r.max_fails,
+                fail_timeout: Duration::from_millis(r.fail_timeout_ms),
+                cors,
+                allowed_ips: (!allowed_ips.is_empty()).then(|| allowed_ips.into()),
+                max_body_bytes: r.max_body_bytes.unwrap_or(raw.edge.max_body_bytes),
+            }
+            .with_target_keys(),
+        ));
     }
 
     for (key, route) in plan_routes {

@@ -208,6 +208,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     loop {
         let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
         tried.push(target);
+        ctx.call.upstream_target.store(u32::try_from(target).unwrap_or(u32::MAX), Ordering::Relaxed);
         let last = tried.len() >= attempts;
         let uri = match upstream_target(route, &pool.targets[target], &parts.uri) {
             Ok(u) => u,

@@ -54,17 +54,7 @@ impl Pool {
                 .iter()
                 .map(|u| u.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()))
                 .collect(),
-            keys: route
-                .upstreams
-                .iter()
-                .map(|u| {
-                    Arc::from(format!(
-                        "{}://{}",
-                        u.scheme_str().unwrap_or("http"),
-                        u.authority().map_or("", |a| a.as_str())
-                    ))
-                })
-                .collect(),
+            keys: route.target_keys.clone(),
             health: route
                 .upstreams
                 .iter()

@@ -34,6 +34,7 @@ pub struct RawRow {
     pub user_agent: String,
     pub trace_id: String,
     pub plan_id: String,
+    pub upstream_target: String,
 }
 
 /// Why an event cannot become a row (it goes to the DLQ like an undecodable message).
@@ -68,6 +69,7 @@ impl RawRow {
             user_agent: e.user_agent.unwrap_or_default(),
             trace_id: e.trace_id.unwrap_or_default(),
             plan_id: e.plan_id.unwrap_or_default(),
+            upstream_target: e.upstream_target.unwrap_or_default(),
         })
     }
 }

@@ -30,9 +30,12 @@ pub const SCHEMA_V1: &str = include_str!("../avro/api_call.v1.avsc");
 /// current one: v3 only appended an enum symbol.
 pub const SCHEMA_V2: &str = include_str!("../avro/api_call.v2.avsc");
 
+/// Schema v3 (until `upstream_target` was added), frozen. Its body layout is v2's.
+pub const SCHEMA_V3: &str = include_str!("../avro/api_call.v3.avsc");
+
 /// Every `ApiCall` schema version ever shipped, oldest first; the last one is
 /// [`CURRENT_SCHEMA`]. Old versions must stay here so that old messages remain decodable.
-pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, CURRENT_SCHEMA];
+pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, CURRENT_SCHEMA];
 
 /// Why an event could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +166,7 @@ fn write_opt_str(v: Option<&str>, out: &mut Vec<u8>) {
     }
 }
 
-/// The body of an `ApiCall` in `api_call.avsc` (v2) field order.
+/// The body of an `ApiCall` in `api_call.avsc` (v4) field order.
 fn write_body(c: &ApiCallRef<'_>, out: &mut Vec<u8>) {
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     write_str(c.event_id.hyphenated().encode_lower(&mut uuid), out);
@@ -191,6 +194,7 @@ fn write_body(c: &ApiCallRef<'_>, out: &mut Vec<u8>) {
     write_opt_str(c.user_agent, out);
     write_opt_str(c.trace_id, out);
     write_opt_str(c.plan_id, out);
+    write_opt_str(c.upstream_target, out);
 }
 
 fn opt_string(v: &Option<String>) -> Value {
@@ -232,6 +236,7 @@ fn to_value(c: &ApiCall) -> Value {
         ("user_agent".into(), opt_string(&c.user_agent)),
         ("trace_id".into(), opt_string(&c.trace_id)),
         ("plan_id".into(), opt_string(&c.plan_id)),
+        ("upstream_target".into(), opt_string(&c.upstream_target)),
     ])
 }
 
@@ -264,10 +269,12 @@ impl Decoder {
         writers.insert(reader_fp, reader.clone());
         let v1 = fingerprint(&parse("api_call.v1.avsc", SCHEMA_V1)?);
         let v2 = fingerprint(&parse("api_call.v2.avsc", SCHEMA_V2)?);
+        let v3 = fingerprint(&parse("api_call.v3.avsc", SCHEMA_V3)?);
         let layouts = [
             (v1, crate::summary::Layout::V1),
             (v2, crate::summary::Layout::V2),
-            (reader_fp, crate::summary::Layout::V2),
+            (v3, crate::summary::Layout::V2),
+            (reader_fp, crate::summary::Layout::V4),
         ]
         .into_iter()
         .filter(|(fp, _)| writers.contains_key(fp))
@@ -430,6 +437,7 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
         user_agent: f.opt_string("user_agent")?,
         trace_id: f.opt_string("trace_id")?,
         plan_id: f.opt_string("plan_id")?,
+        upstream_target: f.opt_string("upstream_target")?,
     })
 }
 
@@ -459,6 +467,7 @@ pub(crate) mod tests {
             user_agent: Some("curl/8".into()),
             trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
             plan_id: Some("pro".into()),
+            upstream_target: Some("http://127.0.0.1:8081".into()),
         }
     }
 
@@ -491,6 +500,7 @@ pub(crate) mod tests {
                     user_agent: text("agent"),
                     trace_id: if some { None } else { Some("0af7651916cd43dd8448eb211c80319c".into()) },
                     plan_id: text("plan"),
+                    upstream_target: if j % 4 == 1 { None } else { Some(format!("https://[::1]:{j}")) },
                 });
             }
         }
@@ -556,6 +566,7 @@ pub(crate) mod tests {
         call.upstream_latency_us = None;
         call.user_agent = None;
         call.trace_id = None;
+        call.upstream_target = None;
         assert_eq!(dec.decode(&enc.encode(&call).unwrap()).unwrap(), call);
     }
 

@@ -111,6 +111,8 @@ pub struct ApiCallOf<S> {
     pub user_agent: Option<S>,
     pub trace_id: Option<S>,
     pub plan_id: Option<S>,
+    /// The target the call was sent to (`scheme://host:port`); `None` when not forwarded.
+    pub upstream_target: Option<S>,
 }
 
 /// A call with its own strings (decoded events, tests).
@@ -146,6 +148,7 @@ impl ApiCall {
             user_agent: self.user_agent.as_deref(),
             trace_id: self.trace_id.as_deref(),
             plan_id: self.plan_id.as_deref(),
+            upstream_target: self.upstream_target.as_deref(),
         }
     }
 }

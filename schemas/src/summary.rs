@@ -36,6 +36,8 @@ pub(crate) enum Layout {
     V1,
     /// Schemas v2 and v3 (v3 appended the `edge_shutdown` outcome): `plan_id` last.
     V2,
+    /// Schema v4: `plan_id`, then `upstream_target` (not read).
+    V4,
 }
 
 struct Reader<'a> {
@@ -128,6 +130,11 @@ pub(crate) fn read(layout: Layout, body: &[u8]) -> Result<CallSummary<'_>, Decod
     let plan_id = match layout {
         Layout::V1 => None,
         Layout::V2 => r.opt_str()?,
+        Layout::V4 => {
+            let plan_id = r.opt_str()?;
+            r.opt_str()?; // upstream_target
+            plan_id
+        }
     };
     if !r.rest.is_empty() {
         return Err(DecodeError::TrailingBytes { count: r.rest.len() });

@@ -20,21 +20,50 @@ fn fixture(name: &str) -> std::path::PathBuf {
 fn v1_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v1.bin")).expect("fixture");
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-    // v1 had no plan_id: it reads as its default, null.
-    let expected = tollgate_schemas::ApiCall { plan_id: None, ..fixture_event() };
+    // v1 had no plan_id (nor upstream_target): they read as their default, null.
+    let expected = tollgate_schemas::ApiCall { plan_id: None, upstream_target: None, ..fixture_event() };
     assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), expected);
 }
 
 #[test]
 fn v2_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v2.bin")).expect("fixture");
-    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), before_v4());
 }
 
 #[test]
 fn v3_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v3.bin")).expect("fixture");
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), before_v4());
+}
+
+/// The fixture event as versions before v4 wrote it: no upstream_target, which reads as null.
+fn before_v4() -> tollgate_schemas::ApiCall {
+    tollgate_schemas::ApiCall { upstream_target: None, ..fixture_event() }
+}
+
+#[test]
+fn v4_bytes_decode_with_the_current_reader() {
+    let bytes = std::fs::read(fixture("api_call.v4.bin")).expect("fixture");
     assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+    // v4 appended upstream_target: the v3 body followed by it.
+    let v3 = std::fs::read(fixture("api_call.v3.bin")).unwrap();
+    assert!(bytes[10..].starts_with(&v3[10..]));
+}
+
+#[test]
+fn the_aggregators_reader_knows_every_version() {
+    let dec = Decoder::new().unwrap();
+    for (name, plan) in [
+        ("api_call.v1.bin", None),
+        ("api_call.v2.bin", Some("pro")),
+        ("api_call.v3.bin", Some("pro")),
+        ("api_call.v4.bin", Some("pro")),
+    ] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let s = dec.summarize(&bytes).unwrap();
+        assert_eq!((s.event_id, s.plan_id.as_deref(), s.status), (fixture_event().event_id, plan, 201), "{name}");
+    }
 }
 
 #[test]
@@ -49,6 +78,6 @@ fn v2_and_v3_differ_only_in_the_fingerprint() {
 #[test]
 fn the_current_writer_is_the_last_released_version() {
     // A schema change must come with a new fixture (and a SCHEMA_VERSIONS entry).
-    let last = std::fs::read(fixture("api_call.v3.bin")).expect("fixture");
+    let last = std::fs::read(fixture("api_call.v4.bin")).expect("fixture");
     assert_eq!(tollgate_schemas::Encoder::new().unwrap().encode(&fixture_event()).unwrap(), last);
 }

@@ -74,6 +74,20 @@ async fn migrations_apply_once_and_documented_queries_run_on_local_clickhouse() 
             .unwrap_or_else(|e| panic!("{source}: {e}"));
         assert_eq!(n, 1, "{source} filtered on {last}");
     }
+    // Schema v4's column, through the table and the view made again over it.
+    client
+        .query("INSERT INTO api_calls (event_id, ts, outcome, upstream_target) VALUES ('00000000-0000-0000-0000-0000000000ff', now(), 'forwarded', 'http://10.0.0.5:8080')")
+        .execute()
+        .await
+        .unwrap();
+    for source in ["api_calls", "api_calls_unique"] {
+        let n: u64 = client
+            .query(&format!("SELECT count() FROM {source} WHERE upstream_target = 'http://10.0.0.5:8080'"))
+            .fetch_one()
+            .await
+            .unwrap_or_else(|e| panic!("{source}: {e}"));
+        assert_eq!(n, 1, "{source}");
+    }
     Client::default().with_url(url()).query(&format!("DROP DATABASE {db}")).execute().await.unwrap();
 }
 

@@ -387,6 +387,7 @@ pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::Api
         user_agent: None,
         trace_id: None,
         plan_id: Some("basic".into()),
+        upstream_target: Some("http://127.0.0.1:8081".into()),
     }
 }
 

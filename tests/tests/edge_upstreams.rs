@@ -88,6 +88,20 @@ async fn round_robin_retry_and_passive_health() {
     let retries = metric(admin, "tollgate_edge_upstream_retries_total").await - 2;
     assert!((1..=10).contains(&retries), "{retries} retries");
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
+
+    // The events name the target each call was last sent to: a retried call the live target
+    // that answered it, a POST refused with 502 the dead one.
+    let events = read_events(&topic, |e| e.len() >= 50).await;
+    let dead_target = format!("http://127.0.0.1:{dead}");
+    for e in &events {
+        let target = e.upstream_target.as_deref();
+        match e.status {
+            200 => assert!(target == Some(&*format!("http://{a}")) || target == Some(&*format!("http://{b}")), "{e:?}"),
+            502 => assert_eq!(target, Some(dead_target.as_str()), "{e:?}"),
+            s => panic!("status {s}: {e:?}"),
+        }
+    }
+    assert_eq!(events.iter().filter(|e| e.status == 502).count(), 5);
 }
 
 /// Weighted targets (a canary): each target gets its weight's share of the requests, a target
@@ -137,4 +151,11 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
         assert_eq!(send(addr, "GET", "/w/after", b"").await, 200, "call {i}");
     }
     assert_eq!(counts(), [180, 40, 0]);
+
+    // Each call's event names the target it went to (`upstream_target`).
+    let events = read_events(&topic, |e| e.len() >= 220).await;
+    let sent_to = |target: std::net::SocketAddr| {
+        events.iter().filter(|e| e.upstream_target.as_deref() == Some(&*format!("http://{target}"))).count()
+    };
+    assert_eq!((sent_to(stable), sent_to(canary), sent_to(drained)), (180, 40, 0));
 }

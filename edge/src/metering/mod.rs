@@ -12,7 +12,7 @@ pub mod producer;
 pub mod spool;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -184,6 +184,8 @@ pub struct Call {
     pub span: Option<tracing::Span>,
     /// Microseconds until the upstream's response head; `u64::MAX` until there is one.
     pub upstream_latency_us: AtomicU64,
+    /// The index of the route's target the call was last sent to; `u32::MAX`: none.
+    pub upstream_target: AtomicU32,
     start: Instant,
     start_time_us: i64,
     // The request's facts for the event, shared with the request (no copies): method, the
@@ -254,6 +256,7 @@ impl Call {
             request_body: Arc::new(BodyCounter::default()),
             span,
             upstream_latency_us: AtomicU64::new(u64::MAX),
+            upstream_target: AtomicU32::new(u32::MAX),
             start,
             start_time_us,
             method: req.method().clone(),
@@ -279,7 +282,8 @@ impl Call {
     /// tunnel).
     fn complete(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let route_id = self.route.get().map(|r| r.id.as_str());
+        let route = self.route.get();
+        let route_id = route.map(|r| r.id.as_str());
         self.gw.metrics.record_call(route_id, status, latency_us);
         let events = &self.gw.events;
         if !events.enabled() {
@@ -307,6 +311,10 @@ impl Call {
             user_agent: user_agent.as_deref().map(|ua| truncate(ua, MAX_USER_AGENT)),
             trace_id: Some(self.meta.trace_id.as_str()),
             plan_id: identity.map(|i| i.plan.name.as_str()),
+            upstream_target: route.and_then(|r| {
+                let i = usize::try_from(self.upstream_target.load(Ordering::Relaxed)).ok()?;
+                r.target_keys.get(i).map(|k| &**k)
+            }),
         };
         events.emit(identity.map(|i| &i.consumer_id), &call);
     }
