@@ -67,6 +67,18 @@ async fn every_panel_query_runs_and_returns_rows() {
         ),
     )
     .await;
+    // Three calls to two targets of a route (one 502 from the canary), one refused at the edge.
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.api_calls (event_id, ts, route_id, status, outcome, latency_us, upstream_target) VALUES \
+             ('00000000-0000-0000-0000-000000000001', toDateTime({minute}), 'echo', 200, 'forwarded', 1000, 'http://stable:80'), \
+             ('00000000-0000-0000-0000-000000000002', toDateTime({minute}), 'echo', 200, 'forwarded', 3000, 'http://stable:80'), \
+             ('00000000-0000-0000-0000-000000000003', toDateTime({minute}), 'echo', 502, 'upstream_error', 5000, 'http://canary:80'), \
+             ('00000000-0000-0000-0000-000000000004', toDateTime({minute}), 'echo', 401, 'unauthenticated', 10, '')"
+        ),
+    )
+    .await;
     let mut ran = 0;
     for entry in std::fs::read_dir(repo_root().join("dashboards")).unwrap() {
         let path = entry.unwrap().path();
@@ -82,7 +94,8 @@ async fn every_panel_query_runs_and_returns_rows() {
                     &format!("{sql}\nFORMAT TSV")
                         .replace("FROM usage_minute_final", &format!("FROM {db}.usage_minute_final"))
                         .replace("FROM quota_state", &format!("FROM {db}.quota_state"))
-                        .replace("FROM slo_", &format!("FROM {db}.slo_")),
+                        .replace("FROM slo_", &format!("FROM {db}.slo_"))
+                        .replace("FROM api_calls_unique", &format!("FROM {db}.api_calls_unique")),
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{}: panel `{}`: {e}\n{sql}", path.display(), panel["title"]));
@@ -112,5 +125,12 @@ async fn every_panel_query_runs_and_returns_rows() {
     let row =
         ch(&url, &format!("SELECT consumer, calls, errors_5xx, p50_ms, p95_ms, p99_ms FROM ({sql}) FORMAT TSV")).await;
     assert_eq!(row.trim(), "acme\t12\t2\t1\t4.503\t4.503");
+    // Per target: the canary's error share beside the stable target's; the refused call is not
+    // a target's.
+    let table = dash["panels"].as_array().unwrap().iter().find(|p| p["id"] == 11).unwrap();
+    let sql = expand(table["targets"][0]["rawSql"].as_str().unwrap(), now - 3600, now)
+        .replace("FROM api_calls_unique", &format!("FROM {db}.api_calls_unique"));
+    let rows = ch(&url, &format!("{sql}\nFORMAT TSV")).await;
+    assert_eq!(rows.trim(), "echo\thttp://canary:80\t1\t1\t100\t5\t5\necho\thttp://stable:80\t2\t0\t0\t3\t3");
     ch(&url, &format!("DROP DATABASE {db}")).await;
 }
