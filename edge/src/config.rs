@@ -234,6 +234,8 @@ struct RawEdge {
     https_public_port: Option<u16>,
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default)]
+    max_connections: Option<usize>,
 }
 
 /// `[[edge.tls_certificates]]`: a certificate chosen by the name the client asks for (SNI).
@@ -271,6 +273,7 @@ impl Default for RawEdge {
             http_redirect_listen: None,
             https_public_port: None,
             worker_threads: None,
+            max_connections: None,
         }
     }
 }
@@ -454,6 +457,25 @@ fn default_max_headers() -> usize {
 fn default_max_header_bytes() -> usize {
     16 * 1024
 }
+
+/// File descriptors kept for what is not a client connection: listeners, the spool, Kafka,
+/// JWKS and OTLP clients, and the idle upstream connections beyond one per client.
+const RESERVED_FILES: u64 = 256;
+/// `edge.max_connections` when not set: 10,000, or fewer when the process may not open that
+/// many files — each client connection can hold an upstream connection too, so half of what the
+/// open-file limit leaves after [`RESERVED_FILES`] (at least 64).
+pub fn default_max_connections(open_files: Option<u64>) -> usize {
+    let fit = open_files.map_or(u64::MAX, |n| n.saturating_sub(RESERVED_FILES) / 2).max(64);
+    usize::try_from(fit.min(10_000)).unwrap_or(10_000)
+}
+
+/// The process's soft limit of open files (`Max open files` in `/proc/self/limits`); `None`
+/// when unknown or unlimited.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..].split_whitespace().next()?.parse().ok()
+}
 fn default_max_body_bytes() -> u64 {
     10 * 1024 * 1024
 }
@@ -594,6 +616,9 @@ pub struct Config {
     pub http_redirect: Option<crate::redirect::HttpRedirect>,
     /// Threads serving requests, each with its own runtime, listener and upstream pools.
     pub worker_threads: usize,
+    /// Client connections open at once on the traffic port (all workers together); at the
+    /// limit the workers stop accepting until one closes.
+    pub max_connections: usize,
     pub kafka: KafkaConfig,
     pub routes: Vec<Arc<Route>>,
     pub plans: HashMap<String, Arc<Plan>>,
@@ -1323,8 +1348,15 @@ fn validate(
         Some(_) => return Err(err("edge.worker_threads".into(), "must be between 1 and 256".into())),
     };
 
+    let max_connections = match raw.edge.max_connections {
+        None => default_max_connections(open_files_limit()),
+        Some(n) if (1..=1_000_000).contains(&n) => n,
+        Some(_) => return Err(err("edge.max_connections".into(), "must be between 1 and 1000000".into())),
+    };
+
     Ok(Config {
         worker_threads,
+        max_connections,
         tls_ca,
         mutual_tls: client_roots.is_some(),
         upstream_identity,
@@ -1733,6 +1765,21 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         );
         let msg = edge("http2_keepalive_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.http2_keepalive_timeout_ms"), "{msg}");
+        assert_eq!(edge("max_connections = 3").unwrap().max_connections, 3);
+        let msg = edge("max_connections = 0").unwrap_err().to_string();
+        assert!(msg.contains("edge.max_connections") && msg.contains("between 1 and 1000000"), "{msg}");
+        assert_eq!(edge("").unwrap().max_connections, default_max_connections(open_files_limit()));
+    }
+
+    #[test]
+    fn the_default_connection_limit_fits_the_open_file_limit() {
+        assert_eq!(default_max_connections(None), 10_000);
+        assert_eq!(default_max_connections(Some(1_048_576)), 10_000);
+        // systemd's usual soft limit: (1024 - 256) / 2.
+        assert_eq!(default_max_connections(Some(1024)), 384);
+        assert_eq!(default_max_connections(Some(100)), 64);
+        // This process's limit is read from /proc (Linux).
+        assert!(open_files_limit().is_some_and(|n| n > 0));
     }
 
     #[test]

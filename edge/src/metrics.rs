@@ -93,6 +93,11 @@ pub struct Metrics {
     pub connections_accepted: AtomicU64,
     /// Connections on the traffic port open now, TLS handshakes included (gauge).
     pub connections_open: AtomicU64,
+    /// `edge.max_connections` (gauge).
+    pub connection_limit: AtomicU64,
+    /// Times a worker found `edge.max_connections` connections open and stopped accepting
+    /// until one closed.
+    pub connection_limit_waits: AtomicU64,
     /// Connections on the traffic port the edge closed because a request did not come in
     /// time, by [`ConnTimeout`].
     pub connections_timed_out: [AtomicU64; 3],
@@ -346,6 +351,11 @@ impl Metrics {
                 load(&self.connections_accepted),
             ),
             (
+                "tollgate_edge_connection_limit_waits_total",
+                "Times a worker found edge.max_connections connections open and stopped accepting until one closed (new connections waited in the listen backlog meanwhile).",
+                load(&self.connection_limit_waits),
+            ),
+            (
                 "tollgate_edge_https_redirects_total",
                 "Requests on edge.http_redirect_listen answered 308 to HTTPS.",
                 load(&self.https_redirects),
@@ -389,6 +399,11 @@ impl Metrics {
             out,
             "# HELP tollgate_edge_connections_open Connections on the traffic port open now (TLS handshakes included).\n# TYPE tollgate_edge_connections_open gauge\ntollgate_edge_connections_open {}",
             load(&self.connections_open)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_edge_connection_limit Client connections the traffic port takes at once (edge.max_connections).\n# TYPE tollgate_edge_connection_limit gauge\ntollgate_edge_connection_limit {}",
+            load(&self.connection_limit)
         );
         let _ = writeln!(
             out,

@@ -130,6 +130,19 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     // own SO_REUSEPORT listener (the kernel spreads connections) and keeps its own upstream
     // connection pools, so a request never crosses threads (docs/benchmarks.md).
     let grace = cfg.shutdown_grace;
+    // Shared by the workers: a connection holds a slot from its accept to its end.
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    metrics.connection_limit.store(cfg.max_connections as u64, Ordering::Relaxed);
+    if let Some(files) = crate::config::open_files_limit()
+        && (cfg.max_connections as u64) * 2 > files
+    {
+        tracing::warn!(
+            max_connections = cfg.max_connections,
+            open_files_limit = files,
+            "edge.max_connections is more than half the open-file limit: with an upstream connection per client \
+             connection, the edge may run out of file descriptors first (raise the limit: ulimit -n, LimitNOFILE)"
+        );
+    }
     let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
     let (release, release_rx) = tokio::sync::watch::channel(false);
     let mut drained = Vec::new();
@@ -140,7 +153,8 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
             Some(l) => l,
             None => bind_reuseport(listen)?.into_std()?,
         };
-        let (for_workers, mut stop_rx, mut release_rx) = (for_workers.clone(), stop_rx.clone(), release_rx.clone());
+        let (for_workers, slots, mut stop_rx, mut release_rx) =
+            (for_workers.clone(), Arc::clone(&slots), stop_rx.clone(), release_rx.clone());
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
         drained.push(drained_rx);
         threads.push(std::thread::Builder::new().name(format!("edge-worker-{i}")).spawn(move || {
@@ -162,7 +176,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
                     }
                 });
                 match TcpListener::from_std(std_listener) {
-                    Ok(l) => accept_loop(l, for_workers, grace, &mut stop_rx).await,
+                    Ok(l) => accept_loop(l, for_workers, slots, grace, &mut stop_rx).await,
                     Err(e) => tracing::error!(error = %e, "worker listener"),
                 }
                 let _ = drained_tx.send(());
@@ -262,6 +276,7 @@ pub fn bind_reuseport(addr: std::net::SocketAddr) -> std::io::Result<TcpListener
 async fn accept_loop(
     listener: TcpListener,
     gw: Arc<Gateway>,
+    slots: Arc<tokio::sync::Semaphore>,
     grace: Duration,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) {
@@ -272,7 +287,30 @@ async fn accept_loop(
     // Each connection's task holds a sender: the drain is over when the last one is dropped.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let told_to_stop = stop.clone();
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
+        // A slot for the next connection first: at `edge.max_connections` the worker stops
+        // accepting (new connections wait in the kernel's listen backlog) until one closes.
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                gw.metrics.connection_limit_waits.fetch_add(1, Ordering::Relaxed);
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    last_warning = Some(std::time::Instant::now());
+                    tracing::warn!(
+                        max_connections = gw.metrics.connection_limit.load(Ordering::Relaxed),
+                        "edge.max_connections connections are open: not accepting until one closes"
+                    );
+                }
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    slot = Arc::clone(&slots).acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             accepted = listener.accept() => {
@@ -290,7 +328,7 @@ async fn accept_loop(
                     http = runtime.http.clone();
                     builder = connection_builder(&http);
                 }
-                let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone());
+                let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone(), slot);
                 match runtime.tls.clone() {
                     None => {
                         let peer = crate::Peer::new(peer, false);
@@ -348,6 +386,8 @@ struct ConnLife {
     stop: tokio::sync::watch::Receiver<bool>,
     idle_timeout: Duration,
     _alive: tokio::sync::mpsc::Sender<()>,
+    /// The connection's slot of `edge.max_connections`.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ConnLife {
@@ -356,9 +396,10 @@ impl ConnLife {
         stop: tokio::sync::watch::Receiver<bool>,
         idle_timeout: Duration,
         alive: tokio::sync::mpsc::Sender<()>,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> Self {
         metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-        Self { metrics: Arc::clone(metrics), stop, idle_timeout, _alive: alive }
+        Self { metrics: Arc::clone(metrics), stop, idle_timeout, _alive: alive, _slot: slot }
     }
 }
 
@@ -512,6 +553,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                         next.tls_server.is_some() != current.tls_server.is_some(),
                     ),
                     ("edge.worker_threads", next.worker_threads != current.worker_threads),
+                    ("edge.max_connections", next.max_connections != current.max_connections),
                     ("edge.shutdown_grace_ms", next.shutdown_grace != current.shutdown_grace),
                     ("edge.instance_id", next.instance_id != current.instance_id),
                 ];

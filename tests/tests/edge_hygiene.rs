@@ -670,3 +670,55 @@ async fn an_upstream_that_stops_reading_the_body_is_the_upstreams_timeout() {
     assert!(edge.terminate(Duration::from_secs(15)));
     assert!(t.elapsed() < Duration::from_secs(5), "shutdown waited for a connection: {:?}", t.elapsed());
 }
+
+/// `edge.max_connections`: with that many connections open the edge stops accepting; a new
+/// connection waits in the listen backlog (not refused, not reset) and is served as soon as an
+/// open one closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_a_new_connection_waits_until_one_closes() {
+    let dir = TempDir::new("e2e_edge_max_conns");
+    let topic = unique("edge_max_conns");
+    create_topic(&topic, 1).await;
+    let (upstream, _echo) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"up\"\npath_prefix = \"/up\"\nupstream = \"http://{upstream}\"\nauth = \"none\"\n",
+        edge_head("edge-max-conns", &topic).replacen("[edge]\n", "[edge]\nmax_connections = 2\n", 1),
+    );
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    assert_eq!(metric(admin, "tollgate_edge_connection_limit").await, 2);
+    let get = b"GET /up/x HTTP/1.1\r\nHost: edge\r\n\r\n";
+    let first_bytes = |mut s: TcpStream| async move {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.unwrap().unwrap();
+        (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+
+    // Two keep-alive connections, each served once and left open.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(get).await.unwrap();
+        let (s, answer) = first_bytes(s).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        open.push(s);
+    }
+    // A third: connected (the kernel's backlog), its request not read while two are open.
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third.write_all(b"GET /up/third HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let early = tokio::time::timeout(Duration::from_millis(800), third.read(&mut buf)).await;
+    assert!(early.is_err(), "served beyond max_connections: {early:?}");
+    assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 2);
+    assert!(metric(admin, "tollgate_edge_connection_limit_waits_total").await >= 1, "{}", edge.log_tail());
+    assert!(edge.log_tail().contains("edge.max_connections connections are open"), "{}", edge.log_tail());
+
+    // One closes: the third is accepted and served.
+    let t = Instant::now();
+    drop(open.remove(0));
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("/up/third"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
