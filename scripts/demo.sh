@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the whole tollgate pipeline on this machine with demo traffic:
-# the local stack (Tansu + ClickHouse), ingest, the aggregator, the demo upstream, a webhook
+# the local stack (Tansu + ClickHouse), ingest, the aggregator, the demo upstream (and a canary
+# taking a tenth of the echo route), a webhook
 # receiver for SLO alerts and the edge; then sends demo traffic (four consumers, bad keys, an
 # over-limit burst, upstream failures) and prints usage from ClickHouse, then per-minute usage
 # with latency percentiles from the aggregator once the minute has closed, quota states, SLO
@@ -19,7 +20,7 @@ export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 log() { printf '[demo] %s\n' "$*" >&2; }
 
 stop_components() {
-    for name in edge aggregator ingest upstream webhook; do
+    for name in edge aggregator ingest upstream canary webhook; do
         local pidf="$RUN/$name.pid"
         if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
             kill -TERM "$(cat "$pidf")" 2>/dev/null || true
@@ -49,6 +50,7 @@ start() { # name, command...
     echo $! > "$RUN/$name.pid"
 }
 start upstream "$BIN/tollgate-demo" upstream --listen 127.0.0.1:8081
+start canary "$BIN/tollgate-demo" upstream --listen 127.0.0.1:8083
 : > "$RUN/alerts.jsonl"
 start webhook "$BIN/tollgate-demo" webhook --listen 127.0.0.1:8082 --out "$RUN/alerts.jsonl"
 start ingest "$BIN/tollgate-ingest" run --config config/demo/ingest.toml
@@ -79,6 +81,8 @@ echo "== usage per consumer (schemas/queries/usage_by_consumer.sql, database tol
 qf schemas/queries/usage_by_consumer.sql
 echo "== calls per outcome and status (schemas/queries/calls_by_outcome.sql) =="
 qf schemas/queries/calls_by_outcome.sql
+echo "== calls per route and upstream target: the canary on 8083 takes 1 in 10 (schemas/queries/calls_by_upstream_target.sql) =="
+qf schemas/queries/calls_by_upstream_target.sql
 
 # The aggregator writes a minute once it has ended and its lateness window (10 s) passed.
 last_minute=$(q "SELECT toUInt32(toStartOfMinute(max(ts))) FROM tollgate.api_calls" || echo 0)
