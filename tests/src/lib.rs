@@ -365,6 +365,19 @@ pub async fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("metric {name} not found"))
 }
 
+/// Writes `config` to the edge's config file `path`, sends SIGHUP and waits (up to 10 s) until
+/// the edge counts a successful reload; panics with its log otherwise.
+pub async fn reload_edge(edge: &Proc, admin: std::net::SocketAddr, path: &Path, config: &str) {
+    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
+    std::fs::write(path, config).unwrap();
+    edge.signal("HUP");
+    let reloaded = wait_until(Duration::from_secs(10), || async {
+        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
+    })
+    .await;
+    assert!(reloaded, "no reload:\n{}", edge.log_tail());
+}
+
 /// A sample event for tests that produce directly.
 pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::ApiCall {
     tollgate_schemas::ApiCall {

@@ -198,18 +198,9 @@ async fn http_limits_and_timeouts_apply_at_reload() {
     assert!(answer.contains("\"x-forwarded-for\":\"127.0.0.1\""), "{answer}");
     assert_eq!(exchange(addr, &get(&big)).await.0, 200);
 
-    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
-    std::fs::write(
-        &cfg_path,
-        config("trusted_hops = 1\nmax_header_bytes = 1024\nbody_read_timeout_ms = 300\nheader_read_timeout_ms = 400\n"),
-    )
-    .unwrap();
-    edge.signal("HUP");
-    let reloaded = wait_until(Duration::from_secs(10), || async {
-        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
-    })
-    .await;
-    assert!(reloaded, "no reload:\n{}", edge.log_tail());
+    let after =
+        config("trusted_hops = 1\nmax_header_bytes = 1024\nbody_read_timeout_ms = 300\nheader_read_timeout_ms = 400\n");
+    reload_edge(&edge, admin, &cfg_path, &after).await;
     assert!(!edge.log_tail().contains("needs a restart"), "{}", edge.log_tail());
 
     // After: the trusted hop's entry is the client (kept in the chain), 2 KB of headers are

@@ -263,14 +263,7 @@ async fn reloads_apply_new_upstream_tls_settings_to_pooled_connections_too() {
     let text = std::fs::read_to_string(&path).unwrap();
     let without_ca: String = text.lines().filter(|l| !l.starts_with("tls_ca_file")).map(|l| format!("{l}\n")).collect();
     assert_ne!(text, without_ca);
-    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
-    std::fs::write(&path, without_ca).unwrap();
-    edge.signal("HUP");
-    let reloaded = wait_until(Duration::from_secs(10), || async {
-        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
-    })
-    .await;
-    assert!(reloaded, "{}", edge.log_tail());
+    reload_edge(&edge, admin, &path, &without_ca).await;
     let (status, _) = presented().await;
     assert_eq!(status, 502, "{}", edge.log_tail());
     assert!(edge.terminate(Duration::from_secs(15)));

@@ -139,14 +139,7 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
     assert_eq!(counts(), [180, 20, 0]);
 
     // Promote the canary: 0:1 after a reload; the stable target gets nothing more.
-    let reloads = metric(admin, "tollgate_edge_config_reloads_total").await;
-    std::fs::write(dir.path().join("edge.toml"), config(0, 1)).unwrap();
-    edge.signal("HUP");
-    let reloaded = wait_until(Duration::from_secs(10), || async {
-        metric(admin, "tollgate_edge_config_reloads_total").await > reloads
-    })
-    .await;
-    assert!(reloaded, "no reload:\n{}", edge.log_tail());
+    reload_edge(&edge, admin, &dir.path().join("edge.toml"), &config(0, 1)).await;
     for i in 0..20 {
         assert_eq!(send(addr, "GET", "/w/after", b"").await, 200, "call {i}");
     }
