@@ -337,6 +337,20 @@ struct RawRoute {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     allowed_ips: Vec<String>,
+    #[serde(default)]
+    request_headers: RawHeaderRules,
+    #[serde(default)]
+    response_headers: RawHeaderRules,
+}
+
+/// `routes[].request_headers`, `routes[].response_headers`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderRules {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
 }
 
 /// `routes[].cors`, or a `[cors_policies.<name>]` table.
@@ -795,6 +809,10 @@ pub struct Route {
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
     /// A larger request body gets 413 (`routes[].max_body_bytes`, else `edge.max_body_bytes`).
     pub max_body_bytes: u64,
+    /// Headers set on or removed from the request to the upstream.
+    pub request_headers: crate::rewrite::HeaderRules,
+    /// Headers set on or removed from the upstream's answers.
+    pub response_headers: crate::rewrite::HeaderRules,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -820,6 +838,8 @@ impl Route {
             cors: None,
             allowed_ips: None,
             max_body_bytes: default_max_body_bytes(),
+            request_headers: crate::rewrite::HeaderRules::default(),
+            response_headers: crate::rewrite::HeaderRules::default(),
         };
         Ok(route.with_target_keys())
     }
@@ -1103,6 +1123,13 @@ fn validate(
             )),
         };
         let allowed_ips = ip_nets(&r.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
+        let header_rules = |raw: &RawHeaderRules, table: &str, direction| {
+            crate::rewrite::HeaderRules::new(&raw.set, &raw.remove, direction, env)
+                .map_err(|(at, reason)| err(key(&format!("{table}.{at}")), reason))
+        };
+        let request_headers = header_rules(&r.request_headers, "request_headers", crate::rewrite::Direction::Request)?;
+        let response_headers =
+            header_rules(&r.response_headers, "response_headers", crate::rewrite::Direction::Response)?;
         routes.push(Arc::new(
             Route {
                 id: r.id,
@@ -1125,6 +1152,8 @@ fn validate(
                 cors,
                 allowed_ips: (!allowed_ips.is_empty()).then(|| allowed_ips.into()),
                 max_body_bytes: r.max_body_bytes.unwrap_or(raw.edge.max_body_bytes),
+                request_headers,
+                response_headers,
             }
             .with_target_keys(),
         ));
@@ -1780,6 +1809,28 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(default_max_connections(Some(100)), 64);
         // This process's limit is read from /proc (Linux).
         assert!(open_files_limit().is_some_and(|n| n > 0));
+    }
+
+    #[test]
+    fn header_rules_name_their_key_and_read_the_environment() {
+        let with = |rules: &str, env: &[(&str, &str)]| {
+            let env: BTreeMap<String, String> = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+            Config::parse(&BASE.replace("upstream = ", &format!("{rules}\nupstream = ")), &env)
+        };
+        let c =
+            with(r#"request_headers = { set = { authorization = "Bearer ${TOKEN}" } }"#, &[("TOKEN", "t0k")]).unwrap();
+        assert_eq!(c.routes[0].request_headers.set[0].1, "Bearer t0k");
+        assert!(c.routes[0].response_headers.is_empty());
+        let msg =
+            with(r#"request_headers = { set = { authorization = "Bearer ${TOKEN}" } }"#, &[]).unwrap_err().to_string();
+        assert!(
+            msg.contains("routes[0].request_headers.set.authorization") && msg.contains("`TOKEN` is not set"),
+            "{msg}"
+        );
+        let msg = with(r#"response_headers = { remove = ["server", "retry-after"] }"#, &[]).unwrap_err().to_string();
+        assert!(msg.contains("routes[0].response_headers.remove[1]"), "{msg}");
+        let msg = with(r#"response_headers = { drop = ["server"] }"#, &[]).unwrap_err().to_string();
+        assert!(msg.contains("drop"), "{msg}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod problem;
 pub mod proxy;
 pub mod quota;
 pub mod redirect;
+pub mod rewrite;
 pub mod routing;
 pub mod server;
 pub mod silent;

@@ -194,6 +194,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         }
     }
 
+    if !route.request_headers.is_empty() {
+        route.request_headers.apply(headers);
+    }
     if let Some((proto, _)) = &upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(http::header::UPGRADE, proto.clone());
@@ -274,6 +277,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 }
                 let (mut parts, body) = upstream.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
+                if !route.response_headers.is_empty() {
+                    route.response_headers.apply(&mut parts.headers);
+                }
                 return Response::from_parts(parts, body);
             }
         }

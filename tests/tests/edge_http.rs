@@ -284,3 +284,61 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert_eq!(metric(admin, "tollgate_edge_events_dropped_total").await, 0);
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// Per-route header rules: the upstream gets the provider's own credential and a version
+/// header (the client's credential and a header the route removes do not reach it), and the
+/// client gets the upstream's answer without `Server` and `X-Powered-By`, with the route's
+/// `Cache-Control`. The edge's own headers stay the edge's; another route is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_set_and_remove_headers_both_ways() {
+    let dir = TempDir::new("e2e_edge_rewrite");
+    let topic = unique("edge_rewrite");
+    create_topic(&topic, 1).await;
+    // Answers with the request headers it got, as JSON, and headers a provider would hide.
+    let upstream = serve_http(|req: http::Request<hyper::body::Incoming>| async move {
+        let seen: serde_json::Map<String, serde_json::Value> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned().into()))
+            .collect();
+        http::Response::builder()
+            .header("server", "upstream/1.0")
+            .header("x-powered-by", "php/5")
+            .header("cache-control", "public, max-age=60")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(serde_json::Value::Object(seen).to_string())))
+            .unwrap()
+    })
+    .await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"http://{upstream}\"\n\
+         request_headers = {{ set = {{ authorization = \"Bearer provider-secret\", x-api-version = \"2\" }}, remove = [\"x-debug\"] }}\n\
+         response_headers = {{ set = {{ cache-control = \"no-store\" }}, remove = [\"server\", \"x-powered-by\"] }}\n\
+         [[routes]]\nid = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"http://{upstream}\"\n{}",
+        edge_head("edge-rewrite", &topic),
+        acme_with_key(1000)
+    );
+    let (_edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let client_headers =
+        [("x-api-key", "key-acme"), ("x-debug", "1"), ("x-api-version", "1"), ("x-consumer-id", "spoofed")];
+
+    let a = call(addr, "GET", "/orders/1", &client_headers).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let seen = &a.body;
+    assert_eq!(seen["authorization"], "Bearer provider-secret");
+    assert_eq!(seen["x-api-version"], "2");
+    assert!(seen.get("x-debug").is_none(), "{seen}");
+    assert!(seen.get("x-api-key").is_none(), "the client's key reached the upstream: {seen}");
+    assert_eq!(seen["x-consumer-id"], "acme");
+    assert!(a.headers.get("server").is_none() && a.headers.get("x-powered-by").is_none(), "{:?}", a.headers);
+    assert_eq!(a.headers["cache-control"], "no-store");
+    assert!(a.headers.contains_key("x-request-id") && a.headers.contains_key("x-ratelimit-remaining"));
+
+    // The other route: what the client sent (but its key) and what the upstream answered.
+    let b = call(addr, "GET", "/plain/1", &client_headers).await;
+    assert_eq!(b.status, 200);
+    assert_eq!((&b.body["x-debug"], &b.body["x-api-version"]), (&"1".into(), &"1".into()));
+    assert!(b.body.get("authorization").is_none(), "{}", b.body);
+    assert_eq!(b.headers["server"], "upstream/1.0");
+    assert_eq!(b.headers["cache-control"], "public, max-age=60");
+}
