@@ -341,6 +341,34 @@ struct RawRoute {
     request_headers: RawHeaderRules,
     #[serde(default)]
     response_headers: RawHeaderRules,
+    #[serde(default)]
+    health_check: Option<RawHealthCheck>,
+}
+
+/// `routes[].health_check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    path: String,
+    #[serde(default = "default_health_interval_ms")]
+    interval_ms: u64,
+    #[serde(default = "default_health_timeout_ms")]
+    timeout_ms: u64,
+}
+fn default_health_interval_ms() -> u64 {
+    5_000
+}
+fn default_health_timeout_ms() -> u64 {
+    1_000
+}
+
+/// Active health checks of a route's targets (`routes[].health_check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path (and query) asked of each target, on the target's scheme and authority.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 /// `routes[].request_headers`, `routes[].response_headers`.
@@ -813,6 +841,8 @@ pub struct Route {
     pub request_headers: crate::rewrite::HeaderRules,
     /// Headers set on or removed from the upstream's answers.
     pub response_headers: crate::rewrite::HeaderRules,
+    /// Active health checks of the targets; `None`: passive health only.
+    pub health_check: Option<HealthCheck>,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -840,6 +870,7 @@ impl Route {
             max_body_bytes: default_max_body_bytes(),
             request_headers: crate::rewrite::HeaderRules::default(),
             response_headers: crate::rewrite::HeaderRules::default(),
+            health_check: None,
         };
         Ok(route.with_target_keys())
     }
@@ -1130,6 +1161,28 @@ fn validate(
         let request_headers = header_rules(&r.request_headers, "request_headers", crate::rewrite::Direction::Request)?;
         let response_headers =
             header_rules(&r.response_headers, "response_headers", crate::rewrite::Direction::Response)?;
+        let health_check = match r.health_check {
+            None => None,
+            Some(h) => {
+                if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+                    return Err(err(key("health_check.path"), format!("`{}` must be a path starting with /", h.path)));
+                }
+                if h.interval_ms < 100 {
+                    return Err(err(key("health_check.interval_ms"), "must be at least 100".into()));
+                }
+                if h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+                    return Err(err(
+                        key("health_check.timeout_ms"),
+                        "must be at least 1 and at most health_check.interval_ms".into(),
+                    ));
+                }
+                Some(HealthCheck {
+                    path: h.path,
+                    interval: Duration::from_millis(h.interval_ms),
+                    timeout: Duration::from_millis(h.timeout_ms),
+                })
+            }
+        };
         routes.push(Arc::new(
             Route {
                 id: r.id,
@@ -1154,6 +1207,7 @@ fn validate(
                 max_body_bytes: r.max_body_bytes.unwrap_or(raw.edge.max_body_bytes),
                 request_headers,
                 response_headers,
+                health_check,
             }
             .with_target_keys(),
         ));
@@ -1831,6 +1885,33 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("routes[0].response_headers.remove[1]"), "{msg}");
         let msg = with(r#"response_headers = { drop = ["server"] }"#, &[]).unwrap_err().to_string();
         assert!(msg.contains("drop"), "{msg}");
+    }
+
+    #[test]
+    fn health_checks_need_a_path_and_a_timeout_within_the_interval() {
+        let with = |table: &str| {
+            Config::parse(
+                &BASE.replace("upstream = ", &format!("health_check = {table}\nupstream = ")),
+                &BTreeMap::new(),
+            )
+        };
+        let c = with(r#"{ path = "/health?deep=1" }"#).unwrap();
+        let hc = c.routes[0].health_check.clone().unwrap();
+        assert_eq!(
+            (hc.path.as_str(), hc.interval, hc.timeout),
+            ("/health?deep=1", Duration::from_secs(5), Duration::from_secs(1))
+        );
+        assert!(Config::parse(BASE, &BTreeMap::new()).unwrap().routes[0].health_check.is_none());
+        for (table, expected) in [
+            (r#"{ path = "health" }"#, "routes[0].health_check.path"),
+            (r#"{ path = "/h", interval_ms = 50 }"#, "routes[0].health_check.interval_ms"),
+            (r#"{ path = "/h", interval_ms = 500, timeout_ms = 600 }"#, "routes[0].health_check.timeout_ms"),
+            (r#"{ path = "/h", timeout_ms = 0 }"#, "routes[0].health_check.timeout_ms"),
+            (r#"{ interval_ms = 500 }"#, "path"),
+        ] {
+            let msg = with(table).unwrap_err().to_string();
+            assert!(msg.contains(expected), "{table}: {msg}");
+        }
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub connections_accepted: AtomicU64,
     /// Connections on the traffic port open now, TLS handshakes included (gauge).
     pub connections_open: AtomicU64,
+    /// Active health checks of upstream targets: [passed, failed].
+    pub health_checks: [AtomicU64; 2],
     /// `edge.max_connections` (gauge).
     pub connection_limit: AtomicU64,
     /// Times a worker found `edge.max_connections` connections open and stopped accepting
@@ -381,6 +383,14 @@ impl Metrics {
         );
         for (i, result) in ["allowed", "refused"].iter().enumerate() {
             let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(&self.cors_preflights[i]));
+        }
+        let name = "tollgate_edge_health_checks_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Active health checks of upstream targets (routes[].health_check), by result: passed (2xx/3xx in time) or failed.\n# TYPE {name} counter"
+        );
+        for (i, result) in ["passed", "failed"].iter().enumerate() {
+            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(&self.health_checks[i]));
         }
         let name = "tollgate_edge_connections_timed_out_total";
         let _ = writeln!(

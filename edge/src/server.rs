@@ -81,6 +81,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     let reload_task =
         opts.config_path.clone().map(|path| tokio::spawn(reload(Arc::clone(&gw), cfg.clone(), path, opts.env.clone())));
     let jwks_task = tokio::spawn(refresh_jwks(Arc::clone(&gw)));
+    let health_task = tokio::spawn(crate::upstream::run_health_checks(Arc::clone(&gw)));
     let quota_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let quota_thread = if cfg.kafka.enabled && !cfg.kafka.quota_topic.is_empty() {
         Some(crate::quota::start(
@@ -217,6 +218,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     }
     admin_task.abort();
     jwks_task.abort();
+    health_task.abort();
     quota_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(t) = quota_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;

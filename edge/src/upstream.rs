@@ -39,6 +39,9 @@ pub struct Pool {
     /// equal (plain round robin).
     schedule: Option<Box<[u32]>>,
     next: AtomicU64,
+    /// Active health checks (`routes[].health_check`): an ejected target comes back only
+    /// when a check passes, never through a client's request.
+    pub health_check: Option<crate::config::HealthCheck>,
     epoch: Instant,
     max_fails: u32,
     fail_timeout: Duration,
@@ -63,6 +66,7 @@ impl Pool {
             weights: route.weights.clone(),
             schedule: schedule(&route.weights),
             next: AtomicU64::new(0),
+            health_check: route.health_check.clone(),
             epoch: Instant::now(),
             max_fails: route.max_fails,
             fail_timeout: route.fail_timeout,
@@ -103,8 +107,10 @@ impl Pool {
                 return Some(i);
             }
             // Ejection over: the first request to claim the probe (by pushing the deadline
-            // out again) goes; others keep avoiding the target until the probe succeeds.
+            // out again) goes; others keep avoiding the target until the probe succeeds. With
+            // active health checks the checks decide instead.
             if until <= now
+                && self.health_check.is_none()
                 && h.ejected_until_ms
                     .compare_exchange(until, now + self.fail_timeout_ms(), Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
@@ -141,6 +147,16 @@ impl Pool {
             }
         }
         false
+    }
+
+    /// An active health check of target `i` failed: out of service until one passes (returns
+    /// true when this took it out).
+    pub fn check_failed(&self, i: usize) -> bool {
+        let was = self.health[i].ejected_until_ms.swap(u64::MAX, Ordering::AcqRel);
+        if was == 0 {
+            tracing::warn!(target = %self.targets[i], "upstream target failed its health check: out of service");
+        }
+        was == 0
     }
 
     /// Whether target `i` is ejected right now.
@@ -474,6 +490,68 @@ impl Drop for ReturningBody {
 pub type Pools = HashMap<String, Arc<Pool>, foldhash::fast::RandomState>;
 
 /// Every route's pool, by route id.
+/// Active health checks (`routes[].health_check`), for whatever config is current: every
+/// target of such a route is asked `GET <scheme>://<authority><path>` every `interval`; a
+/// 2xx or 3xx answer within `timeout` passes and puts the target (back) in service, anything
+/// else takes it out until a check passes. Each check runs in its own task, so a slow target
+/// does not delay the others'. A reload starts over with the new routes.
+pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checked: Option<Arc<crate::Runtime>> = None;
+    // When each target of each pool (of the runtime checked) is due next.
+    let mut due: HashMap<(usize, usize), Instant> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let runtime = gw.runtime();
+        if !checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, &runtime)) {
+            due.clear();
+            checked = Some(Arc::clone(&runtime));
+        }
+        let now = Instant::now();
+        for pool in runtime.pools.values() {
+            let Some(check) = &pool.health_check else { continue };
+            for i in 0..pool.targets.len() {
+                let next = due.entry((Arc::as_ptr(pool) as usize, i)).or_insert(now);
+                if *next > now {
+                    continue;
+                }
+                *next = now + check.interval;
+                let url = format!("{}{}", pool.keys[i], check.path);
+                let (pool, client, metrics) = (Arc::clone(pool), runtime.client.clone(), Arc::clone(&gw.metrics));
+                let timeout = check.timeout;
+                tokio::spawn(async move {
+                    let passed = check_once(&client, &url, timeout).await;
+                    metrics.health_checks[usize::from(!passed)].fetch_add(1, Ordering::Relaxed);
+                    if passed {
+                        pool.success(i);
+                    } else if pool.check_failed(i) {
+                        metrics.upstream_ejections.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One health check: a 2xx or 3xx answer within `timeout` (its body is not read).
+async fn check_once(client: &crate::proxy::HttpClient, url: &str, timeout: Duration) -> bool {
+    let Ok(req) = http::Request::get(url)
+        .header(http::header::USER_AGENT, "tollgate-edge-health-check")
+        .body(axum::body::Body::empty())
+    else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(resp)) => resp.status().is_success() || resp.status().is_redirection(),
+        Ok(Err(e)) => {
+            tracing::debug!(%url, error = %e, "health check failed");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 pub fn pools(routes: &[Arc<Route>]) -> Pools {
     routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r)))).collect()
 }
@@ -522,6 +600,28 @@ mod tests {
             pool.failure(i);
         }
         assert!(pool.pick(&[]).is_some());
+    }
+
+    #[tokio::test]
+    async fn with_active_checks_no_client_request_probes_an_ejected_target() {
+        let mut r = route(2, 1, Duration::from_millis(100));
+        r.health_check = Some(crate::config::HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+        });
+        let pool = Pool::new(&r);
+        // A passive ejection: after fail_timeout the target is still left alone.
+        assert!(pool.failure(1));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i == 0), "{picks:?}");
+        // A passing check brings it back; a failing one takes the other out.
+        pool.success(1);
+        assert!(pool.check_failed(0));
+        assert!(!pool.check_failed(0), "already out");
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i == 1), "{picks:?}");
     }
 
     #[test]

@@ -152,3 +152,71 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
     };
     assert_eq!((sent_to(stable), sent_to(canary), sent_to(drained)), (180, 40, 0));
 }
+
+/// Active health checks: a target whose health endpoint fails is taken out of service although
+/// it still answers requests (passive health would never notice), and comes back once its
+/// checks pass again; no client request is spent as a probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_health_checks_take_a_target_out_and_bring_it_back() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let dir = TempDir::new("e2e_edge_health");
+    let topic = unique("edge_health");
+    create_topic(&topic, 1).await;
+    let (a, _) = start_echo().await;
+    let (sick, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let b = {
+        let (sick, served) = (Arc::clone(&sick), Arc::clone(&served));
+        serve_http(move |req: http::Request<hyper::body::Incoming>| {
+            let (sick, served) = (Arc::clone(&sick), Arc::clone(&served));
+            async move {
+                let status = if req.uri().path() == "/health" {
+                    if sick.load(Ordering::SeqCst) { 503 } else { 200 }
+                } else {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    200
+                };
+                http::Response::builder().status(status).body(Full::new(Bytes::from_static(b"b"))).unwrap()
+            }
+        })
+        .await
+    };
+    let cfg = format!(
+        "{}[[routes]]\nid = \"hc\"\npath_prefix = \"/hc\"\nauth = \"none\"\nupstreams = [\"http://{a}\", \"http://{b}\"]\n\
+         health_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150 }}\n",
+        edge_head("edge-health", &topic)
+    );
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let calls = |n: usize| async move {
+        for i in 0..n {
+            assert_eq!(send(addr, "GET", &format!("/hc/{i}"), b"").await, 200, "call {i}");
+        }
+    };
+    let checks = |result: &'static str| async move {
+        metric(admin, &format!("tollgate_edge_health_checks_total{{result=\"{result}\"}}")).await
+    };
+    let passed = wait_until(Duration::from_secs(5), || async { checks("passed").await >= 2 }).await;
+    assert!(passed, "no health check passed:\n{}", edge.log_tail());
+    calls(20).await;
+    assert_eq!(served.load(Ordering::SeqCst), 10, "round robin over two healthy targets");
+
+    // B's health endpoint fails: out of service within a check or two, though it serves fine.
+    sick.store(true, Ordering::SeqCst);
+    let out = wait_until(Duration::from_secs(5), || async {
+        metric(admin, "tollgate_edge_upstream_ejections_total").await == 1
+    })
+    .await;
+    assert!(out, "B was not taken out:\n{}", edge.log_tail());
+    calls(20).await;
+    assert_eq!(served.load(Ordering::SeqCst), 10, "calls went to a target that failed its checks");
+    assert!(checks("failed").await >= 1);
+    assert!(edge.log_tail().contains("failed its health check"), "{}", edge.log_tail());
+
+    // Healthy again: back once a check passes (not through a client's request).
+    sick.store(false, Ordering::SeqCst);
+    let back = wait_until(Duration::from_secs(5), || async { edge.log_tail().contains("back in service") }).await;
+    assert!(back, "B did not come back:\n{}", edge.log_tail());
+    assert_eq!(served.load(Ordering::SeqCst), 10, "a client request was used as a probe");
+    calls(20).await;
+    assert_eq!(served.load(Ordering::SeqCst), 20);
+}
