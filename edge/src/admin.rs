@@ -10,11 +10,13 @@ use http::header::CONTENT_TYPE;
 
 use crate::metrics::{KafkaState, Metrics};
 
-pub fn app(metrics: Arc<Metrics>) -> axum::Router {
+/// The admin routes. `gw` (weak: the admin port does not keep the gateway) adds the state of
+/// the current config's upstream targets to `/metrics`.
+pub fn app(metrics: Arc<Metrics>, gw: std::sync::Weak<crate::Gateway>) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(render))
+        .route("/metrics", get(move |State(m): State<Arc<Metrics>>| render(m, gw.clone())))
         .with_state(metrics)
 }
 
@@ -23,10 +25,10 @@ pub fn app(metrics: Arc<Metrics>) -> axum::Router {
 /// once shutdown began (in-flight calls drain meanwhile). The config is always usable while
 /// the edge runs: it does not start on an invalid one, and a rejected reload keeps the
 /// running one. With metering off, ready until shutdown.
-async fn ready(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn ready(State(m): State<Arc<Metrics>>) -> axum::response::Response {
     let (ready, body) = readiness(&m);
     let status = if ready { http::StatusCode::OK } else { http::StatusCode::SERVICE_UNAVAILABLE };
-    (status, [(CONTENT_TYPE, "text/plain; charset=utf-8")], body)
+    (status, [(CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 /// Whether the edge is ready, and the text saying why (one `part: state` line each).
@@ -63,8 +65,12 @@ pub fn readiness(m: &Metrics) -> (bool, String) {
     (ok, format!("{}\n{body}", if ok { "ready" } else { "not ready" }))
 }
 
-async fn render(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+async fn render(m: Arc<Metrics>, gw: std::sync::Weak<crate::Gateway>) -> axum::response::Response {
+    let mut out = m.render();
+    if let Some(gw) = gw.upgrade() {
+        crate::upstream::render_targets(&gw.runtime().pools, &mut out);
+    }
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 #[cfg(test)]

@@ -1101,6 +1101,15 @@ fn validate(
                     format!("`{u}` must be http(s)://host[:port][/base] without query"),
                 ));
             }
+            if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                return Err(err(
+                    key(upstream_key),
+                    format!(
+                        "`{u}`: credentials in the URL are not sent (and would show in events and metrics); \
+                         set the upstream's Authorization with request_headers"
+                    ),
+                ));
+            }
             if weight > MAX_WEIGHT {
                 return Err(err(key(upstream_key), format!("`{u}`: weight must be between 0 and {MAX_WEIGHT}")));
             }
@@ -1943,6 +1952,7 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             (r#"[{ url = "http://a:1", weight = -1 }]"#, "routes[0].upstreams[0]`: must be a URL or a table"),
             (r#"["http://a:1", 7]"#, "routes[0].upstreams[1]`: must be a URL or a table"),
             (r#"[{ url = "ftp://a:1" }]"#, "routes[0].upstreams`: `ftp://a:1` must be http(s)"),
+            (r#"["http://user:pw@a:1"]"#, "credentials in the URL are not sent"),
         ] {
             let msg = with(list).unwrap_err().to_string();
             assert!(msg.contains(expected), "{list}: {msg}");

@@ -97,7 +97,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     };
     drop(gw);
 
-    let admin_router = admin::app(Arc::clone(&metrics));
+    let admin_router = admin::app(Arc::clone(&metrics), Arc::downgrade(&for_workers));
     let admin_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_router).await {
             tracing::error!(error = %e, "admin server failed");

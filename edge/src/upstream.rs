@@ -159,6 +159,11 @@ impl Pool {
         was == 0
     }
 
+    /// Whether target `i` is in service (not ejected, by passive health or a failed check).
+    pub fn in_service(&self, i: usize) -> bool {
+        self.health[i].ejected_until_ms.load(Ordering::Acquire) == 0
+    }
+
     /// Whether target `i` is ejected right now.
     #[cfg(test)]
     fn is_ejected(&self, i: usize) -> bool {
@@ -549,6 +554,31 @@ async fn check_once(client: &crate::proxy::HttpClient, url: &str, timeout: Durat
             false
         }
         Err(_) => false,
+    }
+}
+
+/// `tollgate_edge_upstream_target_up{route, target}` for every target of the current config,
+/// in Prometheus text (appended to `out`).
+pub fn render_targets(pools: &Pools, out: &mut String) {
+    use std::fmt::Write;
+    let name = "tollgate_edge_upstream_target_up";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the route's target is in service, 0 while it is ejected (failed requests, or a failed health check).\n# TYPE {name} gauge"
+    );
+    let mut routes: Vec<_> = pools.iter().collect();
+    routes.sort_by(|a, b| a.0.cmp(b.0));
+    let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    for (route, pool) in routes {
+        for (i, key) in pool.keys.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{route=\"{}\",target=\"{}\"}} {}",
+                label(route),
+                label(key),
+                u8::from(pool.in_service(i))
+            );
+        }
     }
 }
 

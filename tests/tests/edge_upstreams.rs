@@ -210,6 +210,10 @@ async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     calls(20).await;
     assert_eq!(served.load(Ordering::SeqCst), 10, "calls went to a target that failed its checks");
     assert!(checks("failed").await >= 1);
+    let up = |target: std::net::SocketAddr| async move {
+        metric(admin, &format!("tollgate_edge_upstream_target_up{{route=\"hc\",target=\"http://{target}\"}}")).await
+    };
+    assert_eq!((up(a).await, up(b).await), (1, 0));
     assert!(edge.log_tail().contains("failed its health check"), "{}", edge.log_tail());
 
     // Healthy again: back once a check passes (not through a client's request).
@@ -217,6 +221,7 @@ async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     let back = wait_until(Duration::from_secs(5), || async { edge.log_tail().contains("back in service") }).await;
     assert!(back, "B did not come back:\n{}", edge.log_tail());
     assert_eq!(served.load(Ordering::SeqCst), 10, "a client request was used as a probe");
+    assert_eq!(up(b).await, 1);
     calls(20).await;
     assert_eq!(served.load(Ordering::SeqCst), 20);
 }
