@@ -201,9 +201,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(http::header::UPGRADE, proto.clone());
     }
-    // A retry goes to another target: never more attempts than targets.
+    // A retry goes to another target: never more attempts than targets that take calls.
     let attempts =
-        if bodiless && idempotent(&parts.method) { (1 + route.retries as usize).min(pool.targets.len()) } else { 1 };
+        if bodiless && idempotent(&parts.method) { (1 + route.retries as usize).min(pool.serving()) } else { 1 };
     let (method, version) = (parts.method.clone(), parts.version);
     let mut body = Some(body);
     let mut tried = Vec::with_capacity(attempts);

@@ -74,6 +74,11 @@ impl Pool {
         }
     }
 
+    /// Targets that take calls (weight above 0): the most attempts a call can make.
+    pub fn serving(&self) -> usize {
+        self.weights.iter().filter(|&&w| w > 0).count()
+    }
+
     /// Sends `req` to target `i` (see [`Clients::send`]).
     pub async fn send(
         &self,
@@ -680,6 +685,7 @@ mod tests {
         let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 2, 0, 0, 0, 2, 0]);
         // A retry goes to another target in service, never to the drained one.
+        assert_eq!(pool.serving(), 2);
         assert_eq!(pool.pick(&[0]), Some(2));
         assert_eq!(pool.pick(&[0, 2]), None);
         // The heavy target ejected: its turns go to the next target in service.

@@ -115,11 +115,14 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
     let (canary, canary_stats) = start_echo().await;
     let (drained, drained_stats) = start_echo().await;
     let spool = dir.path().join("spool");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = |w_stable: u32, w_canary: u32| {
         format!(
             "{}[spool]\ndir = \"{}\"\n[[routes]]\nid = \"w\"\npath_prefix = \"/w\"\nauth = \"none\"\n\
              upstreams = [{{ url = \"http://{stable}\", weight = {w_stable} }}, {{ url = \"http://{canary}\", weight = {w_canary} }}, \
-             {{ url = \"http://{drained}\", weight = 0 }}]\n",
+             {{ url = \"http://{drained}\", weight = 0 }}]\n\
+             [[routes]]\nid = \"dead\"\npath_prefix = \"/dead\"\nauth = \"none\"\nretries = 1\n\
+             upstreams = [\"http://127.0.0.1:{dead}\", {{ url = \"http://{drained}\", weight = 0 }}]\n",
             edge_head("edge-weights", &topic),
             spool.display()
         )
@@ -137,6 +140,11 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
         assert_eq!(status.unwrap(), 200);
     }
     assert_eq!(counts(), [180, 20, 0]);
+    // A retry never goes to a drained target (nor counts as one): the only target in service
+    // is down, so 502 after one attempt.
+    assert_eq!(send(addr, "GET", "/dead/x", b"").await, 502);
+    assert_eq!(metric(admin, "tollgate_edge_upstream_retries_total").await, 0);
+    assert_eq!(counts(), [180, 20, 0]);
 
     // Promote the canary: 0:1 after a reload; the stable target gets nothing more.
     reload_edge(&edge, admin, &dir.path().join("edge.toml"), &config(0, 1)).await;
@@ -146,7 +154,7 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
     assert_eq!(counts(), [180, 40, 0]);
 
     // Each call's event names the target it went to (`upstream_target`).
-    let events = read_events(&topic, |e| e.len() >= 220).await;
+    let events = read_events(&topic, |e| e.len() >= 221).await;
     let sent_to = |target: std::net::SocketAddr| {
         events.iter().filter(|e| e.upstream_target.as_deref() == Some(&*format!("http://{target}"))).count()
     };
