@@ -499,7 +499,6 @@ impl Drop for ReturningBody {
 /// Pools by route id.
 pub type Pools = HashMap<String, Arc<Pool>, foldhash::fast::RandomState>;
 
-/// Every route's pool, by route id.
 /// Active health checks (`routes[].health_check`), for whatever config is current: every
 /// target of such a route is asked `GET <scheme>://<authority><path>` every `interval`; a
 /// 2xx or 3xx answer within `timeout` passes and puts the target (back) in service, anything
@@ -587,6 +586,7 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
     }
 }
 
+/// Every route's pool, by route id.
 pub fn pools(routes: &[Arc<Route>]) -> Pools {
     routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r)))).collect()
 }
