@@ -518,6 +518,7 @@ pub fn open_files_limit() -> Option<u64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     line["Max open files".len()..].split_whitespace().next()?.parse().ok()
 }
+
 fn default_max_body_bytes() -> u64 {
     10 * 1024 * 1024
 }
@@ -595,6 +596,7 @@ fn default_weight() -> u32 {
 }
 /// The largest `routes[].upstreams[].weight`.
 pub const MAX_WEIGHT: u32 = 1000;
+
 fn default_timeout_ms() -> u64 {
     30_000
 }
