@@ -291,8 +291,21 @@ async fn accept_loop(
     let told_to_stop = stop.clone();
     let mut last_warning: Option<std::time::Instant> = None;
     loop {
-        // A slot for the next connection first: at `edge.max_connections` the worker stops
-        // accepting (new connections wait in the kernel's listen backlog) until one closes.
+        let (stream, peer) = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    accept_failed(&e, "edge.listen").await;
+                    continue;
+                }
+            },
+        };
+        // A slot of `edge.max_connections` for it. None free: this worker holds the
+        // connection, unserved, and accepts nothing more until a slot frees (further
+        // connections wait in the kernel's listen backlog). Taken after the accept:
+        // each worker has its own listener, and a slot taken before it could go to a
+        // worker with no connection waiting while another worker's waits.
         let slot = match Arc::clone(&slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -313,57 +326,45 @@ async fn accept_loop(
                 }
             }
         };
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        accept_failed(&e, "edge.listen").await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                gw.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let runtime = gw.runtime();
-                if runtime.http != http {
-                    http = runtime.http.clone();
-                    builder = connection_builder(&http);
-                }
-                let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone(), slot);
-                match runtime.tls.clone() {
-                    None => {
-                        let peer = crate::Peer::new(peer, false);
-                        let stream = FirstBytes::new(stream, http.header_read_timeout);
-                        tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, life));
-                    }
-                    Some(tls) => {
-                        // The handshake runs in the connection's task, within the time a client
-                        // has for its request head.
-                        let (builder, gw) = (builder.clone(), Arc::clone(&gw));
-                        let deadline = http.header_read_timeout;
-                        tokio::spawn(async move {
-                            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-                            let done = tokio::time::timeout(deadline, handshake).await.unwrap_or_else(|_| {
-                                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "not done in header_read_timeout_ms"))
-                            });
-                            let stream = match done {
-                                Ok(s) => s,
-                                Err(e) => {
-                                    gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                                    return;
-                                }
-                            };
-                            // The client certificate, if any, was verified against
-                            // `edge.tls_client_ca_file` by the handshake.
-                            let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
-                            let peer = crate::Peer::with_client_cert(peer, true, cert.map(|c| crate::auth::fingerprint(c)));
-                            let stream = FirstBytes::new(stream, deadline);
-                            serve_connection(&builder, stream, gw, peer, life).await;
-                        });
-                    }
-                }
+        let _ = stream.set_nodelay(true);
+        gw.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let runtime = gw.runtime();
+        if runtime.http != http {
+            http = runtime.http.clone();
+            builder = connection_builder(&http);
+        }
+        let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone(), slot);
+        match runtime.tls.clone() {
+            None => {
+                let peer = crate::Peer::new(peer, false);
+                let stream = FirstBytes::new(stream, http.header_read_timeout);
+                tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, life));
+            }
+            Some(tls) => {
+                // The handshake runs in the connection's task, within the time a client
+                // has for its request head.
+                let (builder, gw) = (builder.clone(), Arc::clone(&gw));
+                let deadline = http.header_read_timeout;
+                tokio::spawn(async move {
+                    let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+                    let done = tokio::time::timeout(deadline, handshake).await.unwrap_or_else(|_| {
+                        Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "not done in header_read_timeout_ms"))
+                    });
+                    let stream = match done {
+                        Ok(s) => s,
+                        Err(e) => {
+                            gw.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    // The client certificate, if any, was verified against
+                    // `edge.tls_client_ca_file` by the handshake.
+                    let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let peer = crate::Peer::with_client_cert(peer, true, cert.map(|c| crate::auth::fingerprint(c)));
+                    let stream = FirstBytes::new(stream, deadline);
+                    serve_connection(&builder, stream, gw, peer, life).await;
+                });
             }
         }
     }

@@ -693,32 +693,39 @@ async fn at_max_connections_a_new_connection_waits_until_one_closes() {
         (s, String::from_utf8_lossy(&buf[..n]).into_owned())
     };
 
-    // Two keep-alive connections, each served once and left open.
-    let mut open = Vec::new();
-    for _ in 0..2 {
+    // A keep-alive connection, served once and left open.
+    let keep_alive = || async {
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(get).await.unwrap();
         let (s, answer) = first_bytes(s).await;
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-        open.push(s);
+        s
+    };
+    let mut open = vec![keep_alive().await, keep_alive().await];
+    // Several rounds: each worker has its own listener, so a waiting connection is in one
+    // worker's hands, and the slot that frees must reach that worker.
+    for round in 0..4 {
+        // Another connection: connected, its request not read while two are open.
+        let mut waiting = TcpStream::connect(addr).await.unwrap();
+        waiting.write_all(b"GET /up/waiting HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut buf)).await;
+        assert!(early.is_err(), "round {round}: served beyond max_connections: {early:?}");
+        assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 2);
+        if round == 0 {
+            assert!(metric(admin, "tollgate_edge_connection_limit_waits_total").await >= 1, "{}", edge.log_tail());
+            assert!(edge.log_tail().contains("edge.max_connections connections are open"), "{}", edge.log_tail());
+        }
+        // One closes: the waiting one is served (and closes after its answer); another
+        // keep-alive connection takes the free slot.
+        let t = Instant::now();
+        drop(open.remove(0));
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), waiting.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "round {round}: not served after a connection closed:\n{}", edge.log_tail());
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 ") && answer.contains("/up/waiting"), "{answer}");
+        assert!(t.elapsed() < Duration::from_secs(2), "round {round}: {:?}", t.elapsed());
+        open.push(keep_alive().await);
     }
-    // A third: connected (the kernel's backlog), its request not read while two are open.
-    let mut third = TcpStream::connect(addr).await.unwrap();
-    third.write_all(b"GET /up/third HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let early = tokio::time::timeout(Duration::from_millis(800), third.read(&mut buf)).await;
-    assert!(early.is_err(), "served beyond max_connections: {early:?}");
-    assert_eq!(metric(admin, "tollgate_edge_connections_open").await, 2);
-    assert!(metric(admin, "tollgate_edge_connection_limit_waits_total").await >= 1, "{}", edge.log_tail());
-    assert!(edge.log_tail().contains("edge.max_connections connections are open"), "{}", edge.log_tail());
-
-    // One closes: the third is accepted and served.
-    let t = Instant::now();
-    drop(open.remove(0));
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), third.read_to_end(&mut answer)).await.unwrap().unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-    assert!(answer.contains("/up/third"), "{answer}");
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
