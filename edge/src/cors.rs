@@ -24,7 +24,8 @@ use http::{Method, StatusCode};
 /// body's type.
 pub const DEFAULT_ALLOW_HEADERS: &[&str] = &["authorization", "content-type", "x-api-key"];
 
-/// Response headers of the edge a browser app may read.
+/// The response headers the edge writes itself, which a browser app may read (and route header
+/// rules may not touch).
 pub const EXPOSED_HEADERS: &[&str] = &[
     "ratelimit",
     "ratelimit-policy",
@@ -35,6 +36,7 @@ pub const EXPOSED_HEADERS: &[&str] = &[
     "x-quota-limit",
     "x-quota-used",
     "x-quota-reset",
+    "x-quota-warning",
     "x-request-id",
 ];
 

@@ -44,19 +44,7 @@ const FRAMING: &[&str] = &[
 const EDGE_REQUEST: &[&str] =
     &["x-consumer-id", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "traceparent"];
 /// What the edge writes on the answer to the client.
-const EDGE_RESPONSE: &[&str] = &[
-    "x-request-id",
-    "ratelimit-policy",
-    "ratelimit",
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "retry-after",
-    "x-quota-limit",
-    "x-quota-used",
-    "x-quota-reset",
-    "x-quota-warning",
-];
+const EDGE_RESPONSE: &[&str] = crate::cors::EXPOSED_HEADERS;
 
 impl HeaderRules {
     /// The rules from the config's `set` (name → value; `${NAME}` in a value is the
@@ -180,6 +168,7 @@ mod tests {
         assert!(reason.contains("the edge's to write"), "{reason}");
         assert_eq!(err(&[], &["ok", "Transfer-Encoding"], Direction::Response).0, "remove[1]");
         assert_eq!(err(&[], &["x-ratelimit-remaining"], Direction::Response).0, "remove[0]");
+        assert_eq!(err(&[("x-quota-warning", "none")], &[], Direction::Response).0, "set.x-quota-warning");
         assert_eq!(err(&[], &["host"], Direction::Request).0, "remove[0]");
         // The upstream may get what the client may not and the other way round.
         assert!(HeaderRules::new(&set(&[("retry-after", "1")]), &[], Direction::Request, &env).is_ok());

@@ -95,7 +95,7 @@ async fn browsers_get_preflights_and_cors_headers_on_every_answer_of_a_route_wit
     assert_eq!((status, body["method"].as_str()), (200, Some("POST")));
     assert_eq!(h.get_all("access-control-allow-origin").iter().collect::<Vec<_>>(), [APP]);
     let exposed = header(&h, "access-control-expose-headers").unwrap();
-    for name in ["x-ratelimit-remaining", "retry-after", "x-request-id", "x-upstream-thing"] {
+    for name in ["x-ratelimit-remaining", "retry-after", "x-quota-warning", "x-request-id", "x-upstream-thing"] {
         assert!(exposed.contains(name), "{name} not in {exposed}");
     }
     assert!(h.get_all("vary").iter().any(|v| v == "Origin"), "{h:?}");
