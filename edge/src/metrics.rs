@@ -376,21 +376,26 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        let name = "tollgate_edge_cors_preflights_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).\n# TYPE {name} counter"
-        );
-        for (i, result) in ["allowed", "refused"].iter().enumerate() {
-            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(&self.cors_preflights[i]));
-        }
-        let name = "tollgate_edge_health_checks_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Active health checks of upstream targets (routes[].health_check), by result: passed (2xx/3xx in time) or failed.\n# TYPE {name} counter"
-        );
-        for (i, result) in ["passed", "failed"].iter().enumerate() {
-            let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(&self.health_checks[i]));
+        // Counters with a two-valued `result` label.
+        let by_result = [
+            (
+                "tollgate_edge_cors_preflights_total",
+                "CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).",
+                ["allowed", "refused"],
+                &self.cors_preflights,
+            ),
+            (
+                "tollgate_edge_health_checks_total",
+                "Active health checks of upstream targets (routes[].health_check), by result: passed (2xx/3xx in time) or failed.",
+                ["passed", "failed"],
+                &self.health_checks,
+            ),
+        ];
+        for (name, help, results, values) in by_result {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (result, value) in results.iter().zip(values) {
+                let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(value));
+            }
         }
         let name = "tollgate_edge_connections_timed_out_total";
         let _ = writeln!(
