@@ -35,6 +35,8 @@ pub struct Pool {
     health: Vec<Health>,
     /// Each target's weight (0: never picked).
     weights: Vec<u32>,
+    /// Targets of weight above 0 (counted once, not per request).
+    serving: usize,
     /// One cycle of weighted round robin (target indexes), `None` when the weights are all
     /// equal (plain round robin).
     schedule: Option<Box<[u32]>>,
@@ -64,6 +66,7 @@ impl Pool {
                 .map(|_| Health { consecutive_failures: AtomicU32::new(0), ejected_until_ms: AtomicU64::new(0) })
                 .collect(),
             weights: route.weights.clone(),
+            serving: route.weights.iter().filter(|&&w| w > 0).count(),
             schedule: schedule(&route.weights),
             next: AtomicU64::new(0),
             health_check: route.health_check.clone(),
@@ -76,7 +79,7 @@ impl Pool {
 
     /// Targets that take calls (weight above 0): the most attempts a call can make.
     pub fn serving(&self) -> usize {
-        self.weights.iter().filter(|&&w| w > 0).count()
+        self.serving
     }
 
     /// Sends `req` to target `i` (see [`Clients::send`]).
