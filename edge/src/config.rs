@@ -354,6 +354,13 @@ struct RawHealthCheck {
     interval_ms: u64,
     #[serde(default = "default_health_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default = "default_health_threshold")]
+    fails: u32,
+    #[serde(default = "default_health_threshold")]
+    passes: u32,
+}
+fn default_health_threshold() -> u32 {
+    1
 }
 fn default_health_interval_ms() -> u64 {
     5_000
@@ -369,6 +376,10 @@ pub struct HealthCheck {
     pub path: String,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Failed checks in a row that take a target out of service.
+    pub fails: u32,
+    /// Passed checks in a row that bring a target back.
+    pub passes: u32,
 }
 
 /// `routes[].request_headers`, `routes[].response_headers`.
@@ -1187,10 +1198,17 @@ fn validate(
                         "must be at least 1 and at most health_check.interval_ms".into(),
                     ));
                 }
+                for (name, n) in [("fails", h.fails), ("passes", h.passes)] {
+                    if !(1..=100).contains(&n) {
+                        return Err(err(key(&format!("health_check.{name}")), format!("{n} must be 1..100")));
+                    }
+                }
                 Some(HealthCheck {
                     path: h.path,
                     interval: Duration::from_millis(h.interval_ms),
                     timeout: Duration::from_millis(h.timeout_ms),
+                    fails: h.fails,
+                    passes: h.passes,
                 })
             }
         };
@@ -1909,15 +1927,19 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         let c = with(r#"{ path = "/health?deep=1" }"#).unwrap();
         let hc = c.routes[0].health_check.clone().unwrap();
         assert_eq!(
-            (hc.path.as_str(), hc.interval, hc.timeout),
-            ("/health?deep=1", Duration::from_secs(5), Duration::from_secs(1))
+            (hc.path.as_str(), hc.interval, hc.timeout, hc.fails, hc.passes),
+            ("/health?deep=1", Duration::from_secs(5), Duration::from_secs(1), 1, 1)
         );
+        let hc = with(r#"{ path = "/h", fails = 3, passes = 2 }"#).unwrap().routes[0].health_check.clone().unwrap();
+        assert_eq!((hc.fails, hc.passes), (3, 2));
         assert!(Config::parse(BASE, &BTreeMap::new()).unwrap().routes[0].health_check.is_none());
         for (table, expected) in [
             (r#"{ path = "health" }"#, "routes[0].health_check.path"),
             (r#"{ path = "/h", interval_ms = 50 }"#, "routes[0].health_check.interval_ms"),
             (r#"{ path = "/h", interval_ms = 500, timeout_ms = 600 }"#, "routes[0].health_check.timeout_ms"),
             (r#"{ path = "/h", timeout_ms = 0 }"#, "routes[0].health_check.timeout_ms"),
+            (r#"{ path = "/h", fails = 0 }"#, "key `routes[0].health_check.fails`: 0 must be 1..100"),
+            (r#"{ path = "/h", passes = 101 }"#, "key `routes[0].health_check.passes`: 101 must be 1..100"),
             (r#"{ interval_ms = 500 }"#, "path"),
         ] {
             let msg = with(table).unwrap_err().to_string();

@@ -44,9 +44,10 @@ pub struct Runtime {
     pub keys: auth::KeyStore,
     pub jwt: auth::jwt::Verifier,
     pub plans: std::collections::HashMap<String, Arc<config::Plan>>,
-    /// Rate limiters; a reload starts with fresh ones (full budgets).
+    /// Rate limiters; a reload carries them over (spent budgets stay spent; a changed rate
+    /// starts a fresh limiter).
     pub limiters: limit::LimiterCache,
-    /// Upstream targets and their health, by route id; a reload starts them healthy.
+    /// Upstream targets and their health, by route id; a reload keeps each target's health.
     pub pools: upstream::Pools,
     /// HTTPS on the traffic port: a reload rotates the certificate for new connections.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -62,14 +63,17 @@ impl Runtime {
     /// already fetched.
     pub fn new(cfg: &mut Config, metrics: &metrics::Metrics, previous: Option<&Runtime>) -> Self {
         Self {
-            pools: upstream::pools(&cfg.routes),
+            pools: upstream::pools(&cfg.routes, previous.map(|p| &p.pools)),
             tls: cfg.tls_server.clone(),
             client: proxy::client(cfg.connect_timeout, &cfg.upstream_tls),
             routes: routing::RouteTable::new(&cfg.routes),
             keys: auth::KeyStore::new(&cfg.plans, std::mem::take(&mut cfg.consumers)),
             jwt: auth::jwt::Verifier::new(&cfg.jwt_issuers, previous.map(|p| &p.jwt), &metrics.jwt),
             plans: cfg.plans.clone(),
-            limiters: limit::LimiterCache::new(Arc::clone(&metrics.limiters)),
+            limiters: match previous {
+                Some(p) => p.limiters.carry_over(),
+                None => limit::LimiterCache::new(Arc::clone(&metrics.limiters)),
+            },
             http: cfg.http.clone(),
         }
     }

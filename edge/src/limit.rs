@@ -6,6 +6,12 @@
 //! bounded by the consumers active recently: only authenticated calls create state (never an
 //! unauthenticated flood), and a limiter idle long enough to have refilled its whole burst is
 //! pruned — dropping it loses nothing, since a fresh limiter is in the same state.
+//!
+//! A config reload keeps what every consumer has spent: the new generation starts with the
+//! limiters of the one it replaces ([`LimiterCache::carry_over`]), and a limiter whose rate or
+//! burst the new config changed is replaced (full, at the new rate) on its next use. Otherwise
+//! every reload — each change to a `consumers_file`, say — would hand every consumer a fresh
+//! burst.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -93,6 +99,11 @@ impl Limiter {
         (self.burst, self.refill_secs())
     }
 
+    /// Whether this limiter enforces `rate` (a reload may have changed the plan's).
+    fn enforces(&self, rate: &Rate) -> bool {
+        self.rate == rate.rate_per_second.get() && self.burst == rate.burst.get()
+    }
+
     /// Seconds for an empty bucket to refill completely (at least 1).
     fn refill_secs(&self) -> u64 {
         refill_secs(self.burst, self.rate)
@@ -152,25 +163,50 @@ impl LimiterCache {
         }
     }
 
+    /// The next generation's cache (config reload): it holds the same limiters (shared with
+    /// this one while requests of the old config finish), so budgets spent stay spent. Calls
+    /// that the old generation admits after this copy is made create limiters the new one does
+    /// not see (a reload's few milliseconds).
+    pub fn carry_over(&self) -> Self {
+        let shards: Vec<Mutex<Shard>> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                Mutex::new(Shard { map: s.map.clone(), prune_at: s.prune_at })
+            })
+            .collect();
+        let held = shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.len() as u64)
+            .sum::<u64>();
+        self.gauge.fetch_add(held, Ordering::Relaxed);
+        Self { shards, hasher: self.hasher.clone(), epoch: self.epoch, gauge: Arc::clone(&self.gauge) }
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The limiter for `key`, created from `rate` on first use.
+    /// The limiter for `key`, created from `rate` on first use (or when the one held enforces
+    /// another rate: a reload changed the plan).
     pub fn get(&self, consumer: &Arc<str>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
         let key: CacheKey = (Arc::clone(consumer), route.cloned());
         let now = self.now_ms();
         let shard_index = (self.hasher.hash_one(&key) as usize) % SHARDS;
         let mut shard = self.shards[shard_index].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let limiter = match shard.map.get(&key) {
-            Some(l) => Arc::clone(l),
-            None => {
-                if shard.map.len() >= shard.prune_at {
+            Some(l) if l.enforces(rate) => Arc::clone(l),
+            held => {
+                let replaced = held.is_some();
+                if !replaced && shard.map.len() >= shard.prune_at {
                     self.prune(&mut shard, now);
                 }
                 let l = Arc::new(Limiter::new(rate, if route.is_some() { "route" } else { "default" }));
                 shard.map.insert(key, Arc::clone(&l));
-                self.gauge.fetch_add(1, Ordering::Relaxed);
+                if !replaced {
+                    self.gauge.fetch_add(1, Ordering::Relaxed);
+                }
                 l
             }
         };
@@ -396,6 +432,38 @@ mod tests {
         assert_eq!(h["x-ratelimit-limit"], "2");
         assert_eq!(h["x-ratelimit-remaining"], "1");
         assert_eq!(h["x-ratelimit-reset"], "1");
+    }
+
+    #[test]
+    fn a_reload_keeps_spent_budgets_unless_the_rate_changed() {
+        let plan = |r, b| Arc::new(Plan { name: "p".into(), limit: rate(r, b), routes: HashMap::new() });
+        let id = |plan: &Arc<Plan>, who: &str| Identity {
+            consumer_id: Arc::from(who),
+            credential_id: Arc::from("k"),
+            plan: Arc::clone(plan),
+            allowed_ips: None,
+        };
+        let (r, slow) = (route("r"), plan(1, 3));
+        let gauge = Arc::new(AtomicU64::new(0));
+        let old = LimiterCache::new(Arc::clone(&gauge));
+        let spent: Vec<bool> = (0..4).map(|_| check(&old, &id(&slow, "acme"), &r).allowed()).collect();
+        assert_eq!(spent, vec![true, true, true, false]);
+        assert!(check(&old, &id(&slow, "globex"), &r).allowed());
+        // Same plan after the reload: acme's budget is still spent, globex has 2 left.
+        let new = old.carry_over();
+        assert_eq!((new.len(), gauge.load(Ordering::Relaxed)), (2, 4), "both generations count");
+        assert!(!check(&new, &id(&slow, "acme"), &r).allowed());
+        let globex: Vec<u32> = (0..2).map(|_| check(&new, &id(&slow, "globex"), &r).limits[0].1.remaining).collect();
+        assert_eq!(globex, vec![1, 0]);
+        drop(old);
+        assert_eq!(gauge.load(Ordering::Relaxed), 2);
+        // The plan's rate changed: a fresh limiter at the new rate, counted once.
+        let newer = new.carry_over();
+        drop(new);
+        let fast = plan(10, 20);
+        let d = check(&newer, &id(&fast, "acme"), &r);
+        assert_eq!((d.allowed(), d.limits[0].1.remaining), (true, 19));
+        assert_eq!((newer.len(), gauge.load(Ordering::Relaxed)), (2, 2));
     }
 
     #[test]

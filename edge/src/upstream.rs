@@ -6,6 +6,9 @@
 //! one request is let through as a probe: success brings the target back, failure ejects it
 //! again. When every target is ejected the edge still tries one (fail open) rather than
 //! refusing all traffic on the strength of its own bookkeeping.
+//!
+//! A reload keeps each target's health (same route id, same `scheme://host:port`): an ejected
+//! target stays out, and failures counted so far still count.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,11 +20,30 @@ use http::Uri;
 use crate::config::Route;
 
 /// One target's health.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Health {
     consecutive_failures: AtomicU32,
-    /// Milliseconds since the pool's epoch until which the target is ejected; 0: in service.
+    /// Milliseconds since the pool's epoch until which the target is ejected; 0: in service;
+    /// `u64::MAX`: until a health check passes.
     ejected_until_ms: AtomicU64,
+    /// Active health checks passed and failed in a row.
+    checks_passed: AtomicU32,
+    checks_failed: AtomicU32,
+}
+
+impl Health {
+    /// A copy of `self` (a reload), for a pool with or without active checks.
+    fn carried(&self, checked: bool, fail_timeout_from_now: u64) -> Self {
+        let until = self.ejected_until_ms.load(Ordering::Acquire);
+        // Out until a check passes, but checks are off now: probed after `fail_timeout`.
+        let until = if until == u64::MAX && !checked { fail_timeout_from_now } else { until };
+        Self {
+            consecutive_failures: AtomicU32::new(self.consecutive_failures.load(Ordering::Relaxed)),
+            ejected_until_ms: AtomicU64::new(until),
+            checks_passed: AtomicU32::new(self.checks_passed.load(Ordering::Relaxed)),
+            checks_failed: AtomicU32::new(self.checks_failed.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 /// The targets of one route.
@@ -51,7 +73,23 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(route: &Route) -> Self {
+    /// The pool of `route`; on reload `previous` is the route's pool in the config replaced,
+    /// whose targets keep their health.
+    pub fn new(route: &Route, previous: Option<&Pool>) -> Self {
+        let mut pool = Self::fresh(route);
+        if let Some(previous) = previous {
+            pool.epoch = previous.epoch;
+            let from_now = pool.now_ms().saturating_add(pool.fail_timeout_ms());
+            for (i, key) in pool.keys.iter().enumerate() {
+                if let Some(j) = previous.keys.iter().position(|k| k == key) {
+                    pool.health[i] = previous.health[j].carried(pool.health_check.is_some(), from_now);
+                }
+            }
+        }
+        pool
+    }
+
+    fn fresh(route: &Route) -> Self {
         Self {
             targets: route.upstreams.clone(),
             hosts: route
@@ -60,11 +98,7 @@ impl Pool {
                 .map(|u| u.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()))
                 .collect(),
             keys: route.target_keys.clone(),
-            health: route
-                .upstreams
-                .iter()
-                .map(|_| Health { consecutive_failures: AtomicU32::new(0), ejected_until_ms: AtomicU64::new(0) })
-                .collect(),
+            health: route.upstreams.iter().map(|_| Health::default()).collect(),
             weights: route.weights.clone(),
             serving: route.weights.iter().filter(|&&w| w > 0).count(),
             schedule: schedule(&route.weights),
@@ -150,6 +184,8 @@ impl Pool {
         if fails >= self.max_fails {
             let was = h.ejected_until_ms.swap(self.now_ms() + self.fail_timeout_ms(), Ordering::AcqRel);
             if was == 0 {
+                // Checks passed before this do not count towards its return.
+                h.checks_passed.store(0, Ordering::Relaxed);
                 tracing::warn!(target = %self.targets[i], fails, fail_timeout_ms = self.fail_timeout_ms(), "upstream target ejected");
                 return true;
             }
@@ -157,12 +193,29 @@ impl Pool {
         false
     }
 
-    /// An active health check of target `i` failed: out of service until one passes (returns
-    /// true when this took it out).
+    /// An active health check of target `i` passed: after `passes` in a row an ejected target
+    /// is back in service.
+    pub fn check_passed(&self, i: usize) {
+        let h = &self.health[i];
+        h.checks_failed.store(0, Ordering::Relaxed);
+        let passed = h.checks_passed.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if passed >= self.health_check.as_ref().map_or(1, |c| c.passes) {
+            self.success(i);
+        }
+    }
+
+    /// An active health check of target `i` failed: after `fails` in a row the target is out of
+    /// service until checks pass again (returns true when this took it out).
     pub fn check_failed(&self, i: usize) -> bool {
-        let was = self.health[i].ejected_until_ms.swap(u64::MAX, Ordering::AcqRel);
+        let h = &self.health[i];
+        h.checks_passed.store(0, Ordering::Relaxed);
+        let failed = h.checks_failed.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if failed < self.health_check.as_ref().map_or(1, |c| c.fails) {
+            return false;
+        }
+        let was = h.ejected_until_ms.swap(u64::MAX, Ordering::AcqRel);
         if was == 0 {
-            tracing::warn!(target = %self.targets[i], "upstream target failed its health check: out of service");
+            tracing::warn!(target = %self.targets[i], failed, "upstream target failed its health checks: out of service");
         }
         was == 0
     }
@@ -504,8 +557,8 @@ pub type Pools = HashMap<String, Arc<Pool>, foldhash::fast::RandomState>;
 
 /// Active health checks (`routes[].health_check`), for whatever config is current: every
 /// target of such a route is asked `GET <scheme>://<authority><path>` every `interval`; a
-/// 2xx or 3xx answer within `timeout` passes and puts the target (back) in service, anything
-/// else takes it out until a check passes. Each check runs in its own task, so a slow target
+/// 2xx or 3xx answer within `timeout` passes, anything else fails. `fails` failures in a row
+/// take the target out of service, `passes` passes in a row bring it back. Each check runs in its own task, so a slow target
 /// does not delay the others'. A reload starts over with the new routes.
 pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -536,7 +589,7 @@ pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
                     let passed = check_once(&client, &url, timeout).await;
                     metrics.health_checks[usize::from(!passed)].fetch_add(1, Ordering::Relaxed);
                     if passed {
-                        pool.success(i);
+                        pool.check_passed(i);
                     } else if pool.check_failed(i) {
                         metrics.upstream_ejections.fetch_add(1, Ordering::Relaxed);
                     }
@@ -589,9 +642,13 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
     }
 }
 
-/// Every route's pool, by route id.
-pub fn pools(routes: &[Arc<Route>]) -> Pools {
-    routes.iter().map(|r| (r.id.clone(), Arc::new(Pool::new(r)))).collect()
+/// Every route's pool, by route id; on reload `previous` holds the pools whose targets' health
+/// carries over (by route id and target).
+pub fn pools(routes: &[Arc<Route>], previous: Option<&Pools>) -> Pools {
+    routes
+        .iter()
+        .map(|r| (r.id.clone(), Arc::new(Pool::new(r, previous.and_then(|p| p.get(&r.id)).map(Arc::as_ref)))))
+        .collect()
 }
 
 #[cfg(test)]
@@ -610,7 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_ejection_probe_and_fail_open() {
-        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)));
+        let pool = Pool::new(&route(3, 2, Duration::from_millis(300)), None);
         let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(pool.pick(&[0, 1]), Some(2));
@@ -643,12 +700,8 @@ mod tests {
     #[tokio::test]
     async fn with_active_checks_no_client_request_probes_an_ejected_target() {
         let mut r = route(2, 1, Duration::from_millis(100));
-        r.health_check = Some(crate::config::HealthCheck {
-            path: "/health".into(),
-            interval: Duration::from_secs(1),
-            timeout: Duration::from_millis(500),
-        });
-        let pool = Pool::new(&r);
+        r.health_check = Some(check(1, 1));
+        let pool = Pool::new(&r, None);
         // A passive ejection: after fail_timeout the target is still left alone.
         assert!(pool.failure(1));
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -660,6 +713,86 @@ mod tests {
         assert!(!pool.check_failed(0), "already out");
         let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 1), "{picks:?}");
+    }
+
+    fn check(fails: u32, passes: u32) -> crate::config::HealthCheck {
+        crate::config::HealthCheck {
+            path: "/health".into(),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            fails,
+            passes,
+        }
+    }
+
+    #[test]
+    fn checks_take_a_target_out_after_fails_in_a_row_and_back_after_passes_in_a_row() {
+        let mut r = route(2, 1, Duration::from_secs(60));
+        r.health_check = Some(check(3, 2));
+        let pool = Pool::new(&r, None);
+        // Two failures, a pass, two failures: never three in a row.
+        assert!(!pool.check_failed(1));
+        assert!(!pool.check_failed(1));
+        pool.check_passed(1);
+        assert!(!pool.check_failed(1));
+        assert!(!pool.check_failed(1));
+        assert!(pool.in_service(1));
+        assert!(pool.check_failed(1), "the third in a row");
+        assert!(!pool.in_service(1));
+        // One pass is not enough; a failure starts the count over; two in a row bring it back.
+        pool.check_passed(1);
+        assert!(!pool.check_failed(1));
+        pool.check_passed(1);
+        assert!(!pool.in_service(1));
+        pool.check_passed(1);
+        assert!(pool.in_service(1));
+        // Passes made before a passive ejection do not count towards the return.
+        pool.check_passed(0);
+        pool.check_passed(0);
+        assert!(pool.failure(0));
+        pool.check_passed(0);
+        assert!(!pool.in_service(0));
+        pool.check_passed(0);
+        assert!(pool.in_service(0));
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_each_targets_health() {
+        let old = Pool::new(&route(3, 2, Duration::from_millis(200)), None);
+        assert!(!old.failure(0));
+        old.failure(1);
+        assert!(old.failure(1));
+        // Target 2 is replaced by another; 0 and 1 stay (1 ejected, 0 one failure from it).
+        let mut r = Route::with_defaults(
+            "r",
+            "/",
+            &["http://127.0.0.1:1000", "http://127.0.0.1:1001", "http://127.0.0.1:2000"],
+        )
+        .unwrap();
+        (r.max_fails, r.fail_timeout) = (2, Duration::from_millis(200));
+        let new = Pool::new(&r, Some(&old));
+        assert!(new.is_ejected(1));
+        assert!(new.in_service(2), "a new target starts in service");
+        assert!(new.failure(0), "the failure before the reload still counts");
+        let picks: Vec<usize> = (0..4).map(|_| new.pick(&[]).unwrap()).collect();
+        assert!(picks.iter().all(|&i| i == 2), "{picks:?}");
+        // Ejected on the old pool's clock: probed once its fail_timeout is over.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let picks: Vec<usize> = (0..6).map(|_| new.pick(&[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1, "{picks:?}");
+
+        // Out by a failed check, then checks are removed: probed after fail_timeout, not never.
+        let mut checked = route(2, 2, Duration::from_millis(100));
+        checked.health_check = Some(check(1, 1));
+        let old = Pool::new(&checked, None);
+        assert!(old.check_failed(0));
+        let kept = Pool::new(&checked, Some(&old));
+        assert!(!kept.in_service(0), "still out until a check passes");
+        let unchecked = Pool::new(&route(2, 2, Duration::from_millis(100)), Some(&old));
+        assert!(unchecked.is_ejected(0));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let picks: Vec<usize> = (0..4).map(|_| unchecked.pick(&[]).unwrap()).collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
     }
 
     #[test]
@@ -684,7 +817,7 @@ mod tests {
     fn picks_follow_the_weights_and_skip_drained_and_ejected_targets() {
         let mut r = route(3, 1, Duration::from_secs(60));
         r.weights = vec![3, 0, 1];
-        let pool = Pool::new(&r);
+        let pool = Pool::new(&r, None);
         let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 2, 0, 0, 0, 2, 0]);
         // A retry goes to another target in service, never to the drained one.

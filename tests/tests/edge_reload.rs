@@ -220,3 +220,53 @@ async fn http_limits_and_timeouts_apply_at_reload() {
     assert!(waited < Duration::from_secs(3), "the half head was waited for {waited:?}: {status} {answer}");
     assert!(metric(admin, "tollgate_edge_connections_timed_out_total{reason=\"request_head\"}").await >= 1);
 }
+
+/// A consumer's answer: its status and `X-RateLimit-Remaining`.
+async fn limited(addr: std::net::SocketAddr, key: &str) -> (u16, u32) {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::get(format!("http://{addr}/echo/x"))
+        .header("x-api-key", key)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let remaining = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
+    let s = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    (s, remaining)
+}
+
+/// A reload (here: a consumer added, as a `consumers_file` change would) keeps what each
+/// consumer has spent of its rate limit; a reload that changes the plan's rate starts the
+/// consumer over at the new rate. (A burst of 20 refilling at 1 per second: a fresh limiter
+/// would say 19 remaining after one call.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_spent_rate_limits() {
+    let dir = TempDir::new("e2e_reload_limits");
+    let topic = unique("reload_limits");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let config = |burst: u32, with_globex: bool| {
+        config(&topic, upstream, &spool, 1, with_globex)
+            .replace("rate_per_second = 1\n", &format!("rate_per_second = 1\nburst = {burst}\n"))
+    };
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(20, false)).await;
+    let cfg_path = dir.path().join("edge.toml");
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        answers.push(limited(addr, "key-acme").await.0);
+    }
+    assert!(answers.iter().all(|&s| s == 200), "{answers:?}");
+    assert_eq!(limited(addr, "key-acme").await.0, 429);
+
+    reload_edge(&edge, admin, &cfg_path, &config(20, true)).await;
+    // At most a couple of seconds' refill, not a fresh burst.
+    let (status, remaining) = limited(addr, "key-acme").await;
+    assert!(remaining <= 2, "acme's spent budget came back with the reload: {status}, {remaining} remaining");
+    assert_eq!(limited(addr, "key-globex").await, (200, 19), "the new consumer starts full");
+
+    // The plan's burst changed: acme starts over at the new one.
+    reload_edge(&edge, admin, &cfg_path, &config(40, true)).await;
+    assert_eq!(limited(addr, "key-acme").await, (200, 39));
+    assert!(edge.terminate(Duration::from_secs(15)));
+}

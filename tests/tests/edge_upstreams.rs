@@ -161,9 +161,10 @@ async fn weighted_targets_share_the_requests_by_weight_and_a_reload_moves_them()
     assert_eq!((sent_to(stable), sent_to(canary), sent_to(drained)), (180, 40, 0));
 }
 
-/// Active health checks: a target whose health endpoint fails is taken out of service although
-/// it still answers requests (passive health would never notice), and comes back once its
-/// checks pass again; no client request is spent as a probe.
+/// Active health checks: a target whose health endpoint fails (twice in a row) is taken out of
+/// service although it still answers requests (passive health would never notice), stays out
+/// across a reload, and comes back once its checks pass again; no client request is spent as a
+/// probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     use std::sync::Arc;
@@ -191,7 +192,7 @@ async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     };
     let cfg = format!(
         "{}[[routes]]\nid = \"hc\"\npath_prefix = \"/hc\"\nauth = \"none\"\nupstreams = [\"http://{a}\", \"http://{b}\"]\n\
-         health_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150 }}\n",
+         health_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150, fails = 2, passes = 2 }}\n",
         edge_head("edge-health", &topic)
     );
     let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
@@ -215,9 +216,14 @@ async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     })
     .await;
     assert!(out, "B was not taken out:\n{}", edge.log_tail());
+    assert!(checks("failed").await >= 2, "out after fewer than `fails` failed checks");
     calls(20).await;
     assert_eq!(served.load(Ordering::SeqCst), 10, "calls went to a target that failed its checks");
-    assert!(checks("failed").await >= 1);
+    // A reload keeps B out (its health carries over; a fresh start would send it half the calls
+    // until its next check).
+    reload_edge(&edge, admin, &dir.path().join("edge.toml"), &cfg).await;
+    calls(20).await;
+    assert_eq!(served.load(Ordering::SeqCst), 10, "the reload put B back in service");
     let up = |target: std::net::SocketAddr| async move {
         metric(admin, &format!("tollgate_edge_upstream_target_up{{route=\"hc\",target=\"http://{target}\"}}")).await
     };
