@@ -343,6 +343,8 @@ struct RawRoute {
     response_headers: RawHeaderRules,
     #[serde(default)]
     health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 /// `routes[].health_check`.
@@ -856,6 +858,8 @@ pub struct Route {
     pub response_headers: crate::rewrite::HeaderRules,
     /// Active health checks of the targets; `None`: passive health only.
     pub health_check: Option<HealthCheck>,
+    /// Calls to the route's upstream at once (per edge); more get 503. `None`: no limit.
+    pub max_in_flight: Option<u32>,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -884,6 +888,7 @@ impl Route {
             request_headers: crate::rewrite::HeaderRules::default(),
             response_headers: crate::rewrite::HeaderRules::default(),
             health_check: None,
+            max_in_flight: None,
         };
         Ok(route.with_target_keys())
     }
@@ -1183,6 +1188,9 @@ fn validate(
         let request_headers = header_rules(&r.request_headers, "request_headers", crate::rewrite::Direction::Request)?;
         let response_headers =
             header_rules(&r.response_headers, "response_headers", crate::rewrite::Direction::Response)?;
+        if r.max_in_flight == Some(0) {
+            return Err(err(key("max_in_flight"), "must be at least 1 (leave it out for no limit)".into()));
+        }
         let health_check = match r.health_check {
             None => None,
             Some(h) => {
@@ -1237,6 +1245,7 @@ fn validate(
                 request_headers,
                 response_headers,
                 health_check,
+                max_in_flight: r.max_in_flight,
             }
             .with_target_keys(),
         ));
@@ -1914,6 +1923,18 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("routes[0].response_headers.remove[1]"), "{msg}");
         let msg = with(r#"response_headers = { drop = ["server"] }"#, &[]).unwrap_err().to_string();
         assert!(msg.contains("drop"), "{msg}");
+    }
+
+    #[test]
+    fn max_in_flight_is_a_positive_limit_or_none() {
+        let with =
+            |line: &str| Config::parse(&BASE.replace("upstream = ", &format!("{line}\nupstream = ")), &BTreeMap::new());
+        assert_eq!(with("").unwrap().routes[0].max_in_flight, None);
+        assert_eq!(with("max_in_flight = 64").unwrap().routes[0].max_in_flight, Some(64));
+        let msg = with("max_in_flight = 0").unwrap_err().to_string();
+        assert!(msg.contains("key `routes[0].max_in_flight`: must be at least 1"), "{msg}");
+        let msg = with("max_in_flight = -1").unwrap_err().to_string();
+        assert!(msg.contains("max_in_flight"), "{msg}");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub upstream_retries: AtomicU64,
     /// Upstream targets taken out of service by passive health checks.
     pub upstream_ejections: AtomicU64,
+    /// Calls refused because their route had `max_in_flight` calls in flight.
+    pub in_flight_refusals: AtomicU64,
     pub config_reload_failures: AtomicU64,
     /// TLS handshakes on the traffic port that failed or did not finish in time.
     pub tls_handshake_failures: AtomicU64,
@@ -336,6 +338,11 @@ impl Metrics {
                 "tollgate_edge_upstream_ejections_total",
                 "Upstream targets ejected by passive health checks.",
                 load(&self.upstream_ejections),
+            ),
+            (
+                "tollgate_edge_in_flight_refusals_total",
+                "Calls refused with 503 because their route had `max_in_flight` calls in flight.",
+                load(&self.in_flight_refusals),
             ),
             (
                 "tollgate_edge_config_reload_failures_total",

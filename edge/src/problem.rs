@@ -116,6 +116,18 @@ impl Problem {
         )
     }
 
+    /// 503: the route already has `max_in_flight` calls in flight (its upstream's capacity).
+    pub fn upstream_overloaded(max_in_flight: u32) -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream-overloaded",
+            "Service Unavailable",
+            Outcome::UpstreamError,
+            format!("the upstream already has {max_in_flight} calls in flight, its limit; retry shortly"),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     pub fn upstream_timeout(timeout_ms: u128) -> Self {
         Problem::new(
             StatusCode::GATEWAY_TIMEOUT,

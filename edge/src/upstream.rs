@@ -66,6 +66,10 @@ pub struct Pool {
     /// Active health checks (`routes[].health_check`): an ejected target comes back only
     /// when a check passes, never through a client's request.
     pub health_check: Option<crate::config::HealthCheck>,
+    /// Calls of the route in flight (shared with the pools of earlier and later configs, so a
+    /// reload does not open room for more), and their limit (`routes[].max_in_flight`).
+    in_flight: Arc<AtomicU32>,
+    max_in_flight: Option<u32>,
     epoch: Instant,
     max_fails: u32,
     fail_timeout: Duration,
@@ -79,6 +83,7 @@ impl Pool {
         let mut pool = Self::fresh(route);
         if let Some(previous) = previous {
             pool.epoch = previous.epoch;
+            pool.in_flight = Arc::clone(&previous.in_flight);
             let from_now = pool.now_ms().saturating_add(pool.fail_timeout_ms());
             for (i, key) in pool.keys.iter().enumerate() {
                 if let Some(j) = previous.keys.iter().position(|k| k == key) {
@@ -104,11 +109,23 @@ impl Pool {
             schedule: schedule(&route.weights),
             next: AtomicU64::new(0),
             health_check: route.health_check.clone(),
+            in_flight: Arc::default(),
+            max_in_flight: route.max_in_flight,
             epoch: Instant::now(),
             max_fails: route.max_fails,
             fail_timeout: route.fail_timeout,
             connect_timeout: route.connect_timeout,
         }
+    }
+
+    /// A place among the route's `max_in_flight` calls, held until the call's response has
+    /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it.
+    pub fn admit(&self) -> Result<Option<InFlight>, u32> {
+        let Some(max) = self.max_in_flight else { return Ok(None) };
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map(|_| Some(InFlight(Arc::clone(&self.in_flight))))
+            .map_err(|_| max)
     }
 
     /// Targets that take calls (weight above 0): the most attempts a call can make.
@@ -230,6 +247,16 @@ impl Pool {
     fn is_ejected(&self, i: usize) -> bool {
         let until = self.health[i].ejected_until_ms.load(Ordering::Acquire);
         until != 0 && until > self.now_ms()
+    }
+}
+
+/// One of a route's calls in flight ([`Pool::admit`]); dropping it makes room for another.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -629,7 +656,7 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
     let mut routes: Vec<_> = pools.iter().collect();
     routes.sort_by(|a, b| a.0.cmp(b.0));
     let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    for (route, pool) in routes {
+    for (route, pool) in &routes {
         for (i, key) in pool.keys.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -639,6 +666,14 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
                 u8::from(pool.in_service(i))
             );
         }
+    }
+    let name = "tollgate_edge_route_in_flight";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Calls in flight to the upstream of each route with a `max_in_flight` limit.\n# TYPE {name} gauge"
+    );
+    for (route, pool) in routes.iter().filter(|(_, p)| p.max_in_flight.is_some()) {
+        let _ = writeln!(out, "{name}{{route=\"{}\"}} {}", label(route), pool.in_flight.load(Ordering::Relaxed));
     }
 }
 
@@ -793,6 +828,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let picks: Vec<usize> = (0..4).map(|_| unchecked.pick(&[]).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
+    }
+
+    #[test]
+    fn max_in_flight_admits_up_to_the_limit_across_a_reload() {
+        let mut r = route(2, 1, Duration::from_secs(1));
+        assert!(Pool::new(&r, None).admit().unwrap().is_none(), "no limit: nothing to hold");
+        r.max_in_flight = Some(2);
+        let old = Pool::new(&r, None);
+        let (a, _b) = (old.admit().unwrap(), old.admit().unwrap());
+        assert_eq!(old.admit().unwrap_err(), 2);
+        // The new config's pool counts the old one's calls.
+        let new = Pool::new(&r, Some(&old));
+        assert_eq!(new.admit().unwrap_err(), 2);
+        drop(a);
+        let c = new.admit().unwrap();
+        assert!(c.is_some());
+        assert_eq!(new.admit().unwrap_err(), 2);
     }
 
     #[test]

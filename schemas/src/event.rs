@@ -16,7 +16,8 @@ pub enum Outcome {
     RateLimited,
     /// Monthly quota exhausted: 429.
     QuotaExceeded,
-    /// The upstream could not be reached or broke the protocol: 502.
+    /// The upstream could not be reached or broke the protocol: 502; or the route already had
+    /// `max_in_flight` calls in flight: 503 (nothing sent).
     UpstreamError,
     /// The upstream did not answer in time: 504.
     UpstreamTimeout,

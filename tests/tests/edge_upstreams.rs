@@ -239,3 +239,72 @@ async fn active_health_checks_take_a_target_out_and_bring_it_back() {
     calls(20).await;
     assert_eq!(served.load(Ordering::SeqCst), 20);
 }
+
+/// `max_in_flight`: a route's calls in flight at once are capped; more get 503 (problem
+/// document, `Retry-After`, outcome `upstream_error` with no target in the event) without
+/// reaching the upstream; a call holds its place until its response body has been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TempDir::new("e2e_edge_in_flight");
+    let topic = unique("edge_in_flight");
+    create_topic(&topic, 1).await;
+    let (up, stats) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"lim\"\npath_prefix = \"/lim\"\nauth = \"none\"\nupstream = \"http://{up}\"\nmax_in_flight = 2\n",
+        edge_head("edge-in-flight", &topic)
+    );
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+
+    // Six at once, each answered after 1 s: two go through, four are refused at once.
+    let calls = (0..6).map(|i| {
+        tokio::spawn(async move {
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+            let req = http::Request::get(format!("http://{addr}/lim/{i}?delay_ms=1000"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let (parts, body) = resp.into_parts();
+            (parts, String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap())
+        })
+    });
+    let mut answers = Vec::new();
+    for c in calls.collect::<Vec<_>>() {
+        answers.push(c.await.unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(p, _)| p.status.as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 503).count(), 4, "{statuses:?}");
+    for (parts, body) in answers.iter().filter(|(p, _)| p.status == 503) {
+        assert_eq!(parts.headers["content-type"], "application/problem+json");
+        assert_eq!(parts.headers["retry-after"], "1");
+        assert!(body.contains("upstream-overloaded") && body.contains("2 calls in flight"), "{body}");
+    }
+    assert_eq!(stats.requests.load(Ordering::SeqCst), 2, "refused calls reached the upstream");
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total").await, 4);
+    assert_eq!(metric(admin, "tollgate_edge_route_in_flight{route=\"lim\"}").await, 0);
+
+    // Two large answers whose clients stop reading hold both places while their bodies are
+    // unsent: the next call is refused; once those clients go away, it goes through.
+    let mut slow_readers = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /lim/big?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        slow_readers.push(s);
+    }
+    assert_eq!(send(addr, "GET", "/lim/x", b"").await, 503);
+    assert_eq!(metric(admin, "tollgate_edge_route_in_flight{route=\"lim\"}").await, 2);
+    drop(slow_readers);
+    let room = wait_until(Duration::from_secs(5), || async { send(addr, "GET", "/lim/x", b"").await == 200 }).await;
+    assert!(room, "the places of the abandoned calls were not given back:\n{}", edge.log_tail());
+
+    // The refusals' events: outcome upstream_error, 503, sent to no target.
+    let events = read_events(&topic, |e| e.iter().filter(|e| e.status == 503).count() >= 5).await;
+    for e in events.iter().filter(|e| e.status == 503) {
+        assert_eq!((e.outcome, e.upstream_target.as_deref()), (tollgate_schemas::Outcome::UpstreamError, None));
+    }
+}
