@@ -345,6 +345,8 @@ struct RawRoute {
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
     max_in_flight: Option<u32>,
+    #[serde(default)]
+    upstream_protocol: Option<String>,
 }
 
 /// `routes[].health_check`.
@@ -860,6 +862,8 @@ pub struct Route {
     pub health_check: Option<HealthCheck>,
     /// Calls to the route's upstream at once (per edge); more get 503. `None`: no limit.
     pub max_in_flight: Option<u32>,
+    /// The targets speak HTTP/2 (`upstream_protocol = "h2"`), else HTTP/1.1.
+    pub upstream_h2: bool,
 }
 
 /// A GCRA rate: `rate_per_second` sustained, `burst` at once.
@@ -889,6 +893,7 @@ impl Route {
             response_headers: crate::rewrite::HeaderRules::default(),
             health_check: None,
             max_in_flight: None,
+            upstream_h2: false,
         };
         Ok(route.with_target_keys())
     }
@@ -1188,6 +1193,13 @@ fn validate(
         let request_headers = header_rules(&r.request_headers, "request_headers", crate::rewrite::Direction::Request)?;
         let response_headers =
             header_rules(&r.response_headers, "response_headers", crate::rewrite::Direction::Response)?;
+        let upstream_h2 = match r.upstream_protocol.as_deref() {
+            None | Some("http1") => false,
+            Some("h2") => true,
+            Some(other) => {
+                return Err(err(key("upstream_protocol"), format!("`{other}` is not one of \"http1\", \"h2\"")));
+            }
+        };
         if r.max_in_flight == Some(0) {
             return Err(err(key("max_in_flight"), "must be at least 1 (leave it out for no limit)".into()));
         }
@@ -1246,6 +1258,7 @@ fn validate(
                 response_headers,
                 health_check,
                 max_in_flight: r.max_in_flight,
+                upstream_h2,
             }
             .with_target_keys(),
         ));

@@ -102,6 +102,16 @@ pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Ur
     Ok(Uri::from_maybe_shared(bytes::Bytes::from(pq))?)
 }
 
+/// `target`'s scheme and authority with `origin_form`'s path and query (the request target
+/// of an HTTP/2 request).
+fn absolute(target: &Uri, origin_form: Uri) -> Result<Uri, http::Error> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = target.scheme().cloned();
+    parts.authority = target.authority().cloned();
+    parts.path_and_query = origin_form.into_parts().path_and_query;
+    Ok(Uri::from_parts(parts)?)
+}
+
 /// The `X-Forwarded-For` to send: behind trusted proxies (`trusted_hops` > 0) the chain is
 /// kept and extended with the peer; otherwise whatever the client claimed is replaced by the
 /// address it connected from.
@@ -154,8 +164,18 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let (mut parts, body) = req.into_parts();
     // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
     // on 101, both connections are spliced (see `tunnel`).
+    // (Not to HTTP/2 targets: the request goes on as a plain one.)
     let upgrade = upgrade_protocol(&parts.headers, parts.version)
+        .filter(|_| !pool.h2)
         .and_then(|proto| Some((proto, parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?)));
+    // HTTP/2 targets get `TE: trailers` when the client sent it (gRPC asks for it to detect
+    // proxies that would drop trailers); it is hop-by-hop otherwise.
+    let te_trailers = pool.h2
+        && parts
+            .headers
+            .get_all(http::header::TE)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
     // A retry needs the request again: only bodiless requests are retried.
     let bodiless = http_body::Body::is_end_stream(&body);
     let counter = &ctx.call.request_body;
@@ -205,6 +225,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     if !route.request_headers.is_empty() {
         route.request_headers.apply(headers);
     }
+    if te_trailers {
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some((proto, _)) = &upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(http::header::UPGRADE, proto.clone());
@@ -222,16 +245,27 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
         ctx.call.upstream_target.store(u32::try_from(target).unwrap_or(u32::MAX), Ordering::Relaxed);
         let last = tried.len() >= attempts;
         let uri = match upstream_target(route, &pool.targets[target], &parts.uri) {
-            Ok(u) => u,
-            Err(_) => return Problem::bad_request("the request target cannot be forwarded").into_response(),
+            Ok(u) if pool.h2 => absolute(&pool.targets[target], u),
+            Ok(u) => Ok(u),
+            Err(e) => Err(e),
+        };
+        let Ok(uri) = uri else {
+            return Problem::bad_request("the request target cannot be forwarded").into_response();
         };
         let mut req = Request::new(body.take().unwrap_or_else(Body::empty));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
-        *req.version_mut() = Version::HTTP_11;
         *req.headers_mut() = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-        if let Some(host) = &pool.hosts[target] {
-            req.headers_mut().insert(HOST, host.clone());
+        if pool.h2 {
+            // The target's authority is the URI's (`:authority`); the client's `Host` is not
+            // passed on (HTTP/2 has none; the client's host goes as `x-forwarded-host`).
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(HOST);
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            if let Some(host) = &pool.hosts[target] {
+                req.headers_mut().insert(HOST, host.clone());
+            }
         }
         let left = route.timeout.saturating_sub(sent.elapsed());
         let result = tokio::time::timeout(left, pool.send(&gw.clients, target, req)).await;
@@ -284,6 +318,10 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                     return tunnel(gw, client_side, &mut upstream);
                 }
                 let (mut parts, body) = upstream.into_parts();
+                // An HTTP/2 target's answer goes to an HTTP/1 client as HTTP/1.1.
+                if pool.h2 && version != Version::HTTP_2 {
+                    parts.version = Version::HTTP_11;
+                }
                 remove_hop_by_hop(&mut parts.headers);
                 if !route.response_headers.is_empty() {
                     route.response_headers.apply(&mut parts.headers);

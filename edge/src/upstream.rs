@@ -70,6 +70,9 @@ pub struct Pool {
     /// reload does not open room for more), and their limit (`routes[].max_in_flight`).
     in_flight: Arc<AtomicU32>,
     max_in_flight: Option<u32>,
+    /// The targets speak HTTP/2 (`routes[].upstream_protocol = "h2"`): h2c with prior knowledge
+    /// over `http://`, ALPN `h2` over `https://`.
+    pub h2: bool,
     epoch: Instant,
     max_fails: u32,
     fail_timeout: Duration,
@@ -111,6 +114,7 @@ impl Pool {
             health_check: route.health_check.clone(),
             in_flight: Arc::default(),
             max_in_flight: route.max_in_flight,
+            h2: route.upstream_h2,
             epoch: Instant::now(),
             max_fails: route.max_fails,
             fail_timeout: route.fail_timeout,
@@ -133,14 +137,19 @@ impl Pool {
         self.serving
     }
 
-    /// Sends `req` to target `i` (see [`Clients::send`]).
+    /// Sends `req` to target `i` (see [`Clients::send`], [`Clients::send_h2`]: the request's URI
+    /// is absolute for HTTP/2 targets).
     pub async fn send(
         &self,
         clients: &Clients,
         i: usize,
         req: http::Request<axum::body::Body>,
     ) -> Result<http::Response<axum::body::Body>, SendError> {
-        clients.send(&self.keys[i], &self.targets[i], self.connect_timeout, req).await
+        if self.h2 {
+            clients.send_h2(&self.keys[i], &self.targets[i], self.connect_timeout, req).await
+        } else {
+            clients.send(&self.keys[i], &self.targets[i], self.connect_timeout, req).await
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -315,6 +324,8 @@ pub const MAX_IDLE_PER_TARGET: usize = 256;
 
 pub type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
+type H2Sender = hyper::client::conn::http2::SendRequest<axum::body::Body>;
+type H2Slot = Arc<tokio::sync::Mutex<Option<H2Sender>>>;
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -361,8 +372,12 @@ impl Drop for Conn {
 #[derive(Default)]
 struct Local {
     generation: u64,
-    connectors: Vec<(Duration, Connector)>,
+    /// By connect timeout and protocol (HTTP/2: ALPN `h2` only).
+    connectors: Vec<((Duration, bool), Connector)>,
     idle: HashMap<Arc<str>, Vec<Idle>, foldhash::fast::RandomState>,
+    /// One HTTP/2 connection per target, shared by the thread's requests (multiplexed); the
+    /// lock is held while it is made, so a burst of requests opens one, not one each.
+    h2: HashMap<Arc<str>, H2Slot, foldhash::fast::RandomState>,
 }
 
 impl Local {
@@ -374,6 +389,7 @@ impl Local {
             self.generation = generation;
             self.connectors.clear();
             self.idle.retain(|key, _| !key.starts_with("https:"));
+            self.h2.retain(|key, _| !key.starts_with("https:"));
         }
     }
 }
@@ -426,17 +442,83 @@ impl Clients {
         Ok(returning(resp, conn, key, generation))
     }
 
-    async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Conn, SendError> {
-        use tower::ServiceExt;
-        let connector = LOCAL.with(|l| {
+    /// Sends `req` (absolute URI) to an HTTP/2 `target` (keyed `key`) on the thread's
+    /// connection to it, made on first use and again when it has closed. A request the
+    /// connection could not take (it was closing) goes on a new one: it was not sent.
+    pub async fn send_h2(
+        &self,
+        key: &Arc<str>,
+        target: &Uri,
+        connect_timeout: Duration,
+        mut req: http::Request<axum::body::Body>,
+    ) -> Result<http::Response<axum::body::Body>, SendError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let slot = LOCAL.with(|l| {
             let mut l = l.borrow_mut();
-            if let Some((_, c)) = l.connectors.iter().find(|(t, _)| *t == connect_timeout) {
+            l.sync(generation);
+            Arc::clone(l.h2.entry(Arc::clone(key)).or_default())
+        });
+        for attempt in 0..2 {
+            let mut sender = {
+                let mut held = slot.lock().await;
+                match held.as_ref().filter(|s| attempt == 0 && !s.is_closed()) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = Box::pin(self.connect_h2(target, connect_timeout)).await?;
+                        *held = Some(s.clone());
+                        s
+                    }
+                }
+            };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(axum::body::Body::new)),
+                // Not sent (the connection was closing): once more on a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+        Err(SendError::Connect("the new HTTP/2 connection closed before the request could be sent".into()))
+    }
+
+    /// This thread's connector for `connect_timeout` and the protocol.
+    fn local_connector(&self, connect_timeout: Duration, h2: bool) -> Connector {
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if let Some((_, c)) = l.connectors.iter().find(|(k, _)| *k == (connect_timeout, h2)) {
                 return c.clone();
             }
-            let c = connector(connect_timeout, &self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner));
-            l.connectors.push((connect_timeout, c.clone()));
+            let tls = self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let c = if h2 { connector_h2(connect_timeout, &tls) } else { connector(connect_timeout, &tls) };
+            l.connectors.push(((connect_timeout, h2), c.clone()));
             c
+        })
+    }
+
+    async fn connect_h2(&self, target: &Uri, connect_timeout: Duration) -> Result<H2Sender, SendError> {
+        use tower::ServiceExt;
+        let connector = self.local_connector(connect_timeout, true);
+        let io = connector.oneshot(target.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
+        // No request has gone out yet: a failed handshake is a failure to connect.
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(format!("HTTP/2 handshake: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
         });
+        Ok(sender)
+    }
+
+    async fn connect(&self, target: &Uri, connect_timeout: Duration) -> Result<Conn, SendError> {
+        use tower::ServiceExt;
+        let connector = self.local_connector(connect_timeout, false);
         let io = connector.oneshot(target.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(io).await?;
         let task = tokio::spawn(async move {
@@ -456,6 +538,7 @@ impl Clients {
                 conns.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed());
                 !conns.is_empty()
             });
+            l.h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed())));
         });
     }
 
@@ -468,15 +551,29 @@ impl Clients {
 /// The HTTP(S) connector (TCP_NODELAY, connect timeout, rustls per [`crate::tls`]) for
 /// upstream connections and the edge's own requests.
 pub fn connector(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Connector {
-    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect_timeout));
-    http.enforce_http(false);
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(rustls::ClientConfig::clone(tls))
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http)
+        .wrap_connector(tcp(connect_timeout))
+}
+
+fn tcp(connect_timeout: Duration) -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.enforce_http(false);
+    http
+}
+
+/// [`connector`] offering only `h2` in TLS (ALPN); plain TCP for `http://` (h2c, prior
+/// knowledge).
+pub fn connector_h2(connect_timeout: Duration, tls: &Arc<rustls::ClientConfig>) -> Connector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls::ClientConfig::clone(tls))
+        .https_or_http()
+        .enable_http2()
+        .wrap_connector(tcp(connect_timeout))
 }
 
 /// The newest idle connection for `key` that is still open (and made with the TLS settings of
@@ -610,10 +707,11 @@ pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
                 }
                 *next = now + check.interval;
                 let url = format!("{}{}", pool.keys[i], check.path);
-                let (pool, client, metrics) = (Arc::clone(pool), runtime.client.clone(), Arc::clone(&gw.metrics));
+                let (pool, client, gw) = (Arc::clone(pool), runtime.client.clone(), Arc::clone(&gw));
                 let timeout = check.timeout;
                 tokio::spawn(async move {
-                    let passed = check_once(&client, &url, timeout).await;
+                    let passed = check_once(&client, &gw.clients, &pool, i, &url, timeout).await;
+                    let metrics = &gw.metrics;
                     metrics.health_checks[usize::from(!passed)].fetch_add(1, Ordering::Relaxed);
                     if passed {
                         pool.check_passed(i);
@@ -626,18 +724,36 @@ pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
     }
 }
 
-/// One health check: a 2xx or 3xx answer within `timeout` (its body is not read).
-async fn check_once(client: &crate::proxy::HttpClient, url: &str, timeout: Duration) -> bool {
+/// One health check of target `i`: a 2xx or 3xx answer within `timeout` (its body is not
+/// read). HTTP/1.1 targets are asked with `client` (the JWKS client: the edge's TLS settings),
+/// HTTP/2 ones over the edge's own connection to them.
+async fn check_once(
+    client: &crate::proxy::HttpClient,
+    clients: &Clients,
+    pool: &Pool,
+    i: usize,
+    url: &str,
+    timeout: Duration,
+) -> bool {
+    let version = if pool.h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 };
     let Ok(req) = http::Request::get(url)
+        .version(version)
         .header(http::header::USER_AGENT, "tollgate-edge-health-check")
         .body(axum::body::Body::empty())
     else {
         return false;
     };
-    match tokio::time::timeout(timeout, client.request(req)).await {
-        Ok(Ok(resp)) => resp.status().is_success() || resp.status().is_redirection(),
-        Ok(Err(e)) => {
-            tracing::debug!(%url, error = %e, "health check failed");
+    let asked = tokio::time::timeout(timeout, async {
+        if pool.h2 {
+            pool.send(clients, i, req).await.map(|r| r.status()).map_err(|e| e.to_string())
+        } else {
+            client.request(req).await.map(|r| r.status()).map_err(|e| e.to_string())
+        }
+    });
+    match asked.await {
+        Ok(Ok(status)) => status.is_success() || status.is_redirection(),
+        Ok(Err(error)) => {
+            tracing::debug!(%url, %error, "health check failed");
             false
         }
         Err(_) => false,

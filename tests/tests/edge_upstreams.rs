@@ -308,3 +308,134 @@ async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
         assert_eq!((e.outcome, e.upstream_target.as_deref()), (tollgate_schemas::Outcome::UpstreamError, None));
     }
 }
+
+/// An HTTP/2-only upstream (h2c, prior knowledge; an HTTP/1.1 request is a protocol error to
+/// it). It answers `<version> <method> <path?query> te=<te> consumer=<x-consumer-id>
+/// host=<Host header> body=<bytes>`, with the trailer `grpc-status: 0`, and counts the
+/// connections it accepted.
+async fn start_h2c() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let (parts, body) = req.into_parts();
+                let n = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                let header =
+                    |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let text = format!(
+                    "{:?} {} {} te={} consumer={} host={} body={n}",
+                    parts.version,
+                    parts.method,
+                    parts.uri.path_and_query().map_or("", |p| p.as_str()),
+                    header("te"),
+                    header("x-consumer-id"),
+                    header("host"),
+                );
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let body = Full::new(Bytes::from(text)).with_trailers(async move { Some(Ok(trailers)) });
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    (addr, conns)
+}
+
+/// `upstream_protocol = "h2"`: requests go to the targets over HTTP/2 (h2c here), multiplexed
+/// on one connection per worker thread, whatever the client spoke; trailers (gRPC's status)
+/// come back to HTTP/2 clients, `TE: trailers` goes through; health checks speak HTTP/2 too;
+/// the call is metered like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("e2e_edge_h2_upstream");
+    let topic = unique("edge_h2_upstream");
+    create_topic(&topic, 1).await;
+    let (up, conns) = start_h2c().await;
+    let (checked, _) = start_h2c().await;
+    let cfg = format!(
+        "{}{}[[routes]]\nid = \"g\"\npath_prefix = \"/g\"\nupstream = \"http://{up}\"\nupstream_protocol = \"h2\"\n\
+         [[routes]]\nid = \"hc\"\npath_prefix = \"/hc\"\nauth = \"none\"\nupstream = \"http://{checked}\"\n\
+         upstream_protocol = \"h2\"\nhealth_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150 }}\n",
+        edge_head("edge-h2-upstream", &topic).replace("[edge]\n", "[edge]\nworker_threads = 2\n"),
+        acme_with_key(100_000)
+    );
+    let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+
+    // An HTTP/1.1 client: the upstream gets HTTP/2 with the path, query, body and consumer,
+    // and its authority as `:authority` (no Host header); the client gets HTTP/1.1.
+    let h1: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("http://{addr}/g/echo?x=1"))
+        .header("x-api-key", "key-acme")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(vec![b'a'; 1000])))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, http::Version::HTTP_11));
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert_eq!(text, "HTTP/2.0 POST /g/echo?x=1 te=trailers consumer=acme host= body=1000");
+
+    // An HTTP/2 client gets the upstream's trailers.
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = http::Request::get(format!("http://{addr}/g/t"))
+        .header("x-api-key", "key-acme")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, http::Version::HTTP_2));
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().and_then(|t| t.get("grpc-status")).unwrap(), "0");
+
+    // 64 calls at once from 64 HTTP/1.1 connections: multiplexed over one upstream connection
+    // per worker thread (2), not one each.
+    let calls: Vec<_> = (0..64)
+        .map(|i| {
+            tokio::spawn(async move {
+                let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+                let req = http::Request::get(format!("http://{addr}/g/{i}"))
+                    .header("x-api-key", "key-acme")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                let status = resp.status();
+                let text = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, String::from_utf8(text.to_vec()).unwrap())
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let (status, text) = call.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(text.starts_with(&format!("HTTP/2.0 GET /g/{i} ")), "{text}");
+    }
+    let opened = conns.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&opened), "{opened} upstream connections for 66 calls");
+
+    // Health checks over HTTP/2 pass (HTTP/1.1 ones would fail on an h2c-only target).
+    let passed = wait_until(Duration::from_secs(5), || async {
+        metric(admin, "tollgate_edge_health_checks_total{result=\"passed\"}").await >= 2
+    })
+    .await;
+    assert!(passed, "no health check passed:\n{}", edge.log_tail());
+    assert_eq!(metric(admin, "tollgate_edge_health_checks_total{result=\"failed\"}").await, 0);
+
+    // Metered: the 66 calls, forwarded, with the target and the bytes.
+    let events = read_events(&topic, |e| e.len() >= 66).await;
+    let odd: Vec<_> =
+        events.iter().filter(|e| e.outcome != tollgate_schemas::Outcome::Forwarded || e.status != 200).collect();
+    assert!(odd.is_empty(), "{odd:?}");
+    assert!(events.iter().all(|e| e.upstream_target.as_deref() == Some(format!("http://{up}").as_str())));
+    assert_eq!(events.iter().find(|e| e.method == "POST").unwrap().request_bytes, 1000);
+}

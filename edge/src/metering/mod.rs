@@ -346,7 +346,10 @@ impl Call {
             return resp;
         }
         let pending = Pending { call: self, status, outcome };
-        resp.map(|inner| Body::new(MeteredBody { inner, bytes: 0, pending: Some(pending) }))
+        resp.map(|inner| {
+            let length = HttpBody::size_hint(&inner).exact();
+            Body::new(MeteredBody { inner, bytes: 0, length, pending: Some(pending) })
+        })
     }
 }
 
@@ -482,10 +485,19 @@ struct Pending {
 struct MeteredBody {
     inner: Body,
     bytes: u64,
+    /// The body's length when known up front (`Content-Length`).
+    length: Option<u64>,
     pending: Option<Pending>,
 }
 
 impl MeteredBody {
+    /// The whole body has gone out: its end was seen, or all the bytes of a known length (the
+    /// server stops reading a body once it has written its `Content-Length`, and an HTTP/2
+    /// upstream's body ends only with a later frame: trailers, or an empty `END_STREAM`).
+    fn sent_all(&self) -> bool {
+        self.inner.is_end_stream() || self.length.is_some_and(|n| self.bytes >= n)
+    }
+
     fn finish(&mut self, aborted: bool) {
         if let Some(p) = self.pending.take() {
             let (status, outcome) = match aborted {
@@ -510,7 +522,7 @@ impl HttpBody for MeteredBody {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 }
-                if self.inner.is_end_stream() {
+                if self.sent_all() {
                     self.finish(false);
                 }
             }
@@ -539,7 +551,7 @@ impl HttpBody for MeteredBody {
 impl Drop for MeteredBody {
     fn drop(&mut self) {
         // Bodies that are empty (HEAD, 204, 304) may never be polled.
-        let complete = self.inner.is_end_stream();
+        let complete = self.sent_all();
         self.finish(!complete);
     }
 }
