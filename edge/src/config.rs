@@ -394,6 +394,8 @@ struct RawHeaderRules {
     set: BTreeMap<String, String>,
     #[serde(default)]
     remove: Vec<String>,
+    #[serde(default)]
+    always: bool,
 }
 
 /// `routes[].cors`, or a `[cors_policies.<name>]` table.
@@ -1187,8 +1189,13 @@ fn validate(
         };
         let allowed_ips = ip_nets(&r.allowed_ips, &|j| key(&format!("allowed_ips[{j}]")), origin)?;
         let header_rules = |raw: &RawHeaderRules, table: &str, direction| {
-            crate::rewrite::HeaderRules::new(&raw.set, &raw.remove, direction, env)
-                .map_err(|(at, reason)| err(key(&format!("{table}.{at}")), reason))
+            if raw.always && direction == crate::rewrite::Direction::Request {
+                return Err(err(key(&format!("{table}.always")), "only response_headers take `always`".into()));
+            }
+            let mut rules = crate::rewrite::HeaderRules::new(&raw.set, &raw.remove, direction, env)
+                .map_err(|(at, reason)| err(key(&format!("{table}.{at}")), reason))?;
+            rules.always = raw.always;
+            Ok(rules)
         };
         let request_headers = header_rules(&r.request_headers, "request_headers", crate::rewrite::Direction::Request)?;
         let response_headers =
@@ -1936,6 +1943,10 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("routes[0].response_headers.remove[1]"), "{msg}");
         let msg = with(r#"response_headers = { drop = ["server"] }"#, &[]).unwrap_err().to_string();
         assert!(msg.contains("drop"), "{msg}");
+        let c = with(r#"response_headers = { set = { x-frame-options = "DENY" }, always = true }"#, &[]).unwrap();
+        assert!(c.routes[0].response_headers.always && !c.routes[0].request_headers.always);
+        let msg = with(r#"request_headers = { set = { x-a = "1" }, always = true }"#, &[]).unwrap_err().to_string();
+        assert!(msg.contains("routes[0].request_headers.always"), "{msg}");
     }
 
     #[test]

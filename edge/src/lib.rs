@@ -253,6 +253,9 @@ async fn admit_and_forward(
         if let Some(policy) = &route.cors {
             policy.decorate(origin.as_ref(), refused.headers_mut());
         }
+        if route.response_headers.always {
+            route.response_headers.add_missing(refused.headers_mut());
+        }
         return refused;
     }
     let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer };
@@ -269,6 +272,10 @@ async fn admit_and_forward(
     }
     if let Some(policy) = &route.cors {
         policy.decorate(origin.as_ref(), resp.headers_mut());
+    }
+    // The edge's own answers (an upstream's had the rules applied by the proxy).
+    if route.response_headers.always {
+        route.response_headers.add_missing(resp.headers_mut());
     }
     resp
 }

@@ -15,6 +15,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 pub struct HeaderRules {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
+    /// (`response_headers` only) `set` also adds to the edge's own answers on the route (401,
+    /// 403, 429, 502, 503, 504...), as nginx's `add_header ... always`.
+    pub always: bool,
 }
 
 /// Which direction a rule list is for (the headers the edge owns differ).
@@ -89,6 +92,16 @@ impl HeaderRules {
     /// No rule.
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.remove.is_empty()
+    }
+
+    /// Adds the `set` headers the answer does not have (an edge's own answer, with `always`):
+    /// what the edge wrote (its content type, `WWW-Authenticate`, `Allow`, CORS) stays.
+    pub fn add_missing(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
     }
 
     /// Removes, then sets (replacing every value a header had).

@@ -321,11 +321,16 @@ pub struct Clients {
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per target and worker thread.
 pub const MAX_IDLE_PER_TARGET: usize = 256;
+/// HTTP/2 upstream connections are PINGed this often, and closed when a PING is not answered
+/// within [`H2_PING_TIMEOUT`].
+pub const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
 type H2Sender = hyper::client::conn::http2::SendRequest<axum::body::Body>;
-type H2Slot = Arc<tokio::sync::Mutex<Option<H2Sender>>>;
+/// A thread's HTTP/2 connection to a target, and when a request last took it.
+type H2Slot = Arc<tokio::sync::Mutex<Option<(H2Sender, Instant)>>>;
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -461,11 +466,14 @@ impl Clients {
         for attempt in 0..2 {
             let mut sender = {
                 let mut held = slot.lock().await;
-                match held.as_ref().filter(|s| attempt == 0 && !s.is_closed()) {
-                    Some(s) => s.clone(),
+                match held.as_mut().filter(|(s, _)| attempt == 0 && !s.is_closed()) {
+                    Some((s, used)) => {
+                        *used = Instant::now();
+                        s.clone()
+                    }
                     None => {
                         let s = Box::pin(self.connect_h2(target, connect_timeout)).await?;
-                        *held = Some(s.clone());
+                        *held = Some((s.clone(), Instant::now()));
                         s
                     }
                 }
@@ -503,8 +511,14 @@ impl Clients {
         use tower::ServiceExt;
         let connector = self.local_connector(connect_timeout, true);
         let io = connector.oneshot(target.clone()).await.map_err(|e| SendError::Connect(e.to_string()))?;
-        // No request has gone out yet: a failed handshake is a failure to connect.
+        // No request has gone out yet: a failed handshake is a failure to connect. PINGs find
+        // a connection whose upstream vanished without closing it (it is then made again)
+        // rather than leaving every request on it to time out.
         let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .keep_alive_while_idle(true)
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(format!("HTTP/2 handshake: {e}")))?;
@@ -538,7 +552,13 @@ impl Clients {
                 conns.retain(|c| c.since.elapsed() < IDLE_TIMEOUT && !c.conn.sender.is_closed());
                 !conns.is_empty()
             });
-            l.h2.retain(|_, slot| slot.try_lock().map_or(true, |s| s.as_ref().is_some_and(|s| !s.is_closed())));
+            // An HTTP/2 connection no request took for IDLE_TIMEOUT is let go: it closes once
+            // the streams still open on it (a long download) are done.
+            l.h2.retain(|_, slot| {
+                slot.try_lock().map_or(true, |s| {
+                    s.as_ref().is_some_and(|(s, used)| !s.is_closed() && used.elapsed() < IDLE_TIMEOUT)
+                })
+            });
         });
     }
 
@@ -682,8 +702,9 @@ pub type Pools = HashMap<String, Arc<Pool>, foldhash::fast::RandomState>;
 /// Active health checks (`routes[].health_check`), for whatever config is current: every
 /// target of such a route is asked `GET <scheme>://<authority><path>` every `interval`; a
 /// 2xx or 3xx answer within `timeout` passes, anything else fails. `fails` failures in a row
-/// take the target out of service, `passes` passes in a row bring it back. Each check runs in its own task, so a slow target
-/// does not delay the others'. A reload starts over with the new routes.
+/// take the target out of service, `passes` passes in a row bring it back. Each check runs in
+/// its own task, so a slow target does not delay the others'. A reload checks the new routes'
+/// targets at once (each keeps its health and its counts of checks in a row).
 pub async fn run_health_checks(gw: Arc<crate::Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -313,8 +313,10 @@ async fn routes_set_and_remove_headers_both_ways() {
     let cfg = format!(
         "{}[[routes]]\nid = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"http://{upstream}\"\n\
          request_headers = {{ set = {{ authorization = \"Bearer provider-secret\", x-api-version = \"2\" }}, remove = [\"x-debug\"] }}\n\
-         response_headers = {{ set = {{ cache-control = \"no-store\" }}, remove = [\"server\", \"x-powered-by\"] }}\n\
-         [[routes]]\nid = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"http://{upstream}\"\n{}",
+         response_headers = {{ set = {{ cache-control = \"no-store\", x-frame-options = \"DENY\" }}, remove = [\"server\", \"x-powered-by\"] }}\n\
+         [[routes]]\nid = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"strict\"\npath_prefix = \"/strict\"\nupstream = \"http://{upstream}\"\n\
+         response_headers = {{ set = {{ strict-transport-security = \"max-age=63072000\", content-type = \"text/plain\" }}, always = true }}\n{}",
         edge_head("edge-rewrite", &topic),
         acme_with_key(1000)
     );
@@ -332,6 +334,7 @@ async fn routes_set_and_remove_headers_both_ways() {
     assert_eq!(seen["x-consumer-id"], "acme");
     assert!(a.headers.get("server").is_none() && a.headers.get("x-powered-by").is_none(), "{:?}", a.headers);
     assert_eq!(a.headers["cache-control"], "no-store");
+    assert_eq!(a.headers["x-frame-options"], "DENY");
     assert!(a.headers.contains_key("x-request-id") && a.headers.contains_key("x-ratelimit-remaining"));
 
     // The other route: what the client sent (but its key) and what the upstream answered.
@@ -341,4 +344,19 @@ async fn routes_set_and_remove_headers_both_ways() {
     assert!(b.body.get("authorization").is_none(), "{}", b.body);
     assert_eq!(b.headers["server"], "upstream/1.0");
     assert_eq!(b.headers["cache-control"], "public, max-age=60");
+
+    // `always`: the edge's own answers on the route get the set headers too, but keep what the
+    // edge wrote (the problem's content type, `WWW-Authenticate`); without it they get none.
+    let refused = call(addr, "GET", "/strict/1", &[]).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.headers["strict-transport-security"], "max-age=63072000");
+    assert_eq!(refused.headers["content-type"], "application/problem+json");
+    assert!(refused.headers.contains_key("www-authenticate"));
+    let answered = call(addr, "GET", "/strict/1", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(answered.status, 200);
+    assert_eq!(answered.headers["strict-transport-security"], "max-age=63072000");
+    assert_eq!(answered.headers["content-type"], "text/plain", "an upstream answer gets the rules in full");
+    let refused = call(addr, "GET", "/orders/1", &[]).await;
+    assert_eq!(refused.status, 401);
+    assert!(!refused.headers.contains_key("x-frame-options"), "{:?}", refused.headers);
 }
