@@ -618,19 +618,24 @@ where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
 {
+    serve(handler, Some(tokio_rustls::TlsAcceptor::from(Arc::new(test_server_tls())))).await
+}
+
+/// The TLS settings of a test server: the test certificate `tests/testdata/tls/server.pem`
+/// (for `localhost` and 127.0.0.1, signed by the test CA `ca.pem`), no ALPN.
+pub fn test_server_tls() -> rustls::ServerConfig {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls = |name: &str| repo_root().join("tests/testdata/tls").join(name);
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(tls("server.pem")).unwrap().map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_file(tls("server.key.pem")).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .unwrap();
-    serve(handler, Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        .unwrap()
 }
 
 async fn serve<F, Fut>(handler: F, tls: Option<tokio_rustls::TlsAcceptor>) -> std::net::SocketAddr

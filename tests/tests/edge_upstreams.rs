@@ -309,11 +309,12 @@ async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
     }
 }
 
-/// An HTTP/2-only upstream (h2c, prior knowledge; an HTTP/1.1 request is a protocol error to
-/// it). It answers `<version> <method> <path?query> te=<te> consumer=<x-consumer-id>
-/// host=<Host header> body=<bytes>`, with the trailer `grpc-status: 0`, and counts the
-/// connections it accepted.
-async fn start_h2c() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+/// An HTTP/2-only upstream (h2c with prior knowledge, or with `tls` TLS offering only `h2` by
+/// ALPN; HTTP/1.1 is a protocol error to it). It answers `<version> <method> <path?query>
+/// te=<te> consumer=<x-consumer-id> host=<Host header> body=<bytes>`, with the trailer
+/// `grpc-status: 0`, and counts the connections it accepted (over TLS: those that negotiated
+/// `h2`).
+async fn start_h2(tls: bool) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     use http_body_util::BodyExt;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
@@ -321,9 +322,13 @@ async fn start_h2c() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic:
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicU64::new(0));
     let counted = Arc::clone(&conns);
+    let acceptor = tls.then(|| {
+        let mut config = test_server_tls();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
             let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                 let (parts, body) = req.into_parts();
                 let n = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
@@ -343,13 +348,34 @@ async fn start_h2c() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic:
                 let body = Full::new(Bytes::from(text)).with_trailers(async move { Some(Ok(trailers)) });
                 Ok::<_, std::convert::Infallible>(http::Response::new(body))
             });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
-            );
+            let (acceptor, counted) = (acceptor.clone(), Arc::clone(&counted));
+            tokio::spawn(async move {
+                let h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                let _ = match acceptor {
+                    None => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        h2.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await
+                    }
+                    Some(acceptor) => {
+                        let Ok(stream) = acceptor.accept(stream).await else { return };
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        h2.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await
+                    }
+                };
+            });
         }
     });
     (addr, conns)
+}
+
+/// The body of a GET over HTTP/1.1.
+async fn send_h1(addr: std::net::SocketAddr, path: &str) -> String {
+    use http_body_util::BodyExt;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let resp = client.get(format!("http://{addr}{path}").parse().unwrap()).await.unwrap();
+    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
 }
 
 /// `upstream_protocol = "h2"`: requests go to the targets over HTTP/2 (h2c here), multiplexed
@@ -362,14 +388,20 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     let dir = TempDir::new("e2e_edge_h2_upstream");
     let topic = unique("edge_h2_upstream");
     create_topic(&topic, 1).await;
-    let (up, conns) = start_h2c().await;
-    let (checked, _) = start_h2c().await;
+    let (up, conns) = start_h2(false).await;
+    let (checked, _) = start_h2(false).await;
+    let (secure, secure_conns) = start_h2(true).await;
+    let ca = repo_root().join("tests/testdata/tls/ca.pem");
     let cfg = format!(
         "{}{}[[routes]]\nid = \"g\"\npath_prefix = \"/g\"\nupstream = \"http://{up}\"\nupstream_protocol = \"h2\"\n\
          [[routes]]\nid = \"hc\"\npath_prefix = \"/hc\"\nauth = \"none\"\nupstream = \"http://{checked}\"\n\
-         upstream_protocol = \"h2\"\nhealth_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150 }}\n",
-        edge_head("edge-h2-upstream", &topic).replace("[edge]\n", "[edge]\nworker_threads = 2\n"),
-        acme_with_key(100_000)
+         upstream_protocol = \"h2\"\nhealth_check = {{ path = \"/health\", interval_ms = 200, timeout_ms = 150 }}\n\
+         [[routes]]\nid = \"gs\"\npath_prefix = \"/gs\"\nauth = \"none\"\nupstream = \"https://localhost:{}\"\n\
+         upstream_protocol = \"h2\"\n",
+        edge_head("edge-h2-upstream", &topic)
+            .replace("[edge]\n", &format!("[edge]\nworker_threads = 2\ntls_ca_file = \"{}\"\n", ca.display())),
+        acme_with_key(100_000),
+        secure.port()
     );
     let (edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
 
@@ -423,6 +455,11 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     let opened = conns.load(Ordering::SeqCst);
     assert!((1..=2).contains(&opened), "{opened} upstream connections for 66 calls");
 
+    // Over TLS: ALPN `h2`, the certificate verified against the test CA.
+    let answer = send_h1(addr, "/gs/x").await;
+    assert_eq!(answer, "HTTP/2.0 GET /gs/x te= consumer= host= body=0");
+    assert_eq!(secure_conns.load(Ordering::SeqCst), 1, "no TLS connection negotiated h2");
+
     // Health checks over HTTP/2 pass (HTTP/1.1 ones would fail on an h2c-only target).
     let passed = wait_until(Duration::from_secs(5), || async {
         metric(admin, "tollgate_edge_health_checks_total{result=\"passed\"}").await >= 2
@@ -431,8 +468,9 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert!(passed, "no health check passed:\n{}", edge.log_tail());
     assert_eq!(metric(admin, "tollgate_edge_health_checks_total{result=\"failed\"}").await, 0);
 
-    // Metered: the 66 calls, forwarded, with the target and the bytes.
-    let events = read_events(&topic, |e| e.len() >= 66).await;
+    // Metered: the 67 calls, forwarded, with the target and the bytes.
+    let events = read_events(&topic, |e| e.len() >= 67).await;
+    let events: Vec<_> = events.into_iter().filter(|e| e.route_id.as_deref() == Some("g")).collect();
     let odd: Vec<_> =
         events.iter().filter(|e| e.outcome != tollgate_schemas::Outcome::Forwarded || e.status != 200).collect();
     assert!(odd.is_empty(), "{odd:?}");
