@@ -334,19 +334,40 @@ async fn start_h2(tls: bool) -> (std::net::SocketAddr, std::sync::Arc<std::sync:
                 let n = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
                 let header =
                     |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                let text = format!(
-                    "{:?} {} {} te={} consumer={} host={} body={n}",
-                    parts.version,
-                    parts.method,
-                    parts.uri.path_and_query().map_or("", |p| p.as_str()),
-                    header("te"),
-                    header("x-consumer-id"),
-                    header("host"),
-                );
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                let body = Full::new(Bytes::from(text)).with_trailers(async move { Some(Ok(trailers)) });
-                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                // gRPC answers: `…/unavailable` fails in its trailers (UNAVAILABLE), `…/missing`
+                // has no message and its status in the headers (NOT_FOUND, "trailers-only").
+                let path = parts.uri.path();
+                let (grpc, in_headers, in_trailers) = match () {
+                    _ if path.ends_with("/unavailable") => (true, None, Some("14")),
+                    _ if path.ends_with("/missing") => (true, Some("5"), None),
+                    _ => (false, None, Some("0")),
+                };
+                let text = match in_headers {
+                    Some(_) => String::new(),
+                    None => format!(
+                        "{:?} {} {} te={} consumer={} host={} body={n}",
+                        parts.version,
+                        parts.method,
+                        parts.uri.path_and_query().map_or("", |p| p.as_str()),
+                        header("te"),
+                        header("x-consumer-id"),
+                        header("host"),
+                    ),
+                };
+                let trailers = in_trailers.map(|code| {
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static(code));
+                    t
+                });
+                let body = Full::new(Bytes::from(text)).with_trailers(async move { trailers.map(Ok) });
+                let mut resp = http::Response::new(body);
+                if grpc {
+                    resp.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+                }
+                if let Some(code) = in_headers {
+                    resp.headers_mut().insert("grpc-status", http::HeaderValue::from_static(code));
+                }
+                Ok::<_, std::convert::Infallible>(resp)
             });
             let (acceptor, counted) = (acceptor.clone(), Arc::clone(&counted));
             tokio::spawn(async move {
@@ -430,6 +451,24 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     let collected = resp.into_body().collect().await.unwrap();
     assert_eq!(collected.trailers().and_then(|t| t.get("grpc-status")).unwrap(), "0");
 
+    // gRPC: HTTP 200 either way; a failure is in `grpc-status` (trailers, or the headers of an
+    // answer without messages), and the event's status says what it means.
+    let req = http::Request::get(format!("http://{addr}/g/svc/unavailable"))
+        .header("x-api-key", "key-acme")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().and_then(|t| t.get("grpc-status")).unwrap(), "14");
+    let req = http::Request::get(format!("http://{addr}/g/svc/missing"))
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.headers()["grpc-status"].to_str().unwrap()), (200, "5"));
+
     // 64 calls at once from 64 HTTP/1.1 connections: multiplexed over one upstream connection
     // per worker thread (2), not one each.
     let calls: Vec<_> = (0..64)
@@ -468,9 +507,14 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert!(passed, "no health check passed:\n{}", edge.log_tail());
     assert_eq!(metric(admin, "tollgate_edge_health_checks_total{result=\"failed\"}").await, 0);
 
-    // Metered: the 67 calls, forwarded, with the target and the bytes.
-    let events = read_events(&topic, |e| e.len() >= 67).await;
-    let events: Vec<_> = events.into_iter().filter(|e| e.route_id.as_deref() == Some("g")).collect();
+    // Metered: the 69 calls, forwarded, with the target and the bytes; the gRPC failures with
+    // the HTTP status their grpc-status means (UNAVAILABLE 503, NOT_FOUND 404).
+    let events = read_events(&topic, |e| e.len() >= 69).await;
+    let status_of = |path: &str| events.iter().find(|e| e.path == path).map(|e| (e.status, e.outcome));
+    assert_eq!(status_of("/g/svc/unavailable"), Some((503, tollgate_schemas::Outcome::Forwarded)));
+    assert_eq!(status_of("/g/svc/missing"), Some((404, tollgate_schemas::Outcome::Forwarded)));
+    let events: Vec<_> =
+        events.into_iter().filter(|e| e.route_id.as_deref() == Some("g") && !e.path.starts_with("/g/svc/")).collect();
     let odd: Vec<_> =
         events.iter().filter(|e| e.outcome != tollgate_schemas::Outcome::Forwarded || e.status != 200).collect();
     assert!(odd.is_empty(), "{odd:?}");

@@ -345,7 +345,14 @@ impl Call {
             });
             return resp;
         }
-        let pending = Pending { call: self, status, outcome };
+        // A gRPC answer is HTTP 200 whatever happened: its status is `grpc-status`, in the
+        // trailers (or, for an answer without messages, the headers).
+        let grpc = outcome == Outcome::Forwarded && status == 200 && is_grpc(resp.headers());
+        let status = match resp.headers().get(&GRPC_STATUS) {
+            Some(code) if grpc => grpc_as_http(code),
+            _ => status,
+        };
+        let pending = Pending { call: self, status, outcome, grpc };
         resp.map(|inner| {
             let length = HttpBody::size_hint(&inner).exact();
             Body::new(MeteredBody { inner, bytes: 0, length, pending: Some(pending) })
@@ -477,6 +484,39 @@ struct Pending {
     call: Call,
     status: u16,
     outcome: Outcome,
+    /// A gRPC answer: its trailers' `grpc-status` decides `status`.
+    grpc: bool,
+}
+
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// `application/grpc`, `application/grpc+proto`...: not gRPC-Web (whose status is in the body).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct.strip_prefix("application/grpc").is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+    })
+}
+
+/// The HTTP status that means what a `grpc-status` code means (the mapping of gRPC's HTTP
+/// gateways): OK 200, CANCELLED 499, INVALID_ARGUMENT / FAILED_PRECONDITION / OUT_OF_RANGE 400,
+/// DEADLINE_EXCEEDED 504, NOT_FOUND 404, ALREADY_EXISTS / ABORTED 409, PERMISSION_DENIED 403,
+/// RESOURCE_EXHAUSTED 429, UNIMPLEMENTED 501, UNAVAILABLE 503, UNAUTHENTICATED 401; UNKNOWN,
+/// INTERNAL, DATA_LOSS and anything unreadable 500.
+fn grpc_as_http(code: &http::HeaderValue) -> u16 {
+    match code.to_str().ok().and_then(|c| c.trim().parse::<u8>().ok()) {
+        Some(0) => 200,
+        Some(1) => 499,
+        Some(3 | 9 | 11) => 400,
+        Some(4) => 504,
+        Some(5) => 404,
+        Some(6 | 10) => 409,
+        Some(7) => 403,
+        Some(8) => 429,
+        Some(12) => 501,
+        Some(14) => 503,
+        Some(16) => 401,
+        _ => 500,
+    }
 }
 
 /// The response body, counting bytes; emits the event exactly once: at end of stream, on a
@@ -522,7 +562,16 @@ impl HttpBody for MeteredBody {
                 if let Some(data) = frame.data_ref() {
                     self.bytes += data.len() as u64;
                 }
-                if self.sent_all() {
+                let grpc = self.pending.as_ref().is_some_and(|p| p.grpc);
+                if grpc
+                    && let Some(code) = frame.trailers_ref().and_then(|t| t.get(&GRPC_STATUS))
+                    && let Some(p) = self.pending.as_mut()
+                {
+                    p.status = grpc_as_http(code);
+                }
+                // A gRPC answer's trailers come after its last bytes: waited for while the
+                // body is read (a server that stops at `Content-Length` drops it instead).
+                if if grpc { self.inner.is_end_stream() } else { self.sent_all() } {
                     self.finish(false);
                 }
             }
@@ -559,6 +608,47 @@ impl Drop for MeteredBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_answers_are_recognized_and_their_status_mapped() {
+        let ct = |v: &'static str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(v));
+            h
+        };
+        for yes in ["application/grpc", "application/grpc+proto", "application/grpc;charset=utf-8"] {
+            assert!(is_grpc(&ct(yes)), "{yes}");
+        }
+        for no in ["application/grpc-web", "application/grpc-web+proto", "application/json", "application/grpcx"] {
+            assert!(!is_grpc(&ct(no)), "{no}");
+        }
+        assert!(!is_grpc(&http::HeaderMap::new()));
+        let code = |c: &'static str| grpc_as_http(&http::HeaderValue::from_static(c));
+        let table = [
+            ("0", 200),
+            ("1", 499),
+            ("2", 500),
+            ("3", 400),
+            ("4", 504),
+            ("5", 404),
+            ("6", 409),
+            ("7", 403),
+            ("8", 429),
+            ("9", 400),
+            ("10", 409),
+            ("11", 400),
+            ("12", 501),
+            ("13", 500),
+            ("14", 503),
+            ("15", 500),
+            ("16", 401),
+            ("17", 500),
+            ("x", 500),
+        ];
+        for (c, status) in table {
+            assert_eq!(code(c), status, "grpc-status {c}");
+        }
+    }
 
     #[test]
     fn traceparent_table() {
