@@ -7,7 +7,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_aggregator::Config;
 use tollgate_aggregator::store::{self, Usage, UsageFilter};
-use tollgate_common::time;
+use tollgate_common::{cli, time};
+
+const BIN: &str = "tollgate-aggregator";
 
 #[derive(Parser)]
 #[command(version, about = "tollgate aggregator: per-minute usage and latency percentiles from api-calls")]
@@ -76,10 +78,7 @@ fn main() -> ExitCode {
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tollgate-aggregator: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return cli::refused(BIN, e),
     };
     if matches!(cli.command, Command::CheckConfig { .. }) {
         println!("{}: ok ({} SLO objectives)", config_path.display(), cfg.slo.objectives.len());
@@ -88,19 +87,13 @@ fn main() -> ExitCode {
     let filter = match &cli.command {
         Command::Usage { consumer, route, from, to, .. } => match window(from.as_deref(), to.as_deref()) {
             Ok((from, to)) => Some(UsageFilter { consumer: consumer.clone(), route: route.clone(), from, to }),
-            Err(e) => {
-                eprintln!("tollgate-aggregator: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return cli::refused(BIN, e),
         },
         _ => None,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match cli::runtime(BIN, None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tollgate-aggregator: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         match cli.command {
@@ -119,13 +112,7 @@ fn main() -> ExitCode {
     });
     // A Kafka client that cannot close (a broker gone mid-rebalance) must not hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tollgate-aggregator: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit(BIN, result)
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {

@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tollgate_billing::config::Config;
 use tollgate_billing::period::Period;
 use tollgate_billing::{close, invoice};
+use tollgate_common::cli;
+
+const BIN: &str = "tollgate-billing";
 
 #[derive(Parser)]
 #[command(version, about = "tollgate billing: monthly invoices per consumer from metered usage")]
@@ -69,10 +72,7 @@ fn main() -> ExitCode {
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tollgate-billing: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return cli::refused(BIN, e),
     };
     if matches!(cli.command, Command::CheckConfig { .. }) {
         println!("{}: ok", config_path.display());
@@ -81,19 +81,13 @@ fn main() -> ExitCode {
     let period = match &cli.command {
         Command::Invoice { period, .. } | Command::Close { period, .. } => match Period::parse(period) {
             Some(p) => Some(p),
-            None => {
-                eprintln!("tollgate-billing: --period: `{period}` is not a month like 2026-11");
-                return ExitCode::from(2);
-            }
+            None => return cli::refused(BIN, format!("--period: `{period}` is not a month like 2026-11")),
         },
         Command::Migrate { .. } | Command::CheckConfig { .. } => None,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match cli::runtime(BIN, None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tollgate-billing: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         if cfg.clickhouse.migrate_on_start || matches!(cli.command, Command::Migrate { .. }) {
@@ -137,11 +131,5 @@ fn main() -> ExitCode {
             _ => Ok::<(), anyhow::Error>(()),
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tollgate-billing: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli::exit(BIN, result)
 }

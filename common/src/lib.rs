@@ -1,6 +1,7 @@
 //! Plumbing shared by tollgate's binaries (not a contract crate: contracts live in
 //! `tollgate-schemas`):
 //!
+//! - [`cli`]: exit codes and the runtime of the binaries' `main`s;
 //! - [`config`]: TOML files with environment overrides, errors that name the key;
 //! - [`kafka`]: the consumer-group client of the pipeline stages;
 //! - [`logging`]: `tracing` subscriber set-up;
@@ -13,6 +14,7 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod kafka;
 pub mod logging;

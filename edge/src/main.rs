@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tollgate_common::cli;
 use tollgate_edge::Config;
+
+const BIN: &str = "tollgate-edge";
 
 // mimalloc: the request path allocates per call (headers, bodies, events); glibc malloc cost
 // ~15 % of the edge's CPU under load (docs/benchmarks.md).
@@ -88,14 +91,8 @@ fn main() -> ExitCode {
                     );
                     ExitCode::SUCCESS
                 }
-                Ok([]) => {
-                    eprintln!("tollgate-edge: {}: no PEM certificate in it", cert.display());
-                    ExitCode::from(2)
-                }
-                Err(e) => {
-                    eprintln!("tollgate-edge: {}: {e}", cert.display());
-                    ExitCode::from(2)
-                }
+                Ok([]) => cli::refused(BIN, format!("{}: no PEM certificate in it", cert.display())),
+                Err(e) => cli::refused(BIN, format!("{}: {e}", cert.display())),
             }
         }
         Command::GenKey { consumer, key_id, env } => {
@@ -114,37 +111,25 @@ fn main() -> ExitCode {
                 println!("{}: ok ({} routes, {} consumers)", config.display(), c.routes.len(), c.consumers.len());
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("tollgate-edge: {e}");
-                ExitCode::from(2)
-            }
+            Err(e) => cli::refused(BIN, e),
         },
         Command::Run { config, ready_file } => {
             let cfg = match Config::load(&config, &env) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("tollgate-edge: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return cli::refused(BIN, e),
             };
             // Admin, the producer task, reloads and JWKS refreshes: one thread is plenty (the
             // request path runs on `edge.worker_threads` threads of its own), and each thread
             // costs its own allocator heap.
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+            let rt = match cli::runtime(BIN, Some(1)) {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("tollgate-edge: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             // Logging starts once the config says whether spans are exported too.
             let telemetry = if cfg.telemetry.otlp_endpoint.is_some() {
                 let tls = match tollgate_edge::tls::client_config(&cfg.tls_ca) {
                     Ok(t) => t,
-                    Err(e) => {
-                        eprintln!("tollgate-edge: config key `edge.tls_ca_file`: {e}");
-                        return ExitCode::from(2);
-                    }
+                    Err(e) => return cli::refused(BIN, format!("config key `edge.tls_ca_file`: {e}")),
                 };
                 match tollgate_edge::telemetry::Telemetry::start(&cfg.telemetry, &tls, rt.handle().clone()) {
                     Ok((t, layer)) => {
@@ -152,10 +137,10 @@ fn main() -> ExitCode {
                         Some(t)
                     }
                     Err(e) => {
-                        eprintln!(
-                            "tollgate-edge: config key `telemetry.otlp_endpoint`: cannot start the exporter: {e:#}"
+                        return cli::refused(
+                            BIN,
+                            format!("config key `telemetry.otlp_endpoint`: cannot start the exporter: {e:#}"),
                         );
-                        return ExitCode::from(2);
                     }
                 }
             } else {
@@ -167,13 +152,7 @@ fn main() -> ExitCode {
             if let Some(t) = telemetry {
                 t.shutdown();
             }
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tollgate-edge: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            cli::exit(BIN, result)
         }
     }
 }

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use tollgate_common::cli;
 use tollgate_ingest::Config;
+
+const BIN: &str = "tollgate-ingest";
 
 #[derive(Parser)]
 #[command(version, about = "tollgate ingest: writes raw API-call events from Kafka to ClickHouse")]
@@ -39,21 +42,15 @@ fn main() -> std::process::ExitCode {
     };
     let cfg = match Config::load(config_path, &tollgate_common::config::process_env()) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tollgate-ingest: {e}");
-            return std::process::ExitCode::from(2);
-        }
+        Err(e) => return cli::refused(BIN, e),
     };
     if matches!(cli.command, Command::CheckConfig { .. }) {
         println!("{}: ok", config_path.display());
         return std::process::ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match cli::runtime(BIN, None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tollgate-ingest: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         match cli.command {
@@ -72,11 +69,5 @@ fn main() -> std::process::ExitCode {
     });
     // A Kafka client that cannot close (a broker gone mid-rebalance) must not hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tollgate-ingest: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::exit(BIN, result)
 }
