@@ -346,12 +346,13 @@ impl Call {
             return resp;
         }
         // A gRPC answer is HTTP 200 whatever happened: its status is `grpc-status`, in the
-        // trailers (or, for an answer without messages, the headers).
-        let grpc = outcome == Outcome::Forwarded && status == 200 && is_grpc(resp.headers());
-        let status = match resp.headers().get(&GRPC_STATUS) {
-            Some(code) if grpc => grpc_as_http(code),
-            _ => status,
-        };
+        // trailers (or, for an answer without messages, the headers). Only HTTP/2 upstreams
+        // speak gRPC: other answers are not looked at.
+        let grpc = outcome == Outcome::Forwarded
+            && status == 200
+            && self.route.get().is_some_and(|r| r.upstream_h2)
+            && is_grpc(resp.headers());
+        let status = if grpc { resp.headers().get(&GRPC_STATUS).map_or(status, grpc_as_http) } else { status };
         let pending = Pending { call: self, status, outcome, grpc };
         resp.map(|inner| {
             let length = HttpBody::size_hint(&inner).exact();
