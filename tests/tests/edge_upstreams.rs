@@ -438,6 +438,14 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert_eq!((resp.status().as_u16(), resp.version()), (200, http::Version::HTTP_11));
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     assert_eq!(text, "HTTP/2.0 POST /g/echo?x=1 te=trailers consumer=acme host= body=1000");
+    // A body far over HTTP/2's initial flow-control window (64 KiB) streams through.
+    let req = http::Request::put(format!("http://{addr}/g/upload"))
+        .header("x-api-key", "key-acme")
+        .body(Full::new(Bytes::from(vec![b'u'; 3 << 20])))
+        .unwrap();
+    let resp = h1.request(req).await.unwrap();
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(text.ends_with(&format!("body={}", 3 << 20)), "{text}");
 
     // An HTTP/2 client gets the upstream's trailers.
     let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
@@ -492,7 +500,7 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
         assert!(text.starts_with(&format!("HTTP/2.0 GET /g/{i} ")), "{text}");
     }
     let opened = conns.load(Ordering::SeqCst);
-    assert!((1..=2).contains(&opened), "{opened} upstream connections for 66 calls");
+    assert!((1..=2).contains(&opened), "{opened} upstream connections for 67 calls");
 
     // Over TLS: ALPN `h2`, the certificate verified against the test CA.
     let answer = send_h1(addr, "/gs/x").await;
@@ -507,9 +515,9 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert!(passed, "no health check passed:\n{}", edge.log_tail());
     assert_eq!(metric(admin, "tollgate_edge_health_checks_total{result=\"failed\"}").await, 0);
 
-    // Metered: the 69 calls, forwarded, with the target and the bytes; the gRPC failures with
+    // Metered: the 70 calls, forwarded, with the target and the bytes; the gRPC failures with
     // the HTTP status their grpc-status means (UNAVAILABLE 503, NOT_FOUND 404).
-    let events = read_events(&topic, |e| e.len() >= 69).await;
+    let events = read_events(&topic, |e| e.len() >= 70).await;
     let status_of = |path: &str| events.iter().find(|e| e.path == path).map(|e| (e.status, e.outcome));
     assert_eq!(status_of("/g/svc/unavailable"), Some((503, tollgate_schemas::Outcome::Forwarded)));
     assert_eq!(status_of("/g/svc/missing"), Some((404, tollgate_schemas::Outcome::Forwarded)));
@@ -520,4 +528,5 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert!(odd.is_empty(), "{odd:?}");
     assert!(events.iter().all(|e| e.upstream_target.as_deref() == Some(format!("http://{up}").as_str())));
     assert_eq!(events.iter().find(|e| e.method == "POST").unwrap().request_bytes, 1000);
+    assert_eq!(events.iter().find(|e| e.method == "PUT").unwrap().request_bytes, 3 << 20);
 }
