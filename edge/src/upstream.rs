@@ -329,8 +329,17 @@ pub const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 pub type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Sender = hyper::client::conn::http1::SendRequest<axum::body::Body>;
 type H2Sender = hyper::client::conn::http2::SendRequest<axum::body::Body>;
-/// A thread's HTTP/2 connection to a target, and when a request last took it.
-type H2Slot = Arc<tokio::sync::Mutex<Option<(H2Sender, Instant)>>>;
+type H2Slot = Arc<tokio::sync::Mutex<H2State>>;
+
+/// A thread's HTTP/2 connection to a target.
+#[derive(Default)]
+struct H2State {
+    /// The connection, and when a request last took it.
+    conn: Option<(H2Sender, Instant)>,
+    /// The last failed attempt to connect: when it ended, and why. Requests that were waiting
+    /// for it fail with it instead of each trying again in turn.
+    failed: Option<(Instant, String)>,
+}
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -463,19 +472,34 @@ impl Clients {
             l.sync(generation);
             Arc::clone(l.h2.entry(Arc::clone(key)).or_default())
         });
+        let arrived = Instant::now();
         for attempt in 0..2 {
             let mut sender = {
                 let mut held = slot.lock().await;
-                match held.as_mut().filter(|(s, _)| attempt == 0 && !s.is_closed()) {
+                if let Some((at, why)) = &held.failed
+                    && *at >= arrived
+                {
+                    return Err(SendError::Connect(why.clone()));
+                }
+                match held.conn.as_mut().filter(|(s, _)| attempt == 0 && !s.is_closed()) {
                     Some((s, used)) => {
                         *used = Instant::now();
                         s.clone()
                     }
-                    None => {
-                        let s = Box::pin(self.connect_h2(target, connect_timeout)).await?;
-                        *held = Some((s.clone(), Instant::now()));
-                        s
-                    }
+                    None => match Box::pin(self.connect_h2(target, connect_timeout)).await {
+                        Ok(s) => {
+                            *held = H2State { conn: Some((s.clone(), Instant::now())), failed: None };
+                            s
+                        }
+                        Err(e) => {
+                            let why = match &e {
+                                SendError::Connect(why) => why.clone(),
+                                other => other.to_string(),
+                            };
+                            held.failed = Some((Instant::now(), why));
+                            return Err(e);
+                        }
+                    },
                 }
             };
             if sender.ready().await.is_err() {
@@ -556,7 +580,7 @@ impl Clients {
             // the streams still open on it (a long download) are done.
             l.h2.retain(|_, slot| {
                 slot.try_lock().map_or(true, |s| {
-                    s.as_ref().is_some_and(|(s, used)| !s.is_closed() && used.elapsed() < IDLE_TIMEOUT)
+                    s.conn.as_ref().is_some_and(|(s, used)| !s.is_closed() && used.elapsed() < IDLE_TIMEOUT)
                 })
             });
         });
@@ -1017,6 +1041,46 @@ mod tests {
         assert!(pool.failure(0));
         let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 2), "{picks:?}");
+    }
+
+    /// A target whose connects hang (its listen backlog is full, so SYNs go unanswered): the
+    /// requests that queued for the thread's one HTTP/2 connection while a connect was tried
+    /// fail with it, rather than each trying again in turn (N times the connect timeout).
+    #[tokio::test(flavor = "current_thread")]
+    async fn requests_waiting_on_a_failed_http2_connect_fail_with_it() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Fill the backlog (never accepted): later connects get no answer.
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await
+            {
+                fillers.push(s);
+            }
+        }
+        let clients = Arc::new(Clients::new(crate::tls::client_config(&[]).unwrap()));
+        let target: Uri = format!("http://{addr}").parse().unwrap();
+        let key: Arc<str> = Arc::from(format!("http://{addr}"));
+        let started = Instant::now();
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let (clients, target, key) = (Arc::clone(&clients), target.clone(), Arc::clone(&key));
+                tokio::spawn(async move {
+                    let req = http::Request::get(format!("http://{addr}/x")).body(axum::body::Body::empty()).unwrap();
+                    clients.send_h2(&key, &target, Duration::from_millis(300), req).await
+                })
+            })
+            .collect();
+        for call in calls {
+            assert!(matches!(call.await.unwrap(), Err(SendError::Connect(_))));
+        }
+        // One connect timeout (300 ms) for all five, not five in a row (1.5 s).
+        let waited = started.elapsed();
+        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+        drop(fillers);
     }
 
     #[tokio::test(flavor = "current_thread")]
