@@ -448,6 +448,8 @@ struct RawPlan {
     /// Per-route limits of this plan, by route id, on top of the plan-wide one.
     #[serde(default)]
     routes: BTreeMap<String, RawRate>,
+    #[serde(default)]
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -930,6 +932,8 @@ pub struct Plan {
     pub limit: Rate,
     /// Extra limits on single routes, by route id; a call must pass both.
     pub routes: HashMap<String, Rate>,
+    /// A consumer's calls in flight at once (per edge); more get 429. `None`: no limit.
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -1072,7 +1076,13 @@ fn validate(
             routes.insert(route.clone(), rate(r.rate_per_second, r.burst, &key, origin)?);
             plan_routes.push((format!("plans.{name}.routes.{route}"), route));
         }
-        plans.insert(name.clone(), Arc::new(Plan { name, limit, routes }));
+        if p.max_in_flight == Some(0) {
+            return Err(err(
+                format!("plans.{name}.max_in_flight"),
+                "must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
+        plans.insert(name.clone(), Arc::new(Plan { name, limit, routes, max_in_flight: p.max_in_flight }));
     }
 
     // Every policy is checked, also one no route uses yet (a typo there would otherwise wait).
@@ -1959,6 +1969,14 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("key `routes[0].max_in_flight`: must be at least 1"), "{msg}");
         let msg = with("max_in_flight = -1").unwrap_err().to_string();
         assert!(msg.contains("max_in_flight"), "{msg}");
+        // A plan's: per consumer.
+        let plan = |line: &str| {
+            Config::parse(&BASE.replace("[plans.free]\n", &format!("[plans.free]\n{line}\n")), &BTreeMap::new())
+        };
+        assert_eq!(plan("max_in_flight = 8").unwrap().plans["free"].max_in_flight, Some(8));
+        assert_eq!(plan("").unwrap().plans["free"].max_in_flight, None);
+        let msg = plan("max_in_flight = 0").unwrap_err().to_string();
+        assert!(msg.contains("key `plans.free.max_in_flight`: must be at least 1"), "{msg}");
     }
 
     #[test]

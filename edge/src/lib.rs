@@ -265,7 +265,10 @@ async fn admit_and_forward(
         Some(refused) => refused,
         None => proxy::forward(gw, &ctx, req).await,
     };
-    if let Some(admission) = admission {
+    if let Some(mut admission) = admission {
+        if let Some(slot) = admission.in_flight.take() {
+            resp = resp.map(|body| slot.hold(body));
+        }
         // Room for the rate-limit, quota and request-id headers: one allocation, not several.
         resp.headers_mut().reserve(10);
         admission.write_headers(resp.headers_mut());

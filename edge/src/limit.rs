@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub struct Limiter {
     limit_header: http::HeaderValue,
     /// Milliseconds since the cache's epoch of the last check.
     last_used_ms: AtomicU64,
+    /// The consumer's calls in flight (its plan's `max_in_flight`; on the consumer-wide
+    /// limiter only).
+    in_flight: Arc<AtomicU32>,
 }
 
 /// The limiter's answer, enough to write the rate-limit headers.
@@ -75,6 +78,7 @@ impl Limiter {
             policy_header: http::HeaderValue::from_str(&policy).unwrap_or_else(|_| http::HeaderValue::from_static("")),
             limit_header: http::HeaderValue::from(burst),
             last_used_ms: AtomicU64::new(0),
+            in_flight: Arc::default(),
         }
     }
 
@@ -198,11 +202,17 @@ impl LimiterCache {
         let limiter = match shard.map.get(&key) {
             Some(l) if l.enforces(rate) => Arc::clone(l),
             held => {
-                let replaced = held.is_some();
+                // The calls in flight of a replaced limiter go on counting.
+                let held_in_flight = held.map(|old| Arc::clone(&old.in_flight));
+                let replaced = held_in_flight.is_some();
                 if !replaced && shard.map.len() >= shard.prune_at {
                     self.prune(&mut shard, now);
                 }
-                let l = Arc::new(Limiter::new(rate, if route.is_some() { "route" } else { "default" }));
+                let mut fresh = Limiter::new(rate, if route.is_some() { "route" } else { "default" });
+                if let Some(in_flight) = held_in_flight {
+                    fresh.in_flight = in_flight;
+                }
+                let l = Arc::new(fresh);
                 shard.map.insert(key, Arc::clone(&l));
                 if !replaced {
                     self.gauge.fetch_add(1, Ordering::Relaxed);
@@ -219,7 +229,7 @@ impl LimiterCache {
         let before = shard.map.len();
         shard.map.retain(|_, l| {
             let idle_ms = now_ms.saturating_sub(l.last_used_ms.load(Ordering::Relaxed));
-            Arc::strong_count(l) > 1 || idle_ms <= l.refill_secs() * 1000
+            Arc::strong_count(l) > 1 || idle_ms <= l.refill_secs() * 1000 || l.in_flight.load(Ordering::Acquire) > 0
         });
         self.gauge.fetch_sub((before - shard.map.len()) as u64, Ordering::Relaxed);
         shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
@@ -338,15 +348,38 @@ pub struct Admission {
     quota: Option<crate::quota::Check>,
     /// The 429, when a limit or a hard quota refuses the call.
     pub refusal: Option<Response>,
+    /// The call's place among its consumer's calls in flight (plan `max_in_flight`), to be
+    /// held until its response has been sent.
+    pub in_flight: Option<crate::upstream::InFlight>,
 }
 
-/// Checks the rate limits, then (within them) the monthly quota, which counts the call when
-/// it lets it through.
+/// Checks the consumer's calls in flight (its plan's `max_in_flight`: a call refused there
+/// spends no rate budget), the rate limits, then (within them) the monthly quota, which counts
+/// the call when it lets it through.
 pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route) -> Admission {
+    let in_flight = match identity.plan.max_in_flight {
+        None => None,
+        Some(max) => {
+            let consumer = runtime.limiters.get(&identity.consumer_id, None, &identity.plan.limit);
+            match crate::upstream::InFlight::take(&consumer.in_flight, max) {
+                Ok(slot) => Some(slot),
+                Err(max) => {
+                    gw.metrics.in_flight_refusals[1].fetch_add(1, Ordering::Relaxed);
+                    let refusal = Some(Problem::concurrency_limited(max).into_response());
+                    return Admission {
+                        checked: Checked { limits: Vec::new() },
+                        quota: None,
+                        refusal,
+                        in_flight: None,
+                    };
+                }
+            }
+        }
+    };
     let checked = check(&runtime.limiters, identity, route);
     if let Some((_, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
         let refusal = Some(Problem::rate_limited(d.reset_secs).into_response());
-        return Admission { checked, quota: None, refusal };
+        return Admission { checked, quota: None, refusal, in_flight: None };
     }
     let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let quota = gw.quotas.admit(&identity.consumer_id, now_s);
@@ -354,7 +387,7 @@ pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route
         Some(q) if !q.allowed => Some(Problem::quota_exceeded(q.quota, q.resets_at, now_s).into_response()),
         _ => None,
     };
-    Admission { checked, quota, refusal }
+    Admission { checked, quota, refusal, in_flight }
 }
 
 impl Admission {
@@ -403,7 +436,12 @@ mod tests {
 
     #[test]
     fn route_limit_applies_on_its_route_only_and_both_show_in_headers() {
-        let plan = Plan { name: "p".into(), limit: rate(1, 5), routes: [("slow".to_owned(), rate(1, 2))].into() };
+        let plan = Plan {
+            name: "p".into(),
+            limit: rate(1, 5),
+            routes: [("slow".to_owned(), rate(1, 2))].into(),
+            max_in_flight: None,
+        };
         let id = Identity {
             consumer_id: Arc::from("acme"),
             credential_id: Arc::from("k"),
@@ -436,7 +474,8 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_spent_budgets_unless_the_rate_changed() {
-        let plan = |r, b| Arc::new(Plan { name: "p".into(), limit: rate(r, b), routes: HashMap::new() });
+        let plan =
+            |r, b| Arc::new(Plan { name: "p".into(), limit: rate(r, b), routes: HashMap::new(), max_in_flight: None });
         let id = |plan: &Arc<Plan>, who: &str| Identity {
             consumer_id: Arc::from(who),
             credential_id: Arc::from("k"),
@@ -467,8 +506,29 @@ mod tests {
     }
 
     #[test]
+    fn a_consumers_calls_in_flight_outlive_pruning_and_a_rate_change() {
+        use crate::upstream::InFlight;
+        let consumer: Arc<str> = Arc::from("acme");
+        let cache = LimiterCache::default();
+        let l = cache.get(&consumer, None, &rate(10, 1));
+        let held: Vec<InFlight> = (0..2).map(|_| InFlight::take(&l.in_flight, 2).unwrap()).collect();
+        assert_eq!(InFlight::take(&l.in_flight, 2).unwrap_err(), 2);
+        drop(l);
+        // Idle past its refill (100 ms) but with calls in flight: kept, and still counting.
+        std::thread::sleep(Duration::from_millis(150));
+        cache.prune_all();
+        assert_eq!(cache.len(), 1);
+        // The plan's rate changed: a new limiter, the same calls in flight.
+        let l = cache.get(&consumer, None, &rate(20, 5));
+        assert_eq!(l.policy(), (5, 1));
+        assert!(InFlight::take(&l.in_flight, 2).is_err());
+        drop(held);
+        assert!(InFlight::take(&l.in_flight, 2).is_ok());
+    }
+
+    #[test]
     fn idle_limiters_are_pruned_and_memory_stays_bounded() {
-        let plan = Arc::new(Plan { name: "p".into(), limit: rate(1, 2), routes: HashMap::new() });
+        let plan = Arc::new(Plan { name: "p".into(), limit: rate(1, 2), routes: HashMap::new(), max_in_flight: None });
         let gauge = Arc::new(AtomicU64::new(0));
         let cache = LimiterCache::new(Arc::clone(&gauge));
         let r = route("r");

@@ -77,8 +77,9 @@ pub struct Metrics {
     pub upstream_retries: AtomicU64,
     /// Upstream targets taken out of service by passive health checks.
     pub upstream_ejections: AtomicU64,
-    /// Calls refused because their route had `max_in_flight` calls in flight.
-    pub in_flight_refusals: AtomicU64,
+    /// Calls refused because their route (`routes[].max_in_flight`, 503) or their consumer
+    /// (`plans.<name>.max_in_flight`, 429) had that many calls in flight.
+    pub in_flight_refusals: [AtomicU64; 2],
     pub config_reload_failures: AtomicU64,
     /// TLS handshakes on the traffic port that failed or did not finish in time.
     pub tls_handshake_failures: AtomicU64,
@@ -340,11 +341,6 @@ impl Metrics {
                 load(&self.upstream_ejections),
             ),
             (
-                "tollgate_edge_in_flight_refusals_total",
-                "Calls refused with 503 because their route had `max_in_flight` calls in flight.",
-                load(&self.in_flight_refusals),
-            ),
-            (
                 "tollgate_edge_config_reload_failures_total",
                 "Config reloads rejected (the running config stayed).",
                 load(&self.config_reload_failures),
@@ -383,25 +379,34 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        // Counters with a two-valued `result` label.
-        let by_result = [
+        // Counters with a two-valued label.
+        let by_label = [
             (
                 "tollgate_edge_cors_preflights_total",
                 "CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).",
+                "result",
                 ["allowed", "refused"],
                 &self.cors_preflights,
             ),
             (
                 "tollgate_edge_health_checks_total",
                 "Active health checks of upstream targets (routes[].health_check), by result: passed (2xx/3xx in time) or failed.",
+                "result",
                 ["passed", "failed"],
                 &self.health_checks,
             ),
+            (
+                "tollgate_edge_in_flight_refusals_total",
+                "Calls refused because that many were in flight already, by limit: route (routes[].max_in_flight, 503) or plan (plans.<name>.max_in_flight, per consumer, 429).",
+                "limit",
+                ["route", "plan"],
+                &self.in_flight_refusals,
+            ),
         ];
-        for (name, help, results, values) in by_result {
+        for (name, help, label, values, counts) in by_label {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (result, value) in results.iter().zip(values) {
-                let _ = writeln!(out, "{name}{{result=\"{result}\"}} {}", load(value));
+            for (value, count) in values.iter().zip(counts) {
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {}", load(count));
             }
         }
         let name = "tollgate_edge_connections_timed_out_total";

@@ -93,6 +93,18 @@ impl Problem {
         .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
+    /// 429: the consumer already has its plan's `max_in_flight` calls in flight.
+    pub fn concurrency_limited(max_in_flight: u32) -> Self {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "concurrency-limited",
+            "Too Many Requests",
+            Outcome::RateLimited,
+            format!("{max_in_flight} calls of this consumer are in flight already, its plan's limit; retry when one has finished"),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     /// 429: the consumer's hard monthly quota is used up until `resets_at` (Unix seconds).
     pub fn quota_exceeded(quota: u64, resets_at: i64, now_s: i64) -> Self {
         let reset = tollgate_common::time::format_utc(resets_at);

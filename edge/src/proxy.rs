@@ -157,7 +157,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let mut in_flight = match pool.admit() {
         Ok(slot) => slot,
         Err(max) => {
-            gw.metrics.in_flight_refusals.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
             return Problem::upstream_overloaded(max).into_response();
         }
     };
@@ -327,43 +327,12 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                     route.response_headers.apply(&mut parts.headers);
                 }
                 let body = match in_flight.take() {
-                    Some(slot) => Body::new(Holding { body, slot: Some(slot) }),
+                    Some(slot) => slot.hold(body),
                     None => body,
                 };
                 return Response::from_parts(parts, body);
             }
         }
-    }
-}
-
-/// A response body holding its call's place among the route's `max_in_flight` until its last
-/// frame (or until it is dropped: the client went away).
-struct Holding {
-    body: Body,
-    slot: Option<crate::upstream::InFlight>,
-}
-
-impl http_body::Body for Holding {
-    type Data = bytes::Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.slot = None;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
     }
 }
 

@@ -126,10 +126,7 @@ impl Pool {
     /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it.
     pub fn admit(&self) -> Result<Option<InFlight>, u32> {
         let Some(max) = self.max_in_flight else { return Ok(None) };
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map(|_| Some(InFlight(Arc::clone(&self.in_flight))))
-            .map_err(|_| max)
+        InFlight::take(&self.in_flight, max).map(Some)
     }
 
     /// Targets that take calls (weight above 0): the most attempts a call can make.
@@ -266,6 +263,52 @@ pub struct InFlight(Arc<AtomicU32>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl InFlight {
+    /// A place among `count`'s calls, if fewer than `max` hold one (`Err(max)` otherwise).
+    pub fn take(count: &Arc<AtomicU32>, max: u32) -> Result<Self, u32> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .map(|_| Self(Arc::clone(count)))
+            .map_err(|_| max)
+    }
+
+    /// `body`, holding this place until its last frame (or until it is dropped: the client
+    /// went away).
+    pub fn hold(self, body: axum::body::Body) -> axum::body::Body {
+        axum::body::Body::new(Holding { body, slot: Some(self) })
+    }
+}
+
+/// A response body holding its call's place among the calls in flight.
+struct Holding {
+    body: axum::body::Body,
+    slot: Option<InFlight>,
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.slot = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

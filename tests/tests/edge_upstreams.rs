@@ -282,7 +282,7 @@ async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
         assert!(body.contains("upstream-overloaded") && body.contains("2 calls in flight"), "{body}");
     }
     assert_eq!(stats.requests.load(Ordering::SeqCst), 2, "refused calls reached the upstream");
-    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total").await, 4);
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"route\"}").await, 4);
     assert_eq!(metric(admin, "tollgate_edge_route_in_flight{route=\"lim\"}").await, 0);
 
     // Two large answers whose clients stop reading hold both places while their bodies are
@@ -529,4 +529,64 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     assert!(events.iter().all(|e| e.upstream_target.as_deref() == Some(format!("http://{up}").as_str())));
     assert_eq!(events.iter().find(|e| e.method == "POST").unwrap().request_bytes, 1000);
     assert_eq!(events.iter().find(|e| e.method == "PUT").unwrap().request_bytes, 3 << 20);
+}
+
+/// A plan's `max_in_flight` caps each consumer's calls in flight: beyond it, 429
+/// `concurrency-limited` (outcome `rate_limited`), without spending the consumer's rate
+/// budget; another consumer on the same plan is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plans_max_in_flight_caps_each_consumers_calls() {
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("e2e_edge_plan_in_flight");
+    let topic = unique("edge_plan_in_flight");
+    create_topic(&topic, 1).await;
+    let (up, _) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"echo\"\npath_prefix = \"/echo\"\nupstream = \"http://{up}\"\n\
+         [plans.p]\nrate_per_second = 1\nburst = 3\nmax_in_flight = 2\n\
+         [[consumers]]\nid = \"acme\"\nplan = \"p\"\nkeys = [{{ id = \"a\", sha256 = \"{}\" }}]\n\
+         [[consumers]]\nid = \"globex\"\nplan = \"p\"\nkeys = [{{ id = \"g\", sha256 = \"{}\" }}]\n",
+        edge_head("edge-plan-in-flight", &topic),
+        sha256_hex("key-acme"),
+        sha256_hex("key-globex")
+    );
+    let (_edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let call = |key: &'static str, i: usize| async move {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = http::Request::get(format!("http://{addr}/echo/{i}?delay_ms=300"))
+            .header("x-api-key", key)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        let (status, retry_after) = (resp.status().as_u16(), resp.headers().get("retry-after").cloned());
+        let body = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        (status, retry_after, body)
+    };
+    // Four of acme's at once and two of globex's: acme's third and fourth are refused.
+    let acme: Vec<_> = (0..4).map(|i| tokio::spawn(call("key-acme", i))).collect();
+    let globex: Vec<_> = (0..2).map(|i| tokio::spawn(call("key-globex", i))).collect();
+    let mut acme_statuses = Vec::new();
+    for c in acme {
+        let (status, retry_after, body) = c.await.unwrap();
+        if status == 429 {
+            assert!(body.contains("concurrency-limited") && body.contains("2 calls of this consumer"), "{body}");
+            assert_eq!(retry_after.unwrap(), "1");
+        }
+        acme_statuses.push(status);
+    }
+    acme_statuses.sort_unstable();
+    assert_eq!(acme_statuses, vec![200, 200, 429, 429]);
+    for c in globex {
+        assert_eq!(c.await.unwrap().0, 200, "globex was held back by acme's calls");
+    }
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"plan\"}").await, 2);
+    // The refused calls spent none of acme's burst of 3: one more call goes through.
+    assert_eq!(call("key-acme", 9).await.0, 200);
+
+    let events = read_events(&topic, |e| e.len() >= 7).await;
+    let refused: Vec<_> = events.iter().filter(|e| e.status == 429).collect();
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|e| e.outcome == tollgate_schemas::Outcome::RateLimited
+        && e.consumer_id.as_deref() == Some("acme")
+        && e.upstream_target.is_none()));
 }

@@ -351,7 +351,8 @@ mod tests {
         use crate::config::{ApiKey, Rate};
         use std::num::NonZeroU32;
         let rate = Rate { rate_per_second: NonZeroU32::new(1).unwrap(), burst: NonZeroU32::new(1).unwrap() };
-        let plan = |name: &str| Arc::new(Plan { name: name.into(), limit: rate, routes: HashMap::new() });
+        let plan =
+            |name: &str| Arc::new(Plan { name: name.into(), limit: rate, routes: HashMap::new(), max_in_flight: None });
         let plans: HashMap<String, Arc<Plan>> =
             [("gold".to_owned(), plan("gold")), ("free".to_owned(), plan("free"))].into();
         let key = |id: &str, k: &str| ApiKey {
