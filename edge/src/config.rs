@@ -215,6 +215,8 @@ struct RawEdge {
     #[serde(default)]
     trusted_hops: usize,
     #[serde(default)]
+    response_headers: RawHeaderRules,
+    #[serde(default)]
     tls_ca_file: Option<String>,
     #[serde(default)]
     tls_cert_file: Option<String>,
@@ -263,6 +265,7 @@ impl Default for RawEdge {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
+            response_headers: RawHeaderRules::default(),
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -668,6 +671,9 @@ pub struct Config {
     pub tls_files: Vec<PathBuf>,
     /// `tls_server` asks clients for a certificate (`edge.tls_client_ca_file`).
     pub mutual_tls: bool,
+    /// Headers on every answer (`edge.response_headers`): `set` added where missing, `remove`
+    /// from the upstreams' answers. `None`: no rule.
+    pub response_headers: Option<Arc<crate::rewrite::HeaderRules>>,
     /// The client certificate the edge presents to https upstreams that ask for one
     /// (`edge.upstream_tls_cert_file` and `_key_file`).
     pub upstream_identity: Option<Arc<rustls::sign::CertifiedKey>>,
@@ -1505,9 +1511,25 @@ fn validate(
         Some(_) => return Err(err("edge.max_connections".into(), "must be between 1 and 1000000".into())),
     };
 
+    if raw.edge.response_headers.always {
+        return Err(err(
+            "edge.response_headers.always".into(),
+            "not needed: the edge's response_headers apply to every answer".into(),
+        ));
+    }
+    let response_headers = crate::rewrite::HeaderRules::new(
+        &raw.edge.response_headers.set,
+        &raw.edge.response_headers.remove,
+        crate::rewrite::Direction::Response,
+        env,
+    )
+    .map_err(|(at, reason)| err(format!("edge.response_headers.{at}"), reason))?;
+    let response_headers = (!response_headers.is_empty()).then(|| Arc::new(response_headers));
+
     Ok(Config {
         worker_threads,
         max_connections,
+        response_headers,
         tls_ca,
         mutual_tls: client_roots.is_some(),
         upstream_identity,
@@ -1957,6 +1979,17 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(c.routes[0].response_headers.always && !c.routes[0].request_headers.always);
         let msg = with(r#"request_headers = { set = { x-a = "1" }, always = true }"#, &[]).unwrap_err().to_string();
         assert!(msg.contains("routes[0].request_headers.always"), "{msg}");
+        // The edge's own: on every answer.
+        let edge =
+            |rules: &str| Config::parse(&format!("[edge]\nresponse_headers = {rules}\n{BASE}"), &BTreeMap::new());
+        assert!(edge("{ }").unwrap().response_headers.is_none());
+        let c = edge(r#"{ set = { x-content-type-options = "nosniff" }, remove = ["server"] }"#).unwrap();
+        let rules = c.response_headers.unwrap();
+        assert_eq!((rules.set[0].0.as_str(), rules.remove[0].as_str()), ("x-content-type-options", "server"));
+        let msg = edge(r#"{ remove = ["x-request-id"] }"#).unwrap_err().to_string();
+        assert!(msg.contains("edge.response_headers.remove[0]"), "{msg}");
+        let msg = edge(r#"{ set = { a = "1" }, always = true }"#).unwrap_err().to_string();
+        assert!(msg.contains("edge.response_headers.always"), "{msg}");
     }
 
     #[test]

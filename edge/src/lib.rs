@@ -55,6 +55,8 @@ pub struct Runtime {
     pub client: proxy::HttpClient,
     /// The HTTP limits and timeouts: per request, and for connections accepted from now on.
     pub http: config::HttpSettings,
+    /// Headers on every answer (`edge.response_headers`).
+    pub response_headers: Option<Arc<rewrite::HeaderRules>>,
 }
 
 impl Runtime {
@@ -75,6 +77,7 @@ impl Runtime {
                 None => limit::LimiterCache::new(Arc::clone(&metrics.limiters)),
             },
             http: cfg.http.clone(),
+            response_headers: cfg.response_headers.clone(),
         }
     }
 }
@@ -200,7 +203,18 @@ pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body
     // One await point (with a disabled span when telemetry is off): each await of the request
     // path is a slot in the connection's future, moved on every request.
     let span = call.span.clone().unwrap_or_else(tracing::Span::none);
-    let resp = tracing::Instrument::instrument(admit_and_forward(&call, runtime, &peer, req), span).await;
+    let everywhere = runtime.response_headers.clone();
+    let mut resp = tracing::Instrument::instrument(admit_and_forward(&call, runtime, &peer, req), span).await;
+    if let Some(rules) = everywhere {
+        // An upstream's answer carries no `CallInfo` (or one without an outcome).
+        let forwarded = resp.extensions().get::<CallInfo>().is_none_or(|i| i.outcome.is_none() && !i.unmetered);
+        if forwarded {
+            for name in &rules.remove {
+                resp.headers_mut().remove(name);
+            }
+        }
+        rules.add_missing(resp.headers_mut());
+    }
     call.finish(resp)
 }
 

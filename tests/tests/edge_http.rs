@@ -317,7 +317,10 @@ async fn routes_set_and_remove_headers_both_ways() {
          [[routes]]\nid = \"plain\"\npath_prefix = \"/plain\"\nupstream = \"http://{upstream}\"\n\
          [[routes]]\nid = \"strict\"\npath_prefix = \"/strict\"\nupstream = \"http://{upstream}\"\n\
          response_headers = {{ set = {{ strict-transport-security = \"max-age=63072000\", content-type = \"text/plain\" }}, always = true }}\n{}",
-        edge_head("edge-rewrite", &topic),
+        edge_head("edge-rewrite", &topic).replace(
+            "[edge]\n",
+            "[edge]\nresponse_headers = { set = { x-content-type-options = \"nosniff\" }, remove = [\"x-powered-by\"] }\n"
+        ),
         acme_with_key(1000)
     );
     let (_edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
@@ -344,6 +347,12 @@ async fn routes_set_and_remove_headers_both_ways() {
     assert!(b.body.get("authorization").is_none(), "{}", b.body);
     assert_eq!(b.headers["server"], "upstream/1.0");
     assert_eq!(b.headers["cache-control"], "public, max-age=60");
+    // The edge's own rules: on every answer; `remove` on the upstreams' answers.
+    assert!(!b.headers.contains_key("x-powered-by"), "{:?}", b.headers);
+    assert_eq!(b.headers["x-content-type-options"], "nosniff");
+    let nowhere = call(addr, "GET", "/nowhere", &[]).await;
+    assert_eq!((nowhere.status, &nowhere.headers["x-content-type-options"]), (404, &"nosniff".parse().unwrap()));
+    assert_eq!(nowhere.headers["content-type"], "application/problem+json");
 
     // `always`: the edge's own answers on the route get the set headers too, but keep what the
     // edge wrote (the problem's content type, `WWW-Authenticate`); without it they get none.
@@ -359,4 +368,5 @@ async fn routes_set_and_remove_headers_both_ways() {
     let refused = call(addr, "GET", "/orders/1", &[]).await;
     assert_eq!(refused.status, 401);
     assert!(!refused.headers.contains_key("x-frame-options"), "{:?}", refused.headers);
+    assert_eq!(refused.headers["x-content-type-options"], "nosniff");
 }
