@@ -269,6 +269,12 @@ impl Checked {
 /// call refused by the route limit does not spend the consumer's budget; a call refused by
 /// the consumer's limit has spent one unit of the route's (GCRA cannot give it back).
 pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checked {
+    check_with(cache, identity, route, None)
+}
+
+/// [`check`], with the consumer's limiter when the caller has it already (`admit` took it for
+/// the calls in flight): not looked up twice.
+fn check_with(cache: &LimiterCache, identity: &Identity, route: &Route, consumer: Option<Arc<Limiter>>) -> Checked {
     let mut limits = Vec::with_capacity(2);
     if let Some(rate) = identity.plan.routes.get(&route.id) {
         let l = cache.get(&identity.consumer_id, Some(&Arc::from(route.id.as_str())), rate);
@@ -278,7 +284,7 @@ pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checke
             return Checked { limits };
         }
     }
-    let l = cache.get(&identity.consumer_id, None, &identity.plan.limit);
+    let l = consumer.unwrap_or_else(|| cache.get(&identity.consumer_id, None, &identity.plan.limit));
     let d = l.check();
     limits.push((l, d));
     Checked { limits }
@@ -357,12 +363,12 @@ pub struct Admission {
 /// spends no rate budget), the rate limits, then (within them) the monthly quota, which counts
 /// the call when it lets it through.
 pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route) -> Admission {
-    let in_flight = match identity.plan.max_in_flight {
-        None => None,
+    let (in_flight, consumer) = match identity.plan.max_in_flight {
+        None => (None, None),
         Some(max) => {
             let consumer = runtime.limiters.get(&identity.consumer_id, None, &identity.plan.limit);
             match crate::upstream::InFlight::take(&consumer.in_flight, max) {
-                Ok(slot) => Some(slot),
+                Ok(slot) => (Some(slot), Some(consumer)),
                 Err(max) => {
                     gw.metrics.in_flight_refusals[1].fetch_add(1, Ordering::Relaxed);
                     let refusal = Some(Problem::concurrency_limited(max).into_response());
@@ -376,7 +382,7 @@ pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route
             }
         }
     };
-    let checked = check(&runtime.limiters, identity, route);
+    let checked = check_with(&runtime.limiters, identity, route, consumer);
     if let Some((_, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
         let refusal = Some(Problem::rate_limited(d.reset_secs).into_response());
         return Admission { checked, quota: None, refusal, in_flight: None };
