@@ -37,16 +37,21 @@ fn config(
     c
 }
 
-async fn status(addr: std::net::SocketAddr, path: &str, key: &str) -> u16 {
+/// A GET with `key`: the answer's status and headers (its body read and dropped).
+async fn get(addr: std::net::SocketAddr, path: &str, key: &str) -> (u16, http::HeaderMap) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = http::Request::get(format!("http://{addr}{path}"))
         .header("x-api-key", key)
         .body(Full::new(Bytes::new()))
         .unwrap();
     let resp = client.request(req).await.unwrap();
-    let s = resp.status().as_u16();
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
     let _ = resp.into_body().collect().await;
-    s
+    (status, headers)
+}
+
+async fn status(addr: std::net::SocketAddr, path: &str, key: &str) -> u16 {
+    get(addr, path, key).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,16 +228,8 @@ async fn http_limits_and_timeouts_apply_at_reload() {
 
 /// A consumer's answer: its status and `X-RateLimit-Remaining`.
 async fn limited(addr: std::net::SocketAddr, key: &str) -> (u16, u32) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::get(format!("http://{addr}/echo/x"))
-        .header("x-api-key", key)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = client.request(req).await.unwrap();
-    let remaining = resp.headers()["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
-    let s = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    (s, remaining)
+    let (status, headers) = get(addr, "/echo/x", key).await;
+    (status, headers["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap())
 }
 
 /// A reload (here: a consumer added, as a `consumers_file` change would) keeps what each
