@@ -56,7 +56,9 @@ start webhook "$BIN/tollgate-demo" webhook --listen 127.0.0.1:8082 --out "$RUN/a
 start ingest "$BIN/tollgate-ingest" run --config config/demo/ingest.toml
 start aggregator "$BIN/tollgate-aggregator" run --config config/demo/aggregator.toml
 rm -f "$RUN/edge.ready"
-start edge "$BIN/tollgate-edge" run --config config/demo/edge.toml --ready-file "$RUN/edge.ready"
+# The access log (edge.access_log) goes under the run directory: one JSON line per call.
+TOLLGATE_EDGE_EDGE__ACCESS_LOG="$RUN/access.log" \
+    start edge "$BIN/tollgate-edge" run --config config/demo/edge.toml --ready-file "$RUN/edge.ready"
 for _ in $(seq 1 100); do [ -s "$RUN/edge.ready" ] && break; sleep 0.1; done
 [ -s "$RUN/edge.ready" ] || { log "edge did not start; see $RUN/edge.log"; tail -5 "$RUN/edge.log" >&2; exit 1; }
 for _ in $(seq 1 100); do curl -sf "$CH/?query=EXISTS%20TABLE%20tollgate.api_calls" | grep -q 1 && break; sleep 0.2; done
@@ -123,5 +125,5 @@ echo "The pipeline keeps running: edge http://127.0.0.1:8080 (admin http://127.0
 echo "ingest admin http://127.0.0.1:9903/metrics, aggregator admin http://127.0.0.1:9902/metrics,"
 echo "SLO webhook receiver http://127.0.0.1:8082,"
 echo "ClickHouse $CH (database tollgate),"
-echo "Kafka 127.0.0.1:9092. Logs: $RUN/*.log"
+echo "Kafka 127.0.0.1:9092. Logs: $RUN/*.log; the edge's access log (a JSON line per call): $RUN/access.log"
 echo "Stop everything with: scripts/demo.sh stop"

@@ -81,6 +81,14 @@ pub fn format_utc(secs: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// RFC 3339 UTC with microseconds: `2026-11-26T00:30:09.000250Z` (access log lines).
+pub fn format_utc_micros(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let mut s = format_utc(secs);
+    s.pop(); // the `Z`
+    format!("{s}.{:06}Z", us.rem_euclid(1_000_000))
+}
+
 /// Reads `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM`, `YYYY-MM-DDTHH:MM:SS` (optionally ending in `Z`;
 /// a space may replace the `T`) as UTC, or a plain number of Unix seconds.
 pub fn parse_utc(input: &str) -> Result<i64, TimeError> {
@@ -133,6 +141,14 @@ pub fn parse_utc(input: &str) -> Result<i64, TimeError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn micros_keep_six_digits_and_round_down_before_the_epoch() {
+        assert_eq!(format_utc_micros(1_795_999_809_000_250), "2026-11-30T00:50:09.000250Z");
+        assert_eq!(format_utc_micros(0), "1970-01-01T00:00:00.000000Z");
+        // A microsecond before the epoch is in the last second of 1969.
+        assert_eq!(format_utc_micros(-1), "1969-12-31T23:59:59.999999Z");
+    }
 
     #[test]
     fn civil_round_trips_over_centuries() {

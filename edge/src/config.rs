@@ -238,6 +238,8 @@ struct RawEdge {
     worker_threads: Option<usize>,
     #[serde(default)]
     max_connections: Option<usize>,
+    #[serde(default)]
+    access_log: Option<String>,
 }
 
 /// `[[edge.tls_certificates]]`: a certificate chosen by the name the client asks for (SNI).
@@ -265,6 +267,7 @@ impl Default for RawEdge {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
+            access_log: None,
             response_headers: RawHeaderRules::default(),
             tls_ca_file: None,
             tls_cert_file: None,
@@ -674,6 +677,8 @@ pub struct Config {
     /// Headers on every answer (`edge.response_headers`): `set` added where missing, `remove`
     /// from the upstreams' answers. `None`: no rule.
     pub response_headers: Option<Arc<crate::rewrite::HeaderRules>>,
+    /// One JSON line per call (`edge.access_log`): stdout or a file; `None`: off.
+    pub access_log: Option<crate::access_log::Destination>,
     /// The client certificate the edge presents to https upstreams that ask for one
     /// (`edge.upstream_tls_cert_file` and `_key_file`).
     pub upstream_identity: Option<Arc<rustls::sign::CertifiedKey>>,
@@ -1526,7 +1531,34 @@ fn validate(
     .map_err(|(at, reason)| err(format!("edge.response_headers.{at}"), reason))?;
     let response_headers = (!response_headers.is_empty()).then(|| Arc::new(response_headers));
 
+    let access_log = match raw.edge.access_log.as_deref() {
+        None | Some("") => None,
+        Some(value) => {
+            let dest = crate::access_log::Destination::parse(value);
+            match dest {
+                crate::access_log::Destination::File(f) => {
+                    let f = if f.is_absolute() { f } else { base.join(f) };
+                    if f.is_dir() {
+                        return Err(err(
+                            "edge.access_log".into(),
+                            format!("{} is a directory, not a file", f.display()),
+                        ));
+                    }
+                    if f.parent().is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+                        return Err(err(
+                            "edge.access_log".into(),
+                            format!("the directory of {} does not exist", f.display()),
+                        ));
+                    }
+                    Some(crate::access_log::Destination::File(f))
+                }
+                stdout => Some(stdout),
+            }
+        }
+    };
+
     Ok(Config {
+        access_log,
         worker_threads,
         max_connections,
         response_headers,
@@ -1922,6 +1954,20 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         let msg = edge("idle_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.idle_timeout_ms") && msg.contains("at least 1"), "{msg}");
         assert_eq!(edge("").unwrap().http.body_read_timeout, Duration::from_secs(10));
+        use crate::access_log::Destination;
+        assert_eq!(edge("").unwrap().access_log, None);
+        assert_eq!(edge("access_log = \"\"").unwrap().access_log, None);
+        assert_eq!(edge("access_log = \"stdout\"").unwrap().access_log, Some(Destination::Stdout));
+        assert_eq!(edge("access_log = \"-\"").unwrap().access_log, Some(Destination::Stdout));
+        // Relative to the config file (here: the working directory).
+        assert_eq!(
+            edge("access_log = \"access.log\"").unwrap().access_log,
+            Some(Destination::File(PathBuf::from("./access.log")))
+        );
+        let msg = edge("access_log = \"/no/such/dir/access.log\"").unwrap_err().to_string();
+        assert!(msg.contains("edge.access_log") && msg.contains("/no/such/dir/access.log does not exist"), "{msg}");
+        let msg = edge("access_log = \"/tmp\"").unwrap_err().to_string();
+        assert!(msg.contains("edge.access_log") && msg.contains("is a directory"), "{msg}");
         let msg = edge("body_read_timeout_ms = 0").unwrap_err().to_string();
         assert!(msg.contains("edge.body_read_timeout_ms") && msg.contains("at least 1"), "{msg}");
         let c = edge("").unwrap();

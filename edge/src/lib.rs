@@ -7,6 +7,7 @@
 //! then back through metering. Refusals are RFC 9457 problem documents built in one place
 //! ([`problem`]); their outcome reaches metering as [`CallInfo`] in the response extensions.
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod config;
@@ -92,6 +93,8 @@ pub struct Gateway {
     /// Upstream clients (per worker thread and connect timeout), kept across reloads.
     pub clients: upstream::Clients,
     pub events: metering::EventSink,
+    /// One JSON line per call (`edge.access_log`), kept across reloads.
+    pub access_log: access_log::AccessLog,
     pub metrics: Arc<metrics::Metrics>,
     /// Monthly quota states from `quota-state` (kept across reloads).
     pub quotas: Arc<quota::QuotaTable>,

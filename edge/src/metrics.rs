@@ -81,6 +81,9 @@ pub struct Metrics {
     /// (`plans.<name>.max_in_flight`, 429) had that many calls in flight.
     pub in_flight_refusals: [AtomicU64; 2],
     pub config_reload_failures: AtomicU64,
+    /// Access log lines written, and lost (too many waiting, or the file failing).
+    pub access_log_lines: AtomicU64,
+    pub access_log_dropped: AtomicU64,
     /// TLS handshakes on the traffic port that failed or did not finish in time.
     pub tls_handshake_failures: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
@@ -344,6 +347,12 @@ impl Metrics {
                 "tollgate_edge_config_reload_failures_total",
                 "Config reloads rejected (the running config stayed).",
                 load(&self.config_reload_failures),
+            ),
+            ("tollgate_edge_access_log_lines_total", "Lines written to edge.access_log.", load(&self.access_log_lines)),
+            (
+                "tollgate_edge_access_log_dropped_total",
+                "Access log lines lost: more than 8 MiB waiting for the disk, or the file could not be opened or written (logged).",
+                load(&self.access_log_dropped),
             ),
             (
                 "tollgate_edge_tls_handshake_failures_total",

@@ -62,6 +62,9 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         tracing::warn!("kafka.enabled = false: metering is off, no event is produced");
         (None, None)
     };
+    if let Some(dest) = &cfg.access_log {
+        crate::access_log::check(dest)?;
+    }
     let clients = crate::upstream::Clients::new(Arc::clone(&cfg.upstream_tls));
     // The runtime takes the consumers (possibly 100,000s): reloads read the files again.
     let consumers = cfg.consumers.len();
@@ -71,6 +74,7 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
         runtime: std::sync::RwLock::new(Arc::new(runtime)),
         clients,
         events: EventSink::new(events_tx, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("event encoder: {e}"))?,
+        access_log: crate::access_log::AccessLog::new(cfg.access_log.clone(), Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
         quotas: Arc::clone(&metrics.quota),
         tunnels: tokio::sync::watch::channel(false).0,
@@ -199,7 +203,6 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     for d in drained {
         let _ = d.await;
     }
-    drop(for_workers);
     // Upgraded connections (WebSockets) are not HTTP connections any more: close them now and
     // wait (briefly) until their events are in the producer queue.
     let _ = tunnels.send(true);
@@ -212,6 +215,9 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
     for t in threads {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
+    // Every call is done: the access log's last lines are written.
+    let gw = for_workers;
+    let _ = tokio::task::spawn_blocking(move || gw.access_log.close()).await;
     if let Some(t) = reload_task {
         t.abort();
         let _ = t.await;
@@ -538,6 +544,10 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
             }
         };
         seen = stamp(&current);
+        // SIGHUP also reopens the access log (after logrotate moved it), whatever the config.
+        if trigger == "SIGHUP" {
+            gw.access_log.reopen();
+        }
         let loaded = {
             let (path, env) = (path.clone(), env.clone());
             tokio::task::spawn_blocking(move || Config::load(&path, &env)).await
@@ -586,6 +596,7 @@ async fn reload(gw: Arc<Gateway>, mut current: Config, path: PathBuf, env: BTree
                     next.tls_server.clone_from(&current.tls_server);
                 }
                 gw.swap_runtime(Runtime::new(&mut next, &gw.metrics, Some(&gw.runtime())));
+                gw.access_log.set_destination(next.access_log.clone());
                 gw.metrics.config_reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(trigger, routes = next.routes.len(), consumers, "config reloaded");
                 // Only the restart-only settings are compared next time.

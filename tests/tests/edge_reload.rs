@@ -267,3 +267,117 @@ async fn a_reload_keeps_spent_rate_limits() {
     assert_eq!(limited(addr, "key-acme").await, (200, 39));
     assert!(edge.terminate(Duration::from_secs(15)));
 }
+
+/// The access log's lines in `path` (none while it does not exist).
+fn access_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+/// Waits (up to 5 s) until the access log at `path` has `n` lines; returns them.
+async fn access_lines_n(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let ok = wait_until(Duration::from_secs(5), || async { access_lines(path).len() >= n }).await;
+    let lines = access_lines(path);
+    assert!(ok && lines.len() == n, "{} lines in {}, expected {n}: {lines:?}", lines.len(), path.display());
+    lines
+}
+
+/// `edge.access_log`: a JSON line per call, refusals included, with the fields of the call's
+/// event; SIGHUP reopens the file after logrotate moved it; a reload switches it to another
+/// file or off; the last lines are written at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_the_events_fields_and_follows_logrotate_and_reloads() {
+    let dir = TempDir::new("e2e_access_log");
+    let topic = unique("access_log");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let spool = dir.path().join("spool");
+    let log = dir.path().join("access.log");
+    let with_log = |file: &str| {
+        config(&topic, upstream, &spool, 100, false)
+            .replace("[kafka]", &format!("access_log = \"{}\"\n[kafka]", dir.path().join(file).display()))
+    };
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &with_log("access.log")).await;
+    let cfg_path = dir.path().join("edge.toml");
+
+    // Three forwarded calls, a wrong key (401) and no route (404).
+    let mut ids = Vec::new();
+    for (path, key, status) in [
+        ("/echo/a", "key-acme", 200),
+        ("/echo/b?secret=1", "key-acme", 200),
+        ("/echo/c", "key-acme", 200),
+        ("/echo/d", "key-wrong", 401),
+        ("/nowhere", "key-acme", 404),
+    ] {
+        let (got, headers) = get(addr, path, key).await;
+        assert_eq!(got, status, "{path}");
+        ids.push(headers["x-request-id"].to_str().unwrap().to_owned());
+    }
+    let lines = access_lines_n(&log, 5).await;
+    let events = read_events(&topic, |e| e.len() >= 5).await;
+    for (i, id) in ids.iter().enumerate() {
+        let line = lines.iter().find(|l| l["event_id"] == id.as_str()).unwrap_or_else(|| panic!("no line for {id}"));
+        let event = events.iter().find(|e| e.event_id.to_string() == *id).unwrap();
+        // The line says what the event says.
+        assert_eq!(line["status"], event.status, "{line}");
+        assert_eq!(line["outcome"], event.outcome.as_str(), "{line}");
+        assert_eq!(line["path"], event.path.as_str(), "{line}");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["consumer_id"].as_str(), event.consumer_id.as_deref(), "{line}");
+        assert_eq!(line["route_id"].as_str(), event.route_id.as_deref(), "{line}");
+        assert_eq!(line["latency_us"], event.latency_us, "{line}");
+        assert_eq!(line["response_bytes"], event.response_bytes, "{line}");
+        assert_eq!(line["upstream_target"].as_str(), event.upstream_target.as_deref(), "{line}");
+        assert_eq!(line["client_ip"], "127.0.0.1");
+        assert_eq!(line["trace_id"].as_str(), event.trace_id.as_deref());
+        let time = line["time"].as_str().unwrap();
+        assert_eq!(tollgate_common::time::format_utc_micros(event.start_time_us), time);
+        assert_eq!(i < 3, line["upstream_target"].is_string(), "{line}");
+    }
+    let by_id = |id: &str| lines.iter().find(|l| l["event_id"] == id).unwrap().clone();
+    assert_eq!((by_id(&ids[0])["status"].as_u64(), by_id(&ids[0])["consumer_id"].as_str()), (Some(200), Some("acme")));
+    // The query string is not logged (it may hold secrets), as it is not in the event.
+    assert_eq!(by_id(&ids[1])["path"], "/echo/b");
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("secret"));
+    assert_eq!(
+        (
+            by_id(&ids[3])["status"].as_u64(),
+            by_id(&ids[3])["outcome"].as_str(),
+            by_id(&ids[3])["consumer_id"].is_null()
+        ),
+        (Some(401), Some("unauthenticated"), true)
+    );
+    assert_eq!(
+        (by_id(&ids[4])["status"].as_u64(), by_id(&ids[4])["outcome"].as_str(), by_id(&ids[4])["route_id"].is_null()),
+        (Some(404), Some("no_route"), true)
+    );
+
+    // logrotate: move the file away, then SIGHUP. New lines go to a new file.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    reload_edge(&edge, admin, &cfg_path, &with_log("access.log")).await;
+    assert_eq!(get(addr, "/echo/e", "key-acme").await.0, 200);
+    assert_eq!(access_lines_n(&log, 1).await[0]["path"], "/echo/e");
+    assert_eq!(access_lines(&rotated).len(), 5);
+
+    // A reload to another file, then one without an access log.
+    let other = dir.path().join("other.log");
+    reload_edge(&edge, admin, &cfg_path, &with_log("other.log")).await;
+    assert_eq!(get(addr, "/echo/f", "key-acme").await.0, 200);
+    assert_eq!(access_lines_n(&other, 1).await[0]["path"], "/echo/f");
+    reload_edge(&edge, admin, &cfg_path, &config(&topic, upstream, &spool, 100, false)).await;
+    assert_eq!(get(addr, "/echo/g", "key-acme").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!((access_lines(&log).len(), access_lines(&other).len()), (1, 1));
+
+    // On again; the last call's line is written at shutdown (SIGTERM right after the call).
+    reload_edge(&edge, admin, &cfg_path, &with_log("other.log")).await;
+    assert_eq!(get(addr, "/echo/h", "key-acme").await.0, 200);
+    assert_eq!(metric(admin, "tollgate_edge_access_log_dropped_total").await, 0);
+    assert!(edge.terminate(Duration::from_secs(15)));
+    let last = access_lines(&other);
+    assert_eq!(last.iter().map(|l| l["path"].as_str().unwrap()).collect::<Vec<_>>(), ["/echo/f", "/echo/h"]);
+}

@@ -277,7 +277,7 @@ impl Call {
     }
 
     /// Ends the call: its status and duration go to the metrics and its event, encoded from the call's
-    /// fields where they are (not copied), to the producer. `response_bytes` went to the
+    /// fields where they are (not copied), to the producer and the access log. `response_bytes` went to the
     /// client; `extra_request_bytes` came from it besides the request body (an upgrade's
     /// tunnel).
     fn complete(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
@@ -285,8 +285,8 @@ impl Call {
         let route = self.route.get();
         let route_id = route.map(|r| r.id.as_str());
         self.gw.metrics.record_call(route_id, status, latency_us);
-        let events = &self.gw.events;
-        if !events.enabled() {
+        let (events, access_log) = (&self.gw.events, &self.gw.access_log);
+        if !events.enabled() && !access_log.enabled() {
             return;
         }
         let identity = self.identity.get();
@@ -317,6 +317,7 @@ impl Call {
             }),
         };
         events.emit(identity.map(|i| &i.consumer_id), &call);
+        access_log.record(&call);
     }
 
     /// Completes the response: `x-request-id`; the call's metrics and event follow when the
