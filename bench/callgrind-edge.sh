@@ -10,6 +10,8 @@
 # inclusive costs of the edge's own functions. CALLGRIND_KEEP=DIR keeps both profiles there.
 # CALLGRIND_METERING=1: metering on, to the local Tansu (`scripts/stack.sh up`), topic
 # `callgrind-bench`; the count then includes librdkafka's threads in the edge process.
+# CALLGRIND_ACCESS_LOG=1: `edge.access_log` on (a file in the temporary directory); the count
+# then includes the access log's writer thread.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck source=bench/edge-toml.sh
@@ -33,6 +35,9 @@ KEY=tg_bench_0123456789abcdefghijklmnopqrstuv
 HASH=$(printf %s "$KEY" | sha256sum | cut -d' ' -f1)
 bench_edge_toml "127.0.0.1:$PORT" "127.0.0.1:$ADMIN" "$METERING" callgrind-bench "$DIR/spool" "127.0.0.1:$UP" "$HASH" \
     >"$DIR/edge.toml"
+if [ "${CALLGRIND_ACCESS_LOG:-0}" = 1 ]; then
+    sed -i "s|^admin_listen = .*|&\naccess_log = \"$DIR/access.log\"|" "$DIR/edge.toml"
+fi
 "$DEMO" upstream --listen "127.0.0.1:$UP" >"$DIR/upstream.log" 2>&1 &
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$DIR/cg.out" "$EDGE" run --config "$DIR/edge.toml" \
     >"$DIR/edge.log" 2>&1 &
@@ -69,6 +74,9 @@ done
 C=$(measure "$BASE" "$VG")
 kill -TERM "$VG"; wait "$VG" || true
 BASE_PER=$(( $(total "$DIR/base.out.1") / C ))
+if [ "${CALLGRIND_ACCESS_LOG:-0}" = 1 ]; then
+    echo "access log: $(wc -l < "$DIR/access.log") lines"
+fi
 echo "edge: $A requests, $EDGE_PER instructions per request"
 echo "hyper proxy (baseline): $C requests, $BASE_PER instructions per request"
 awk -v e="$EDGE_PER" -v b="$BASE_PER" 'BEGIN { printf "edge / baseline: %.2fx\n", e / b }'

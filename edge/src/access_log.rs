@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tollgate_schemas::ApiCallRef;
 
 use crate::metrics::Metrics;
@@ -290,62 +289,119 @@ fn report(last: &mut Option<Instant>, lost: &mut u64, lines: u64, message: impl 
     *lost = 0;
 }
 
-/// An access log line: the event's fields under the event's names (the same names as the
-/// ClickHouse columns), `time` for its `start_time_us`.
-#[derive(Serialize)]
-struct Line<'a> {
-    time: &'a str,
-    event_id: &'a str,
-    status: u16,
-    outcome: &'static str,
-    method: &'a str,
-    host: &'a str,
-    path: &'a str,
-    route_id: Option<&'a str>,
-    consumer_id: Option<&'a str>,
-    credential_id: Option<&'a str>,
-    plan_id: Option<&'a str>,
-    client_ip: &'a str,
-    latency_us: u64,
-    upstream_latency_us: Option<u64>,
-    upstream_target: Option<&'a str>,
-    request_bytes: u64,
-    response_bytes: u64,
-    user_agent: Option<&'a str>,
-    trace_id: Option<&'a str>,
-    edge_id: &'a str,
+/// Appends `call` as one JSON line to `out`: the event's fields under the event's names (the
+/// same names as the ClickHouse columns), `time` for its `start_time_us`, `null` where the call
+/// has none. Written by hand (constant keys, `itoa` numbers, strings escaped only where they
+/// need it): with serde_json's serializer and `format!` for the time, the line cost 10,800
+/// instructions per call under callgrind, a fifth of the whole request path.
+pub fn format_line(out: &mut Vec<u8>, call: &ApiCallRef<'_>) {
+    let mut num = itoa::Buffer::new();
+    out.extend_from_slice(b"{\"time\":\"");
+    push_time(out, call.start_time_us);
+    out.extend_from_slice(b"\",\"event_id\":\"");
+    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    out.extend_from_slice(call.event_id.hyphenated().encode_lower(&mut id).as_bytes());
+    out.extend_from_slice(b"\",\"status\":");
+    out.extend_from_slice(num.format(call.status).as_bytes());
+    out.extend_from_slice(b",\"outcome\":\"");
+    out.extend_from_slice(call.outcome.as_str().as_bytes());
+    out.push(b'"');
+    let text = [
+        (&b",\"method\":"[..], Some(call.method)),
+        (b",\"host\":", Some(call.host)),
+        (b",\"path\":", Some(call.path)),
+        (b",\"route_id\":", call.route_id),
+        (b",\"consumer_id\":", call.consumer_id),
+        (b",\"credential_id\":", call.credential_id),
+        (b",\"plan_id\":", call.plan_id),
+        (b",\"client_ip\":", Some(call.client_ip)),
+    ];
+    for (key, value) in text {
+        out.extend_from_slice(key);
+        push_str(out, value);
+    }
+    let numbers = [
+        (&b",\"latency_us\":"[..], Some(call.latency_us)),
+        (b",\"upstream_latency_us\":", call.upstream_latency_us),
+        (b",\"request_bytes\":", Some(call.request_bytes)),
+        (b",\"response_bytes\":", Some(call.response_bytes)),
+    ];
+    for (key, value) in numbers {
+        out.extend_from_slice(key);
+        match value {
+            Some(n) => out.extend_from_slice(num.format(n).as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    let text = [
+        (&b",\"upstream_target\":"[..], call.upstream_target),
+        (b",\"user_agent\":", call.user_agent),
+        (b",\"trace_id\":", call.trace_id),
+        (b",\"edge_id\":", Some(call.edge_id)),
+    ];
+    for (key, value) in text {
+        out.extend_from_slice(key);
+        push_str(out, value);
+    }
+    out.extend_from_slice(b"}\n");
 }
 
-/// Appends `call` as one JSON line to `out`.
-pub fn format_line(out: &mut Vec<u8>, call: &ApiCallRef<'_>) {
-    let time = tollgate_common::time::format_utc_micros(call.start_time_us);
-    let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let line = Line {
-        time: &time,
-        event_id: call.event_id.hyphenated().encode_lower(&mut id),
-        status: call.status,
-        outcome: call.outcome.as_str(),
-        method: call.method,
-        host: call.host,
-        path: call.path,
-        route_id: call.route_id,
-        consumer_id: call.consumer_id,
-        credential_id: call.credential_id,
-        plan_id: call.plan_id,
-        client_ip: call.client_ip,
-        latency_us: call.latency_us,
-        upstream_latency_us: call.upstream_latency_us,
-        upstream_target: call.upstream_target,
-        request_bytes: call.request_bytes,
-        response_bytes: call.response_bytes,
-        user_agent: call.user_agent,
-        trace_id: call.trace_id,
-        edge_id: call.edge_id,
+/// A JSON string (escaped: quotes, backslashes, control characters), or `null`.
+fn push_str(out: &mut Vec<u8>, s: Option<&str>) {
+    let Some(s) = s else {
+        out.extend_from_slice(b"null");
+        return;
     };
-    // Writing to a `Vec` fails only on a serializer error, which these field types have none of.
-    if serde_json::to_writer(&mut *out, &line).is_ok() {
-        out.push(b'\n');
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut clean = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[clean..i]);
+        if short.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        } else {
+            out.extend_from_slice(short);
+        }
+        clean = i + 1;
     }
+    out.extend_from_slice(&bytes[clean..]);
+    out.push(b'"');
+}
+
+/// RFC 3339 UTC with microseconds (`2026-11-30T00:50:09.000250Z`), digit by digit.
+fn push_time(out: &mut Vec<u8>, us: i64) {
+    let secs = us.div_euclid(1_000_000);
+    let (year, month, day) = tollgate_common::time::civil_from_days(secs.div_euclid(86_400));
+    let in_day = secs.rem_euclid(86_400) as u32;
+    let digits = |out: &mut Vec<u8>, n: u32, width: u32| {
+        for p in (0..width).rev() {
+            out.push(b'0' + (n / 10u32.pow(p) % 10) as u8);
+        }
+    };
+    digits(out, year.clamp(0, 9999) as u32, 4);
+    out.push(b'-');
+    digits(out, month, 2);
+    out.push(b'-');
+    digits(out, day, 2);
+    out.push(b'T');
+    digits(out, in_day / 3600, 2);
+    out.push(b':');
+    digits(out, in_day / 60 % 60, 2);
+    out.push(b':');
+    digits(out, in_day % 60, 2);
+    out.push(b'.');
+    digits(out, us.rem_euclid(1_000_000) as u32, 6);
+    out.push(b'Z');
 }
 
 #[cfg(test)]
@@ -408,6 +464,29 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"\n\u{1}");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(v["edge_id"], "edge-1");
+    }
+
+    #[test]
+    fn every_string_is_escaped_and_the_time_agrees_with_the_rfc_3339_formatter() {
+        // Every control character, quotes, backslashes and non-ASCII text round-trip.
+        let nasty: String = (0u8..0x20).map(char::from).chain("\"\\/ é 漢 \u{7f}".chars()).collect();
+        let mut c = call(Some(&nasty));
+        c.path = "/a\"b\\c";
+        c.consumer_id = Some("tab\there");
+        let mut out = Vec::new();
+        format_line(&mut out, &c);
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["user_agent"].as_str(), Some(nasty.as_str()));
+        assert_eq!(v["path"], "/a\"b\\c");
+        assert_eq!(v["consumer_id"], "tab\there");
+        for us in [0, 1, 999_999, 1_795_999_809_000_250, 951_782_400_123_456, 4_102_444_799_999_999, -1] {
+            c.start_time_us = us;
+            let mut out = Vec::new();
+            format_line(&mut out, &c);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["time"].as_str().unwrap(), tollgate_common::time::format_utc_micros(us), "{us}");
+        }
     }
 
     #[test]

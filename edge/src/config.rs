@@ -353,6 +353,9 @@ struct RawRoute {
     max_in_flight: Option<u32>,
     #[serde(default)]
     upstream_protocol: Option<String>,
+    /// A limit for all the route's calls together (every consumer, and anonymous callers).
+    #[serde(default)]
+    rate_limit: Option<RawRate>,
 }
 
 /// `routes[].health_check`.
@@ -877,6 +880,9 @@ pub struct Route {
     pub health_check: Option<HealthCheck>,
     /// Calls to the route's upstream at once (per edge); more get 503. `None`: no limit.
     pub max_in_flight: Option<u32>,
+    /// The route's rate for all its callers together (`routes[].rate_limit`), per edge; on
+    /// top of each consumer's plan limits. `None`: no such limit.
+    pub rate_limit: Option<Rate>,
     /// The targets speak HTTP/2 (`upstream_protocol = "h2"`), else HTTP/1.1.
     pub upstream_h2: bool,
 }
@@ -908,6 +914,7 @@ impl Route {
             response_headers: crate::rewrite::HeaderRules::default(),
             health_check: None,
             max_in_flight: None,
+            rate_limit: None,
             upstream_h2: false,
         };
         Ok(route.with_target_keys())
@@ -1231,6 +1238,10 @@ fn validate(
         if r.max_in_flight == Some(0) {
             return Err(err(key("max_in_flight"), "must be at least 1 (leave it out for no limit)".into()));
         }
+        let rate_limit = match &r.rate_limit {
+            None => None,
+            Some(l) => Some(rate(l.rate_per_second, l.burst, &|k| key(&format!("rate_limit.{k}")), origin)?),
+        };
         let health_check = match r.health_check {
             None => None,
             Some(h) => {
@@ -1286,6 +1297,7 @@ fn validate(
                 response_headers,
                 health_check,
                 max_in_flight: r.max_in_flight,
+                rate_limit,
                 upstream_h2,
             }
             .with_target_keys(),
@@ -2056,6 +2068,23 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(plan("").unwrap().plans["free"].max_in_flight, None);
         let msg = plan("max_in_flight = 0").unwrap_err().to_string();
         assert!(msg.contains("key `plans.free.max_in_flight`: must be at least 1"), "{msg}");
+    }
+
+    #[test]
+    fn a_routes_shared_rate_limit_is_a_rate_with_an_optional_burst() {
+        let with =
+            |line: &str| Config::parse(&BASE.replace("upstream = ", &format!("{line}\nupstream = ")), &BTreeMap::new());
+        assert!(with("").unwrap().routes[0].rate_limit.is_none());
+        let r = with("rate_limit = { rate_per_second = 100, burst = 250 }").unwrap().routes[0].rate_limit.unwrap();
+        assert_eq!((r.rate_per_second.get(), r.burst.get()), (100, 250));
+        let r = with("rate_limit = { rate_per_second = 100 }").unwrap().routes[0].rate_limit.unwrap();
+        assert_eq!(r.burst.get(), 100, "the burst defaults to the rate");
+        let msg = with("rate_limit = { rate_per_second = 0 }").unwrap_err().to_string();
+        assert!(msg.contains("key `routes[0].rate_limit.rate_per_second`: must be at least 1"), "{msg}");
+        let msg = with("rate_limit = { rate_per_second = 5, burst = 0 }").unwrap_err().to_string();
+        assert!(msg.contains("key `routes[0].rate_limit.burst`: must be at least 1"), "{msg}");
+        let msg = with("rate_limit = { rate = 5 }").unwrap_err().to_string();
+        assert!(msg.contains("rate_limit"), "{msg}");
     }
 
     #[test]

@@ -276,8 +276,10 @@ async fn admit_and_forward(
         return refused;
     }
     let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer };
-    // Rate limits after authentication, so unauthenticated floods create no limiter state.
-    let mut admission = identity.as_deref().map(|identity| limit::admit(gw, &runtime, identity, &route));
+    // Rate limits after authentication, so unauthenticated floods create no limiter state (an
+    // anonymous call on a route with `auth = "none"` meets the route's shared limit only).
+    let mut admission = (identity.is_some() || route.rate_limit.is_some())
+        .then(|| limit::admit(gw, &runtime, identity.as_deref(), &route));
     let mut resp = match admission.as_mut().and_then(|a| a.refusal.take()) {
         Some(refused) => refused,
         None => proxy::forward(gw, &ctx, req).await,

@@ -1,6 +1,8 @@
-//! Rate limits with `governor` (GCRA): per consumer (the plan's `rate_per_second`/`burst`) and
-//! per consumer and route (the plan's `routes.<id>`); a call must pass both, the route's first.
-//! Limits are per edge replica.
+//! Rate limits with `governor` (GCRA): per consumer (the plan's `rate_per_second`/`burst`),
+//! per consumer and route (the plan's `routes.<id>`), and per route for all its callers
+//! together (`routes[].rate_limit`, the upstream's protection, anonymous callers included); a
+//! call must pass each that applies, in that order: the plan's route limit, the consumer's,
+//! the route's shared one. Limits are per edge replica.
 //!
 //! Limiters are created when a consumer first calls and live in a sharded map. Memory stays
 //! bounded by the consumers active recently: only authenticated calls create state (never an
@@ -39,7 +41,8 @@ pub struct Limiter {
     clock: DefaultClock,
     rate: u32,
     burst: u32,
-    /// Its name in the headers: `route` (the plan's limit for one route) or `default`.
+    /// Its name in the headers: `route` (the plan's limit for one route), `default` (the
+    /// consumer's) or `shared` (the route's, for all callers together).
     name: &'static str,
     /// This limit's `RateLimit-Policy` list member (`"<name>";q=<burst>;w=<refill s>`) and its
     /// `X-RateLimit-Limit`, made once rather than on every call.
@@ -64,7 +67,7 @@ pub struct Decision {
 }
 
 impl Limiter {
-    /// A limiter for `rate`, named `name` in the policy headers (`route` or `default`).
+    /// A limiter for `rate`, named `name` in the policy headers (`route`, `default`, `shared`).
     pub fn new(rate: &Rate, name: &'static str) -> Self {
         let quota = Quota::per_second(rate.rate_per_second).allow_burst(rate.burst);
         let (burst, per_s) = (rate.burst.get(), rate.rate_per_second.get());
@@ -119,8 +122,9 @@ fn refill_secs(burst: u32, rate: u32) -> u64 {
     u64::from(burst).div_ceil(u64::from(rate)).max(1)
 }
 
-/// Which budget a limiter guards: the consumer's, or the consumer's on one route.
-type CacheKey = (Arc<str>, Option<Arc<str>>);
+/// Which budget a limiter guards: the consumer's (consumer, no route), the consumer's on one
+/// route (both), or the route's shared by all callers (no consumer, the route).
+type CacheKey = (Option<Arc<str>>, Option<Arc<str>>);
 
 const SHARDS: usize = 16;
 /// A shard is pruned when it has grown to this many entries, then to twice what survived.
@@ -192,10 +196,11 @@ impl LimiterCache {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The limiter for `key`, created from `rate` on first use (or when the one held enforces
-    /// another rate: a reload changed the plan).
-    pub fn get(&self, consumer: &Arc<str>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
-        let key: CacheKey = (Arc::clone(consumer), route.cloned());
+    /// The limiter of `consumer` (on `route`), or of `route` for all its callers (no
+    /// consumer), created from `rate` on first use (or when the one held enforces another
+    /// rate: a reload changed the plan or the route).
+    pub fn get(&self, consumer: Option<&Arc<str>>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
+        let key: CacheKey = (consumer.cloned(), route.cloned());
         let now = self.now_ms();
         let shard_index = (self.hasher.hash_one(&key) as usize) % SHARDS;
         let mut shard = self.shards[shard_index].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -208,7 +213,12 @@ impl LimiterCache {
                 if !replaced && shard.map.len() >= shard.prune_at {
                     self.prune(&mut shard, now);
                 }
-                let mut fresh = Limiter::new(rate, if route.is_some() { "route" } else { "default" });
+                let name = match (consumer, route) {
+                    (None, _) => "shared",
+                    (Some(_), Some(_)) => "route",
+                    (Some(_), None) => "default",
+                };
+                let mut fresh = Limiter::new(rate, name);
                 if let Some(in_flight) = held_in_flight {
                     fresh.in_flight = in_flight;
                 }
@@ -265,28 +275,47 @@ impl Checked {
     }
 }
 
-/// Checks the route limit (if the plan has one for `route`), then the consumer's limit. A
-/// call refused by the route limit does not spend the consumer's budget; a call refused by
-/// the consumer's limit has spent one unit of the route's (GCRA cannot give it back).
-pub fn check(cache: &LimiterCache, identity: &Identity, route: &Route) -> Checked {
+/// Checks the route limit (if the plan has one for `route`), then the consumer's limit, then
+/// the route's shared limit (`routes[].rate_limit`; the only one for an anonymous call). A
+/// call refused by one limit does not spend the budgets checked after it; it has spent one
+/// unit of those checked before (GCRA cannot give it back). So a consumer over its own limit
+/// does not eat into the budget the route's other callers share.
+pub fn check(cache: &LimiterCache, identity: Option<&Identity>, route: &Route) -> Checked {
     check_with(cache, identity, route, None)
 }
 
 /// [`check`], with the consumer's limiter when the caller has it already (`admit` took it for
 /// the calls in flight): not looked up twice.
-fn check_with(cache: &LimiterCache, identity: &Identity, route: &Route, consumer: Option<Arc<Limiter>>) -> Checked {
+fn check_with(
+    cache: &LimiterCache,
+    identity: Option<&Identity>,
+    route: &Route,
+    consumer: Option<Arc<Limiter>>,
+) -> Checked {
     let mut limits = Vec::with_capacity(2);
-    if let Some(rate) = identity.plan.routes.get(&route.id) {
-        let l = cache.get(&identity.consumer_id, Some(&Arc::from(route.id.as_str())), rate);
+    let mut route_key = None;
+    let mut key = || Arc::clone(route_key.get_or_insert_with(|| Arc::<str>::from(route.id.as_str())));
+    if let Some(identity) = identity {
+        if let Some(rate) = identity.plan.routes.get(&route.id) {
+            let l = cache.get(Some(&identity.consumer_id), Some(&key()), rate);
+            let d = l.check();
+            limits.push((l, d));
+            if !d.allowed {
+                return Checked { limits };
+            }
+        }
+        let l = consumer.unwrap_or_else(|| cache.get(Some(&identity.consumer_id), None, &identity.plan.limit));
         let d = l.check();
         limits.push((l, d));
         if !d.allowed {
             return Checked { limits };
         }
     }
-    let l = consumer.unwrap_or_else(|| cache.get(&identity.consumer_id, None, &identity.plan.limit));
-    let d = l.check();
-    limits.push((l, d));
+    if let Some(rate) = &route.rate_limit {
+        let l = cache.get(None, Some(&key()), rate);
+        let d = l.check();
+        limits.push((l, d));
+    }
     Checked { limits }
 }
 
@@ -361,12 +390,13 @@ pub struct Admission {
 
 /// Checks the consumer's calls in flight (its plan's `max_in_flight`: a call refused there
 /// spends no rate budget), the rate limits, then (within them) the monthly quota, which counts
-/// the call when it lets it through.
-pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route) -> Admission {
-    let (in_flight, consumer) = match identity.plan.max_in_flight {
+/// the call when it lets it through. An anonymous call (a route with `auth = "none"`) meets
+/// the route's shared rate limit only.
+pub fn admit(gw: &Gateway, runtime: &Runtime, identity: Option<&Identity>, route: &Route) -> Admission {
+    let (in_flight, consumer) = match identity.and_then(|i| Some((i, i.plan.max_in_flight?))) {
         None => (None, None),
-        Some(max) => {
-            let consumer = runtime.limiters.get(&identity.consumer_id, None, &identity.plan.limit);
+        Some((identity, max)) => {
+            let consumer = runtime.limiters.get(Some(&identity.consumer_id), None, &identity.plan.limit);
             match crate::upstream::InFlight::take(&consumer.in_flight, max) {
                 Ok(slot) => (Some(slot), Some(consumer)),
                 Err(max) => {
@@ -383,10 +413,16 @@ pub fn admit(gw: &Gateway, runtime: &Runtime, identity: &Identity, route: &Route
         }
     };
     let checked = check_with(&runtime.limiters, identity, route, consumer);
-    if let Some((_, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
-        let refusal = Some(Problem::rate_limited(d.reset_secs).into_response());
-        return Admission { checked, quota: None, refusal, in_flight: None };
+    if let Some((l, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
+        let shared = l.name == "shared";
+        gw.metrics.rate_limit_refusals[usize::from(shared)].fetch_add(1, Ordering::Relaxed);
+        let problem =
+            if shared { Problem::route_rate_limited(d.reset_secs) } else { Problem::rate_limited(d.reset_secs) };
+        return Admission { checked, quota: None, refusal: Some(problem.into_response()), in_flight: None };
     }
+    let Some(identity) = identity else {
+        return Admission { checked, quota: None, refusal: None, in_flight };
+    };
     let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let quota = gw.quotas.admit(&identity.consumer_id, now_s);
     let refusal = match quota {
@@ -456,19 +492,19 @@ mod tests {
         };
         let cache = LimiterCache::default();
         let (slow, fast) = (route("slow"), route("fast"));
-        let allowed: Vec<bool> = (0..3).map(|_| check(&cache, &id, &slow).allowed()).collect();
+        let allowed: Vec<bool> = (0..3).map(|_| check(&cache, Some(&id), &slow).allowed()).collect();
         assert_eq!(allowed, vec![true, true, false]);
         // The refused route call did not spend the consumer's budget: 5 - 2 = 3 left.
-        let on_fast: Vec<bool> = (0..4).map(|_| check(&cache, &id, &fast).allowed()).collect();
+        let on_fast: Vec<bool> = (0..4).map(|_| check(&cache, Some(&id), &fast).allowed()).collect();
         assert_eq!(on_fast, vec![true, true, true, false]);
-        let c = check(&cache, &id, &slow);
+        let c = check(&cache, Some(&id), &slow);
         let mut h = http::HeaderMap::new();
         write_headers(&mut h, &c);
         assert_eq!(h["ratelimit-policy"], "\"route\";q=2;w=2");
         assert_eq!(cache.len(), 2);
         // Both limits admit a first call: both are listed, the most constrained is the X- one.
         let cache = LimiterCache::default();
-        let c = check(&cache, &id, &slow);
+        let c = check(&cache, Some(&id), &slow);
         let mut h = http::HeaderMap::new();
         write_headers(&mut h, &c);
         assert_eq!(h["ratelimit-policy"], "\"route\";q=2;w=2, \"default\";q=5;w=5");
@@ -476,6 +512,45 @@ mod tests {
         assert_eq!(h["x-ratelimit-limit"], "2");
         assert_eq!(h["x-ratelimit-remaining"], "1");
         assert_eq!(h["x-ratelimit-reset"], "1");
+    }
+
+    #[test]
+    fn a_routes_shared_limit_counts_every_caller_after_their_own_limits() {
+        let plan = |name: &str, b| {
+            Arc::new(Plan { name: name.into(), limit: rate(1, b), routes: HashMap::new(), max_in_flight: None })
+        };
+        let id = |who: &str, plan: &Arc<Plan>| Identity {
+            consumer_id: Arc::from(who),
+            credential_id: Arc::from("k"),
+            plan: Arc::clone(plan),
+            allowed_ips: None,
+        };
+        let mut shared = route("shared");
+        shared.rate_limit = Some(rate(1, 5));
+        let cache = LimiterCache::default();
+        let (acme, globex) = (id("acme", &plan("small", 2)), id("globex", &plan("big", 100)));
+        // acme's own burst of 2 runs out first; its refused calls leave the shared budget alone.
+        let acme_calls: Vec<bool> = (0..4).map(|_| check(&cache, Some(&acme), &shared).allowed()).collect();
+        assert_eq!(acme_calls, vec![true, true, false, false]);
+        let c = check(&cache, Some(&globex), &shared);
+        let mut h = http::HeaderMap::new();
+        write_headers(&mut h, &c);
+        assert_eq!(h["ratelimit-policy"], "\"default\";q=100;w=100, \"shared\";q=5;w=5");
+        assert_eq!(h["ratelimit"], "\"default\";r=99;t=1, \"shared\";r=2;t=3");
+        assert_eq!(
+            (h["x-ratelimit-limit"].to_str().unwrap(), h["x-ratelimit-remaining"].to_str().unwrap()),
+            ("5", "2")
+        );
+        // Anonymous callers (auth = "none") meet the shared limit only, and share it.
+        let anonymous: Vec<bool> = (0..3).map(|_| check(&cache, None, &shared).allowed()).collect();
+        assert_eq!(anonymous, vec![true, true, false]);
+        let refused = check(&cache, Some(&globex), &shared);
+        assert!(!refused.allowed());
+        assert_eq!(refused.limits.last().unwrap().0.name, "shared");
+        // One limiter per consumer, one for the route: none for the anonymous callers.
+        assert_eq!(cache.len(), 3);
+        // A route without a shared limit and an anonymous call: nothing applies.
+        assert!(check(&cache, None, &route("open")).limits.is_empty());
     }
 
     #[test]
@@ -491,14 +566,15 @@ mod tests {
         let (r, slow) = (route("r"), plan(1, 3));
         let gauge = Arc::new(AtomicU64::new(0));
         let old = LimiterCache::new(Arc::clone(&gauge));
-        let spent: Vec<bool> = (0..4).map(|_| check(&old, &id(&slow, "acme"), &r).allowed()).collect();
+        let spent: Vec<bool> = (0..4).map(|_| check(&old, Some(&id(&slow, "acme")), &r).allowed()).collect();
         assert_eq!(spent, vec![true, true, true, false]);
-        assert!(check(&old, &id(&slow, "globex"), &r).allowed());
+        assert!(check(&old, Some(&id(&slow, "globex")), &r).allowed());
         // Same plan after the reload: acme's budget is still spent, globex has 2 left.
         let new = old.carry_over();
         assert_eq!((new.len(), gauge.load(Ordering::Relaxed)), (2, 4), "both generations count");
-        assert!(!check(&new, &id(&slow, "acme"), &r).allowed());
-        let globex: Vec<u32> = (0..2).map(|_| check(&new, &id(&slow, "globex"), &r).limits[0].1.remaining).collect();
+        assert!(!check(&new, Some(&id(&slow, "acme")), &r).allowed());
+        let globex: Vec<u32> =
+            (0..2).map(|_| check(&new, Some(&id(&slow, "globex")), &r).limits[0].1.remaining).collect();
         assert_eq!(globex, vec![1, 0]);
         drop(old);
         assert_eq!(gauge.load(Ordering::Relaxed), 2);
@@ -506,7 +582,7 @@ mod tests {
         let newer = new.carry_over();
         drop(new);
         let fast = plan(10, 20);
-        let d = check(&newer, &id(&fast, "acme"), &r);
+        let d = check(&newer, Some(&id(&fast, "acme")), &r);
         assert_eq!((d.allowed(), d.limits[0].1.remaining), (true, 19));
         assert_eq!((newer.len(), gauge.load(Ordering::Relaxed)), (2, 2));
     }
@@ -516,7 +592,7 @@ mod tests {
         use crate::upstream::InFlight;
         let consumer: Arc<str> = Arc::from("acme");
         let cache = LimiterCache::default();
-        let l = cache.get(&consumer, None, &rate(10, 1));
+        let l = cache.get(Some(&consumer), None, &rate(10, 1));
         let held: Vec<InFlight> = (0..2).map(|_| InFlight::take(&l.in_flight, 2).unwrap()).collect();
         assert_eq!(InFlight::take(&l.in_flight, 2).unwrap_err(), 2);
         drop(l);
@@ -525,7 +601,7 @@ mod tests {
         cache.prune_all();
         assert_eq!(cache.len(), 1);
         // The plan's rate changed: a new limiter, the same calls in flight.
-        let l = cache.get(&consumer, None, &rate(20, 5));
+        let l = cache.get(Some(&consumer), None, &rate(20, 5));
         assert_eq!(l.policy(), (5, 1));
         assert!(InFlight::take(&l.in_flight, 2).is_err());
         drop(held);
@@ -545,7 +621,7 @@ mod tests {
                 plan: Arc::clone(&plan),
                 allowed_ips: None,
             };
-            assert!(check(&cache, &id, &r).allowed());
+            assert!(check(&cache, Some(&id), &r).allowed());
         }
         // Refill takes 2 s for this plan; nothing is idle that long yet, so nothing may go.
         cache.prune_all();
@@ -557,7 +633,7 @@ mod tests {
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
         // A dropped generation (config reload) takes its limiters off the gauge.
         let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan, allowed_ips: None };
-        check(&cache, &id, &r);
+        check(&cache, Some(&id), &r);
         assert_eq!(gauge.load(Ordering::Relaxed), 1);
         drop(cache);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);

@@ -80,6 +80,9 @@ pub struct Metrics {
     /// Calls refused because their route (`routes[].max_in_flight`, 503) or their consumer
     /// (`plans.<name>.max_in_flight`, 429) had that many calls in flight.
     pub in_flight_refusals: [AtomicU64; 2],
+    /// Calls refused by a rate limit: [the consumer's plan (its own or on the route), the
+    /// route's shared `rate_limit`].
+    pub rate_limit_refusals: [AtomicU64; 2],
     pub config_reload_failures: AtomicU64,
     /// Access log lines written, and lost (too many waiting, or the file failing).
     pub access_log_lines: AtomicU64,
@@ -410,6 +413,13 @@ impl Metrics {
                 "limit",
                 ["route", "plan"],
                 &self.in_flight_refusals,
+            ),
+            (
+                "tollgate_edge_rate_limit_refusals_total",
+                "Calls refused (429) by a rate limit, by limit: plan (the consumer's plan, its own or on the route) or route (routes[].rate_limit, shared by all the route's callers).",
+                "limit",
+                ["plan", "route"],
+                &self.rate_limit_refusals,
             ),
         ];
         for (name, help, label, values, counts) in by_label {

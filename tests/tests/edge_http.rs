@@ -285,6 +285,77 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert!(edge.terminate(Duration::from_secs(15)));
 }
 
+/// `routes[].rate_limit`: one budget for all the route's callers together, anonymous ones
+/// included; a consumer's call refused by its own plan does not spend it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_shared_rate_limit_holds_for_all_its_callers_together() {
+    let dir = TempDir::new("e2e_edge_shared_limit");
+    let topic = unique("edge_shared_limit");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let routes = format!(
+        "[[routes]]\nid = \"open-limited\"\npath_prefix = \"/open\"\nupstream = \"http://{upstream}\"\nauth = \"none\"\n\
+         rate_limit = {{ rate_per_second = 1, burst = 2 }}\n\
+         [[routes]]\nid = \"shared\"\npath_prefix = \"/shared\"\nupstream = \"http://{upstream}\"\n\
+         rate_limit = {{ rate_per_second = 1, burst = 3 }}\n[plans.one]\n"
+    );
+    let config = config(&topic, upstream, 1).replace("[plans.one]\n", &routes);
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config).await;
+
+    // Anonymous callers share the route's burst of 2.
+    for _ in 0..2 {
+        let a = call(addr, "GET", "/open/a", &[]).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers["ratelimit-policy"], "\"shared\";q=2;w=2");
+    }
+    let refused = call(addr, "GET", "/open/a", &[]).await;
+    problem(&refused, 429, "rate-limited");
+    assert!(refused.body["detail"].as_str().unwrap().contains("shared by all its callers"), "{}", refused.body);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.headers["x-ratelimit-remaining"], "0");
+
+    // tiny (burst 1 of its own) takes one of the shared 3; its refused second call takes none.
+    assert_eq!(call(addr, "GET", "/shared/x", &[("x-api-key", "key-tiny")]).await.status, 200);
+    let own = call(addr, "GET", "/shared/x", &[("x-api-key", "key-tiny")]).await;
+    problem(&own, 429, "rate-limited");
+    assert!(!own.body["detail"].as_str().unwrap().contains("shared"), "{}", own.body);
+    // So acme (a plan of 10,000/s) gets the two left, then the route's limit refuses it.
+    let acme: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(call(addr, "GET", "/shared/x", &[("x-api-key", "key-acme")]).await.status);
+        }
+        v
+    };
+    assert_eq!(acme, [200, 200, 429]);
+    let a = call(addr, "GET", "/shared/x", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(a.headers["ratelimit-policy"], "\"default\";q=10000;w=1, \"shared\";q=3;w=3");
+    // A route without a shared limit is not limited for anonymous callers.
+    for _ in 0..5 {
+        assert_eq!(call(addr, "GET", "/public/x", &[]).await.status, 200);
+    }
+    assert_eq!(metric(admin, "tollgate_edge_rate_limit_refusals_total{limit=\"route\"}").await, 3);
+    assert_eq!(metric(admin, "tollgate_edge_rate_limit_refusals_total{limit=\"plan\"}").await, 1);
+
+    // The refusals are events: rate_limited, the anonymous one without a consumer.
+    let events = read_events(&topic, |e| e.len() >= 14).await;
+    let limited: Vec<(Option<&str>, Option<&str>)> = events
+        .iter()
+        .filter(|e| e.outcome == Outcome::RateLimited)
+        .map(|e| (e.route_id.as_deref(), e.consumer_id.as_deref()))
+        .collect();
+    assert_eq!(
+        limited,
+        [
+            (Some("open-limited"), None),
+            (Some("shared"), Some("tiny")),
+            (Some("shared"), Some("acme")),
+            (Some("shared"), Some("acme"))
+        ]
+    );
+    assert!(edge.terminate(Duration::from_secs(15)));
+}
+
 /// Per-route header rules: the upstream gets the provider's own credential and a version
 /// header (the client's credential and a header the route removes do not reach it), and the
 /// client gets the upstream's answer without `Server` and `X-Powered-By`, with the route's
