@@ -46,6 +46,7 @@ fn events(n: usize, base_s: i64) -> Vec<(String, Vec<u8>)> {
                 trace_id: Some(format!("{:032x}", i)),
                 plan_id: Some("pro".into()),
                 upstream_target: Some("http://10.0.0.5:8080".into()),
+                grpc_status: None,
             };
             (consumer, enc.encode(&call).unwrap())
         })

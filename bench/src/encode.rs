@@ -29,6 +29,7 @@ fn event(i: u64) -> ApiCall {
         trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
         plan_id: Some("pro".into()),
         upstream_target: Some("http://10.0.0.5:8080".into()),
+        grpc_status: None,
     }
 }
 

@@ -325,6 +325,7 @@ pub fn format_line(out: &mut Vec<u8>, call: &ApiCallRef<'_>) {
         (b",\"upstream_latency_us\":", call.upstream_latency_us),
         (b",\"request_bytes\":", Some(call.request_bytes)),
         (b",\"response_bytes\":", Some(call.response_bytes)),
+        (b",\"grpc_status\":", call.grpc_status.map(u64::from)),
     ];
     for (key, value) in numbers {
         out.extend_from_slice(key);
@@ -432,6 +433,7 @@ mod tests {
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
             plan_id: Some("basic"),
             upstream_target: Some("http://127.0.0.1:8081"),
+            grpc_status: None,
         }
     }
 
@@ -461,6 +463,7 @@ mod tests {
         assert_eq!(v["upstream_target"], "http://127.0.0.1:8081");
         assert_eq!(v["request_bytes"], 10);
         assert_eq!(v["response_bytes"], 64);
+        assert!(v["grpc_status"].is_null());
         assert_eq!(v["user_agent"], "curl/8 \"quoted\"\n\u{1}");
         assert_eq!(v["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(v["edge_id"], "edge-1");
@@ -494,6 +497,7 @@ mod tests {
         let mut c = call(None);
         (c.consumer_id, c.credential_id, c.plan_id, c.route_id) = (None, None, None, None);
         (c.upstream_latency_us, c.upstream_target, c.status, c.outcome) = (None, None, 404, Outcome::NoRoute);
+        c.grpc_status = Some(5);
         let mut out = Vec::new();
         format_line(&mut out, &c);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
@@ -509,6 +513,7 @@ mod tests {
             assert!(v[field].is_null(), "{field}: {v}");
         }
         assert_eq!((v["status"].as_u64(), v["outcome"].as_str()), (Some(404), Some("no_route")));
+        assert_eq!(v["grpc_status"], 5);
     }
 
     fn lines(path: &Path) -> Vec<serde_json::Value> {

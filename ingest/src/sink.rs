@@ -35,6 +35,7 @@ pub struct RawRow {
     pub trace_id: String,
     pub plan_id: String,
     pub upstream_target: String,
+    pub grpc_status: Option<u16>,
 }
 
 /// Why an event cannot become a row (it goes to the DLQ like an undecodable message).
@@ -70,6 +71,7 @@ impl RawRow {
             trace_id: e.trace_id.unwrap_or_default(),
             plan_id: e.plan_id.unwrap_or_default(),
             upstream_target: e.upstream_target.unwrap_or_default(),
+            grpc_status: e.grpc_status,
         })
     }
 }

@@ -33,9 +33,12 @@ pub const SCHEMA_V2: &str = include_str!("../avro/api_call.v2.avsc");
 /// Schema v3 (until `upstream_target` was added), frozen. Its body layout is v2's.
 pub const SCHEMA_V3: &str = include_str!("../avro/api_call.v3.avsc");
 
+/// Schema v4 (until `grpc_status` was added), frozen.
+pub const SCHEMA_V4: &str = include_str!("../avro/api_call.v4.avsc");
+
 /// Every `ApiCall` schema version ever shipped, oldest first; the last one is
 /// [`CURRENT_SCHEMA`]. Old versions must stay here so that old messages remain decodable.
-pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, CURRENT_SCHEMA];
+pub const SCHEMA_VERSIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, CURRENT_SCHEMA];
 
 /// Why an event could not be encoded.
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +169,7 @@ fn write_opt_str(v: Option<&str>, out: &mut Vec<u8>) {
     }
 }
 
-/// The body of an `ApiCall` in `api_call.avsc` (v4) field order.
+/// The body of an `ApiCall` in `api_call.avsc` (v5) field order.
 fn write_body(c: &ApiCallRef<'_>, out: &mut Vec<u8>) {
     let mut uuid = [0u8; uuid::fmt::Hyphenated::LENGTH];
     write_str(c.event_id.hyphenated().encode_lower(&mut uuid), out);
@@ -195,6 +198,13 @@ fn write_body(c: &ApiCallRef<'_>, out: &mut Vec<u8>) {
     write_opt_str(c.trace_id, out);
     write_opt_str(c.plan_id, out);
     write_opt_str(c.upstream_target, out);
+    match c.grpc_status {
+        None => write_long(0, out),
+        Some(code) => {
+            write_long(1, out);
+            write_long(i64::from(code), out);
+        }
+    }
 }
 
 fn opt_string(v: &Option<String>) -> Value {
@@ -237,6 +247,13 @@ fn to_value(c: &ApiCall) -> Value {
         ("trace_id".into(), opt_string(&c.trace_id)),
         ("plan_id".into(), opt_string(&c.plan_id)),
         ("upstream_target".into(), opt_string(&c.upstream_target)),
+        (
+            "grpc_status".into(),
+            match c.grpc_status {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(code) => Value::Union(1, Box::new(Value::Int(i32::from(code)))),
+            },
+        ),
     ])
 }
 
@@ -270,11 +287,13 @@ impl Decoder {
         let v1 = fingerprint(&parse("api_call.v1.avsc", SCHEMA_V1)?);
         let v2 = fingerprint(&parse("api_call.v2.avsc", SCHEMA_V2)?);
         let v3 = fingerprint(&parse("api_call.v3.avsc", SCHEMA_V3)?);
+        let v4 = fingerprint(&parse("api_call.v4.avsc", SCHEMA_V4)?);
         let layouts = [
             (v1, crate::summary::Layout::V1),
             (v2, crate::summary::Layout::V2),
             (v3, crate::summary::Layout::V2),
-            (reader_fp, crate::summary::Layout::V4),
+            (v4, crate::summary::Layout::V4),
+            (reader_fp, crate::summary::Layout::V5),
         ]
         .into_iter()
         .filter(|(fp, _)| writers.contains_key(fp))
@@ -380,6 +399,17 @@ impl Fields {
             (_, other) => Err(wrong(field, "null or long", &other)),
         }
     }
+
+    /// `["null", "int"]` holding 0..=65535.
+    fn opt_u16(&mut self, field: &'static str) -> Result<Option<u16>, DecodeError> {
+        match union_branch(self.take(field)?) {
+            (0, Value::Null) => Ok(None),
+            (1, Value::Int(n)) => u16::try_from(n)
+                .map(Some)
+                .map_err(|_| DecodeError::Field { field, reason: format!("{n} is out of range 0..=65535") }),
+            (_, other) => Err(wrong(field, "null or int", &other)),
+        }
+    }
 }
 
 /// The branch index and value of a `["null", T]` union. apache-avro reports a truncated
@@ -438,6 +468,7 @@ fn from_value(value: Value) -> Result<ApiCall, DecodeError> {
         trace_id: f.opt_string("trace_id")?,
         plan_id: f.opt_string("plan_id")?,
         upstream_target: f.opt_string("upstream_target")?,
+        grpc_status: f.opt_u16("grpc_status")?,
     })
 }
 
@@ -468,6 +499,7 @@ pub(crate) mod tests {
             trace_id: Some("0af7651916cd43dd8448eb211c80319c".into()),
             plan_id: Some("pro".into()),
             upstream_target: Some("http://127.0.0.1:8081".into()),
+            grpc_status: Some(14),
         }
     }
 
@@ -501,6 +533,7 @@ pub(crate) mod tests {
                     trace_id: if some { None } else { Some("0af7651916cd43dd8448eb211c80319c".into()) },
                     plan_id: text("plan"),
                     upstream_target: if j % 4 == 1 { None } else { Some(format!("https://[::1]:{j}")) },
+                    grpc_status: [None, Some(0), Some(14), Some(63), Some(64), Some(8191), Some(65535)][(i + j) % 7],
                 });
             }
         }
@@ -567,7 +600,25 @@ pub(crate) mod tests {
         call.user_agent = None;
         call.trace_id = None;
         call.upstream_target = None;
+        call.grpc_status = None;
         assert_eq!(dec.decode(&enc.encode(&call).unwrap()).unwrap(), call);
+    }
+
+    #[test]
+    fn a_grpc_status_outside_0_to_65535_is_refused_by_both_readers() {
+        let enc = Encoder::new().unwrap();
+        let dec = Decoder::new().unwrap();
+        let good = enc.encode(&sample()).unwrap();
+        // The body ends with the union branch 1 (0x02) and 14 as a zigzag varint (0x1c).
+        assert_eq!(good[good.len() - 2..], [0x02, 0x1c]);
+        // -1 (zigzag 1) and 70,000 (zigzag 140,000: e0 c5 08).
+        for tail in [&[0x01][..], &[0xe0, 0xc5, 0x08]] {
+            let mut bad = good[..good.len() - 1].to_vec();
+            bad.extend_from_slice(tail);
+            for err in [dec.decode(&bad).unwrap_err(), dec.summarize(&bad).unwrap_err()] {
+                assert!(matches!(err, DecodeError::Field { field: "grpc_status", .. }), "{tail:02x?}: {err}");
+            }
+        }
     }
 
     #[test]

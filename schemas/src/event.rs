@@ -114,6 +114,9 @@ pub struct ApiCallOf<S> {
     pub plan_id: Option<S>,
     /// The target the call was sent to (`scheme://host:port`); `None` when not forwarded.
     pub upstream_target: Option<S>,
+    /// A gRPC answer's `grpc-status` code (`status` holds the HTTP status it means); `None`
+    /// for every other call.
+    pub grpc_status: Option<u16>,
 }
 
 /// A call with its own strings (decoded events, tests).
@@ -150,6 +153,7 @@ impl ApiCall {
             trace_id: self.trace_id.as_deref(),
             plan_id: self.plan_id.as_deref(),
             upstream_target: self.upstream_target.as_deref(),
+            grpc_status: self.grpc_status,
         }
     }
 }

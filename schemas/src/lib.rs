@@ -44,4 +44,5 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (6, "0006_outcome_edge_shutdown.sql", include_str!("../migrations/0006_outcome_edge_shutdown.sql")),
     (7, "0007_slo.sql", include_str!("../migrations/0007_slo.sql")),
     (8, "0008_api_calls_upstream_target.sql", include_str!("../migrations/0008_api_calls_upstream_target.sql")),
+    (9, "0009_api_calls_grpc_status.sql", include_str!("../migrations/0009_api_calls_grpc_status.sql")),
 ];

@@ -38,6 +38,8 @@ pub(crate) enum Layout {
     V2,
     /// Schema v4: `plan_id`, then `upstream_target` (not read).
     V4,
+    /// Schema v5: v4's fields, then `grpc_status` (checked, not read).
+    V5,
 }
 
 struct Reader<'a> {
@@ -127,12 +129,18 @@ pub(crate) fn read(layout: Layout, body: &[u8]) -> Result<CallSummary<'_>, Decod
     r.str()?; // client_ip
     r.opt_str()?; // user_agent
     r.opt_str()?; // trace_id
+    let mut grpc_status = None;
     let plan_id = match layout {
         Layout::V1 => None,
         Layout::V2 => r.opt_str()?,
-        Layout::V4 => {
+        Layout::V4 | Layout::V5 => {
             let plan_id = r.opt_str()?;
             r.opt_str()?; // upstream_target
+            if layout == Layout::V5 && r.union_index()? {
+                // Avro `int`: beyond 32 bits is invalid before it is an invalid code.
+                let code = r.long()?;
+                grpc_status = Some(i32::try_from(code).map_err(|_| body_err("int out of range"))?);
+            }
             plan_id
         }
     };
@@ -147,7 +155,7 @@ pub(crate) fn read(layout: Layout, body: &[u8]) -> Result<CallSummary<'_>, Decod
     let unsigned = |n: i64, field| {
         u64::try_from(n).map_err(|_| DecodeError::Field { field, reason: format!("negative value {n}") })
     };
-    Ok(CallSummary {
+    let summary = CallSummary {
         event_id,
         start_time_us,
         consumer_id: consumer_id.map(Cow::Borrowed),
@@ -158,7 +166,13 @@ pub(crate) fn read(layout: Layout, body: &[u8]) -> Result<CallSummary<'_>, Decod
         request_bytes: unsigned(request_bytes, "request_bytes")?,
         response_bytes: unsigned(response_bytes, "response_bytes")?,
         plan_id: plan_id.map(Cow::Borrowed),
-    })
+    };
+    if let Some(code) = grpc_status
+        && u16::try_from(code).is_err()
+    {
+        return Err(DecodeError::Field { field: "grpc_status", reason: format!("{code} is out of range 0..=65535") });
+    }
+    Ok(summary)
 }
 
 impl Decoder {

@@ -20,8 +20,8 @@ fn fixture(name: &str) -> std::path::PathBuf {
 fn v1_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v1.bin")).expect("fixture");
     assert_eq!(&bytes[..2], &[0xC3, 0x01]);
-    // v1 had no plan_id (nor upstream_target): they read as their default, null.
-    let expected = tollgate_schemas::ApiCall { plan_id: None, upstream_target: None, ..fixture_event() };
+    // v1 had no plan_id (nor upstream_target, grpc_status): they read as their default, null.
+    let expected = tollgate_schemas::ApiCall { plan_id: None, ..before_v4() };
     assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), expected);
 }
 
@@ -37,18 +37,33 @@ fn v3_bytes_decode_with_the_current_reader() {
     assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), before_v4());
 }
 
-/// The fixture event as versions before v4 wrote it: no upstream_target, which reads as null.
+/// The fixture event as versions before v4 wrote it: no upstream_target (nor grpc_status),
+/// which read as null.
 fn before_v4() -> tollgate_schemas::ApiCall {
-    tollgate_schemas::ApiCall { upstream_target: None, ..fixture_event() }
+    tollgate_schemas::ApiCall { upstream_target: None, ..before_v5() }
+}
+
+/// The fixture event as v4 wrote it: no grpc_status, which reads as null.
+fn before_v5() -> tollgate_schemas::ApiCall {
+    tollgate_schemas::ApiCall { grpc_status: None, ..fixture_event() }
 }
 
 #[test]
 fn v4_bytes_decode_with_the_current_reader() {
     let bytes = std::fs::read(fixture("api_call.v4.bin")).expect("fixture");
-    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), before_v5());
     // v4 appended upstream_target: the v3 body followed by it.
     let v3 = std::fs::read(fixture("api_call.v3.bin")).unwrap();
     assert!(bytes[10..].starts_with(&v3[10..]));
+}
+
+#[test]
+fn v5_bytes_decode_with_the_current_reader() {
+    let bytes = std::fs::read(fixture("api_call.v5.bin")).expect("fixture");
+    assert_eq!(Decoder::new().unwrap().decode(&bytes).unwrap(), fixture_event());
+    // v5 appended grpc_status: the v4 body followed by it (union branch 1, zigzag 0).
+    let v4 = std::fs::read(fixture("api_call.v4.bin")).unwrap();
+    assert_eq!(bytes[10..], [&v4[10..], &[0x02, 0x00][..]].concat());
 }
 
 #[test]
@@ -59,6 +74,7 @@ fn the_aggregators_reader_knows_every_version() {
         ("api_call.v2.bin", Some("pro")),
         ("api_call.v3.bin", Some("pro")),
         ("api_call.v4.bin", Some("pro")),
+        ("api_call.v5.bin", Some("pro")),
     ] {
         let bytes = std::fs::read(fixture(name)).unwrap();
         let s = dec.summarize(&bytes).unwrap();
@@ -78,6 +94,6 @@ fn v2_and_v3_differ_only_in_the_fingerprint() {
 #[test]
 fn the_current_writer_is_the_last_released_version() {
     // A schema change must come with a new fixture (and a SCHEMA_VERSIONS entry).
-    let last = std::fs::read(fixture("api_call.v4.bin")).expect("fixture");
+    let last = std::fs::read(fixture("api_call.v5.bin")).expect("fixture");
     assert_eq!(tollgate_schemas::Encoder::new().unwrap().encode(&fixture_event()).unwrap(), last);
 }

@@ -401,6 +401,7 @@ pub fn sample_event(consumer: &str, start_time_us: i64) -> tollgate_schemas::Api
         trace_id: None,
         plan_id: Some("basic".into()),
         upstream_target: Some("http://127.0.0.1:8081".into()),
+        grpc_status: None,
     }
 }
 
@@ -471,14 +472,18 @@ impl Drop for PrivateClickHouse {
     }
 }
 
-/// Encodes `n` sample events for `consumers` (round robin), as (key, payload) pairs.
+/// Encodes `n` sample events for `consumers` (round robin), as (key, payload) pairs. Every
+/// third (the first included) is a gRPC call that failed with UNAVAILABLE (`grpc_status` 14).
 pub fn encoded_events(n: usize, consumers: &[&str]) -> Vec<(String, Vec<u8>)> {
     let enc = tollgate_schemas::Encoder::new().unwrap();
     let base = now_us();
     (0..n)
         .map(|i| {
             let c = consumers[i % consumers.len()];
-            let e = sample_event(c, base + i as i64);
+            let mut e = sample_event(c, base + i as i64);
+            if i % 3 == 0 {
+                (e.status, e.grpc_status) = (503, Some(14));
+            }
             (c.to_owned(), enc.encode(&e).unwrap())
         })
         .collect()

@@ -518,14 +518,17 @@ async fn h2_upstreams_get_http2_multiplexed_with_trailers() {
     // Metered: the 70 calls, forwarded, with the target and the bytes; the gRPC failures with
     // the HTTP status their grpc-status means (UNAVAILABLE 503, NOT_FOUND 404).
     let events = read_events(&topic, |e| e.len() >= 70).await;
-    let status_of = |path: &str| events.iter().find(|e| e.path == path).map(|e| (e.status, e.outcome));
-    assert_eq!(status_of("/g/svc/unavailable"), Some((503, tollgate_schemas::Outcome::Forwarded)));
-    assert_eq!(status_of("/g/svc/missing"), Some((404, tollgate_schemas::Outcome::Forwarded)));
+    // The gRPC code itself is kept too (schema v5's `grpc_status`).
+    let status_of = |path: &str| events.iter().find(|e| e.path == path).map(|e| (e.status, e.outcome, e.grpc_status));
+    assert_eq!(status_of("/g/svc/unavailable"), Some((503, tollgate_schemas::Outcome::Forwarded, Some(14))));
+    assert_eq!(status_of("/g/svc/missing"), Some((404, tollgate_schemas::Outcome::Forwarded, Some(5))));
     let events: Vec<_> =
         events.into_iter().filter(|e| e.route_id.as_deref() == Some("g") && !e.path.starts_with("/g/svc/")).collect();
     let odd: Vec<_> =
         events.iter().filter(|e| e.outcome != tollgate_schemas::Outcome::Forwarded || e.status != 200).collect();
     assert!(odd.is_empty(), "{odd:?}");
+    // Not gRPC (no application/grpc content type): no code, although their trailers carry one.
+    assert!(events.iter().all(|e| e.grpc_status.is_none()), "{events:?}");
     assert!(events.iter().all(|e| e.upstream_target.as_deref() == Some(format!("http://{up}").as_str())));
     assert_eq!(events.iter().find(|e| e.method == "POST").unwrap().request_bytes, 1000);
     assert_eq!(events.iter().find(|e| e.method == "PUT").unwrap().request_bytes, 3 << 20);

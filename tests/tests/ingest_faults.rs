@@ -117,6 +117,14 @@ async fn poison_messages_go_to_the_dlq_and_the_partition_keeps_flowing() {
     ] {
         assert_eq!(metric(admin, name).await, value, "{name}");
     }
+    // Every field reaches its column; here the gRPC code (schema v5): four of the ten good
+    // events carry UNAVAILABLE, the others none.
+    let grpc = ch(
+        &url,
+        &format!("SELECT countIf(grpc_status = 14 AND status = 503), countIf(isNull(grpc_status)) FROM {db}.api_calls FINAL FORMAT TSV"),
+    )
+    .await;
+    assert_eq!(grpc.trim(), "4\t6");
     let last = metric(admin, "tollgate_ingest_last_write_seconds").await as i64;
     assert!(last >= started && last <= now_us() / 1_000_000, "{last}");
     assert_eq!(try_get(&format!("http://{admin}/healthz")).await.unwrap(), (200, "ok\n".to_owned()));

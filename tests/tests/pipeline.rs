@@ -134,7 +134,7 @@ async fn thousand_requests_one_row_each_counts_match_the_client() {
             "SELECT count() FROM {db}.api_calls WHERE edge_id != 'edge-e2e' OR latency_us = 0 OR method != 'GET' \
              OR path != '/echo/things' OR client_ip != '127.0.0.1' OR length(trace_id) != 32 OR response_bytes = 0 \
              OR (outcome = 'forwarded') != isNotNull(upstream_latency_us) OR (consumer_id != '') != (credential_id != '') \
-             OR upstream_target != if(outcome = 'forwarded', 'http://{upstream}', '')"
+             OR upstream_target != if(outcome = 'forwarded', 'http://{upstream}', '') OR isNotNull(grpc_status)"
         ),
     )
     .await;

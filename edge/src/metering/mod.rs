@@ -279,8 +279,15 @@ impl Call {
     /// Ends the call: its status and duration go to the metrics and its event, encoded from the call's
     /// fields where they are (not copied), to the producer and the access log. `response_bytes` went to the
     /// client; `extra_request_bytes` came from it besides the request body (an upgrade's
-    /// tunnel).
-    fn complete(&self, status: u16, outcome: Outcome, response_bytes: u64, extra_request_bytes: u64) {
+    /// tunnel); `grpc_status`: a gRPC answer's code.
+    fn complete(
+        &self,
+        status: u16,
+        outcome: Outcome,
+        response_bytes: u64,
+        extra_request_bytes: u64,
+        grpc_status: Option<u16>,
+    ) {
         let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
         let route = self.route.get();
         let route_id = route.map(|r| r.id.as_str());
@@ -315,6 +322,7 @@ impl Call {
                 let i = usize::try_from(self.upstream_target.load(Ordering::Relaxed)).ok()?;
                 r.target_keys.get(i).map(|k| &**k)
             }),
+            grpc_status,
         };
         events.emit(identity.map(|i| &i.consumer_id), &call);
         access_log.record(&call);
@@ -341,7 +349,7 @@ impl Call {
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
             tokio::spawn(async move {
                 let (up, down) = done.await.unwrap_or((0, 0));
-                self.complete(status, outcome, down, up);
+                self.complete(status, outcome, down, up, None);
                 self.gw.metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             });
             return resp;
@@ -353,8 +361,9 @@ impl Call {
             && status == 200
             && self.route.get().is_some_and(|r| r.upstream_h2)
             && is_grpc(resp.headers());
-        let status = if grpc { resp.headers().get(&GRPC_STATUS).map_or(status, grpc_as_http) } else { status };
-        let pending = Pending { call: self, status, outcome, grpc };
+        let grpc_status = if grpc { resp.headers().get(&GRPC_STATUS).map(grpc_code) } else { None };
+        let status = grpc_status.map_or(status, grpc_as_http);
+        let pending = Pending { call: self, status, outcome, grpc, grpc_status: grpc_status.flatten() };
         resp.map(|inner| {
             let length = HttpBody::size_hint(&inner).exact();
             Body::new(MeteredBody { inner, bytes: 0, length, pending: Some(pending) })
@@ -371,9 +380,9 @@ impl Drop for Call {
         // path was still working on it, or the edge closed the connection when its shutdown
         // grace ran out (nothing was sent: metered as 503, the edge's failure).
         if self.gw.metrics.grace_over.load(Ordering::Relaxed) {
-            self.complete(503, Outcome::EdgeShutdown, 0, 0);
+            self.complete(503, Outcome::EdgeShutdown, 0, 0, None);
         } else {
-            self.complete(499, Outcome::ClientAborted, 0, 0);
+            self.complete(499, Outcome::ClientAborted, 0, 0, None);
         }
     }
 }
@@ -488,6 +497,8 @@ struct Pending {
     outcome: Outcome,
     /// A gRPC answer: its trailers' `grpc-status` decides `status`.
     grpc: bool,
+    /// The gRPC answer's `grpc-status` code, once seen (and readable).
+    grpc_status: Option<u16>,
 }
 
 static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
@@ -499,13 +510,18 @@ fn is_grpc(headers: &http::HeaderMap) -> bool {
     })
 }
 
+/// A `grpc-status` value's code; `None` when it is not a number 0..=65535.
+fn grpc_code(value: &http::HeaderValue) -> Option<u16> {
+    value.to_str().ok().and_then(|c| c.trim().parse::<u16>().ok())
+}
+
 /// The HTTP status that means what a `grpc-status` code means (the mapping of gRPC's HTTP
 /// gateways): OK 200, CANCELLED 499, INVALID_ARGUMENT / FAILED_PRECONDITION / OUT_OF_RANGE 400,
 /// DEADLINE_EXCEEDED 504, NOT_FOUND 404, ALREADY_EXISTS / ABORTED 409, PERMISSION_DENIED 403,
 /// RESOURCE_EXHAUSTED 429, UNIMPLEMENTED 501, UNAVAILABLE 503, UNAUTHENTICATED 401; UNKNOWN,
-/// INTERNAL, DATA_LOSS and anything unreadable 500.
-fn grpc_as_http(code: &http::HeaderValue) -> u16 {
-    match code.to_str().ok().and_then(|c| c.trim().parse::<u8>().ok()) {
+/// INTERNAL, DATA_LOSS and anything unreadable (`None`) 500.
+fn grpc_as_http(code: Option<u16>) -> u16 {
+    match code {
         Some(0) => 200,
         Some(1) => 499,
         Some(3 | 9 | 11) => 400,
@@ -548,7 +564,7 @@ impl MeteredBody {
                 true if p.call.gw.metrics.grace_over.load(Ordering::Relaxed) => (p.status, Outcome::EdgeShutdown),
                 true => (499, Outcome::ClientAborted),
             };
-            p.call.complete(status, outcome, self.bytes, 0);
+            p.call.complete(status, outcome, self.bytes, 0, p.grpc_status);
         }
     }
 }
@@ -569,7 +585,8 @@ impl HttpBody for MeteredBody {
                     && let Some(code) = frame.trailers_ref().and_then(|t| t.get(&GRPC_STATUS))
                     && let Some(p) = self.pending.as_mut()
                 {
-                    p.status = grpc_as_http(code);
+                    p.grpc_status = grpc_code(code);
+                    p.status = grpc_as_http(p.grpc_status);
                 }
                 // A gRPC answer's trailers come after its last bytes: waited for while the
                 // body is read (a server that stops at `Content-Length` drops it instead).
@@ -625,7 +642,11 @@ mod tests {
             assert!(!is_grpc(&ct(no)), "{no}");
         }
         assert!(!is_grpc(&http::HeaderMap::new()));
-        let code = |c: &'static str| grpc_as_http(&http::HeaderValue::from_static(c));
+        let code = |c: &'static str| grpc_as_http(grpc_code(&http::HeaderValue::from_static(c)));
+        // The code kept for the event: a number 0..=65535, else none.
+        let kept = |c: &'static str| grpc_code(&http::HeaderValue::from_static(c));
+        assert_eq!((kept("0"), kept(" 14 "), kept("65535")), (Some(0), Some(14), Some(65535)));
+        assert_eq!((kept("65536"), kept("-1"), kept("x"), kept("")), (None, None, None, None));
         let table = [
             ("0", 200),
             ("1", 499),

@@ -27,5 +27,6 @@ pub fn fixture_event() -> ApiCall {
         trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
         plan_id: Some("pro".into()),
         upstream_target: Some("http://10.0.0.5:8080".into()),
+        grpc_status: Some(0),
     }
 }
