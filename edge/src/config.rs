@@ -588,11 +588,12 @@ impl<'de> Deserialize<'de> for AuthNames {
         }
     }
 }
-/// `routes[].upstreams[]`: a URL, or `{ url, weight }`.
+/// `routes[].upstreams[]`: a URL, or `{ url, weight, max_in_flight }`.
 #[derive(Debug)]
 struct RawTarget {
     url: String,
     weight: u32,
+    max_in_flight: Option<u32>,
 }
 
 impl<'de> Deserialize<'de> for RawTarget {
@@ -603,6 +604,8 @@ impl<'de> Deserialize<'de> for RawTarget {
             url: String,
             #[serde(default = "default_weight")]
             weight: u32,
+            #[serde(default)]
+            max_in_flight: Option<u32>,
         }
         #[derive(Deserialize)]
         #[serde(untagged)]
@@ -611,10 +614,10 @@ impl<'de> Deserialize<'de> for RawTarget {
             Weighted(Weighted),
         }
         match UrlOrTable::deserialize(d) {
-            Ok(UrlOrTable::Url(url)) => Ok(Self { url, weight: default_weight() }),
-            Ok(UrlOrTable::Weighted(w)) => Ok(Self { url: w.url, weight: w.weight }),
+            Ok(UrlOrTable::Url(url)) => Ok(Self { url, weight: default_weight(), max_in_flight: None }),
+            Ok(UrlOrTable::Weighted(w)) => Ok(Self { url: w.url, weight: w.weight, max_in_flight: w.max_in_flight }),
             Err(_) => Err(serde::de::Error::custom(
-                "must be a URL or a table { url = \"http(s)://host[:port][/base]\", weight = N }",
+                "must be a URL or a table { url = \"http(s)://host[:port][/base]\", weight = N, max_in_flight = N }",
             )),
         }
     }
@@ -850,6 +853,9 @@ pub struct Route {
     /// Each target's share of the requests, relative to the others' (weighted round robin;
     /// 0: none, a drained target).
     pub weights: Vec<u32>,
+    /// Each target's calls in flight at once, per edge (`upstreams[].max_in_flight`, nginx's
+    /// `max_conns`): a target at its limit is passed over. `None`: no limit.
+    pub target_max_in_flight: Vec<Option<u32>>,
     /// Each target as `scheme://authority`: its connection-pool key and its name in events
     /// (`upstream_target`).
     pub target_keys: Vec<Arc<str>>,
@@ -899,6 +905,7 @@ impl Route {
             methods: Vec::new(),
             upstreams: upstreams.iter().map(|u| u.parse()).collect::<Result<_, _>>()?,
             weights: vec![1; upstreams.len()],
+            target_max_in_flight: vec![None; upstreams.len()],
             target_keys: Vec::new(),
             strip_prefix: false,
             auth: AuthMode::API_KEY,
@@ -1134,7 +1141,7 @@ fn validate(
         let path_prefix =
             if !exact && raw_path.len() > 1 { raw_path.trim_end_matches('/').to_owned() } else { raw_path };
         let (upstream_key, raw_upstreams) = match (r.upstream, r.upstreams.is_empty()) {
-            (Some(url), true) => ("upstream", vec![RawTarget { url, weight: 1 }]),
+            (Some(url), true) => ("upstream", vec![RawTarget { url, weight: 1, max_in_flight: None }]),
             (None, false) => ("upstreams", r.upstreams),
             _ => {
                 return Err(err(
@@ -1145,7 +1152,8 @@ fn validate(
         };
         let mut upstreams = Vec::with_capacity(raw_upstreams.len());
         let mut weights = Vec::with_capacity(raw_upstreams.len());
-        for RawTarget { url: u, weight } in raw_upstreams {
+        let mut target_max_in_flight = Vec::with_capacity(raw_upstreams.len());
+        for RawTarget { url: u, weight, max_in_flight } in raw_upstreams {
             let uri: Uri = u.parse().map_err(|e| err(key(upstream_key), format!("`{u}` is not a URL: {e}")))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() || uri.query().is_some()
             {
@@ -1166,8 +1174,15 @@ fn validate(
             if weight > MAX_WEIGHT {
                 return Err(err(key(upstream_key), format!("`{u}`: weight must be between 0 and {MAX_WEIGHT}")));
             }
+            if max_in_flight == Some(0) {
+                return Err(err(
+                    key(upstream_key),
+                    format!("`{u}`: max_in_flight must be at least 1 (leave it out for no limit)"),
+                ));
+            }
             upstreams.push(uri);
             weights.push(weight);
+            target_max_in_flight.push(max_in_flight);
         }
         if weights.iter().all(|&w| w == 0) {
             return Err(err(key(upstream_key), "at least one target needs a weight above 0".into()));
@@ -1280,6 +1295,7 @@ fn validate(
                 methods,
                 upstreams,
                 weights,
+                target_max_in_flight,
                 target_keys: Vec::new(),
                 strip_prefix: r.strip_prefix,
                 auth,
@@ -2133,6 +2149,9 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             ["http://a:1/", "http://b:2/", "http://c:3/", "http://d:4/"]
         );
         assert_eq!(c.routes[0].weights, [1, 9, 1, 0]);
+        assert_eq!(c.routes[0].target_max_in_flight, [None; 4]);
+        let c = with(r#"[{ url = "http://a:1", max_in_flight = 4 }, "http://b:2"]"#).unwrap();
+        assert_eq!(c.routes[0].target_max_in_flight, [Some(4), None]);
         assert_eq!(Config::parse(BASE, &BTreeMap::new()).unwrap().routes[0].weights, [1]);
         for (list, expected) in [
             (
@@ -2144,6 +2163,10 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
                 "routes[0].upstreams`: at least one target needs a weight above 0",
             ),
             (r#"[{ url = "http://a:1", weigth = 2 }]"#, "routes[0].upstreams[0]`: must be a URL or a table"),
+            (
+                r#"[{ url = "http://a:1", max_in_flight = 0 }]"#,
+                "routes[0].upstreams`: `http://a:1`: max_in_flight must be at least 1",
+            ),
             (r#"[{ url = "http://a:1", weight = -1 }]"#, "routes[0].upstreams[0]`: must be a URL or a table"),
             (r#"["http://a:1", 7]"#, "routes[0].upstreams[1]`: must be a URL or a table"),
             (r#"[{ url = "ftp://a:1" }]"#, "routes[0].upstreams`: `ftp://a:1` must be http(s)"),

@@ -77,9 +77,10 @@ pub struct Metrics {
     pub upstream_retries: AtomicU64,
     /// Upstream targets taken out of service by passive health checks.
     pub upstream_ejections: AtomicU64,
-    /// Calls refused because their route (`routes[].max_in_flight`, 503) or their consumer
-    /// (`plans.<name>.max_in_flight`, 429) had that many calls in flight.
-    pub in_flight_refusals: [AtomicU64; 2],
+    /// Calls refused because their route (`routes[].max_in_flight`, 503), their consumer
+    /// (`plans.<name>.max_in_flight`, 429) or every target of their route
+    /// (`upstreams[].max_in_flight`, 503) had that many calls in flight.
+    pub in_flight_refusals: [AtomicU64; 3],
     /// Calls refused by a rate limit: [the consumer's plan (its own or on the route), the
     /// route's shared `rate_limit`].
     pub rate_limit_refusals: [AtomicU64; 2],
@@ -391,34 +392,34 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        // Counters with a two-valued label.
-        let by_label = [
+        // Counters with a label of a few values.
+        let by_label: [(&str, &str, &str, &[&str], &[AtomicU64]); 4] = [
             (
                 "tollgate_edge_cors_preflights_total",
                 "CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).",
                 "result",
-                ["allowed", "refused"],
+                &["allowed", "refused"],
                 &self.cors_preflights,
             ),
             (
                 "tollgate_edge_health_checks_total",
                 "Active health checks of upstream targets (routes[].health_check), by result: passed (2xx/3xx in time) or failed.",
                 "result",
-                ["passed", "failed"],
+                &["passed", "failed"],
                 &self.health_checks,
             ),
             (
                 "tollgate_edge_in_flight_refusals_total",
-                "Calls refused because that many were in flight already, by limit: route (routes[].max_in_flight, 503) or plan (plans.<name>.max_in_flight, per consumer, 429).",
+                "Calls refused because that many were in flight already, by limit: route (routes[].max_in_flight, 503), plan (plans.<name>.max_in_flight, per consumer, 429) or target (every target in service at its routes[].upstreams[].max_in_flight, 503).",
                 "limit",
-                ["route", "plan"],
+                &["route", "plan", "target"],
                 &self.in_flight_refusals,
             ),
             (
                 "tollgate_edge_rate_limit_refusals_total",
                 "Calls refused (429) by a rate limit, by limit: plan (the consumer's plan, its own or on the route) or route (routes[].rate_limit, shared by all the route's callers).",
                 "limit",
-                ["plan", "route"],
+                &["plan", "route"],
                 &self.rate_limit_refusals,
             ),
         ];

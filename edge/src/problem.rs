@@ -153,6 +153,19 @@ impl Problem {
         .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
+    /// 503: every target of the route that is in service has its `max_in_flight` calls in
+    /// flight (`routes[].upstreams[].max_in_flight`).
+    pub fn targets_overloaded() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream-overloaded",
+            "Service Unavailable",
+            Outcome::UpstreamError,
+            "every target of this route has as many calls in flight as it takes; retry shortly".to_owned(),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     pub fn upstream_timeout(timeout_ms: u128) -> Self {
         Problem::new(
             StatusCode::GATEWAY_TIMEOUT,

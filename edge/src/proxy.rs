@@ -239,8 +239,24 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let mut body = Some(body);
     let mut tried = Vec::with_capacity(attempts);
     let sent = Instant::now();
+    // The attempt's place among its target's calls in flight (`upstreams[].max_in_flight`).
+    let mut target_slot;
     loop {
-        let Some(target) = pool.pick(&tried) else { return Problem::upstream_unreachable().into_response() };
+        let target = match pool.pick(&tried) {
+            crate::upstream::Pick::Target(i, slot) => {
+                target_slot = slot;
+                i
+            }
+            // Every target with room was tried (a retry after a failed connect): that failure.
+            crate::upstream::Pick::Busy if !tried.is_empty() => {
+                return Problem::upstream_unreachable().into_response();
+            }
+            crate::upstream::Pick::Busy => {
+                gw.metrics.in_flight_refusals[2].fetch_add(1, Ordering::Relaxed);
+                return Problem::targets_overloaded().into_response();
+            }
+            crate::upstream::Pick::Exhausted => return Problem::upstream_unreachable().into_response(),
+        };
         tried.push(target);
         ctx.call.upstream_target.store(u32::try_from(target).unwrap_or(u32::MAX), Ordering::Relaxed);
         let last = tried.len() >= attempts;
@@ -327,6 +343,10 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                     route.response_headers.apply(&mut parts.headers);
                 }
                 let body = match in_flight.take() {
+                    Some(slot) => slot.hold(body),
+                    None => body,
+                };
+                let body = match target_slot.take() {
                     Some(slot) => slot.hold(body),
                     None => body,
                 };

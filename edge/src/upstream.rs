@@ -70,6 +70,10 @@ pub struct Pool {
     /// reload does not open room for more), and their limit (`routes[].max_in_flight`).
     in_flight: Arc<AtomicU32>,
     max_in_flight: Option<u32>,
+    /// Each target's calls in flight (carried across reloads by target) and limit
+    /// (`upstreams[].max_in_flight`).
+    target_in_flight: Vec<Arc<AtomicU32>>,
+    target_max_in_flight: Vec<Option<u32>>,
     /// The targets speak HTTP/2 (`routes[].upstream_protocol = "h2"`): h2c with prior knowledge
     /// over `http://`, ALPN `h2` over `https://`.
     pub h2: bool,
@@ -91,6 +95,7 @@ impl Pool {
             for (i, key) in pool.keys.iter().enumerate() {
                 if let Some(j) = previous.keys.iter().position(|k| k == key) {
                     pool.health[i] = previous.health[j].carried(pool.health_check.is_some(), from_now);
+                    pool.target_in_flight[i] = Arc::clone(&previous.target_in_flight[j]);
                 }
             }
         }
@@ -114,6 +119,8 @@ impl Pool {
             health_check: route.health_check.clone(),
             in_flight: Arc::default(),
             max_in_flight: route.max_in_flight,
+            target_in_flight: route.upstreams.iter().map(|_| Arc::default()).collect(),
+            target_max_in_flight: route.target_max_in_flight.clone(),
             h2: route.upstream_h2,
             epoch: Instant::now(),
             max_fails: route.max_fails,
@@ -153,10 +160,12 @@ impl Pool {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// The next target in (weighted) round-robin order that is in service (or due a probe),
-    /// skipping `tried` and targets of weight 0; when that one is not, the next such target
-    /// by index. `None` when every target was tried.
-    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+    /// The next target in (weighted) round-robin order that is in service (or due a probe)
+    /// and below its `max_in_flight`, skipping `tried` and targets of weight 0, with its place
+    /// among the target's calls in flight; when none is, another target by index (every
+    /// target ejected: one is tried anyway). [`Pick::Busy`] when a target in service was passed
+    /// over only for its limit, [`Pick::Exhausted`] when every target was tried.
+    pub fn pick(&self, tried: &[usize]) -> Pick {
         let n = self.targets.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let start = match &self.schedule {
@@ -164,27 +173,48 @@ impl Pool {
             None => (turn % n as u64) as usize,
         };
         let now = self.now_ms();
-        let mut fallback = None;
+        let (mut fallback, mut busy) = (None, false);
         for i in (0..n).map(|k| (start + k) % n).filter(|&i| self.weights[i] > 0 && !tried.contains(&i)) {
             let h = &self.health[i];
             let until = h.ejected_until_ms.load(Ordering::Acquire);
-            if until == 0 {
-                return Some(i);
-            }
             // Ejection over: the first request to claim the probe (by pushing the deadline
             // out again) goes; others keep avoiding the target until the probe succeeds. With
             // active health checks the checks decide instead.
-            if until <= now
-                && self.health_check.is_none()
-                && h.ejected_until_ms
-                    .compare_exchange(until, now + self.fail_timeout_ms(), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                return Some(i);
+            let due = until <= now && self.health_check.is_none();
+            if until == 0 || due {
+                let Ok(slot) = self.target_slot(i) else {
+                    busy = true;
+                    continue;
+                };
+                if until == 0
+                    || h.ejected_until_ms
+                        .compare_exchange(until, now + self.fail_timeout_ms(), Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    return Pick::Target(i, slot);
+                }
             }
             fallback = fallback.or(Some(i));
         }
-        fallback
+        // A target in service is busy: better refused (503, retried shortly) than sent to a
+        // target known to fail.
+        if busy {
+            return Pick::Busy;
+        }
+        match fallback.map(|i| (i, self.target_slot(i))) {
+            Some((i, Ok(slot))) => Pick::Target(i, slot),
+            Some((_, Err(()))) => Pick::Busy,
+            None => Pick::Exhausted,
+        }
+    }
+
+    /// A place among target `i`'s calls in flight (`Ok(None)`: it has no limit); `Err` when
+    /// it is at its limit.
+    fn target_slot(&self, i: usize) -> Result<Option<InFlight>, ()> {
+        match self.target_max_in_flight[i] {
+            None => Ok(None),
+            Some(max) => InFlight::take(&self.target_in_flight[i], max).map(Some).map_err(drop),
+        }
     }
 
     fn fail_timeout_ms(&self) -> u64 {
@@ -253,6 +283,28 @@ impl Pool {
     fn is_ejected(&self, i: usize) -> bool {
         let until = self.health[i].ejected_until_ms.load(Ordering::Acquire);
         until != 0 && until > self.now_ms()
+    }
+}
+
+/// What [`Pool::pick`] found.
+#[derive(Debug)]
+pub enum Pick {
+    /// This target, with its place among its calls in flight when it has a limit (held
+    /// until the response has been sent).
+    Target(usize, Option<InFlight>),
+    /// Every target in service that was not tried has its `max_in_flight` calls in flight.
+    Busy,
+    /// Every target was tried.
+    Exhausted,
+}
+
+impl Pick {
+    /// The target picked, if one was.
+    pub fn target(&self) -> Option<usize> {
+        match self {
+            Pick::Target(i, _) => Some(*i),
+            Pick::Busy | Pick::Exhausted => None,
+        }
     }
 }
 
@@ -879,6 +931,17 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
     for (route, pool) in routes.iter().filter(|(_, p)| p.max_in_flight.is_some()) {
         let _ = writeln!(out, "{name}{{route=\"{}\"}} {}", label(route), pool.in_flight.load(Ordering::Relaxed));
     }
+    let name = "tollgate_edge_upstream_target_in_flight";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Calls in flight to each target with a `max_in_flight` limit (routes[].upstreams[]).\n# TYPE {name} gauge"
+    );
+    for (route, pool) in &routes {
+        for (i, key) in pool.keys.iter().enumerate().filter(|(i, _)| pool.target_max_in_flight[*i].is_some()) {
+            let n = pool.target_in_flight[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{route=\"{}\",target=\"{}\"}} {n}", label(route), label(key));
+        }
+    }
 }
 
 /// Every route's pool, by route id; on reload `previous` holds the pools whose targets' health
@@ -907,10 +970,10 @@ mod tests {
     #[tokio::test]
     async fn round_robin_ejection_probe_and_fail_open() {
         let pool = Pool::new(&route(3, 2, Duration::from_millis(300)), None);
-        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
-        assert_eq!(pool.pick(&[0, 1]), Some(2));
-        assert_eq!(pool.pick(&[0, 1, 2]), None);
+        assert_eq!(pool.pick(&[0, 1]).target(), Some(2));
+        assert_eq!(pool.pick(&[0, 1, 2]).target(), None);
 
         // Two failures in a row eject target 1; a success in between resets the count.
         assert!(!pool.failure(1));
@@ -918,12 +981,12 @@ mod tests {
         assert!(!pool.failure(1));
         assert!(pool.failure(1));
         assert!(pool.is_ejected(1));
-        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert!(!picks.contains(&1), "{picks:?}");
 
         // After fail_timeout exactly one request probes it.
         tokio::time::sleep(Duration::from_millis(350)).await;
-        let picks: Vec<usize> = (0..9).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..9).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1, "{picks:?}");
         pool.success(1);
         assert!(!pool.is_ejected(1));
@@ -933,7 +996,7 @@ mod tests {
             pool.failure(i);
             pool.failure(i);
         }
-        assert!(pool.pick(&[]).is_some());
+        assert!(pool.pick(&[]).target().is_some());
     }
 
     #[tokio::test]
@@ -944,13 +1007,13 @@ mod tests {
         // A passive ejection: after fail_timeout the target is still left alone.
         assert!(pool.failure(1));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 0), "{picks:?}");
         // A passing check brings it back; a failing one takes the other out.
         pool.success(1);
         assert!(pool.check_failed(0));
         assert!(!pool.check_failed(0), "already out");
-        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 1), "{picks:?}");
     }
 
@@ -1013,11 +1076,11 @@ mod tests {
         assert!(new.is_ejected(1));
         assert!(new.in_service(2), "a new target starts in service");
         assert!(new.failure(0), "the failure before the reload still counts");
-        let picks: Vec<usize> = (0..4).map(|_| new.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..4).map(|_| new.pick(&[]).target().unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 2), "{picks:?}");
         // Ejected on the old pool's clock: probed once its fail_timeout is over.
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let picks: Vec<usize> = (0..6).map(|_| new.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| new.pick(&[]).target().unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 1, "{picks:?}");
 
         // Out by a failed check, then checks are removed: probed after fail_timeout, not never.
@@ -1030,7 +1093,7 @@ mod tests {
         let unchecked = Pool::new(&route(2, 2, Duration::from_millis(100)), Some(&old));
         assert!(unchecked.is_ejected(0));
         tokio::time::sleep(Duration::from_millis(150)).await;
-        let picks: Vec<usize> = (0..4).map(|_| unchecked.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..4).map(|_| unchecked.pick(&[]).target().unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 1, "{picks:?}");
     }
 
@@ -1049,6 +1112,48 @@ mod tests {
         let c = new.admit().unwrap();
         assert!(c.is_some());
         assert_eq!(new.admit().unwrap_err(), 2);
+    }
+
+    #[test]
+    fn a_target_at_its_max_in_flight_is_passed_over_until_a_call_ends() {
+        let mut r = route(3, 1, Duration::from_secs(60));
+        r.target_max_in_flight = vec![Some(1), Some(1), None];
+        let pool = Pool::new(&r, None);
+        let take = |tried: &[usize]| match pool.pick(tried) {
+            Pick::Target(i, slot) => (i, slot),
+            other => panic!("{other:?}"),
+        };
+        let (a, slot_a) = take(&[]);
+        let (b, slot_b) = take(&[]);
+        assert_eq!((a, b, slot_a.is_some(), slot_b.is_some()), (0, 1, true, true));
+        // Targets 0 and 1 are full: the unlimited target 2 takes every call.
+        let rest: Vec<usize> = (0..4).map(|_| take(&[]).0).collect();
+        assert_eq!(rest, [2, 2, 2, 2]);
+        // With target 2 tried (a retry), only busy targets are left.
+        assert!(matches!(pool.pick(&[2]), Pick::Busy));
+        assert!(matches!(pool.pick(&[0, 1, 2]), Pick::Exhausted));
+        drop(slot_a);
+        assert_eq!(pool.pick(&[2]).target(), Some(0));
+        // A reload keeps the count: target 1's call is still in flight.
+        let new = Pool::new(&r, Some(&pool));
+        assert!(matches!(new.pick(&[0, 2]), Pick::Busy));
+        drop(slot_b);
+        assert_eq!(new.pick(&[0, 2]).target(), Some(1));
+    }
+
+    #[test]
+    fn a_busy_target_in_service_is_not_traded_for_an_ejected_one() {
+        let mut r = route(2, 1, Duration::from_secs(60));
+        r.target_max_in_flight = vec![Some(1), None];
+        let pool = Pool::new(&r, None);
+        assert!(pool.failure(1), "target 1 ejected");
+        let Pick::Target(0, held) = pool.pick(&[]) else { panic!("target 0 first") };
+        // Target 0 is busy, target 1 ejected: refused, not sent to the failing target.
+        assert!(matches!(pool.pick(&[]), Pick::Busy));
+        drop(held);
+        // Every target ejected and none busy: one is still tried (fail open), with a place.
+        assert!(pool.failure(0));
+        let Pick::Target(_, _slot) = pool.pick(&[]) else { panic!("fail open") };
     }
 
     #[test]
@@ -1074,15 +1179,15 @@ mod tests {
         let mut r = route(3, 1, Duration::from_secs(60));
         r.weights = vec![3, 0, 1];
         let pool = Pool::new(&r, None);
-        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert_eq!(picks, vec![0, 0, 2, 0, 0, 0, 2, 0]);
         // A retry goes to another target in service, never to the drained one.
         assert_eq!(pool.serving(), 2);
-        assert_eq!(pool.pick(&[0]), Some(2));
-        assert_eq!(pool.pick(&[0, 2]), None);
+        assert_eq!(pool.pick(&[0]).target(), Some(2));
+        assert_eq!(pool.pick(&[0, 2]).target(), None);
         // The heavy target ejected: its turns go to the next target in service.
         assert!(pool.failure(0));
-        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).unwrap()).collect();
+        let picks: Vec<usize> = (0..8).map(|_| pool.pick(&[]).target().unwrap()).collect();
         assert!(picks.iter().all(|&i| i == 2), "{picks:?}");
     }
 

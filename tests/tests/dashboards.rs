@@ -79,6 +79,17 @@ async fn every_panel_query_runs_and_returns_rows() {
         ),
     )
     .await;
+    // Three gRPC calls: two UNAVAILABLE (metered 503), one OK.
+    ch(
+        &url,
+        &format!(
+            "INSERT INTO {db}.api_calls (event_id, ts, route_id, status, outcome, latency_us, grpc_status) VALUES \
+             ('00000000-0000-0000-0000-000000000011', toDateTime({minute}), 'grpc', 503, 'forwarded', 2000, 14), \
+             ('00000000-0000-0000-0000-000000000012', toDateTime({minute}), 'grpc', 503, 'forwarded', 4000, 14), \
+             ('00000000-0000-0000-0000-000000000013', toDateTime({minute}), 'grpc', 200, 'forwarded', 1000, 0)"
+        ),
+    )
+    .await;
     let mut ran = 0;
     for entry in std::fs::read_dir(repo_root().join("dashboards")).unwrap() {
         let path = entry.unwrap().path();
@@ -132,5 +143,11 @@ async fn every_panel_query_runs_and_returns_rows() {
         .replace("FROM api_calls_unique", &format!("FROM {db}.api_calls_unique"));
     let rows = ch(&url, &format!("{sql}\nFORMAT TSV")).await;
     assert_eq!(rows.trim(), "echo\thttp://canary:80\t1\t1\t100\t5\t5\necho\thttp://stable:80\t2\t0\t0\t3\t3");
+    // gRPC: one row per code, with the HTTP status it was metered as; other calls are left out.
+    let table = dash["panels"].as_array().unwrap().iter().find(|p| p["id"] == 12).unwrap();
+    let sql = expand(table["targets"][0]["rawSql"].as_str().unwrap(), now - 3600, now)
+        .replace("FROM api_calls_unique", &format!("FROM {db}.api_calls_unique"));
+    let rows = ch(&url, &format!("{sql}\nFORMAT TSV")).await;
+    assert_eq!(rows.trim(), "grpc\t0\t200\t1\t1\ngrpc\t14\t503\t2\t4");
     ch(&url, &format!("DROP DATABASE {db}")).await;
 }

@@ -309,6 +309,105 @@ async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
     }
 }
 
+/// `upstreams[].max_in_flight` (nginx's `max_conns`): a target at its limit is passed over for
+/// the route's others; when every target in service is at its limit, 503 without reaching any;
+/// a call holds its target's place until its response has been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_at_its_max_in_flight_is_passed_over() {
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("e2e_edge_target_in_flight");
+    let topic = unique("edge_target_in_flight");
+    create_topic(&topic, 1).await;
+    let ((a, a_stats), (b, b_stats)) = (start_echo().await, start_echo().await);
+    let cfg = format!(
+        "{}[[routes]]\nid = \"cap\"\npath_prefix = \"/cap\"\nauth = \"none\"\n\
+         upstreams = [{{ url = \"http://{a}\", max_in_flight = 1 }}, {{ url = \"http://{b}\", max_in_flight = 2 }}]\n",
+        edge_head("edge-target-in-flight", &topic)
+    );
+    let (_edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let call = |path: String| async move {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let resp = client
+            .request(http::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        (parts, String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap())
+    };
+
+    // Five at once, each answered after 1 s: the targets take 1 + 2, the other two are refused
+    // at once (whatever the round robin's turn: a full target is passed over).
+    let calls: Vec<_> = (0..5).map(|i| tokio::spawn(call(format!("/cap/{i}?delay_ms=1000")))).collect();
+    let started = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile: each target's gauge is at its limit.
+    assert_eq!(
+        metric(admin, &format!("tollgate_edge_upstream_target_in_flight{{route=\"cap\",target=\"http://{a}\"}}")).await,
+        1
+    );
+    assert_eq!(
+        metric(admin, &format!("tollgate_edge_upstream_target_in_flight{{route=\"cap\",target=\"http://{b}\"}}")).await,
+        2
+    );
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|(p, _)| p.status.as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 3, "{statuses:?}");
+    for (parts, body) in answers.iter().filter(|(p, _)| p.status != 200) {
+        assert_eq!(parts.status, 503, "{body}");
+        assert_eq!(parts.headers["retry-after"], "1");
+        assert!(body.contains("upstream-overloaded") && body.contains("every target"), "{body}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!((a_stats.requests.load(Ordering::SeqCst), b_stats.requests.load(Ordering::SeqCst)), (1, 2));
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"target\"}").await, 2);
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"route\"}").await, 0);
+    // Done: the places are free again, both targets take calls.
+    let next: Vec<u16> = {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(call(format!("/cap/after{i}")).await.0.status.as_u16());
+        }
+        v
+    };
+    assert_eq!(next, [200; 4]);
+    assert_eq!((a_stats.requests.load(Ordering::SeqCst), b_stats.requests.load(Ordering::SeqCst)), (3, 4));
+
+    // A client that stops reading a large answer holds its target's place until it goes away.
+    let in_flight = || async {
+        let mut sum = 0;
+        for t in [a, b] {
+            sum += metric(
+                admin,
+                &format!("tollgate_edge_upstream_target_in_flight{{route=\"cap\",target=\"http://{t}\"}}"),
+            )
+            .await;
+        }
+        sum
+    };
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /cap/big?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(in_flight().await, 1, "the unsent answer's place was given back");
+    }
+    assert!(wait_until(Duration::from_secs(5), || async { in_flight().await == 0 }).await);
+
+    // The refusals' events: outcome upstream_error, 503, sent to no target.
+    let events = read_events(&topic, |e| e.len() >= 10).await;
+    let refused: Vec<_> = events.iter().filter(|e| e.status == 503).collect();
+    assert_eq!(refused.len(), 2);
+    for e in refused {
+        assert_eq!((e.outcome, e.upstream_target.as_deref()), (tollgate_schemas::Outcome::UpstreamError, None));
+    }
+}
+
 /// An HTTP/2-only upstream (h2c with prior knowledge, or with `tls` TLS offering only `h2` by
 /// ALPN; HTTP/1.1 is a protocol error to it). It answers `<version> <method> <path?query>
 /// te=<te> consumer=<x-consumer-id> host=<Host header> body=<bytes>`, with the trailer
