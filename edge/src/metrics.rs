@@ -392,8 +392,9 @@ impl Metrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
         }
-        // Counters with a label of a few values.
-        let by_label: [(&str, &str, &str, &[&str], &[AtomicU64]); 4] = [
+        // Counters with a label of a few values: (name, help, label, its values, their counts).
+        type Labelled<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [AtomicU64]);
+        let by_label: [Labelled<'_>; 4] = [
             (
                 "tollgate_edge_cors_preflights_total",
                 "CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).",
