@@ -356,6 +356,9 @@ struct RawRoute {
     /// A limit for all the route's calls together (every consumer, and anonymous callers).
     #[serde(default)]
     rate_limit: Option<RawRate>,
+    /// Only consumers on these plans may call the route.
+    #[serde(default)]
+    allowed_plans: Option<Vec<String>>,
 }
 
 /// `routes[].health_check`.
@@ -889,6 +892,9 @@ pub struct Route {
     /// The route's rate for all its callers together (`routes[].rate_limit`), per edge; on
     /// top of each consumer's plan limits. `None`: no such limit.
     pub rate_limit: Option<Rate>,
+    /// Only consumers on these plans may call the route (`routes[].allowed_plans`; others get
+    /// 403). `None`: every plan.
+    pub allowed_plans: Option<Arc<[String]>>,
     /// The targets speak HTTP/2 (`upstream_protocol = "h2"`), else HTTP/1.1.
     pub upstream_h2: bool,
 }
@@ -922,6 +928,7 @@ impl Route {
             health_check: None,
             max_in_flight: None,
             rate_limit: None,
+            allowed_plans: None,
             upstream_h2: false,
         };
         Ok(route.with_target_keys())
@@ -1253,6 +1260,24 @@ fn validate(
         if r.max_in_flight == Some(0) {
             return Err(err(key("max_in_flight"), "must be at least 1 (leave it out for no limit)".into()));
         }
+        let allowed_plans = match &r.allowed_plans {
+            None => None,
+            Some(_) if auth.is_public() => {
+                return Err(err(
+                    key("allowed_plans"),
+                    "needs a route that requires a credential (auth is \"none\")".into(),
+                ));
+            }
+            Some(names) if names.is_empty() => {
+                return Err(err(key("allowed_plans"), "is empty: no consumer could call the route".into()));
+            }
+            Some(names) => {
+                if let Some((j, name)) = names.iter().enumerate().find(|(_, n)| !plans.contains_key(n.as_str())) {
+                    return Err(err(key(&format!("allowed_plans[{j}]")), format!("no plan is named `{name}`")));
+                }
+                Some(names.clone().into())
+            }
+        };
         let rate_limit = match &r.rate_limit {
             None => None,
             Some(l) => Some(rate(l.rate_per_second, l.burst, &|k| key(&format!("rate_limit.{k}")), origin)?),
@@ -1314,6 +1339,7 @@ fn validate(
                 health_check,
                 max_in_flight: r.max_in_flight,
                 rate_limit,
+                allowed_plans,
                 upstream_h2,
             }
             .with_target_keys(),
@@ -2084,6 +2110,21 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(plan("").unwrap().plans["free"].max_in_flight, None);
         let msg = plan("max_in_flight = 0").unwrap_err().to_string();
         assert!(msg.contains("key `plans.free.max_in_flight`: must be at least 1"), "{msg}");
+    }
+
+    #[test]
+    fn allowed_plans_name_existing_plans_on_routes_that_authenticate() {
+        let with =
+            |line: &str| Config::parse(&BASE.replace("upstream = ", &format!("{line}\nupstream = ")), &BTreeMap::new());
+        assert!(with("").unwrap().routes[0].allowed_plans.is_none());
+        let c = with("allowed_plans = [\"free\"]").unwrap();
+        assert_eq!(c.routes[0].allowed_plans.as_deref(), Some(&["free".to_owned()][..]));
+        let msg = with("allowed_plans = [\"free\", \"gold\"]").unwrap_err().to_string();
+        assert!(msg.contains("key `routes[0].allowed_plans[1]`: no plan is named `gold`"), "{msg}");
+        let msg = with("allowed_plans = []").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].allowed_plans") && msg.contains("empty"), "{msg}");
+        let msg = with("auth = \"none\"\nallowed_plans = [\"free\"]").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].allowed_plans") && msg.contains("auth is \"none\""), "{msg}");
     }
 
     #[test]

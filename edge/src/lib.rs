@@ -265,6 +265,16 @@ async fn admit_and_forward(
         if let Some(nets) = &i.allowed_ips {
             refusal = address_refusal(nets, call.client_addr, "this credential");
         }
+        // The route is for some plans only (`allowed_plans`): checked before the limits, so a
+        // refused call spends no budget.
+        if refusal.is_none()
+            && let Some(plans) = &route.allowed_plans
+            && !plans.iter().any(|p| *p == i.plan.name)
+        {
+            use axum::response::IntoResponse;
+            let detail = format!("plan `{}` does not include route `{}`", i.plan.name, route.id);
+            refusal = Some(problem::Problem::forbidden(detail).into_response());
+        }
     }
     if let Some(mut refused) = refusal {
         if let Some(policy) = &route.cors {

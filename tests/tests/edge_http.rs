@@ -42,6 +42,11 @@ auth = "none"
 id = "dead"
 path_prefix = "/dead"
 upstream = "http://127.0.0.1:{dead}"
+[[routes]]
+id = "premium"
+path_prefix = "/premium"
+upstream = "http://{upstream}"
+allowed_plans = ["big"]
 [plans.one]
 rate_per_second = 1
 burst = 1
@@ -144,6 +149,17 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     problem(&a, 405, "method-not-allowed");
     assert_eq!(a.headers["allow"], "GET");
     note(&a, Outcome::NoRoute, None, None);
+
+    // A route for some plans only: tiny's plan is not one of them (403, metered with the
+    // consumer, spending none of its burst of 1: its next call below still passes); acme's is.
+    let a = call(addr, "GET", "/premium/x", &[("x-api-key", "key-tiny")]).await;
+    problem(&a, 403, "forbidden");
+    assert!(a.body["detail"].as_str().unwrap().contains("plan `one` does not include route `premium`"), "{}", a.body);
+    assert!(!a.headers.contains_key("x-ratelimit-limit"), "refused before the limits");
+    note(&a, Outcome::Forbidden, Some("tiny"), Some("premium"));
+    let a = call(addr, "GET", "/premium/x", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(a.status, 200);
+    note(&a, Outcome::Forwarded, Some("acme"), Some("premium"));
 
     // 429 with Retry-After once the burst of 1 is used.
     let a = call(addr, "GET", "/echo/d", &[("x-api-key", "key-tiny")]).await;
