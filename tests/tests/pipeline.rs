@@ -127,6 +127,26 @@ async fn thousand_requests_one_row_each_counts_match_the_client() {
     }
     assert_eq!(got, want);
 
+    // The documented per-key query (schemas/queries/usage_by_api_key.sql), its month bounds
+    // widened so a run across a month's end cannot move a row out: per consumer and key, all
+    // calls and the billable (forwarded, < 500) ones, as the client saw them.
+    let sql = std::fs::read_to_string(repo_root().join("schemas/queries/usage_by_api_key.sql"))
+        .unwrap()
+        .replace("addMonths(toStartOfMonth(now()), 1)", "toDateTime(4000000000)")
+        .replace("toStartOfMonth(now())", "toDateTime(0)")
+        .replace("FROM api_calls", &format!("FROM {db}.api_calls"));
+    let sql: String = sql.lines().filter(|l| !l.starts_with("--")).collect::<Vec<_>>().join("\n");
+    let rows =
+        ch(&ch_url, &format!("SELECT consumer_id, credential_id, calls, billable_calls FROM ({sql}) FORMAT TSV")).await;
+    let seen = |label: &str, status: Option<u16>| -> u64 {
+        tally.by_status.iter().filter(|((l, s), _)| l == label && status.is_none_or(|w| *s == w)).map(|(_, n)| n).sum()
+    };
+    let expected: String = ["acme", "globex", "initech"]
+        .iter()
+        .map(|c| format!("{c}\t{c}-1\t{}\t{}\n", seen(c, None), seen(c, Some(200))))
+        .collect();
+    assert_eq!(rows, expected);
+
     // Every row carries the metered facts.
     let bad = ch_u64(
         &ch_url,
