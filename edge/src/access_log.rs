@@ -231,13 +231,20 @@ fn write_loop(shared: &Shared) {
             };
             (control.destination.clone(), control.generation, control.stop)
         };
-        let lines = {
+        let mut lines = {
             let mut pending = lock(&shared.pending);
             std::mem::swap(&mut batch, &mut pending.0);
             std::mem::take(&mut pending.1)
         };
         if out.as_ref().is_none_or(|(_, _, g)| *g != generation) {
-            // Closed before opening again: the file logrotate moved away is let go.
+            // Turned off by a reload: what was logged before goes where the log was.
+            if destination.is_none() && lines > 0 {
+                write_batch(shared, &mut out, &batch, lines, &mut last_error, &mut lost_since_report);
+                lines = 0;
+            }
+            // Closed before opening again: the file logrotate moved away is let go. (Lines
+            // waiting at a SIGHUP or a new path, at most one flush interval's, go to the new
+            // file.)
             out = None;
             if let Some(dest) = &destination {
                 match dest.open() {
@@ -249,23 +256,7 @@ fn write_loop(shared: &Shared) {
             }
         }
         if lines > 0 {
-            match out.as_mut() {
-                Some((o, Some(dest), _)) => match o.write_all(&batch) {
-                    Ok(()) => {
-                        shared.metrics.access_log_lines.fetch_add(lines, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        shared.metrics.access_log_dropped.fetch_add(lines, Ordering::Relaxed);
-                        report(&mut last_error, &mut lost_since_report, lines, || {
-                            format!("cannot write edge.access_log {dest}: {e}")
-                        });
-                    }
-                },
-                // Not open (the open failed, reported above), or turned off by a reload.
-                _ => {
-                    shared.metrics.access_log_dropped.fetch_add(lines, Ordering::Relaxed);
-                }
-            }
+            write_batch(shared, &mut out, &batch, lines, &mut last_error, &mut lost_since_report);
         }
         batch.clear();
         // The buffer grew for a burst: let it go rather than keep megabytes for good.
@@ -274,6 +265,32 @@ fn write_loop(shared: &Shared) {
         }
         if stop {
             return;
+        }
+    }
+}
+
+/// Writes `lines` lines (`batch`) to the open output, counting them written or dropped.
+fn write_batch(
+    shared: &Shared,
+    out: &mut Option<(Output, Option<Destination>, u64)>,
+    batch: &[u8],
+    lines: u64,
+    last_error: &mut Option<Instant>,
+    lost: &mut u64,
+) {
+    match out.as_mut() {
+        Some((o, Some(dest), _)) => match o.write_all(batch) {
+            Ok(()) => {
+                shared.metrics.access_log_lines.fetch_add(lines, Ordering::Relaxed);
+            }
+            Err(e) => {
+                shared.metrics.access_log_dropped.fetch_add(lines, Ordering::Relaxed);
+                report(last_error, lost, lines, || format!("cannot write edge.access_log {dest}: {e}"));
+            }
+        },
+        // Not open (the open failed, reported when it did).
+        _ => {
+            shared.metrics.access_log_dropped.fetch_add(lines, Ordering::Relaxed);
         }
     }
 }
@@ -559,12 +576,15 @@ mod tests {
         assert_eq!(lines(&path)[0]["user_agent"], "third");
         let old: Vec<_> = lines(&rotated).iter().map(|v| v["user_agent"].as_str().unwrap().to_owned()).collect();
         assert_eq!(old, ["first", "second"]);
-        // Turned off by a reload: nothing more is taken.
+        // Turned off by a reload: a line logged just before still goes to the file; nothing
+        // more is taken.
+        log.record(&call(Some("fourth")));
         log.set_destination(None);
         assert!(!log.enabled());
-        log.record(&call(Some("fourth")));
+        log.record(&call(Some("fifth")));
         log.close();
-        assert_eq!(lines(&path).len(), 1);
+        let last: Vec<_> = lines(&path).iter().map(|v| v["user_agent"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(last, ["third", "fourth"]);
         assert_eq!(m.access_log_dropped.load(Ordering::Relaxed), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
