@@ -359,6 +359,9 @@ struct RawRoute {
     /// Only consumers on these plans may call the route.
     #[serde(default)]
     allowed_plans: Option<Vec<String>>,
+    /// How long a call waits for a place under `max_in_flight` (the route's or a target's).
+    #[serde(default)]
+    queue_timeout_ms: u64,
 }
 
 /// `routes[].health_check`.
@@ -889,6 +892,9 @@ pub struct Route {
     pub health_check: Option<HealthCheck>,
     /// Calls to the route's upstream at once (per edge); more get 503. `None`: no limit.
     pub max_in_flight: Option<u32>,
+    /// How long a call waits for a place under the route's or its targets' `max_in_flight`
+    /// before the 503 (`routes[].queue_timeout_ms`). `None`: refused at once.
+    pub queue_timeout: Option<Duration>,
     /// The route's rate for all its callers together (`routes[].rate_limit`), per edge; on
     /// top of each consumer's plan limits. `None`: no such limit.
     pub rate_limit: Option<Rate>,
@@ -927,6 +933,7 @@ impl Route {
             response_headers: crate::rewrite::HeaderRules::default(),
             health_check: None,
             max_in_flight: None,
+            queue_timeout: None,
             rate_limit: None,
             allowed_plans: None,
             upstream_h2: false,
@@ -1260,6 +1267,20 @@ fn validate(
         if r.max_in_flight == Some(0) {
             return Err(err(key("max_in_flight"), "must be at least 1 (leave it out for no limit)".into()));
         }
+        let queue_timeout = match r.queue_timeout_ms {
+            0 => None,
+            _ if r.max_in_flight.is_none() && target_max_in_flight.iter().all(Option::is_none) => {
+                return Err(err(
+                    key("queue_timeout_ms"),
+                    "needs max_in_flight, on the route or on one of its upstreams (there is nothing to wait for)"
+                        .into(),
+                ));
+            }
+            ms if ms > r.timeout_ms => {
+                return Err(err(key("queue_timeout_ms"), format!("must not exceed timeout_ms ({})", r.timeout_ms)));
+            }
+            ms => Some(Duration::from_millis(ms)),
+        };
         let allowed_plans = match &r.allowed_plans {
             None => None,
             Some(_) if auth.is_public() => {
@@ -1338,6 +1359,7 @@ fn validate(
                 response_headers,
                 health_check,
                 max_in_flight: r.max_in_flight,
+                queue_timeout,
                 rate_limit,
                 allowed_plans,
                 upstream_h2,
@@ -2110,6 +2132,25 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert_eq!(plan("").unwrap().plans["free"].max_in_flight, None);
         let msg = plan("max_in_flight = 0").unwrap_err().to_string();
         assert!(msg.contains("key `plans.free.max_in_flight`: must be at least 1"), "{msg}");
+    }
+
+    #[test]
+    fn a_queue_needs_a_limit_and_fits_in_the_timeout() {
+        let with =
+            |line: &str| Config::parse(&BASE.replace("upstream = ", &format!("{line}\nupstream = ")), &BTreeMap::new());
+        assert_eq!(with("").unwrap().routes[0].queue_timeout, None);
+        let c = with("max_in_flight = 4\nqueue_timeout_ms = 250").unwrap();
+        assert_eq!(c.routes[0].queue_timeout, Some(Duration::from_millis(250)));
+        let msg = with("queue_timeout_ms = 250").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].queue_timeout_ms") && msg.contains("needs max_in_flight"), "{msg}");
+        let msg = with("max_in_flight = 4\ntimeout_ms = 100\nqueue_timeout_ms = 250").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].queue_timeout_ms") && msg.contains("timeout_ms (100)"), "{msg}");
+        // A target's limit is enough.
+        let target = BASE.replace(
+            "upstream = \"http://127.0.0.1:8081\"",
+            "upstreams = [{ url = \"http://127.0.0.1:8081\", max_in_flight = 2 }]\nqueue_timeout_ms = 100",
+        );
+        assert!(Config::parse(&target, &BTreeMap::new()).unwrap().routes[0].queue_timeout.is_some());
     }
 
     #[test]

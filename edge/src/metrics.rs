@@ -84,6 +84,9 @@ pub struct Metrics {
     /// Calls refused by a rate limit: [the consumer's plan (its own or on the route), the
     /// route's shared `rate_limit`].
     pub rate_limit_refusals: [AtomicU64; 2],
+    /// Calls that waited in their route's queue for a place (`routes[].queue_timeout_ms`):
+    /// [got one, timed out].
+    pub queued_calls: [AtomicU64; 2],
     pub config_reload_failures: AtomicU64,
     /// Access log lines written, and lost (too many waiting, or the file failing).
     pub access_log_lines: AtomicU64,
@@ -394,7 +397,7 @@ impl Metrics {
         }
         // Counters with a label of a few values: (name, help, label, its values, their counts).
         type Labelled<'a> = (&'a str, &'a str, &'a str, &'a [&'a str], &'a [AtomicU64]);
-        let by_label: [Labelled<'_>; 4] = [
+        let by_label: [Labelled<'_>; 5] = [
             (
                 "tollgate_edge_cors_preflights_total",
                 "CORS preflights the edge answered itself (routes[].cors; not metered as calls), by result: allowed (204) or refused (403, origin not listed).",
@@ -422,6 +425,13 @@ impl Metrics {
                 "limit",
                 &["plan", "route"],
                 &self.rate_limit_refusals,
+            ),
+            (
+                "tollgate_edge_queued_calls_total",
+                "Calls that found their route or every target at max_in_flight and waited (routes[].queue_timeout_ms), by result: admitted (a place came free) or timed_out (503).",
+                "result",
+                &["admitted", "timed_out"],
+                &self.queued_calls,
             ),
         ];
         for (name, help, label, values, counts) in by_label {

@@ -153,13 +153,28 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let Some(pool) = ctx.runtime.pools.get(&route.id) else {
         return Problem::upstream_unreachable().into_response();
     };
-    // Held until the response has been sent (a tunnel's only until its 101).
+    // Held until the response has been sent (a tunnel's only until its 101). With a queue
+    // (`queue_timeout_ms`), a call waits for a place (the route's, then a target's) until then.
+    let queue_deadline = pool.queue_timeout().map(|t| tokio::time::Instant::now() + t);
     let mut in_flight = match pool.admit() {
         Ok(slot) => slot,
-        Err(max) => {
-            gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
-            return Problem::upstream_overloaded(max).into_response();
-        }
+        Err(max) => match queue_deadline {
+            Some(deadline) => match Box::pin(pool.queued(deadline, || pool.admit())).await {
+                Ok(slot) => {
+                    gw.metrics.queued_calls[0].fetch_add(1, Ordering::Relaxed);
+                    slot
+                }
+                Err(max) => {
+                    gw.metrics.queued_calls[1].fetch_add(1, Ordering::Relaxed);
+                    gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
+                    return Problem::upstream_overloaded(max).into_response();
+                }
+            },
+            None => {
+                gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
+                return Problem::upstream_overloaded(max).into_response();
+            }
+        },
     };
     let (mut parts, body) = req.into_parts();
     // WebSocket and other HTTP/1.1 upgrades: the handshake is forwarded like any request and,
@@ -251,10 +266,13 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             crate::upstream::Pick::Busy if !tried.is_empty() => {
                 return Problem::upstream_unreachable().into_response();
             }
-            crate::upstream::Pick::Busy => {
-                gw.metrics.in_flight_refusals[2].fetch_add(1, Ordering::Relaxed);
-                return Problem::targets_overloaded().into_response();
-            }
+            crate::upstream::Pick::Busy => match wait_for_target(gw, pool, queue_deadline).await {
+                Ok((i, slot)) => {
+                    target_slot = slot;
+                    i
+                }
+                Err(refused) => return refused,
+            },
             crate::upstream::Pick::Exhausted => return Problem::upstream_unreachable().into_response(),
         };
         tried.push(target);
@@ -354,6 +372,28 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             }
         }
     }
+}
+
+/// A call's first target when every target in service was at its `max_in_flight`: waits for a
+/// place until `deadline` (the route's queue), else (or then) the 503.
+async fn wait_for_target(
+    gw: &Gateway,
+    pool: &crate::upstream::Pool,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(usize, Option<crate::upstream::InFlight>), Response> {
+    use crate::upstream::Pick;
+    let refused = || {
+        gw.metrics.in_flight_refusals[2].fetch_add(1, Ordering::Relaxed);
+        Problem::targets_overloaded().into_response()
+    };
+    let Some(deadline) = deadline else { return Err(refused()) };
+    let picked = Box::pin(pool.queued(deadline, || match pool.pick(&[]) {
+        Pick::Target(i, slot) => Ok((i, slot)),
+        Pick::Busy | Pick::Exhausted => Err(()),
+    }))
+    .await;
+    gw.metrics.queued_calls[usize::from(picked.is_err())].fetch_add(1, Ordering::Relaxed);
+    picked.map_err(|()| refused())
 }
 
 /// 408 for a request whose body did not come in time; an HTTP/1 connection is closed after it

@@ -74,6 +74,12 @@ pub struct Pool {
     /// (`upstreams[].max_in_flight`).
     target_in_flight: Vec<Arc<AtomicU32>>,
     target_max_in_flight: Vec<Option<u32>>,
+    /// Calls wait this long for a place instead of being refused at once
+    /// (`routes[].queue_timeout_ms`).
+    queue_timeout: Option<Duration>,
+    /// Signalled each time a place (the route's or a target's) is given back; shared with the
+    /// pools of earlier and later configs, like the counts.
+    freed: Arc<tokio::sync::Notify>,
     /// The targets speak HTTP/2 (`routes[].upstream_protocol = "h2"`): h2c with prior knowledge
     /// over `http://`, ALPN `h2` over `https://`.
     pub h2: bool,
@@ -98,6 +104,8 @@ impl Pool {
                     pool.target_in_flight[i] = Arc::clone(&previous.target_in_flight[j]);
                 }
             }
+            // Calls of the old config give their places back to this one's waiters.
+            pool.freed = Arc::clone(&previous.freed);
         }
         pool
     }
@@ -121,6 +129,8 @@ impl Pool {
             max_in_flight: route.max_in_flight,
             target_in_flight: route.upstreams.iter().map(|_| Arc::default()).collect(),
             target_max_in_flight: route.target_max_in_flight.clone(),
+            queue_timeout: route.queue_timeout,
+            freed: Arc::default(),
             h2: route.upstream_h2,
             epoch: Instant::now(),
             max_fails: route.max_fails,
@@ -133,7 +143,34 @@ impl Pool {
     /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it.
     pub fn admit(&self) -> Result<Option<InFlight>, u32> {
         let Some(max) = self.max_in_flight else { return Ok(None) };
-        InFlight::take(&self.in_flight, max).map(Some)
+        InFlight::take_notifying(&self.in_flight, max, Some(&self.freed)).map(Some)
+    }
+
+    /// How long a call may wait for a place (`routes[].queue_timeout_ms`); `None`: no queue.
+    pub fn queue_timeout(&self) -> Option<Duration> {
+        self.queue_timeout
+    }
+
+    /// Waits until `take` succeeds or `deadline` passes (then its last answer). Woken each time
+    /// a place of this route (its own or a target's) is given back; registered before each
+    /// try, so a place given back between a try and the wait is not missed.
+    pub async fn queued<T, E>(
+        &self,
+        deadline: tokio::time::Instant,
+        mut take: impl FnMut() -> Result<T, E>,
+    ) -> Result<T, E> {
+        if self.queue_timeout.is_none() {
+            return take();
+        }
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let tried = take();
+            if tried.is_ok() || tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return tried;
+            }
+        }
     }
 
     /// Targets that take calls (weight above 0): the most attempts a call can make.
@@ -213,7 +250,9 @@ impl Pool {
     fn target_slot(&self, i: usize) -> Result<Option<InFlight>, ()> {
         match self.target_max_in_flight[i] {
             None => Ok(None),
-            Some(max) => InFlight::take(&self.target_in_flight[i], max).map(Some).map_err(drop),
+            Some(max) => {
+                InFlight::take_notifying(&self.target_in_flight[i], max, Some(&self.freed)).map(Some).map_err(drop)
+            }
         }
     }
 
@@ -308,22 +347,34 @@ impl Pick {
     }
 }
 
-/// One of a route's calls in flight ([`Pool::admit`]); dropping it makes room for another.
+/// One of a route's calls in flight ([`Pool::admit`]); dropping it makes room for another
+/// (and wakes the calls queued for one, `routes[].queue_timeout_ms`).
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicU32>);
+pub struct InFlight {
+    count: Arc<AtomicU32>,
+    freed: Option<Arc<tokio::sync::Notify>>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(freed) = &self.freed {
+            freed.notify_waiters();
+        }
     }
 }
 
 impl InFlight {
     /// A place among `count`'s calls, if fewer than `max` hold one (`Err(max)` otherwise).
     pub fn take(count: &Arc<AtomicU32>, max: u32) -> Result<Self, u32> {
+        Self::take_notifying(count, max, None)
+    }
+
+    /// [`InFlight::take`], waking `freed`'s waiters when the place is given back.
+    fn take_notifying(count: &Arc<AtomicU32>, max: u32, freed: Option<&Arc<tokio::sync::Notify>>) -> Result<Self, u32> {
         count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map(|_| Self(Arc::clone(count)))
+            .map(|_| Self { count: Arc::clone(count), freed: freed.cloned() })
             .map_err(|_| max)
     }
 
@@ -1139,6 +1190,47 @@ mod tests {
         assert!(matches!(new.pick(&[0, 2]), Pick::Busy));
         drop(slot_b);
         assert_eq!(new.pick(&[0, 2]).target(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn a_queued_call_gets_the_place_given_back_or_gives_up_at_its_deadline() {
+        let mut r = route(1, 1, Duration::from_secs(60));
+        r.max_in_flight = Some(1);
+        r.queue_timeout = Some(Duration::from_secs(5));
+        let pool = Arc::new(Pool::new(&r, None));
+        let held = pool.admit().unwrap();
+        let waiter = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let start = Instant::now();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                let got = pool.queued(deadline, || pool.admit()).await;
+                (got.map(|s| s.is_some()), start.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        let (got, waited) = waiter.await.unwrap();
+        assert_eq!(got, Ok(true));
+        assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
+        // Nobody gives the place back: refused at the deadline, not before.
+        let _held = pool.admit().unwrap().unwrap();
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
+        assert_eq!(pool.queued(deadline, || pool.admit()).await.unwrap_err(), 1);
+        assert!(start.elapsed() >= Duration::from_millis(140), "{:?}", start.elapsed());
+        // A place given back by the previous config's call wakes this config's waiters.
+        let new = Arc::new(Pool::new(&r, Some(&pool)));
+        let waiter = {
+            let new = Arc::clone(&new);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                new.queued(deadline, || new.admit()).await.map(|s| s.is_some())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(_held);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Ok(true));
     }
 
     #[test]

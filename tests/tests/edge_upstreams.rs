@@ -309,6 +309,65 @@ async fn max_in_flight_caps_the_calls_a_route_sends_at_once() {
     }
 }
 
+/// `queue_timeout_ms`: a call that finds its route (or every target) at `max_in_flight` waits
+/// for a place instead of the immediate 503, and gets the 503 when none comes in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_makes_calls_wait_for_a_place() {
+    use http_body_util::BodyExt;
+    let dir = TempDir::new("e2e_edge_queue");
+    let topic = unique("edge_queue");
+    create_topic(&topic, 1).await;
+    let (up, _) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"q\"\npath_prefix = \"/q\"\nauth = \"none\"\nupstream = \"http://{up}\"\n\
+         max_in_flight = 1\nqueue_timeout_ms = 5000\n\
+         [[routes]]\nid = \"short\"\npath_prefix = \"/short\"\nauth = \"none\"\nupstream = \"http://{up}\"\n\
+         max_in_flight = 1\nqueue_timeout_ms = 300\n\
+         [[routes]]\nid = \"t\"\npath_prefix = \"/t\"\nauth = \"none\"\n\
+         upstreams = [{{ url = \"http://{up}\", max_in_flight = 1 }}]\nqueue_timeout_ms = 5000\n",
+        edge_head("edge-queue", &topic)
+    );
+    let (_edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let call = |path: String| async move {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let started = std::time::Instant::now();
+        let resp = client
+            .request(http::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        (parts.status.as_u16(), body, started.elapsed())
+    };
+
+    // Three at once on a route of one place, each answered after 300 ms: all served, one
+    // after the other (the last waited for two).
+    for prefix in ["/q", "/t"] {
+        let calls: Vec<_> = (0..3).map(|i| tokio::spawn(call(format!("{prefix}/{i}?delay_ms=300")))).collect();
+        let mut took = Vec::new();
+        for c in calls {
+            let (status, body, elapsed) = c.await.unwrap();
+            assert_eq!(status, 200, "{prefix}: {body}");
+            took.push(elapsed);
+        }
+        took.sort();
+        assert!(took[2] >= Duration::from_millis(850), "{prefix}: not one after the other: {took:?}");
+    }
+    assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"admitted\"}").await, 4);
+
+    // A queue of 300 ms behind a call of 1.5 s: the 503 comes after the wait, not at once and
+    // not when the place comes free.
+    let holder = tokio::spawn(call("/short/hold?delay_ms=1500".into()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body, waited) = call("/short/x".into()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("upstream-overloaded"), "{body}");
+    assert!(waited >= Duration::from_millis(280) && waited < Duration::from_millis(1200), "{waited:?}");
+    assert_eq!(holder.await.unwrap().0, 200);
+    assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"timed_out\"}").await, 1);
+    assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"route\"}").await, 1);
+}
+
 /// `upstreams[].max_in_flight` (nginx's `max_conns`): a target at its limit is passed over for
 /// the route's others; when every target in service is at its limit, 503 without reaching any;
 /// a call holds its target's place until its response has been sent.
