@@ -362,6 +362,9 @@ struct RawRoute {
     /// How long a call waits for a place under `max_in_flight` (the route's or a target's).
     #[serde(default)]
     queue_timeout_ms: u64,
+    /// Scopes a JWT must grant to call the route.
+    #[serde(default)]
+    required_scopes: Option<Vec<String>>,
 }
 
 /// `routes[].health_check`.
@@ -901,6 +904,9 @@ pub struct Route {
     /// Only consumers on these plans may call the route (`routes[].allowed_plans`; others get
     /// 403). `None`: every plan.
     pub allowed_plans: Option<Arc<[String]>>,
+    /// Scopes the caller's JWT must all grant (`routes[].required_scopes`; the route takes JWTs
+    /// only). `None`: no scope is needed.
+    pub required_scopes: Option<Arc<[String]>>,
     /// The targets speak HTTP/2 (`upstream_protocol = "h2"`), else HTTP/1.1.
     pub upstream_h2: bool,
 }
@@ -936,6 +942,7 @@ impl Route {
             queue_timeout: None,
             rate_limit: None,
             allowed_plans: None,
+            required_scopes: None,
             upstream_h2: false,
         };
         Ok(route.with_target_keys())
@@ -1281,6 +1288,29 @@ fn validate(
             }
             ms => Some(Duration::from_millis(ms)),
         };
+        let required_scopes = match &r.required_scopes {
+            None => None,
+            Some(_) if auth != AuthMode::JWT => {
+                return Err(err(
+                    key("required_scopes"),
+                    "needs auth = \"jwt\" (API keys and client certificates carry no scopes)".into(),
+                ));
+            }
+            Some(scopes) if scopes.is_empty() => {
+                return Err(err(key("required_scopes"), "is empty (leave it out for no scope)".into()));
+            }
+            Some(scopes) => {
+                if let Some((j, s)) =
+                    scopes.iter().enumerate().find(|(_, s)| s.is_empty() || s.contains(' ') || s.contains('"'))
+                {
+                    return Err(err(
+                        key(&format!("required_scopes[{j}]")),
+                        format!("`{s}` is not a scope (no spaces or quotes, not empty)"),
+                    ));
+                }
+                Some(scopes.clone().into())
+            }
+        };
         let allowed_plans = match &r.allowed_plans {
             None => None,
             Some(_) if auth.is_public() => {
@@ -1362,6 +1392,7 @@ fn validate(
                 queue_timeout,
                 rate_limit,
                 allowed_plans,
+                required_scopes,
                 upstream_h2,
             }
             .with_target_keys(),
@@ -2151,6 +2182,29 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             "upstreams = [{ url = \"http://127.0.0.1:8081\", max_in_flight = 2 }]\nqueue_timeout_ms = 100",
         );
         assert!(Config::parse(&target, &BTreeMap::new()).unwrap().routes[0].queue_timeout.is_some());
+    }
+
+    #[test]
+    fn required_scopes_are_for_jwt_routes() {
+        let with = |line: &str| {
+            let text = BASE.replace("upstream = ", &format!("{line}\nupstream = ")).replace(
+                "[kafka]",
+                "[[jwt.issuers]]\nid = \"i\"\nissuer = \"https://i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]\n\
+                 keys = [{ alg = \"HS256\", secret_env = \"S\" }]\n[kafka]",
+            );
+            Config::parse(&text, &[("S".to_owned(), "0123456789abcdef0123456789abcdef".to_owned())].into())
+        };
+        assert!(with("auth = \"jwt\"").unwrap().routes[0].required_scopes.is_none());
+        let c = with("auth = \"jwt\"\nrequired_scopes = [\"orders:read\", \"orders:write\"]").unwrap();
+        assert_eq!(c.routes[0].required_scopes.as_deref().map(<[String]>::len), Some(2));
+        let msg = with("required_scopes = [\"orders:read\"]").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].required_scopes") && msg.contains("needs auth = \"jwt\""), "{msg}");
+        let msg = with("auth = \"api_key_or_jwt\"\nrequired_scopes = [\"a\"]").unwrap_err().to_string();
+        assert!(msg.contains("needs auth = \"jwt\""), "{msg}");
+        let msg = with("auth = \"jwt\"\nrequired_scopes = [\"a b\"]").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].required_scopes[0]"), "{msg}");
+        let msg = with("auth = \"jwt\"\nrequired_scopes = []").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].required_scopes") && msg.contains("empty"), "{msg}");
     }
 
     #[test]

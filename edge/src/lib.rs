@@ -275,6 +275,13 @@ async fn admit_and_forward(
             let detail = format!("plan `{}` does not include route `{}`", i.plan.name, route.id);
             refusal = Some(problem::Problem::forbidden(detail).into_response());
         }
+        if refusal.is_none()
+            && let Some(required) = &route.required_scopes
+            && !i.has_scopes(required)
+        {
+            use axum::response::IntoResponse;
+            refusal = Some(problem::Problem::insufficient_scope(required).into_response());
+        }
     }
     if let Some(mut refused) = refusal {
         if let Some(policy) = &route.cors {

@@ -489,6 +489,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::new(plan),
             allowed_ips: None,
+            scopes: None,
         };
         let cache = LimiterCache::default();
         let (slow, fast) = (route("slow"), route("fast"));
@@ -524,6 +525,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::clone(plan),
             allowed_ips: None,
+            scopes: None,
         };
         let mut shared = route("shared");
         shared.rate_limit = Some(rate(1, 5));
@@ -562,6 +564,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::clone(plan),
             allowed_ips: None,
+            scopes: None,
         };
         let (r, slow) = (route("r"), plan(1, 3));
         let gauge = Arc::new(AtomicU64::new(0));
@@ -620,6 +623,7 @@ mod tests {
                 credential_id: Arc::from("k"),
                 plan: Arc::clone(&plan),
                 allowed_ips: None,
+                scopes: None,
             };
             assert!(check(&cache, Some(&id), &r).allowed());
         }
@@ -632,7 +636,13 @@ mod tests {
         assert_eq!(cache.len(), 0);
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
         // A dropped generation (config reload) takes its limiters off the gauge.
-        let id = Identity { consumer_id: Arc::from("x"), credential_id: Arc::from("k"), plan, allowed_ips: None };
+        let id = Identity {
+            consumer_id: Arc::from("x"),
+            credential_id: Arc::from("k"),
+            plan,
+            allowed_ips: None,
+            scopes: None,
+        };
         check(&cache, Some(&id), &r);
         assert_eq!(gauge.load(Ordering::Relaxed), 1);
         drop(cache);

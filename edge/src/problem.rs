@@ -53,6 +53,24 @@ impl Problem {
             )
     }
 
+    /// 403: the JWT is valid but does not grant the route's `required_scopes` (RFC 6750 §3.1:
+    /// `WWW-Authenticate` names the scopes needed).
+    pub fn insufficient_scope(required: &[String]) -> Self {
+        let scope = required.join(" ");
+        let challenge = format!("Bearer realm=\"tollgate\", error=\"insufficient_scope\", scope=\"{scope}\"");
+        let problem = Problem::new(
+            StatusCode::FORBIDDEN,
+            "insufficient-scope",
+            "Forbidden",
+            Outcome::Forbidden,
+            format!("the token does not grant the scopes this route needs: {scope}"),
+        );
+        match HeaderValue::from_str(&challenge) {
+            Ok(v) => problem.with_header(http::header::WWW_AUTHENTICATE, v),
+            Err(_) => problem,
+        }
+    }
+
     /// 403: authenticated, but not allowed.
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", Outcome::Forbidden, detail)

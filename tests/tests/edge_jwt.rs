@@ -284,3 +284,71 @@ async fn jwt_consumers_jwks_rotation_and_kid_flood() {
     assert_eq!(echo.requests.load(Ordering::SeqCst), 5, "only accepted calls reach the upstream");
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
+
+/// An ES256 token of `ISS` for `sub` with `extra` claims (e.g. `scope`, `scp`).
+fn token_with(sub: &str, extra: serde_json::Value) -> String {
+    let key = EncodingKey::from_ec_pem(&key_file("es256.key.pem")).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let mut claims = serde_json::json!({ "iss": ISS, "aud": AUD, "sub": sub, "exp": now + 600, "iat": now });
+    if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
+}
+
+/// `routes[].required_scopes`: a JWT must grant every scope the route names, in its `scope`
+/// claim (space-separated) or its `scp` claim (a list); else 403 with RFC 6750's
+/// `insufficient_scope` challenge, metered as `forbidden` with its consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_with_required_scopes_take_only_tokens_that_grant_them() {
+    let dir = TempDir::new("e2e_jwt_scopes");
+    let topic = unique("jwt_scopes");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"http://{upstream}\"\nauth = \"jwt\"\n\
+         required_scopes = [\"orders:read\", \"orders:write\"]\n\
+         [[routes]]\nid = \"open\"\npath_prefix = \"/open\"\nupstream = \"http://{upstream}\"\nauth = \"jwt\"\n\
+         [plans.free]\nrate_per_second = 1000\n\
+         [[jwt.issuers]]\nid = \"e2e\"\nissuer = \"{ISS}\"\naudiences = [\"{AUD}\"]\nalgorithms = [\"ES256\"]\n\
+         default_plan = \"free\"\nkeys = [{{ alg = \"ES256\", pem_file = \"{}\" }}]\n",
+        edge_head("edge-jwt-scopes", &topic),
+        repo_root().join("edge/testdata/jwt/es256.pub.pem").display()
+    );
+    let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let with = |claims: serde_json::Value| bearer(&token_with("u-1", claims));
+
+    // Granted: by `scope` (more than needed is fine) or by `scp`.
+    let both = with(serde_json::json!({ "scope": "profile orders:write orders:read" }));
+    assert_eq!(call(addr, "/orders/1", &[("authorization", &both)]).await.status, 200);
+    let listed = with(serde_json::json!({ "scp": ["orders:read", "orders:write"] }));
+    assert_eq!(call(addr, "/orders/2", &[("authorization", &listed)]).await.status, 200);
+    let split = with(serde_json::json!({ "scope": "orders:read", "scp": "orders:write" }));
+    assert_eq!(call(addr, "/orders/3", &[("authorization", &split)]).await.status, 200);
+
+    // Missing one, or all: 403 naming what is needed.
+    for claims in
+        [serde_json::json!({ "scope": "orders:read" }), serde_json::json!({}), serde_json::json!({ "scope": 7 })]
+    {
+        let a = call(addr, "/orders/4", &[("authorization", &with(claims.clone()))]).await;
+        assert_eq!(a.status, 403, "{claims}: {}", a.raw);
+        assert_eq!(a.body["type"], "https://tollgate.dev/problems/insufficient-scope");
+        assert_eq!(
+            a.headers["www-authenticate"],
+            "Bearer realm=\"tollgate\", error=\"insufficient_scope\", scope=\"orders:read orders:write\""
+        );
+    }
+    // A route without required scopes takes the token without any.
+    assert_eq!(call(addr, "/open/x", &[("authorization", &with(serde_json::json!({})))]).await.status, 200);
+
+    let events = read_events(&topic, |e| e.len() >= 7).await;
+    let refused: Vec<_> = events.iter().filter(|e| e.status == 403).collect();
+    assert_eq!(refused.len(), 3);
+    for e in refused {
+        assert_eq!(
+            (e.outcome, e.consumer_id.as_deref(), e.route_id.as_deref()),
+            (Outcome::Forbidden, Some("u-1"), Some("orders"))
+        );
+    }
+    assert!(edge.terminate(Duration::from_secs(15)));
+}

@@ -170,6 +170,28 @@ pub struct Verified {
     pub consumer_id: String,
     /// Plan for consumers that are not configured.
     pub default_plan: Option<String>,
+    /// The token's scopes (`scope`, space-separated, and `scp`, a list or a string), sorted.
+    pub scopes: Arc<[Box<str>]>,
+}
+
+/// The scopes a token grants: the `scope` claim (RFC 8693, RFC 9068: one string, scopes
+/// separated by spaces) and the `scp` claim (a list of strings, or one string, as some
+/// issuers write it), sorted and without repeats. Other types grant nothing.
+pub fn scopes(claims: &serde_json::Map<String, serde_json::Value>) -> Arc<[Box<str>]> {
+    use serde_json::Value;
+    let mut all: Vec<Box<str>> = Vec::new();
+    for claim in ["scope", "scp"] {
+        match claims.get(claim) {
+            Some(Value::String(s)) => all.extend(s.split(' ').filter(|s| !s.is_empty()).map(Box::from)),
+            Some(Value::Array(list)) => {
+                all.extend(list.iter().filter_map(Value::as_str).filter(|s| !s.is_empty()).map(Box::from));
+            }
+            _ => {}
+        }
+    }
+    all.sort_unstable();
+    all.dedup();
+    all.into()
 }
 
 /// A verification's result with the times that bound its validity.
@@ -299,6 +321,7 @@ impl IssuerState {
             credential_id: Arc::clone(&self.credential_id),
             consumer_id: consumer.to_owned(),
             default_plan: self.cfg.default_plan.clone(),
+            scopes: scopes(claims),
         })
     }
 
@@ -475,6 +498,19 @@ mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
+
+    #[test]
+    fn scopes_come_from_scope_and_scp_sorted_without_repeats() {
+        let of = |claims: serde_json::Value| {
+            scopes(claims.as_object().unwrap()).iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(of(json!({ "scope": "b a  c" })), ["a", "b", "c"]);
+        assert_eq!(of(json!({ "scp": ["b", "a", ""] })), ["a", "b"]);
+        assert_eq!(of(json!({ "scope": "a b", "scp": ["b", "c"] })), ["a", "b", "c"]);
+        assert_eq!(of(json!({ "scp": "x y" })), ["x", "y"]);
+        assert!(of(json!({ "scope": 7, "scp": { "a": 1 } })).is_empty());
+        assert!(of(json!({})).is_empty());
+    }
 
     const ISS: &str = "https://issuer.test/";
     const AUD: &str = "tollgate-api";

@@ -38,6 +38,17 @@ pub struct Identity {
     /// Where the credential may be used from (`None`: any address): the consumer's
     /// `allowed_ips`, or the key's or certificate's own list within them.
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
+    /// The scopes of a JWT, sorted (`None`: an API key or a certificate, which carry none).
+    pub scopes: Option<Arc<[Box<str>]>>,
+}
+
+impl Identity {
+    /// Whether the credential grants every one of `required` (a JWT's scopes).
+    pub fn has_scopes(&self, required: &[String]) -> bool {
+        self.scopes
+            .as_ref()
+            .is_some_and(|have| required.iter().all(|r| have.binary_search_by(|h| (**h).cmp(r)).is_ok()))
+    }
 }
 
 /// Key hash → identity; certificate fingerprint → identity; consumer id → plan.
@@ -95,6 +106,7 @@ impl KeyStore {
                     plan: Arc::clone(plan),
                     // The credential's own list is already within the consumer's (config).
                     allowed_ips: if own.is_empty() { allowed_ips.clone() } else { Some(own.into()) },
+                    scopes: None,
                 })
             };
             // The consumer's entry shares a credential's identity (one allocation less per
@@ -265,7 +277,13 @@ pub async fn authenticate(
                     (Arc::from(v.consumer_id.as_str()), Arc::clone(plan), None)
                 }
             };
-            Ok(Some(Arc::new(Identity { consumer_id, credential_id: v.credential_id, plan, allowed_ips })))
+            Ok(Some(Arc::new(Identity {
+                consumer_id,
+                credential_id: v.credential_id,
+                plan,
+                allowed_ips,
+                scopes: Some(v.scopes),
+            })))
         }
     }
 }
