@@ -158,22 +158,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let queue_deadline = pool.queue_timeout().map(|t| tokio::time::Instant::now() + t);
     let mut in_flight = match pool.admit() {
         Ok(slot) => slot,
-        Err(max) => match queue_deadline {
-            Some(deadline) => match Box::pin(pool.queued(deadline, || pool.admit())).await {
-                Ok(slot) => {
-                    gw.metrics.queued_calls[0].fetch_add(1, Ordering::Relaxed);
-                    slot
-                }
-                Err(max) => {
-                    gw.metrics.queued_calls[1].fetch_add(1, Ordering::Relaxed);
-                    gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
-                    return Problem::upstream_overloaded(max).into_response();
-                }
-            },
-            None => {
-                gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
-                return Problem::upstream_overloaded(max).into_response();
-            }
+        Err(max) => match wait_for_route(gw, pool, queue_deadline, max).await {
+            Ok(slot) => slot,
+            Err(refused) => return refused,
         },
     };
     let (mut parts, body) = req.into_parts();
@@ -253,7 +240,9 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     let (method, version) = (parts.method.clone(), parts.version);
     let mut body = Some(body);
     let mut tried = Vec::with_capacity(attempts);
-    let sent = Instant::now();
+    // From here the route's timeout runs and the upstream's latency is measured (a wait in the
+    // queue for a target restarts it: the call was not sent meanwhile).
+    let mut sent = Instant::now();
     // The attempt's place among its target's calls in flight (`upstreams[].max_in_flight`).
     let mut target_slot;
     loop {
@@ -269,6 +258,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             crate::upstream::Pick::Busy => match wait_for_target(gw, pool, queue_deadline).await {
                 Ok((i, slot)) => {
                     target_slot = slot;
+                    sent = Instant::now();
                     i
                 }
                 Err(refused) => return refused,
@@ -372,6 +362,24 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             }
         }
     }
+}
+
+/// A place among the route's calls in flight when it had none (`max` of them were in flight):
+/// waits for one until `deadline` (the route's queue), else (or then) the 503.
+async fn wait_for_route(
+    gw: &Gateway,
+    pool: &crate::upstream::Pool,
+    deadline: Option<tokio::time::Instant>,
+    max: u32,
+) -> Result<Option<crate::upstream::InFlight>, Response> {
+    let refused = |max| {
+        gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
+        Problem::upstream_overloaded(max).into_response()
+    };
+    let Some(deadline) = deadline else { return Err(refused(max)) };
+    let admitted = Box::pin(pool.queued(deadline, || pool.admit())).await;
+    gw.metrics.queued_calls[usize::from(admitted.is_err())].fetch_add(1, Ordering::Relaxed);
+    admitted.map_err(refused)
 }
 
 /// A call's first target when every target in service was at its `max_in_flight`: waits for a
