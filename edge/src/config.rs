@@ -111,6 +111,9 @@ struct RawIssuer {
     unknown_kid_cooldown_s: u64,
     #[serde(default = "default_jwks_timeout_ms")]
     jwks_timeout_ms: u64,
+    /// Claim name → header for the upstream.
+    #[serde(default)]
+    claims_to_headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -755,6 +758,8 @@ pub struct JwtIssuer {
     /// At most one JWKS fetch per this interval for tokens whose `kid` is unknown.
     pub unknown_kid_cooldown: Duration,
     pub jwks_timeout: Duration,
+    /// Claims passed to the upstream as headers (`claims_to_headers`: claim → header).
+    pub claims_to_headers: Vec<(String, http::HeaderName)>,
 }
 
 /// A JSON Web Key Set's location.
@@ -1955,7 +1960,18 @@ fn validate_issuer(
     if r.jwks_timeout_ms == 0 {
         return Err(err("jwks_timeout_ms", "must be at least 1".into()));
     }
+    let mut claims_to_headers = Vec::with_capacity(r.claims_to_headers.len());
+    for (claim, header) in r.claims_to_headers {
+        let at = format!("claims_to_headers.{claim}");
+        let name = http::HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| err(&at, format!("`{header}` is not a header name")))?;
+        if crate::rewrite::edge_owned_request_header(&name) || ["authorization", "x-api-key"].contains(&name.as_str()) {
+            return Err(err(&at, format!("`{name}` is the edge's to write (or a credential); name another header")));
+        }
+        claims_to_headers.push((claim, name));
+    }
     Ok(JwtIssuer {
+        claims_to_headers,
         id: r.id,
         issuer: r.issuer,
         audiences: r.audiences,
@@ -2205,6 +2221,24 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("routes[0].required_scopes[0]"), "{msg}");
         let msg = with("auth = \"jwt\"\nrequired_scopes = []").unwrap_err().to_string();
         assert!(msg.contains("routes[0].required_scopes") && msg.contains("empty"), "{msg}");
+        // An issuer's claims as upstream headers: never one the edge writes, nor a credential.
+        let issuer = |line: &str| {
+            let text = BASE.replace("upstream = ", "auth = \"jwt\"\nupstream = ").replace(
+                "[kafka]",
+                &format!(
+                    "[[jwt.issuers]]\nid = \"i\"\nissuer = \"https://i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]\n\
+                     keys = [{{ alg = \"HS256\", secret_env = \"S\" }}]\n{line}\n[kafka]"
+                ),
+            );
+            Config::parse(&text, &[("S".to_owned(), "0123456789abcdef0123456789abcdef".to_owned())].into()).map(|_| ())
+        };
+        assert!(issuer("claims_to_headers = { email = \"x-user-email\" }").is_ok());
+        for (header, why) in
+            [("x-consumer-id", "the edge's"), ("authorization", "credential"), ("bad header", "not a header")]
+        {
+            let msg = issuer(&format!("claims_to_headers = {{ email = \"{header}\" }}")).unwrap_err().to_string();
+            assert!(msg.contains("jwt.issuers[0].claims_to_headers.email") && msg.contains(why), "{msg}");
+        }
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct Runtime {
     pub http: config::HttpSettings,
     /// Headers on every answer (`edge.response_headers`).
     pub response_headers: Option<Arc<rewrite::HeaderRules>>,
+    /// Every header the issuers' `claims_to_headers` write: taken off every request a client
+    /// sends before the edge writes its own, so none can be forged.
+    pub claim_headers: Box<[http::HeaderName]>,
 }
 
 impl Runtime {
@@ -79,6 +82,13 @@ impl Runtime {
             },
             http: cfg.http.clone(),
             response_headers: cfg.response_headers.clone(),
+            claim_headers: {
+                let mut names: Vec<_> =
+                    cfg.jwt_issuers.iter().flat_map(|i| i.claims_to_headers.iter().map(|(_, n)| n.clone())).collect();
+                names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+                names.dedup();
+                names.into()
+            },
         }
     }
 }

@@ -489,7 +489,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::new(plan),
             allowed_ips: None,
-            scopes: None,
+            grants: None,
         };
         let cache = LimiterCache::default();
         let (slow, fast) = (route("slow"), route("fast"));
@@ -525,7 +525,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::clone(plan),
             allowed_ips: None,
-            scopes: None,
+            grants: None,
         };
         let mut shared = route("shared");
         shared.rate_limit = Some(rate(1, 5));
@@ -564,7 +564,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan: Arc::clone(plan),
             allowed_ips: None,
-            scopes: None,
+            grants: None,
         };
         let (r, slow) = (route("r"), plan(1, 3));
         let gauge = Arc::new(AtomicU64::new(0));
@@ -623,7 +623,7 @@ mod tests {
                 credential_id: Arc::from("k"),
                 plan: Arc::clone(&plan),
                 allowed_ips: None,
-                scopes: None,
+                grants: None,
             };
             assert!(check(&cache, Some(&id), &r).allowed());
         }
@@ -641,7 +641,7 @@ mod tests {
             credential_id: Arc::from("k"),
             plan,
             allowed_ips: None,
-            scopes: None,
+            grants: None,
         };
         check(&cache, Some(&id), &r);
         assert_eq!(gauge.load(Ordering::Relaxed), 1);

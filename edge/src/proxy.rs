@@ -194,6 +194,16 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
     }
+    // Claim headers (`claims_to_headers`): whatever the client sent under those names is
+    // removed; a JWT's claims are written.
+    for name in &ctx.runtime.claim_headers {
+        headers.remove(name);
+    }
+    if let Some(grants) = ctx.identity.and_then(|i| i.grants.as_deref()) {
+        for (name, value) in &grants.headers {
+            headers.insert(name, value.clone());
+        }
+    }
     if let Some(chain) = forwarded_for(headers, ctx.peer, ctx.runtime.http.trusted_hops) {
         headers.insert(&X_FORWARDED_FOR, chain);
     }

@@ -49,6 +49,12 @@ const EDGE_REQUEST: &[&str] =
 /// What the edge writes on the answer to the client.
 const EDGE_RESPONSE: &[&str] = crate::cors::EXPOSED_HEADERS;
 
+/// Whether the edge owns `name` on requests to upstreams: framing, hop-by-hop, or written by
+/// the edge itself (no rule or claim header may set it).
+pub fn edge_owned_request_header(name: &HeaderName) -> bool {
+    FRAMING.contains(&name.as_str()) || EDGE_REQUEST.contains(&name.as_str())
+}
+
 impl HeaderRules {
     /// The rules from the config's `set` (name → value; `${NAME}` in a value is the
     /// environment variable NAME, from `env`) and `remove` (names). `Err((key, reason))`, the

@@ -309,10 +309,14 @@ async fn routes_with_required_scopes_take_only_tokens_that_grant_them() {
         "{}[[routes]]\nid = \"orders\"\npath_prefix = \"/orders\"\nupstream = \"http://{upstream}\"\nauth = \"jwt\"\n\
          required_scopes = [\"orders:read\", \"orders:write\"]\n\
          [[routes]]\nid = \"open\"\npath_prefix = \"/open\"\nupstream = \"http://{upstream}\"\nauth = \"jwt\"\n\
+         [[routes]]\nid = \"key\"\npath_prefix = \"/key\"\nupstream = \"http://{upstream}\"\n\
          [plans.free]\nrate_per_second = 1000\n\
+         [[consumers]]\nid = \"acme\"\nplan = \"free\"\nkeys = [{{ id = \"acme-1\", sha256 = \"{}\" }}]\n\
          [[jwt.issuers]]\nid = \"e2e\"\nissuer = \"{ISS}\"\naudiences = [\"{AUD}\"]\nalgorithms = [\"ES256\"]\n\
-         default_plan = \"free\"\nkeys = [{{ alg = \"ES256\", pem_file = \"{}\" }}]\n",
+         default_plan = \"free\"\nkeys = [{{ alg = \"ES256\", pem_file = \"{}\" }}]\n\
+         claims_to_headers = {{ email = \"x-user-email\", roles = \"x-user-roles\" }}\n",
         edge_head("edge-jwt-scopes", &topic),
+        sha256_hex("key-acme"),
         repo_root().join("edge/testdata/jwt/es256.pub.pem").display()
     );
     let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
@@ -341,7 +345,25 @@ async fn routes_with_required_scopes_take_only_tokens_that_grant_them() {
     // A route without required scopes takes the token without any.
     assert_eq!(call(addr, "/open/x", &[("authorization", &with(serde_json::json!({})))]).await.status, 200);
 
-    let events = read_events(&topic, |e| e.len() >= 7).await;
+    // `claims_to_headers`: the upstream gets the token's claims as headers, never a client's
+    // own value under those names (with a JWT lacking the claim, or with an API key).
+    let claims = with(serde_json::json!({ "email": "u1@example.com", "roles": ["admin", "editor"] }));
+    let a = call(addr, "/open/claims", &[("authorization", &claims), ("x-user-email", "forged@example.com")]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["headers"]["x-user-email"], "u1@example.com", "{}", a.raw);
+    assert_eq!(a.body["headers"]["x-user-roles"], "admin,editor");
+    let a = call(
+        addr,
+        "/open/none",
+        &[("authorization", &with(serde_json::json!({}))), ("x-user-email", "forged@example.com")],
+    )
+    .await;
+    assert!(a.body["headers"].get("x-user-email").is_none(), "{}", a.raw);
+    let a = call(addr, "/key/x", &[("x-api-key", "key-acme"), ("x-user-roles", "admin")]).await;
+    assert_eq!(a.status, 200);
+    assert!(a.body["headers"].get("x-user-roles").is_none(), "{}", a.raw);
+
+    let events = read_events(&topic, |e| e.len() >= 10).await;
     let refused: Vec<_> = events.iter().filter(|e| e.status == 403).collect();
     assert_eq!(refused.len(), 3);
     for e in refused {

@@ -170,14 +170,48 @@ pub struct Verified {
     pub consumer_id: String,
     /// Plan for consumers that are not configured.
     pub default_plan: Option<String>,
+    /// What the token grants beyond the consumer: its scopes and the headers its claims make.
+    pub grants: Arc<Grants>,
+}
+
+/// What a verified token carries for the request path besides its consumer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Grants {
     /// The token's scopes (`scope`, space-separated, and `scp`, a list or a string), sorted.
-    pub scopes: Arc<[Box<str>]>,
+    pub scopes: Box<[Box<str>]>,
+    /// Headers for the upstream made from its claims (the issuer's `claims_to_headers`).
+    pub headers: Box<[(http::HeaderName, http::HeaderValue)]>,
+}
+
+impl Grants {
+    /// Whether the token grants every one of `required`.
+    pub fn has_scopes(&self, required: &[String]) -> bool {
+        required.iter().all(|r| self.scopes.binary_search_by(|h| (**h).cmp(r)).is_ok())
+    }
+}
+
+/// The header value a claim makes: a string as it is, a number or boolean as text, a list of
+/// those joined with `,`; `None` for other types, empty lists, values that are not valid
+/// header text, or longer than 4 KiB.
+pub fn claim_header_value(v: &serde_json::Value) -> Option<http::HeaderValue> {
+    use serde_json::Value;
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let text = match v {
+        Value::Array(items) if !items.is_empty() => items.iter().map(scalar).collect::<Option<Vec<_>>>()?.join(","),
+        other => scalar(other)?,
+    };
+    (text.len() <= 4096).then(|| http::HeaderValue::from_str(&text).ok()).flatten()
 }
 
 /// The scopes a token grants: the `scope` claim (RFC 8693, RFC 9068: one string, scopes
 /// separated by spaces) and the `scp` claim (a list of strings, or one string, as some
 /// issuers write it), sorted and without repeats. Other types grant nothing.
-pub fn scopes(claims: &serde_json::Map<String, serde_json::Value>) -> Arc<[Box<str>]> {
+pub fn scopes(claims: &serde_json::Map<String, serde_json::Value>) -> Box<[Box<str>]> {
     use serde_json::Value;
     let mut all: Vec<Box<str>> = Vec::new();
     for claim in ["scope", "scp"] {
@@ -321,7 +355,15 @@ impl IssuerState {
             credential_id: Arc::clone(&self.credential_id),
             consumer_id: consumer.to_owned(),
             default_plan: self.cfg.default_plan.clone(),
-            scopes: scopes(claims),
+            grants: Arc::new(Grants {
+                scopes: scopes(claims),
+                headers: self
+                    .cfg
+                    .claims_to_headers
+                    .iter()
+                    .filter_map(|(claim, name)| Some((name.clone(), claim_header_value(claims.get(claim)?)?)))
+                    .collect(),
+            }),
         })
     }
 
@@ -500,6 +542,20 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn claims_make_header_values_of_scalars_and_lists_only() {
+        let v = |j: serde_json::Value| claim_header_value(&j).map(|h| h.to_str().unwrap().to_owned());
+        assert_eq!(v(json!("a@example.com")).as_deref(), Some("a@example.com"));
+        assert_eq!(v(json!(42)).as_deref(), Some("42"));
+        assert_eq!(v(json!(true)).as_deref(), Some("true"));
+        assert_eq!(v(json!(["admin", "editor", 3])).as_deref(), Some("admin,editor,3"));
+        for none in
+            [json!({ "a": 1 }), json!(null), json!([]), json!([["x"]]), json!("line\nbreak"), json!("x".repeat(4097))]
+        {
+            assert_eq!(v(none.clone()), None, "{none}");
+        }
+    }
+
+    #[test]
     fn scopes_come_from_scope_and_scp_sorted_without_repeats() {
         let of = |claims: serde_json::Value| {
             scopes(claims.as_object().unwrap()).iter().map(|s| s.to_string()).collect::<Vec<_>>()
@@ -534,6 +590,7 @@ mod tests {
             jwks_refresh: Duration::from_secs(300),
             unknown_kid_cooldown: Duration::from_secs(30),
             jwks_timeout: Duration::from_secs(1),
+            claims_to_headers: Vec::new(),
         })
     }
 

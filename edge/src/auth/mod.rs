@@ -38,16 +38,15 @@ pub struct Identity {
     /// Where the credential may be used from (`None`: any address): the consumer's
     /// `allowed_ips`, or the key's or certificate's own list within them.
     pub allowed_ips: Option<Arc<[crate::forwarded::IpNet]>>,
-    /// The scopes of a JWT, sorted (`None`: an API key or a certificate, which carry none).
-    pub scopes: Option<Arc<[Box<str>]>>,
+    /// A JWT's scopes and claim headers (`None`: an API key or a certificate, which carry
+    /// none).
+    pub grants: Option<Arc<jwt::Grants>>,
 }
 
 impl Identity {
     /// Whether the credential grants every one of `required` (a JWT's scopes).
     pub fn has_scopes(&self, required: &[String]) -> bool {
-        self.scopes
-            .as_ref()
-            .is_some_and(|have| required.iter().all(|r| have.binary_search_by(|h| (**h).cmp(r)).is_ok()))
+        self.grants.as_ref().is_some_and(|g| g.has_scopes(required))
     }
 }
 
@@ -106,7 +105,7 @@ impl KeyStore {
                     plan: Arc::clone(plan),
                     // The credential's own list is already within the consumer's (config).
                     allowed_ips: if own.is_empty() { allowed_ips.clone() } else { Some(own.into()) },
-                    scopes: None,
+                    grants: None,
                 })
             };
             // The consumer's entry shares a credential's identity (one allocation less per
@@ -282,7 +281,7 @@ pub async fn authenticate(
                 credential_id: v.credential_id,
                 plan,
                 allowed_ips,
-                scopes: Some(v.scopes),
+                grants: Some(v.grants),
             })))
         }
     }
