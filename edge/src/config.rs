@@ -854,6 +854,8 @@ impl AuthMode {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub id: String,
+    /// `id` shared, as the rate limiters' key (made once, not per call).
+    pub id_key: Arc<str>,
     /// Lower-case host without port; `None` matches any host.
     pub host: Option<String>,
     /// Starts with `/`; matches itself and anything below it at a segment boundary.
@@ -922,6 +924,7 @@ impl Route {
     pub fn with_defaults(id: &str, path_prefix: &str, upstreams: &[&str]) -> Result<Self, http::uri::InvalidUri> {
         let route = Self {
             id: id.into(),
+            id_key: Arc::from(id),
             host: None,
             path_prefix: path_prefix.into(),
             exact: false,
@@ -1369,6 +1372,7 @@ fn validate(
         };
         routes.push(Arc::new(
             Route {
+                id_key: Arc::from(r.id.as_str()),
                 id: r.id,
                 host: r.host.map(|h| h.to_ascii_lowercase()),
                 path_prefix,

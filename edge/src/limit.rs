@@ -293,11 +293,9 @@ fn check_with(
     consumer: Option<Arc<Limiter>>,
 ) -> Checked {
     let mut limits = Vec::with_capacity(2);
-    let mut route_key = None;
-    let mut key = || Arc::clone(route_key.get_or_insert_with(|| Arc::<str>::from(route.id.as_str())));
     if let Some(identity) = identity {
         if let Some(rate) = identity.plan.routes.get(&route.id) {
-            let l = cache.get(Some(&identity.consumer_id), Some(&key()), rate);
+            let l = cache.get(Some(&identity.consumer_id), Some(&route.id_key), rate);
             let d = l.check();
             limits.push((l, d));
             if !d.allowed {
@@ -312,7 +310,7 @@ fn check_with(
         }
     }
     if let Some(rate) = &route.rate_limit {
-        let l = cache.get(None, Some(&key()), rate);
+        let l = cache.get(None, Some(&route.id_key), rate);
         let d = l.check();
         limits.push((l, d));
     }
