@@ -81,7 +81,9 @@ pub fn format_utc(secs: i64) -> String {
     format!("{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, s / 60 % 60, s % 60)
 }
 
-/// RFC 3339 UTC with microseconds: `2026-11-26T00:30:09.000250Z` (access log lines).
+/// RFC 3339 UTC with microseconds: `2026-11-26T00:30:09.000250Z`. (The edge's access log
+/// writes its timestamps digit by digit on the request path; its tests check them against
+/// this.)
 pub fn format_utc_micros(us: i64) -> String {
     let secs = us.div_euclid(1_000_000);
     let mut s = format_utc(secs);

@@ -217,7 +217,7 @@ impl AccessLog {
 /// writes them with one write.
 fn write_loop(shared: &Shared) {
     // The open output, and the destination and generation it was opened for.
-    let mut out: Option<(Output, Option<Destination>, u64)> = None;
+    let mut out: Option<(Output, Destination, u64)> = None;
     let mut batch = Vec::new();
     let mut last_error: Option<Instant> = None;
     let mut lost_since_report = 0u64;
@@ -248,7 +248,7 @@ fn write_loop(shared: &Shared) {
             out = None;
             if let Some(dest) = &destination {
                 match dest.open() {
-                    Ok(o) => out = Some((o, destination.clone(), generation)),
+                    Ok(o) => out = Some((o, dest.clone(), generation)),
                     Err(e) => report(&mut last_error, &mut lost_since_report, lines, || {
                         format!("cannot open edge.access_log {dest}: {e}")
                     }),
@@ -272,14 +272,14 @@ fn write_loop(shared: &Shared) {
 /// Writes `lines` lines (`batch`) to the open output, counting them written or dropped.
 fn write_batch(
     shared: &Shared,
-    out: &mut Option<(Output, Option<Destination>, u64)>,
+    out: &mut Option<(Output, Destination, u64)>,
     batch: &[u8],
     lines: u64,
     last_error: &mut Option<Instant>,
     lost: &mut u64,
 ) {
     match out.as_mut() {
-        Some((o, Some(dest), _)) => match o.write_all(batch) {
+        Some((o, dest, _)) => match o.write_all(batch) {
             Ok(()) => {
                 shared.metrics.access_log_lines.fetch_add(lines, Ordering::Relaxed);
             }
