@@ -19,6 +19,7 @@ pub mod metering;
 pub mod metrics;
 pub mod problem;
 pub mod proxy;
+pub mod queue;
 pub mod quota;
 pub mod redirect;
 pub mod rewrite;

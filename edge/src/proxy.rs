@@ -374,44 +374,39 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     }
 }
 
-/// A place among the route's calls in flight when it had none (`max` of them were in flight):
-/// waits for one until `deadline` (the route's queue), else (or then) the 503.
+/// A place among the route's calls in flight when it had none (`max` of them were in flight,
+/// or calls were queued): waits in the route's queue until `deadline`, else (or then) the 503.
 async fn wait_for_route(
     gw: &Gateway,
     pool: &crate::upstream::Pool,
     deadline: Option<tokio::time::Instant>,
     max: u32,
 ) -> Result<Option<crate::upstream::InFlight>, Response> {
-    let refused = |max| {
+    let refused = || {
         gw.metrics.in_flight_refusals[0].fetch_add(1, Ordering::Relaxed);
         Problem::upstream_overloaded(max).into_response()
     };
-    let Some(deadline) = deadline else { return Err(refused(max)) };
-    let admitted = Box::pin(pool.queued(deadline, || pool.admit())).await;
-    gw.metrics.queued_calls[usize::from(admitted.is_err())].fetch_add(1, Ordering::Relaxed);
-    admitted.map_err(refused)
+    let Some(deadline) = deadline else { return Err(refused()) };
+    let admitted = Box::pin(pool.queue_for_route(deadline)).await;
+    gw.metrics.queued_calls[usize::from(admitted.is_none())].fetch_add(1, Ordering::Relaxed);
+    admitted.ok_or_else(refused)
 }
 
-/// A call's first target when every target in service was at its `max_in_flight`: waits for a
-/// place until `deadline` (the route's queue), else (or then) the 503.
+/// A call's first target when every target in service was at its `max_in_flight` (or calls
+/// were queued for one): waits in the targets' queue until `deadline`, else (or then) the 503.
 async fn wait_for_target(
     gw: &Gateway,
     pool: &crate::upstream::Pool,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<(usize, Option<crate::upstream::InFlight>), Response> {
-    use crate::upstream::Pick;
     let refused = || {
         gw.metrics.in_flight_refusals[2].fetch_add(1, Ordering::Relaxed);
         Problem::targets_overloaded().into_response()
     };
     let Some(deadline) = deadline else { return Err(refused()) };
-    let picked = Box::pin(pool.queued(deadline, || match pool.pick(&[]) {
-        Pick::Target(i, slot) => Ok((i, slot)),
-        Pick::Busy | Pick::Exhausted => Err(()),
-    }))
-    .await;
-    gw.metrics.queued_calls[usize::from(picked.is_err())].fetch_add(1, Ordering::Relaxed);
-    picked.map_err(|()| refused())
+    let picked = Box::pin(pool.queue_for_target(deadline)).await;
+    gw.metrics.queued_calls[usize::from(picked.is_none())].fetch_add(1, Ordering::Relaxed);
+    picked.ok_or_else(refused)
 }
 
 /// 408 for a request whose body did not come in time; an HTTP/1 connection is closed after it

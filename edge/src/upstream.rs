@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::config::Route;
+use crate::queue::Queue;
 
 /// One target's health.
 #[derive(Debug, Default)]
@@ -77,9 +78,10 @@ pub struct Pool {
     /// Calls wait this long for a place instead of being refused at once
     /// (`routes[].queue_timeout_ms`).
     queue_timeout: Option<Duration>,
-    /// Signalled each time a place (the route's or a target's) is given back; shared with the
+    /// Calls waiting for a place of the route's, and for one of any target's; shared with the
     /// pools of earlier and later configs, like the counts.
-    freed: Arc<tokio::sync::Notify>,
+    route_queue: Arc<Queue>,
+    target_queue: Arc<Queue>,
     /// The targets speak HTTP/2 (`routes[].upstream_protocol = "h2"`): h2c with prior knowledge
     /// over `http://`, ALPN `h2` over `https://`.
     pub h2: bool,
@@ -105,7 +107,8 @@ impl Pool {
                 }
             }
             // Calls of the old config give their places back to this one's waiters.
-            pool.freed = Arc::clone(&previous.freed);
+            pool.route_queue = Arc::clone(&previous.route_queue);
+            pool.target_queue = Arc::clone(&previous.target_queue);
         }
         pool
     }
@@ -130,7 +133,8 @@ impl Pool {
             target_in_flight: route.upstreams.iter().map(|_| Arc::default()).collect(),
             target_max_in_flight: route.target_max_in_flight.clone(),
             queue_timeout: route.queue_timeout,
-            freed: Arc::default(),
+            route_queue: Arc::default(),
+            target_queue: Arc::default(),
             h2: route.upstream_h2,
             epoch: Instant::now(),
             max_fails: route.max_fails,
@@ -140,10 +144,18 @@ impl Pool {
     }
 
     /// A place among the route's `max_in_flight` calls, held until the call's response has
-    /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it.
+    /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it, or
+    /// calls are queued for a place (a newcomer goes behind them).
     pub fn admit(&self) -> Result<Option<InFlight>, u32> {
         let Some(max) = self.max_in_flight else { return Ok(None) };
-        InFlight::take_notifying(&self.in_flight, max, Some(&self.freed)).map(Some)
+        if self.queue_timeout.is_some() && !self.route_queue.is_empty() {
+            return Err(max);
+        }
+        self.route_place(max)
+    }
+
+    fn route_place(&self, max: u32) -> Result<Option<InFlight>, u32> {
+        InFlight::take_counted(&self.in_flight, max, Some(&self.route_queue)).map(Some)
     }
 
     /// How long a call may wait for a place (`routes[].queue_timeout_ms`); `None`: no queue.
@@ -151,26 +163,27 @@ impl Pool {
         self.queue_timeout
     }
 
-    /// Waits until `take` succeeds or `deadline` passes (then its last answer). Woken each time
-    /// a place of this route (its own or a target's) is given back; registered before each
-    /// try, so a place given back between a try and the wait is not missed.
-    pub async fn queued<T, E>(
-        &self,
-        deadline: tokio::time::Instant,
-        mut take: impl FnMut() -> Result<T, E>,
-    ) -> Result<T, E> {
-        if self.queue_timeout.is_none() {
-            return take();
-        }
-        loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let tried = take();
-            if tried.is_ok() || tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return tried;
-            }
-        }
+    /// A place among the route's calls in flight, waited for in the route's queue until
+    /// `deadline` (`None` then); see [`Queue`].
+    pub async fn queue_for_route(&self, deadline: tokio::time::Instant) -> Option<Option<InFlight>> {
+        let Some(max) = self.max_in_flight else { return Some(None) };
+        self.route_queue.wait(deadline, || self.route_place(max).ok()).await
+    }
+
+    /// A first target and its place, when every target in service was at its
+    /// `max_in_flight`: waited for in the targets' queue until `deadline` (`None` then).
+    pub async fn queue_for_target(&self, deadline: tokio::time::Instant) -> Option<(usize, Option<InFlight>)> {
+        self.target_queue
+            .wait(deadline, || match self.choose(&[]) {
+                Pick::Target(i, slot) => Some((i, slot)),
+                Pick::Busy | Pick::Exhausted => None,
+            })
+            .await
+    }
+
+    /// Calls waiting now for a place of the route's, and for one of its targets'.
+    pub fn queued(&self) -> (u32, u32) {
+        (self.route_queue.len(), self.target_queue.len())
     }
 
     /// Targets that take calls (weight above 0): the most attempts a call can make.
@@ -202,7 +215,16 @@ impl Pool {
     /// among the target's calls in flight; when none is, another target by index (every
     /// target ejected: one is tried anyway). [`Pick::Busy`] when a target in service was passed
     /// over only for its limit, [`Pick::Exhausted`] when every target was tried.
+    /// A first pick ([`Pick::Busy`] while calls are queued for a target: a newcomer goes behind
+    /// them).
     pub fn pick(&self, tried: &[usize]) -> Pick {
+        if tried.is_empty() && self.queue_timeout.is_some() && !self.target_queue.is_empty() {
+            return Pick::Busy;
+        }
+        self.choose(tried)
+    }
+
+    fn choose(&self, tried: &[usize]) -> Pick {
         let n = self.targets.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let start = match &self.schedule {
@@ -251,7 +273,7 @@ impl Pool {
         match self.target_max_in_flight[i] {
             None => Ok(None),
             Some(max) => {
-                InFlight::take_notifying(&self.target_in_flight[i], max, Some(&self.freed)).map(Some).map_err(drop)
+                InFlight::take_counted(&self.target_in_flight[i], max, Some(&self.target_queue)).map(Some).map_err(drop)
             }
         }
     }
@@ -348,18 +370,19 @@ impl Pick {
 }
 
 /// One of a route's calls in flight ([`Pool::admit`]); dropping it makes room for another
-/// (and wakes the calls queued for one, `routes[].queue_timeout_ms`).
+/// (and wakes the head of the calls queued for one, `routes[].queue_timeout_ms`).
 #[derive(Debug)]
 pub struct InFlight {
     count: Arc<AtomicU32>,
-    freed: Option<Arc<tokio::sync::Notify>>,
+    queue: Option<Arc<Queue>>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.count.fetch_sub(1, Ordering::AcqRel);
-        if let Some(freed) = &self.freed {
-            freed.notify_waiters();
+        // Given back before the queue is looked at, `SeqCst`: see [`Queue`].
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        if let Some(queue) = &self.queue {
+            queue.released();
         }
     }
 }
@@ -367,14 +390,14 @@ impl Drop for InFlight {
 impl InFlight {
     /// A place among `count`'s calls, if fewer than `max` hold one (`Err(max)` otherwise).
     pub fn take(count: &Arc<AtomicU32>, max: u32) -> Result<Self, u32> {
-        Self::take_notifying(count, max, None)
+        Self::take_counted(count, max, None)
     }
 
-    /// [`InFlight::take`], waking `freed`'s waiters when the place is given back.
-    fn take_notifying(count: &Arc<AtomicU32>, max: u32, freed: Option<&Arc<tokio::sync::Notify>>) -> Result<Self, u32> {
+    /// [`InFlight::take`], waking `queue`'s head when the place is given back.
+    fn take_counted(count: &Arc<AtomicU32>, max: u32, queue: Option<&Arc<Queue>>) -> Result<Self, u32> {
         count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .map(|_| Self { count: Arc::clone(count), freed: freed.cloned() })
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .map(|_| Self { count: Arc::clone(count), queue: queue.cloned() })
             .map_err(|_| max)
     }
 
@@ -993,6 +1016,16 @@ pub fn render_targets(pools: &Pools, out: &mut String) {
             let _ = writeln!(out, "{name}{{route=\"{}\",target=\"{}\"}} {n}", label(route), label(key));
         }
     }
+    let name = "tollgate_edge_queue_length";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Calls waiting for a place (`place`: the route's `max_in_flight`, or its targets') on each route with a `queue_timeout_ms`.\n# TYPE {name} gauge"
+    );
+    for (route, pool) in routes.iter().filter(|(_, p)| p.queue_timeout.is_some()) {
+        let (on_route, on_target) = pool.queued();
+        let _ = writeln!(out, "{name}{{route=\"{}\",place=\"route\"}} {on_route}", label(route));
+        let _ = writeln!(out, "{name}{{route=\"{}\",place=\"target\"}} {on_target}", label(route));
+    }
 }
 
 /// Every route's pool, by route id; on reload `previous` holds the pools whose targets' health
@@ -1204,20 +1237,20 @@ mod tests {
             tokio::spawn(async move {
                 let start = Instant::now();
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                let got = pool.queued(deadline, || pool.admit()).await;
+                let got = pool.queue_for_route(deadline).await;
                 (got.map(|s| s.is_some()), start.elapsed())
             })
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(held);
         let (got, waited) = waiter.await.unwrap();
-        assert_eq!(got, Ok(true));
+        assert_eq!(got, Some(true));
         assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
         // Nobody gives the place back: refused at the deadline, not before.
         let _held = pool.admit().unwrap().unwrap();
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
-        assert_eq!(pool.queued(deadline, || pool.admit()).await.unwrap_err(), 1);
+        assert!(pool.queue_for_route(deadline).await.is_none());
         assert!(start.elapsed() >= Duration::from_millis(140), "{:?}", start.elapsed());
         // A place given back by the previous config's call wakes this config's waiters.
         let new = Arc::new(Pool::new(&r, Some(&pool)));
@@ -1225,12 +1258,51 @@ mod tests {
             let new = Arc::clone(&new);
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                new.queued(deadline, || new.admit()).await.map(|s| s.is_some())
+                new.queue_for_route(deadline).await.map(|s| s.is_some())
             })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(new.queued(), (1, 0));
         drop(_held);
-        assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Ok(true));
+        assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Some(true));
+        assert_eq!(new.queued(), (0, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn while_calls_are_queued_a_newcomer_does_not_take_the_place_given_back() {
+        let mut r = route(2, 1, Duration::from_secs(60));
+        r.max_in_flight = Some(1);
+        r.target_max_in_flight = vec![Some(1), Some(1)];
+        r.queue_timeout = Some(Duration::from_secs(5));
+        let pool = Arc::new(Pool::new(&r, None));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // The route's place: held, one call queued; given back, a newcomer is still refused
+        // (it goes behind the queued call), and the queued call gets the place.
+        let held = pool.admit().unwrap();
+        let waiter = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.queue_for_route(deadline).await.map(|slot| slot.is_some()) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.queued(), (1, 0));
+        drop(held);
+        assert_eq!(pool.admit().unwrap_err(), 1, "a newcomer is refused while a call is queued");
+        assert_eq!(waiter.await.unwrap(), Some(true));
+        assert!(pool.admit().is_ok(), "no call queued: the newcomer's turn");
+        // The same for the targets' places (a retry, which has a target already, is not a
+        // newcomer).
+        let (Pick::Target(0, a), Pick::Target(1, b)) = (pool.pick(&[]), pool.pick(&[])) else { panic!("two targets") };
+        let waiter = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.queue_for_target(deadline).await.map(|(i, slot)| (i, slot.is_some())) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.queued(), (0, 1));
+        drop(b);
+        assert!(matches!(pool.pick(&[]), Pick::Busy));
+        assert_eq!(waiter.await.unwrap(), Some((1, true)));
+        drop(a);
+        assert_eq!(pool.pick(&[]).target(), Some(0));
     }
 
     #[test]

@@ -355,6 +355,29 @@ async fn a_queue_makes_calls_wait_for_a_place() {
     }
     assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"admitted\"}").await, 4);
 
+    // Five calls 40 ms apart behind a call of 700 ms: served in the order they came, while
+    // /metrics shows them queued.
+    let holder = tokio::spawn(call("/q/hold?delay_ms=700".into()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = Vec::new();
+    for i in 0..5 {
+        let served = call(format!("/q/{i}?delay_ms=10"));
+        queued.push(tokio::spawn(async move { (served.await, std::time::Instant::now(), i) }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(metric(admin, "tollgate_edge_queue_length{route=\"q\",place=\"route\"}").await, 5);
+    assert_eq!(holder.await.unwrap().0, 200);
+    let mut finished = Vec::new();
+    for q in queued {
+        let ((status, body, _), at, i) = q.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        finished.push((at, i));
+    }
+    finished.sort();
+    assert_eq!(finished.iter().map(|(_, i)| *i).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+    assert_eq!(metric(admin, "tollgate_edge_queue_length{route=\"q\",place=\"route\"}").await, 0);
+    assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"admitted\"}").await, 9);
+
     // A queue of 300 ms behind a call of 1.5 s: the 503 comes after the wait, not at once and
     // not when the place comes free.
     let holder = tokio::spawn(call("/short/hold?delay_ms=1500".into()));
