@@ -10,6 +10,7 @@
 #   bench/run.sh lag          usage and quota lag at 2,000 requests/s
 #   bench/run.sh billing      close and export a month of invoices for 10,000 consumers
 #   bench/run.sh slo          one SLO evaluation over 3 days of usage of 1,000 consumers
+#   bench/run.sh queue        ns per place handed down the edge's queue of waiting calls
 #   bench/run.sh callgrind    the edge's instructions per request (valgrind; exact, noise-free)
 #   bench/run.sh threads      the edge's CPU per request by thread: metering off / on / idempotent
 #   bench/run.sh spool-rss    the edge's peak RSS while its events go through the spool and back
@@ -33,9 +34,10 @@ case "${1:-all}" in
     lag) "$BIN" lag ;;
     billing) "$BIN" billing ;;
     slo) "$BIN" slo ;;
+    queue) "$BIN" queue ;;
     callgrind) bench/callgrind-edge.sh ;;
     threads) bench/edge-threads.sh ;;
     spool-rss) bench/spool-rss.sh ;;
     all) "$BIN" ingest; echo; "$BIN" freshness; echo; "$0" gateway; echo; "$BIN" encode; echo; "$BIN" aggregate; echo; "$BIN" lag; echo; "$BIN" billing; echo; "$BIN" slo ;;
-    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|slo|callgrind|threads|spool-rss]" >&2; exit 2 ;;
+    *) echo "usage: bench/run.sh [ingest|freshness|gateway|encode|aggregate|lag|billing|slo|queue|callgrind|threads|spool-rss]" >&2; exit 2 ;;
 esac

@@ -15,6 +15,8 @@
 //!                             fixed request rate through edge, ingest and aggregator.
 //! `tollgate-bench slo`        one SLO evaluation over 3 days of usage for N consumers;
 //!                             baseline: reading the 3-day window.
+//! `tollgate-bench queue`      ns per place handed down the edge's queue of N waiting calls;
+//!                             baselines: tokio's Semaphore, waking every waiter.
 //!
 //! Both need `scripts/stack.sh up` (ClickHouse) and release binaries (`cargo build --release`);
 //! `bench/run.sh` does all of it.
@@ -29,6 +31,7 @@ mod gateway;
 mod hyper_proxy;
 mod ingest;
 mod lag;
+mod queue;
 mod slo;
 
 use clap::{Parser, Subcommand};
@@ -99,6 +102,11 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// The edge's queue for places: ns per place handed down a line of waiting calls.
+    Queue {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Usage and quota lag after each minute's lateness window.
     Lag {
         #[arg(long, default_value_t = 2_000)]
@@ -129,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Encode { events, runs } => encode::run(events, runs),
         Command::Aggregate { events, runs } => aggregate::run(&cli.clickhouse, events, runs).await,
         Command::Billing { consumers, runs } => billing::run(&cli.clickhouse, consumers, runs).await,
+        Command::Queue { runs } => queue::run(runs).await,
         Command::Slo { consumers, runs } => slo::run(&cli.clickhouse, consumers, runs).await,
         Command::Lag { rate, minutes, lateness } => lag::run(&cli.clickhouse, rate, minutes, lateness).await,
         Command::Freshness { rate, seconds, runs } => freshness::run(&cli.clickhouse, rate, seconds, runs).await,
