@@ -324,6 +324,8 @@ struct RawRoute {
     upstreams: Vec<RawTarget>,
     #[serde(default)]
     strip_prefix: bool,
+    #[serde(default)]
+    allow_encoded_slashes: bool,
     #[serde(default = "default_auth")]
     auth: AuthNames,
     #[serde(default = "default_timeout_ms")]
@@ -876,6 +878,9 @@ pub struct Route {
     /// (`upstream_target`).
     pub target_keys: Vec<Arc<str>>,
     pub strip_prefix: bool,
+    /// Paths with an encoded slash or backslash (`%2F`, `%5C`) are forwarded instead of
+    /// refused (`crate::path`).
+    pub allow_encoded_slashes: bool,
     pub auth: AuthMode,
     /// Time allowed for the upstream's response head (over all attempts).
     pub timeout: Duration,
@@ -934,6 +939,7 @@ impl Route {
             target_max_in_flight: vec![None; upstreams.len()],
             target_keys: Vec::new(),
             strip_prefix: false,
+            allow_encoded_slashes: false,
             auth: AuthMode::API_KEY,
             timeout: Duration::from_millis(default_timeout_ms()),
             connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
@@ -1383,6 +1389,7 @@ fn validate(
                 target_max_in_flight,
                 target_keys: Vec::new(),
                 strip_prefix: r.strip_prefix,
+                allow_encoded_slashes: r.allow_encoded_slashes,
                 auth,
                 timeout: Duration::from_millis(r.timeout_ms),
                 connect_timeout: Duration::from_millis(

@@ -9,7 +9,7 @@
 //! over those limits (answered by hyper itself, without an event).
 
 use axum::response::{IntoResponse, Response};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Version};
 
 use crate::config::HttpSettings;
@@ -79,7 +79,34 @@ pub fn check<B>(limits: &HttpSettings, req: &http::Request<B>) -> Option<Respons
         resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         return Some(resp);
     }
+    if let Some(reason) = host_error(req.version(), req.headers()) {
+        return Some(Problem::bad_request(reason).into_response());
+    }
     None
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host` field, a valid one (the edge would
+/// otherwise route, and fill `X-Forwarded-Host`, by a host it guessed). HTTP/1.0 may lack it;
+/// HTTP/2 names the host in `:authority`, and a `Host` beside it, if any, counts no more.
+pub fn host_error(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => Some("an HTTP/1.1 request needs a Host header"),
+        (Some(_), Some(_)) if version <= Version::HTTP_11 => Some("more than one Host header"),
+        (Some(host), None) if version <= Version::HTTP_11 && !valid_host(host.as_bytes()) => {
+            Some("the Host header is not a valid host[:port]")
+        }
+        _ => None,
+    }
+}
+
+/// `host[:port]` (RFC 3986 §3.2.2: a registered name, IPv4 or bracketed IPv6 address): no
+/// user info, path, spaces or other delimiters.
+fn valid_host(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':' | b'[' | b']' | b'%'))
 }
 
 #[cfg(test)]
@@ -107,6 +134,35 @@ mod tests {
                 h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
             }
             assert_eq!(framing_error(*version, &h).is_none(), *ok, "{version:?} {headers:?}");
+        }
+    }
+
+    #[test]
+    fn http1_requests_have_one_valid_host() {
+        let headers = |hosts: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in hosts {
+                h.append(HOST, HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let cases: &[(Version, &[&str], bool)] = &[
+            (Version::HTTP_11, &["api.example.com"], true),
+            (Version::HTTP_11, &["api.example.com:8443"], true),
+            (Version::HTTP_11, &["[::1]:8080"], true),
+            (Version::HTTP_11, &["127.0.0.1"], true),
+            (Version::HTTP_11, &[], false),
+            (Version::HTTP_11, &["a.example", "b.example"], false),
+            (Version::HTTP_11, &["evil@api.example.com"], false),
+            (Version::HTTP_11, &["api.example.com/path"], false),
+            (Version::HTTP_11, &["api example"], false),
+            (Version::HTTP_11, &[""], false),
+            (Version::HTTP_10, &[], true),
+            (Version::HTTP_10, &["a.example", "b.example"], false),
+            (Version::HTTP_2, &[], true),
+        ];
+        for (version, hosts, ok) in cases {
+            assert_eq!(host_error(*version, &headers(hosts)).is_none(), *ok, "{version:?} {hosts:?}");
         }
     }
 

@@ -17,6 +17,7 @@ pub mod hygiene;
 pub mod limit;
 pub mod metering;
 pub mod metrics;
+pub mod path;
 pub mod problem;
 pub mod proxy;
 pub mod queue;
@@ -195,12 +196,14 @@ impl std::ops::Deref for Peer {
     }
 }
 
-/// The host the client addressed: the `Host` header (shared, not copied) when it is text,
-/// else the URI authority (HTTP/2).
+/// The host the client addressed: the request target's authority when it has one (HTTP/2,
+/// or an absolute-form HTTP/1.1 target), else the `Host` header (shared, not copied).
 pub fn request_host<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
-    match req.headers().get(http::header::HOST) {
-        Some(h) if h.to_str().is_ok() => Some(h.clone()),
-        _ => req.uri().authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()),
+    // The request target's authority first (HTTP/2's `:authority`, HTTP/1.1's absolute form:
+    // RFC 9112 §3.2.2, a `Host` beside it is ignored).
+    match req.uri().authority() {
+        Some(a) => http::HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(http::header::HOST).filter(|h| h.to_str().is_ok()).cloned(),
     }
 }
 
@@ -208,8 +211,10 @@ pub fn request_host<B>(req: &http::Request<B>) -> Option<http::HeaderValue> {
 /// trace, client address); framing and header checks; routing; authentication; rate limits
 /// and the monthly quota; forwarding. Every answer — refusals included — goes back through
 /// metering, which emits the call's event when the response body ends.
-pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body::Incoming>) -> Response {
+pub async fn handle(gw: Arc<Gateway>, peer: Peer, mut req: http::Request<hyper::body::Incoming>) -> Response {
     peer.request_started();
+    // The path as routed, forwarded and metered (a refused one is metered as it came).
+    let path = path::normalize_request(&mut req);
     // One config snapshot per request: in-flight requests finish with the config they
     // started with.
     let runtime = gw.runtime();
@@ -218,7 +223,7 @@ pub async fn handle(gw: Arc<Gateway>, peer: Peer, req: http::Request<hyper::body
     // path is a slot in the connection's future, moved on every request.
     let span = call.span.clone().unwrap_or_else(tracing::Span::none);
     let everywhere = runtime.response_headers.clone();
-    let mut resp = tracing::Instrument::instrument(admit_and_forward(&call, runtime, &peer, req), span).await;
+    let mut resp = tracing::Instrument::instrument(admit_and_forward(&call, runtime, &peer, req, path), span).await;
     if let Some(rules) = everywhere {
         // An upstream's answer carries no `CallInfo` (or one without an outcome).
         let forwarded = resp.extensions().get::<CallInfo>().is_none_or(|i| i.outcome.is_none() && !i.unmetered);
@@ -237,12 +242,18 @@ async fn admit_and_forward(
     runtime: Arc<Runtime>,
     peer: &Peer,
     mut req: http::Request<hyper::body::Incoming>,
+    path: Result<bool, path::BadPath>,
 ) -> Response {
+    use axum::response::IntoResponse;
     let gw = call.gw();
     // Framing checks first: refuse smuggling-prone requests before anything acts on them.
     if let Some(refused) = hygiene::check(&runtime.http, &req) {
         return refused;
     }
+    let encoded_slash = match path {
+        Ok(encoded_slash) => encoded_slash,
+        Err(bad) => return problem::Problem::bad_request(bad.detail()).into_response(),
+    };
     // A CORS preflight for a route with a policy is answered here: not forwarded, not a call.
     if let Some((origin, method)) = cors::preflight_of(&req)
         && let Ok(route) = routing::route_as(&runtime, &req, &method)
@@ -263,7 +274,16 @@ async fn admit_and_forward(
     let origin = route.cors.as_ref().and_then(|_| req.headers().get(http::header::ORIGIN).cloned());
     // The route's and the credential's address lists (`allowed_ips`), and authentication: a
     // refusal here gets the route's CORS headers too.
-    let mut refusal = route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, call.client_addr, "this route"));
+    let mut refusal = if encoded_slash && !route.allow_encoded_slashes {
+        let detail = format!(
+            "the path has an encoded slash or backslash (%2F, %5C), which route `{}` does not accept \
+             (`routes[].allow_encoded_slashes`)",
+            route.id
+        );
+        Some(problem::Problem::bad_request(detail).into_response())
+    } else {
+        route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, call.client_addr, "this route"))
+    };
     let mut identity = None;
     if refusal.is_none() {
         match auth::admit(&runtime, &route, peer, &mut req).await {
@@ -282,7 +302,6 @@ async fn admit_and_forward(
             && let Some(plans) = &route.allowed_plans
             && !plans.iter().any(|p| *p == i.plan.name)
         {
-            use axum::response::IntoResponse;
             let detail = format!("plan `{}` does not include route `{}`", i.plan.name, route.id);
             refusal = Some(problem::Problem::forbidden(detail).into_response());
         }
@@ -290,7 +309,6 @@ async fn admit_and_forward(
             && let Some(required) = &route.required_scopes
             && !i.has_scopes(required)
         {
-            use axum::response::IntoResponse;
             refusal = Some(problem::Problem::insufficient_scope(required).into_response());
         }
     }

@@ -729,3 +729,89 @@ async fn at_max_connections_a_new_connection_waits_until_one_closes() {
         open.push(keep_alive().await);
     }
 }
+
+/// Paths are normalized before routing (dot segments, merged slashes, decoded unreserved
+/// characters) and forwarded as routed, so no path reaches a protected route's upstream
+/// through a public route; encoded slashes are refused unless the route allows them; HTTP/1.1
+/// requests need exactly one valid `Host`, and an absolute-form target's host wins over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_are_normalized_before_routing_and_forwarded_as_routed() {
+    let dir = TempDir::new("e2e_paths");
+    let topic = unique("paths");
+    create_topic(&topic, 1).await;
+    let (upstream, echo) = start_echo().await;
+    let cfg = format!(
+        "{}[[routes]]\nid = \"public\"\npath_prefix = \"/status\"\nauth = \"none\"\nupstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"api\"\npath_prefix = \"/api\"\nauth = \"none\"\nupstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"admin\"\npath = \"/api/admin\"\nupstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"repos\"\npath_prefix = \"/repos\"\nauth = \"none\"\nallow_encoded_slashes = true\n\
+         upstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"internal\"\nhost = \"internal.example\"\npath_prefix = \"/status\"\nupstream = \"http://{upstream}\"\n",
+        config(&topic, upstream)
+    );
+    let (_edge, addr, _admin) = start_edge(dir.path(), "edge", &cfg).await;
+    let get = |target: &str, extra: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: public.example\r\n{extra}Connection: close\r\n\r\n").into_bytes()
+    };
+    let key = format!("x-api-key: {KEY}\r\n");
+    let before = echo.requests.load(Ordering::SeqCst);
+
+    // Dot segments, encoded dots and doubled slashes meet the route the upstream would serve:
+    // the protected one, which wants a key.
+    for target in ["/status/../echo/x", "/status/%2e%2e/echo/x", "/status/./%2E./echo/x", "/api//admin", "/api/./admin"]
+    {
+        let (status, answer, _) = raw(addr, &get(target, "")).await;
+        assert_eq!(status, Some(401), "{target}: {answer}");
+    }
+    assert_eq!(echo.requests.load(Ordering::SeqCst), before, "a refused path reached the upstream");
+    // Forwarded as routed: the upstream sees the normalized path, the query as it came.
+    let cases = [
+        ("/%65cho/x", key.as_str(), "/echo/x", ""),
+        ("/status/./a//b/?q=/../x&r=%2e", "", "/status/a/b/", "q=/../x&r=%2e"),
+        ("/status/a/%7euser/..", "", "/status/a/", ""),
+        ("/repos/group%2fproject/files", "", "/repos/group%2Fproject/files", ""),
+    ];
+    for (target, extra, path, query) in cases {
+        let (status, answer, _) = raw(addr, &get(target, extra)).await;
+        assert_eq!(status, Some(200), "{target}: {answer}");
+        let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!((body["path"].as_str(), body["query"].as_str()), (Some(path), Some(query)), "{target}");
+    }
+    // Refused with a 400 naming the problem: an encoded slash where the route does not allow
+    // it, a malformed percent-encoding, a raw backslash.
+    let refused = [
+        ("/status/..%2fecho/x", "allow_encoded_slashes"),
+        ("/status/a%5Cb", "allow_encoded_slashes"),
+        ("/status/%zz", "percent-encoding"),
+        ("/status/..\\echo/x", "backslash"),
+    ];
+    for (target, says) in refused {
+        let (status, answer, _) = raw(addr, &get(target, "")).await;
+        assert_eq!(status, Some(400), "{target}: {answer}");
+        assert!(answer.contains("application/problem+json") && answer.contains(says), "{target}: {answer}");
+    }
+    // Host: none or two in HTTP/1.1 is a 400; HTTP/1.0 may go without; an absolute-form
+    // target's host is the one routed by (here the internal route, which wants a key).
+    let no_host = raw(addr, b"GET /status/x HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(no_host.0, Some(400), "{}", no_host.1);
+    assert!(no_host.1.contains("needs a Host"), "{}", no_host.1);
+    let two =
+        raw(addr, b"GET /status/x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(two.0, Some(400), "{}", two.1);
+    let user_info =
+        raw(addr, b"GET /status/x HTTP/1.1\r\nHost: evil@internal.example\r\nConnection: close\r\n\r\n").await;
+    assert_eq!(user_info.0, Some(400), "{}", user_info.1);
+    assert_eq!(raw(addr, b"GET /status/x HTTP/1.0\r\n\r\n").await.0, Some(200));
+    let absolute = raw(
+        addr,
+        b"GET http://internal.example/status/x HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(absolute.0, Some(401), "{}", absolute.1);
+
+    // Metered as routed: the events carry the normalized paths.
+    let events = read_events(&topic, |e| e.iter().any(|e| e.path == "/status/a/b/")).await;
+    let echoed = events.iter().find(|e| e.path == "/echo/x" && e.status == 200).expect("the /%65cho/x call's event");
+    assert_eq!(echoed.route_id.as_deref(), Some("echo"));
+    assert!(events.iter().all(|e| !e.path.contains("/../") && !e.path.contains("//")), "{events:#?}");
+}
