@@ -37,13 +37,16 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/" || (path.starts_with(prefix) && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
 }
 
-/// The request's host: lower case, without port.
+/// The request's host: lower case, without port, without the trailing dot of a fully
+/// qualified name (`api.example.com.` is `api.example.com`, as nginx reads it: a route bound
+/// to the host is not passed over for one without).
 pub fn normalize_host(host: &str) -> String {
     let host = host.trim();
     let without_port = if host.starts_with('[') {
         host.split_once(']').map(|(h, _)| format!("{h}]")).unwrap_or_else(|| host.to_owned())
     } else {
-        host.rsplit_once(':').map(|(h, _)| h.to_owned()).unwrap_or_else(|| host.to_owned())
+        let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        name.strip_suffix('.').unwrap_or(name).to_owned()
     };
     without_port.to_ascii_lowercase()
 }
@@ -151,5 +154,7 @@ mod tests {
         assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("localhost"), "localhost");
+        assert_eq!(normalize_host("Internal.Example.:443"), "internal.example");
+        assert_eq!(normalize_host("internal.example."), "internal.example");
     }
 }
