@@ -108,7 +108,7 @@ impl Line {
                     match kind {
                         Kind::Edge => {
                             let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-                            queue.wait(deadline, &take).await.expect("a place");
+                            queue.wait(deadline, None, &take).await.expect("a place");
                         }
                         Kind::Semaphore => semaphore.acquire().await.expect("open").forget(),
                         Kind::WakeAll => loop {

@@ -367,6 +367,9 @@ struct RawRoute {
     /// How long a call waits for a place under `max_in_flight` (the route's or a target's).
     #[serde(default)]
     queue_timeout_ms: u64,
+    /// The longest line of calls waiting (each queue: the route's places, its targets').
+    #[serde(default)]
+    max_queued: Option<u32>,
     /// Scopes a JWT must grant to call the route.
     #[serde(default)]
     required_scopes: Option<Vec<String>>,
@@ -910,6 +913,9 @@ pub struct Route {
     /// How long a call waits for a place under the route's or its targets' `max_in_flight`
     /// before the 503 (`routes[].queue_timeout_ms`). `None`: refused at once.
     pub queue_timeout: Option<Duration>,
+    /// At most this many calls wait in each of the route's queues (`routes[].max_queued`);
+    /// more are refused at once.
+    pub max_queued: Option<u32>,
     /// The route's rate for all its callers together (`routes[].rate_limit`), per edge; on
     /// top of each consumer's plan limits. `None`: no such limit.
     pub rate_limit: Option<Rate>,
@@ -954,6 +960,7 @@ impl Route {
             health_check: None,
             max_in_flight: None,
             queue_timeout: None,
+            max_queued: None,
             rate_limit: None,
             allowed_plans: None,
             required_scopes: None,
@@ -1302,6 +1309,15 @@ fn validate(
             }
             ms => Some(Duration::from_millis(ms)),
         };
+        match r.max_queued {
+            Some(0) => {
+                return Err(err(key("max_queued"), "must be at least 1 (leave it out for no limit)".into()));
+            }
+            Some(_) if queue_timeout.is_none() => {
+                return Err(err(key("max_queued"), "needs queue_timeout_ms (without it no call waits)".into()));
+            }
+            _ => {}
+        }
         let required_scopes = match &r.required_scopes {
             None => None,
             Some(_) if auth != AuthMode::JWT => {
@@ -1406,6 +1422,7 @@ fn validate(
                 health_check,
                 max_in_flight: r.max_in_flight,
                 queue_timeout,
+                max_queued: r.max_queued,
                 rate_limit,
                 allowed_plans,
                 required_scopes,
@@ -2209,6 +2226,13 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
             "upstreams = [{ url = \"http://127.0.0.1:8081\", max_in_flight = 2 }]\nqueue_timeout_ms = 100",
         );
         assert!(Config::parse(&target, &BTreeMap::new()).unwrap().routes[0].queue_timeout.is_some());
+        // The line's length: at least 1, with a queue.
+        let c = with("max_in_flight = 4\nqueue_timeout_ms = 250\nmax_queued = 100").unwrap();
+        assert_eq!(c.routes[0].max_queued, Some(100));
+        let msg = with("max_in_flight = 4\nqueue_timeout_ms = 250\nmax_queued = 0").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].max_queued") && msg.contains("at least 1"), "{msg}");
+        let msg = with("max_in_flight = 4\nmax_queued = 10").unwrap_err().to_string();
+        assert!(msg.contains("routes[0].max_queued") && msg.contains("needs queue_timeout_ms"), "{msg}");
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub struct Metrics {
     pub rate_limit_refusals: [AtomicU64; 2],
     /// Calls that waited in their route's queue for a place (`routes[].queue_timeout_ms`):
     /// [got one, timed out].
-    pub queued_calls: [AtomicU64; 2],
+    pub queued_calls: [AtomicU64; 3],
     pub config_reload_failures: AtomicU64,
     /// Access log lines written, and lost (too many waiting, or the file failing).
     pub access_log_lines: AtomicU64,
@@ -428,9 +428,9 @@ impl Metrics {
             ),
             (
                 "tollgate_edge_queued_calls_total",
-                "Calls that found their route or every target at max_in_flight and waited (routes[].queue_timeout_ms), by result: admitted (a place came free) or timed_out (503).",
+                "Calls that found their route or every target at max_in_flight and waited (routes[].queue_timeout_ms), by result: admitted (a place came free), timed_out (503) or queue_full (503 at once: routes[].max_queued calls were waiting).",
                 "result",
-                &["admitted", "timed_out"],
+                &["admitted", "timed_out", "queue_full"],
                 &self.queued_calls,
             ),
         ];

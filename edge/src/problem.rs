@@ -184,6 +184,20 @@ impl Problem {
         .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
+    /// 503: the route's calls are at their limit and its queue has `routes[].max_queued`
+    /// calls waiting already.
+    pub fn queue_full() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream-overloaded",
+            "Service Unavailable",
+            Outcome::UpstreamError,
+            "the upstream has as many calls in flight as it takes and the queue for a place is full; retry shortly"
+                .to_owned(),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     pub fn upstream_timeout(timeout_ms: u128) -> Self {
         Problem::new(
             StatusCode::GATEWAY_TIMEOUT,

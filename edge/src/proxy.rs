@@ -388,8 +388,28 @@ async fn wait_for_route(
     };
     let Some(deadline) = deadline else { return Err(refused()) };
     let admitted = Box::pin(pool.queue_for_route(deadline)).await;
-    gw.metrics.queued_calls[usize::from(admitted.is_none())].fetch_add(1, Ordering::Relaxed);
-    admitted.ok_or_else(refused)
+    queue_result(gw, admitted, refused)
+}
+
+/// The queue's answer counted (`tollgate_edge_queued_calls_total{result}`), its refusal made:
+/// a full queue's own 503, else `refused`. (A `Response` error like its async callers'.)
+#[allow(clippy::result_large_err)]
+fn queue_result<T>(
+    gw: &Gateway,
+    waited: Result<T, crate::queue::NoPlace>,
+    refused: impl FnOnce() -> Response,
+) -> Result<T, Response> {
+    use crate::queue::NoPlace;
+    let result = match waited {
+        Ok(_) => 0,
+        Err(NoPlace::TimedOut) => 1,
+        Err(NoPlace::Full) => 2,
+    };
+    gw.metrics.queued_calls[result].fetch_add(1, Ordering::Relaxed);
+    waited.map_err(|no_place| match no_place {
+        NoPlace::TimedOut => refused(),
+        NoPlace::Full => Problem::queue_full().into_response(),
+    })
 }
 
 /// A call's first target when every target in service was at its `max_in_flight` (or calls
@@ -405,8 +425,7 @@ async fn wait_for_target(
     };
     let Some(deadline) = deadline else { return Err(refused()) };
     let picked = Box::pin(pool.queue_for_target(deadline)).await;
-    gw.metrics.queued_calls[usize::from(picked.is_none())].fetch_add(1, Ordering::Relaxed);
-    picked.ok_or_else(refused)
+    queue_result(gw, picked, refused)
 }
 
 /// 408 for a request whose body did not come in time; an HTTP/1 connection is closed after it

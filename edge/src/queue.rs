@@ -59,12 +59,18 @@ impl Queue {
         }
     }
 
-    /// Waits in line until, at the head, `take` gives a place; `None` when `deadline` passed
-    /// first. `take` runs under the queue's lock (it must not block: atomics only).
-    pub async fn wait<T>(&self, deadline: tokio::time::Instant, mut take: impl FnMut() -> Option<T>) -> Option<T> {
-        let mut turn = Turn { queue: self, id: None };
+    /// Waits in line until, at the head, `take` gives a place; [`NoPlace::TimedOut`] when
+    /// `deadline` passed first, [`NoPlace::Full`] at once when `max_len` calls were waiting
+    /// already. `take` runs under the queue's lock (it must not block: atomics only).
+    pub async fn wait<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        max_len: Option<u32>,
+        mut take: impl FnMut() -> Option<T>,
+    ) -> Result<T, NoPlace> {
+        let mut turn = Turn { queue: self, id: None, max_len };
         let got = tokio::time::timeout_at(deadline, std::future::poll_fn(|cx| turn.poll(cx, &mut take))).await;
-        got.ok()
+        got.unwrap_or(Err(NoPlace::TimedOut))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -72,18 +78,31 @@ impl Queue {
     }
 }
 
+/// Why a call waited in vain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPlace {
+    /// The queue had its longest allowed line: refused without waiting.
+    Full,
+    /// No place came in time.
+    TimedOut,
+}
+
 /// One call's place in the line; leaving it early (deadline, client gone) passes the turn on.
 struct Turn<'a> {
     queue: &'a Queue,
     /// Set while in the line.
     id: Option<u64>,
+    max_len: Option<u32>,
 }
 
 impl Turn<'_> {
-    fn poll<T>(&mut self, cx: &mut Context<'_>, take: &mut impl FnMut() -> Option<T>) -> Poll<T> {
+    fn poll<T>(&mut self, cx: &mut Context<'_>, take: &mut impl FnMut() -> Option<T>) -> Poll<Result<T, NoPlace>> {
         let mut state = self.queue.lock();
         let id = match self.id {
             Some(id) => id,
+            None if self.max_len.is_some_and(|max| state.waiters.len() >= max as usize) => {
+                return Poll::Ready(Err(NoPlace::Full));
+            }
             None => {
                 let id = state.next_id;
                 state.next_id += 1;
@@ -104,7 +123,7 @@ impl Turn<'_> {
             if let Some(waker) = next {
                 waker.wake();
             }
-            return Poll::Ready(place);
+            return Poll::Ready(Ok(place));
         }
         if let Some((_, waker)) = state.waiters.iter_mut().find(|(w, _)| *w == id) {
             match waker {
@@ -172,11 +191,11 @@ mod tests {
         ) -> tokio::task::JoinHandle<bool> {
             let (places, served) = (Arc::clone(self), Arc::clone(served));
             tokio::spawn(async move {
-                let got = places.queue.wait(tokio::time::Instant::now() + within, || places.take()).await;
-                if got.is_some() {
+                let got = places.queue.wait(tokio::time::Instant::now() + within, None, || places.take()).await;
+                if got.is_ok() {
                     served.lock().unwrap().push(i);
                 }
-                got.is_some()
+                got.is_ok()
             })
         }
     }
@@ -265,6 +284,37 @@ mod tests {
         assert_eq!(*served.lock().unwrap(), [1, 3, 4]);
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_queue_refuses_at_once() {
+        let places = Places::new(0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let places = Arc::clone(&places);
+                tokio::spawn(async move { places.queue.wait(deadline, Some(2), || places.take()).await })
+            })
+            .collect();
+        settle().await;
+        let start = std::time::Instant::now();
+        assert_eq!(places.queue.wait(deadline, Some(2), || places.take()).await, Err(NoPlace::Full));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(places.queue.len(), 2, "the refused call did not join the line");
+        places.give_back();
+        settle().await;
+        // One left the line: room for one more.
+        let third = tokio::spawn({
+            let places = Arc::clone(&places);
+            async move { places.queue.wait(deadline, Some(2), || places.take()).await }
+        });
+        settle().await;
+        assert_eq!(places.queue.len(), 2);
+        places.give_back();
+        places.give_back();
+        for w in waiters.into_iter().chain([third]) {
+            assert_eq!(w.await.unwrap(), Ok(()));
+        }
+    }
+
     #[test]
     fn no_place_given_back_goes_unseen_between_threads() {
         // One place, handed back and forth between two threads' calls that queue for it.
@@ -280,7 +330,7 @@ mod tests {
                             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
                             let fast = places.queue.is_empty().then(|| places.take()).flatten();
                             if fast.is_none() {
-                                places.queue.wait(deadline, || places.take()).await.unwrap();
+                                places.queue.wait(deadline, None, || places.take()).await.unwrap();
                             }
                             served.fetch_add(1, Ordering::SeqCst);
                             tokio::task::yield_now().await;

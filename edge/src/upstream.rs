@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::config::Route;
-use crate::queue::Queue;
+use crate::queue::{NoPlace, Queue};
 
 /// One target's health.
 #[derive(Debug, Default)]
@@ -78,6 +78,8 @@ pub struct Pool {
     /// Calls wait this long for a place instead of being refused at once
     /// (`routes[].queue_timeout_ms`).
     queue_timeout: Option<Duration>,
+    /// The longest line in each queue (`routes[].max_queued`).
+    max_queued: Option<u32>,
     /// Calls waiting for a place of the route's, and for one of any target's; shared with the
     /// pools of earlier and later configs, like the counts.
     route_queue: Arc<Queue>,
@@ -133,6 +135,7 @@ impl Pool {
             target_in_flight: route.upstreams.iter().map(|_| Arc::default()).collect(),
             target_max_in_flight: route.target_max_in_flight.clone(),
             queue_timeout: route.queue_timeout,
+            max_queued: route.max_queued,
             route_queue: Arc::default(),
             target_queue: Arc::default(),
             h2: route.upstream_h2,
@@ -164,21 +167,20 @@ impl Pool {
     }
 
     /// A place among the route's calls in flight, waited for in the route's queue until
-    /// `deadline` (`None` then); see [`Queue`].
-    pub async fn queue_for_route(&self, deadline: tokio::time::Instant) -> Option<Option<InFlight>> {
-        let Some(max) = self.max_in_flight else { return Some(None) };
-        self.route_queue.wait(deadline, || self.route_place(max).ok()).await
+    /// `deadline`; see [`Queue`] (`routes[].max_queued` calls wait at most).
+    pub async fn queue_for_route(&self, deadline: tokio::time::Instant) -> Result<Option<InFlight>, NoPlace> {
+        let Some(max) = self.max_in_flight else { return Ok(None) };
+        self.route_queue.wait(deadline, self.max_queued, || self.route_place(max).ok()).await
     }
 
     /// A first target and its place, when every target in service was at its
-    /// `max_in_flight`: waited for in the targets' queue until `deadline` (`None` then).
-    pub async fn queue_for_target(&self, deadline: tokio::time::Instant) -> Option<(usize, Option<InFlight>)> {
-        self.target_queue
-            .wait(deadline, || match self.choose(&[]) {
-                Pick::Target(i, slot) => Some((i, slot)),
-                Pick::Busy | Pick::Exhausted => None,
-            })
-            .await
+    /// `max_in_flight`: waited for in the targets' queue until `deadline`.
+    pub async fn queue_for_target(&self, deadline: tokio::time::Instant) -> Result<(usize, Option<InFlight>), NoPlace> {
+        let take = || match self.choose(&[]) {
+            Pick::Target(i, slot) => Some((i, slot)),
+            Pick::Busy | Pick::Exhausted => None,
+        };
+        self.target_queue.wait(deadline, self.max_queued, take).await
     }
 
     /// Calls waiting now for a place of the route's, and for one of its targets'.
@@ -1244,13 +1246,13 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(held);
         let (got, waited) = waiter.await.unwrap();
-        assert_eq!(got, Some(true));
+        assert_eq!(got, Ok(true));
         assert!(waited >= Duration::from_millis(90) && waited < Duration::from_secs(2), "{waited:?}");
         // Nobody gives the place back: refused at the deadline, not before.
         let _held = pool.admit().unwrap().unwrap();
         let start = Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
-        assert!(pool.queue_for_route(deadline).await.is_none());
+        assert_eq!(pool.queue_for_route(deadline).await.unwrap_err(), NoPlace::TimedOut);
         assert!(start.elapsed() >= Duration::from_millis(140), "{:?}", start.elapsed());
         // A place given back by the previous config's call wakes this config's waiters.
         let new = Arc::new(Pool::new(&r, Some(&pool)));
@@ -1264,7 +1266,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(new.queued(), (1, 0));
         drop(_held);
-        assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Some(true));
+        assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Ok(true));
         assert_eq!(new.queued(), (0, 0));
     }
 
@@ -1287,7 +1289,7 @@ mod tests {
         assert_eq!(pool.queued(), (1, 0));
         drop(held);
         assert_eq!(pool.admit().unwrap_err(), 1, "a newcomer is refused while a call is queued");
-        assert_eq!(waiter.await.unwrap(), Some(true));
+        assert_eq!(waiter.await.unwrap(), Ok(true));
         assert!(pool.admit().is_ok(), "no call queued: the newcomer's turn");
         // The same for the targets' places (a retry, which has a target already, is not a
         // newcomer).
@@ -1300,7 +1302,7 @@ mod tests {
         assert_eq!(pool.queued(), (0, 1));
         drop(b);
         assert!(matches!(pool.pick(&[]), Pick::Busy));
-        assert_eq!(waiter.await.unwrap(), Some((1, true)));
+        assert_eq!(waiter.await.unwrap(), Ok((1, true)));
         drop(a);
         assert_eq!(pool.pick(&[]).target(), Some(0));
     }

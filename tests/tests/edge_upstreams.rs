@@ -324,7 +324,9 @@ async fn a_queue_makes_calls_wait_for_a_place() {
          [[routes]]\nid = \"short\"\npath_prefix = \"/short\"\nauth = \"none\"\nupstream = \"http://{up}\"\n\
          max_in_flight = 1\nqueue_timeout_ms = 300\n\
          [[routes]]\nid = \"t\"\npath_prefix = \"/t\"\nauth = \"none\"\n\
-         upstreams = [{{ url = \"http://{up}\", max_in_flight = 1 }}]\nqueue_timeout_ms = 5000\n",
+         upstreams = [{{ url = \"http://{up}\", max_in_flight = 1 }}]\nqueue_timeout_ms = 5000\n\
+         [[routes]]\nid = \"full\"\npath_prefix = \"/full\"\nauth = \"none\"\nupstream = \"http://{up}\"\n\
+         max_in_flight = 1\nqueue_timeout_ms = 5000\nmax_queued = 1\n",
         edge_head("edge-queue", &topic)
     );
     let (_edge, addr, admin) = start_edge(dir.path(), "edge", &cfg).await;
@@ -389,6 +391,20 @@ async fn a_queue_makes_calls_wait_for_a_place() {
     assert_eq!(holder.await.unwrap().0, 200);
     assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"timed_out\"}").await, 1);
     assert_eq!(metric(admin, "tollgate_edge_in_flight_refusals_total{limit=\"route\"}").await, 1);
+
+    // `max_queued = 1`: one call in flight, one waiting; the next is refused at once, and the
+    // waiting one is still served.
+    let holder = tokio::spawn(call("/full/hold?delay_ms=800".into()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let waiting = tokio::spawn(call("/full/wait".into()));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (status, body, waited) = call("/full/x".into()).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("queue for a place is full"), "{body}");
+    assert!(waited < Duration::from_millis(400), "not refused at once: {waited:?}");
+    assert_eq!(holder.await.unwrap().0, 200);
+    assert_eq!(waiting.await.unwrap().0, 200);
+    assert_eq!(metric(admin, "tollgate_edge_queued_calls_total{result=\"queue_full\"}").await, 1);
 }
 
 /// `upstreams[].max_in_flight` (nginx's `max_conns`): a target at its limit is passed over for
