@@ -76,6 +76,50 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// What a request header a client could use to make the upstream act on something else than
+/// the edge checked claims to override.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Override {
+    /// Client address, host, port or prefix: only proxies set these (`Forwarded`, RFC 7239;
+    /// `X-Real-IP`; `X-Forwarded-Port`/`-Prefix`).
+    Proxy,
+    /// The path (`X-Original-URL`, `X-Rewrite-URL`: some frameworks serve that path instead of
+    /// the request's, past the edge's routing).
+    Path,
+    /// The method (`X-HTTP-Method-Override` and its variants), past a route's `methods`.
+    Method,
+}
+
+fn override_of(name: &str) -> Option<Override> {
+    match name {
+        "forwarded" | "x-real-ip" | "x-forwarded-port" | "x-forwarded-prefix" => Some(Override::Proxy),
+        "x-original-url" | "x-rewrite-url" => Some(Override::Path),
+        "x-http-method-override" | "x-http-method" | "x-method-override" => Some(Override::Method),
+        _ => None,
+    }
+}
+
+/// Removes the request headers a client could override the edge's checks with: the path ones
+/// always, the proxies' ones unless trusted proxies stand in front (`trusted_hops` > 0; the
+/// edge writes `X-Forwarded-For/-Proto/-Host` itself), the method ones on routes that restrict
+/// methods.
+pub fn remove_overrides(headers: &mut HeaderMap, trusted_hops: usize, methods_restricted: bool) {
+    let removed = |name: &HeaderName| match override_of(name.as_str()) {
+        Some(Override::Path) => true,
+        Some(Override::Proxy) => trusted_hops == 0,
+        Some(Override::Method) => methods_restricted,
+        None => false,
+    };
+    // Most requests have none: one pass over the names, no lookups.
+    if !headers.keys().any(removed) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| removed(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// The request target (origin form: path and query) on `target` (one of the route's
 /// upstreams, whose path is a base path) for the client's request target `original`.
 pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Uri, http::Error> {
@@ -190,6 +234,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
 
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
+    remove_overrides(headers, ctx.runtime.http.trusted_hops, !route.methods.is_empty());
     headers.remove(&CONSUMER_ID);
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
@@ -588,6 +633,42 @@ mod tests {
         assert_eq!(forwarded_for(&h, &peer, 2).unwrap(), "6.6.6.6, 203.0.113.9, 198.51.100.2, 10.0.0.7");
         let v6 = crate::Peer::new("[2001:db8::1]:443".parse().unwrap(), false);
         assert_eq!(forwarded_for(&HeaderMap::new(), &v6, 0).unwrap(), "2001:db8::1");
+    }
+
+    #[test]
+    fn override_headers_are_removed_where_a_client_could_use_them() {
+        let sent = || {
+            let mut h = HeaderMap::new();
+            for (k, v) in [
+                ("forwarded", "for=6.6.6.6;host=admin.internal"),
+                ("x-real-ip", "6.6.6.6"),
+                ("x-forwarded-port", "8443"),
+                ("x-forwarded-prefix", "/admin"),
+                ("x-original-url", "/admin/delete"),
+                ("x-rewrite-url", "/admin/delete"),
+                ("x-http-method-override", "DELETE"),
+                ("x-http-method", "DELETE"),
+                ("x-method-override", "DELETE"),
+                ("x-kept", "yes"),
+            ] {
+                h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+            }
+            h
+        };
+        let left = |trusted_hops, methods_restricted| {
+            let mut h = sent();
+            remove_overrides(&mut h, trusted_hops, methods_restricted);
+            let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            names.sort_unstable();
+            names.join(" ")
+        };
+        assert_eq!(left(0, true), "x-kept");
+        assert_eq!(left(0, false), "x-http-method x-http-method-override x-kept x-method-override");
+        assert_eq!(left(1, true), "forwarded x-forwarded-port x-forwarded-prefix x-kept x-real-ip");
+        let mut plain = HeaderMap::new();
+        plain.insert(HeaderName::from_static("x-kept"), HeaderValue::from_static("yes"));
+        remove_overrides(&mut plain, 0, true);
+        assert_eq!(plain.len(), 1);
     }
 
     #[test]

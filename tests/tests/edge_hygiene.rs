@@ -226,17 +226,31 @@ async fn smuggling_limits_and_header_hygiene() {
     let req = format!(
         "GET /echo/h HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close, x-secret-hop\r\nx-secret-hop: 1\r\n\
          Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nUpgrade: h2c\r\n\
-         X-Forwarded-For: 6.6.6.6\r\nx-kept: yes\r\n\r\n"
+         X-Forwarded-For: 6.6.6.6\r\nx-kept: yes\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
+         X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nX-HTTP-Method-Override: DELETE\r\n\r\n"
     );
     let (status, answer, _) = raw(addr, req.as_bytes()).await;
     assert_eq!(status, Some(200), "{answer}");
     let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
     let echoed: serde_json::Value = serde_json::from_str(body).unwrap();
     let h = echoed["headers"].as_object().unwrap();
-    for gone in ["x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade", "x-api-key"] {
+    // Nor do a client's claims of another address or path (the route has no `methods`: a
+    // method override may pass).
+    for gone in [
+        "x-secret-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+        "x-api-key",
+        "forwarded",
+        "x-real-ip",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
         assert!(!h.contains_key(gone), "{gone} reached the upstream: {h:?}");
     }
-    assert_eq!(h["x-kept"], "yes");
+    assert_eq!((h["x-kept"].as_str(), h["x-http-method-override"].as_str()), (Some("yes"), Some("DELETE")));
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!((h["x-forwarded-host"].as_str(), h["x-forwarded-proto"].as_str()), (Some("x"), Some("http")));
     let request_id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
@@ -742,7 +756,7 @@ async fn paths_are_normalized_before_routing_and_forwarded_as_routed() {
     let (upstream, echo) = start_echo().await;
     let cfg = format!(
         "{}[[routes]]\nid = \"public\"\npath_prefix = \"/status\"\nauth = \"none\"\nupstream = \"http://{upstream}\"\n\
-         [[routes]]\nid = \"api\"\npath_prefix = \"/api\"\nauth = \"none\"\nupstream = \"http://{upstream}\"\n\
+         [[routes]]\nid = \"api\"\npath_prefix = \"/api\"\nauth = \"none\"\nmethods = [\"GET\"]\nupstream = \"http://{upstream}\"\n\
          [[routes]]\nid = \"admin\"\npath = \"/api/admin\"\nupstream = \"http://{upstream}\"\n\
          [[routes]]\nid = \"repos\"\npath_prefix = \"/repos\"\nauth = \"none\"\nallow_encoded_slashes = true\n\
          upstream = \"http://{upstream}\"\n\
@@ -777,6 +791,16 @@ async fn paths_are_normalized_before_routing_and_forwarded_as_routed() {
         let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!((body["path"].as_str(), body["query"].as_str()), (Some(path), Some(query)), "{target}");
     }
+    // A route that restricts methods: a method override does not reach its upstream.
+    let (status, answer, _) =
+        raw(addr, &get("/api/items", "X-HTTP-Method-Override: DELETE\r\nX-Method-Override: DELETE\r\n")).await;
+    assert_eq!(status, Some(200), "{answer}");
+    let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let headers = body["headers"].as_object().unwrap();
+    assert!(
+        !headers.contains_key("x-http-method-override") && !headers.contains_key("x-method-override"),
+        "{headers:?}"
+    );
     // Refused with a 400 naming the problem: an encoded slash where the route does not allow
     // it, a malformed percent-encoding, a raw backslash.
     let refused = [
