@@ -405,14 +405,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
                 if !route.response_headers.is_empty() {
                     route.response_headers.apply(&mut parts.headers);
                 }
-                let body = match in_flight.take() {
-                    Some(slot) => slot.hold(body),
-                    None => body,
-                };
-                let body = match target_slot.take() {
-                    Some(slot) => slot.hold(body),
-                    None => body,
-                };
+                let body = crate::upstream::InFlight::hold_all(body, [in_flight.take(), target_slot.take()]);
                 return Response::from_parts(parts, body);
             }
         }

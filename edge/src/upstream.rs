@@ -406,14 +406,23 @@ impl InFlight {
     /// `body`, holding this place until its last frame (or until it is dropped: the client
     /// went away).
     pub fn hold(self, body: axum::body::Body) -> axum::body::Body {
-        axum::body::Body::new(Holding { body, slot: Some(self) })
+        Self::hold_all(body, [Some(self), None])
+    }
+
+    /// `body`, holding these places (a call's route's and target's) until its last frame, in
+    /// one wrapper; `body` itself when there are none.
+    pub fn hold_all(body: axum::body::Body, slots: [Option<InFlight>; 2]) -> axum::body::Body {
+        if slots.iter().all(Option::is_none) {
+            return body;
+        }
+        axum::body::Body::new(Holding { body, slots })
     }
 }
 
-/// A response body holding its call's place among the calls in flight.
+/// A response body holding its call's places among the calls in flight.
 struct Holding {
     body: axum::body::Body,
-    slot: Option<InFlight>,
+    slots: [Option<InFlight>; 2],
 }
 
 impl http_body::Body for Holding {
@@ -426,7 +435,7 @@ impl http_body::Body for Holding {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
-            self.slot = None;
+            self.slots = [None, None];
         }
         polled
     }
@@ -1268,6 +1277,25 @@ mod tests {
         drop(_held);
         assert_eq!(tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap(), Ok(true));
         assert_eq!(new.queued(), (0, 0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn one_body_holds_the_routes_and_the_targets_place_to_its_end() {
+        use http_body_util::BodyExt;
+        let mut r = route(1, 1, Duration::from_secs(60));
+        r.max_in_flight = Some(1);
+        r.target_max_in_flight = vec![Some(1)];
+        let pool = Pool::new(&r, None);
+        let route_place = pool.admit().unwrap();
+        let Pick::Target(0, target_place) = pool.pick(&[]) else { panic!("the target") };
+        let body = InFlight::hold_all(axum::body::Body::from("answer"), [route_place, target_place]);
+        assert_eq!((pool.in_flight.load(Ordering::SeqCst), pool.target_in_flight[0].load(Ordering::SeqCst)), (1, 1));
+        assert!(pool.admit().is_err() && matches!(pool.pick(&[]), Pick::Busy));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "answer");
+        assert_eq!((pool.in_flight.load(Ordering::SeqCst), pool.target_in_flight[0].load(Ordering::SeqCst)), (0, 0));
+        // No place to hold: the body is not wrapped.
+        let plain = InFlight::hold_all(axum::body::Body::from("x"), [None, None]);
+        assert_eq!(http_body::Body::size_hint(&plain).exact(), Some(1));
     }
 
     #[tokio::test(flavor = "current_thread")]
