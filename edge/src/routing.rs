@@ -37,6 +37,28 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/" || (path.starts_with(prefix) && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
 }
 
+/// `path` as servlet containers (Tomcat, Jetty) read it: each segment's `;parameters` dropped
+/// (`/admin;jsessionid=1` is `/admin` to them, and `/public/..;/admin` is `/admin`), so that
+/// the route matched is the one whose resource such an upstream serves; the request is
+/// forwarded as it came. Paths without `;` (nearly all) are not copied.
+fn without_path_params(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, segment) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(segment.split(';').next().unwrap_or_default());
+    }
+    // A segment that was `..;x` is `..` now: resolved like the others were.
+    match crate::path::normalize(&out) {
+        Ok(n) => std::borrow::Cow::Owned(n.path.into_owned()),
+        Err(_) => std::borrow::Cow::Owned(out),
+    }
+}
+
 /// The request's host: lower case, without port, without the trailing dot of a fully
 /// qualified name (`api.example.com.` is `api.example.com`, as nginx reads it: a route bound
 /// to the host is not passed over for one without).
@@ -67,6 +89,7 @@ impl RouteTable {
     }
 
     pub fn find(&self, host: &str, path: &str, method: &Method) -> Result<Arc<Route>, NoMatch> {
+        let path = &*without_path_params(path);
         let mut allowed = Vec::new();
         for route in &self.routes {
             let path_ok =
@@ -147,6 +170,24 @@ mod tests {
         let find = |path: &str, m: Method| no_root.find("x", path, &m).map(|r| r.id.clone());
         assert_eq!(find("/ro", Method::POST), Err(NoMatch::MethodNotAllowed(vec![Method::GET])));
         assert_eq!(find("/v2", Method::GET), Err(NoMatch::NotFound));
+    }
+
+    #[test]
+    fn path_parameters_do_not_take_a_call_past_its_route() {
+        let t = RouteTable::new(&[
+            route("public", None, "/", &[]),
+            route("admin", None, "/admin", &[]),
+            route("api-admin", None, "=/api/admin", &[]),
+        ]);
+        let id = |path: &str| t.find("x", path, &Method::GET).map(|r| r.id.clone()).unwrap();
+        for path in
+            ["/admin;jsessionid=1", "/admin;x/users", "/public/..;/admin", "/public/..;x=1/admin/users", "/.;/admin"]
+        {
+            assert_eq!(id(path), "admin", "{path}");
+        }
+        assert_eq!(id("/api;v=2/admin"), "api-admin");
+        assert_eq!(id("/adminx;y"), "public");
+        assert_eq!(id("/public/a;b"), "public");
     }
 
     #[test]

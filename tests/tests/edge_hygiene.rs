@@ -771,9 +771,17 @@ async fn paths_are_normalized_before_routing_and_forwarded_as_routed() {
     let before = echo.requests.load(Ordering::SeqCst);
 
     // Dot segments, encoded dots and doubled slashes meet the route the upstream would serve:
-    // the protected one, which wants a key.
-    for target in ["/status/../echo/x", "/status/%2e%2e/echo/x", "/status/./%2E./echo/x", "/api//admin", "/api/./admin"]
-    {
+    // the protected one, which wants a key. So do servlet-style path parameters (`..;` is `..`
+    // to Tomcat).
+    for target in [
+        "/status/../echo/x",
+        "/status/%2e%2e/echo/x",
+        "/status/./%2E./echo/x",
+        "/api//admin",
+        "/api/./admin",
+        "/status/..;/echo/x",
+        "/api;v=1/admin",
+    ] {
         let (status, answer, _) = raw(addr, &get(target, "")).await;
         assert_eq!(status, Some(401), "{target}: {answer}");
     }
