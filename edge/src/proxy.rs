@@ -58,9 +58,13 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 /// Removes hop-by-hop headers and the headers named in `Connection`.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages have none: one pass over the names, no lookups.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        remove_hop_by_hop_found(headers);
     }
+}
+
+/// [`remove_hop_by_hop`] once a pass found some.
+fn remove_hop_by_hop_found(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -91,6 +95,12 @@ enum Override {
 }
 
 fn override_of(name: &str) -> Option<Override> {
+    // Refused cheaply first (this runs for every request header): each name below starts with
+    // `x` or `f` and has one of these lengths.
+    let b = name.as_bytes();
+    if !matches!(b.first(), Some(b'x' | b'f')) || !matches!(b.len(), 9 | 13 | 14 | 16 | 17 | 18 | 22) {
+        return None;
+    }
     match name {
         "forwarded" | "x-real-ip" | "x-forwarded-port" | "x-forwarded-prefix" => Some(Override::Proxy),
         "x-original-url" | "x-rewrite-url" => Some(Override::Path),
@@ -99,24 +109,31 @@ fn override_of(name: &str) -> Option<Override> {
     }
 }
 
-/// Removes the request headers a client could override the edge's checks with: the path ones
-/// always, the proxies' ones unless trusted proxies stand in front (`trusted_hops` > 0; the
-/// edge writes `X-Forwarded-For/-Proto/-Host` itself), the method ones on routes that restrict
-/// methods.
-pub fn remove_overrides(headers: &mut HeaderMap, trusted_hops: usize, methods_restricted: bool) {
+/// Removes from a request the hop-by-hop headers ([`remove_hop_by_hop`]) and those a client
+/// could override the edge's checks with: the path ones always, the proxies' ones unless
+/// trusted proxies stand in front (`trusted_hops` > 0; the edge writes
+/// `X-Forwarded-For/-Proto/-Host` itself), the method ones on routes that restrict methods.
+pub fn scrub_request(headers: &mut HeaderMap, trusted_hops: usize, methods_restricted: bool) {
     let removed = |name: &HeaderName| match override_of(name.as_str()) {
         Some(Override::Path) => true,
         Some(Override::Proxy) => trusted_hops == 0,
         Some(Override::Method) => methods_restricted,
         None => false,
     };
-    // Most requests have none: one pass over the names, no lookups.
-    if !headers.keys().any(removed) {
-        return;
+    // Most requests have none of either: one pass over the names, no lookups.
+    let (mut hop_by_hop, mut overrides) = (false, false);
+    for name in headers.keys() {
+        hop_by_hop |= HOP_BY_HOP.contains(name);
+        overrides |= removed(name);
     }
-    let names: Vec<HeaderName> = headers.keys().filter(|n| removed(n)).cloned().collect();
-    for name in names {
-        headers.remove(name);
+    if hop_by_hop {
+        remove_hop_by_hop_found(headers);
+    }
+    if overrides {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| removed(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
 }
 
@@ -233,8 +250,7 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     ));
 
     let headers = &mut parts.headers;
-    remove_hop_by_hop(headers);
-    remove_overrides(headers, ctx.runtime.http.trusted_hops, !route.methods.is_empty());
+    scrub_request(headers, ctx.runtime.http.trusted_hops, !route.methods.is_empty());
     headers.remove(&CONSUMER_ID);
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
@@ -650,7 +666,7 @@ mod tests {
         };
         let left = |trusted_hops, methods_restricted| {
             let mut h = sent();
-            remove_overrides(&mut h, trusted_hops, methods_restricted);
+            scrub_request(&mut h, trusted_hops, methods_restricted);
             let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
             names.sort_unstable();
             names.join(" ")
@@ -660,7 +676,7 @@ mod tests {
         assert_eq!(left(1, true), "forwarded x-forwarded-port x-forwarded-prefix x-kept x-real-ip");
         let mut plain = HeaderMap::new();
         plain.insert(HeaderName::from_static("x-kept"), HeaderValue::from_static("yes"));
-        remove_overrides(&mut plain, 0, true);
+        scrub_request(&mut plain, 0, true);
         assert_eq!(plain.len(), 1);
     }
 
