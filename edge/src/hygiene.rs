@@ -82,6 +82,11 @@ pub fn check<B>(limits: &HttpSettings, req: &http::Request<B>) -> Option<Respons
     if let Some(reason) = host_error(req.version(), req.headers()) {
         return Some(Problem::bad_request(reason).into_response());
     }
+    // The request target's own host (HTTP/2 `:authority`, an absolute-form target), which is
+    // routed by: the same rule, so no user info (RFC 9110 §4.2.4: an error).
+    if req.uri().authority().is_some_and(|a| !valid_host(a.as_str().as_bytes())) {
+        return Some(Problem::bad_request("the request target's host is not a valid host[:port]").into_response());
+    }
     None
 }
 

@@ -212,13 +212,8 @@ impl Pool {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
-    /// The next target in (weighted) round-robin order that is in service (or due a probe)
-    /// and below its `max_in_flight`, skipping `tried` and targets of weight 0, with its place
-    /// among the target's calls in flight; when none is, another target by index (every
-    /// target ejected: one is tried anyway). [`Pick::Busy`] when a target in service was passed
-    /// over only for its limit, [`Pick::Exhausted`] when every target was tried.
-    /// A first pick ([`Pick::Busy`] while calls are queued for a target: a newcomer goes behind
-    /// them).
+    /// `choose` (below), except that a call's first pick is [`Pick::Busy`] while calls are
+    /// queued for a target (a newcomer goes behind them).
     pub fn pick(&self, tried: &[usize]) -> Pick {
         if tried.is_empty() && self.queue_timeout.is_some() && !self.target_queue.is_empty() {
             return Pick::Busy;
@@ -226,6 +221,11 @@ impl Pool {
         self.choose(tried)
     }
 
+    /// The next target in (weighted) round-robin order that is in service (or due a probe)
+    /// and below its `max_in_flight`, skipping `tried` and targets of weight 0, with its place
+    /// among the target's calls in flight; when none is, another target by index (every
+    /// target ejected: one is tried anyway). [`Pick::Busy`] when a target in service was passed
+    /// over only for its limit, [`Pick::Exhausted`] when every target was tried.
     fn choose(&self, tried: &[usize]) -> Pick {
         let n = self.targets.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);

@@ -840,6 +840,12 @@ async fn paths_are_normalized_before_routing_and_forwarded_as_routed() {
     )
     .await;
     assert_eq!(absolute.0, Some(401), "{}", absolute.1);
+    let user_info = raw(
+        addr,
+        b"GET http://evil@internal.example/status/x HTTP/1.1\r\nHost: internal.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(user_info.0, Some(400), "{}", user_info.1);
     // A fully qualified name's trailing dot does not pass the host's route over.
     let fqdn = raw(addr, b"GET /status/x HTTP/1.1\r\nHost: Internal.Example.:80\r\nConnection: close\r\n\r\n").await;
     assert_eq!(fqdn.0, Some(401), "{}", fqdn.1);
