@@ -86,7 +86,8 @@ pub fn normalize(path: &str) -> Result<Normalized<'_>, BadPath> {
 pub fn normalize_request<B>(req: &mut http::Request<B>) -> Result<bool, BadPath> {
     let Normalized { path, encoded_slash } = normalize(req.uri().path())?;
     let Cow::Owned(path) = path else { return Ok(encoded_slash) };
-    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    // Built beside the request's URI, which stays as it came if this fails (and is metered so).
+    let mut parts = req.uri().clone().into_parts();
     let query = parts.path_and_query.as_ref().and_then(|pq| pq.query());
     let pq = match query {
         Some(q) => format!("{path}?{q}"),

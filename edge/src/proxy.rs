@@ -80,8 +80,8 @@ fn remove_hop_by_hop_found(headers: &mut HeaderMap) {
     }
 }
 
-/// What a request header a client could use to make the upstream act on something else than
-/// the edge checked claims to override.
+/// What a request header claims to override: a client could use it to make the upstream act on
+/// something other than what the edge checked.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Override {
     /// Client address, host, port or prefix: only proxies set these (`Forwarded`, RFC 7239;
@@ -511,8 +511,10 @@ fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue
 #[derive(Debug, Clone)]
 pub struct TunnelDone(Arc<std::sync::Mutex<Option<TunnelBytes>>>);
 
-/// Receives (client → upstream, upstream → client) bytes when a tunnel closes.
-pub type TunnelBytes = tokio::sync::oneshot::Receiver<(u64, u64)>;
+/// Receives (client → upstream, upstream → client) bytes and the moment the tunnel closed
+/// (taken by the tunnel's task as it closes, not when metering gets to it: the call's latency
+/// ends there).
+pub type TunnelBytes = tokio::sync::oneshot::Receiver<(u64, u64, std::time::Instant)>;
 
 impl TunnelDone {
     pub fn take(&self) -> Option<TunnelBytes> {
@@ -543,7 +545,7 @@ fn tunnel(gw: &Arc<Gateway>, client_side: hyper::upgrade::OnUpgrade, upstream: &
             counts = (counted.read, counted.written);
         }
         // Metering emits the call's event, then takes the tunnel off `tunnels_open`.
-        let _ = done_tx.send(counts);
+        let _ = done_tx.send((counts.0, counts.1, std::time::Instant::now()));
     });
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

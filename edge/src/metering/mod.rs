@@ -288,7 +288,21 @@ impl Call {
         extra_request_bytes: u64,
         grpc_status: Option<u16>,
     ) {
-        let latency_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.complete_at(Instant::now(), status, outcome, response_bytes, extra_request_bytes, grpc_status);
+    }
+
+    /// [`Call::complete`] for a call that ended at `end` (a tunnel, whose end metering learns
+    /// of a little later).
+    fn complete_at(
+        &self,
+        end: Instant,
+        status: u16,
+        outcome: Outcome,
+        response_bytes: u64,
+        extra_request_bytes: u64,
+        grpc_status: Option<u16>,
+    ) {
+        let latency_us = u64::try_from(end.saturating_duration_since(self.start).as_micros()).unwrap_or(u64::MAX);
         let route = self.route.get();
         let route_id = route.map(|r| r.id.as_str());
         self.gw.metrics.record_call(route_id, status, latency_us);
@@ -348,8 +362,8 @@ impl Call {
         // An upgraded connection (WebSocket) is one call lasting until the tunnel closes.
         if let Some(done) = resp.extensions_mut().remove::<crate::proxy::TunnelDone>().and_then(|t| t.take()) {
             tokio::spawn(async move {
-                let (up, down) = done.await.unwrap_or((0, 0));
-                self.complete(status, outcome, down, up, None);
+                let (up, down, closed) = done.await.unwrap_or((0, 0, Instant::now()));
+                self.complete_at(closed, status, outcome, down, up, None);
                 self.gw.metrics.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             });
             return resp;
