@@ -147,9 +147,10 @@ pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Ur
         return Ok(original.clone());
     }
     let (path, query) = (original.path(), original.query());
+    let stripped;
     let path = if strip {
-        let rest = path.strip_prefix(route.path_prefix.as_str()).unwrap_or(path);
-        if rest.is_empty() { "/" } else { rest }
+        stripped = without_prefix(&route.path_prefix, path);
+        if stripped.is_empty() { "/" } else { &stripped }
     } else {
         path
     };
@@ -161,6 +162,30 @@ pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Ur
         pq.push_str(q);
     }
     Ok(Uri::from_maybe_shared(bytes::Bytes::from(pq))?)
+}
+
+/// `path` without the route's `prefix`, the segments the route matched (`prefix` has no
+/// trailing `/`). A segment's `;parameters` did not stop it from matching
+/// (`crate::routing`), so they go with it: `/admin;jsessionid=1/users` on `/admin` is `/users`,
+/// the parameters of later segments are kept. A path that took the route only once
+/// parameters and the dot segments they hid were resolved (`/public/..;/admin/users`) is
+/// forwarded in that resolved form, stripped (`/users`).
+fn without_prefix<'a>(prefix: &str, path: &'a str) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    let mut rest = path;
+    for wanted in prefix.split('/').skip(1) {
+        let Some(r) = rest.strip_prefix('/') else { break };
+        let (segment, tail) = r.split_at(r.find('/').unwrap_or(r.len()));
+        if segment.split(';').next() != Some(wanted) {
+            let routed = crate::routing::without_path_params(path);
+            return match routed.strip_prefix(prefix) {
+                Some(r) if r.is_empty() || r.starts_with('/') => Cow::Owned(r.to_owned()),
+                _ => Cow::Borrowed(path),
+            };
+        }
+        rest = tail;
+    }
+    Cow::Borrowed(rest)
 }
 
 /// `target`'s scheme and authority with `origin_form`'s path and query (the request target
@@ -629,6 +654,24 @@ mod tests {
         assert_eq!(upstream_target(&r, t, &uri("/echo/a?x=1&y")).unwrap(), "/base/a?x=1&y");
         let r = route("/echo", "http://127.0.0.1:8081/v2", false);
         assert_eq!(upstream_target(&r, &r.upstreams[0], &uri("/echo/a?x")).unwrap(), "/v2/echo/a?x");
+    }
+
+    #[test]
+    fn a_stripped_prefix_takes_the_parameters_of_its_segments_with_it() {
+        let r = route("/api/admin", "http://127.0.0.1:8081/base", true);
+        let t = &r.upstreams[0];
+        let uri = |s: &'static str| Uri::from_static(s);
+        for (sent, forwarded) in [
+            ("/api/admin/users", "/base/users"),
+            ("/api/admin", "/base/"),
+            ("/api/admin;jsessionid=1/users", "/base/users"),
+            ("/api;v=2/admin;x/users;y?q=1", "/base/users;y?q=1"),
+            ("/api/admin;x", "/base/"),
+            // Matched only once `..;` was read as `..`: the resolved path, stripped.
+            ("/api/public/..;/admin/users", "/base/users"),
+        ] {
+            assert_eq!(upstream_target(&r, t, &uri(sent)).unwrap(), forwarded, "{sent}");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// (`/admin;jsessionid=1` is `/admin` to them, and `/public/..;/admin` is `/admin`), so that
 /// the route matched is the one whose resource such an upstream serves; the request is
 /// forwarded as it came. Paths without `;` (nearly all) are not copied.
-fn without_path_params(path: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn without_path_params(path: &str) -> std::borrow::Cow<'_, str> {
     if !path.contains(';') {
         return std::borrow::Cow::Borrowed(path);
     }
