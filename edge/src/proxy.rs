@@ -518,6 +518,13 @@ fn request_timeout(detail: String, version: Version) -> Response {
 }
 
 /// The protocol a request asks to upgrade to (`Connection: upgrade` + `Upgrade`, HTTP/1.1).
+///
+/// Never `h2c`: the request is served as HTTP/1.1 instead (a server may ignore an upgrade,
+/// RFC 9110 §7.8; RFC 9113 dropped this one). Passed on, an upstream that speaks h2c would
+/// answer 101 and the client would have an HTTP/2 connection to it through the tunnel,
+/// sending any number of requests the edge never routes, authenticates, limits or meters
+/// ("h2c smuggling"). Clients that offer it by default (Java's `HttpClient` on `http://`,
+/// `curl --http2`) carry on over HTTP/1.1.
 fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
     if version != Version::HTTP_11 {
         return None;
@@ -528,7 +535,17 @@ fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(http::header::UPGRADE).cloned()).flatten()
+    if !asks {
+        return None;
+    }
+    let offered = headers.get(http::header::UPGRADE)?;
+    let text = offered.to_str().ok()?;
+    let is_h2c = |p: &str| p.trim().split('/').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("h2c"));
+    if !text.split(',').any(is_h2c) {
+        return Some(offered.clone());
+    }
+    let rest: Vec<&str> = text.split(',').filter(|p| !is_h2c(p) && !p.trim().is_empty()).map(str::trim).collect();
+    if rest.is_empty() { None } else { HeaderValue::from_str(&rest.join(", ")).ok() }
 }
 
 /// The bytes a finished tunnel carried, for metering: (client → upstream, upstream → client).
@@ -723,6 +740,26 @@ mod tests {
         plain.insert(HeaderName::from_static("x-kept"), HeaderValue::from_static("yes"));
         scrub_request(&mut plain, 0, true);
         assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn an_upgrade_to_h2c_is_never_passed_on() {
+        let asked = |connection: &'static str, upgrade: &'static str, version| {
+            let mut h = HeaderMap::new();
+            h.insert(CONNECTION, HeaderValue::from_static(connection));
+            h.insert(http::header::UPGRADE, HeaderValue::from_static(upgrade));
+            upgrade_protocol(&h, version)
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(asked("Upgrade", "websocket", v11).unwrap(), "websocket");
+        assert_eq!(asked("keep-alive, Upgrade", "websocket", v11).unwrap(), "websocket");
+        assert_eq!(asked("Upgrade, HTTP2-Settings", "h2c", v11), None);
+        assert_eq!(asked("Upgrade, HTTP2-Settings", "H2C", v11), None);
+        assert_eq!(asked("Upgrade", "h2c, websocket", v11).unwrap(), "websocket");
+        assert_eq!(asked("Upgrade", "websocket,h2c/1", v11).unwrap(), "websocket");
+        // Not asked for (no `Connection: upgrade`), or not HTTP/1.1.
+        assert_eq!(asked("keep-alive", "websocket", v11), None);
+        assert_eq!(asked("Upgrade", "websocket", Version::HTTP_10), None);
     }
 
     #[test]

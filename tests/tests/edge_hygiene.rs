@@ -255,6 +255,23 @@ async fn smuggling_limits_and_header_hygiene() {
     assert_eq!((h["x-forwarded-host"].as_str(), h["x-forwarded-proto"].as_str()), (Some("x"), Some("http")));
     let request_id = answer.lines().find_map(|l| l.strip_prefix("x-request-id: ")).unwrap().trim().to_owned();
 
+    // An upgrade to h2c (Java's HttpClient and `curl --http2` offer it on http://) is served as
+    // HTTP/1.1 and never offered to the upstream: one that speaks h2c would switch, and the
+    // client would send requests the edge never sees through the tunnel ("h2c smuggling").
+    // The echo upstream answers any upgrade it gets with 400.
+    let h2c = format!(
+        "GET /echo/h2c HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n\
+         GET /echo/after HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close\r\n\r\n"
+    );
+    let (status, answer, _) = raw(addr, h2c.as_bytes()).await;
+    assert_eq!(status, Some(200), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 2, "{answer}");
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(!answer.to_ascii_lowercase().contains(&format!("\"{gone}\"")), "{gone} reached the upstream: {answer}");
+    }
+    assert!(answer.contains("/echo/after"), "{answer}");
+
     let events = read_events(&topic, |e| e.iter().any(|e| e.event_id.to_string() == request_id)).await;
     let event = events.iter().find(|e| e.event_id.to_string() == request_id).unwrap();
     assert_eq!(event.client_ip, "127.0.0.1");
