@@ -144,6 +144,8 @@ pub enum JwtError {
     BadClaim(String),
     #[error("token has no consumer claim `{0}` (a non-empty string)")]
     NoConsumer(String),
+    #[error("token header lists critical extensions (crit), none of which the edge supports")]
+    CriticalExtension,
 }
 
 impl From<jsonwebtoken::errors::Error> for JwtError {
@@ -481,6 +483,13 @@ impl Verifier {
             return Ok(v);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        // RFC 7515 §4.1.11: a token whose `crit` names an extension the recipient does not
+        // understand is invalid (one with `"b64": false`, RFC 7797, signs the payload
+        // unencoded: read as usual, its signature means something else). jsonwebtoken
+        // parses `crit` but leaves it to the caller.
+        if header.crit.is_some() {
+            return Err(JwtError::CriticalExtension);
+        }
         #[derive(serde::Deserialize)]
         struct Iss {
             iss: Option<serde_json::Value>,
@@ -777,6 +786,12 @@ mod tests {
                 JwtError::NoConsumer("sub".into()),
             ),
             ("not a JWT", "a.b.c".into(), JwtError::Malformed),
+            ("critical extension", {
+                let mut h = Header::new(Algorithm::ES256);
+                h.kid = Some("es".into());
+                h.crit = Some(vec!["exp".into()]);
+                encode(&h, &claims(), &EncodingKey::from_ec_pem(&testdata("es256.key.pem")).unwrap()).unwrap()
+            }, JwtError::CriticalExtension),
         ];
         for (name, token, want) in table {
             let got = v.verify(&token, &client).await;
