@@ -432,10 +432,23 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
             Ok(Ok(mut upstream)) => {
                 pool.success(target);
                 ctx.call.upstream_latency_us.store(upstream_latency_us, Ordering::Relaxed);
-                if upstream.status() == http::StatusCode::SWITCHING_PROTOCOLS
-                    && let Some((_, client_side)) = upgrade
-                {
-                    return tunnel(gw, client_side, &mut upstream);
+                if upstream.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                    // Spliced only when the upstream switched to a protocol the client asked
+                    // for (RFC 9110 §15.2.2: a 101 names it in `Upgrade`). Anything else, such
+                    // as an endpoint that answers with any status it is given, would leave the
+                    // client a raw connection to the upstream past the edge.
+                    return match upgrade {
+                        Some((asked, client_side)) if switched_as_asked(&asked, upstream.headers()) => {
+                            tunnel(gw, client_side, &mut upstream)
+                        }
+                        _ => {
+                            tracing::warn!(
+                                route = %route.id,
+                                "upstream answered 101 without switching to a protocol the client asked for; answered 502"
+                            );
+                            Problem::upstream_unreachable().into_response()
+                        }
+                    };
                 }
                 let (mut parts, body) = upstream.into_parts();
                 // An HTTP/2 target's answer goes to an HTTP/1 client as HTTP/1.1.
@@ -546,6 +559,21 @@ fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue
     }
     let rest: Vec<&str> = text.split(',').filter(|p| !is_h2c(p) && !p.trim().is_empty()).map(str::trim).collect();
     if rest.is_empty() { None } else { HeaderValue::from_str(&rest.join(", ")).ok() }
+}
+
+/// Whether a 101's `Upgrade` (`headers`) names one of the protocols the client `asked` for
+/// (by name; a version, `/13`, is not compared).
+fn switched_as_asked(asked: &HeaderValue, headers: &HeaderMap) -> bool {
+    let names = |v: &'_ HeaderValue| -> Vec<String> {
+        v.to_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|p| p.split('/').next().map(|n| n.trim().to_ascii_lowercase()))
+            .filter(|n| !n.is_empty())
+            .collect()
+    };
+    let asked = names(asked);
+    headers.get_all(http::header::UPGRADE).iter().flat_map(names).any(|n| asked.contains(&n))
 }
 
 /// The bytes a finished tunnel carried, for metering: (client → upstream, upstream → client).
@@ -740,6 +768,24 @@ mod tests {
         plain.insert(HeaderName::from_static("x-kept"), HeaderValue::from_static("yes"));
         scrub_request(&mut plain, 0, true);
         assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn a_switch_is_spliced_only_to_a_protocol_the_client_asked_for() {
+        let switched = |asked: &'static str, answered: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(a) = answered {
+                h.insert(http::header::UPGRADE, HeaderValue::from_static(a));
+            }
+            switched_as_asked(&HeaderValue::from_static(asked), &h)
+        };
+        assert!(switched("websocket", Some("websocket")));
+        assert!(switched("websocket", Some("WebSocket")));
+        assert!(switched("foo/2, websocket", Some("websocket")));
+        assert!(switched("websocket/13", Some("websocket")));
+        assert!(!switched("websocket", None));
+        assert!(!switched("websocket", Some("h2c")));
+        assert!(!switched("websocket", Some("")));
     }
 
     #[test]

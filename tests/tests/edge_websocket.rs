@@ -101,3 +101,84 @@ async fn websocket_is_spliced_and_metered_as_one_call() {
     assert!(e.latency_us >= 300_000 && e.latency_us <= held.as_micros() as u64, "{} µs", e.latency_us);
     assert_eq!(events.iter().filter(|e| e.status == 401).count(), 1);
 }
+
+/// An upstream that answers every request with a 101 of its own making: on `/ws/bare` without
+/// `Upgrade`, on `/ws/other` naming h2c, on anything else without being asked to switch. It
+/// records every byte it receives, on every connection.
+async fn switching_upstream() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = std::sync::Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut answered = false;
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    head.extend_from_slice(&buf[..n]);
+                    if answered || !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    answered = true;
+                    let text = String::from_utf8_lossy(&head);
+                    let upgrade = if text.starts_with("GET /ws/other ") { "Upgrade: h2c\r\n" } else { "" };
+                    let answer = format!("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n{upgrade}\r\n");
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_that_does_not_switch_as_asked_is_a_502_and_never_a_tunnel() {
+    let dir = TempDir::new("e2e_edge_ws_101");
+    let topic = unique("edge_ws_101");
+    create_topic(&topic, 1).await;
+    let (upstream, received) = switching_upstream().await;
+    let (mut edge, addr, _admin) = start_edge(dir.path(), "edge", &config(&topic, upstream)).await;
+
+    // A 101 naming no protocol, or another one than the client asked for: 502, and what the
+    // client sends next on its connection is a new request to the edge (here one without a
+    // route: 404), never bytes to the upstream.
+    for path in ["/ws/bare", "/ws/other"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nx-api-key: key-acme\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer)).await.unwrap().unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 502"), "{path}: {answer}");
+        assert!(answer.contains("application/problem+json"), "{path}: {answer}");
+        s.write_all(b"GET /internal/smuggled HTTP/1.1\r\nHost: edge.test\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        let rest = String::from_utf8_lossy(&rest).to_ascii_lowercase();
+        assert!(rest.is_empty() || rest.starts_with("http/1.1 404"), "{path}: {rest}");
+    }
+    // A 101 to a request that asked for no upgrade: 502 as well.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws/plain HTTP/1.1\r\nHost: edge.test\r\nx-api-key: key-acme\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 502"), "{answer}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+    assert_eq!(seen.matches(" HTTP/1.1\r\n").count(), 3, "{seen}");
+    assert!(!seen.contains("smuggled"), "{seen}");
+    assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
+}
