@@ -109,16 +109,39 @@ fn override_of(name: &str) -> Option<Override> {
     }
 }
 
+/// Headers the edge writes on every forwarded request, or takes a credential from.
+const WRITTEN: [&str; 6] =
+    ["x-consumer-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "x-api-key"];
+
+/// Whether `name`, which has an underscore, is one of the headers the edge writes or guards
+/// once its underscores are read as dashes. CGI, WSGI, PHP and Rack hand headers to the
+/// application as `HTTP_X_CONSUMER_ID` for both `x-consumer-id` and `x-consumer_id`, so such
+/// a twin would stand beside (or for) the edge's own value (nginx drops every header with an
+/// underscore for this reason; only the twins are dropped here). `written`: the names this
+/// request's claims and route set too, by name.
+fn underscore_twin(name: &str, written: &dyn Fn(&str) -> bool) -> bool {
+    let dashed = name.replace('_', "-");
+    WRITTEN.contains(&dashed.as_str()) || override_of(&dashed).is_some() || written(&dashed)
+}
+
 /// Removes from a request the hop-by-hop headers ([`remove_hop_by_hop`]) and those a client
 /// could override the edge's checks with: the path ones always, the proxies' ones unless
 /// trusted proxies stand in front (`trusted_hops` > 0; the edge writes
-/// `X-Forwarded-For/-Proto/-Host` itself), the method ones on routes that restrict methods.
-pub fn scrub_request(headers: &mut HeaderMap, trusted_hops: usize, methods_restricted: bool) {
+/// `X-Forwarded-For/-Proto/-Host` itself), the method ones on routes that restrict methods,
+/// and the underscore twins of all these and of the headers the edge writes
+/// ([`underscore_twin`]; `written`: whether a name is one of the request's claim headers or
+/// its route's `set`).
+pub fn scrub_request(
+    headers: &mut HeaderMap,
+    trusted_hops: usize,
+    methods_restricted: bool,
+    written: &dyn Fn(&str) -> bool,
+) {
     let removed = |name: &HeaderName| match override_of(name.as_str()) {
         Some(Override::Path) => true,
         Some(Override::Proxy) => trusted_hops == 0,
         Some(Override::Method) => methods_restricted,
-        None => false,
+        None => name.as_str().contains('_') && underscore_twin(name.as_str(), written),
     };
     // Most requests have none of either: one pass over the names, no lookups.
     let (mut hop_by_hop, mut overrides) = (false, false);
@@ -275,7 +298,11 @@ pub async fn forward(gw: &Arc<Gateway>, ctx: &Forward<'_>, req: http::Request<In
     ));
 
     let headers = &mut parts.headers;
-    scrub_request(headers, ctx.runtime.http.trusted_hops, !route.methods.is_empty());
+    let written = |dashed: &str| {
+        ctx.runtime.claim_headers.iter().any(|n| n.as_str() == dashed)
+            || route.request_headers.set.iter().any(|(n, _)| n.as_str() == dashed)
+    };
+    scrub_request(headers, ctx.runtime.http.trusted_hops, !route.methods.is_empty(), &written);
     headers.remove(&CONSUMER_ID);
     if let Some(c) = ctx.identity.and_then(|i| HeaderValue::from_str(&i.consumer_id).ok()) {
         headers.insert(&CONSUMER_ID, c);
@@ -749,24 +776,35 @@ mod tests {
                 ("x-http-method", "DELETE"),
                 ("x-method-override", "DELETE"),
                 ("x-kept", "yes"),
+                // Underscore twins (one header to CGI/WSGI/Rack applications): of the edge's
+                // own headers, of overrides, of a claim header; and a plain underscore name.
+                ("x-consumer_id", "admin"),
+                ("x_forwarded_for", "6.6.6.6"),
+                ("x-forwarded_host", "admin.internal"),
+                ("x_api_key", "stolen"),
+                ("x_original_url", "/admin"),
+                ("x_forwarded_port", "8443"),
+                ("x-user_email", "ceo@example.com"),
+                ("x_kept_too", "yes"),
             ] {
                 h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
             }
             h
         };
+        let claim = |dashed: &str| dashed == "x-user-email";
         let left = |trusted_hops, methods_restricted| {
             let mut h = sent();
-            scrub_request(&mut h, trusted_hops, methods_restricted);
+            scrub_request(&mut h, trusted_hops, methods_restricted, &claim);
             let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
             names.sort_unstable();
             names.join(" ")
         };
-        assert_eq!(left(0, true), "x-kept");
-        assert_eq!(left(0, false), "x-http-method x-http-method-override x-kept x-method-override");
-        assert_eq!(left(1, true), "forwarded x-forwarded-port x-forwarded-prefix x-kept x-real-ip");
+        assert_eq!(left(0, true), "x-kept x_kept_too");
+        assert_eq!(left(0, false), "x-http-method x-http-method-override x-kept x-method-override x_kept_too");
+        assert_eq!(left(1, true), "forwarded x-forwarded-port x-forwarded-prefix x-kept x-real-ip x_kept_too");
         let mut plain = HeaderMap::new();
         plain.insert(HeaderName::from_static("x-kept"), HeaderValue::from_static("yes"));
-        scrub_request(&mut plain, 0, true);
+        scrub_request(&mut plain, 0, true, &|_| false);
         assert_eq!(plain.len(), 1);
     }
 

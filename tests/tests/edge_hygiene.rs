@@ -227,7 +227,8 @@ async fn smuggling_limits_and_header_hygiene() {
         "GET /echo/h HTTP/1.1\r\nHost: x\r\nx-api-key: {KEY}\r\nConnection: close, x-secret-hop\r\nx-secret-hop: 1\r\n\
          Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nUpgrade: h2c\r\n\
          X-Forwarded-For: 6.6.6.6\r\nx-kept: yes\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
-         X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nX-HTTP-Method-Override: DELETE\r\n\r\n"
+         X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\nX-HTTP-Method-Override: DELETE\r\n\
+         X-Consumer_Id: admin\r\nX_Forwarded_For: 6.6.6.6\r\nx_kept: yes\r\n\r\n"
     );
     let (status, answer, _) = raw(addr, req.as_bytes()).await;
     assert_eq!(status, Some(200), "{answer}");
@@ -247,9 +248,13 @@ async fn smuggling_limits_and_header_hygiene() {
         "x-real-ip",
         "x-original-url",
         "x-rewrite-url",
+        // Underscore twins of the edge's own headers (one header to CGI/WSGI/Rack apps).
+        "x-consumer_id",
+        "x_forwarded_for",
     ] {
         assert!(!h.contains_key(gone), "{gone} reached the upstream: {h:?}");
     }
+    assert_eq!((h["x_kept"].as_str(), h["x-consumer-id"].as_str()), (Some("yes"), Some("acme")));
     assert_eq!((h["x-kept"].as_str(), h["x-http-method-override"].as_str()), (Some("yes"), Some("DELETE")));
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!((h["x-forwarded-host"].as_str(), h["x-forwarded-proto"].as_str()), (Some("x"), Some("http")));
