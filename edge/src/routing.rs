@@ -33,6 +33,21 @@ pub enum NoMatch {
     MethodNotAllowed(Vec<Method>),
 }
 
+/// What a route without `methods` takes: every method but `TRACE`, which only a route listing
+/// it does. (A TRACE answer echoes the request as the upstream got it, with the headers the
+/// edge added; nginx refuses it too. `CONNECT` is refused before routing.)
+const ANY_BUT_TRACE: [Method; 7] =
+    [Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS];
+
+/// Adds to `allowed` those of `methods` it does not have yet.
+fn add_methods(allowed: &mut Vec<Method>, methods: &[Method]) {
+    for m in methods {
+        if !allowed.contains(m) {
+            allowed.push(m.clone());
+        }
+    }
+}
+
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     prefix == "/" || (path.starts_with(prefix) && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
 }
@@ -97,10 +112,17 @@ impl RouteTable {
             if route.host.as_deref().is_some_and(|h| h != host) || !path_ok {
                 continue;
             }
-            if route.methods.is_empty() || route.methods.contains(method) {
+            if route.methods.is_empty() {
+                if *method != Method::TRACE {
+                    return Ok(Arc::clone(route));
+                }
+                add_methods(&mut allowed, &ANY_BUT_TRACE);
+                continue;
+            }
+            if route.methods.contains(method) {
                 return Ok(Arc::clone(route));
             }
-            allowed.extend(route.methods.iter().cloned());
+            add_methods(&mut allowed, &route.methods);
         }
         if allowed.is_empty() { Err(NoMatch::NotFound) } else { Err(NoMatch::MethodNotAllowed(allowed)) }
     }
@@ -170,6 +192,23 @@ mod tests {
         let find = |path: &str, m: Method| no_root.find("x", path, &m).map(|r| r.id.clone());
         assert_eq!(find("/ro", Method::POST), Err(NoMatch::MethodNotAllowed(vec![Method::GET])));
         assert_eq!(find("/v2", Method::GET), Err(NoMatch::NotFound));
+    }
+
+    #[test]
+    fn trace_takes_only_a_route_that_lists_it() {
+        let t = RouteTable::new(&[
+            route("any", None, "/", &[]),
+            route("get-only", None, "/ro", &[Method::GET]),
+            route("traced", None, "/debug", &[Method::GET, Method::TRACE]),
+        ]);
+        let find = |path: &str, m: Method| t.find("x", path, &m).map(|r| r.id.clone());
+        assert_eq!(find("/debug/x", Method::TRACE).unwrap(), "traced");
+        assert_eq!(find("/x", Method::GET).unwrap(), "any");
+        // The route without `methods` does not take it: 405 with what it does take (once).
+        let Err(NoMatch::MethodNotAllowed(allow)) = find("/ro", Method::TRACE) else { panic!("TRACE was routed") };
+        assert_eq!(allow[0], Method::GET);
+        assert_eq!(allow.len(), ANY_BUT_TRACE.len(), "{allow:?}");
+        assert!(!allow.contains(&Method::TRACE));
     }
 
     #[test]

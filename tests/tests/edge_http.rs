@@ -149,6 +149,12 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     problem(&a, 405, "method-not-allowed");
     assert_eq!(a.headers["allow"], "GET");
     note(&a, Outcome::NoRoute, None, None);
+    // TRACE only on a route that lists it: a route without `methods` answers 405 naming the
+    // others, and the upstream's echo of the request never comes back.
+    let a = call(addr, "TRACE", "/echo/t", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 405, "method-not-allowed");
+    assert_eq!(a.headers["allow"], "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS");
+    note(&a, Outcome::NoRoute, None, None);
 
     // A route for some plans only: tiny's plan is not one of them (403, metered with the
     // consumer, spending none of its burst of 1: its next call below still passes); acme's is.
