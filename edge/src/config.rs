@@ -326,6 +326,8 @@ struct RawRoute {
     strip_prefix: bool,
     #[serde(default)]
     allow_encoded_slashes: bool,
+    #[serde(default)]
+    ignore_case: bool,
     #[serde(default = "default_auth")]
     auth: AuthNames,
     #[serde(default = "default_timeout_ms")]
@@ -884,6 +886,9 @@ pub struct Route {
     /// Paths with an encoded slash or backslash (`%2F`, `%5C`) are forwarded instead of
     /// refused (`crate::path`).
     pub allow_encoded_slashes: bool,
+    /// The path matches (and `strip_prefix` strips) whatever the case of its letters
+    /// (`routes[].ignore_case`: for upstreams that read `/ADMIN` as `/admin`, such as IIS).
+    pub ignore_case: bool,
     pub auth: AuthMode,
     /// Time allowed for the upstream's response head (over all attempts).
     pub timeout: Duration,
@@ -946,6 +951,7 @@ impl Route {
             target_keys: Vec::new(),
             strip_prefix: false,
             allow_encoded_slashes: false,
+            ignore_case: false,
             auth: AuthMode::API_KEY,
             timeout: Duration::from_millis(default_timeout_ms()),
             connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
@@ -1406,6 +1412,7 @@ fn validate(
                 target_keys: Vec::new(),
                 strip_prefix: r.strip_prefix,
                 allow_encoded_slashes: r.allow_encoded_slashes,
+                ignore_case: r.ignore_case,
                 auth,
                 timeout: Duration::from_millis(r.timeout_ms),
                 connect_timeout: Duration::from_millis(

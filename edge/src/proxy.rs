@@ -172,7 +172,7 @@ pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Ur
     let (path, query) = (original.path(), original.query());
     let stripped;
     let path = if strip {
-        stripped = without_prefix(&route.path_prefix, path);
+        stripped = without_prefix(&route.path_prefix, path, route.ignore_case);
         if stripped.is_empty() { "/" } else { &stripped }
     } else {
         path
@@ -193,18 +193,19 @@ pub fn upstream_target(route: &Route, target: &Uri, original: &Uri) -> Result<Ur
 /// the parameters of later segments are kept. A path that took the route only once
 /// parameters and the dot segments they hid were resolved (`/public/..;/admin/users`) is
 /// forwarded in that resolved form, stripped (`/users`).
-fn without_prefix<'a>(prefix: &str, path: &'a str) -> std::borrow::Cow<'a, str> {
+/// With `ignore_case` (the route's), letters match whatever their case.
+fn without_prefix<'a>(prefix: &str, path: &'a str, ignore_case: bool) -> std::borrow::Cow<'a, str> {
     use std::borrow::Cow;
+    let same = |a: &str, b: &str| if ignore_case { a.eq_ignore_ascii_case(b) } else { a == b };
     let mut rest = path;
     for wanted in prefix.split('/').skip(1) {
         let Some(r) = rest.strip_prefix('/') else { break };
         let (segment, tail) = r.split_at(r.find('/').unwrap_or(r.len()));
-        if segment.split(';').next() != Some(wanted) {
+        if !same(segment.split(';').next().unwrap_or_default(), wanted) {
             let routed = crate::routing::without_path_params(path);
-            return match routed.strip_prefix(prefix) {
-                Some(r) if r.is_empty() || r.starts_with('/') => Cow::Owned(r.to_owned()),
-                _ => Cow::Borrowed(path),
-            };
+            let matched = crate::routing::starts_with(&routed, prefix, ignore_case)
+                && routed.as_bytes().get(prefix.len()).is_none_or(|&b| b == b'/');
+            return if matched { Cow::Owned(routed[prefix.len()..].to_owned()) } else { Cow::Borrowed(path) };
         }
         rest = tail;
     }
@@ -741,6 +742,17 @@ mod tests {
             ("/api/admin;x", "/base/"),
             // Matched only once `..;` was read as `..`: the resolved path, stripped.
             ("/api/public/..;/admin/users", "/base/users"),
+        ] {
+            assert_eq!(upstream_target(&r, t, &uri(sent)).unwrap(), forwarded, "{sent}");
+        }
+        // A route that ignores case strips its prefix in any case; the rest keeps its own.
+        let mut r = route("/Api/Admin", "http://127.0.0.1:8081/base", true);
+        r.ignore_case = true;
+        let t = &r.upstreams[0];
+        for (sent, forwarded) in [
+            ("/API/ADMIN/Users", "/base/Users"),
+            ("/api;v=1/admin/Users", "/base/Users"),
+            ("/api/public/..;/ADMIN/Users", "/base/Users"),
         ] {
             assert_eq!(upstream_target(&r, t, &uri(sent)).unwrap(), forwarded, "{sent}");
         }

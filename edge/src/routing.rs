@@ -48,8 +48,20 @@ fn add_methods(allowed: &mut Vec<Method>, methods: &[Method]) {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    prefix == "/" || (path.starts_with(prefix) && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
+    prefix == "/"
+        || (starts_with(path, prefix, ignore_case)
+            && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
+}
+
+/// Whether `path` starts with `prefix`, letters compared without case with `ignore_case`
+/// (a route's `ignore_case`; request paths are ASCII).
+pub(crate) fn starts_with(path: &str, prefix: &str, ignore_case: bool) -> bool {
+    if ignore_case {
+        path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    } else {
+        path.starts_with(prefix)
+    }
 }
 
 /// `path` as servlet containers (Tomcat, Jetty) read it: each segment's `;parameters` dropped
@@ -107,8 +119,11 @@ impl RouteTable {
         let path = &*without_path_params(path);
         let mut allowed = Vec::new();
         for route in &self.routes {
-            let path_ok =
-                if route.exact { route.path_prefix == path } else { prefix_matches(&route.path_prefix, path) };
+            let path_ok = match (route.exact, route.ignore_case) {
+                (true, false) => route.path_prefix == path,
+                (true, true) => route.path_prefix.eq_ignore_ascii_case(path),
+                (false, ignore_case) => prefix_matches(&route.path_prefix, path, ignore_case),
+            };
             if route.host.as_deref().is_some_and(|h| h != host) || !path_ok {
                 continue;
             }
@@ -192,6 +207,30 @@ mod tests {
         let find = |path: &str, m: Method| no_root.find("x", path, &m).map(|r| r.id.clone());
         assert_eq!(find("/ro", Method::POST), Err(NoMatch::MethodNotAllowed(vec![Method::GET])));
         assert_eq!(find("/v2", Method::GET), Err(NoMatch::NotFound));
+    }
+
+    #[test]
+    fn a_route_that_ignores_case_takes_any_case_of_its_path() {
+        let mut admin = (*route("admin", None, "/Admin", &[])).clone();
+        admin.ignore_case = true;
+        let mut exact = (*route("exact", None, "=/api/Login", &[])).clone();
+        exact.ignore_case = true;
+        let t = RouteTable::new(&[
+            route("public", None, "/", &[]),
+            Arc::new(admin),
+            Arc::new(exact),
+            route("cased", None, "/Cased", &[]),
+        ]);
+        let id = |path: &str| t.find("x", path, &Method::GET).map(|r| r.id.clone()).unwrap();
+        for path in ["/admin", "/ADMIN/users", "/aDmIn;x/users", "/Admin"] {
+            assert_eq!(id(path), "admin", "{path}");
+        }
+        assert_eq!(id("/adminx"), "public");
+        assert_eq!(id("/API/LOGIN"), "exact");
+        assert_eq!(id("/api/login/x"), "public");
+        // Routes without it keep RFC 3986's case-sensitive paths.
+        assert_eq!(id("/Cased/x"), "cased");
+        assert_eq!(id("/cased/x"), "public");
     }
 
     #[test]

@@ -39,6 +39,12 @@ upstream = "http://{upstream}/base"
 strip_prefix = true
 auth = "none"
 [[routes]]
+id = "any-case"
+path_prefix = "/Legacy"
+ignore_case = true
+strip_prefix = true
+upstream = "http://{upstream}/base"
+[[routes]]
 id = "dead"
 path_prefix = "/dead"
 upstream = "http://127.0.0.1:{dead}"
@@ -217,6 +223,19 @@ async fn answers_problems_forwards_cleanly_and_meters_every_call() {
     assert_eq!(a.body["path"], "/base/f");
     assert!(a.body["headers"].get("x-consumer-id").is_none());
     note(&a, Outcome::Forwarded, None, Some("public"));
+
+    // A route that ignores case (an upstream that does, such as IIS) takes its path in any
+    // case, so its key is needed however `/LEGACY` is spelled; the rest keeps its case.
+    let a = call(addr, "GET", "/lEGACY/Users", &[]).await;
+    problem(&a, 401, "unauthenticated");
+    note(&a, Outcome::Unauthenticated, None, Some("any-case"));
+    let a = call(addr, "GET", "/LEGACY/Users?q=1", &[("x-api-key", "key-acme")]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!((a.body["path"].as_str(), a.body["query"].as_str()), (Some("/base/Users"), Some("q=1")));
+    note(&a, Outcome::Forwarded, Some("acme"), Some("any-case"));
+    let a = call(addr, "GET", "/legacyx", &[("x-api-key", "key-acme")]).await;
+    problem(&a, 404, "no-route");
+    note(&a, Outcome::NoRoute, None, None);
 
     // A client that goes away before the answer (here while the upstream is still working)
     // is still one call: status 499, `client_aborted`.
