@@ -218,6 +218,8 @@ struct RawEdge {
     #[serde(default)]
     trusted_hops: usize,
     #[serde(default)]
+    proxy_protocol: bool,
+    #[serde(default)]
     response_headers: RawHeaderRules,
     #[serde(default)]
     tls_ca_file: Option<String>,
@@ -270,6 +272,7 @@ impl Default for RawEdge {
             max_header_bytes: default_max_header_bytes(),
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
+            proxy_protocol: false,
             access_log: None,
             response_headers: RawHeaderRules::default(),
             tls_ca_file: None,
@@ -675,6 +678,9 @@ pub struct HttpSettings {
     /// Proxies in front of the edge whose `X-Forwarded-For` entries are trusted (0: use the
     /// TCP peer).
     pub trusted_hops: usize,
+    /// Every connection on the traffic and redirect ports starts with a PROXY protocol header
+    /// (v1 or v2) naming the client (`edge.proxy_protocol`; `crate::proxy_protocol`).
+    pub proxy_protocol: bool,
 }
 
 /// Validated edge configuration.
@@ -1733,6 +1739,7 @@ fn validate(
             max_headers: raw.edge.max_headers,
             max_header_bytes: raw.edge.max_header_bytes,
             trusted_hops: raw.edge.trusted_hops,
+            proxy_protocol: raw.edge.proxy_protocol,
         },
         kafka: KafkaConfig {
             enabled: raw.kafka.enabled,

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod path;
 pub mod problem;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod quota;
 pub mod redirect;

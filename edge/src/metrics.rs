@@ -93,6 +93,9 @@ pub struct Metrics {
     pub access_log_dropped: AtomicU64,
     /// TLS handshakes on the traffic port that failed or did not finish in time.
     pub tls_handshake_failures: AtomicU64,
+    /// Connections closed because they did not start with a valid PROXY protocol header in
+    /// time (`edge.proxy_protocol`).
+    pub proxy_protocol_refused: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
     pub https_redirects: AtomicU64,
     /// Connections accepted on `edge.http_redirect_listen`.
@@ -365,6 +368,11 @@ impl Metrics {
                 "tollgate_edge_tls_handshake_failures_total",
                 "TLS handshakes on the traffic port that failed or did not finish within header_read_timeout_ms.",
                 load(&self.tls_handshake_failures),
+            ),
+            (
+                "tollgate_edge_proxy_protocol_refused_total",
+                "Connections closed because they did not start with a valid PROXY protocol header within header_read_timeout_ms (edge.proxy_protocol).",
+                load(&self.proxy_protocol_refused),
             ),
             (
                 "tollgate_edge_connections_accepted_total",

@@ -79,15 +79,18 @@ fn answer<B>(req: &http::Request<B>, https_port: u16, metrics: &Metrics) -> Resp
 pub async fn serve(listener: TcpListener, https_port: u16, gw: Arc<crate::Gateway>) {
     let metrics = Arc::clone(&gw.metrics);
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 crate::server::accept_failed(&e, "edge.http_redirect_listen").await;
                 continue;
             }
         };
         metrics.redirect_connections_accepted.fetch_add(1, Ordering::Relaxed);
-        let header_read_timeout = gw.runtime().http.header_read_timeout;
+        let (header_read_timeout, proxy_protocol) = {
+            let runtime = gw.runtime();
+            (runtime.http.header_read_timeout, runtime.http.proxy_protocol)
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
         builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(false);
         let served = Arc::clone(&metrics);
@@ -96,11 +99,18 @@ pub async fn serve(listener: TcpListener, https_port: u16, gw: Arc<crate::Gatewa
             async move { Ok::<_, std::convert::Infallible>(resp) }
         });
         let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stream = crate::silent::FirstBytes::new(stream, header_read_timeout).flagging(Arc::clone(&expired));
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let result = conn.await;
+            // The balancer's PROXY header first (`edge.proxy_protocol`); its address is not
+            // needed here, only the bytes out of the way.
+            let mut stream = stream;
+            if proxy_protocol
+                && crate::server::proxied_client(&metrics, &mut stream, peer, header_read_timeout).await.is_none()
+            {
+                return;
+            }
+            let stream = crate::silent::FirstBytes::new(stream, header_read_timeout).flagging(Arc::clone(&expired));
+            let result = builder.serve_connection(TokioIo::new(stream), svc).await;
             // Nothing came in time (hyper ends such a connection without an error), or only
             // part of a request head (hyper's timer).
             let cut = expired.load(Ordering::Relaxed)

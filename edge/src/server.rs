@@ -263,6 +263,25 @@ fn connection_builder(http: &crate::config::HttpSettings) -> auto::Builder<Tokio
     builder
 }
 
+/// With `edge.proxy_protocol`: the client the connection's PROXY header names (`peer`, the
+/// balancer, when it names none), or `None` when the header is missing or invalid (the
+/// connection is then dropped, and counted).
+pub(crate) async fn proxied_client(
+    metrics: &Metrics,
+    stream: &mut tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: Duration,
+) -> Option<std::net::SocketAddr> {
+    match crate::proxy_protocol::read_header(stream, timeout).await {
+        Ok(client) => Some(client.unwrap_or(peer)),
+        Err(e) => {
+            metrics.proxy_protocol_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
+            None
+        }
+    }
+}
+
 /// After a failed accept (out of file descriptors and the like): logs it and backs off for a
 /// moment instead of spinning on the error.
 pub(crate) async fn accept_failed(e: &std::io::Error, listener: &str) {
@@ -341,17 +360,36 @@ async fn accept_loop(
         }
         let life = ConnLife::new(&gw.metrics, told_to_stop.clone(), http.idle_timeout, alive.clone(), slot);
         match runtime.tls.clone() {
-            None => {
+            None if !http.proxy_protocol => {
                 let peer = crate::Peer::new(peer, false);
                 let stream = FirstBytes::new(stream, http.header_read_timeout);
                 tokio::spawn(serve_connection(&builder, stream, Arc::clone(&gw), peer, life));
             }
-            Some(tls) => {
-                // The handshake runs in the connection's task, within the time a client
-                // has for its request head.
+            None => {
                 let (builder, gw) = (builder.clone(), Arc::clone(&gw));
                 let deadline = http.header_read_timeout;
                 tokio::spawn(async move {
+                    let mut stream = stream;
+                    let Some(client) = proxied_client(&gw.metrics, &mut stream, peer, deadline).await else { return };
+                    let stream = FirstBytes::new(stream, deadline);
+                    serve_connection(&builder, stream, gw, crate::Peer::new(client, false), life).await;
+                });
+            }
+            Some(tls) => {
+                // The handshake runs in the connection's task, within the time a client
+                // has for its request head (after the PROXY header's, if any).
+                let (builder, gw) = (builder.clone(), Arc::clone(&gw));
+                let deadline = http.header_read_timeout;
+                let proxy_protocol = http.proxy_protocol;
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let mut peer = peer;
+                    if proxy_protocol {
+                        let Some(client) = proxied_client(&gw.metrics, &mut stream, peer, deadline).await else {
+                            return;
+                        };
+                        peer = client;
+                    }
                     let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
                     let done = tokio::time::timeout(deadline, handshake).await.unwrap_or_else(|_| {
                         Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "not done in header_read_timeout_ms"))

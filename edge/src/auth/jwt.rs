@@ -786,12 +786,16 @@ mod tests {
                 JwtError::NoConsumer("sub".into()),
             ),
             ("not a JWT", "a.b.c".into(), JwtError::Malformed),
-            ("critical extension", {
-                let mut h = Header::new(Algorithm::ES256);
-                h.kid = Some("es".into());
-                h.crit = Some(vec!["exp".into()]);
-                encode(&h, &claims(), &EncodingKey::from_ec_pem(&testdata("es256.key.pem")).unwrap()).unwrap()
-            }, JwtError::CriticalExtension),
+            (
+                "critical extension",
+                {
+                    let mut h = Header::new(Algorithm::ES256);
+                    h.kid = Some("es".into());
+                    h.crit = Some(vec!["exp".into()]);
+                    encode(&h, &claims(), &EncodingKey::from_ec_pem(&testdata("es256.key.pem")).unwrap()).unwrap()
+                },
+                JwtError::CriticalExtension,
+            ),
         ];
         for (name, token, want) in table {
             let got = v.verify(&token, &client).await;
