@@ -36,6 +36,17 @@ async fn tls_connect_as(
     roots: &str,
     h2: bool,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    tls_over(tcp, name, roots, h2).await
+}
+
+/// [`tls_connect_as`] on a connection already made (which may have sent something first).
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
+    name: &str,
+    roots: &str,
+    h2: bool,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
     let mut store = rustls::RootCertStore::empty();
     for cert in tollgate_common::tls::read_pem_certs(&std::fs::read(tls_file(roots)).unwrap()).unwrap() {
         store.add(cert).unwrap();
@@ -47,7 +58,6 @@ async fn tls_connect_as(
         .with_root_certificates(store)
         .with_no_client_auth();
     config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())
 }
@@ -358,4 +368,47 @@ async fn sni_picks_the_certificate_for_the_name_asked() {
         assert!(tls.get_ref().1.peer_certificates().unwrap()[0] == leaf("server.pem"));
     }
     assert!(edge.terminate(Duration::from_secs(15)));
+}
+
+/// `edge.proxy_protocol` with HTTPS: the balancer's header comes before the TLS handshake, and
+/// the redirect port takes it too; a connection without one gets neither a handshake nor an
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_header_comes_before_tls() {
+    let dir = TempDir::new("e2e_edge_https_proxy");
+    let topic = unique("edge_https_proxy");
+    create_topic(&topic, 1).await;
+    let (upstream, _) = start_echo().await;
+    let config = config(&topic, upstream, &tls_file("server.pem"), &tls_file("server.key.pem")).replacen(
+        "[edge]\n",
+        "[edge]\nproxy_protocol = true\nhttp_redirect_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config).await;
+    let ready: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("edge.ready")).unwrap()).unwrap();
+    let plain: std::net::SocketAddr = ready["http_redirect"].as_str().unwrap().parse().unwrap();
+
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n").await.unwrap();
+    let mut tls = tls_over(tcp, "localhost", "ca.pem", false).await.unwrap();
+    tls.write_all(b"GET /app/x HTTP/1.1\r\nHost: localhost\r\nx-api-key: key-acme\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"x-forwarded-for\":\"203.0.113.7\""), "{answer}");
+    assert!(answer.contains("\"x-forwarded-proto\":\"https\""), "{answer}");
+    // Without the header the handshake fails (the edge closes the connection).
+    assert!(tls_connect(addr, "ca.pem", false).await.is_err());
+
+    let answer =
+        raw(plain, "PROXY TCP4 203.0.113.7 192.0.2.1 56324 80\r\nGET /app HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+            .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    assert_eq!(raw(plain, "GET /app HTTP/1.1\r\nHost: api.example.com\r\n\r\n").await, "");
+    assert_eq!(metric(admin, "tollgate_edge_proxy_protocol_refused_total").await, 2);
+    assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
