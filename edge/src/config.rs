@@ -366,6 +366,9 @@ struct RawRoute {
     /// A limit for all the route's calls together (every consumer, and anonymous callers).
     #[serde(default)]
     rate_limit: Option<RawRate>,
+    /// A limit for each client address's calls to the route (authenticated or not).
+    #[serde(default)]
+    rate_limit_per_client: Option<RawRate>,
     /// Only consumers on these plans may call the route.
     #[serde(default)]
     allowed_plans: Option<Vec<String>>,
@@ -930,6 +933,9 @@ pub struct Route {
     /// The route's rate for all its callers together (`routes[].rate_limit`), per edge; on
     /// top of each consumer's plan limits. `None`: no such limit.
     pub rate_limit: Option<Rate>,
+    /// Each client address's rate on the route (`routes[].rate_limit_per_client`; IPv6 by
+    /// /64), per edge, checked before authentication. `None`: no such limit.
+    pub client_rate_limit: Option<Rate>,
     /// Only consumers on these plans may call the route (`routes[].allowed_plans`; others get
     /// 403). `None`: every plan.
     pub allowed_plans: Option<Arc<[String]>>,
@@ -974,6 +980,7 @@ impl Route {
             queue_timeout: None,
             max_queued: None,
             rate_limit: None,
+            client_rate_limit: None,
             allowed_plans: None,
             required_scopes: None,
             upstream_h2: false,
@@ -1375,6 +1382,10 @@ fn validate(
             None => None,
             Some(l) => Some(rate(l.rate_per_second, l.burst, &|k| key(&format!("rate_limit.{k}")), origin)?),
         };
+        let client_rate_limit = match &r.rate_limit_per_client {
+            None => None,
+            Some(l) => Some(rate(l.rate_per_second, l.burst, &|k| key(&format!("rate_limit_per_client.{k}")), origin)?),
+        };
         let health_check = match r.health_check {
             None => None,
             Some(h) => {
@@ -1437,6 +1448,7 @@ fn validate(
                 queue_timeout,
                 max_queued: r.max_queued,
                 rate_limit,
+                client_rate_limit,
                 allowed_plans,
                 required_scopes,
                 upstream_h2,
@@ -2320,6 +2332,10 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("key `routes[0].rate_limit.burst`: must be at least 1"), "{msg}");
         let msg = with("rate_limit = { rate = 5 }").unwrap_err().to_string();
         assert!(msg.contains("rate_limit"), "{msg}");
+        let r = with("rate_limit_per_client = { rate_per_second = 2 }").unwrap().routes[0].client_rate_limit.unwrap();
+        assert_eq!((r.rate_per_second.get(), r.burst.get()), (2, 2));
+        let msg = with("rate_limit_per_client = { rate_per_second = 0 }").unwrap_err().to_string();
+        assert!(msg.contains("key `routes[0].rate_limit_per_client.rate_per_second`: must be at least 1"), "{msg}");
     }
 
     #[test]

@@ -285,6 +285,17 @@ async fn admit_and_forward(
     } else {
         route.allowed_ips.as_ref().and_then(|nets| address_refusal(nets, call.client_addr, "this route"))
     };
+    // The route's limit for each client address comes before authentication: a client
+    // flooding the route (failed credentials included, whose JWT signatures would each be
+    // verified) is cut off cheaply.
+    let mut client_limit = None;
+    if refusal.is_none() {
+        match limit::check_client(gw, &runtime, &route, call.client_addr) {
+            None => {}
+            Some(Ok(passed)) => client_limit = Some(passed),
+            Some(Err(refused)) => refusal = Some(refused),
+        }
+    }
     let mut identity = None;
     if refusal.is_none() {
         match auth::admit(&runtime, &route, peer, &mut req).await {
@@ -324,9 +335,10 @@ async fn admit_and_forward(
     }
     let ctx = proxy::Forward { runtime: &runtime, route: &route, identity: identity.as_deref(), call, peer };
     // Rate limits after authentication, so unauthenticated floods create no limiter state (an
-    // anonymous call on a route with `auth = "none"` meets the route's shared limit only).
-    let mut admission = (identity.is_some() || route.rate_limit.is_some())
-        .then(|| limit::admit(gw, &runtime, identity.as_deref(), &route));
+    // anonymous call on a route with `auth = "none"` meets the route's shared limit only;
+    // the per-client limit, passed above, is reported with them).
+    let mut admission = (identity.is_some() || route.rate_limit.is_some() || client_limit.is_some())
+        .then(|| limit::admit(gw, &runtime, identity.as_deref(), &route, client_limit));
     let mut resp = match admission.as_mut().and_then(|a| a.refusal.take()) {
         Some(refused) => refused,
         None => proxy::forward(gw, &ctx, req).await,

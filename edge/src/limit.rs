@@ -1,13 +1,18 @@
-//! Rate limits with `governor` (GCRA): per consumer (the plan's `rate_per_second`/`burst`),
-//! per consumer and route (the plan's `routes.<id>`), and per route for all its callers
-//! together (`routes[].rate_limit`, the upstream's protection, anonymous callers included); a
-//! call must pass each that applies, in that order: the plan's route limit, the consumer's,
-//! the route's shared one. Limits are per edge replica.
+//! Rate limits with `governor` (GCRA): per client address on a route
+//! (`routes[].rate_limit_per_client`, checked before authentication), per consumer (the
+//! plan's `rate_per_second`/`burst`), per consumer and route (the plan's `routes.<id>`), and
+//! per route for all its callers together (`routes[].rate_limit`, the upstream's protection,
+//! anonymous callers included); a call must pass each that applies, in that order: the
+//! client's, the plan's route limit, the consumer's, the route's shared one. Limits are per
+//! edge replica.
 //!
 //! Limiters are created when a consumer first calls and live in a sharded map. Memory stays
-//! bounded by the consumers active recently: only authenticated calls create state (never an
-//! unauthenticated flood), and a limiter idle long enough to have refilled its whole burst is
-//! pruned — dropping it loses nothing, since a fresh limiter is in the same state.
+//! bounded by the consumers active recently: only authenticated calls create consumer state
+//! (never an unauthenticated flood; a flood of random keys creates none), a route's
+//! per-client limit keeps one limiter per client network (an IPv4 address, an IPv6 /64: a
+//! party that completed TCP handshakes from it, which cannot be invented like keys), and a
+//! limiter idle long enough to have refilled its whole burst is pruned — dropping it loses
+//! nothing, since a fresh limiter is in the same state.
 //!
 //! A config reload keeps what every consumer has spent: the new generation starts with the
 //! limiters of the one it replaces ([`LimiterCache::carry_over`]), and a limiter whose rate or
@@ -42,7 +47,8 @@ pub struct Limiter {
     rate: u32,
     burst: u32,
     /// Its name in the headers: `route` (the plan's limit for one route), `default` (the
-    /// consumer's) or `shared` (the route's, for all callers together).
+    /// consumer's), `shared` (the route's, for all callers together) or `client` (the route's
+    /// for each client address).
     name: &'static str,
     /// This limit's `RateLimit-Policy` list member (`"<name>";q=<burst>;w=<refill s>`) and its
     /// `X-RateLimit-Limit`, made once rather than on every call.
@@ -123,8 +129,22 @@ fn refill_secs(burst: u32, rate: u32) -> u64 {
 }
 
 /// Which budget a limiter guards: the consumer's (consumer, no route), the consumer's on one
-/// route (both), or the route's shared by all callers (no consumer, the route).
-type CacheKey = (Option<Arc<str>>, Option<Arc<str>>);
+/// route (both), the route's shared by all callers (the route alone), or a client network's
+/// on the route (the route and [`client_key`]).
+type CacheKey = (Option<Arc<str>>, Option<Arc<str>>, Option<std::net::IpAddr>);
+
+/// The address a client's budget is kept under: an IPv4 address (also when IPv4-mapped), an
+/// IPv6 address's /64 (the least a network gives one site: per address, one party would have
+/// 2^64 budgets).
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.into(),
+            None => std::net::Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1)).into(),
+        },
+        v4 => v4,
+    }
+}
 
 const SHARDS: usize = 16;
 /// A shard is pruned when it has grown to this many entries, then to twice what survived.
@@ -200,7 +220,21 @@ impl LimiterCache {
     /// consumer), created from `rate` on first use (or when the one held enforces another
     /// rate: a reload changed the plan or the route).
     pub fn get(&self, consumer: Option<&Arc<str>>, route: Option<&Arc<str>>, rate: &Rate) -> Arc<Limiter> {
-        let key: CacheKey = (consumer.cloned(), route.cloned());
+        let name = match (consumer, route) {
+            (None, _) => "shared",
+            (Some(_), Some(_)) => "route",
+            (Some(_), None) => "default",
+        };
+        self.get_key((consumer.cloned(), route.cloned(), None), name, rate)
+    }
+
+    /// The limiter of the client at `ip` on `route` (`routes[].rate_limit_per_client`), by
+    /// [`client_key`].
+    pub fn get_client(&self, ip: std::net::IpAddr, route: &Arc<str>, rate: &Rate) -> Arc<Limiter> {
+        self.get_key((None, Some(Arc::clone(route)), Some(client_key(ip))), "client", rate)
+    }
+
+    fn get_key(&self, key: CacheKey, name: &'static str, rate: &Rate) -> Arc<Limiter> {
         let now = self.now_ms();
         let shard_index = (self.hasher.hash_one(&key) as usize) % SHARDS;
         let mut shard = self.shards[shard_index].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -213,11 +247,6 @@ impl LimiterCache {
                 if !replaced && shard.map.len() >= shard.prune_at {
                     self.prune(&mut shard, now);
                 }
-                let name = match (consumer, route) {
-                    (None, _) => "shared",
-                    (Some(_), Some(_)) => "route",
-                    (Some(_), None) => "default",
-                };
                 let mut fresh = Limiter::new(rate, name);
                 if let Some(in_flight) = held_in_flight {
                     fresh.in_flight = in_flight;
@@ -281,18 +310,21 @@ impl Checked {
 /// unit of those checked before (GCRA cannot give it back). So a consumer over its own limit
 /// does not eat into the budget the route's other callers share.
 pub fn check(cache: &LimiterCache, identity: Option<&Identity>, route: &Route) -> Checked {
-    check_with(cache, identity, route, None)
+    check_with(cache, identity, route, None, None)
 }
 
 /// [`check`], with the consumer's limiter when the caller has it already (`admit` took it for
 /// the calls in flight): not looked up twice.
+/// `client`: the client's limit on the route, passed already ([`check_client`]).
 fn check_with(
     cache: &LimiterCache,
     identity: Option<&Identity>,
     route: &Route,
     consumer: Option<Arc<Limiter>>,
+    client: Option<(Arc<Limiter>, Decision)>,
 ) -> Checked {
     let mut limits = Vec::with_capacity(2);
+    limits.extend(client);
     if let Some(identity) = identity {
         if let Some(rate) = identity.plan.routes.get(&route.id) {
             let l = cache.get(Some(&identity.consumer_id), Some(&route.id_key), rate);
@@ -368,6 +400,27 @@ pub fn write_headers(headers: &mut http::HeaderMap, checked: &Checked) {
     headers.insert(&RESET, http::HeaderValue::from(most_d.reset_secs));
 }
 
+/// The route's limit for the client at `ip` (`routes[].rate_limit_per_client`), checked before
+/// authentication: `Ok` with its answer for [`admit`], or the 429 (with its headers). `None`:
+/// the route has no such limit.
+pub fn check_client(
+    gw: &Gateway,
+    runtime: &Runtime,
+    route: &Route,
+    ip: std::net::IpAddr,
+) -> Option<Result<(Arc<Limiter>, Decision), Response>> {
+    let rate = route.client_rate_limit.as_ref()?;
+    let l = runtime.limiters.get_client(ip, &route.id_key, rate);
+    let d = l.check();
+    if d.allowed {
+        return Some(Ok((l, d)));
+    }
+    gw.metrics.rate_limit_refusals[2].fetch_add(1, Ordering::Relaxed);
+    let mut refused = Problem::client_rate_limited(d.reset_secs).into_response();
+    write_headers(refused.headers_mut(), &Checked { limits: vec![(l, d)] });
+    Some(Err(refused))
+}
+
 /// Seconds for `Retry-After`: rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -389,8 +442,15 @@ pub struct Admission {
 /// Checks the consumer's calls in flight (its plan's `max_in_flight`: a call refused there
 /// spends no rate budget), the rate limits, then (within them) the monthly quota, which counts
 /// the call when it lets it through. An anonymous call (a route with `auth = "none"`) meets
-/// the route's shared rate limit only.
-pub fn admit(gw: &Gateway, runtime: &Runtime, identity: Option<&Identity>, route: &Route) -> Admission {
+/// the route's shared rate limit only. `client`: the client's limit on the route, passed
+/// before authentication ([`check_client`]), reported in the headers with the others.
+pub fn admit(
+    gw: &Gateway,
+    runtime: &Runtime,
+    identity: Option<&Identity>,
+    route: &Route,
+    client: Option<(Arc<Limiter>, Decision)>,
+) -> Admission {
     let (in_flight, consumer) = match identity.and_then(|i| Some((i, i.plan.max_in_flight?))) {
         None => (None, None),
         Some((identity, max)) => {
@@ -401,7 +461,7 @@ pub fn admit(gw: &Gateway, runtime: &Runtime, identity: Option<&Identity>, route
                     gw.metrics.in_flight_refusals[1].fetch_add(1, Ordering::Relaxed);
                     let refusal = Some(Problem::concurrency_limited(max).into_response());
                     return Admission {
-                        checked: Checked { limits: Vec::new() },
+                        checked: Checked { limits: client.into_iter().collect() },
                         quota: None,
                         refusal,
                         in_flight: None,
@@ -410,7 +470,7 @@ pub fn admit(gw: &Gateway, runtime: &Runtime, identity: Option<&Identity>, route
             }
         }
     };
-    let checked = check_with(&runtime.limiters, identity, route, consumer);
+    let checked = check_with(&runtime.limiters, identity, route, consumer, client);
     if let Some((l, d)) = checked.limits.iter().find(|(_, d)| !d.allowed) {
         let shared = l.name == "shared";
         gw.metrics.rate_limit_refusals[usize::from(shared)].fetch_add(1, Ordering::Relaxed);
@@ -607,6 +667,36 @@ mod tests {
         assert!(InFlight::take(&l.in_flight, 2).is_err());
         drop(held);
         assert!(InFlight::take(&l.in_flight, 2).is_ok());
+    }
+
+    #[test]
+    fn clients_are_limited_by_address_ipv6_by_network_and_pruned_when_idle() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(client_key(ip("203.0.113.7")), ip("203.0.113.7"));
+        assert_eq!(client_key(ip("::ffff:203.0.113.7")), ip("203.0.113.7"));
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
+        let cache = LimiterCache::default();
+        let (login, other): (Arc<str>, Arc<str>) = (Arc::from("login"), Arc::from("other"));
+        let r = rate(1, 2);
+        let pass = |ip: std::net::IpAddr, route: &Arc<str>| cache.get_client(ip, route, &r).check().allowed;
+        assert!(pass(ip("203.0.113.7"), &login) && pass(ip("203.0.113.7"), &login));
+        assert!(!pass(ip("203.0.113.7"), &login));
+        // Another address, or the same one on another route: budgets of their own.
+        assert!(pass(ip("203.0.113.8"), &login));
+        assert!(pass(ip("203.0.113.7"), &other));
+        // Addresses of one /64 share one budget; the next /64 has its own.
+        assert!(pass(ip("2001:db8::1"), &login) && pass(ip("2001:db8::2"), &login));
+        assert!(!pass(ip("2001:db8::ffff:1"), &login));
+        assert!(pass(ip("2001:db8:0:1::1"), &login));
+        let l = cache.get_client(ip("203.0.113.7"), &login, &r);
+        assert_eq!(l.name, "client");
+        // Nor are they the route's shared limiter.
+        assert_eq!(cache.get(None, Some(&login), &r).name, "shared");
+        drop(l);
+        assert_eq!(cache.len(), 6);
+        std::thread::sleep(Duration::from_millis(2100));
+        cache.prune_all();
+        assert_eq!(cache.len(), 0);
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub struct Metrics {
     pub in_flight_refusals: [AtomicU64; 3],
     /// Calls refused by a rate limit: [the consumer's plan (its own or on the route), the
     /// route's shared `rate_limit`].
-    pub rate_limit_refusals: [AtomicU64; 2],
+    pub rate_limit_refusals: [AtomicU64; 3],
     /// Calls that waited in their route's queue for a place (`routes[].queue_timeout_ms`):
     /// [got one, timed out].
     pub queued_calls: [AtomicU64; 3],
@@ -429,9 +429,9 @@ impl Metrics {
             ),
             (
                 "tollgate_edge_rate_limit_refusals_total",
-                "Calls refused (429) by a rate limit, by limit: plan (the consumer's plan, its own or on the route) or route (routes[].rate_limit, shared by all the route's callers).",
+                "Calls refused (429) by a rate limit, by limit: plan (the consumer's plan, its own or on the route), route (routes[].rate_limit, shared by all the route's callers) or client (routes[].rate_limit_per_client, each client address's).",
                 "limit",
-                &["plan", "route"],
+                &["plan", "route", "client"],
                 &self.rate_limit_refusals,
             ),
             (

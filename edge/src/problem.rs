@@ -124,6 +124,19 @@ impl Problem {
         .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
+    /// 429: the client's address has used its budget on the route
+    /// (`routes[].rate_limit_per_client`).
+    pub fn client_rate_limited(retry_after_secs: u64) -> Self {
+        Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too Many Requests",
+            Outcome::RateLimited,
+            format!("this route's rate limit for each client address is reached; retry in {retry_after_secs} s"),
+        )
+        .with_header(http::header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
+    }
+
     /// 429: the consumer already has its plan's `max_in_flight` calls in flight.
     pub fn concurrency_limited(max_in_flight: u32) -> Self {
         Problem::new(
