@@ -148,10 +148,11 @@ impl Pool {
 
     /// A place among the route's `max_in_flight` calls, held until the call's response has
     /// been sent (`Ok(None)`: the route has no limit); `Err(limit)`: the route is at it, or
-    /// calls are queued for a place (a newcomer goes behind them).
+    /// calls are queued for a place (a newcomer goes behind them; also when a reload took the
+    /// route's `queue_timeout_ms` away while they wait: the queue outlives the config).
     pub fn admit(&self) -> Result<Option<InFlight>, u32> {
         let Some(max) = self.max_in_flight else { return Ok(None) };
-        if self.queue_timeout.is_some() && !self.route_queue.is_empty() {
+        if !self.route_queue.is_empty() {
             return Err(max);
         }
         self.route_place(max)
@@ -215,7 +216,7 @@ impl Pool {
     /// `choose` (below), except that a call's first pick is [`Pick::Busy`] while calls are
     /// queued for a target (a newcomer goes behind them).
     pub fn pick(&self, tried: &[usize]) -> Pick {
-        if tried.is_empty() && self.queue_timeout.is_some() && !self.target_queue.is_empty() {
+        if tried.is_empty() && !self.target_queue.is_empty() {
             return Pick::Busy;
         }
         self.choose(tried)
@@ -1333,6 +1334,39 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Ok((1, true)));
         drop(a);
         assert_eq!(pool.pick(&[]).target(), Some(0));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reload_that_takes_the_queue_away_does_not_let_newcomers_pass_its_waiters() {
+        let mut r = route(1, 1, Duration::from_secs(60));
+        r.max_in_flight = Some(1);
+        r.target_max_in_flight = vec![Some(1)];
+        r.queue_timeout = Some(Duration::from_secs(5));
+        let old = Arc::new(Pool::new(&r, None));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let held = old.admit().unwrap();
+        let waiter = tokio::spawn({
+            let old = Arc::clone(&old);
+            async move { old.queue_for_route(deadline).await.map(|slot| slot.is_some()) }
+        });
+        tokio::task::yield_now().await;
+        // The new config has no queue: its calls are refused at once while the old one's
+        // waiter is still in line, which gets the place given back.
+        r.queue_timeout = None;
+        let new = Pool::new(&r, Some(&old));
+        drop(held);
+        assert_eq!(new.admit().unwrap_err(), 1);
+        assert_eq!(waiter.await.unwrap(), Ok(true));
+        // The same for a target's place.
+        let Pick::Target(0, target) = new.pick(&[]) else { panic!("the target") };
+        let waiter = tokio::spawn({
+            let old = Arc::clone(&old);
+            async move { old.queue_for_target(deadline).await.map(|(i, slot)| (i, slot.is_some())) }
+        });
+        tokio::task::yield_now().await;
+        drop(target);
+        assert!(matches!(new.pick(&[]), Pick::Busy));
+        assert_eq!(waiter.await.unwrap(), Ok((0, true)));
     }
 
     #[test]
