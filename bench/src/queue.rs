@@ -4,7 +4,9 @@
 //! them), and the CPU time of all the program's threads is divided by the places handed over.
 //! Baselines in the same run: tokio's fair `Semaphore` (one wake-up per permit, the standard
 //! fair queue) and waking every waiter for each place (`Notify::notify_waiters`, each waiter
-//! trying again: the edge's queue before this one), whose cost grows with the line.
+//! trying again: the edge's queue before this one), whose cost grows with the line. Also the
+//! CPU time per call of joining a line of N (spawning its task, queueing it: the line is
+//! found by a binary search of its ids), against the Semaphore's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -48,24 +50,40 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         "| waiting calls | idle (no line) | edge queue | tokio Semaphore | wake every waiter | edge / Semaphore | wake every waiter / edge |"
     );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut joined = Vec::new();
     for n in [10, 100, 1_000, 10_000] {
         let (mut idle, mut ours, mut sem, mut all) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut join_ours, mut join_sem) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             idle.push(idle_cpu_us().await);
-            ours.push(measure(Kind::Edge, n).await);
-            sem.push(measure(Kind::Semaphore, n).await);
-            all.push(measure(Kind::WakeAll, n).await);
+            let (per_place, per_join) = measure(Kind::Edge, n).await;
+            ours.push(per_place);
+            join_ours.push(per_join);
+            let (per_place, per_join) = measure(Kind::Semaphore, n).await;
+            sem.push(per_place);
+            join_sem.push(per_join);
+            all.push(measure(Kind::WakeAll, n).await.0);
         }
         let (idle, ours, sem, all) = (median(&mut idle), median(&mut ours), median(&mut sem), median(&mut all));
         println!("| {n} | {idle:.1} | {ours:.1} | {sem:.1} | {all:.1} | {:.2}× | {:.1}× |", ours / sem, all / ours);
+        joined.push((n, median(&mut join_ours), median(&mut join_sem)));
+    }
+    println!();
+    println!("queue: CPU µs (all threads) per call joining a line of N (its task spawned and first polled)");
+    println!("| calls in line | edge queue | tokio Semaphore | edge / Semaphore |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for (n, ours, sem) in joined {
+        println!("| {n} | {ours:.2} | {sem:.2} | {:.2}× |", ours / sem);
     }
     Ok(())
 }
 
-/// CPU µs per place for `kind` with `n` calls waiting.
-async fn measure(kind: Kind, n: usize) -> f64 {
+/// CPU µs per place for `kind` with `n` calls waiting, and per call joining the line.
+async fn measure(kind: Kind, n: usize) -> (f64, f64) {
     let (served, mut taken) = unbounded_channel();
+    let start = cpu_ns();
     let line = Line::queue(kind, n, &served).await;
+    let per_join = cpu_ns().saturating_sub(start) as f64 / n as f64 / 1000.0;
     let start = cpu_ns();
     for _ in 0..HANDED {
         line.give_back(kind);
@@ -74,7 +92,7 @@ async fn measure(kind: Kind, n: usize) -> f64 {
     }
     let per = cpu_ns().saturating_sub(start) as f64 / HANDED as f64 / 1000.0;
     line.close(&mut taken).await;
-    per
+    (per, per_join)
 }
 
 /// The same loop's CPU with nobody waiting: the driver's sleeps and the runtime's own.

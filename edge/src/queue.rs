@@ -33,8 +33,17 @@ pub struct Queue {
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
-    /// In arrival order; the head's waker is taken when it is woken.
+    /// In arrival order, so by increasing id; the head's waker is taken when it is woken.
     waiters: VecDeque<(u64, Option<Waker>)>,
+}
+
+impl State {
+    /// Where the call `id` is in the line: a binary search (ids grow with arrival), so that
+    /// calls leaving together (a burst reaching its deadline) cost O(log n) each, not O(n);
+    /// they leave from near the head, where removing costs little too.
+    fn position(&self, id: u64) -> Option<usize> {
+        self.waiters.binary_search_by_key(&id, |(w, _)| *w).ok()
+    }
 }
 
 impl Queue {
@@ -125,7 +134,7 @@ impl Turn<'_> {
             }
             return Poll::Ready(Ok(place));
         }
-        if let Some((_, waker)) = state.waiters.iter_mut().find(|(w, _)| *w == id) {
+        if let Some((_, waker)) = state.position(id).and_then(|at| state.waiters.get_mut(at)) {
             match waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => *waker = Some(cx.waker().clone()),
@@ -139,7 +148,7 @@ impl Drop for Turn<'_> {
     fn drop(&mut self) {
         let Some(id) = self.id else { return };
         let mut state = self.queue.lock();
-        let Some(at) = state.waiters.iter().position(|(w, _)| *w == id) else { return };
+        let Some(at) = state.position(id) else { return };
         state.waiters.remove(at);
         self.queue.waiting.fetch_sub(1, Ordering::SeqCst);
         // The head may have been woken for a place it will not take now.
@@ -282,6 +291,33 @@ mod tests {
         places.give_back();
         assert!(head.await.unwrap() && later.await.unwrap());
         assert_eq!(*served.lock().unwrap(), [1, 3, 4]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_leaving_from_anywhere_in_the_line_keep_the_others_in_order() {
+        let places = Places::new(0);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let n = 300;
+        let mut waiters: Vec<_> =
+            (0..n).map(|i| Some(places.spawn_waiter(i, &served, Duration::from_secs(10)))).collect();
+        settle().await;
+        // Every third call's client goes away, from the head, the middle and the back.
+        for w in waiters.iter_mut().step_by(3) {
+            let w = w.take().unwrap();
+            w.abort();
+            assert!(w.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(places.queue.len(), 200);
+        for _ in 0..200 {
+            places.give_back();
+            settle().await;
+        }
+        for w in waiters.into_iter().flatten() {
+            assert!(w.await.unwrap());
+        }
+        let kept: Vec<usize> = (0..n).filter(|i| i % 3 != 0).collect();
+        assert_eq!(*served.lock().unwrap(), kept);
+        assert!(places.queue.is_empty());
     }
 
     #[tokio::test(flavor = "current_thread")]
