@@ -220,6 +220,8 @@ struct RawEdge {
     #[serde(default)]
     proxy_protocol: bool,
     #[serde(default)]
+    proxy_protocol_from: Vec<String>,
+    #[serde(default)]
     response_headers: RawHeaderRules,
     #[serde(default)]
     tls_ca_file: Option<String>,
@@ -273,6 +275,7 @@ impl Default for RawEdge {
             max_body_bytes: default_max_body_bytes(),
             trusted_hops: 0,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             access_log: None,
             response_headers: RawHeaderRules::default(),
             tls_ca_file: None,
@@ -684,6 +687,9 @@ pub struct HttpSettings {
     /// Every connection on the traffic and redirect ports starts with a PROXY protocol header
     /// (v1 or v2) naming the client (`edge.proxy_protocol`; `crate::proxy_protocol`).
     pub proxy_protocol: bool,
+    /// The balancers whose PROXY headers are believed (`edge.proxy_protocol_from`); from
+    /// other peers the header is read and its address ignored. `None`: any peer.
+    pub proxy_protocol_from: Option<Arc<[crate::forwarded::IpNet]>>,
 }
 
 /// Validated edge configuration.
@@ -1116,6 +1122,17 @@ fn validate(
         return Err(err("edge.header_read_timeout_ms".into(), "must be at least 1".into()));
     }
     let header_read_timeout = Duration::from_millis(raw.edge.header_read_timeout_ms);
+    if !raw.edge.proxy_protocol_from.is_empty() && !raw.edge.proxy_protocol {
+        return Err(err(
+            "edge.proxy_protocol_from".into(),
+            "needs proxy_protocol = true (the balancers it names send PROXY protocol headers)".into(),
+        ));
+    }
+    let proxy_protocol_from = if raw.edge.proxy_protocol_from.is_empty() {
+        None
+    } else {
+        Some(ip_nets(&raw.edge.proxy_protocol_from, &|j| format!("edge.proxy_protocol_from[{j}]"), origin)?.into())
+    };
     if raw.edge.body_read_timeout_ms == 0 {
         return Err(err("edge.body_read_timeout_ms".into(), "must be at least 1".into()));
     }
@@ -1752,6 +1769,7 @@ fn validate(
             max_header_bytes: raw.edge.max_header_bytes,
             trusted_hops: raw.edge.trusted_hops,
             proxy_protocol: raw.edge.proxy_protocol,
+            proxy_protocol_from,
         },
         kafka: KafkaConfig {
             enabled: raw.kafka.enabled,
@@ -2315,6 +2333,18 @@ keys = [{ id = "k1", sha256 = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f
         assert!(msg.contains("routes[0].allowed_plans") && msg.contains("empty"), "{msg}");
         let msg = with("auth = \"none\"\nallowed_plans = [\"free\"]").unwrap_err().to_string();
         assert!(msg.contains("routes[0].allowed_plans") && msg.contains("auth is \"none\""), "{msg}");
+    }
+
+    #[test]
+    fn proxy_protocol_from_names_the_balancers_and_needs_the_protocol() {
+        let with = |lines: &str| Config::parse(&format!("[edge]\n{lines}\n{BASE}"), &BTreeMap::new());
+        let c = with("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\", \"2001:db8::1\"]").unwrap();
+        assert_eq!(c.http.proxy_protocol_from.as_deref().map(<[_]>::len), Some(2));
+        assert!(with("proxy_protocol = true").unwrap().http.proxy_protocol_from.is_none());
+        let msg = with("proxy_protocol_from = [\"10.0.0.0/8\"]").unwrap_err().to_string();
+        assert!(msg.contains("edge.proxy_protocol_from") && msg.contains("proxy_protocol = true"), "{msg}");
+        let msg = with("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/33\"]").unwrap_err().to_string();
+        assert!(msg.contains("edge.proxy_protocol_from[0]"), "{msg}");
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct Metrics {
     /// Connections closed because they did not start with a valid PROXY protocol header in
     /// time (`edge.proxy_protocol`).
     pub proxy_protocol_refused: AtomicU64,
+    /// PROXY headers whose address was ignored: their peer is not one of
+    /// `edge.proxy_protocol_from`.
+    pub proxy_protocol_untrusted: AtomicU64,
     /// Requests on `edge.http_redirect_listen` sent to HTTPS.
     pub https_redirects: AtomicU64,
     /// Connections accepted on `edge.http_redirect_listen`.
@@ -373,6 +376,11 @@ impl Metrics {
                 "tollgate_edge_proxy_protocol_refused_total",
                 "Connections closed because they did not start with a valid PROXY protocol header within header_read_timeout_ms (edge.proxy_protocol).",
                 load(&self.proxy_protocol_refused),
+            ),
+            (
+                "tollgate_edge_proxy_protocol_untrusted_total",
+                "PROXY protocol headers whose client address was ignored because the connection came from a peer not in edge.proxy_protocol_from.",
+                load(&self.proxy_protocol_untrusted),
             ),
             (
                 "tollgate_edge_connections_accepted_total",

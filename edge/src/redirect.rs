@@ -87,10 +87,8 @@ pub async fn serve(listener: TcpListener, https_port: u16, gw: Arc<crate::Gatewa
             }
         };
         metrics.redirect_connections_accepted.fetch_add(1, Ordering::Relaxed);
-        let (header_read_timeout, proxy_protocol) = {
-            let runtime = gw.runtime();
-            (runtime.http.header_read_timeout, runtime.http.proxy_protocol)
-        };
+        let http = gw.runtime().http.clone();
+        let header_read_timeout = http.header_read_timeout;
         let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
         builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout).keep_alive(false);
         let served = Arc::clone(&metrics);
@@ -104,8 +102,7 @@ pub async fn serve(listener: TcpListener, https_port: u16, gw: Arc<crate::Gatewa
             // The balancer's PROXY header first (`edge.proxy_protocol`); its address is not
             // needed here, only the bytes out of the way.
             let mut stream = stream;
-            if proxy_protocol
-                && crate::server::proxied_client(&metrics, &mut stream, peer, header_read_timeout).await.is_none()
+            if http.proxy_protocol && crate::server::proxied_client(&metrics, &http, &mut stream, peer).await.is_none()
             {
                 return;
             }

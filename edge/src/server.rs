@@ -264,16 +264,27 @@ fn connection_builder(http: &crate::config::HttpSettings) -> auto::Builder<Tokio
 }
 
 /// With `edge.proxy_protocol`: the client the connection's PROXY header names (`peer`, the
-/// balancer, when it names none), or `None` when the header is missing or invalid (the
-/// connection is then dropped, and counted).
+/// balancer, when it names none, or when `peer` is not one of `edge.proxy_protocol_from`),
+/// or `None` when the header is missing or invalid (the connection is then dropped, and
+/// counted).
 pub(crate) async fn proxied_client(
     metrics: &Metrics,
+    http: &crate::config::HttpSettings,
     stream: &mut tokio::net::TcpStream,
     peer: std::net::SocketAddr,
-    timeout: Duration,
 ) -> Option<std::net::SocketAddr> {
-    match crate::proxy_protocol::read_header(stream, timeout).await {
-        Ok(client) => Some(client.unwrap_or(peer)),
+    match crate::proxy_protocol::read_header(stream, http.header_read_timeout).await {
+        Ok(Some(client)) => {
+            let trusted =
+                http.proxy_protocol_from.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(peer.ip())));
+            if trusted {
+                return Some(client);
+            }
+            metrics.proxy_protocol_untrusted.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, %client, "PROXY header from a peer not in edge.proxy_protocol_from: its address ignored");
+            Some(peer)
+        }
+        Ok(None) => Some(peer),
         Err(e) => {
             metrics.proxy_protocol_refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "connection closed: no valid PROXY protocol header");
@@ -368,9 +379,10 @@ async fn accept_loop(
             None => {
                 let (builder, gw) = (builder.clone(), Arc::clone(&gw));
                 let deadline = http.header_read_timeout;
+                let http = http.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
-                    let Some(client) = proxied_client(&gw.metrics, &mut stream, peer, deadline).await else { return };
+                    let Some(client) = proxied_client(&gw.metrics, &http, &mut stream, peer).await else { return };
                     let stream = FirstBytes::new(stream, deadline);
                     serve_connection(&builder, stream, gw, crate::Peer::new(client, false), life).await;
                 });
@@ -380,12 +392,12 @@ async fn accept_loop(
                 // has for its request head (after the PROXY header's, if any).
                 let (builder, gw) = (builder.clone(), Arc::clone(&gw));
                 let deadline = http.header_read_timeout;
-                let proxy_protocol = http.proxy_protocol;
+                let http = http.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let mut peer = peer;
-                    if proxy_protocol {
-                        let Some(client) = proxied_client(&gw.metrics, &mut stream, peer, deadline).await else {
+                    if http.proxy_protocol {
+                        let Some(client) = proxied_client(&gw.metrics, &http, &mut stream, peer).await else {
                             return;
                         };
                         peer = client;

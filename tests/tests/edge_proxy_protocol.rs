@@ -104,5 +104,19 @@ async fn the_balancers_client_is_the_peer_and_a_connection_without_a_header_is_c
     let mut ips: Vec<&str> = events.iter().map(|e| e.client_ip.as_str()).collect();
     ips.sort_unstable();
     assert_eq!(ips, ["127.0.0.1", "198.51.100.9", "2001:db8::7", "203.0.113.7", "203.0.113.7", "203.0.113.9"]);
+
+    // Headers believed only from the balancers named (a reload; new connections): from
+    // another peer the header is still read, its address ignored.
+    let path = dir.path().join("edge.toml");
+    let mut cfg = std::fs::read_to_string(&path).unwrap();
+    cfg = cfg.replace("proxy_protocol = true\n", "proxy_protocol = true\nproxy_protocol_from = [\"192.0.2.0/24\"]\n");
+    reload_edge(&edge, admin, &path, &cfg).await;
+    let answer = through(addr, b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n", &["/echo/g"]).await;
+    assert_eq!(forwarded_for(&answer), ["127.0.0.1"], "{answer}");
+    assert_eq!(metric(admin, "tollgate_edge_proxy_protocol_untrusted_total").await, 1);
+    cfg = cfg.replace("[\"192.0.2.0/24\"]", "[\"192.0.2.0/24\", \"127.0.0.0/8\"]");
+    reload_edge(&edge, admin, &path, &cfg).await;
+    let answer = through(addr, b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n", &["/echo/h"]).await;
+    assert_eq!(forwarded_for(&answer), ["203.0.113.7"], "{answer}");
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
 }
