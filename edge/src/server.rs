@@ -381,8 +381,12 @@ async fn accept_loop(
                 let deadline = http.header_read_timeout;
                 let http = http.clone();
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    let Some(client) = proxied_client(&gw.metrics, &http, &mut stream, peer).await else { return };
+                    let (mut stream, mut life) = (stream, life);
+                    let Some(client) =
+                        life.unless_stopping(proxied_client(&gw.metrics, &http, &mut stream, peer)).await
+                    else {
+                        return;
+                    };
                     let stream = FirstBytes::new(stream, deadline);
                     serve_connection(&builder, stream, gw, crate::Peer::new(client, false), life).await;
                 });
@@ -394,10 +398,10 @@ async fn accept_loop(
                 let deadline = http.header_read_timeout;
                 let http = http.clone();
                 tokio::spawn(async move {
-                    let mut stream = stream;
-                    let mut peer = peer;
+                    let (mut stream, mut life, mut peer) = (stream, life, peer);
                     if http.proxy_protocol {
-                        let Some(client) = proxied_client(&gw.metrics, &http, &mut stream, peer).await else {
+                        let header = proxied_client(&gw.metrics, &http, &mut stream, peer);
+                        let Some(client) = life.unless_stopping(header).await else {
                             return;
                         };
                         peer = client;
@@ -459,6 +463,17 @@ impl ConnLife {
     ) -> Self {
         metrics.connections_open.fetch_add(1, Ordering::Relaxed);
         Self { metrics: Arc::clone(metrics), stop, idle_timeout, _alive: alive, _slot: slot }
+    }
+}
+
+impl ConnLife {
+    /// `step`'s output, or `None` as soon as the worker stops accepting (a connection still
+    /// waiting for its PROXY header is not worth a shutdown's wait).
+    async fn unless_stopping<T>(&mut self, step: impl Future<Output = Option<T>>) -> Option<T> {
+        tokio::select! {
+            out = step => out,
+            _ = self.stop.wait_for(|s| *s) => None,
+        }
     }
 }
 

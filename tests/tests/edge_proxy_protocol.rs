@@ -9,7 +9,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tollgate_e2e::*;
 
 fn config(topic: &str, upstream: std::net::SocketAddr) -> String {
-    let head = edge_head("edge-proxy-protocol", topic).replace("[kafka]", "proxy_protocol = true\n[kafka]");
+    let head = edge_head("edge-proxy-protocol", topic)
+        .replace("[kafka]", "proxy_protocol = true\nheader_read_timeout_ms = 30000\n[kafka]");
     format!(
         r#"{head}
 [[routes]]
@@ -118,5 +119,12 @@ async fn the_balancers_client_is_the_peer_and_a_connection_without_a_header_is_c
     reload_edge(&edge, admin, &path, &cfg).await;
     let answer = through(addr, b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n", &["/echo/h"]).await;
     assert_eq!(forwarded_for(&answer), ["203.0.113.7"], "{answer}");
+
+    // A connection still waiting for its header does not hold a shutdown up: with a 30 s
+    // header_read_timeout and the 10 s shutdown grace, the edge is gone at once.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
     assert!(edge.terminate(Duration::from_secs(15)), "{}", edge.log_tail());
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown waited {:?} for a silent connection", t.elapsed());
 }
