@@ -580,28 +580,31 @@ fn upgrade_protocol(headers: &HeaderMap, version: Version) -> Option<HeaderValue
         return None;
     }
     let offered = headers.get(http::header::UPGRADE)?;
-    let text = offered.to_str().ok()?;
-    let is_h2c = |p: &str| p.trim().split('/').next().is_some_and(|name| name.trim().eq_ignore_ascii_case("h2c"));
-    if !text.split(',').any(is_h2c) {
+    let is_h2c = |(name, _): &(&str, &str)| name.eq_ignore_ascii_case("h2c");
+    if !protocols(offered).any(|p| is_h2c(&p)) {
         return Some(offered.clone());
     }
-    let rest: Vec<&str> = text.split(',').filter(|p| !is_h2c(p) && !p.trim().is_empty()).map(str::trim).collect();
+    let rest: Vec<&str> = protocols(offered).filter(|p| !is_h2c(p)).map(|(_, as_sent)| as_sent).collect();
     if rest.is_empty() { None } else { HeaderValue::from_str(&rest.join(", ")).ok() }
+}
+
+/// The protocols an `Upgrade` value lists: each one's name (without its `/version`) and the
+/// entry as sent (trimmed). A value that is not text lists none.
+fn protocols(value: &HeaderValue) -> impl Iterator<Item = (&str, &str)> {
+    value.to_str().unwrap_or_default().split(',').map(str::trim).filter(|p| !p.is_empty()).map(|p| {
+        let name = p.split('/').next().unwrap_or_default().trim();
+        (name, p)
+    })
 }
 
 /// Whether a 101's `Upgrade` (`headers`) names one of the protocols the client `asked` for
 /// (by name; a version, `/13`, is not compared).
 fn switched_as_asked(asked: &HeaderValue, headers: &HeaderMap) -> bool {
-    let names = |v: &'_ HeaderValue| -> Vec<String> {
-        v.to_str()
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|p| p.split('/').next().map(|n| n.trim().to_ascii_lowercase()))
-            .filter(|n| !n.is_empty())
-            .collect()
-    };
-    let asked = names(asked);
-    headers.get_all(http::header::UPGRADE).iter().flat_map(names).any(|n| asked.contains(&n))
+    headers
+        .get_all(http::header::UPGRADE)
+        .iter()
+        .flat_map(protocols)
+        .any(|(name, _)| protocols(asked).any(|(wanted, _)| wanted.eq_ignore_ascii_case(name)))
 }
 
 /// The bytes a finished tunnel carried, for metering: (client → upstream, upstream → client).
