@@ -148,6 +148,12 @@ pub async fn serve(mut cfg: Config, shutdown: impl Future<Output = ()>, opts: Se
              connection, the edge may run out of file descriptors first (raise the limit: ulimit -n, LimitNOFILE)"
         );
     }
+    if cfg.http.proxy_protocol && cfg.http.proxy_protocol_from.is_none() {
+        tracing::warn!(
+            "edge.proxy_protocol is on for every peer: a client that can reach the edge directly can name any \
+             address in its own PROXY header (set edge.proxy_protocol_from to the load balancers)"
+        );
+    }
     let (stop_accepting, stop_rx) = tokio::sync::watch::channel(false);
     let (release, release_rx) = tokio::sync::watch::channel(false);
     let mut drained = Vec::new();

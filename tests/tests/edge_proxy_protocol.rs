@@ -73,6 +73,9 @@ async fn the_balancers_client_is_the_peer_and_a_connection_without_a_header_is_c
     create_topic(&topic, 1).await;
     let (upstream, stats) = start_echo().await;
     let (mut edge, addr, admin) = start_edge(dir.path(), "edge", &config(&topic, upstream)).await;
+    // Headers believed from any peer: the edge warns that direct clients could forge them.
+    let log = std::fs::read_to_string(dir.path().join("edge.log")).unwrap();
+    assert!(log.contains("edge.proxy_protocol is on for every peer"), "{log}");
 
     // Version 1, two requests on the connection: both from the client it names.
     let answer = through(addr, b"PROXY TCP4 203.0.113.7 192.0.2.1 56324 443\r\n", &["/echo/a", "/echo/b"]).await;
