@@ -203,8 +203,7 @@ fn without_prefix<'a>(prefix: &str, path: &'a str, ignore_case: bool) -> std::bo
         let (segment, tail) = r.split_at(r.find('/').unwrap_or(r.len()));
         if !same(segment.split(';').next().unwrap_or_default(), wanted) {
             let routed = crate::routing::without_path_params(path);
-            let matched = crate::routing::starts_with(&routed, prefix, ignore_case)
-                && routed.as_bytes().get(prefix.len()).is_none_or(|&b| b == b'/');
+            let matched = crate::routing::prefix_matches(prefix, &routed, ignore_case);
             return if matched { Cow::Owned(routed[prefix.len()..].to_owned()) } else { Cow::Borrowed(path) };
         }
         rest = tail;

@@ -48,7 +48,8 @@ fn add_methods(allowed: &mut Vec<Method>, methods: &[Method]) {
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
+/// Whether `path` is `prefix` or below it at a `/` boundary (`/` matches every path).
+pub(crate) fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
     prefix == "/"
         || (starts_with(path, prefix, ignore_case)
             && (path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/'))
@@ -56,7 +57,7 @@ fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
 
 /// Whether `path` starts with `prefix`, letters compared without case with `ignore_case`
 /// (a route's `ignore_case`; request paths are ASCII).
-pub(crate) fn starts_with(path: &str, prefix: &str, ignore_case: bool) -> bool {
+fn starts_with(path: &str, prefix: &str, ignore_case: bool) -> bool {
     if ignore_case {
         path.len() >= prefix.len() && path.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
     } else {
